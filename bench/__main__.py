@@ -1,0 +1,63 @@
+"""promptbake benchmarks: ``python bench/ [--only NAME] [--quick]``.
+
+Each suite measures promptbake against the alternatives side by side in one run, prints a table,
+writes ``bench/results/<name>.json`` and ``bench/results/<name>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+
+SUITES = {
+    "divergence": "fused softmax divergence, forward + backward: promptbake vs eager torch "
+                  "and torch.compile",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python bench/", description="Run promptbake's benchmarks. Suites: " + "; ".join(
+            f"{name}: {text}" for name, text in SUITES.items()))
+    parser.add_argument("--only", metavar="NAME", action="append", choices=sorted(SUITES),
+                        help="run only this suite (repeatable); default: all")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer shapes and repeats: a smoke run in about a minute or two")
+    parser.add_argument("--repeats", type=int, metavar="R",
+                        help="timed repeats per measurement (default 7, or 3 with --quick)")
+    parser.add_argument("--out", type=Path, default=HERE / "results",
+                        help="directory for the JSON and PNG results (default: bench/results)")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    for name in args.only or list(SUITES):
+        suite = importlib.import_module(name)
+        log(f"[{name}] {SUITES[name]}")
+        start = time.perf_counter()
+        result = suite.run(args, log)
+        result["quick"] = args.quick
+        result["wall_seconds"] = time.perf_counter() - start
+        result["command"] = "python bench/ " + " ".join(sys.argv[1:] if argv is None else argv)
+        json_path = args.out / f"{name}.json"
+        harness.write_json(json_path, result)
+        png = args.out / f"{name}.png"
+        tmp = png.with_name(png.stem + ".tmp.png")
+        suite.plot(result, tmp)
+        tmp.replace(png)
+        print(f"\n== {name} ({result['wall_seconds']:.0f} s) ==")
+        print(suite.report(result))
+        print(f"wrote {json_path} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Timing, memory and reporting helpers shared by the benchmark suites.
+
+Numbers are measured, never derived: times are medians over repeats after warm-up, taken in
+turns when several contenders are compared; memory is the process's real peak resident set
+(Linux VmHWM, reset before each measurement).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _return_freed_memory() -> None:
+    """Make glibc hand every block of 1 MiB or more back to the OS when it is freed.
+
+    By default glibc raises its mmap threshold after frees (up to 32 MiB) and keeps freed heap
+    memory resident for reuse, so a buffer allocated into that memory would not show in the
+    resident set and the peak-memory measurement would read 0.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "mallopt"):
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_trim_threshold, 1 << 20)
+
+
+_return_freed_memory()
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
+    """Wall-clock seconds of fn(): median, min, max and every sample."""
+    return timeit_side_by_side({"fn": fn}, repeats, warmup)["fn"]
+
+
+def timeit_side_by_side(fns: dict[str, Callable[[], object]], repeats: int,
+                        warmup: int = 1) -> dict[str, dict]:
+    """Times several functions in turns (a, b, c, a, b, c, ...), so that a slow spell of a
+    shared machine, or its warming up, falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: {"median": statistics.median(x), "min": min(x), "max": max(x), "samples": x}
+            for name, x in samples.items()}
+
+
+def _status_bytes(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024
+
+
+def can_measure_memory() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak resident memory while fn() runs, above what was resident before it (Linux only).
+
+    Large tensors are mmap-ed by the allocator and unmapped when freed, so the resident set
+    tracks tensor memory; anything fn() keeps alive (e.g. a .grad) counts.
+    """
+    if not can_measure_memory():
+        return None
+    before = _status_bytes("VmRSS")
+    _CLEAR_REFS.write_text("5")  # resets VmHWM to the current resident set
+    fn()
+    return max(0, _status_bytes("VmHWM") - before)
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes per second of a plain tensor copy (read + write), as the machine's memory yardstick."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), repeats, warmup=2)
+    return 2 * nbytes / t["median"]
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(),
+                        re.MULTILINE).group(1)
+    except (OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Written to a temporary name, then renamed: an interrupted run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda items: "  ".join(c.rjust(w) for c, w in zip(items, widths))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])

@@ -1,0 +1,5 @@
+"""``nn.Module`` wrappers around promptbake.ops."""
+
+from promptbake.nn.divergence import DivergenceLoss
+
+__all__ = ["DivergenceLoss"]
