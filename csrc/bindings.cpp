@@ -9,12 +9,74 @@
 #include <string>
 
 #include "divergence.h"
-#include "memory.h"
+#include "pool.h"
 
 namespace py = pybind11;
 using promptbake::DivergenceArgs;
 
 namespace {
+
+// The DLPack ABI (dmlc/dlpack, v0.8 layout): enough to hand a pooled CPU buffer to any array
+// library as a 1-D uint8 tensor whose deleter gives the memory back to the pool.
+struct DLDevice {
+  int32_t device_type;  // 1 = CPU
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // 1 = unsigned int
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor* self);
+};
+
+struct PooledBuffer {
+  DLManagedTensor managed;
+  int64_t shape[1];
+};
+
+void release_pooled(DLManagedTensor* self) {
+  promptbake::pool_release(self->dl_tensor.data);
+  delete static_cast<PooledBuffer*>(self->manager_ctx);
+}
+
+py::object pooled_empty(size_t bytes, int threads) {
+  void* data;
+  {
+    py::gil_scoped_release release;
+    data = promptbake::pool_acquire(bytes, threads);
+  }
+  if (!data) return py::none();
+  auto* buf = new PooledBuffer();
+  buf->shape[0] = static_cast<int64_t>(bytes);
+  buf->managed.dl_tensor = {data, {1, 0}, 1, {1, 8, 1}, buf->shape, nullptr, 0};
+  buf->managed.manager_ctx = buf;
+  buf->managed.deleter = release_pooled;
+  // A consumer renames the capsule to "used_dltensor" and owns the buffer from then on; an
+  // unconsumed capsule gives it back here.
+  PyObject* capsule = PyCapsule_New(&buf->managed, "dltensor", [](PyObject* cap) {
+    if (!PyCapsule_IsValid(cap, "dltensor")) return;
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    m->deleter(m);
+  });
+  if (!capsule) {
+    release_pooled(&buf->managed);
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::object>(capsule);
+}
 
 template <typename T>
 T* ptr(uintptr_t address) {
@@ -75,8 +137,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_scale"), py::arg("teacher_is_logprobs"), py::arg("num_threads"),
         py::arg("isa") = "",
         "Fused divergence over rows of logits; see csrc/divergence.h for the arguments.");
-  m.def("advise_hugepages", [](uintptr_t address, size_t bytes) {
-    return promptbake::advise_hugepages(ptr<void>(address), bytes);
-  }, py::arg("address"), py::arg("bytes"),
-        "Hint that a fresh buffer should be backed by huge pages; see csrc/memory.h.");
+  m.def("pooled_empty", &pooled_empty, py::arg("bytes"), py::arg("threads") = 0,
+        "A DLPack capsule of at least `bytes` uninitialised bytes from the buffer pool (see "
+        "csrc/pool.h), or None if the OS refuses the mapping.");
+  m.def("pool_trim", &promptbake::pool_trim, "Unmap the pool's free blocks; returns bytes freed.");
+  m.def("pool_mapped_bytes", &promptbake::pool_mapped_bytes,
+        "Bytes the pool has mapped, in use and free.");
 }

@@ -1,6 +1,7 @@
 """Hot operations with cpp, triton and torch backends (see ``backends()``)."""
 
+from promptbake.ops._buffers import empty_cache
 from promptbake.ops._dispatch import Backend, backends
 from promptbake.ops.divergence import KINDS, REDUCTIONS, divergence
 
-__all__ = ["Backend", "KINDS", "REDUCTIONS", "backends", "divergence"]
+__all__ = ["Backend", "KINDS", "REDUCTIONS", "backends", "divergence", "empty_cache"]

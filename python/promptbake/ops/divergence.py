@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from promptbake.ops import _dispatch
+from promptbake.ops import _buffers, _dispatch
 
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -219,10 +219,7 @@ def _cpp(s, t, mask, spec, need_grad):
     c = _dispatch.compiled()
     n, vocab = s.shape
     row_loss = torch.empty(n, dtype=torch.float32)
-    grad = None
-    if need_grad:
-        grad = torch.empty((n, vocab), dtype=s.dtype)
-        c.advise_hugepages(grad.data_ptr(), grad.numel() * grad.element_size())
+    grad = _buffers.cpu_empty((n, vocab), s.dtype) if need_grad else None
     if n:
         c.divergence(
             s.data_ptr(), _DTYPE_CODES[s.dtype], s.stride(0),
