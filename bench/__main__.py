@@ -53,6 +53,8 @@ def main(argv=None) -> int:
         tmp = png.with_name(png.stem + ".tmp.png")
         suite.plot(result, tmp)
         tmp.replace(png)
+        if hasattr(suite, "markdown"):
+            harness.write_text(args.out / f"{name}.md", suite.markdown(result) + "\n")
         print(f"\n== {name} ({result['wall_seconds']:.0f} s) ==")
         print(suite.report(result))
         print(f"wrote {json_path} and {png}")

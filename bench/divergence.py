@@ -173,6 +173,29 @@ def report(result) -> str:
     return "\n".join(lines)
 
 
+def markdown(result) -> str:
+    """The summary table for the README: one row per shape, promptbake[cpp] against the rest."""
+    index = _by(result["rows"])
+    lines = [f"`{result['command']}` — {result['machine']['cpu']}, "
+             f"{result['machine']['torch_threads']} threads, torch {result['machine']['torch']}, "
+             f"{result['machine']['date'][:10]}; memory-copy bandwidth "
+             f"{result['copy_bandwidth_gbs']:.1f} GB/s",
+             "",
+             "| dtype | N × V | eager ms | torch.compile ms | cpp ms | cpp vs eager | "
+             "cpp vs compile | cpp GB/s | peak extra / grad |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in result["checks"]:
+        key = (c["dtype"], c["n"], c["vocab"])
+        ms = {name: index[(*key, name)]["seconds"]["median"] * 1e3
+              for name in ("eager", "torch.compile", "promptbake[cpp]")}
+        cpp = index[(*key, "promptbake[cpp]")]
+        lines.append(f"| {c['dtype']} | {c['n']} × {c['vocab']} | {ms['eager']:.0f} | "
+                     f"{ms['torch.compile']:.0f} | {ms['promptbake[cpp]']:.1f} | "
+                     f"{c['speedup_vs_eager']:.1f}× | {c['speedup_vs_compile']:.1f}× | "
+                     f"{cpp['bandwidth_gbs']:.1f} | {c['peak_extra_over_grad']:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(result, path) -> None:
     import matplotlib
 
