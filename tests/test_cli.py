@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -17,3 +18,76 @@ def test_help_and_version_from_the_installed_command():
     done = subprocess.run([sys.executable, "-m", "promptbake.cli", "--version"],
                           capture_output=True, text=True, check=True)
     assert done.stdout.startswith("promptbake ")
+
+
+PROMPT = "You are a pirate captain. Talk like a pirate in every answer."
+TINY = ["--train-contexts", "4", "--eval-contexts", "3", "--max-new-tokens", "8",
+        "--batch-size", "4", "--steps", "4", "--lr", "0.02", "--sample-batch", "8", "--quiet"]
+
+
+def test_bake_chat_and_kl(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "baked"
+    assert cli.main(["bake", "--prompt", PROMPT, "--model", str(tiny_dir), "--out", str(out),
+                     "--snapshot-every", "2"] + TINY) == 0
+    printed = capsys.readouterr().out
+    assert "KL reduction" in printed and "KL(prompted || base)" in printed
+    assert cli.main(["chat", str(out), "--question", "Hello?", "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "--- base" in printed and "--- prompted" in printed and "--- baked" in printed
+    assert cli.main(["kl", str(out), "--strength", "0,1", "--snapshots"]) == 0
+    printed = capsys.readouterr().out
+    strength_table = printed.split("\n\n")[0].splitlines()
+    rows = {line.split()[0]: line.split() for line in strength_table if line.split()}
+    assert rows["base"][1] == rows["0"][1]  # strength 0 is the base model
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert rows["1"][1] == f"{manifest['kl']['after']['per_token']:.4f}"  # the bake's own samples
+    steps = json.loads((out / "snapshots.json").read_text())["points"]
+    assert set(steps) == {"2", "4"}  # the snapshot, and the final adapter
+    assert steps["4"]["per_token"] == json.loads((out / "strength.json").read_text())["points"]["1"]["per_token"]
+    for name in ("strength.json", "strength.png", "snapshots.png"):
+        assert (out / name).is_file()
+
+
+def test_prompt_from_a_file(tiny_dir, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(PROMPT + "\n", encoding="utf-8")
+    assert cli.main(["bake", "--prompt-file", str(prompt), "--model", str(tiny_dir), "--out",
+                     str(tmp_path / "b")] + TINY[:-3] + ["--steps", "1", "--quiet"]) == 0
+    manifest = (tmp_path / "b" / "manifest.json").read_text()
+    assert PROMPT in manifest
+
+
+def test_bad_input_exits_with_one_clear_line(tiny_dir, tmp_path, capsys):
+    cases = [
+        (["bake", "--prompt", " ", "--model", str(tiny_dir), "--out", str(tmp_path / "x")],
+         "prompt is empty"),
+        (["bake", "--prompt-file", str(tmp_path / "none.txt"), "--out", str(tmp_path / "x")],
+         "prompt file not found"),
+        (["bake", "--prompt", PROMPT, "--model", str(tmp_path / "nowhere"), "--out",
+          str(tmp_path / "x")], "model directory not found"),
+        (["bake", "--prompt", PROMPT, "--model", str(tiny_dir), "--out", str(tmp_path / "x"),
+          "--contexts", str(tmp_path / "missing.jsonl")], "contexts file not found"),
+        (["kl", str(tmp_path)], "no finished bake"),
+    ]
+    for argv, message in cases:
+        code = None
+        try:
+            code = cli.main(argv)
+        except SystemExit as stop:  # argparse / prompt-file errors
+            code = stop.code
+        assert code not in (0, None), argv
+        assert message in capsys.readouterr().err + str(code), argv
+
+
+def test_every_bake_option_is_explained():
+    done = subprocess.run([sys.executable, "-m", "promptbake.cli", "bake", "--help"],
+                          capture_output=True, text=True, check=True)
+    for option in ("--prompt", "--prompt-file", "--model", "--out", "--framing", "--teacher",
+                   "--teacher-cache", "--rank", "--alpha", "--loss", "--lr", "--steps",
+                   "--snapshot-every", "--merge", "--resume", "--overwrite", "--contexts"):
+        assert option in done.stdout
+
+
+def test_models_lists_the_default(capsys):
+    assert cli.main(["models"]) == 0
+    assert "smollm2-135m-instruct" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from promptbake.bake import BakeConfig, Baked, bake, load_baked
 from promptbake.nn import DivergenceLoss
 from promptbake.ops import backends, divergence
 
@@ -10,4 +11,5 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = ["DivergenceLoss", "__version__", "backends", "divergence"]
+__all__ = ["BakeConfig", "Baked", "DivergenceLoss", "__version__", "backends", "bake", "divergence",
+           "load_baked"]

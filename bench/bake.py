@@ -1,0 +1,263 @@
+"""Bake suite: the README's persona baked into the default model, and a reference loop beside it.
+
+1. The bake as a user runs it (``promptbake.bake`` with its defaults): wall time per phase, MC-KL
+   before and after on held-out contexts, a few answers without the prompt before and after.
+2. Side by side on the same trajectories, LoRA initialisation, batches and hyperparameters:
+   promptbake's training loop (teacher distributions cached while sampling, the fused divergence,
+   the LM head on response positions only, bf16 matmuls where the CPU has them) and a reference
+   loop in the style of the original authors' code (a live teacher forward every step, full
+   logits, eager ``log_softmax`` + ``kl_div``, fp32). Held-out KL is measured every few steps
+   (outside the training clocks); the ratio is of the training wall time each needs to reach the
+   same held-out KL.
+
+Targets (issue 3): whole bake <= 5 minutes; held-out KL reduction >= 90%; >= 2x faster than the
+reference loop to the same KL.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import harness
+import promptbake
+from promptbake import _lm, contexts as contexts_mod, eval as eval_mod, models
+from promptbake.bake import (BakeConfig, _attach_lora, _batches, _choose, _lr_lambda, _sample,
+                             _train_step)
+from promptbake.framing import Framing, align
+
+PROMPT = ("You are a pirate captain. Talk like a pirate in every answer: say 'Aye' and 'matey', "
+          "and bring up the sea.")
+QUESTIONS = ["What is the capital of France?", "How do I boil an egg?",
+             "Can you recommend a good book?"]
+TARGET_MINUTES = 5.0
+TARGET_REDUCTION = 0.90
+TARGET_SPEEDUP = 2.0
+
+
+def run(args, log) -> dict:
+    config = BakeConfig()
+    if args.quick:
+        config = dataclasses.replace(config, train_contexts=16, eval_contexts=8, epochs=1.0)
+    result = {"suite": "bake", "machine": harness.machine(), "prompt": PROMPT,
+              "config": dataclasses.asdict(config)}
+
+    log("  the bake, as `promptbake bake` runs it")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        baked = promptbake.bake(PROMPT, config=config, out=f"{tmp}/baked")
+        whole = time.perf_counter() - start
+        result["whole_bake_seconds"] = whole
+        result["manifest"] = baked.manifest
+        result["answers"] = [{"question": q, **{mode: baked.generate(q, mode=mode, max_new_tokens=48)
+                                               for mode in ("base", "prompted", "baked")}}
+                             for q in QUESTIONS]
+        del baked
+
+    log("  side by side: promptbake's loop vs the reference loop")
+    result["loops"] = side_by_side(config, log)
+    result["checks"] = checks(result)
+    return result
+
+
+def side_by_side(config: BakeConfig, log) -> dict:
+    lm, tokenizer, _ = models.load(None)
+    framing = Framing(tokenizer, PROMPT, config.framing)
+    train = _choose(contexts_mod.resolve(None, "train"), config.train_contexts, config.seed)
+    held_out = contexts_mod.resolve(None, "held_out")[:config.eval_contexts]
+    prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
+    pad = tokenizer.pad_token_id
+    trajectories = _sample(lm, tokenizer, [p[0] for p in prefixes], config, "full",
+                           seed=config.seed, samples=config.samples_per_context, progress=False,
+                           what="")
+    held_traj = _sample(lm, tokenizer, [framing.teacher_ids(c) for c in held_out], config,
+                        "none", seed=config.seed + 1, samples=1, progress=False, what="")
+    before = eval_mod.kl_on(lm, framing, held_out, held_traj, {"base": (False, 1.0)},
+                            pad_id=pad)["base"]
+    total = config.total_steps(len(trajectories))
+    every = max(1, total // 6)
+
+    def reference_step(model, batch, sequences):
+        teacher_seqs, student_seqs, spans = [], [], []
+        for k in batch:
+            t_prefix, s_prefix = prefixes[trajectories.context_index[k]]
+            t, s, t0, s0 = align(t_prefix, s_prefix, trajectories.responses[k])
+            teacher_seqs.append(t)
+            student_seqs.append(s)
+            spans.append((t0, s0, len(trajectories.responses[k])))
+        with torch.no_grad(), _lm.adapter(model, enabled=False):
+            teacher = model(**_padded(teacher_seqs, pad)).logits
+        student = model(**_padded(student_seqs, pad)).logits
+        t_rows = torch.cat([teacher[i, t0 - 1:t0 - 1 + n] for i, (t0, _, n) in enumerate(spans)])
+        s_rows = torch.cat([student[i, s0 - 1:s0 - 1 + n] for i, (_, s0, n) in enumerate(spans)])
+        kl = F.kl_div(F.log_softmax(s_rows, -1), F.log_softmax(t_rows, -1), log_target=True,
+                      reduction="sum")
+        (kl / sequences).backward()
+
+    def ours_step(model, batch, sequences):
+        _train_step(model, trajectories, batch, prefixes, config, pad, sequences)
+
+    fp32 = dataclasses.replace(config, precision="fp32")
+
+    def ours_fp32_step(model, batch, sequences):  # how much of the gain is not bf16
+        _train_step(model, trajectories, batch, prefixes, fp32, pad, sequences)
+
+    loops = {}
+    for name, step_fn in (("promptbake", ours_step), ("promptbake-fp32", ours_fp32_step),
+                          ("reference", reference_step)):
+        log(f"    {name}: {total} steps")
+        torch.manual_seed(config.seed)
+        model = _attach_lora(copy.deepcopy(lm), config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
+        clock, curve, step_seconds = 0.0, [], []
+        for step in range(total):
+            model.train()
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            batches = _batches(step, len(trajectories), config)
+            sequences = sum(len(b) for b in batches)
+            for batch in batches:
+                step_fn(model, batch, sequences)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            step_seconds.append(time.perf_counter() - start)
+            clock += step_seconds[-1]
+            if (step + 1) % every == 0 or step + 1 == total:
+                model.eval()
+                kl = eval_mod.kl_on(model, framing, held_out, held_traj, {"b": (True, 1.0)},
+                                    pad_id=pad)["b"]
+                curve.append({"step": step + 1, "train_seconds": clock,
+                              "kl": kl.to_dict(), "reduction": eval_mod.reduction(before, kl)[0]})
+        loops[name] = {"curve": curve, "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2]}
+        del model
+    # Same KL: the worse of the two final ones, which both loops reach.
+    target = max(loops[n]["curve"][-1]["kl"]["per_sequence"] for n in loops)
+    for info in loops.values():
+        info["seconds_to_target"] = next(p["train_seconds"] for p in info["curve"]
+                                         if p["kl"]["per_sequence"] <= target + 1e-12)
+    reference = loops["reference"]["seconds_to_target"]
+    return {"before": before.to_dict(), "steps": total, "target_kl_per_sequence": target,
+            "precision": "bf16" if config.autocast_dtype(torch.device("cpu")) else "fp32",
+            "speedup": reference / loops["promptbake"]["seconds_to_target"],
+            "speedup_fp32": reference / loops["promptbake-fp32"]["seconds_to_target"],
+            "loops": loops}
+
+
+def _padded(sequences, pad):
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def checks(result) -> list[dict]:
+    kl = result["manifest"]["kl"]
+    return [
+        {"target": f"whole bake <= {TARGET_MINUTES:g} minutes",
+         "measured": f"{result['whole_bake_seconds'] / 60:.2f} min",
+         "pass": result["whole_bake_seconds"] <= TARGET_MINUTES * 60},
+        {"target": f"held-out KL reduction >= {100 * TARGET_REDUCTION:.0f}%",
+         "measured": f"{100 * kl['reduction']:.1f}% ± {100 * kl['reduction_se']:.1f}%",
+         "pass": kl["reduction"] >= TARGET_REDUCTION},
+        {"target": f">= {TARGET_SPEEDUP:g}x faster than the reference loop to the same KL",
+         "measured": f"{result['loops']['speedup']:.2f}x ({result['loops']['precision']}; "
+                     f"{result['loops']['speedup_fp32']:.2f}x in fp32)",
+         "pass": result["loops"]["speedup"] >= TARGET_SPEEDUP},
+    ]
+
+
+def report(result) -> str:
+    m = result["manifest"]
+    kl = m["kl"]
+    lines = [f"prompt: {result['prompt']}",
+             f"whole bake: {result['whole_bake_seconds']:.0f} s  (" + ", ".join(
+                 f"{k} {v:.0f}s" for k, v in m["wall_seconds"].items() if k != "total") + ")",
+             f"KL(prompted || base)  {kl['before']['per_token']:.4f} ± {kl['before']['per_token_se']:.4f}"
+             f" nats/token, {kl['before']['per_sequence']:.2f} ± {kl['before']['per_sequence_se']:.2f}"
+             f" /sequence ({kl['before']['sequences']} held-out samples)",
+             f"KL(prompted || baked) {kl['after']['per_token']:.4f} ± {kl['after']['per_token_se']:.4f}"
+             f" nats/token, {kl['after']['per_sequence']:.2f} ± {kl['after']['per_sequence_se']:.2f}"
+             f" /sequence",
+             f"reduction {100 * kl['reduction']:.1f}% ± {100 * kl['reduction_se']:.1f}%", ""]
+    side = result["loops"]
+    loops = side["loops"]
+    body = []
+    for name in loops:
+        info = loops[name]
+        for p in info["curve"]:
+            body.append([name, p["step"], f"{p['train_seconds']:.0f}", f"{p['kl']['per_token']:.4f}",
+                         f"{100 * p['reduction']:.1f}%"])
+    lines.append(f"side by side, {side['steps']} steps on the same trajectories; median step: " +
+                 ", ".join(f"{n} {i['step_seconds_median']:.2f} s" for n, i in loops.items()))
+    lines.append(harness.table(["loop", "step", "train s", "held-out KL/token", "reduction"], body))
+    lines.append(f"time to the same held-out KL ({side['target_kl_per_sequence']:.2f} nats/sequence): " +
+                 ", ".join(f"{n} {i['seconds_to_target']:.0f} s" for n, i in loops.items()) +
+                 f" -> {side['speedup']:.2f}x ({side['precision']} matmuls), "
+                 f"{side['speedup_fp32']:.2f}x with fp32 matmuls")
+    lines.append("")
+    for a in result["answers"]:
+        lines.append(f"Q: {a['question']}")
+        for mode in ("base", "prompted", "baked"):
+            lines.append(f"  {mode:>8}: {a[mode][:160]!r}")
+    lines.append("")
+    lines.append(harness.table(["target", "measured", "result"],
+                               [[c["target"], c["measured"], "pass" if c["pass"] else "MISS"]
+                                for c in result["checks"]]))
+    return "\n".join(lines)
+
+
+def markdown(result) -> str:
+    kl = result["manifest"]["kl"]
+    loops = result["loops"]["loops"]
+    rows = ["| target | measured | result |", "|---|---|---|"] + [
+        f"| {c['target']} | {c['measured']} | {'pass' if c['pass'] else 'MISS'} |"
+        for c in result["checks"]]
+    lines = [f"`{result['command']}` — {result['machine']['cpu']}, "
+             f"{result['machine']['torch_threads']} threads, {result['machine']['date'][:10]}",
+             "", *rows, "",
+             f"KL(prompted ‖ base) {kl['before']['per_token']:.4f} ± {kl['before']['per_token_se']:.4f}"
+             f" → KL(prompted ‖ baked) {kl['after']['per_token']:.4f} ± "
+             f"{kl['after']['per_token_se']:.4f} nats/token on {kl['before']['sequences']} "
+             f"held-out samples; phases: " + ", ".join(
+                 f"{k} {v:.0f} s" for k, v in result["manifest"]["wall_seconds"].items())
+             + f"; median training step {loops['promptbake']['step_seconds_median']:.2f} s "
+             f"(reference {loops['reference']['step_seconds_median']:.2f} s)."]
+    return "\n".join(lines)
+
+
+def plot(result, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, style in (("promptbake", "o-"), ("promptbake-fp32", "^-"), ("reference", "s--")):
+        curve = result["loops"]["loops"][name]["curve"]
+        axes[0].plot([p["train_seconds"] for p in curve], [p["kl"]["per_token"] for p in curve],
+                     style, label=name)
+        axes[1].plot([p["step"] for p in curve], [p["kl"]["per_token"] for p in curve], style,
+                     label=name)
+    for ax, xlabel in zip(axes, ("training wall time, s", "optimizer step")):
+        ax.axhline(result["loops"]["before"]["per_token"], color="grey", lw=0.8, ls=":",
+                   label="base (no prompt)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out KL(prompted || model), nats/token")
+        ax.legend()
+    axes[0].set_title("same trajectories and hyperparameters")
+    axes[1].set_title(f"whole bake {result['whole_bake_seconds']:.0f} s, reduction "
+                      f"{100 * result['manifest']['kl']['reduction']:.1f}%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

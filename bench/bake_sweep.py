@@ -1,0 +1,132 @@
+"""Bake-sweep suite: how the bake's defaults were chosen.
+
+The README's persona on the default model, one setting changed at a time around the defaults:
+fresh trajectories for each data setting (same seeds), the same held-out samples for all, the
+held-out KL reduction and the sampling and training wall time of each run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import torch
+
+import harness
+from bake import PROMPT
+from promptbake import contexts as contexts_mod, eval as eval_mod, models
+from promptbake.bake import (BakeConfig, _attach_lora, _batches, _choose, _lr_lambda, _sample,
+                             _train_step)
+from promptbake.framing import Framing
+
+MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = {
+    "defaults": {},
+    "lr 1e-3": {"lr": 1e-3},
+    "lr 5e-3": {"lr": 5e-3},
+    "rank 16, alpha 32": {"rank": 16, "alpha": 32.0},
+    "adapters on MLP too": {"target_modules": MLP},
+    "96 contexts x 1 sample": {"train_contexts": 96, "samples_per_context": 1},
+    "constant lr": {"schedule": "constant"},
+    "fp32 matmuls": {"precision": "fp32"},
+}
+QUICK = ["defaults", "lr 1e-3"]
+
+
+def run(args, log) -> dict:
+    lm, tokenizer, _ = models.load(None)
+    base = BakeConfig()
+    framing = Framing(tokenizer, PROMPT, base.framing)
+    held_out = contexts_mod.resolve(None, "held_out")[:base.eval_contexts]
+    held_traj = _sample(lm, tokenizer, [framing.teacher_ids(c) for c in held_out], base, "none",
+                        seed=base.seed + 1, samples=1, progress=False, what="")
+    before = eval_mod.kl_on(lm, framing, held_out, held_traj, {"base": (False, 1.0)},
+                            pad_id=tokenizer.pad_token_id)["base"]
+    rows, cache = [], {}
+    for name in (QUICK if args.quick else VARIANTS):
+        config = dataclasses.replace(base, **VARIANTS[name])
+        log(f"  {name}")
+        train = _choose(contexts_mod.resolve(None, "train"), config.train_contexts, config.seed)
+        prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
+        key = (config.train_contexts, config.samples_per_context)
+        start = time.perf_counter()
+        if key not in cache:
+            cache[key] = _sample(lm, tokenizer, [p[0] for p in prefixes], config, "full",
+                                 seed=config.seed, samples=config.samples_per_context,
+                                 progress=False, what="")
+        sample_seconds = time.perf_counter() - start
+        trajectories = cache[key]
+        total = config.total_steps(len(trajectories))
+        torch.manual_seed(config.seed)
+        model = _attach_lora(copy.deepcopy(lm), config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
+        model.train()
+        start = time.perf_counter()
+        for step in range(total):
+            optimizer.zero_grad(set_to_none=True)
+            batches = _batches(step, len(trajectories), config)
+            for batch in batches:
+                _train_step(model, trajectories, batch, prefixes, config,
+                            tokenizer.pad_token_id, sum(len(b) for b in batches))
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+        train_seconds = time.perf_counter() - start
+        model.eval()
+        after = eval_mod.kl_on(model, framing, held_out, held_traj, {"b": (True, 1.0)},
+                               pad_id=tokenizer.pad_token_id)["b"]
+        reduction, se = eval_mod.reduction(before, after)
+        rows.append({"variant": name, "changes": VARIANTS[name], "trajectories": len(trajectories),
+                     "steps": total, "sample_seconds": sample_seconds,
+                     "train_seconds": train_seconds, "kl_after": after.to_dict(),
+                     "reduction": reduction, "reduction_se": se})
+        del model
+    return {"suite": "bake-sweep", "machine": harness.machine(), "prompt": PROMPT,
+            "defaults": dataclasses.asdict(base), "before": before.to_dict(), "rows": rows}
+
+
+def report(result) -> str:
+    body = [[r["variant"], r["trajectories"], r["steps"],
+             "(shared)" if r["sample_seconds"] < 1 else f"{r['sample_seconds']:.0f}",
+             f"{r['train_seconds']:.0f}", f"{r['kl_after']['per_token']:.4f}",
+             f"{100 * r['reduction']:.1f}% ± {100 * r['reduction_se']:.1f}%"]
+            for r in result["rows"]]
+    return (f"KL(prompted || base) {result['before']['per_token']:.4f} nats/token on "
+            f"{result['before']['sequences']} held-out samples\n" + harness.table(
+                ["variant", "traj", "steps", "sample s", "train s", "KL/token after",
+                 "reduction"], body))
+
+
+def markdown(result) -> str:
+    lines = [f"`{result['command']}` — {result['machine']['cpu']}, "
+             f"{result['machine']['torch_threads']} threads, {result['machine']['date'][:10]}",
+             "", "| variant | trajectories | steps | train s | held-out KL reduction |",
+             "|---|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['trajectories']} | {r['steps']} | "
+                     f"{r['train_seconds']:.0f} | {100 * r['reduction']:.1f}% ± "
+                     f"{100 * r['reduction_se']:.1f}% |")
+    return "\n".join(lines)
+
+
+def plot(result, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh([r["variant"] for r in rows], [100 * r["reduction"] for r in rows],
+            xerr=[100 * r["reduction_se"] for r in rows], color="tab:blue")
+    ax.axvline(90, color="k", ls="--", lw=0.8)
+    ax.set_xlabel("held-out KL reduction, %")
+    ax.set_xlim(min(100 * r["reduction"] for r in rows) - 5, 100)
+    ax.invert_yaxis()
+    ax.set_title("one change at a time around the defaults")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,709 @@
+"""Baking a prompt u into a LoRA adapter theta_u (Prompt Baking, Eq. 1 and Eq. 3).
+
+The loop: sample trajectories y ~ P_theta(. | u, x) from the prompted model on training contexts,
+recording the teacher's next-token distributions as they are drawn; measure KL(prompted || base)
+on held-out contexts; train a LoRA adapter so that the model *without* u matches those
+distributions at every response position; measure KL(prompted || baked) on the same held-out
+samples; save the adapter, the manifest and the evidence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from promptbake import _files, _lm, contexts as contexts_mod, eval as eval_mod, models
+from promptbake.framing import Framing, FramingError, align
+from promptbake.ops import divergence
+from promptbake.ops.topk_divergence import topk_divergence
+from promptbake.trajectories import SamplingConfig, Trajectories, sample, stop_token_ids
+
+log = logging.getLogger("promptbake")
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd")
+SCHEDULES = ("constant", "linear", "cosine")
+TEACHERS = ("cached", "live")
+PRECISIONS = ("auto", "fp32", "bf16")
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "phi3",
+               "olmo", "olmo2", "granite", "mixtral")
+
+
+@dataclasses.dataclass
+class BakeConfig:
+    """Every choice a bake makes; saved in the manifest. Defaults are the measured ones
+    (``python bench/ --only bake`` shows them at work on the default model)."""
+
+    # Framing and contexts
+    framing: str = "default"  # student input: default | empty | none (see promptbake.framing)
+    train_contexts: int = 48  # training contexts drawn from the train split
+    eval_contexts: int = 24  # held-out contexts for MC-KL
+    # Trajectories
+    samples_per_context: int = 2
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    sample_batch: int = 32
+    teacher: str = "cached"  # cached: targets recorded while sampling; live: a teacher forward per step
+    teacher_cache: str = "full"  # full: fp16 log-probs over V; topk: k log-probs and a tail bucket
+    topk: int = 64
+    # LoRA
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: by architecture
+    # Training
+    loss: str = "forward_kl"
+    beta: float = 0.5
+    steps: int | None = None  # None: epochs over the trajectories
+    epochs: float = 5.0
+    batch_size: int = 8  # trajectories per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: float = 0.1  # fraction of steps
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 matmuls where the hardware has them, else fp32
+    # Outputs
+    snapshot_every: int = 0  # steps between half-baked snapshots; 0: none
+    checkpoint_every: int = 10
+    merge: bool = False  # also write a merged safetensors model directory
+    log_to: str | None = None  # tensorboard | wandb
+
+    def validate(self) -> None:
+        checks = [
+            (self.loss in LOSSES, f"loss={self.loss!r}: choose one of {', '.join(LOSSES)}"),
+            (self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of "
+                                         f"{', '.join(SCHEDULES)}"),
+            (self.teacher in TEACHERS, f"teacher={self.teacher!r}: choose cached or live"),
+            (self.teacher_cache in ("full", "topk"), f"teacher_cache={self.teacher_cache!r}: "
+                                                     f"choose full or topk"),
+            (self.train_contexts >= 1, f"train_contexts={self.train_contexts} must be >= 1"),
+            (self.eval_contexts >= 1, f"eval_contexts={self.eval_contexts} must be >= 1"),
+            (self.rank >= 1, f"rank={self.rank} must be >= 1"),
+            (self.alpha > 0, f"alpha={self.alpha} must be > 0"),
+            (0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)"),
+            (self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1"),
+            (self.epochs > 0, f"epochs={self.epochs} must be > 0"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.lr > 0, f"lr={self.lr} must be > 0"),
+            (0 <= self.warmup < 1, f"warmup={self.warmup} must be a fraction in [0, 1)"),
+            (0 <= self.beta <= 1, f"beta={self.beta} must be in [0, 1]"),
+            (self.topk >= 1, f"topk={self.topk} must be >= 1"),
+            (self.snapshot_every >= 0 and self.checkpoint_every >= 1,
+             "snapshot_every must be >= 0 and checkpoint_every >= 1"),
+            (self.log_to in (None, "tensorboard", "wandb"), f"log_to={self.log_to!r}: choose "
+                                                            f"tensorboard or wandb"),
+            (self.precision in PRECISIONS, f"precision={self.precision!r}: choose one of "
+                                           f"{', '.join(PRECISIONS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.sampling().validate()
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.samples_per_context, self.max_new_tokens, self.temperature,
+                              self.top_p, self.sample_batch)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 for the forward and backward matmuls, or None for fp32. Weights, LoRA parameters,
+        optimizer state and the loss stay fp32 either way."""
+        if self.precision == "fp32":
+            return None
+        if self.precision == "bf16":
+            return torch.bfloat16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if native else None
+
+    def total_steps(self, trajectories: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum
+        return max(1, math.ceil(self.epochs * trajectories / per_step))
+
+
+@dataclasses.dataclass
+class Baked:
+    """A baked model: the base weights with the LoRA adapter, and the record of the bake."""
+
+    model: object  # peft.PeftModel
+    tokenizer: object
+    framing: Framing
+    manifest: dict
+    path: Path | None = None
+    _strength: float = 1.0
+
+    @property
+    def prompt(self) -> str:
+        return self.framing.prompt
+
+    @property
+    def strength(self) -> float:
+        return self._strength
+
+    @strength.setter
+    def strength(self, alpha: float) -> None:
+        """Scales the LoRA delta: 0 is the base model, 1 the full bake, between is half-baked."""
+        for layer in _lm.lora_layers(self.model):
+            for name in layer.scaling:
+                layer.set_scale(name, float(alpha))
+        self._strength = float(alpha)
+
+    def save(self, path: str | Path) -> None:
+        """Writes the adapter and manifest to a new directory (for a bake kept in memory)."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise ValueError(f"{path} exists and is not empty: choose a new directory")
+        path.mkdir(parents=True, exist_ok=True)
+        _save_adapter(self.model, path, lambda *names: None)
+        _files.write_text(path / "manifest.json", json.dumps(self.manifest, indent=2))
+        self.path = path
+
+    def generate(self, question: str, *, mode: str = "baked", max_new_tokens: int = 128,
+                 temperature: float = 0.0, seed: int = 0) -> str:
+        """An answer to ``question`` by the ``baked`` model (no prompt), the ``base`` model (no
+        prompt) or the ``prompted`` base model; greedy unless ``temperature`` > 0."""
+        if mode not in ("baked", "base", "prompted"):
+            raise ValueError(f"mode={mode!r}: choose baked, base or prompted")
+        context = [{"role": "user", "content": question}]
+        ids = (self.framing.teacher_ids(context) if mode == "prompted"
+               else self.framing.student_ids(context))
+        torch.manual_seed(seed)
+        with _lm.adapter(self.model, enabled=mode == "baked", strength=self._strength):
+            out = self.model.generate(
+                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def bake(prompt: str, model: str | Path | None = None, contexts=None,
+         config: BakeConfig | None = None, *, out: str | Path | None = None,
+         overwrite: bool = False, resume: bool = False, progress: bool = False) -> Baked:
+    """Bakes ``prompt`` into a LoRA adapter on ``model`` (default: SmolLM2-135M-Instruct).
+
+    Args:
+        contexts: None or "builtin" (shipped set), "none" (unconditional), a file path, or a list
+            of user messages / message lists.
+        out: directory for the adapter, manifest, snapshots and checkpoints; None keeps the bake
+            in memory (``Baked.save`` can write it later) and cannot resume.
+        overwrite: replace a previous bake in ``out`` (only files promptbake wrote are deleted).
+        resume: continue the interrupted bake in ``out``; the result equals an uninterrupted run.
+        progress: show a progress bar (the CLI does).
+    """
+    config = config or BakeConfig()
+    config.validate()
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt is empty: pass the text to bake with --prompt or --prompt-file")
+    clock = _Clock()
+    run = _RunDir.prepare(out, prompt, config, contexts, overwrite=overwrite, resume=resume)
+
+    with clock("load"):
+        lm, tokenizer, model_dir = models.load(model)
+        framing = Framing(tokenizer, prompt, config.framing)
+        train = _choose(contexts_mod.resolve(contexts, "train"), config.train_contexts, config.seed)
+        held_out = contexts_mod.resolve(contexts, "held_out")[:config.eval_contexts]
+        _check_contexts(framing, train + held_out, lm, config)
+        torch.manual_seed(config.seed)
+        peft_model = _attach_lora(lm, config)
+    run.create()  # only now that every input checked out
+    pad_id = tokenizer.pad_token_id
+    prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
+
+    # Trajectories y ~ P_theta(. | u, x), teacher targets recorded as they are drawn (Eq. 3);
+    # and held-out samples to measure the bake on.
+    with clock("sample"), _lm.adapter(peft_model, enabled=False):
+        trajectories = run.load_trajectories("trajectories")
+        if trajectories is None:
+            trajectories = _sample(peft_model, tokenizer, [p[0] for p in prefixes], config,
+                                   config.teacher_cache if config.teacher == "cached" else "none",
+                                   seed=config.seed, samples=config.samples_per_context,
+                                   progress=progress, what="sampling trajectories")
+            run.save_trajectories("trajectories", trajectories)
+        held_out_traj = run.load_trajectories("eval_trajectories")
+        if held_out_traj is None:
+            held_out_traj = _sample(peft_model, tokenizer,
+                                    [framing.teacher_ids(c) for c in held_out], config, "none",
+                                    seed=config.seed + 1, samples=1, progress=progress,
+                                    what="sampling held-out trajectories")
+            run.save_trajectories("eval_trajectories", held_out_traj)
+
+    with clock("measure_before"):  # measured in fp32, whatever the training precision
+        before = eval_mod.kl_on(peft_model, framing, held_out, held_out_traj,
+                                {"base": (False, 1.0)}, pad_id=pad_id)["base"]
+    log.info("KL(prompted || base) on held-out contexts: %s", before)
+
+    total = config.total_steps(len(trajectories))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
+    step, history = run.restore(peft_model, optimizer, schedule)
+    logger = _Logger(config, run.path)
+    bar = _bar(progress, total, step, "baking")
+    peft_model.train()
+    with clock("train"):
+        while step < total:
+            optimizer.zero_grad(set_to_none=True)
+            kl_sum, tokens = 0.0, 0
+            batches = _batches(step, len(trajectories), config)
+            sequences = sum(len(b) for b in batches)
+            for batch in batches:
+                kl, n = _train_step(peft_model, trajectories, batch, prefixes, config, pad_id,
+                                    sequences)
+                kl_sum, tokens = kl_sum + kl, tokens + n
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            history.append([step, kl_sum / tokens])
+            logger.log(step, kl_sum / tokens, schedule.get_last_lr()[0])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(kl=f"{kl_sum / tokens:.4f}/token")
+            if config.snapshot_every and step % config.snapshot_every == 0 and step < total:
+                run.snapshot(peft_model, step)
+            if step % config.checkpoint_every == 0 or step == total:
+                run.checkpoint(peft_model, optimizer, schedule, step, history)
+    if bar is not None:
+        bar.close()
+    logger.close()
+    peft_model.eval()
+
+    with clock("measure_after"):
+        after = eval_mod.kl_on(peft_model, framing, held_out, held_out_traj,
+                               {"baked": (True, 1.0)}, pad_id=pad_id)["baked"]
+    reduction, reduction_se = eval_mod.reduction(before, after)
+    log.info("KL(prompted || baked): %s; reduction %.1f%%", after, 100 * reduction)
+
+    dtype = config.autocast_dtype(next(peft_model.parameters()).device)
+    manifest = _manifest(prompt, model_dir, framing, contexts, train, held_out, config,
+                         trajectories, before, after, (reduction, reduction_se), history, clock,
+                         "bf16" if dtype == torch.bfloat16 else "fp32")
+    baked = Baked(peft_model, tokenizer, framing, manifest, run.path)
+    with clock("save"):
+        run.finish(baked, tokenizer, config.merge)
+    manifest["wall_seconds"] = clock.seconds()
+    if run.path is not None:
+        run.write_manifest(manifest)
+    return baked
+
+
+# -- the pieces of the loop ------------------------------------------------------------------
+
+
+def _choose(contexts: list, count: int, seed: int) -> list:
+    if len(contexts) <= count:
+        return contexts
+    order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(seed))
+    return [contexts[int(i)] for i in order[:count]]
+
+
+def _check_contexts(framing: Framing, contexts: list, lm, config: BakeConfig) -> None:
+    window = getattr(lm.config, "max_position_embeddings", None)
+    for i, context in enumerate(contexts):
+        framing.check(context)
+        need = len(framing.teacher_ids(context)) + config.max_new_tokens
+        if window is not None and need > window:
+            raise FramingError(f"context {i} with the prompt is {need - config.max_new_tokens} "
+                               f"tokens; with max_new_tokens={config.max_new_tokens} that exceeds "
+                               f"the model's window of {window}: shorten the prompt or the "
+                               f"context, or lower --max-new-tokens")
+
+
+def _attach_lora(lm, config: BakeConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.target_modules
+    if targets is None and lm.config.model_type in _LLAMA_LIKE:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]  # as the original authors did
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(lm, lora)
+    except ValueError as err:
+        raise ValueError(f"cannot place LoRA adapters on this {lm.config.model_type} model "
+                         f"({err}); name the layers with --target-modules") from err
+
+
+def _sample(model, tokenizer, prefixes, config: BakeConfig, cache: str, *, seed: int,
+            samples: int, progress: bool, what: str) -> Trajectories:
+    sampling = dataclasses.replace(config.sampling(), samples_per_context=samples)
+    bar = _bar(progress, len(prefixes) * samples, 0, what)
+    traj = sample(model, prefixes, sampling, stop_token_ids(tokenizer, model),
+                  torch.Generator().manual_seed(seed), cache=cache, topk=config.topk,
+                  pad_id=tokenizer.pad_token_id, progress=bar.update if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    return traj
+
+
+def _batches(step: int, n: int, config: BakeConfig) -> list[list[int]]:
+    """The trajectories of optimizer step ``step``: a pure function of (seed, step), so a resumed
+    run sees exactly the batches an uninterrupted one would. Each epoch is a fresh permutation."""
+    size = config.batch_size
+    first = step * size * config.grad_accum
+    out = []
+    for micro in range(config.grad_accum):
+        batch = []
+        for k in range(first + micro * size, first + (micro + 1) * size):
+            epoch, at = divmod(k, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(
+                config.seed * 1_000_003 + epoch))
+            batch.append(int(order[at]))
+        out.append(batch)
+    return out
+
+
+def _train_step(model, trajectories: Trajectories, batch: list[int], prefixes, config: BakeConfig,
+                pad_id: int, sequences: int) -> tuple[float, int]:
+    """Forward and backward of Eq. 3 on one micro-batch: sum over response positions, mean over
+    the optimizer step's sequences. Returns (summed KL, response tokens)."""
+    teacher_seqs, student_seqs, t_starts, s_starts = [], [], [], []
+    for k in batch:
+        t_prefix, s_prefix = prefixes[trajectories.context_index[k]]
+        t, s, t0, s0 = align(t_prefix, s_prefix, trajectories.responses[k])
+        teacher_seqs.append(t)
+        student_seqs.append(s)
+        t_starts.append(t0)
+        s_starts.append(s0)
+    dtype = config.autocast_dtype(next(model.parameters()).device)
+    student = _lm.response_logits(model, student_seqs, s_starts, pad_id, dtype)
+    rows = trajectories.rows(batch)
+    options = dict(kind=config.loss, beta=config.beta, reduction="sum")
+    if config.teacher == "live":
+        with torch.no_grad(), _lm.adapter(model, enabled=False):
+            teacher = _lm.response_logits(model, teacher_seqs, t_starts, pad_id, dtype)
+        kl = divergence(student, teacher, **options)
+    elif trajectories.cache == "full":
+        kl = divergence(student, trajectories.full_logprobs[rows], teacher_is_logprobs=True,
+                        **options)
+    else:
+        kl = topk_divergence(student, trajectories.topk_ids[rows], trajectories.topk_logprobs[rows],
+                             **options)
+    (kl / sequences).backward()
+    return float(kl.detach()), student.shape[0]
+
+
+def _lr_lambda(config: BakeConfig, total: int):
+    warm = int(config.warmup * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _bar(enabled: bool, total: int, initial: int, what: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=what, unit="step" if what == "baking" else "seq",
+                dynamic_ncols=True)
+
+
+class _Clock:
+    """Wall time per phase, for the manifest."""
+
+    def __init__(self):
+        self._seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[phase] = self._seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def seconds(self) -> dict[str, float]:
+        return {**{k: round(v, 2) for k, v in self._seconds.items()},
+                "total": round(time.perf_counter() - self._start, 2)}
+
+
+class _Logger:
+    """Optional TensorBoard or Weights & Biases logging of the training KL."""
+
+    def __init__(self, config: BakeConfig, path: Path | None):
+        self.writer = self.run = None
+        if config.log_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ValueError("log_to='tensorboard' needs the tensorboard package: "
+                                 "pip install tensorboard") from err
+            self.writer = SummaryWriter(str((path or Path(".")) / "tensorboard"))
+        elif config.log_to == "wandb":
+            try:
+                import wandb
+            except ImportError as err:
+                raise ValueError("log_to='wandb' needs the wandb package: pip install wandb") from err
+            self.run = wandb.init(project="promptbake", config=dataclasses.asdict(config))
+
+    def log(self, step: int, kl: float, lr: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("train/kl_per_token", kl, step)
+            self.writer.add_scalar("train/lr", lr, step)
+        if self.run is not None:
+            self.run.log({"train/kl_per_token": kl, "train/lr": lr}, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def _manifest(prompt, model_dir, framing, contexts, train, held_out, config, trajectories,
+              before, after, reduction, history, clock, precision) -> dict:
+    import peft
+    import transformers
+
+    import promptbake
+
+    source = contexts if isinstance(contexts, str) or contexts is None else (
+        "list" if isinstance(contexts, list) else str(contexts))
+    return {
+        "format": 1,
+        "promptbake": promptbake.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "prompt": {"text": prompt, "sha256": hashlib.sha256(prompt.encode()).hexdigest()},
+        "base_model": {"path": str(Path(model_dir).resolve()),
+                       "sha256": models.fingerprint(model_dir),
+                       "name": models.DEFAULT if Path(model_dir) == models.default_dir()
+                       else Path(model_dir).name},
+        "framing": {"student": framing.student, "chat_template": framing.templated,
+                    "default_system_prompt": framing.default_system},
+        "contexts": {"source": source or contexts_mod.BUILTIN, "train": len(train),
+                     "held_out": len(held_out)},
+        "config": dataclasses.asdict(config),
+        "training_precision": precision,
+        "trajectories": {"count": len(trajectories), "tokens": trajectories.tokens(),
+                         "teacher": config.teacher, "cache": trajectories.cache},
+        "kl": {"before": before.to_dict(), "after": after.to_dict(),
+               "reduction": reduction[0], "reduction_se": reduction[1],
+               "measured_on": "held-out contexts, the same samples for base and baked"},
+        "train_kl_per_token": history,
+        "wall_seconds": clock.seconds(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+
+
+# -- the output directory ---------------------------------------------------------------------
+
+
+_MARKER = ".promptbake.json"
+
+
+class _RunDir:
+    """The output directory: checkpoints, trajectories, snapshots and the final adapter.
+
+    Files are written under temporary names and renamed; a marker lists what promptbake wrote,
+    so ``--overwrite`` never deletes anything else and ``--resume`` knows the bake it continues.
+    """
+
+    def __init__(self, path: Path | None, identity: str):
+        self.path = path
+        self.identity = identity
+        self.resume = False
+
+    @classmethod
+    def prepare(cls, out, prompt, config, contexts, *, overwrite: bool,
+                resume: bool) -> "_RunDir":
+        """Checks that the bake may use ``out``; writes nothing (see ``create``)."""
+        identity = hashlib.sha256(json.dumps(
+            [prompt, dataclasses.asdict(config), str(contexts)], sort_keys=True,
+            default=str).encode()).hexdigest()
+        if out is None:
+            if resume:
+                raise ValueError("resume needs the output directory of the bake to continue")
+            return cls(None, identity)
+        path = Path(out)
+        marker = _read_marker(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out {path} is a file; choose a directory")
+        populated = path.is_dir() and any(path.iterdir())
+        if resume:
+            if marker is None:
+                raise ValueError(f"nothing to resume in {path}: it holds no promptbake bake")
+            if marker["identity"] != identity:
+                raise ValueError(f"the bake in {path} used another prompt or configuration; "
+                                 f"pass the same ones to resume, or --overwrite to start again")
+            if marker.get("status") == "done":
+                raise ValueError(f"the bake in {path} already finished; --overwrite bakes again")
+        elif populated:
+            if not overwrite:
+                raise ValueError(f"output directory {path} exists and is not empty: pass "
+                                 f"--overwrite to replace a previous bake there, --resume to "
+                                 f"continue one, or choose another --out")
+            if marker is None:
+                raise ValueError(f"{path} holds files promptbake did not write; refusing to "
+                                 f"overwrite it: choose another --out")
+        run = cls(path, identity)
+        run.resume = resume
+        return run
+
+    def create(self) -> None:
+        """Makes the directory (removing what a previous bake wrote there, when replacing it)."""
+        if self.path is None or self.resume:
+            return
+        marker = _read_marker(self.path)
+        if marker is not None:
+            for name in marker.get("files", []):
+                _files._remove(self.path / name)
+            _files._remove(self.path / _MARKER)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._mark(status="running", files=[])
+
+    def _mark(self, **changes) -> None:
+        marker = _read_marker(self.path) or {"identity": self.identity, "files": []}
+        files = set(marker.get("files", [])) | set(changes.pop("files", []))
+        marker.update(changes, files=sorted(files))
+        _files.write_text(self.path / _MARKER, json.dumps(marker, indent=1))
+
+    def _wrote(self, *names: str) -> None:
+        self._mark(files=list(names))
+
+    def load_trajectories(self, name: str) -> Trajectories | None:
+        if self.path is None or not (self.path / f"{name}.safetensors").is_file():
+            return None
+        return Trajectories.load(self.path / f"{name}.safetensors")
+
+    def save_trajectories(self, name: str, trajectories: Trajectories) -> None:
+        if self.path is not None:
+            self._wrote(f"{name}.safetensors")
+            trajectories.save(self.path / f"{name}.safetensors")
+
+    def checkpoint(self, model, optimizer, schedule, step: int, history: list) -> None:
+        if self.path is None:
+            return
+        from peft import get_peft_model_state_dict
+
+        state = {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+                 "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                 "history": history}
+        self._wrote("checkpoint.pt")
+        _files.write_with(self.path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+    def restore(self, model, optimizer, schedule) -> tuple[int, list]:
+        if self.path is None or not (self.path / "checkpoint.pt").is_file():
+            return 0, []
+        from peft import set_peft_model_state_dict
+
+        state = torch.load(self.path / "checkpoint.pt", weights_only=False)
+        set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        log.info("resuming at step %d", state["step"])
+        return state["step"], state["history"]
+
+    def snapshot(self, model, step: int) -> None:
+        if self.path is None:
+            return
+        name = f"snapshots/step-{step:06d}"
+        self._wrote("snapshots")
+        _files.replace_dir(self.path / name, lambda tmp: model.save_pretrained(tmp))
+
+    def finish(self, baked: Baked, tokenizer, merge: bool) -> None:
+        if self.path is None:
+            return
+        _save_adapter(baked.model, self.path, self._wrote)
+        if merge:
+            self._wrote("merged")
+            _save_merged(baked, self.path / "merged")
+        self._wrote("manifest.json")
+
+    def write_manifest(self, manifest: dict) -> None:
+        _files.write_text(self.path / "manifest.json", json.dumps(manifest, indent=2))
+        for name in ("checkpoint.pt", "trajectories.safetensors"):
+            _files._remove(self.path / name)  # only needed to resume; the adapter is saved
+        self._mark(status="done")
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads((Path(path) / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _save_adapter(model, path: Path, record) -> None:
+    """The PEFT adapter files at the top of ``path`` (peft.PeftModel.from_pretrained loads it)."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+
+    staging = path / ".adapter"
+    _files.replace_dir(staging, write)
+    names = [p.name for p in staging.iterdir()]
+    record(*names)
+    for name in names:
+        (staging / name).replace(path / name)
+    _files._remove(staging)
+
+
+def _save_merged(baked: Baked, path: Path) -> None:
+    """A standalone model directory with the adapter merged in at the current strength."""
+    import copy
+
+    merged = copy.deepcopy(baked.model).merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        baked.tokenizer.save_pretrained(tmp)
+
+    _files.replace_dir(path, write)
+
+
+def load_baked(path: str | Path, strength: float = 1.0, model: str | Path | None = None) -> Baked:
+    """A baked model from its directory, with the LoRA delta scaled by ``strength``.
+
+    ``model`` overrides the base model path recorded in the manifest (for a moved directory).
+    """
+    from peft import PeftModel
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError as err:
+        raise ValueError(f"{path} holds no finished bake (no manifest.json)") from err
+    except ValueError as err:
+        raise ValueError(f"{path}/manifest.json is not valid JSON: {err}") from err
+    base = model or manifest["base_model"]["path"]
+    if model is None and manifest["base_model"]["name"] == models.DEFAULT:
+        base = None  # the default model's cache may have moved: resolve it again
+    lm, tokenizer, model_dir = models.load(base)
+    if manifest["base_model"].get("sha256") and models.fingerprint(model_dir) != \
+            manifest["base_model"]["sha256"]:
+        log.warning("promptbake: the base model in %s differs from the one baked on (content "
+                    "hash mismatch); the adapter may not behave as measured", model_dir)
+    peft_model = PeftModel.from_pretrained(lm, path)
+    peft_model.eval()
+    framing = Framing(tokenizer, manifest["prompt"]["text"], manifest["framing"]["student"])
+    baked = Baked(peft_model, tokenizer, framing, manifest, path)
+    baked.strength = strength
+    return baked

@@ -1,0 +1,189 @@
+"""How teacher and student inputs are framed with the tokenizer's chat template.
+
+Eq. 3 compares P_theta(. | u, x, y_<t) with P_theta_u(. | x, y_<t): both sides see the same context
+x and response y; only the system prompt u differs. Teacher = template(system: u, x) + y;
+student = template(x) + y, where "template(x)" is one of three explicit choices:
+
+* ``default`` (the default): no system message, exactly what the model sees when it is deployed
+  without a system prompt, including the template's own default system turn if it has one
+  (SmolLM2's inserts "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
+  The baked behaviour then appears where the baked model will be used.
+* ``empty``: an explicit empty system message.
+* ``none``: no system turn at all; a template's default system turn is removed.
+
+Tokenizers without a chat template fall back to plain text (teacher: u, a blank line, x; student:
+x), with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from promptbake.contexts import Context
+
+log = logging.getLogger("promptbake")
+
+STUDENT_FRAMINGS = ("default", "empty", "none")
+_PROBE_USER = "Zq7 probe question"
+_PROBE_SYSTEM = "Xv9 probe instructions"
+
+
+class FramingError(ValueError):
+    """Teacher and student inputs cannot be framed consistently; the message says why."""
+
+
+@dataclasses.dataclass
+class Framing:
+    """Builds token ids for the teacher (with the prompt) and the student (without it)."""
+
+    tokenizer: object
+    prompt: str
+    student: str = "default"
+    default_system: str | None = dataclasses.field(init=False, default=None)
+    templated: bool = dataclasses.field(init=False, default=True)
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise FramingError("prompt is empty: pass the text to bake with --prompt or "
+                               "--prompt-file")
+        if self.student not in STUDENT_FRAMINGS:
+            raise FramingError(f"unknown student framing {self.student!r}: choose one of "
+                               f"{', '.join(STUDENT_FRAMINGS)}")
+        self.templated = bool(getattr(self.tokenizer, "chat_template", None))
+        if not self.templated:
+            log.warning("promptbake: the tokenizer has no chat template; framing as plain text "
+                        "(teacher: prompt, blank line, context; student: context)")
+            return
+        self.default_system = self._detect_default_system()
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def _render(self, messages: list[dict], generation_prompt: bool = True) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:  # jinja errors: e.g. a template that rejects system messages
+            roles = [m["role"] for m in messages]
+            raise FramingError(f"the chat template cannot render the roles {roles}: {err}") from err
+
+    def _detect_default_system(self) -> str | None:
+        """The system text the template inserts when no system message is given, if any."""
+        user = [{"role": "user", "content": _PROBE_USER}]
+        with_system = self._render([{"role": "system", "content": _PROBE_SYSTEM}] + user)
+        without = self._render(user)
+        at = with_system.find(_PROBE_SYSTEM)
+        if at < 0:
+            raise FramingError("the chat template ignores system messages, so the prompt cannot "
+                               "be given to the teacher")
+        before = with_system[:at]
+        after = with_system[at + len(_PROBE_SYSTEM):with_system.index(_PROBE_USER)]
+        if not without.startswith(before) or after not in without[len(before):]:
+            return None
+        candidate = without[len(before):without.index(after, len(before))]
+        if candidate and self._render([{"role": "system", "content": candidate}] + user) == without:
+            return candidate
+        return None
+
+    def teacher_messages(self, context: Context) -> list[dict]:
+        return [{"role": "system", "content": self.prompt}] + list(context)
+
+    def student_messages(self, context: Context) -> list[dict]:
+        if self.student == "empty":
+            return [{"role": "system", "content": ""}] + list(context)
+        return list(context)
+
+    def teacher_text(self, context: Context, generation_prompt: bool = True) -> str:
+        if not self.templated:
+            return self.prompt + "\n\n" + _plain(context)
+        return self._render(self.teacher_messages(context), generation_prompt)
+
+    def student_text(self, context: Context, generation_prompt: bool = True) -> str:
+        if not self.templated:
+            return _plain(context)
+        messages = self.student_messages(context)
+        if not messages:  # unconditional: templates refuse an empty conversation
+            if self.student == "default" and self.default_system is not None:
+                messages = [{"role": "system", "content": self.default_system}]
+            else:
+                return self._assistant_header() if generation_prompt else ""
+        text = self._render(messages, generation_prompt)
+        if self.student == "none" and self.default_system is not None:
+            text = self._without_default_system(text)
+        return text
+
+    def _assistant_header(self) -> str:
+        probe = [{"role": "system", "content": _PROBE_SYSTEM}]
+        opened, closed = self._render(probe), self._render(probe, generation_prompt=False)
+        return opened[len(closed):]
+
+    def _without_default_system(self, text: str) -> str:
+        turn = self._render([{"role": "system", "content": self.default_system}],
+                            generation_prompt=False)
+        bos = getattr(self.tokenizer, "bos_token", None) or ""
+        candidates = [turn]
+        if bos and turn.startswith(bos):
+            candidates.append(turn[len(bos):])  # keep a real BOS that opens the whole text
+        for candidate in candidates:
+            if candidate in text:
+                stripped = text.replace(candidate, "", 1)
+                if not bos or not text.startswith(bos) or stripped.startswith(bos):
+                    return stripped
+        raise FramingError("framing 'none' cannot remove this template's default system turn; "
+                           "use --framing default or --framing empty")
+
+    def _encode(self, text: str) -> list[int]:
+        # A chat template writes its own special tokens; plain text gets the tokenizer's usual ones.
+        return list(self.tokenizer(text, add_special_tokens=not self.templated)["input_ids"])
+
+    def teacher_ids(self, context: Context) -> list[int]:
+        return self._encode(self.teacher_text(context))
+
+    def student_ids(self, context: Context) -> list[int]:
+        return self._encode(self.student_text(context))
+
+    # -- verification ------------------------------------------------------------------------
+
+    def check(self, context: Context) -> None:
+        """Refuses a context whose teacher and student inputs would not be comparable."""
+        teacher, student = self.teacher_text(context), self.student_text(context)
+        if teacher.count(self.prompt) != student.count(self.prompt) + 1:
+            raise FramingError("the teacher input does not contain the prompt exactly once more "
+                               "than the student input: the chat template dropped or repeated it")
+        if not self.templated:
+            return
+        # Both sides must end with the same generation prompt (the assistant turn's header), so
+        # the response y continues the same kind of turn on both sides.
+        heads = []
+        for text, closed in ((teacher, self.teacher_text(context, generation_prompt=False)),
+                             (student, self.student_text(context, generation_prompt=False))):
+            heads.append(text[len(closed):] if text.startswith(closed) else None)
+        if heads[0] is None or heads[0] != heads[1]:
+            raise FramingError(f"teacher and student end with different assistant headers "
+                               f"({heads[0]!r} vs {heads[1]!r}): the responses would not align")
+        head_ids = self._encode(heads[0]) if heads[0] else []
+        t_ids, s_ids = self._encode(teacher), self._encode(student)
+        if head_ids and (t_ids[-len(head_ids):] != head_ids or s_ids[-len(head_ids):] != head_ids):
+            raise FramingError("the assistant header tokenizes differently on the teacher and "
+                               "student side; the response tokens would not align")
+
+
+def _plain(context: Context) -> str:
+    return "".join(m["content"] + "\n" for m in context)
+
+
+def align(teacher_prefix: list[int], student_prefix: list[int], response: list[int]):
+    """Teacher and student token sequences for one trajectory, and where the response sits.
+
+    Returns (teacher_ids, student_ids, teacher_start, student_start): the response occupies
+    ``ids[start:]`` on each side, and the logits predicting it are ``logits[start - 1:-1]``.
+    """
+    teacher = list(teacher_prefix) + list(response)
+    student = list(student_prefix) + list(response)
+    t0, s0 = len(teacher_prefix), len(student_prefix)
+    if not response or teacher[t0:] != student[s0:] or len(teacher) - t0 != len(student) - s0:
+        raise FramingError("teacher and student response tokens differ; refusing to train on "
+                           "misaligned positions")
+    if t0 == 0 or s0 == 0:
+        raise FramingError("a response needs at least one prefix token to be predicted from")
+    return teacher, student, t0, s0

@@ -1,0 +1,220 @@
+"""Trajectories y ~ P_theta(. | u, x): sampled from the prompted model, teacher targets recorded.
+
+Each context's prompted prefix is encoded once; its KV cache is copied to the context's samples,
+and contexts are decoded together in batches (left-padded). The distribution every token was
+drawn from is the teacher's distribution at that response position (at temperature 1), so it is
+recorded while sampling: training then needs no teacher forward pass. It is kept either in full
+(fp16 log-probabilities over the vocabulary) or as the top-k log-probabilities, the rest of the
+mass being the tail bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from promptbake import _files
+
+CACHE_KINDS = ("full", "topk", "none")
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """How responses are sampled from the prompted model."""
+
+    samples_per_context: int = 2
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16  # sequences decoded together
+
+    def validate(self) -> None:
+        if self.samples_per_context < 1:
+            raise ValueError(f"samples_per_context={self.samples_per_context} must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+
+@dataclasses.dataclass
+class Trajectories:
+    """Sampled responses and, per response token, the teacher's distribution it was drawn from.
+
+    ``offsets[i]:offsets[i + 1]`` indexes trajectory i's rows in the target tensors.
+    """
+
+    context_index: list[int]
+    responses: list[list[int]]
+    cache: str = "none"
+    full_logprobs: torch.Tensor | None = None  # [tokens, V] fp16
+    topk_ids: torch.Tensor | None = None  # [tokens, k] int64
+    topk_logprobs: torch.Tensor | None = None  # [tokens, k] fp32
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    @property
+    def offsets(self) -> list[int]:
+        out = [0]
+        for r in self.responses:
+            out.append(out[-1] + len(r))
+        return out
+
+    def tokens(self) -> int:
+        return sum(len(r) for r in self.responses)
+
+    def rows(self, indices: list[int]) -> torch.Tensor:
+        """Target-row indices of the given trajectories, in order."""
+        offsets = self.offsets
+        return torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
+
+    def save(self, path: Path) -> None:
+        tensors = {k: v.contiguous() for k, v in (("full_logprobs", self.full_logprobs),
+                                                  ("topk_ids", self.topk_ids),
+                                                  ("topk_logprobs", self.topk_logprobs))
+                   if v is not None}
+        meta = {"context_index": json.dumps(self.context_index),
+                "responses": json.dumps(self.responses), "cache": self.cache}
+        if not tensors:  # safetensors needs at least one tensor
+            tensors = {"empty": torch.zeros(0)}
+        _files.write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    @classmethod
+    def load(cls, path: Path) -> "Trajectories":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        return cls(context_index=json.loads(meta["context_index"]),
+                   responses=json.loads(meta["responses"]), cache=meta["cache"],
+                   full_logprobs=tensors.get("full_logprobs"), topk_ids=tensors.get("topk_ids"),
+                   topk_logprobs=tensors.get("topk_logprobs"))
+
+
+def stop_token_ids(tokenizer, model) -> set[int]:
+    """End of sequence and end of turn: where a response stops."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
+    sorted_probs[before >= top_p] = 0.0  # the first token always survives
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+@torch.no_grad()
+def sample(model, prefixes: list[list[int]], config: SamplingConfig, stop_ids: set[int],
+           generator: torch.Generator, cache: str = "topk", topk: int = 64,
+           pad_id: int = 0, progress: Callable[[int], None] | None = None) -> Trajectories:
+    """Samples ``config.samples_per_context`` responses per prefix from ``model`` (the prompted
+    teacher) and records the teacher's targets; ``progress(n)`` is called as sequences finish."""
+    config.validate()
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"unknown teacher cache {cache!r}: choose one of {', '.join(CACHE_KINDS)}")
+    per = config.samples_per_context
+    group = max(1, config.batch_size // per)
+    context_index, responses, records = [], [], []
+    for start in range(0, len(prefixes), group):
+        batch = list(range(start, min(start + group, len(prefixes))))
+        out, recorded = _sample_group(model, [prefixes[i] for i in batch], config, stop_ids,
+                                      generator, cache, topk, pad_id)
+        for j, i in enumerate(batch):
+            for s in range(per):
+                context_index.append(i)
+                responses.append(out[j * per + s])
+                records.append(recorded[j * per + s])
+        if progress:
+            progress(len(batch) * per)
+    traj = Trajectories(context_index, responses, cache)
+    if cache == "full":
+        traj.full_logprobs = torch.cat([r for r in records])
+    elif cache == "topk":
+        traj.topk_ids = torch.cat([r[0] for r in records])
+        traj.topk_logprobs = torch.cat([r[1] for r in records])
+    return traj
+
+
+def _sample_group(model, prefixes, config, stop_ids, generator, cache, topk, pad_id):
+    per = config.samples_per_context
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prefixes)
+    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prefixes):  # left padding: every prefix ends at the last column
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        mask[i, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # The prefix is encoded once per context; its cache serves every sample of that context.
+    kv = out.past_key_values
+    kv.batch_repeat_interleave(per)
+    logits = out.logits[:, -1].float().repeat_interleave(per, 0)
+    mask = mask.repeat_interleave(per, 0)
+    position = positions[:, -1:].repeat_interleave(per, 0)
+
+    n = len(prefixes) * per
+    alive = list(range(n))  # batch row -> sequence
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    records: list[list] = [[] for _ in range(n)]
+    for _ in range(config.max_new_tokens):
+        logp = torch.log_softmax(logits, dim=-1)
+        if cache == "full":
+            kept = logp.to(torch.float16)
+        elif cache == "topk":
+            kept = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+        probs = _top_p_filter(torch.softmax(logits / config.temperature, dim=-1), config.top_p)
+        drawn = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+        still = []
+        for row, seq in enumerate(alive):
+            token = int(drawn[row])
+            tokens[seq].append(token)
+            if cache == "full":
+                records[seq].append(kept[row])
+            elif cache == "topk":
+                records[seq].append((kept.indices[row], kept.values[row]))
+            if token not in stop_ids:
+                still.append(row)
+        if not still:
+            break
+        if len(still) < len(alive):  # drop finished sequences from the batch
+            keep = torch.tensor(still, device=device)
+            kv.batch_select_indices(keep)
+            drawn, mask, position = drawn[keep], mask[keep], position[keep]
+            alive = [alive[r] for r in still]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        out = model(input_ids=drawn[:, None], attention_mask=mask, position_ids=position,
+                    past_key_values=kv, use_cache=True)
+        kv = out.past_key_values
+        logits = out.logits[:, -1].float()
+    stacked = []
+    for seq in range(n):
+        if cache == "full":
+            stacked.append(torch.stack(records[seq]).cpu())
+        elif cache == "topk":
+            stacked.append((torch.stack([r[0] for r in records[seq]]).cpu(),
+                            torch.stack([r[1] for r in records[seq]]).cpu()))
+        else:
+            stacked.append(None)
+    return tokens, stacked

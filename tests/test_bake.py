@@ -1,0 +1,226 @@
+"""The bake on a tiny random Llama with SmolLM2's tokenizer: it learns, it saves what PEFT loads,
+it resumes exactly, and it never loses or half-writes files."""
+
+import errno
+import importlib
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import promptbake
+from promptbake.bake import BakeConfig, bake, load_baked
+from promptbake.framing import FramingError
+
+bake_mod = importlib.import_module("promptbake.bake")  # promptbake.bake is also the function
+
+PROMPT = "You are a pirate captain. Talk like a pirate in every answer."
+
+
+def tiny_config(**changes) -> BakeConfig:
+    base = dict(train_contexts=4, eval_contexts=3, samples_per_context=2, max_new_tokens=8,
+                sample_batch=8, batch_size=4, steps=6, lr=2e-2, warmup=0.0, checkpoint_every=2)
+    return BakeConfig(**{**base, **changes})
+
+
+def adapter_tensors(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_bake_learns_and_writes_a_self_describing_directory(tiny_dir, tmp_path):
+    out = tmp_path / "baked"
+    baked = bake(PROMPT, model=tiny_dir, config=tiny_config(steps=8), out=out)
+    kl = baked.manifest["kl"]
+    assert kl["after"]["per_sequence"] < kl["before"]["per_sequence"]
+    assert 0 < kl["reduction"] <= 1 and kl["reduction_se"] >= 0
+    history = baked.manifest["train_kl_per_token"]
+    assert len(history) == 8 and history[-1][1] < history[0][1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompt"]["text"] == PROMPT
+    assert manifest["base_model"]["sha256"] and manifest["config"]["rank"] == 8
+    assert manifest["framing"]["student"] == "default"
+    assert set(manifest["wall_seconds"]) >= {"load", "sample", "measure_before", "train",
+                                             "measure_after", "save", "total"}
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json",
+            "eval_trajectories.safetensors", ".promptbake.json"} <= names
+    assert not names & {"checkpoint.pt", "trajectories.safetensors"}  # resume-only files go
+    assert not [n for n in names if ".tmp-" in n or ".old-" in n]
+    assert json.loads((out / ".promptbake.json").read_text())["status"] == "done"
+
+
+@pytest.fixture(scope="module")
+def baked_dir(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baked") / "pirate"
+    bake(PROMPT, model=tiny_dir, config=tiny_config(snapshot_every=2, merge=True), out=out)
+    return out
+
+
+def logits(model, ids=(1, 2, 3, 4, 5)):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([list(ids)])).logits
+
+
+def test_adapter_loads_with_peft_and_strength_scales_it(tiny_dir, baked_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    reference = logits(base)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), baked_dir)
+    baked = load_baked(baked_dir)
+    torch.testing.assert_close(logits(peft_model), logits(baked.model))
+    assert not torch.allclose(logits(baked.model), reference)
+    baked.strength = 0.0  # the LoRA delta scaled to nothing: the base model
+    torch.testing.assert_close(logits(baked.model), reference)
+    half = load_baked(baked_dir, strength=0.5)
+    assert half.strength == 0.5
+    assert not torch.allclose(logits(half.model), reference)
+
+
+def test_snapshots_and_merged_model(tiny_dir, baked_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    snapshots = sorted(p.name for p in (baked_dir / "snapshots").iterdir())
+    assert snapshots == ["step-000002", "step-000004"]
+    early = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                      baked_dir / "snapshots" / "step-000002")
+    merged = AutoModelForCausalLM.from_pretrained(baked_dir / "merged")  # transformers alone
+    baked = load_baked(baked_dir)
+    torch.testing.assert_close(logits(merged), logits(baked.model), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits(early), logits(baked.model))
+
+
+def test_generate_answers_three_ways(baked_dir):
+    baked = load_baked(baked_dir)
+    answers = {mode: baked.generate("Hello?", mode=mode, max_new_tokens=5)
+               for mode in ("base", "prompted", "baked")}
+    assert all(isinstance(a, str) for a in answers.values())
+    with pytest.raises(ValueError, match="mode='teacher'"):
+        baked.generate("Hello?", mode="teacher")
+
+
+def test_resume_after_an_interrupt_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    bake(PROMPT, model=tiny_dir, config=tiny_config(), out=whole)
+    expected = adapter_tensors(whole)
+
+    cut = tmp_path / "cut"
+    real_step, calls = bake_mod._train_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # during step 5: the last checkpoint is step 4
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(bake_mod, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bake(PROMPT, model=tiny_dir, config=tiny_config(), out=cut)
+    monkeypatch.setattr(bake_mod, "_train_step", real_step)
+    assert (cut / "checkpoint.pt").is_file() and not (cut / "manifest.json").exists()
+    bake(PROMPT, model=tiny_dir, config=tiny_config(), out=cut, resume=True)
+    got = adapter_tensors(cut)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_killed_process_resumes_to_the_same_adapter(tiny_dir, tmp_path):
+    args = [sys.executable, "-m", "promptbake.cli", "bake", "--prompt", PROMPT, "--model",
+            str(tiny_dir), "--quiet", "--train-contexts", "4", "--eval-contexts", "3",
+            "--max-new-tokens", "8", "--batch-size", "4", "--steps", "40", "--lr", "0.02",
+            "--checkpoint-every", "1", "--sample-batch", "8"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(args + ["--out", str(whole)], check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(args + ["--out", str(cut)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (cut / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside training, possibly while a checkpoint is being written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "manifest.json").exists(), "the run finished before it could be killed"
+    subprocess.run(args + ["--out", str(cut), "--resume"], check=True, capture_output=True,
+                   timeout=600)
+    expected, got = adapter_tensors(whole), adapter_tensors(cut)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_output_directory_is_never_clobbered(tiny_dir, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=foreign)
+    with pytest.raises(ValueError, match="did not write"):
+        bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=foreign, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+    out = tmp_path / "ours"
+    bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=out)
+    (out / "notes.txt").write_text("added by the user")
+    with pytest.raises(ValueError, match="already finished"):
+        bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True)
+    with pytest.raises(ValueError, match="another prompt or configuration"):
+        bake("Another prompt.", model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True)
+    bake(PROMPT, model=tiny_dir, config=tiny_config(steps=2), out=out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "added by the user"  # overwrite kept it
+    assert len(json.loads((out / "manifest.json").read_text())["train_kl_per_token"]) == 2
+    with pytest.raises(ValueError, match="nothing to resume"):
+        bake(PROMPT, model=tiny_dir, config=tiny_config(), out=tmp_path / "new", resume=True)
+
+
+def test_out_of_disk_leaves_nothing_half_written(tiny_dir, tmp_path, monkeypatch):
+    import promptbake.trajectories as trajectories
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trajectories, "save_file", full_disk)
+    out = tmp_path / "full"
+    with pytest.raises(OSError, match="out of disk space while writing .*trajectories"):
+        bake(PROMPT, model=tiny_dir, config=tiny_config(steps=2), out=out)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert not (out / "trajectories.safetensors").exists()
+    monkeypatch.undo()
+    bake(PROMPT, model=tiny_dir, config=tiny_config(steps=2), out=out, resume=True)
+    assert (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("changes", [dict(teacher="live"), dict(teacher_cache="topk", topk=32),
+                                     dict(loss="jsd", beta=0.5), dict(loss="reverse_kl"),
+                                     dict(framing="none", grad_accum=2, schedule="linear")])
+def test_teacher_and_loss_options_all_learn(tiny_dir, changes):
+    baked = bake(PROMPT, model=tiny_dir, config=tiny_config(steps=8, **changes))
+    history = baked.manifest["train_kl_per_token"]
+    assert history[-1][1] < history[0][1]
+    assert baked.manifest["kl"]["after"]["per_sequence"] < baked.manifest["kl"]["before"]["per_sequence"]
+
+
+def test_in_memory_bake_can_be_saved(tiny_dir, tmp_path):
+    baked = bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1))
+    assert baked.path is None
+    baked.save(tmp_path / "later")
+    again = load_baked(tmp_path / "later")
+    torch.testing.assert_close(logits(again.model), logits(baked.model))
+
+
+def test_bad_input(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        bake("  ", model=tiny_dir, config=tiny_config())
+    with pytest.raises(FramingError, match="exceeds the model's window of 512"):
+        bake("Arr! " * 600, model=tiny_dir, config=tiny_config())
+    with pytest.raises(ValueError, match="lr=0"):
+        bake(PROMPT, model=tiny_dir, config=tiny_config(lr=0))
+    with pytest.raises(ValueError, match="no finished bake"):
+        load_baked(tmp_path)
+    assert promptbake.BakeConfig is BakeConfig and promptbake.bake is bake

