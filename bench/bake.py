@@ -4,11 +4,14 @@
    before and after on held-out contexts, a few answers without the prompt before and after.
 2. Side by side on the same trajectories, LoRA initialisation, batches and hyperparameters:
    promptbake's training loop (teacher distributions cached while sampling, the fused divergence,
-   the LM head on response positions only, bf16 matmuls where the CPU has them) and a reference
+   each context's prompt run once for its samples, the LM head on response positions only, eager
+   attention on CPU, bf16 matmuls where the CPU has them; and the same in fp32) and a reference
    loop in the style of the original authors' code (a live teacher forward every step, full
    logits, eager ``log_softmax`` + ``kl_div``, fp32). Held-out KL is measured every few steps
    (outside the training clocks); the ratio is of the training wall time each needs to reach the
    same held-out KL.
+3. The baked adapter measured again on every held-out context (about 58, fresh samples): the
+   bake's own figure uses its first 24, and close calls need the smaller error.
 
 Targets (issue 3): whole bake <= 5 minutes; held-out KL reduction >= 90%; >= 2x faster than the
 reference loop to the same KL.
@@ -16,6 +19,7 @@ reference loop to the same KL.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import tempfile
@@ -27,8 +31,8 @@ import torch.nn.functional as F
 import harness
 import promptbake
 from promptbake import _lm, contexts as contexts_mod, eval as eval_mod, models
-from promptbake.bake import (BakeConfig, _attach_lora, _batches, _choose, _lr_lambda, _sample,
-                             _train_step)
+from promptbake.bake import (BakeConfig, _attach_lora, _batches, _choose, _optimizer,
+                             _optimizer_step, _sample)
 from promptbake.framing import Framing, align
 
 PROMPT = ("You are a pirate captain. Talk like a pirate in every answer: say 'Aye' and 'matey', "
@@ -57,6 +61,13 @@ def run(args, log) -> dict:
         result["answers"] = [{"question": q, **{mode: baked.generate(q, mode=mode, max_new_tokens=48)
                                                for mode in ("base", "prompted", "baked")}}
                              for q in QUESTIONS]
+        # The bake measures itself on its first eval_contexts held-out contexts; measure it
+        # again on every held-out context, with fresh samples, for a second, larger estimate.
+        log("  the baked adapter on every held-out context")
+        found = eval_mod.mc_kl(baked, contexts_mod.BUILTIN)
+        reduction, se = eval_mod.reduction(found["base"], found["1"])
+        result["all_held_out"] = {"before": found["base"].to_dict(), "after": found["1"].to_dict(),
+                                  "reduction": reduction, "reduction_se": se}
         del baked
 
     log("  side by side: promptbake's loop vs the reference loop")
@@ -79,64 +90,71 @@ def side_by_side(config: BakeConfig, log) -> dict:
                         "none", seed=config.seed + 1, samples=1, progress=False, what="")
     before = eval_mod.kl_on(lm, framing, held_out, held_traj, {"base": (False, 1.0)},
                             pad_id=pad)["base"]
-    total = config.total_steps(len(trajectories))
+    total = config.total_steps(trajectories)
     every = max(1, total // 6)
 
-    def reference_step(model, batch, sequences):
-        teacher_seqs, student_seqs, spans = [], [], []
-        for k in batch:
-            t_prefix, s_prefix = prefixes[trajectories.context_index[k]]
-            t, s, t0, s0 = align(t_prefix, s_prefix, trajectories.responses[k])
-            teacher_seqs.append(t)
-            student_seqs.append(s)
-            spans.append((t0, s0, len(trajectories.responses[k])))
-        with torch.no_grad(), _lm.adapter(model, enabled=False):
-            teacher = model(**_padded(teacher_seqs, pad)).logits
-        student = model(**_padded(student_seqs, pad)).logits
-        t_rows = torch.cat([teacher[i, t0 - 1:t0 - 1 + n] for i, (t0, _, n) in enumerate(spans)])
-        s_rows = torch.cat([student[i, s0 - 1:s0 - 1 + n] for i, (_, s0, n) in enumerate(spans)])
-        kl = F.kl_div(F.log_softmax(s_rows, -1), F.log_softmax(t_rows, -1), log_target=True,
-                      reduction="sum")
-        (kl / sequences).backward()
-
-    def ours_step(model, batch, sequences):
-        _train_step(model, trajectories, batch, prefixes, config, pad, sequences)
+    def reference_step(model, optimizer, schedule, step):
+        # The original code's shape: whole sequences through the model, a live teacher forward
+        # with the adapter off, full-vocabulary log_softmax + kl_div, fp32, default attention.
+        optimizer.zero_grad(set_to_none=True)
+        batches = _batches(step, trajectories, config)
+        sequences = sum(len(b) for b in batches)
+        for batch in batches:
+            teacher_seqs, student_seqs, spans = [], [], []
+            for k in batch:
+                t_prefix, s_prefix = prefixes[trajectories.context_index[k]]
+                t, s, t0, s0 = align(t_prefix, s_prefix, trajectories.responses[k])
+                teacher_seqs.append(t)
+                student_seqs.append(s)
+                spans.append((t0, s0, len(trajectories.responses[k])))
+            with torch.no_grad(), _lm.adapter(model, enabled=False):
+                teacher = model(**_padded(teacher_seqs, pad)).logits
+            student = model(**_padded(student_seqs, pad)).logits
+            t_rows = torch.cat([teacher[i, t0 - 1:t0 - 1 + n] for i, (t0, _, n) in enumerate(spans)])
+            s_rows = torch.cat([student[i, s0 - 1:s0 - 1 + n] for i, (_, s0, n) in enumerate(spans)])
+            kl = F.kl_div(F.log_softmax(s_rows, -1), F.log_softmax(t_rows, -1), log_target=True,
+                          reduction="sum")
+            (kl / sequences).backward()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
 
     fp32 = dataclasses.replace(config, precision="fp32")
-
-    def ours_fp32_step(model, batch, sequences):  # how much of the gain is not bf16
-        _train_step(model, trajectories, batch, prefixes, fp32, pad, sequences)
-
     loops = {}
-    for name, step_fn in (("promptbake", ours_step), ("promptbake-fp32", ours_fp32_step),
-                          ("reference", reference_step)):
+    for name in ("promptbake", "promptbake-fp32", "reference"):
         log(f"    {name}: {total} steps")
         torch.manual_seed(config.seed)
         model = _attach_lora(copy.deepcopy(lm), config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
-        clock, curve, step_seconds = 0.0, [], []
-        for step in range(total):
+        optimizer, schedule = _optimizer(model, config, total)
+        setting = fp32 if name == "promptbake-fp32" else config
+        dtype = setting.autocast_dtype(torch.device("cpu"))
+        clock, curve, step_seconds, step = 0.0, [], [], 0
+        while step < total:  # segments of training (timed) between held-out checks (not timed)
             model.train()
             start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            batches = _batches(step, len(trajectories), config)
-            sequences = sum(len(b) for b in batches)
-            for batch in batches:
-                step_fn(model, batch, sequences)
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            step_seconds.append(time.perf_counter() - start)
-            clock += step_seconds[-1]
-            if (step + 1) % every == 0 or step + 1 == total:
-                model.eval()
-                kl = eval_mod.kl_on(model, framing, held_out, held_traj, {"b": (True, 1.0)},
-                                    pad_id=pad)["b"]
-                curve.append({"step": step + 1, "train_seconds": clock,
-                              "kl": kl.to_dict(), "reduction": eval_mod.reduction(before, kl)[0]})
-        loops[name] = {"curve": curve, "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2]}
+            with contextlib.nullcontext() if name == "reference" else \
+                    _lm.for_training(model, dtype):  # its set-up counts, once per segment
+                clock += time.perf_counter() - start
+                for step in range(step, min(step + every, total)):
+                    begin = time.perf_counter()
+                    if name == "reference":
+                        reference_step(model, optimizer, schedule, step)
+                    else:
+                        _optimizer_step(model, trajectories, prefixes, setting, pad, optimizer,
+                                        schedule, step)
+                    step_seconds.append(time.perf_counter() - begin)
+                    clock += step_seconds[-1]
+                step += 1
+                start = time.perf_counter()
+            clock += time.perf_counter() - start
+            model.eval()
+            kl = eval_mod.kl_on(model, framing, held_out, held_traj, {"b": (True, 1.0)},
+                                pad_id=pad)["b"]
+            curve.append({"step": step, "train_seconds": clock, "kl": kl.to_dict(),
+                          "reduction": eval_mod.reduction(before, kl)[0]})
+        loops[name] = {"curve": curve,
+                       "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2]}
         del model
     # Same KL: the worse of the two final ones, which both loops reach.
     target = max(loops[n]["curve"][-1]["kl"]["per_sequence"] for n in loops)
@@ -162,7 +180,7 @@ def _padded(sequences, pad):
 
 
 def checks(result) -> list[dict]:
-    kl = result["manifest"]["kl"]
+    kl, every = result["manifest"]["kl"], result["all_held_out"]
     return [
         {"target": f"whole bake <= {TARGET_MINUTES:g} minutes",
          "measured": f"{result['whole_bake_seconds'] / 60:.2f} min",
@@ -170,6 +188,9 @@ def checks(result) -> list[dict]:
         {"target": f"held-out KL reduction >= {100 * TARGET_REDUCTION:.0f}%",
          "measured": f"{100 * kl['reduction']:.1f}% ± {100 * kl['reduction_se']:.1f}%",
          "pass": kl["reduction"] >= TARGET_REDUCTION},
+        {"target": f"... on every held-out context ({every['before']['sequences']}), fresh samples",
+         "measured": f"{100 * every['reduction']:.1f}% ± {100 * every['reduction_se']:.1f}%",
+         "pass": every["reduction"] >= TARGET_REDUCTION},
         {"target": f">= {TARGET_SPEEDUP:g}x faster than the reference loop to the same KL",
          "measured": f"{result['loops']['speedup']:.2f}x ({result['loops']['precision']}; "
                      f"{result['loops']['speedup_fp32']:.2f}x in fp32)",
@@ -179,7 +200,7 @@ def checks(result) -> list[dict]:
 
 def report(result) -> str:
     m = result["manifest"]
-    kl = m["kl"]
+    kl, every = m["kl"], result["all_held_out"]
     lines = [f"prompt: {result['prompt']}",
              f"whole bake: {result['whole_bake_seconds']:.0f} s  (" + ", ".join(
                  f"{k} {v:.0f}s" for k, v in m["wall_seconds"].items() if k != "total") + ")",
@@ -189,7 +210,10 @@ def report(result) -> str:
              f"KL(prompted || baked) {kl['after']['per_token']:.4f} ± {kl['after']['per_token_se']:.4f}"
              f" nats/token, {kl['after']['per_sequence']:.2f} ± {kl['after']['per_sequence_se']:.2f}"
              f" /sequence",
-             f"reduction {100 * kl['reduction']:.1f}% ± {100 * kl['reduction_se']:.1f}%", ""]
+             f"reduction {100 * kl['reduction']:.1f}% ± {100 * kl['reduction_se']:.1f}%",
+             f"on every held-out context ({every['before']['sequences']}, fresh samples): "
+             f"{every['before']['per_token']:.4f} -> {every['after']['per_token']:.4f} nats/token, "
+             f"reduction {100 * every['reduction']:.1f}% ± {100 * every['reduction_se']:.1f}%", ""]
     side = result["loops"]
     loops = side["loops"]
     body = []

@@ -16,29 +16,68 @@ def _inner(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def response_logits(model, sequences: list[list[int]], starts: list[int], pad_id: int,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits ``[tokens, V]`` predicting each response token, for all sequences in order.
+def left_padded(prefixes: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """(ids, attention mask, position ids), each ``[len(prefixes), longest]``: every prefix ends
+    at the last column, so the next token of all of them is predicted at the same place."""
+    width = max(len(p) for p in prefixes)
+    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prefixes):
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        mask[i, width - len(p):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
-    ``sequences[i][starts[i]:]`` is response i; the logits predicting it sit at positions
-    ``starts[i] - 1 .. len - 2``. Only those rows go through the LM head, so prompt and padding
-    positions cost the transformer body but no ``V``-wide projection.
-    """
-    inner = _inner(model)
-    body, head = inner.base_model, inner.get_output_embeddings()
-    device = head.weight.device
+
+def right_padded(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """(ids, attention mask), each ``[len(sequences), longest]``, padding at the end."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
-    for i, s in enumerate(sequences):  # right padding: causal attention never sees it
-        ids[i, :len(s)] = torch.tensor(s, device=device)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
         mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def response_logits(model, prefixes: list[list[int]], responses: list[list[list[int]]],
+                    pad_id: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits ``[tokens, V]`` (fp32, or fp64 for a fp64 model) predicting every response token.
+
+    ``responses[i]`` are the responses that follow ``prefixes[i]`` (the samples of one context);
+    rows come out response by response: prefix 0's responses in order, then prefix 1's, ... Each
+    prefix goes through the model once and its KV cache, autograd history included, serves all of
+    its responses, so a context's prompt tokens cost one forward and one backward however many
+    samples follow them (the same logits and gradients as whole sequences: tested). Only
+    response positions reach the LM head. ``dtype``: autocast dtype for the matmuls (None: fp32).
+    """
+    if len(prefixes) != len(responses) or not all(prefixes) or \
+            not all(group and all(group) for group in responses):
+        raise ValueError("every prefix needs at least one token and one or more non-empty "
+                         "responses")
+    inner = _inner(model)
+    body, head = inner.base_model, inner.get_output_embeddings()
+    device = head.weight.device
+    # Right padding throughout (prompts, then responses): every query row, padding included, sees
+    # at least one real token, so no attention row is fully masked (NaN-prone in eager attention).
+    ids, mask = right_padded(prefixes, pad_id, device)
+    ends = torch.tensor([len(p) for p in prefixes], device=device)
+    owner = torch.tensor([i for i, group in enumerate(responses) for _ in group], device=device)
+    flat = [r for group in responses for r in group]
+    # y_t is predicted from y_<t: the inputs after the prompt are y_0 .. y_{n-2}.
+    r_ids, r_mask = right_padded([r[:-1] for r in flat], pad_id, device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows = torch.cat([hidden[i, start - 1:len(s) - 1] for i, (s, start)
-                          in enumerate(zip(sequences, starts))])
+        out = body(input_ids=ids, attention_mask=mask, use_cache=r_ids.shape[1] > 0)
+        first = out.last_hidden_state[owner, ends[owner] - 1]  # the prompt's end predicts y_0
+        if r_ids.shape[1] > 0:
+            cache = out.past_key_values
+            cache.batch_select_indices(owner)  # an indexing op: gradients flow to the prompt
+            positions = ends[owner, None] + torch.arange(r_ids.shape[1], device=device)
+            rest = body(input_ids=r_ids, attention_mask=torch.cat([mask[owner], r_mask], dim=1),
+                        position_ids=positions, past_key_values=cache).last_hidden_state
+        rows = torch.cat([torch.cat([first[k:k + 1], rest[k, :len(r) - 1]]) if len(r) > 1
+                          else first[k:k + 1] for k, r in enumerate(flat)])
         logits = head(rows)
-    return logits.float()
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def lora_layers(model):
@@ -69,3 +108,35 @@ def adapter(model, enabled: bool = True, strength: float = 1.0):
     finally:
         for layer, scaling in zip(layers, saved):
             layer.scaling.update(scaling)
+
+
+@contextlib.contextmanager
+def for_training(model, dtype: torch.dtype | None):
+    """The fastest way to run the training forward and backward here, with the same results.
+
+    * On CPU, eager attention: its backward is ~1.4x faster than SDPA's flash kernel at bake
+      lengths (a hundred-odd tokens per sequence; ``python bench/ --only bake`` times both).
+    * With bf16 matmuls, the frozen linear weights are held in bf16 for the duration, so autocast
+      does not cast each of them again in every step: the same bf16 values it would make. The
+      output embedding (often tied to the input one) stays fp32, and the fp32 originals come
+      back afterwards.
+    """
+    inner = _inner(model)
+    attention = inner.config._attn_implementation
+    if inner.device.type == "cpu" and attention != "eager":
+        inner.set_attn_implementation("eager")
+    saved = []
+    if dtype is not None:
+        head = inner.get_output_embeddings()
+        for module in inner.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head \
+                    and not module.weight.requires_grad and module.weight.dtype == torch.float32:
+                saved.append((module.weight, module.weight.data))
+                module.weight.data = module.weight.data.to(dtype)
+    try:
+        yield model
+    finally:
+        for weight, data in saved:
+            weight.data = data
+        if inner.config._attn_implementation != attention:
+            inner.set_attn_implementation(attention)

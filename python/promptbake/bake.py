@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from promptbake import _files, _lm, contexts as contexts_mod, eval as eval_mod, models
-from promptbake.framing import Framing, FramingError, align
+from promptbake.framing import Framing, FramingError
 from promptbake.ops import divergence
 from promptbake.ops.topk_divergence import topk_divergence
 from promptbake.trajectories import SamplingConfig, Trajectories, sample, stop_token_ids
@@ -44,14 +44,14 @@ class BakeConfig:
 
     # Framing and contexts
     framing: str = "default"  # student input: default | empty | none (see promptbake.framing)
-    train_contexts: int = 48  # training contexts drawn from the train split
+    train_contexts: int = 144  # training contexts drawn from the train split
     eval_contexts: int = 24  # held-out contexts for MC-KL
     # Trajectories
     samples_per_context: int = 2
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    sample_batch: int = 32
+    sample_batch: int = 64  # sequences decoded together
     teacher: str = "cached"  # cached: targets recorded while sampling; live: a teacher forward per step
     teacher_cache: str = "full"  # full: fp16 log-probs over V; topk: k log-probs and a tail bucket
     topk: int = 64
@@ -64,8 +64,8 @@ class BakeConfig:
     loss: str = "forward_kl"
     beta: float = 0.5
     steps: int | None = None  # None: epochs over the trajectories
-    epochs: float = 5.0
-    batch_size: int = 8  # trajectories per micro-batch
+    epochs: float = 4.0
+    batch_size: int = 8  # trajectories per micro-batch (rounded to whole contexts)
     grad_accum: int = 1
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -129,11 +129,16 @@ class BakeConfig:
             getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
         return torch.bfloat16 if native else None
 
-    def total_steps(self, trajectories: int) -> int:
+    def contexts_per_batch(self) -> int:
+        """Micro-batches hold whole contexts (their samples share the prompt's forward pass):
+        ``batch_size`` trajectories, rounded to whole contexts, at least one."""
+        return max(1, round(self.batch_size / self.samples_per_context))
+
+    def total_steps(self, trajectories: Trajectories) -> int:
         if self.steps is not None:
             return self.steps
-        per_step = self.batch_size * self.grad_accum
-        return max(1, math.ceil(self.epochs * trajectories / per_step))
+        per_step = self.contexts_per_batch() * self.grad_accum
+        return max(1, math.ceil(self.epochs * len(trajectories.by_context()) / per_step))
 
 
 @dataclasses.dataclass
@@ -248,33 +253,23 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
                                 {"base": (False, 1.0)}, pad_id=pad_id)["base"]
     log.info("KL(prompted || base) on held-out contexts: %s", before)
 
-    total = config.total_steps(len(trajectories))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
+    total = config.total_steps(trajectories)
+    optimizer, schedule = _optimizer(peft_model, config, total)
     step, history = run.restore(peft_model, optimizer, schedule)
     logger = _Logger(config, run.path)
     bar = _bar(progress, total, step, "baking")
+    dtype = config.autocast_dtype(next(peft_model.parameters()).device)
     peft_model.train()
-    with clock("train"):
+    with clock("train"), _lm.for_training(peft_model, dtype):
         while step < total:
-            optimizer.zero_grad(set_to_none=True)
-            kl_sum, tokens = 0.0, 0
-            batches = _batches(step, len(trajectories), config)
-            sequences = sum(len(b) for b in batches)
-            for batch in batches:
-                kl, n = _train_step(peft_model, trajectories, batch, prefixes, config, pad_id,
-                                    sequences)
-                kl_sum, tokens = kl_sum + kl, tokens + n
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            schedule.step()
+            kl = _optimizer_step(peft_model, trajectories, prefixes, config, pad_id, optimizer,
+                                 schedule, step)
             step += 1
-            history.append([step, kl_sum / tokens])
-            logger.log(step, kl_sum / tokens, schedule.get_last_lr()[0])
+            history.append([step, kl])
+            logger.log(step, kl, schedule.get_last_lr()[0])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(kl=f"{kl_sum / tokens:.4f}/token")
+                bar.set_postfix(kl=f"{kl:.4f}/token")
             if config.snapshot_every and step % config.snapshot_every == 0 and step < total:
                 run.snapshot(peft_model, step)
             if step % config.checkpoint_every == 0 or step == total:
@@ -290,7 +285,6 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     reduction, reduction_se = eval_mod.reduction(before, after)
     log.info("KL(prompted || baked): %s; reduction %.1f%%", after, 100 * reduction)
 
-    dtype = config.autocast_dtype(next(peft_model.parameters()).device)
     manifest = _manifest(prompt, model_dir, framing, contexts, train, held_out, config,
                          trajectories, before, after, (reduction, reduction_se), history, clock,
                          "bf16" if dtype == torch.bfloat16 else "fp32")
@@ -352,19 +346,51 @@ def _sample(model, tokenizer, prefixes, config: BakeConfig, cache: str, *, seed:
     return traj
 
 
-def _batches(step: int, n: int, config: BakeConfig) -> list[list[int]]:
-    """The trajectories of optimizer step ``step``: a pure function of (seed, step), so a resumed
-    run sees exactly the batches an uninterrupted one would. Each epoch is a fresh permutation."""
-    size = config.batch_size
+def _optimizer(model, config: BakeConfig, total: int):
+    """AdamW on the LoRA parameters, and the learning-rate schedule over ``total`` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
+
+
+def _optimizer_step(model, trajectories: Trajectories, prefixes, config: BakeConfig, pad_id: int,
+                    optimizer, schedule, step: int) -> float:
+    """Optimizer step ``step``: its micro-batches forward and backward, clipping, the update.
+    Returns the training KL per response token."""
+    optimizer.zero_grad(set_to_none=True)
+    batches = _batches(step, trajectories, config)
+    sequences = sum(len(b) for b in batches)
+    kl_sum, tokens = 0.0, 0
+    for batch in batches:
+        kl, n = _train_step(model, trajectories, batch, prefixes, config, pad_id, sequences)
+        kl_sum, tokens = kl_sum + kl, tokens + n
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    return kl_sum / tokens
+
+
+def _batches(step: int, trajectories: Trajectories, config: BakeConfig) -> list[list[int]]:
+    """The trajectories of optimizer step ``step``, one list per micro-batch.
+
+    A micro-batch holds whole contexts, all the samples of each, so they share one forward pass of
+    their prompt (``_lm.response_logits``): ``config.contexts_per_batch()`` contexts drawn from a
+    fresh permutation every epoch. A pure function of (seed, step), so a resumed run sees exactly
+    the batches an uninterrupted one would.
+    """
+    samples = trajectories.by_context()
+    contexts = sorted(samples)
+    size = config.contexts_per_batch()
     first = step * size * config.grad_accum
     out = []
     for micro in range(config.grad_accum):
         batch = []
         for k in range(first + micro * size, first + (micro + 1) * size):
-            epoch, at = divmod(k, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            epoch, at = divmod(k, len(contexts))
+            order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(
                 config.seed * 1_000_003 + epoch))
-            batch.append(int(order[at]))
+            batch.extend(samples[contexts[int(order[at])]])
         out.append(batch)
     return out
 
@@ -372,22 +398,22 @@ def _batches(step: int, n: int, config: BakeConfig) -> list[list[int]]:
 def _train_step(model, trajectories: Trajectories, batch: list[int], prefixes, config: BakeConfig,
                 pad_id: int, sequences: int) -> tuple[float, int]:
     """Forward and backward of Eq. 3 on one micro-batch: sum over response positions, mean over
-    the optimizer step's sequences. Returns (summed KL, response tokens)."""
-    teacher_seqs, student_seqs, t_starts, s_starts = [], [], [], []
+    the optimizer step's sequences. ``batch`` lists trajectories with those of a context
+    together; ``prefixes[c]`` is context c's (teacher, student) prompt ids. Returns (summed KL,
+    response tokens)."""
+    groups: dict[int, list[int]] = {}
     for k in batch:
-        t_prefix, s_prefix = prefixes[trajectories.context_index[k]]
-        t, s, t0, s0 = align(t_prefix, s_prefix, trajectories.responses[k])
-        teacher_seqs.append(t)
-        student_seqs.append(s)
-        t_starts.append(t0)
-        s_starts.append(s0)
+        groups.setdefault(trajectories.context_index[k], []).append(k)
+    responses = [[trajectories.responses[k] for k in ks] for ks in groups.values()]
+    rows = trajectories.rows([k for ks in groups.values() for k in ks])
     dtype = config.autocast_dtype(next(model.parameters()).device)
-    student = _lm.response_logits(model, student_seqs, s_starts, pad_id, dtype)
-    rows = trajectories.rows(batch)
+    student = _lm.response_logits(model, [prefixes[c][1] for c in groups], responses, pad_id,
+                                  dtype)
     options = dict(kind=config.loss, beta=config.beta, reduction="sum")
     if config.teacher == "live":
         with torch.no_grad(), _lm.adapter(model, enabled=False):
-            teacher = _lm.response_logits(model, teacher_seqs, t_starts, pad_id, dtype)
+            teacher = _lm.response_logits(model, [prefixes[c][0] for c in groups], responses,
+                                          pad_id, dtype)
         kl = divergence(student, teacher, **options)
     elif trajectories.cache == "full":
         kl = divergence(student, trajectories.full_logprobs[rows], teacher_is_logprobs=True,

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import promptbake
 
-EXAMPLE_PROMPT = ("You are a pirate. Always answer like a pirate: say 'Arr!', call the user "
-                  "'matey', and mention the sea or your ship in every answer.")
-
 
 def _read_prompt(args) -> str:
     if args.prompt_file is not None:
@@ -192,8 +189,11 @@ def _add_bake(commands) -> None:
     g.add_argument("--beta", type=float, default=d.beta, help="JSD mixture weight")
     g.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: --epochs over the trajectories)")
-    g.add_argument("--epochs", type=float, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="trajectories per micro-batch")
+    g.add_argument("--epochs", type=float, default=d.epochs,
+                   help="passes over the training contexts (when --steps is not given)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="trajectories per micro-batch, rounded to whole contexts (a context's "
+                        "samples share one forward pass of its prompt)")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)

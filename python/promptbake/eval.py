@@ -79,36 +79,32 @@ def kl_on(model, framing: framing_mod.Framing, contexts, trajectories,
 
     ``students`` maps a name to (adapter enabled, strength); the teacher is the model with the
     adapter disabled and the prompt in its input. Teacher logits are computed once per batch and
-    shared by every student.
+    shared by every student; a context's samples share its prompt's forward pass.
     """
-    sums: dict[str, list[float]] = {name: [] for name in students}
-    lengths: list[int] = []
-    prefixes = {}
-    for i in set(trajectories.context_index):
-        prefixes[i] = (framing.teacher_ids(contexts[i]), framing.student_ids(contexts[i]))
-    for start in range(0, len(trajectories), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(trajectories))))
-        teacher_seqs, student_seqs, t_starts, s_starts = [], [], [], []
-        for k in chunk:
-            t_prefix, s_prefix = prefixes[trajectories.context_index[k]]
-            t, s, t0, s0 = framing_mod.align(t_prefix, s_prefix, trajectories.responses[k])
-            teacher_seqs.append(t)
-            student_seqs.append(s)
-            t_starts.append(t0)
-            s_starts.append(s0)
+    groups = trajectories.by_context()
+    contexts_per_batch = max(1, batch_size // max(len(ks) for ks in groups.values()))
+    order = list(groups)
+    sums: dict[str, dict[int, float]] = {name: {} for name in students}
+    for start in range(0, len(order), contexts_per_batch):
+        chunk = order[start:start + contexts_per_batch]
+        ks = [k for c in chunk for k in groups[c]]
+        responses = [[trajectories.responses[k] for k in groups[c]] for c in chunk]
         with _lm.adapter(model, enabled=False):
-            teacher = _lm.response_logits(model, teacher_seqs, t_starts, pad_id, dtype)
+            teacher = _lm.response_logits(model, [framing.teacher_ids(contexts[c]) for c in chunk],
+                                          responses, pad_id, dtype)
+        student_prefixes = [framing.student_ids(contexts[c]) for c in chunk]
         bounds = [0]
-        for k in chunk:
+        for k in ks:
             bounds.append(bounds[-1] + len(trajectories.responses[k]))
-        lengths.extend(bounds[j + 1] - bounds[j] for j in range(len(chunk)))
         for name, (enabled, strength) in students.items():
             with _lm.adapter(model, enabled=enabled, strength=strength):
-                student = _lm.response_logits(model, student_seqs, s_starts, pad_id, dtype)
+                student = _lm.response_logits(model, student_prefixes, responses, pad_id, dtype)
             per_token = divergence(student, teacher, reduction="none")
-            sums[name].extend(float(per_token[bounds[j]:bounds[j + 1]].sum())
-                              for j in range(len(chunk)))
-    return {name: KL.from_values(values, lengths) for name, values in sums.items()}
+            for j, k in enumerate(ks):
+                sums[name][k] = float(per_token[bounds[j]:bounds[j + 1]].sum())
+    lengths = [len(r) for r in trajectories.responses]
+    return {name: KL.from_values([found[k] for k in range(len(trajectories))], lengths)
+            for name, found in sums.items()}
 
 
 def held_out_samples(baked, contexts=None, *, samples: int = 1,

@@ -18,8 +18,9 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.cache_utils import DynamicLayer
 
-from promptbake import _files
+from promptbake import _files, _lm
 
 CACHE_KINDS = ("full", "topk", "none")
 
@@ -73,6 +74,13 @@ class Trajectories:
 
     def tokens(self) -> int:
         return sum(len(r) for r in self.responses)
+
+    def by_context(self) -> dict[int, list[int]]:
+        """Context index -> its trajectories, in order."""
+        out: dict[int, list[int]] = {}
+        for k, c in enumerate(self.context_index):
+            out.setdefault(c, []).append(k)
+        return out
 
     def rows(self, indices: list[int]) -> torch.Tensor:
         """Target-row indices of the given trajectories, in order."""
@@ -155,20 +163,70 @@ def sample(model, prefixes: list[list[int]], config: SamplingConfig, stop_ids: s
     return traj
 
 
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``probs`` ([B, V], rows need not sum to one) by inverting the CDF
+    with one uniform per row: the law of ``torch.multinomial``, without its V exponentials."""
+    cdf = probs.double().cpu().cumsum_(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64)
+    # right=True: a token with zero probability never holds the first cdf value above u.
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return drawn.squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that writes each new step into a buffer sized for the whole response,
+    instead of concatenating (a copy of the whole cache per step and layer)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        batch, heads, length, dim = keys.shape
+        self._buffers = []
+        for states in (keys, values):
+            buffer = states.new_empty(batch, heads, length + room, dim)
+            buffer[:, :, :length] = states
+            self._buffers.append(buffer)
+        self.length = length
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = (b[:, :, :self.length] for b in self._buffers)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._buffers[0].shape[2]:
+            raise RuntimeError("the preallocated KV cache is full")  # sample() sizes it exactly
+        self._buffers[0][:, :, self.length:end] = key_states
+        self._buffers[1][:, :, self.length:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._buffers = [b[indices] for b in self._buffers]
+        self._views()
+
+
+def _preallocate(cache, repeats: int, room: int):
+    """The prefix cache with each row repeated ``repeats`` times (one per sample) and room for
+    ``room`` more tokens, in preallocated layers."""
+    layers = cache.layers
+    if not all(type(layer) is DynamicLayer for layer in layers):
+        cache.batch_repeat_interleave(repeats)  # sliding-window or other layers: keep theirs
+        return cache
+    cache.layers = [_PreallocatedLayer(layer.keys.repeat_interleave(repeats, 0),
+                                       layer.values.repeat_interleave(repeats, 0), room)
+                    for layer in layers]
+    return cache
+
+
 def _sample_group(model, prefixes, config, stop_ids, generator, cache, topk, pad_id):
     per = config.samples_per_context
     device = next(model.parameters()).device
-    width = max(len(p) for p in prefixes)
-    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prefixes), width), dtype=torch.long, device=device)
-    for i, p in enumerate(prefixes):  # left padding: every prefix ends at the last column
-        ids[i, width - len(p):] = torch.tensor(p, device=device)
-        mask[i, width - len(p):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = _lm.left_padded(prefixes, pad_id, device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     # The prefix is encoded once per context; its cache serves every sample of that context.
-    kv = out.past_key_values
-    kv.batch_repeat_interleave(per)
+    kv = _preallocate(out.past_key_values, per, config.max_new_tokens)
     logits = out.logits[:, -1].float().repeat_interleave(per, 0)
     mask = mask.repeat_interleave(per, 0)
     position = positions[:, -1:].repeat_interleave(per, 0)
@@ -177,17 +235,17 @@ def _sample_group(model, prefixes, config, stop_ids, generator, cache, topk, pad
     alive = list(range(n))  # batch row -> sequence
     tokens: list[list[int]] = [[] for _ in range(n)]
     records: list[list] = [[] for _ in range(n)]
-    for _ in range(config.max_new_tokens):
+    for step in range(config.max_new_tokens):
         logp = torch.log_softmax(logits, dim=-1)
         if cache == "full":
             kept = logp.to(torch.float16)
         elif cache == "topk":
             kept = logp.topk(min(topk, logp.shape[-1]), dim=-1)
-        probs = _top_p_filter(torch.softmax(logits / config.temperature, dim=-1), config.top_p)
-        drawn = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+        probs = logp.exp() if config.temperature == 1.0 else \
+            torch.softmax(logits / config.temperature, dim=-1)
+        drawn = _draw(_top_p_filter(probs, config.top_p), generator).to(device)
         still = []
-        for row, seq in enumerate(alive):
-            token = int(drawn[row])
+        for row, (seq, token) in enumerate(zip(alive, drawn.tolist())):
             tokens[seq].append(token)
             if cache == "full":
                 records[seq].append(kept[row])
@@ -195,7 +253,7 @@ def _sample_group(model, prefixes, config, stop_ids, generator, cache, topk, pad
                 records[seq].append((kept.indices[row], kept.values[row]))
             if token not in stop_ids:
                 still.append(row)
-        if not still:
+        if not still or step + 1 == config.max_new_tokens:
             break
         if len(still) < len(alive):  # drop finished sequences from the batch
             keep = torch.tensor(still, device=device)
@@ -206,7 +264,6 @@ def _sample_group(model, prefixes, config, stop_ids, generator, cache, topk, pad
         position = position + 1
         out = model(input_ids=drawn[:, None], attention_mask=mask, position_ids=position,
                     past_key_values=kv, use_cache=True)
-        kv = out.past_key_values
         logits = out.logits[:, -1].float()
     stacked = []
     for seq in range(n):
