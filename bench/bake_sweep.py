@@ -16,7 +16,7 @@ import torch
 import harness
 from bake import PROMPT
 from promptbake import _lm, contexts as contexts_mod, eval as eval_mod, models
-from promptbake.bake import (BakeConfig, _attach_lora, _choose, _optimizer, _optimizer_step,
+from promptbake.bake import (BakeConfig, _attach_lora, _optimizer, _optimizer_step,
                              _sample)
 from promptbake.framing import Framing
 
@@ -30,7 +30,7 @@ VARIANTS = {
     "rank 16, alpha 32": {"rank": 16, "alpha": 32.0},
     "adapters on the MLP too": {"target_modules": MLP},
     "96 contexts (fewer trajectories)": {"train_contexts": 96},
-    "1 sample per context": {"samples_per_context": 1},
+    "1 sample per context (same steps)": {"samples_per_context": 1, "steps": 144},
     "5 epochs (more steps)": {"epochs": 5.0},
     "constant lr": {"schedule": "constant"},
     "fp32 matmuls": {"precision": "fp32"},
@@ -52,7 +52,7 @@ def run(args, log) -> dict:
     for name in (QUICK if args.quick else VARIANTS):
         config = dataclasses.replace(base, **VARIANTS[name])
         log(f"  {name}")
-        train = _choose(contexts_mod.resolve(None, "train"), config.train_contexts, config.seed)
+        train = contexts_mod.for_bake(None, "train", config.train_contexts, config.seed)
         prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
         key = (config.train_contexts, config.samples_per_context)
         start = time.perf_counter()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import promptbake
 from promptbake.bake import BakeConfig, bake, load_baked
+from promptbake.eval import mc_kl
 from promptbake.framing import FramingError
 
 bake_mod = importlib.import_module("promptbake.bake")  # promptbake.bake is also the function
@@ -102,6 +103,8 @@ def test_generate_answers_three_ways(baked_dir):
     answers = {mode: baked.generate("Hello?", mode=mode, max_new_tokens=5)
                for mode in ("base", "prompted", "baked")}
     assert all(isinstance(a, str) for a in answers.values())
+    baked.strength = 0.0  # the LoRA delta scaled to nothing: the base model's greedy answer
+    assert baked.generate("Hello?", mode="baked", max_new_tokens=5) == answers["base"]
     with pytest.raises(ValueError, match="mode='teacher'"):
         baked.generate("Hello?", mode="teacher")
 
@@ -135,7 +138,7 @@ def test_resume_after_an_interrupt_gives_the_same_adapter(tiny_dir, tmp_path, mo
 def test_killed_process_resumes_to_the_same_adapter(tiny_dir, tmp_path):
     args = [sys.executable, "-m", "promptbake.cli", "bake", "--prompt", PROMPT, "--model",
             str(tiny_dir), "--quiet", "--train-contexts", "4", "--eval-contexts", "3",
-            "--max-new-tokens", "8", "--batch-size", "4", "--steps", "40", "--lr", "0.02",
+            "--max-new-tokens", "8", "--batch-size", "4", "--steps", "200", "--lr", "0.01",
             "--checkpoint-every", "1", "--sample-batch", "8"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     subprocess.run(args + ["--out", str(whole)], check=True, capture_output=True, timeout=600)
@@ -148,8 +151,10 @@ def test_killed_process_resumes_to_the_same_adapter(tiny_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (cut / "manifest.json").exists(), "the run finished before it could be killed"
+    (cut / ".checkpoint.pt.tmp-999999").write_bytes(b"half")  # as a kill mid-write leaves it
     subprocess.run(args + ["--out", str(cut), "--resume"], check=True, capture_output=True,
                    timeout=600)
+    assert not [p for p in cut.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     expected, got = adapter_tensors(whole), adapter_tensors(cut)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -170,7 +175,7 @@ def test_output_directory_is_never_clobbered(tiny_dir, tmp_path):
     (out / "notes.txt").write_text("added by the user")
     with pytest.raises(ValueError, match="already finished"):
         bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True)
-    with pytest.raises(ValueError, match="another prompt or configuration"):
+    with pytest.raises(ValueError, match="another prompt, configuration"):
         bake("Another prompt.", model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True)
     bake(PROMPT, model=tiny_dir, config=tiny_config(steps=2), out=out, overwrite=True)
     assert (out / "notes.txt").read_text() == "added by the user"  # overwrite kept it
@@ -212,6 +217,67 @@ def test_in_memory_bake_can_be_saved(tiny_dir, tmp_path):
     baked.save(tmp_path / "later")
     again = load_baked(tmp_path / "later")
     torch.testing.assert_close(logits(again.model), logits(baked.model))
+    assert again.held_out == baked.held_out and len(again.held_out) == 3
+    # Its held-out samples are drawn again with the bake's seed: the bake's own figure.
+    assert mc_kl(again)["1"].per_sequence == pytest.approx(
+        baked.manifest["kl"]["after"]["per_sequence"], rel=1e-4)
+    bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=tmp_path / "later",
+         overwrite=True)  # a saved bake is promptbake's to replace
+
+
+def test_resume_refuses_another_model(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "cut"
+    real_step = bake_mod._train_step
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bake_mod, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bake(PROMPT, model=tiny_dir, config=tiny_config(), out=out)
+    monkeypatch.setattr(bake_mod, "_train_step", real_step)
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_dir, other)
+    with pytest.raises(ValueError, match="another prompt, configuration, model"):
+        bake(PROMPT, model=other, config=tiny_config(), out=out, resume=True)
+    # The same directory with changed weights: caught by the weights' hash.
+    from safetensors.torch import load_file as load, save_file as save
+
+    weights = load(str(tiny_dir / "model.safetensors"))
+    shutil.copytree(tiny_dir, tmp_path / "saved")
+    weights = {k: v + 0.01 for k, v in weights.items()}
+    save(weights, str(tiny_dir / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        with pytest.raises(ValueError, match="weights changed"):
+            bake(PROMPT, model=tiny_dir, config=tiny_config(), out=out, resume=True)
+    finally:
+        shutil.copy(tmp_path / "saved" / "model.safetensors", tiny_dir / "model.safetensors")
+
+
+def test_unconditional_bake_samples_every_context_slot(tiny_dir):
+    baked = bake(PROMPT, model=tiny_dir, contexts="none", config=tiny_config(steps=4))
+    manifest = baked.manifest
+    assert manifest["contexts"] == {"source": "none", "train": 4, "held_out": 3,
+                                    "held_out_file": "held_out_contexts.json"}
+    assert manifest["trajectories"]["count"] == 4 * 2
+    assert manifest["kl"]["before"]["sequences"] == 3
+    assert all(v == v for v in manifest["kl"]["before"].values())  # no NaN errors
+
+
+def test_contexts_from_a_list_are_measured_again_from_the_directory(tiny_dir, tmp_path):
+    questions = [f"Question number {i}: what is {i} plus {i}?" for i in range(30)]
+    out = tmp_path / "listed"
+    bake(PROMPT, model=tiny_dir, contexts=questions, config=tiny_config(steps=2), out=out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["contexts"]["source"] == "list"
+    again = load_baked(out)
+    assert again.held_out and all(c[0]["content"] in questions for c in again.held_out)
+    assert mc_kl(again)["1"].per_sequence == pytest.approx(
+        manifest["kl"]["after"]["per_sequence"], rel=1e-4)
+    # Another set, named explicitly, is measured whole.
+    assert mc_kl(again, questions[:4])["base"].sequences == 4
 
 
 def test_bad_input(tiny_dir, tmp_path):

@@ -79,7 +79,14 @@ def test_bad_input_exits_with_one_clear_line(tiny_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err + str(code), argv
 
 
-def test_every_bake_option_is_explained():
+def test_every_option_is_explained():
+    import argparse
+
+    commands = next(a for a in cli.build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings)
     done = subprocess.run([sys.executable, "-m", "promptbake.cli", "bake", "--help"],
                           capture_output=True, text=True, check=True)
     for option in ("--prompt", "--prompt-file", "--model", "--out", "--framing", "--teacher",

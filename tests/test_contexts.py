@@ -63,3 +63,21 @@ def test_resolve():
     many = [f"question {i}" for i in range(50)]
     train, held = contexts.resolve(many, "train"), contexts.resolve(many, "held_out")
     assert len(train) + len(held) == 50 and held and not {str(c) for c in train} & {str(c) for c in held}
+
+
+def test_split_never_leaves_a_part_empty():
+    for start in range(0, 400, 10):  # many small sets: the hash alone would empty one part
+        ten = [f"message {i}" for i in range(start, start + 10)]
+        train, held = contexts.resolve(ten, "train"), contexts.resolve(ten, "held_out")
+        assert train and held and len(train) + len(held) == 10
+
+
+def test_for_bake_and_for_measuring():
+    assert contexts.for_bake("none", "train", 5) == [[]] * 5  # each empty context sampled anew
+    train = contexts.for_bake(None, "train", 20, seed=3)
+    assert len(train) == 20 and train == contexts.for_bake(None, "train", 20, seed=3)
+    assert train != contexts.for_bake(None, "train", 20, seed=4)
+    assert contexts.for_bake(None, "held_out", 7) == contexts.builtin("held_out")[:7]
+    assert contexts.for_measuring("builtin", 3) == contexts.builtin("held_out")
+    assert contexts.for_measuring(["a", "b"], 3) == [[{"role": "user", "content": "a"}],
+                                                     [{"role": "user", "content": "b"}]]

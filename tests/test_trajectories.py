@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from promptbake import _lm, models
+from promptbake import models
 from promptbake.framing import Framing, align
 from promptbake.trajectories import (SamplingConfig, Trajectories, _top_p_filter, sample,
                                      stop_token_ids)
@@ -98,34 +98,3 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_bad_sampling_settings(bad, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**bad).validate()
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tiny, attention):
-    # Several responses after one prompt: the prompt runs once, its cache (with its autograd
-    # history) serves them all; logits and gradients equal separate whole-sequence forwards.
-    # (Llama's RMSNorm computes in fp32 even in a fp64 model: agreement is to fp32 rounding.)
-    lm, tok, _ = models.load(tiny_dir)
-    lm.set_attn_implementation(attention)
-    f = tiny[2]
-    prefixes = [f.student_ids(c) for c in CONTEXTS]  # of different lengths
-    responses = [[[11, 12, 13, 14], [15]], [[16, 17]], [[18], [19, 20, 21]]]
-    weight = lm.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
-    probe = torch.randn(11, len(tok), generator=torch.Generator().manual_seed(0))
-
-    shared = _lm.response_logits(lm, prefixes, responses, tok.pad_token_id)
-    (shared * probe).sum().backward()
-    grad_shared, weight.grad = weight.grad, None
-    full = []
-    for prefix, group in zip(prefixes, responses):
-        for r in group:
-            logits = lm(input_ids=torch.tensor([prefix + r])).logits[0]
-            full.append(logits[len(prefix) - 1:-1])
-    full = torch.cat(full)
-    (full * probe).sum().backward()
-
-    assert shared.shape == (4 + 1 + 2 + 1 + 3, len(tok)) and torch.isfinite(shared).all()
-    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
-    assert float((grad_shared - weight.grad).norm() / weight.grad.norm()) < 1e-5
-    with pytest.raises(ValueError, match="non-empty"):
-        _lm.response_logits(lm, prefixes[:2], [[[]], [[1]]], tok.pad_token_id)

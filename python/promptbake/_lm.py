@@ -76,8 +76,34 @@ def response_logits(model, prefixes: list[list[int]], responses: list[list[list[
                         position_ids=positions, past_key_values=cache).last_hidden_state
         rows = torch.cat([torch.cat([first[k:k + 1], rest[k, :len(r) - 1]]) if len(r) > 1
                           else first[k:k + 1] for k, r in enumerate(flat)])
-        logits = head(rows)
+        logits = _finish(inner.config, head(rows))
     return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def _finish(config, logits: torch.Tensor) -> torch.Tensor:
+    """What some architectures do to the LM head's output (Gemma's soft-capping, Granite's and
+    Cohere's scaling), so that ``response_logits`` are the model's own logits."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    return logits
+
+
+@torch.no_grad()
+def check_logits(model, ids: list[int]) -> None:
+    """Refuses a model whose logits ``response_logits`` would not reproduce (an architecture that
+    transforms its LM head's output in a way ``_finish`` does not know)."""
+    full = model(input_ids=torch.tensor([ids], device=_inner(model).device)).logits[0, :-1]
+    ours = response_logits(model, [ids[:1]], [[ids[1:]]], pad_id=0)
+    gap = float((full.float() - ours).abs().max())
+    if gap > 1e-3 * max(1.0, float(full.abs().max())):
+        raise ValueError(f"this {_inner(model).config.model_type} model's logits differ from its "
+                         f"LM head's output by up to {gap:.3g} after the known post-processing: "
+                         f"promptbake cannot compute its logits at response positions exactly")
 
 
 def lora_layers(model):

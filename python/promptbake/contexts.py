@@ -26,15 +26,22 @@ class ContextError(ValueError):
 
 def split(contexts: list[Context], part: str, held_out_fraction: float = 0.2) -> list[Context]:
     """The ``train`` or ``held_out`` part of ``contexts``, chosen by a hash of each context, so the
-    two parts never share a context and the split does not depend on order."""
+    two parts never share a context and the split does not depend on order. With two or more
+    contexts neither part is empty (the context with the lowest hash is held out if none was)."""
     if part not in ("train", "held_out"):
         raise ValueError(f"part={part!r}: choose 'train' or 'held_out'")
 
-    def held_out(context: Context) -> bool:
+    def score(context: Context) -> float:
         key = json.dumps(context, sort_keys=True, ensure_ascii=False).encode()
-        return int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF < held_out_fraction
+        return int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
 
-    return [c for c in contexts if held_out(c) == (part == "held_out")]
+    scores = [score(c) for c in contexts]
+    held = [s < held_out_fraction for s in scores]
+    if len(contexts) >= 2 and not any(held):
+        held[scores.index(min(scores))] = True
+    if len(contexts) >= 2 and all(held):
+        held[scores.index(max(scores))] = False
+    return [c for c, h in zip(contexts, held) if h == (part == "held_out")]
 
 
 def builtin(part: str = "train") -> list[Context]:
@@ -99,7 +106,7 @@ def resolve(spec: str | Path | list | None, part: str = "train") -> list[Context
     """Contexts for ``part`` (``train`` or ``held_out``) of a bake.
 
     ``None`` or ``"builtin"``: the shipped set. ``"none"``: one empty context (unconditional
-    baking; measured on the same). A file or a list (strings or message lists): its hash split
+    baking; ``for_bake`` repeats it). A file or a list (strings or message lists): its hash split
     when it has at least 10 contexts, otherwise all of it for training and the built-in held-out
     set for measuring.
     """
@@ -107,12 +114,41 @@ def resolve(spec: str | Path | list | None, part: str = "train") -> list[Context
         return builtin(part)
     if spec == UNCONDITIONAL:
         return [[]]
-    if isinstance(spec, list):
-        if not spec:
-            raise ContextError("the list of contexts is empty")
-        every = [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in spec]
-    else:
-        every = load(spec)
+    every = _every_of(spec)
     if len(every) < 10:
         return every if part == "train" else builtin("held_out")
     return split(every, part)
+
+
+def for_bake(spec, part: str, count: int, seed: int = 0) -> list[Context]:
+    """The ``count`` contexts a bake uses: training contexts drawn at random with ``seed`` (all of
+    them if there are fewer), or the first held-out ones. Unconditional baking (``"none"``) gives
+    ``count`` empty contexts, each sampled on its own."""
+    if spec == UNCONDITIONAL:
+        return [[] for _ in range(count)]
+    found = resolve(spec, part)
+    if part == "held_out" or len(found) <= count:
+        return found[:count]
+    import torch
+
+    order = torch.randperm(len(found), generator=torch.Generator().manual_seed(seed))
+    return [found[int(i)] for i in order[:count]]
+
+
+def for_measuring(spec, count: int) -> list[Context]:
+    """Contexts to measure a bake on, as ``promptbake kl --contexts`` names them: ``"builtin"``
+    is every built-in held-out context, a file or a list is all of it, ``"none"`` is ``count``
+    empty contexts."""
+    if spec is None or spec == BUILTIN:
+        return builtin("held_out")
+    if spec == UNCONDITIONAL:
+        return [[] for _ in range(count)]
+    return _every_of(spec)
+
+
+def _every_of(spec) -> list[Context]:
+    if isinstance(spec, list):
+        if not spec:
+            raise ContextError("the list of contexts is empty")
+        return [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in spec]
+    return load(spec)

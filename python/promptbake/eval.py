@@ -19,56 +19,78 @@ from promptbake import _lm, framing as framing_mod
 from promptbake.ops import divergence
 
 
+def _spread(residuals: list[float], clusters: list[int]) -> float:
+    """sqrt(G / (G - 1) * sum over clusters of (sum of the cluster's residuals)^2): with one
+    sequence per cluster, sqrt(n / (n - 1) * sum r^2). Samples of one context are correlated,
+    so the standard errors treat each context, not each sequence, as the independent unit."""
+    sums: dict[int, float] = {}
+    for r, c in zip(residuals, clusters):
+        sums[c] = sums.get(c, 0.0) + r
+    g = len(sums)
+    if g < 2:
+        return float("nan")
+    return math.sqrt(g / (g - 1) * sum(x * x for x in sums.values()))
+
+
 @dataclasses.dataclass
 class KL:
-    """MC-KL of one student against the prompted teacher."""
+    """MC-KL of one student against the prompted teacher, with standard errors (None when there
+    are fewer than two contexts to estimate them from)."""
 
     per_sequence: float
-    per_sequence_se: float
+    per_sequence_se: float | None
     per_token: float
-    per_token_se: float
+    per_token_se: float | None
     sequences: int
     tokens: int
     values: list[float] = dataclasses.field(repr=False)  # per-sequence sums
     lengths: list[int] = dataclasses.field(repr=False)
+    clusters: list[int] = dataclasses.field(repr=False)  # the context of each sequence
 
     @classmethod
-    def from_values(cls, values: list[float], lengths: list[int]) -> "KL":
+    def from_values(cls, values: list[float], lengths: list[int],
+                    clusters: list[int] | None = None) -> "KL":
         n = len(values)
+        clusters = list(range(n)) if clusters is None else list(clusters)
         mean = sum(values) / n
-        var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
         tokens = sum(lengths)
         per_token = sum(values) / tokens
-        # Ratio estimator sum(v) / sum(len): delta-method standard error over sequences.
-        mean_len = tokens / n
-        resid = [v - per_token * length for v, length in zip(values, lengths)]
-        r_var = sum(r * r for r in resid) / (n - 1) if n > 1 else float("nan")
-        return cls(mean, math.sqrt(var / n), per_token, math.sqrt(r_var / n) / mean_len, n,
-                   tokens, list(values), list(lengths))
+        se_sequence = _spread([v - mean for v in values], clusters) / n
+        # Ratio estimator sum(v) / sum(len): delta-method standard error.
+        se_token = _spread([v - per_token * k for v, k in zip(values, lengths)], clusters) / tokens
+        return cls(mean, _finite(se_sequence), per_token, _finite(se_token), n, tokens,
+                   list(values), list(lengths), clusters)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("values", "lengths")}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("values", "lengths", "clusters")}
 
     def __str__(self) -> str:
-        return (f"{self.per_sequence:.3f} ± {self.per_sequence_se:.3f} nats/sequence "
-                f"({self.per_token:.4f} ± {self.per_token_se:.4f} nats/token, "
+        return (f"{self.per_sequence:.3f} ± {_fmt(self.per_sequence_se, 3)} nats/sequence "
+                f"({self.per_token:.4f} ± {_fmt(self.per_token_se, 4)} nats/token, "
                 f"{self.sequences} sequences)")
 
 
-def reduction(before: KL, after: KL) -> tuple[float, float]:
-    """1 - after / before on paired sequences, with a delta-method standard error."""
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "?" if x is None else f"{x:.{digits}f}"
+
+
+def reduction(before: KL, after: KL) -> tuple[float, float | None]:
+    """1 - after / before on paired sequences, with a delta-method standard error (None with
+    fewer than two contexts)."""
     n = len(before.values)
-    if n != len(after.values):
+    if n != len(after.values) or before.clusters != after.clusters:
         raise ValueError("the KL reduction needs both measurements on the same sequences")
     mb, ma = before.per_sequence, after.per_sequence
     if mb <= 0:
-        return float("nan"), float("nan")
+        return float("nan"), None
     ratio = ma / mb
-    if n < 2:
-        return 1 - ratio, float("nan")
     resid = [a - ratio * b for a, b in zip(after.values, before.values)]
-    var = sum(r * r for r in resid) / (n - 1)
-    return 1 - ratio, math.sqrt(var / n) / mb
+    return 1 - ratio, _finite(_spread(resid, before.clusters) / (n * mb))
 
 
 @torch.no_grad()
@@ -103,33 +125,41 @@ def kl_on(model, framing: framing_mod.Framing, contexts, trajectories,
             for j, k in enumerate(ks):
                 sums[name][k] = float(per_token[bounds[j]:bounds[j + 1]].sum())
     lengths = [len(r) for r in trajectories.responses]
-    return {name: KL.from_values([found[k] for k in range(len(trajectories))], lengths)
-            for name, found in sums.items()}
+    return {name: KL.from_values([found[k] for k in range(len(trajectories))], lengths,
+                                 trajectories.context_index) for name, found in sums.items()}
 
 
 def held_out_samples(baked, contexts=None, *, samples: int = 1,
-                     max_new_tokens: int | None = None, seed: int = 1):
+                     max_new_tokens: int | None = None, seed: int | None = None):
     """(held-out contexts, samples from the prompted model on them) for a ``Baked`` model.
 
-    With the defaults these are the bake's own held-out samples: read from its directory, or
-    drawn again with the same seed and settings, which gives the same tokens.
+    ``contexts`` None: the bake's own held-out contexts, and with the other defaults its own
+    samples (read from its directory, or drawn again with its seed and settings, which gives the
+    same tokens). Otherwise every context ``contexts`` names (see ``contexts.for_measuring``).
+    ``seed`` None: the bake's held-out seed.
     """
     from promptbake import contexts as contexts_mod
     from promptbake.trajectories import SamplingConfig, Trajectories, sample, stop_token_ids
 
     config = baked.manifest.get("config", {})
-    source = contexts if contexts is not None else baked.manifest["contexts"].get("source")
-    held_out = contexts_mod.resolve(source, "held_out")
-    if contexts is None:
-        held_out = held_out[:config.get("eval_contexts", len(held_out))]
+    own_seed = config.get("seed", 0) + 1  # what bake() sampled its held-out contexts with
+    seed = own_seed if seed is None else seed
+    count = config.get("eval_contexts", 24)
+    if contexts is not None:
+        held_out = contexts_mod.for_measuring(contexts, count)
+    elif baked.held_out is not None:
+        held_out = baked.held_out
+    else:  # a directory from before held-out contexts were saved in it
+        held_out = contexts_mod.for_bake(baked.manifest["contexts"]["source"], "held_out", count)
     saved = baked.path / "eval_trajectories.safetensors" if baked.path else None
-    if (contexts, samples, max_new_tokens, seed) == (None, 1, None, 1) and saved and saved.is_file():
+    if (contexts, samples, max_new_tokens, seed) == (None, 1, None, own_seed) and saved and \
+            saved.is_file():
         return held_out, Trajectories.load(saved)
     sampling = SamplingConfig(samples_per_context=samples,
                               max_new_tokens=max_new_tokens or config.get("max_new_tokens", 64),
                               temperature=config.get("temperature", 1.0),
                               top_p=config.get("top_p", 1.0),
-                              batch_size=config.get("sample_batch", 16))
+                              batch_size=config.get("sample_batch", 64))
     model, tokenizer = baked.model, baked.tokenizer
     with _lm.adapter(model, enabled=False):
         trajectories = sample(model, [baked.framing.teacher_ids(c) for c in held_out], sampling,
@@ -140,7 +170,8 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
 
 
 def mc_kl(baked, contexts=None, *, samples: int = 1, max_new_tokens: int | None = None,
-          seed: int = 1, strengths: Iterable[float] = (1.0,), batch_size: int = 8) -> dict:
+          seed: int | None = None, strengths: Iterable[float] = (1.0,),
+          batch_size: int = 8) -> dict:
     """MC-KL (Eq. 3) of a ``Baked`` model on held-out contexts, sampled from the prompted model.
 
     Returns ``{"base": KL, "1": KL, ...}``: the base model and the baked one at each strength,

@@ -1,11 +1,14 @@
 """Trajectories y ~ P_theta(. | u, x): sampled from the prompted model, teacher targets recorded.
 
 Each context's prompted prefix is encoded once; its KV cache is copied to the context's samples,
-and contexts are decoded together in batches (left-padded). The distribution every token was
-drawn from is the teacher's distribution at that response position (at temperature 1), so it is
-recorded while sampling: training then needs no teacher forward pass. It is kept either in full
-(fp16 log-probabilities over the vocabulary) or as the top-k log-probabilities, the rest of the
-mass being the tail bucket.
+and contexts are decoded together in batches (left-padded). Eq. 3's teacher at every response
+position is the prompted model's next-token distribution at temperature 1, which the sampler
+computes anyway, so it is recorded while sampling: training then needs no teacher forward pass.
+It is kept either in full (fp16 log-probabilities over the vocabulary) or as the top-k
+log-probabilities, the rest of the mass being the tail bucket. Tokens are drawn from that same
+distribution at the defaults (temperature 1, top-p 1), which makes the trajectories Eq. 3's
+y ~ P(. | u, x); another temperature or top-p draws them from a sharpened or truncated version,
+while the targets stay the temperature-1 distribution.
 """
 
 from __future__ import annotations
@@ -141,26 +144,61 @@ def sample(model, prefixes: list[list[int]], config: SamplingConfig, stop_ids: s
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown teacher cache {cache!r}: choose one of {', '.join(CACHE_KINDS)}")
     per = config.samples_per_context
+    targets = _Targets(cache, len(prefixes) * per, config.max_new_tokens, topk)
     group = max(1, config.batch_size // per)
-    context_index, responses, records = [], [], []
+    responses: list[list[int]] = []
     for start in range(0, len(prefixes), group):
-        batch = list(range(start, min(start + group, len(prefixes))))
-        out, recorded = _sample_group(model, [prefixes[i] for i in batch], config, stop_ids,
-                                      generator, cache, topk, pad_id)
-        for j, i in enumerate(batch):
-            for s in range(per):
-                context_index.append(i)
-                responses.append(out[j * per + s])
-                records.append(recorded[j * per + s])
+        chunk = prefixes[start:start + group]
+        responses += _sample_group(model, chunk, config, stop_ids, generator, targets,
+                                   first=len(responses), pad_id=pad_id)
         if progress:
-            progress(len(batch) * per)
-    traj = Trajectories(context_index, responses, cache)
-    if cache == "full":
-        traj.full_logprobs = torch.cat([r for r in records])
-    elif cache == "topk":
-        traj.topk_ids = torch.cat([r[0] for r in records])
-        traj.topk_logprobs = torch.cat([r[1] for r in records])
+            progress(len(chunk) * per)
+    traj = Trajectories([i for i in range(len(prefixes)) for _ in range(per)], responses, cache)
+    targets.finish(traj)
     return traj
+
+
+class _Targets:
+    """The teacher's recorded distributions, written in place: each sequence owns a slot of
+    ``max_new_tokens`` rows in one buffer (pages never written are never allocated), and the
+    slots are packed together at the end, so the cache never exists twice in memory."""
+
+    def __init__(self, cache: str, sequences: int, length: int, topk: int):
+        self.cache, self.length, self.topk = cache, length, topk
+        self.buffers: list[torch.Tensor] = []
+        self.sequences = sequences
+
+    def record(self, logp: torch.Tensor, slots: torch.Tensor, step: int) -> None:
+        """Stores the rows of ``logp`` ([B, V] log-probabilities) for sequences ``slots`` ([B])
+        at response position ``step``."""
+        if self.cache == "none":
+            return
+        if self.cache == "full":
+            rows = (logp.to(torch.float16),)
+        else:
+            top = logp.topk(min(self.topk, logp.shape[-1]), dim=-1)
+            rows = (top.indices, top.values)
+        if not self.buffers:
+            self.buffers = [torch.empty(self.sequences * self.length, r.shape[1], dtype=r.dtype)
+                            for r in rows]
+        where = (slots * self.length + step).cpu()
+        for buffer, r in zip(self.buffers, rows):
+            buffer[where] = r.cpu()
+
+    def finish(self, traj: Trajectories) -> None:
+        if self.cache == "none" or not self.buffers:
+            return
+        offsets = traj.offsets
+        for i, response in enumerate(traj.responses):  # packing moves rows down only
+            start = i * self.length
+            if offsets[i] != start:
+                for buffer in self.buffers:
+                    buffer[offsets[i]:offsets[i + 1]] = buffer[start:start + len(response)].clone()
+        packed = [b[:offsets[-1]] for b in self.buffers]
+        if self.cache == "full":
+            traj.full_logprobs = packed[0]
+        else:
+            traj.topk_ids, traj.topk_logprobs = packed
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -220,11 +258,14 @@ def _preallocate(cache, repeats: int, room: int):
     return cache
 
 
-def _sample_group(model, prefixes, config, stop_ids, generator, cache, topk, pad_id):
+def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
+                  targets: _Targets, *, first: int, pad_id: int) -> list[list[int]]:
+    """Responses for a batch of prefixes (sequences ``first``, ``first + 1``, ... in order)."""
     per = config.samples_per_context
     device = next(model.parameters()).device
     ids, mask, positions = _lm.left_padded(prefixes, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
     # The prefix is encoded once per context; its cache serves every sample of that context.
     kv = _preallocate(out.past_key_values, per, config.max_new_tokens)
     logits = out.logits[:, -1].float().repeat_interleave(per, 0)
@@ -232,25 +273,19 @@ def _sample_group(model, prefixes, config, stop_ids, generator, cache, topk, pad
     position = positions[:, -1:].repeat_interleave(per, 0)
 
     n = len(prefixes) * per
-    alive = list(range(n))  # batch row -> sequence
+    alive = list(range(n))  # batch row -> sequence within the group
     tokens: list[list[int]] = [[] for _ in range(n)]
-    records: list[list] = [[] for _ in range(n)]
     for step in range(config.max_new_tokens):
         logp = torch.log_softmax(logits, dim=-1)
-        if cache == "full":
-            kept = logp.to(torch.float16)
-        elif cache == "topk":
-            kept = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+        # Eq. 3's teacher at this position: the prompted model at temperature 1, whatever the
+        # temperature and top-p the token is drawn with.
+        targets.record(logp, first + torch.tensor(alive), step)
         probs = logp.exp() if config.temperature == 1.0 else \
             torch.softmax(logits / config.temperature, dim=-1)
         drawn = _draw(_top_p_filter(probs, config.top_p), generator).to(device)
         still = []
         for row, (seq, token) in enumerate(zip(alive, drawn.tolist())):
             tokens[seq].append(token)
-            if cache == "full":
-                records[seq].append(kept[row])
-            elif cache == "topk":
-                records[seq].append((kept.indices[row], kept.values[row]))
             if token not in stop_ids:
                 still.append(row)
         if not still or step + 1 == config.max_new_tokens:
@@ -265,13 +300,4 @@ def _sample_group(model, prefixes, config, stop_ids, generator, cache, topk, pad
         out = model(input_ids=drawn[:, None], attention_mask=mask, position_ids=position,
                     past_key_values=kv, use_cache=True)
         logits = out.logits[:, -1].float()
-    stacked = []
-    for seq in range(n):
-        if cache == "full":
-            stacked.append(torch.stack(records[seq]).cpu())
-        elif cache == "topk":
-            stacked.append((torch.stack([r[0] for r in records[seq]]).cpu(),
-                            torch.stack([r[1] for r in records[seq]]).cpu()))
-        else:
-            stacked.append(None)
-    return tokens, stacked
+    return tokens

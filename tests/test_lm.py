@@ -1,0 +1,82 @@
+"""Logits at response positions: each prompt run once for its samples, the model's own logits."""
+
+import pytest
+import torch
+
+from promptbake import _lm, models
+from promptbake.framing import Framing
+
+PROMPT = "You are a pirate captain. Talk like a pirate."
+CONTEXTS = [[{"role": "user", "content": q}] for q in
+            ("What is the capital of France?", "How do I boil an egg?", "Hi!")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    lm, tok, _ = models.load(tiny_dir)
+    return lm, tok, Framing(tok, PROMPT)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tiny, attention):
+    # Several responses after one prompt: the prompt runs once, its cache (with its autograd
+    # history) serves them all; logits and gradients equal separate whole-sequence forwards.
+    # (Llama's RMSNorm computes in fp32 even in a fp64 model: agreement is to fp32 rounding.)
+    lm, tok, _ = models.load(tiny_dir)
+    lm.set_attn_implementation(attention)
+    f = tiny[2]
+    prefixes = [f.student_ids(c) for c in CONTEXTS]  # of different lengths
+    responses = [[[11, 12, 13, 14], [15]], [[16, 17]], [[18], [19, 20, 21]]]
+    weight = lm.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    probe = torch.randn(11, len(tok), generator=torch.Generator().manual_seed(0))
+
+    shared = _lm.response_logits(lm, prefixes, responses, tok.pad_token_id)
+    (shared * probe).sum().backward()
+    grad_shared, weight.grad = weight.grad, None
+    full = []
+    for prefix, group in zip(prefixes, responses):
+        for r in group:
+            logits = lm(input_ids=torch.tensor([prefix + r])).logits[0]
+            full.append(logits[len(prefix) - 1:-1])
+    full = torch.cat(full)
+    (full * probe).sum().backward()
+
+    assert shared.shape == (4 + 1 + 2 + 1 + 3, len(tok)) and torch.isfinite(shared).all()
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+    assert float((grad_shared - weight.grad).norm() / weight.grad.norm()) < 1e-5
+    with pytest.raises(ValueError, match="non-empty"):
+        _lm.response_logits(lm, prefixes[:2], [[[]], [[1]]], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("Gemma2", {"final_logit_softcapping": 0.5, "head_dim": 16}),
+    ("Granite", {"logits_scaling": 4.0}),
+    ("Cohere", {"logit_scale": 0.25}),
+])
+def test_post_processed_logits_are_the_models_own(name, extra):
+    # Some architectures transform the LM head's output; response_logits must give the model's
+    # own logits, and without promptbake's knowledge of the transform check_logits refuses.
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5, **extra)
+    lm = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    ids = [1, 2, 3, 4, 5, 6]
+    ours = _lm.response_logits(lm, [ids[:2]], [[ids[2:]]], pad_id=0)
+    with torch.no_grad():
+        theirs = lm(input_ids=torch.tensor([ids])).logits[0, 1:-1]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    _lm.check_logits(lm, ids)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_lm, "_finish", lambda config, logits: logits)
+        with pytest.raises(ValueError, match="cannot compute its logits"):
+            _lm.check_logits(lm, ids)
+
+
+def test_unknown_logit_post_processing_is_refused(tiny_dir, monkeypatch):
+    lm, tok, _ = models.load(tiny_dir)
+    monkeypatch.setattr(_lm, "_finish", lambda config, logits: logits * 2.0)
+    with pytest.raises(ValueError, match="cannot compute its logits"):
+        _lm.check_logits(lm, [1, 2, 3, 4])
