@@ -10,6 +10,7 @@
 
 #include "divergence.h"
 #include "pool.h"
+#include "sparse_linear.h"
 
 namespace py = pybind11;
 using promptbake::DivergenceArgs;
@@ -122,6 +123,41 @@ void divergence(uintptr_t student, int student_dtype, int64_t student_stride, ui
   if (!ran) throw std::invalid_argument("instruction set '" + isa + "' is not available here");
 }
 
+void sparse_linear(uintptr_t x, int x_dtype, int64_t x_stride, uintptr_t bitmap, uintptr_t values,
+                   int values_dtype, uintptr_t row_offsets, uintptr_t bias, int bias_dtype,
+                   uintptr_t y, int64_t y_stride, int64_t batch, int64_t in_features,
+                   int64_t out_features, int64_t nnz, int num_threads, const std::string& isa) {
+  for (int code : {x_dtype, values_dtype, bias_dtype})
+    if (code < 0 || code > 2)
+      throw std::invalid_argument("dtype code must be 0 (fp32), 1 (bf16) or 2 (fp16)");
+  if (!x || !bitmap || !row_offsets || !y || (!values && nnz > 0) || batch < 0 ||
+      in_features <= 0 || out_features <= 0 || nnz < 0)
+    throw std::invalid_argument("null pointer or empty shape passed to sparse_linear");
+  promptbake::SparseLinearArgs a;
+  a.x = ptr<const void>(x);
+  a.x_dtype = static_cast<promptbake::DType>(x_dtype);
+  a.x_stride = x_stride;
+  a.bitmap = ptr<const uint32_t>(bitmap);
+  a.values = ptr<const void>(values);
+  a.values_dtype = static_cast<promptbake::DType>(values_dtype);
+  a.row_offsets = ptr<const int64_t>(row_offsets);
+  a.bias = ptr<const void>(bias);
+  a.bias_dtype = static_cast<promptbake::DType>(bias_dtype);
+  a.y = ptr<void>(y);
+  a.y_stride = y_stride;
+  a.batch = batch;
+  a.in_features = in_features;
+  a.out_features = out_features;
+  a.nnz = nnz;
+  a.num_threads = num_threads;
+  bool ran;
+  {
+    py::gil_scoped_release release;
+    ran = promptbake::sparse_linear(a, isa.c_str());
+  }
+  if (!ran) throw std::invalid_argument("instruction set '" + isa + "' is not available here");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -137,6 +173,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_scale"), py::arg("teacher_is_logprobs"), py::arg("num_threads"),
         py::arg("isa") = "",
         "Fused divergence over rows of logits; see csrc/divergence.h for the arguments.");
+  m.def("sparse_linear", &sparse_linear, py::arg("x"), py::arg("x_dtype"), py::arg("x_stride"),
+        py::arg("bitmap"), py::arg("values"), py::arg("values_dtype"), py::arg("row_offsets"),
+        py::arg("bias"), py::arg("bias_dtype"), py::arg("y"), py::arg("y_stride"),
+        py::arg("batch"), py::arg("in_features"), py::arg("out_features"), py::arg("nnz"),
+        py::arg("num_threads"), py::arg("isa") = "",
+        "y = x W^T + b for W as row bitmaps + packed values; see csrc/sparse_linear.h.");
   m.def("pooled_empty", &pooled_empty, py::arg("bytes"), py::arg("threads") = 0,
         "A DLPack capsule of at least `bytes` uninitialised bytes from the buffer pool (see "
         "csrc/pool.h), or None if the OS refuses the mapping.");

@@ -3,5 +3,7 @@
 from promptbake.ops._buffers import empty_cache
 from promptbake.ops._dispatch import Backend, backends
 from promptbake.ops.divergence import KINDS, REDUCTIONS, divergence
+from promptbake.ops.sparse_linear import sparse_linear
 
-__all__ = ["Backend", "KINDS", "REDUCTIONS", "backends", "divergence", "empty_cache"]
+__all__ = ["Backend", "KINDS", "REDUCTIONS", "backends", "divergence", "empty_cache",
+           "sparse_linear"]
