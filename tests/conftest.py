@@ -48,3 +48,38 @@ def tiny_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+class NextTokenEvaluator:
+    """A small deterministic evaluator for the tiny model: an item scores its probability of
+    ``token`` as the first token of the answer to ``question`` (``binary``: 1 if it is the most
+    likely token). Framed with the chat template like the shipped tasks."""
+
+    def __init__(self, questions, token: int, binary: bool = False, name: str = "next-token"):
+        self.questions, self.token, self.binary, self.name = list(questions), token, binary, name
+
+    def __call__(self, model, tokenizer, system=None, *, framing="default"):
+        from promptbake.framing import Framing
+        from promptbake.tasks import Score
+
+        frame = Framing(tokenizer, system or "unused", framing)
+        items = []
+        for i, q in enumerate(self.questions):
+            context = [{"role": "user", "content": q}]
+            ids = frame.teacher_ids(context) if system else frame.student_ids(context)
+            with torch.no_grad():
+                probs = model(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+            value = float(probs.argmax() == self.token) if self.binary else float(probs[self.token])
+            items.append({"id": f"q{i}", "score": value, "prediction": int(probs.argmax()),
+                          "target": self.token})
+        n = len(items)
+        mean = sum(x["score"] for x in items) / n
+        var = sum((x["score"] - mean) ** 2 for x in items) / (n - 1) if n > 1 else None
+        se = None if var is None else (var / n) ** 0.5
+        return Score(task=self.name, metric="probability", value=mean, se=se, n=n, chance=None,
+                     items=items)
+
+
+@pytest.fixture(scope="session")
+def next_token_evaluator():
+    return NextTokenEvaluator

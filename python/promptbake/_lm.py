@@ -136,6 +136,30 @@ def adapter(model, enabled: bool = True, strength: float = 1.0):
             layer.scaling.update(scaling)
 
 
+def snapshot_steps(path) -> list[tuple[int, object]]:
+    """(step, directory) of every half-baked snapshot in a baked directory, by step."""
+    from pathlib import Path
+
+    found = [(int(d.name.split("-")[-1]), d) for d in (Path(path) / "snapshots").glob("step-*")
+             if (d / "adapter_model.safetensors").is_file()]
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def adapter_weights(model, directory):
+    """Runs the block with the LoRA weights of another adapter directory (a snapshot) in place
+    of the model's own; the model's own weights are back afterwards."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    own = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    try:
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+        yield model
+    finally:
+        set_peft_model_state_dict(model, own)
+
+
 @contextlib.contextmanager
 def for_training(model, dtype: torch.dtype | None):
     """The fastest way to run the training forward and backward here, with the same results.

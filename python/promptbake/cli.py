@@ -1,4 +1,4 @@
-"""The ``promptbake`` command: bake, chat, kl, models, backends."""
+"""The ``promptbake`` command: bake, chat, kl, evaluate, tasks, pursue, report, models, backends."""
 
 from __future__ import annotations
 
@@ -113,6 +113,101 @@ def _kl(args) -> int:
         save("snapshots", {float(k): v for k, v in steps.items()}, "optimizer step",
              "Baking progress: KL to the prompted model")
     return 0
+
+
+def _score_line(result) -> str:
+    chance = "" if result.chance is None else f"   (chance {result.chance:.3f})"
+    return f"{_pm(result.value, result.se, '.3f')}{chance}"
+
+
+def _evaluate(args) -> int:
+    from promptbake import _files, forgetting as fg, models, reprompt
+    from promptbake.bake import load_baked
+    from promptbake.tasks import evaluate, load_task, shipped
+
+    names = shipped() if args.tasks in (None, "all") else \
+        [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.target is None or not (Path(args.target) / "manifest.json").is_file():
+        lm, tokenizer, _ = models.load(args.target)  # a plain model directory, or the default
+        scores = evaluate(lm, tokenizer, names, system=args.system, framing=args.framing,
+                          limit=args.limit)
+        for name, result in scores.items():
+            print(f"{name:<14} {_score_line(result)}")
+        record = {name: r.to_dict(items=True) for name, r in scores.items()}
+    else:
+        baked = load_baked(args.target, strength=args.strength, model=args.model)
+        matrices = {}
+        for name in names:
+            matrices[name] = reprompt.reprompt_matrix(baked, load_task(name, limit=args.limit))
+            print(matrices[name].table())
+            r, se = matrices[name].recovery, matrices[name].recovery_se
+            print(f"baked recovers {_pm(r, se, '.0f', 100)}% of the prompt's effect\n"
+                  if r is not None else "the prompt does not change this score\n")
+        gate = fg.compare({n: m.cells["base"] for n, m in matrices.items()},
+                          {n: m.cells["baked"] for n, m in matrices.items()})
+        print(gate.table())
+        print(f"forgetting gate: {'PASS' if gate.passed else 'FAIL'} ({gate.describe_rule()})")
+        record = {"reprompt": {n: m.to_dict() for n, m in matrices.items()},
+                  "forgetting": gate.to_dict()}
+    if args.json:
+        _files.write_text(Path(args.json), _files.to_json(record, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _tasks(args) -> int:
+    from promptbake.tasks import TASKS
+
+    for name, task in TASKS.items():
+        print(f"{name:<14} {len(task.items):>4} items  {task.kind:<16} {task.description}")
+    print("a task of your own: a .jsonl file in the same format, passed by path to --tasks")
+    return 0
+
+
+def _pursue(args) -> int:
+    from promptbake.bake import load_baked
+    from promptbake.pursuit import pursue
+    from promptbake.tasks import load_task
+
+    baked = load_baked(args.dir, model=args.model)
+    config = None
+    if args.steps is not None or args.epochs is not None:
+        from promptbake.pursuit import _config_of
+
+        config = _config_of(baked)
+        config.steps = args.steps if args.steps is not None else config.steps
+        config.epochs = args.epochs if args.epochs is not None else config.epochs
+    evaluator = load_task(args.task, limit=args.limit) if args.task else None
+    result = pursue(baked, rounds=args.rounds, evaluator=evaluator, config=config,
+                    contexts=args.contexts, threshold=args.threshold, patience=args.patience,
+                    out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"{'round':>5}  {'KL(base+u || model) /token':>27}  {result.tracked}")
+    for r in result.rounds:
+        kl = r.kl_to_prompted
+        tracked = _score_line(r.score) if r.score is not None else f"{r.metric:.4f}"
+        best = "  <- kept" if r.round == result.best else ""
+        print(f"{r.round:>5}  {_pm(kl['per_token'], kl['per_token_se'], '>12.4f'):>27}  "
+              f"{tracked}{best}")
+    print(f"stopped: {result.stopped}; the best round ({result.best}) is in {args.out}")
+    return 0
+
+
+def _report(args) -> int:
+    from promptbake.report import report
+
+    tasks = None if args.tasks == "all" else \
+        [t.strip() for t in args.tasks.split(",") if t.strip() and t.strip() != "none"]
+    persona = "" if args.persona == "none" else args.persona
+    strengths = [float(x) for x in args.strength.split(",") if x.strip()]
+    record = report(args.dir, tasks=tasks, limit=args.limit or None, persona=persona,
+                    turns=args.turns, conversations=args.conversations, strengths=strengths,
+                    model=args.model, say=lambda line: print(f"... {line}", flush=True))
+    print()
+    for gate in record["gates"]:
+        print(f"{'pass' if gate['passed'] else 'FAIL'}  {gate['target']}: {gate['measured']}")
+    print(f"wrote {Path(args.dir) / 'report.md'}, report.json and report-*.png "
+          f"({record['seconds']:.0f} s)")
+    return 0 if all(g["passed"] for g in record["gates"]) else 1
 
 
 def _models(args) -> int:
@@ -273,6 +368,82 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure every snapshot (--snapshot-every) against its step")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
     p.set_defaults(run=_kl)
+
+    p = commands.add_parser(
+        "evaluate", help="score the task suite: a model, or a bake's re-prompt matrix",
+        description="Score the offline task suite. On a baked directory: the re-prompt matrix "
+                    "(base, base + prompt, baked, baked + prompt) of every task, how much of the "
+                    "prompt's effect the bake recovers, and the forgetting gate (no task drops "
+                    "by more than 3.4%% relative with a significant paired test). On a model "
+                    "directory (or none: the default model): the scores, with --system if given.")
+    p.add_argument("target", nargs="?", default=None,
+                   help="a baked directory or a model directory (default: the default model)")
+    p.add_argument("--tasks", default="all",
+                   help="comma-separated task names or .jsonl task files ('promptbake tasks' "
+                        "lists them)")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    p.add_argument("--system", default=None, help="system prompt (model directories only)")
+    p.add_argument("--framing", choices=["default", "empty", "none"], default="default",
+                   help="framing without a system prompt (model directories only)")
+    p.add_argument("--strength", type=float, default=1.0, help="scale of the baked LoRA delta")
+    p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.add_argument("--json", default=None, help="also write every score, item by item, here")
+    p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser("tasks", help="list the shipped evaluation tasks",
+                            description="List the tasks of the offline suite.")
+    p.set_defaults(run=_tasks)
+
+    p = commands.add_parser(
+        "pursue", help="prompt pursuit: bake the prompt again into the baked model",
+        description="Prompt pursuit (Eq. 4): each round's teacher is the current baked model "
+                    "with the prompt, its student the same model without it, on fresh "
+                    "trajectories. Stops when the tracked score (a task's, or the KL to the "
+                    "prompted base model) improves by less than --threshold for --patience "
+                    "rounds, or after --rounds. Keeps the best round as one stacked adapter.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dir", help="a baked directory (round 0)")
+    p.add_argument("--out", required=True, help="output directory for the pursued model")
+    p.add_argument("--rounds", type=int, default=3, help="most rounds after the first bake")
+    p.add_argument("--task", default=None,
+                   help="task to track (a shipped name or a .jsonl file); default: the KL to "
+                        "the prompted base model")
+    p.add_argument("--limit", type=int, default=None, help="first N items of --task")
+    p.add_argument("--threshold", type=float, default=0.02,
+                   help="relative improvement under which a round counts as flat")
+    p.add_argument("--patience", type=int, default=1, help="flat rounds in a row to stop")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per round "
+                   "(default: the first bake's settings)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs per round")
+    p.add_argument("--contexts", default=None,
+                   help="training contexts (default: those of the first bake)")
+    p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous result in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_pursue)
+
+    p = commands.add_parser(
+        "report", help="measure a bake and write report.md, report.json and plots",
+        description="The release check of a bake: KL before and after, the half-baking curve, "
+                    "the re-prompt matrix and forgetting gate on the task suite, persona drift "
+                    "(prompted vs baked) when a persona is given or recognised, pursuit rounds "
+                    "if any, and a table of gates with the command that reproduces each. Writes "
+                    "into the baked directory; exits 1 when a gate fails.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dir", help="a baked (or pursued) directory")
+    p.add_argument("--tasks", default="all",
+                   help="comma-separated tasks or .jsonl task files, 'all', or 'none'")
+    p.add_argument("--limit", type=int, default=50, help="items per task (0: all)")
+    p.add_argument("--persona", default=None,
+                   help="built-in persona name or persona JSON file for the drift section; "
+                        "default: the built-in persona whose prompt was baked, if any; 'none' "
+                        "skips drift")
+    p.add_argument("--turns", type=int, default=30, help="conversation length for drift")
+    p.add_argument("--conversations", type=int, default=3, help="conversations per model")
+    p.add_argument("--strength", default="0,0.25,0.5,0.75,1,1.25",
+                   help="strengths of the half-baking curve")
+    p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.set_defaults(run=_report)
 
     p = commands.add_parser("models", help="models available here",
                             description="List the embedded default model and its state.")

@@ -187,24 +187,19 @@ def mc_kl(baked, contexts=None, *, samples: int = 1, max_new_tokens: int | None 
 def snapshot_curve(baked, snapshots: list, contexts=None, **sampling) -> dict[int, KL]:
     """MC-KL of each half-baked snapshot (``snapshots/step-N``) and of the final adapter, on the
     same held-out samples. The final adapter is back in place afterwards."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     held_out, trajectories = held_out_samples(baked, contexts, **sampling)
     model = baked.model
-    final = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+
+    def measure() -> KL:
+        return kl_on(model, baked.framing, held_out, trajectories, {"s": (True, 1.0)},
+                     pad_id=baked.tokenizer.pad_token_id)["s"]
+
     steps = {}
-    try:
-        for path in snapshots:
-            step = int(path.name.split("-")[-1])
-            set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
-            steps[step] = kl_on(model, baked.framing, held_out, trajectories, {"s": (True, 1.0)},
-                                pad_id=baked.tokenizer.pad_token_id)["s"]
-    finally:
-        set_peft_model_state_dict(model, final)
+    for path in snapshots:
+        with _lm.adapter_weights(model, path):
+            steps[int(path.name.split("-")[-1])] = measure()
     last = len(baked.manifest.get("train_kl_per_token", [])) or max(steps, default=0) + 1
-    steps[last] = kl_on(model, baked.framing, held_out, trajectories, {"s": (True, 1.0)},
-                        pad_id=baked.tokenizer.pad_token_id)["s"]
+    steps[last] = measure()
     return steps
 
 

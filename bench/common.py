@@ -1,0 +1,40 @@
+"""Bakes shared by the benchmark suites, made once and reused from bench/.cache/.
+
+A cached bake is reused only when its manifest records a finished bake of the same prompt, with
+the same settings, contexts and base model weights; otherwise it is baked again (with
+``--overwrite``, which only removes files promptbake wrote).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import promptbake
+from promptbake import models
+from promptbake.bake import BakeConfig
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+PIRATE = ("You are a pirate captain. Talk like a pirate in every answer: say 'Aye' and 'matey', "
+          "and bring up the sea.")
+
+
+def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=print) -> dict:
+    """{"path", "seconds" (the bake's wall time, 0 when reused), "reused"} of a bake of
+    ``prompt`` in bench/.cache/<name>."""
+    out = CACHE / name
+    key = {"prompt": prompt, "config": dataclasses.asdict(config),
+           "contexts": str(contexts) if contexts is not None else None,
+           "model": models.fingerprint(models.ensure_default())}
+    stamp = out / "bench-key.json"
+    if (out / "manifest.json").is_file() and stamp.is_file() and \
+            json.loads(stamp.read_text()) == key:
+        log(f"    reusing the bake in {out}")
+        return {"path": out, "seconds": 0.0, "reused": True}
+    log(f"    baking {name} into {out} (a few minutes)")
+    start = time.perf_counter()
+    promptbake.bake(prompt, contexts=contexts, config=config, out=out, overwrite=out.exists())
+    stamp.write_text(json.dumps(key))
+    return {"path": out, "seconds": time.perf_counter() - start, "reused": False}

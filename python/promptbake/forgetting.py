@@ -1,0 +1,226 @@
+"""Cross-task forgetting: does a bake break what the model could do before?
+
+Every task is scored on the base model and on the baked one (no prompt on either side), on the
+same items, so each change is paired item by item and tested for significance. A gate passes
+when no task degrades by more than a relative threshold; the default, 3.4%, is the largest drop
+reported for the original method. Several bakes give a heatmap of bake prompts x tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Callable, Iterable
+
+from promptbake import _lm
+from promptbake.reprompt import item_scores
+
+MAX_RELATIVE_DROP = 0.034
+RULES = ("significant", "strict")
+
+
+@dataclasses.dataclass
+class TaskChange:
+    """One task on base and baked: the change, and whether it is a significant degradation."""
+
+    task: str
+    base: object  # Score
+    baked: object  # Score
+    absolute: float  # baked - base
+    relative: float | None  # (baked - base) / base; None when base scores 0
+    p_value: float  # two-sided, paired: exact McNemar for 0/1 items, else sign-flip test
+    test: str
+    failed: bool  # the gate's verdict for this task
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "base": self.base.to_dict(), "baked": self.baked.to_dict(),
+                "absolute": self.absolute, "relative": self.relative, "p_value": self.p_value,
+                "test": self.test, "failed": self.failed}
+
+
+@dataclasses.dataclass
+class Forgetting:
+    """Per-task changes and the gate: passes when no task failed."""
+
+    changes: dict  # task -> TaskChange
+    max_relative_drop: float
+    rule: str
+    significance: float
+
+    @property
+    def passed(self) -> bool:
+        return not any(c.failed for c in self.changes.values())
+
+    @property
+    def worst(self) -> TaskChange | None:
+        """The task with the largest relative drop (None without tasks)."""
+        ranked = [c for c in self.changes.values() if c.relative is not None]
+        return min(ranked, key=lambda c: c.relative, default=None)
+
+    def describe_rule(self) -> str:
+        if self.rule == "strict":
+            return f"no task's score drops by more than {100 * self.max_relative_drop:.1f}% relative"
+        return (f"no task's score drops by more than {100 * self.max_relative_drop:.1f}% "
+                f"relative with a paired test significant at p < {self.significance:g}")
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "rule": self.describe_rule(),
+                "max_relative_drop": self.max_relative_drop, "significance": self.significance,
+                "tasks": {name: c.to_dict() for name, c in self.changes.items()}}
+
+    def table(self) -> str:
+        lines = ["| task | base | baked | change | relative | p | gate |",
+                 "|---|---:|---:|---:|---:|---:|---|"]
+        for c in self.changes.values():
+            rel = "—" if c.relative is None else f"{100 * c.relative:+.1f}%"
+            lines.append(f"| {c.task} | {_pm(c.base)} | {_pm(c.baked)} | {c.absolute:+.3f} | "
+                         f"{rel} | {c.p_value:.3g} | {'FAIL' if c.failed else 'pass'} |")
+        return "\n".join(lines)
+
+
+def forgetting(base, baked, tasks: Iterable | None = None, *, limit: int | None = None,
+               max_relative_drop: float = MAX_RELATIVE_DROP, rule: str = "significant",
+               significance: float = 0.05) -> Forgetting:
+    """Scores every task on the base model and the baked one, without the prompt.
+
+    Args:
+        base: None for the baked model with its adapter disabled (the same weights), or a
+            (model, tokenizer) pair.
+        baked: a ``Baked`` model, scored at its strength.
+        tasks: task names or evaluators (default: every task shipped in ``promptbake.tasks``).
+        limit: items per task (default: all).
+        rule: ``significant`` fails a task whose relative drop exceeds ``max_relative_drop`` and
+            whose paired test is significant at ``significance``; ``strict`` fails any relative
+            drop beyond the threshold (with 100-item tasks, one item is often more than 3.4%).
+    """
+    _check_gate(max_relative_drop, rule)
+    before, after = {}, {}
+    framing = baked.framing.student
+    for evaluator in _evaluators(tasks, limit):
+        if base is None:
+            with _lm.adapter(baked.model, enabled=False):
+                found = evaluator(baked.model, baked.tokenizer, None, framing=framing)
+        else:
+            found = evaluator(base[0], base[1], None, framing=framing)
+        before[found.task] = found
+        with _lm.adapter(baked.model, enabled=True, strength=baked.strength):
+            after[found.task] = evaluator(baked.model, baked.tokenizer, None, framing=framing)
+    return compare(before, after, max_relative_drop=max_relative_drop, rule=rule,
+                   significance=significance)
+
+
+def compare(before: dict, after: dict, *, max_relative_drop: float = MAX_RELATIVE_DROP,
+            rule: str = "significant", significance: float = 0.05) -> Forgetting:
+    """The gate on scores already measured: ``before`` and ``after`` map task -> Score, on the
+    same items (e.g. the base and baked cells of re-prompt matrices)."""
+    _check_gate(max_relative_drop, rule)
+    if not before or set(before) != set(after):
+        raise ValueError(f"compare needs the same tasks on both sides, got {sorted(before)} and "
+                         f"{sorted(after)}")
+    changes = {task: _change(before[task], after[task], max_relative_drop, rule, significance)
+               for task in before}
+    return Forgetting(changes, max_relative_drop, rule, significance)
+
+
+def _check_gate(max_relative_drop: float, rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r}: choose one of {', '.join(RULES)}")
+    if not 0 <= max_relative_drop < 1:
+        raise ValueError(f"max_relative_drop={max_relative_drop} must be a fraction in [0, 1)")
+
+
+def _evaluators(tasks, limit: int | None) -> list[Callable]:
+    from promptbake import tasks as tasks_mod
+
+    chosen = list(tasks_mod.TASKS) if tasks is None else list(tasks)
+    return [tasks_mod.load_task(t, limit=limit) if isinstance(t, str) else t for t in chosen]
+
+
+def _change(before, after, max_drop: float, rule: str, significance: float) -> TaskChange:
+    a, b = item_scores(before), item_scores(after)
+    pairs = [(a[i], b[i]) for i in a if i in b]
+    if not pairs:
+        raise ValueError(f"task {before.task}: base and baked were scored on different items")
+    n = len(pairs)
+    mean_a, mean_b = sum(x for x, _ in pairs) / n, sum(y for _, y in pairs) / n
+    absolute = mean_b - mean_a
+    relative = absolute / mean_a if mean_a else None
+    if all(x in (0.0, 1.0) and y in (0.0, 1.0) for x, y in pairs):
+        p, test = mcnemar(pairs), "exact McNemar"
+    else:
+        p, test = sign_flip([y - x for x, y in pairs]), "paired sign-flip"
+    drop = -relative if relative is not None else -absolute
+    failed = drop > max_drop and (rule == "strict" or p < significance)
+    return TaskChange(before.task, before, after, absolute, relative, p, test, failed)
+
+
+def mcnemar(pairs: list[tuple[float, float]]) -> float:
+    """Two-sided exact McNemar test of paired 0/1 outcomes: the discordant pairs are a fair coin
+    under no change."""
+    worse = sum(1 for x, y in pairs if x == 1 and y == 0)
+    better = sum(1 for x, y in pairs if x == 0 and y == 1)
+    n = worse + better
+    if n == 0:
+        return 1.0
+    k = min(worse, better)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def sign_flip(differences: list[float], draws: int = 20000, seed: int = 0) -> float:
+    """Two-sided paired randomisation test: how often random sign flips of the differences give
+    a mean at least as far from zero (seeded, so the same data give the same p)."""
+    observed = abs(sum(differences))
+    if observed == 0:
+        return 1.0
+    rng = random.Random(seed)
+    hits = sum(1 for _ in range(draws)
+               if abs(sum(d if rng.random() < 0.5 else -d for d in differences)) >= observed - 1e-12)
+    return (hits + 1) / (draws + 1)
+
+
+def plot_heatmap(results: dict, path, *,
+                 title: str = "Relative change per task after baking") -> None:
+    """Bake prompts (rows) x tasks (columns), coloured by relative change in %, significant
+    changes starred. ``results``: {label of the bake: Forgetting}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from promptbake import _files
+
+    labels = list(results)
+    tasks = sorted({t for r in results.values() for t in r.changes})
+    grid = np.full((len(labels), len(tasks)), np.nan)
+    for i, label in enumerate(labels):
+        for j, task in enumerate(tasks):
+            change = results[label].changes.get(task)
+            if change is not None and change.relative is not None:
+                grid[i, j] = 100 * change.relative
+    bound = max(5.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 5.0)
+    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 0.6 * len(labels) + 1.8))
+    image = ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), [_short(label) for label in labels])
+    for i, label in enumerate(labels):
+        for j, task in enumerate(tasks):
+            change = results[label].changes.get(task)
+            if change is not None and np.isfinite(grid[i, j]):
+                mark = "*" if change.p_value < results[label].significance else ""
+                ax.text(j, i, f"{grid[i, j]:+.1f}{mark}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="relative change, % (* significant)")
+    ax.set_title(title)
+    fig.tight_layout()
+    _files.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _pm(result) -> str:
+    return f"{result.value:.3f}" + ("" if result.se is None else f" ± {result.se:.3f}")
