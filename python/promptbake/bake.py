@@ -717,15 +717,9 @@ def _save_adapter(model, path: Path, record) -> None:
 
 def _save_merged(baked: Baked, path: Path) -> None:
     """A standalone model directory with the adapter merged in at the current strength."""
-    import copy
+    from promptbake.export.merging import save_merged
 
-    merged = copy.deepcopy(baked.model).merge_and_unload()
-
-    def write(tmp: Path) -> None:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        baked.tokenizer.save_pretrained(tmp)
-
-    _files.replace_dir(path, write)
+    save_merged(baked, path, baked.strength, overwrite=True)
 
 
 def load_baked(path: str | Path, strength: float = 1.0, model: str | Path | None = None) -> Baked:

@@ -1,0 +1,50 @@
+"""Serving a baked model: merge, ONNX export with a KV cache, int8, packed pruned weights.
+
+* ``merge(baked, strength)`` / ``save_merged(baked, out, strength)``: the LoRA delta merged into
+  plain transformers weights (``merging.py``).
+* ``export_onnx(model, tokenizer, out)``: one ONNX graph for prefill and cached decode
+  (``graph.py``), optionally int8 (``quantize.py``) and with pruned weights packed
+  (``sparse.py``), written only after it passed the parity check against torch (``parity.py``).
+* ``export_baked(dir, out, format=..., strength=..., quantize=..., prune=...)``: both, from a
+  bake's directory (what ``promptbake export`` runs).
+* ``OnnxLM(path)``: onnxruntime generation (greedy, sampling, batches) with timings
+  (``runtime.py``).
+"""
+
+import importlib
+
+# Where each public name lives. Loaded on first use: merging needs only torch and peft, while the
+# ONNX side needs the optional onnx and onnxruntime packages (pip install "promptbake[onnx]").
+_NAMES = {
+    "Export": "exporter", "export_baked": "exporter", "export_model": "exporter",
+    "export_onnx": "exporter",
+    "model_bytes": "exporter", "SUPPORTED": "graph", "UnsupportedArchitecture": "graph",
+    "merge": "merging", "save_merged": "merging", "ParityError": "parity",
+    "Tolerances": "parity", "held_out_kl": "parity", "Int8Options": "quantize",
+    "Generation": "runtime", "OnnxLM": "runtime", "OnnxLoadError": "runtime",
+}
+__all__ = [
+    "SUPPORTED",
+    "Export",
+    "Generation",
+    "Int8Options",
+    "OnnxLM",
+    "OnnxLoadError",
+    "ParityError",
+    "Tolerances",
+    "UnsupportedArchitecture",
+    "export_baked",
+    "export_model",
+    "export_onnx",
+    "held_out_kl",
+    "merge",
+    "model_bytes",
+    "save_merged",
+]
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'promptbake.export' has no attribute {name!r}")
+    module = importlib.import_module(f"promptbake.export.{_NAMES[name]}")
+    return getattr(module, name)

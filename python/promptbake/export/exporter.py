@@ -1,0 +1,315 @@
+"""Exporting a (baked, merged, possibly pruned) model to ONNX, checked before it is presented.
+
+``export_onnx`` writes into a temporary directory: the graph (``graph.trace``), int8 weights
+(``smooth.smoothed``, then ``quantize.int8``) and packed pruned weights (``sparse.pack``) if
+asked, ``onnx.checker``, the
+parity check against torch (``parity.check``), the tokenizer and ``manifest.json``. Only then is
+the directory renamed to its name; a failed check raises ``ParityError`` and leaves nothing
+behind (an earlier export at that path is kept as it was).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from promptbake import _files
+from promptbake.export import graph, parity
+from promptbake.export import merging as merge_mod
+from promptbake.export import quantize as quantize_mod
+from promptbake.export import sparse as packing
+from promptbake.export.runtime import OnnxLM
+
+log = logging.getLogger("promptbake")
+
+ParityError = parity.ParityError
+FORMATS = ("onnx", "safetensors")
+QUANTIZE = (None, "int8")
+
+
+@dataclasses.dataclass
+class Export:
+    """An export directory and its manifest."""
+
+    path: Path
+    manifest: dict
+
+    def load(self, providers=None) -> OnnxLM:
+        if self.manifest.get("kind") != "onnx":
+            raise ValueError(f"{self.path} is a safetensors model directory: load it with "
+                             f"transformers.AutoModelForCausalLM.from_pretrained")
+        return OnnxLM(self.path, providers=providers)
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes on disk of the graph and its weights (``model.onnx`` and any ``.data`` beside it)."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.glob("model.onnx*") if p.is_file())
+
+
+def _check_model(model) -> None:
+    graph.check_supported(model)
+    weights = list(model.parameters())
+    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+        raise ValueError("export_onnx needs an fp32 model on the CPU: pass model.float().cpu()")
+
+
+def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None = None,
+                sparse: bool = False, int8: quantize_mod.Int8Options | None = None,
+                parity_contexts=None, framing=None, baked=None,
+                tolerances: parity.Tolerances | None = None, overwrite: bool = False,
+                source: dict | None = None) -> Export:
+    """Exports ``model`` (a transformers causal LM, fp32 on CPU) to ``out_dir`` with a KV cache.
+
+    Args:
+        quantize: None (fp32) or "int8" (8-bit weights, see ``quantize.py``).
+        sparse: store weights with enough pruned elements (a pruned model's) packed: a bitmask
+            and the kept values, expanded by the graph at session creation (see ``sparse.py``).
+        int8: how to quantise (method, block size, exclusions; ``quantize.Int8Options``).
+        parity_contexts: contexts (user messages or message lists) or token-id lists for the
+            parity check; None: the first ``tolerances.contexts`` built-in held-out contexts.
+        framing: the bake's ``Framing``, so contexts are templated as the baked model sees them.
+        baked: the bake the model was merged from; with it, the manifest also records the
+            export's held-out KL to the prompted model and the share of the bake's KL reduction
+            it retains (``parity.held_out_kl``).
+        source: recorded in the manifest (what the model is).
+
+    Raises ``UnsupportedArchitecture`` (a ValueError) before writing anything, and
+    ``ParityError`` when the export does not match torch (nothing is left at ``out_dir``).
+    """
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r}: choose None (fp32) or 'int8'")
+    _check_model(model)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists: choose another output directory or pass overwrite=True "
+                         f"(--overwrite)")
+    tolerances = tolerances or parity.Tolerances()
+    if parity_contexts is None:
+        prompts = parity.default_prompts(tokenizer, framing, tolerances.contexts)
+    elif parity_contexts and all(isinstance(c, (list, tuple)) and c and isinstance(c[0], int)
+                                 for c in parity_contexts):
+        prompts = [list(c) for c in parity_contexts]
+    else:
+        prompts = parity.framed(tokenizer, parity_contexts, framing)
+    int8 = int8 or quantize_mod.Int8Options()
+    seconds: dict[str, float] = {}
+    result: dict = {}
+
+    def timed(phase: str, work: Callable):
+        start = time.perf_counter()
+        value = work()
+        seconds[phase] = round(time.perf_counter() - start, 2)
+        return value
+
+    def write(tmp: Path) -> None:
+        target = tmp / "model.onnx"
+        details: dict = {}
+        if quantize is None:
+            timed("trace", lambda: graph.trace(model, target))
+        else:
+            scratch = tmp / ".fp32"
+            scratch.mkdir()
+            traced = timed("smooth", lambda: _smoothed(model, tokenizer, framing, int8))
+            timed("trace", lambda: graph.trace(traced or model, scratch / "model.onnx"))
+            del traced
+            details["int8"] = {**int8.to_dict(), **timed(
+                "quantize", lambda: quantize_mod.int8(scratch / "model.onnx", target, int8))}
+            shutil.rmtree(scratch)
+        if sparse:
+            details["sparse"] = timed("pack", lambda: _pack(target))
+        timed("check", lambda: _checker(target))
+        # torch and onnxruntime take turns in the parity check: the same number of threads.
+        lm = OnnxLM(tmp, threads=torch.get_num_threads())
+        report = timed("parity", lambda: parity.check(model, lm, prompts,
+                                                      quantized=quantize is not None,
+                                                      tolerances=tolerances))
+        manifest = _manifest(model, tokenizer, tmp, quantize, details, report, tolerances,
+                             source)
+        if not report["passed"]:
+            raise ParityError(f"the export to {out} does not match the torch model: "
+                              f"{_summary(report)}; criterion: {report['criterion']}. Nothing "
+                              f"was written (an earlier export there is unchanged)", report)
+        if baked is not None:
+            manifest["held_out_kl"] = timed("held_out_kl", lambda: _kl_record(lm, baked))
+        manifest["wall_seconds"] = dict(seconds)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "manifest.json").write_text(_files.to_json(manifest, indent=2))
+        result["manifest"] = manifest
+
+    _remove_stale(out)
+    _files.replace_dir(out, write)
+    manifest = result["manifest"]
+    log.info("exported %s to %s (%s, %.1f MB): %s", model.config.model_type, out,
+             manifest["precision"], manifest["bytes"] / 1e6, _summary(manifest["parity"]))
+    return Export(out, manifest)
+
+
+def _smoothed(model, tokenizer, framing, int8: quantize_mod.Int8Options):
+    """The model with SmoothQuant's scales folded in (a copy), calibrated on built-in training
+    contexts (never the held-out ones the export is measured on); None without smoothing."""
+    if int8.smooth is None:
+        return None
+    from promptbake import contexts
+    from promptbake.export import smooth
+
+    int8.validate()
+    prompts = parity.framed(tokenizer, contexts.builtin("train")[:int8.calibration], framing)
+    return smooth.smoothed(model, prompts, int8.smooth)
+
+
+def _remove_stale(out: Path) -> None:
+    """Removes what a killed export to ``out`` left: ``.NAME.tmp-PID`` / ``.NAME.old-PID``
+    directories (``_files.replace_dir``) whose process is gone."""
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = leftover.name[len(out.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _checker(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path))  # the path form also works past 2 GB
+
+
+def _pack(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path))
+    records = packing.pack(model)
+    if not records:
+        log.warning("sparse export: no weight has enough zeros to pack (is the model pruned?)")
+    graph.save(model, path)
+    elements = sum(int(np.prod(r["shape"])) for r in records)
+    return {"packed_weights": len(records),
+            "dense_bytes": sum(r["dense_bytes"] for r in records),
+            "packed_bytes": sum(r["packed_bytes"] for r in records),
+            "sparsity": 1 - sum(r["kept"] for r in records) / max(1, elements),
+            "weights": records}
+
+
+def _summary(report: dict) -> str:
+    return (f"max |logit diff| {report['max_abs_logit_diff']:.3g}, identical greedy "
+            f"{report['greedy_identical']}/{report['contexts']} contexts, top-1 agreement "
+            f"{100 * report['top1_agreement']:.1f}%, KL {report['kl_per_token']:.2g} nats/token")
+
+
+def _kl_record(lm: OnnxLM, baked) -> dict:
+    found = parity.held_out_kl(lm, baked)
+    return {"onnx": found["onnx"].to_dict(), "baked": found["baked"].to_dict(),
+            "base": found["base"].to_dict(), "reduction": found["reduction"],
+            "retention": found["retention"],
+            "measured_on": "the bake's held-out contexts and samples from the prompted model"}
+
+
+def _manifest(model, tokenizer, tmp: Path, quantize, details, report, tolerances,
+              source) -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    import promptbake
+    from promptbake.trajectories import stop_token_ids
+
+    layers, kv_heads, head_dim = graph.cache_layout(model.config)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.glob("model.onnx*"))}
+    return {
+        "format": 1, "kind": "onnx", "promptbake": promptbake.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "precision": quantize or "fp32", "files": files, "bytes": sum(files.values()),
+        "architecture": {"model_type": model.config.model_type, "layers": layers,
+                         "kv_heads": kv_heads, "head_dim": head_dim,
+                         "vocab": model.config.vocab_size, "tied_head": graph.tied(model),
+                         "max_positions": getattr(model.config, "max_position_embeddings", None),
+                         "opset": graph.OPSET},
+        "inputs": list(graph.INPUTS) + ["past_key_values.{i}.key", "past_key_values.{i}.value"],
+        "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
+        "eos_token_ids": sorted(stop_token_ids(tokenizer, model)),
+        "pad_token_id": tokenizer.pad_token_id,
+        **details,
+        "parity": report, "tolerances": dataclasses.asdict(tolerances),
+        "source": source,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+    }
+
+
+def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: float = 1.0,
+                 quantize: str | None = None, prune: Callable | None = None,
+                 sparse: bool | None = None, overwrite: bool = False,
+                 int8: quantize_mod.Int8Options | None = None,
+                 tolerances: parity.Tolerances | None = None) -> Export:
+    """What ``promptbake export DIR`` does: merge the bake at ``strength`` and write it as a
+    safetensors model directory or an ONNX export.
+
+    ``baked``: a ``Baked`` or a bake's directory. ``prune``: called with the merged model before
+    the ONNX export (e.g. ``lambda m: compress.prune(m, 0.5)``); what it returns is recorded
+    when it has ``to_dict()``; the pruned weights are then stored packed unless
+    ``sparse=False``.
+    """
+    from promptbake.bake import Baked, load_baked
+
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: choose onnx or safetensors")
+    if format == "safetensors":
+        if quantize is not None or prune is not None:
+            raise ValueError("--quantize and --prune apply to the ONNX export: use --format onnx")
+        path = merge_mod.save_merged(baked, out, strength, overwrite=overwrite)
+        return Export(path, json.loads((path / merge_mod.MANIFEST).read_text()))
+    if not isinstance(baked, Baked):
+        baked = load_baked(baked, strength=strength)
+    if Path(out).exists() and not overwrite:  # before the minutes of work below
+        raise ValueError(f"{out} exists: choose another output directory or pass --overwrite")
+    source = {**merge_mod.source_record(baked), "strength": float(strength)}
+    model = merge_mod.merge(baked, strength)
+    if prune is not None:
+        report = prune(model)
+        source["pruning"] = report.to_dict() if hasattr(report, "to_dict") else None
+    if sparse is None:
+        sparse = prune is not None
+    saved = baked.strength
+    baked.strength = strength  # held_out_kl compares with the bake at this strength
+    try:
+        return export_onnx(model, baked.tokenizer, out, quantize=quantize, sparse=sparse,
+                           int8=int8, framing=baked.framing, baked=baked, tolerances=tolerances,
+                           overwrite=overwrite, source=source)
+    finally:
+        baked.strength = saved
+
+
+def export_model(model_dir: str | Path, out: str | Path, *, quantize: str | None = None,
+                 sparse: bool = False, overwrite: bool = False,
+                 int8: quantize_mod.Int8Options | None = None,
+                 tolerances: parity.Tolerances | None = None) -> Export:
+    """Exports a plain transformers model directory (a merged or pruned model, or any local
+    causal LM) to ONNX; ``models.ModelError`` names what is missing from it."""
+    from promptbake import models
+
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"{out} exists: choose another output directory or pass --overwrite")
+    model, tokenizer, path = models.load(model_dir)
+    return export_onnx(model, tokenizer, out, quantize=quantize, sparse=sparse,
+                       int8=int8, tolerances=tolerances, overwrite=overwrite,
+                       source={"model": str(Path(path).resolve())})

@@ -1,0 +1,208 @@
+"""The ONNX graph of a causal LM with a KV cache: one graph for prefill and incremental decode.
+
+Inputs: ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, past + seq] int64,
+``position_ids`` [batch, seq] int64, ``logits_to_keep`` (int64 scalar: logits are computed for
+the last that many positions only, so a prefill pays the LM head once, not once per prompt token)
+and ``past_key_values.{i}.key`` / ``.value`` [batch, kv_heads, past, head_dim] per layer (past
+0 for a prefill). Outputs: ``logits`` [batch, logits_to_keep, vocab] and ``present.{i}.key`` /
+``.value`` [batch, kv_heads, past + seq, head_dim].
+
+The graph is traced by torch's TorchScript exporter through a wrapper (``_Step``) that rebuilds
+a transformers ``DynamicCache`` from the flat tensors: ~1-3 s for the tiny test models and ~1 min
+for SmolLM2-135M on a busy 2-core CPU. The dynamo exporter (torch 2.13) was tried: torch.export
+rejects the data-dependent slice ``logits_to_keep`` needs, and even without it took ~45 s for
+the tiny model (same logits). Tracing records one path through Python branches, so the parity
+check of every export runs the graph on the shapes it must serve (a prefill without a past,
+decode steps with one) against torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from promptbake import _lm
+
+try:
+    import onnx
+except ImportError as err:  # an optional dependency
+    raise ImportError("ONNX export needs the onnx extra: pip install 'promptbake[onnx]'") from err
+
+log = logging.getLogger("promptbake")
+
+SUPPORTED = ("llama", "gpt2")  # model_type values the exporter is tested on
+OPSET = 17
+INPUTS = ("input_ids", "attention_mask", "position_ids", "logits_to_keep")
+TIED_HEAD = "lm_head.weight_t"  # a tied head's [hidden, vocab] weight, read by both its uses
+
+
+class UnsupportedArchitecture(ValueError):
+    """The exporter has not been tested on this model type."""
+
+
+def check_supported(model) -> str:
+    """The model's ``model_type``, or ``UnsupportedArchitecture`` naming the supported ones."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in SUPPORTED:
+        raise UnsupportedArchitecture(
+            f"cannot export a {kind or type(model).__name__!r} model to ONNX: the exporter "
+            f"supports {', '.join(SUPPORTED)} (Llama-architecture models such as SmolLM2, and "
+            f"GPT-2); export it as merged safetensors instead (--format safetensors)")
+    return kind
+
+
+def cache_layout(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the KV cache."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def tied(model) -> bool:
+    """True when the LM head shares its weight with the input embedding (SmolLM2, GPT-2)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and \
+        head.weight.data_ptr() == embed.weight.data_ptr()
+
+
+class _Step(torch.nn.Module):
+    """One forward pass with a KV cache, over flat tensors (what an ONNX graph takes)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.body = model.base_model
+        self.head = model.get_output_embeddings()
+        self.layers = cache_layout(model.config)[0]
+        self.tied = tied(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, *past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        options = {"attention_mask": attention_mask, "position_ids": position_ids,
+                   "past_key_values": cache, "use_cache": True}
+        if self.tied:
+            # The embedding is read from the transposed head weight, the LM head's own operand,
+            # so the graph stores the shared matrix once (the exporter would otherwise fold
+            # the head's transpose into a second copy) and int8 quantisation can keep it once.
+            weight_t = self.head.weight.t()
+            embeds = weight_t[:, input_ids].permute(1, 2, 0)
+            out = self.body(inputs_embeds=embeds, **options)
+        else:
+            out = self.body(input_ids=input_ids, **options)
+        hidden = out.last_hidden_state
+        hidden = hidden.narrow(1, hidden.shape[1] - logits_to_keep, logits_to_keep)
+        if self.tied:
+            logits = hidden @ weight_t
+            if getattr(self.head, "bias", None) is not None:
+                logits = logits + self.head.bias
+        else:
+            logits = self.head(hidden)
+        logits = _lm._finish(self.model.config, logits)
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (logits, *present)
+
+
+@contextlib.contextmanager
+def _attention(model, implementation: str):
+    before = model.config._attn_implementation
+    if before != implementation:
+        model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != before:
+            model.set_attn_implementation(before)
+
+
+@torch.no_grad()
+def trace(model, path: Path, *, opset: int = OPSET, attention: str = "sdpa") -> None:
+    """Writes the fp32 graph of ``model`` (a transformers causal LM on CPU) to ``path``.
+
+    ``attention``: the transformers attention implementation traced (``sdpa`` or ``eager``;
+    both become plain ONNX MatMul/Softmax attention).
+    """
+    check_supported(model)
+    path = Path(path)
+    layers, kv_heads, head_dim = cache_layout(model.config)
+    # Trace shapes unlike each other and unlike any model dimension, so that a size the tracer
+    # sees can be told apart from a constant.
+    batch, seq, past = 3, 5, 7
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).expand(batch, seq)
+    cache = [torch.zeros(batch, kv_heads, past, head_dim) for _ in range(2 * layers)]
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "kept"}}
+    axes.update({name: {0: "batch", 2: "past"} for name in past_names(layers)})
+    axes.update({name: {0: "batch", 2: "total"} for name in present_names(layers)})
+    step = _Step(model).eval()
+    scratch = path.parent / (path.name + ".trace")
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        with _attention(model, attention), warnings.catch_warnings():
+            # The tracer warns at every Python branch it records; the parity check that
+            # follows every export is what establishes that the recorded paths serve all shapes.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(step, (ids, mask, positions, torch.tensor(2), *cache),
+                              str(scratch / "model.onnx"), dynamo=False, opset_version=opset,
+                              do_constant_folding=True,
+                              input_names=list(INPUTS) + past_names(layers),
+                              output_names=["logits"] + present_names(layers), dynamic_axes=axes)
+        graph = onnx.load(str(scratch / "model.onnx"))  # with any external data torch wrote
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if step.tied:
+        _name_tied_head(graph)
+    save(graph, path)
+    log.info("traced %s (%d layers) to %s", model.config.model_type, layers, path)
+
+
+def _name_tied_head(graph: onnx.ModelProto) -> None:
+    """Names the tied head's transposed weight ``TIED_HEAD`` (the tracer calls it
+    ``onnx::Gather_N``): the one initializer read by the embedding lookup and a MatMul."""
+    inits = {i.name for i in graph.graph.initializer}
+    readers: dict[str, set[str]] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            if name in inits:
+                readers.setdefault(name, set()).add(node.op_type)
+    found = [name for name, ops in readers.items() if {"Gather", "MatMul"} <= ops]
+    if len(found) != 1:
+        raise AssertionError(f"expected one tied head weight in the traced graph, found {found}")
+    for init in graph.graph.initializer:
+        if init.name == found[0]:
+            init.name = TIED_HEAD
+    for node in graph.graph.node:
+        for i, name in enumerate(node.input):
+            if name == found[0]:
+                node.input[i] = TIED_HEAD
+
+
+def save(graph: onnx.ModelProto, path: Path) -> None:
+    """Writes ``graph`` to ``path``; weights go to ``path.data`` beside it when the file would
+    pass protobuf's 2 GB limit."""
+    path = Path(path)
+    for stale in path.parent.glob(path.name + ".data"):
+        stale.unlink()
+    weights = sum(len(t.raw_data) for t in graph.graph.initializer)
+    onnx.save_model(graph, str(path), save_as_external_data=weights > 1_800_000_000,
+                    all_tensors_to_one_file=True, location=path.name + ".data")
