@@ -24,6 +24,8 @@ SUITES = {
             "after, and promptbake's loop against a reference loop on the same trajectories",
     "sparse": "SparseLinear against dense F.linear on the default model's layer shapes at 50%, "
               "70%, 90% and 2:4 sparsity, batch 1 and 8, weights streamed from memory and in cache",
+    "evaluate": "what a bake did: re-prompt matrices, forgetting across the task suite, persona "
+                "drift over 30 turns, an arithmetic recipe's recovered gain, prompt pursuit",
     "bake-sweep": "how the bake's defaults were chosen: one setting changed at a time, held-out "
                   "KL reduction and time of each",
 }

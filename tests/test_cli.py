@@ -98,3 +98,41 @@ def test_every_option_is_explained():
 def test_models_lists_the_default(capsys):
     assert cli.main(["models"]) == 0
     assert "smollm2-135m-instruct" in capsys.readouterr().out
+
+
+def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "baked"
+    assert cli.main(["bake", "--prompt", PROMPT, "--model", str(tiny_dir), "--out", str(out)]
+                    + TINY) == 0
+    capsys.readouterr()
+    task = tmp_path / "colours.jsonl"
+    task.write_text("".join(json.dumps({"id": f"c{i}", "prompt": f"Colour {i}?",
+                                        "choices": ["Red", "Blue"], "answer": i % 2}) + "\n"
+                            for i in range(4)))
+    record = tmp_path / "scores.json"
+    assert cli.main(["evaluate", str(out), "--tasks", str(task), "--json", str(record)]) == 0
+    printed = capsys.readouterr().out
+    assert "| without u |" in printed and "forgetting gate:" in printed
+    assert set(json.loads(record.read_text())["reprompt"]["colours"]["cells"]) == \
+        {"base", "base+u", "baked", "baked+u"}
+    assert cli.main(["evaluate", str(tiny_dir), "--tasks", str(task), "--system", PROMPT]) == 0
+    assert "colours" in capsys.readouterr().out
+
+    pursued = tmp_path / "pursued"
+    assert cli.main(["pursue", str(out), "--out", str(pursued), "--rounds", "1", "--steps", "2",
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "stopped:" in printed and (pursued / "pursuit.json").is_file()
+
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(out), "--format", "safetensors", "--strength", "0.5",
+                     "--out", str(merged)]) == 0
+    assert (merged / "config.json").is_file()
+    onnx_dir = tmp_path / "onnx"
+    assert cli.main(["export", str(out), "--out", str(onnx_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "parity" in printed and (onnx_dir / "model.onnx").is_file()
+    assert cli.main(["export", str(out), "--out", str(onnx_dir)]) == 2  # exists: refused
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["export", str(out), "--format", "safetensors", "--quantize", "int8",
+                     "--out", str(tmp_path / "x")]) == 2

@@ -1,4 +1,5 @@
-"""The ``promptbake`` command: bake, chat, kl, evaluate, tasks, pursue, report, models, backends."""
+"""The ``promptbake`` command: bake, chat, kl, evaluate, tasks, pursue, report, export, models,
+backends."""
 
 from __future__ import annotations
 
@@ -137,10 +138,10 @@ def _evaluate(args) -> int:
     else:
         baked = load_baked(args.target, strength=args.strength, model=args.model)
         matrices = {}
-        for name in names:
-            matrices[name] = reprompt.reprompt_matrix(baked, load_task(name, limit=args.limit))
-            print(matrices[name].table())
-            r, se = matrices[name].recovery, matrices[name].recovery_se
+        for task in (load_task(name, limit=args.limit) for name in names):
+            matrix = matrices[task.name] = reprompt.reprompt_matrix(baked, task)
+            print(matrix.table())
+            r, se = matrix.recovery, matrix.recovery_se
             print(f"baked recovers {_pm(r, se, '.0f', 100)}% of the prompt's effect\n"
                   if r is not None else "the prompt does not change this score\n")
         gate = fg.compare({n: m.cells["base"] for n, m in matrices.items()},
@@ -208,6 +209,72 @@ def _report(args) -> int:
     print(f"wrote {Path(args.dir) / 'report.md'}, report.json and report-*.png "
           f"({record['seconds']:.0f} s)")
     return 0 if all(g["passed"] for g in record["gates"]) else 1
+
+
+def _export(args) -> int:
+    from promptbake.bake import load_baked
+    from promptbake.export import ParityError, export_baked
+
+    baked = load_baked(args.dir, strength=args.strength, model=args.model)
+    prune = _pruner(args, baked) if args.prune else None
+    if args.format == "safetensors" and (args.quantize or args.prune):
+        raise ValueError("--quantize and --prune apply to --format onnx")
+    try:
+        done = export_baked(baked, args.out, format=args.format, strength=args.strength,
+                            quantize=args.quantize, prune=prune, overwrite=args.overwrite)
+    except ParityError as err:
+        print(f"promptbake: the export failed its parity check and was not written:\n{err}",
+              file=sys.stderr)
+        return 1
+    manifest = done.manifest
+    if manifest.get("kind") != "onnx":
+        print(f"wrote {done.path} (a transformers model directory, strength {args.strength:g})")
+        return 0
+    from promptbake.export.exporter import _summary
+
+    print(f"wrote {done.path}: {manifest['precision']}, {manifest['bytes'] / 1e6:.1f} MB")
+    print(f"parity   {_summary(manifest['parity'])}")
+    kl = manifest.get("held_out_kl")
+    if kl:
+        print(f"held-out KL(prompted || export) {kl['onnx']['per_token']:.4f} nats/token "
+              f"(baked {kl['baked']['per_token']:.4f}, base {kl['base']['per_token']:.4f}); "
+              f"keeps {100 * kl['retention']:.1f}% of the bake's KL reduction")
+    return 0
+
+
+def _pruner(args, baked):
+    """Prunes the merged model (Wanda calibrated on responses of the dense model), then recovers
+    with the baking loss, the dense model as teacher."""
+    import copy
+
+    from promptbake import compress
+
+    amount = args.prune if ":" in args.prune else float(args.prune)
+
+    def prune(model):
+        dense = copy.deepcopy(model).eval()
+        data = compress.sample_responses(dense, baked.tokenizer, framing=baked.framing,
+                                         count=args.recover_contexts)
+        report = compress.prune(model, amount, method=args.prune_method,
+                                calibration=data if args.prune_method == "wanda" else None)
+        record = report.to_dict()
+        if args.recover_steps:
+            record["recovery"] = compress.recover(
+                model, dense, baked.tokenizer, masks=report, trajectories=data,
+                held_out=baked.held_out, framing=baked.framing, steps=args.recover_steps,
+                lr=args.recover_lr, progress=not args.quiet)
+        del dense
+        return _Record(record)
+
+    return prune
+
+
+class _Record:
+    def __init__(self, record: dict):
+        self.record = record
+
+    def to_dict(self) -> dict:
+        return self.record
 
 
 def _models(args) -> int:
@@ -444,6 +511,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strengths of the half-baking curve")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
     p.set_defaults(run=_report)
+
+    p = commands.add_parser(
+        "export", help="merge a bake and export it (safetensors, or ONNX with int8 / pruning)",
+        description="Merge the baked LoRA delta (at --strength) into the weights and write a "
+                    "transformers model directory (--format safetensors) or an ONNX model with a "
+                    "KV cache for ONNX Runtime (--format onnx), optionally int8-quantized and "
+                    "pruned (with recovery distillation from the dense model). Every ONNX export "
+                    "is checked against torch (logits, greedy tokens) and written only if it "
+                    "passes; a failed check exits with status 1.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dir", help="a baked directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx",
+                   help="what to write")
+    p.add_argument("--strength", type=float, default=1.0, help="scale of the LoRA delta merged")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights (blockwise, with SmoothQuant on Llama-like models)")
+    p.add_argument("--prune", default=None,
+                   help="sparsity of the decoder's linear layers: a ratio in (0, 1) or an N:M "
+                        "pattern such as 2:4")
+    p.add_argument("--prune-method", choices=["wanda", "magnitude"], default="wanda",
+                   help="wanda: |weight| x input-activation norm, calibrated on responses")
+    p.add_argument("--recover-steps", type=int, default=60,
+                   help="recovery distillation steps after pruning (0: none)")
+    p.add_argument("--recover-lr", type=float, default=1e-4, help="recovery learning rate")
+    p.add_argument("--recover-contexts", type=int, default=48,
+                   help="training contexts for calibration and recovery")
+    p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_export)
 
     p = commands.add_parser("models", help="models available here",
                             description="List the embedded default model and its state.")

@@ -1,0 +1,309 @@
+"""Evaluate suite: what two bakes did to the default model, measured (issue 4).
+
+1. The README's pirate persona (the default bake): its re-prompt matrix on persona adherence
+   (single answers to the held-out contexts), forgetting across the whole task suite (the gate),
+   and persona drift over 30 turns, prompted against baked, on the same scripted conversations.
+2. A step-by-step arithmetic recipe with worked examples, baked on arithmetic questions that are
+   not in the task: its re-prompt matrix on the arithmetic task (how much of the prompt's gain
+   over the base model the bake recovers) and its forgetting across the suite.
+3. Prompt pursuit from the arithmetic bake, tracked by arithmetic accuracy: the gain per round.
+
+A plain "Think step by step." system prompt does not change SmolLM2-135M's arithmetic (measured:
++0.000 ± 0.043 on the 120 items, paired), so the recipe shows the model worked examples.
+
+Targets: forgetting gate passes for the persona bake; baked drift at turn 30 no worse than
+prompted drift; the arithmetic bake recovers >= 80% of the prompted model's gain over base;
+pursuit improves on a single bake or stops within two rounds of its plateau.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import harness
+from common import CACHE, PIRATE, cached_bake
+from promptbake import _lm, contexts as contexts_mod, drift as drift_mod, forgetting as fg
+from promptbake import reprompt
+from promptbake.bake import BakeConfig, load_baked
+from promptbake.pursuit import pursue
+from promptbake.report import _plateau_round
+from promptbake.tasks import TASKS, Task, load_task
+
+RECIPE = ("You are a careful calculator. Examples:\n"
+          "Q: What is 7 * 8?\nA: 7 * 8 = 56. The answer is 56.\n"
+          "Q: What is 35 + 48?\nA: 35 + 48 = 83. The answer is 83.\n"
+          "Q: What is 91 - 37?\nA: 91 - 37 = 54. The answer is 54.\n"
+          "Q: What is 23 * 14?\nA: 23 * 14 = 23 * 10 + 23 * 4 = 230 + 92 = 322. The answer is 322.\n"
+          "Answer every question the same way.")
+TARGET_RECOVERY = 0.80
+TURNS = 30
+
+
+def arithmetic_contexts(count: int, seed: int = 0) -> list[str]:
+    """Training questions in the arithmetic task's four kinds, none of them a task item."""
+    taken = {item["prompt"] for item in TASKS["arithmetic"].items}
+    rng = random.Random(seed)
+    kinds = [lambda: f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}?",
+             lambda: f"What is {rng.randint(50, 99)} - {rng.randint(10, 49)}?",
+             lambda: f"What is {rng.randint(2, 9)} * {rng.randint(2, 9)}?",
+             lambda: f"What is {rng.randint(11, 39)} * {rng.randint(11, 19)}?"]
+    found: list[str] = []
+    while len(found) < count:
+        question = kinds[len(found) % 4]()
+        if question not in taken and question not in found:
+            found.append(question)
+    return found
+
+
+def run(args, log) -> dict:
+    quick = args.quick
+    limit = 12 if quick else None
+    turns, conversations = (6, 2) if quick else (TURNS, 3)
+    persona_config = BakeConfig()
+    if quick:
+        persona_config = dataclasses.replace(persona_config, train_contexts=16, eval_contexts=8,
+                                             epochs=1.0)
+    result = {"suite": "evaluate", "machine": harness.machine(), "quick": quick, "limit": limit}
+
+    log("  1. the pirate persona")
+    made = cached_bake("pirate-quick" if quick else "pirate", PIRATE, persona_config, log=log)
+    pirate = load_baked(made["path"])
+    persona = drift_mod.pirate()
+    held_out = contexts_mod.builtin("held_out")[:16 if quick else None]
+    adherence = drift_mod.AdherenceEvaluator(persona, held_out)
+    start = time.perf_counter()
+    matrix = reprompt.reprompt_matrix(pirate, adherence)
+    result["persona"] = {"bake": {"path": str(made["path"]), "seconds": made["seconds"],
+                                  "kl": pirate.manifest["kl"]},
+                         "reprompt": matrix.to_dict(),
+                         "reprompt_items": {c: s.items for c, s in matrix.cells.items()},
+                         "reprompt_seconds": time.perf_counter() - start}
+    log(f"    adherence: base {matrix.cells['base'].value:.3f}, prompted "
+        f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
+
+    log("    the task suite on the base model and the baked one")
+    tasks = [load_task(name, limit=limit) for name in TASKS]
+    start = time.perf_counter()
+    with _lm.adapter(pirate.model, enabled=False):
+        base_scores = {t.name: t(pirate.model, pirate.tokenizer) for t in tasks}
+    with _lm.adapter(pirate.model, enabled=True):
+        pirate_scores = {t.name: t(pirate.model, pirate.tokenizer) for t in tasks}
+    persona_gate = fg.compare(base_scores, pirate_scores)
+    result["persona"]["forgetting"] = persona_gate.to_dict()
+    result["persona"]["forgetting_seconds"] = time.perf_counter() - start
+    log(f"    forgetting gate: {'pass' if persona_gate.passed else 'FAIL'}")
+
+    log(f"    drift over {turns} turns, prompted then baked")
+    options = dict(turns=turns, conversations=conversations, max_new_tokens=48)
+    semantic = drift_mod.SemanticScorer(persona)
+    start = time.perf_counter()
+    with _lm.adapter(pirate.model, enabled=False):
+        prompted = drift_mod.drift(pirate.model, pirate.tokenizer, persona, system=PIRATE,
+                                   semantic=semantic, **options)
+    with _lm.adapter(pirate.model, enabled=True):
+        baked = drift_mod.drift(pirate.model, pirate.tokenizer, persona, system=None,
+                                semantic=semantic, **options)
+    result["persona"]["drift"] = {"prompted": prompted.to_dict(), "baked": baked.to_dict(),
+                                  "baked_minus_prompted": drift_mod.drift_difference(baked,
+                                                                                     prompted),
+                                  "seconds": time.perf_counter() - start}
+    drift_mod.plot_drift({"prompted (base + u)": prompted, "baked (no prompt)": baked},
+                         args.out / "evaluate-drift.png")
+
+    log("  2. the arithmetic recipe, baked on arithmetic questions")
+    questions = CACHE / "arithmetic-contexts.txt"
+    questions.parent.mkdir(parents=True, exist_ok=True)
+    questions.write_text("\n".join(arithmetic_contexts(48 if quick else 144)) + "\n")
+    recipe_config = dataclasses.replace(persona_config, max_new_tokens=96)
+    made = cached_bake("recipe-quick" if quick else "recipe", RECIPE, recipe_config,
+                       contexts=questions, log=log)
+    recipe = load_baked(made["path"])
+    arithmetic = load_task("arithmetic", limit=limit)
+    start = time.perf_counter()
+    arith_matrix = reprompt.reprompt_matrix(recipe, arithmetic)
+    with _lm.adapter(recipe.model, enabled=True):
+        recipe_scores = {t.name: (arith_matrix.cells["baked"] if t.name == "arithmetic" else
+                                  t(recipe.model, recipe.tokenizer)) for t in tasks}
+    recipe_gate = fg.compare(base_scores, recipe_scores)
+    result["recipe"] = {"prompt": RECIPE, "bake": {"path": str(made["path"]),
+                                                   "seconds": made["seconds"],
+                                                   "kl": recipe.manifest["kl"]},
+                        "reprompt": arith_matrix.to_dict(),
+                        "by_category": _by_category(arith_matrix),
+                        "forgetting": recipe_gate.to_dict(),
+                        "seconds": time.perf_counter() - start}
+    fg.plot_heatmap({"pirate persona": persona_gate, "arithmetic recipe": recipe_gate},
+                    args.out / "evaluate-forgetting.png")
+    log(f"    arithmetic: base {arith_matrix.cells['base'].value:.3f}, prompted "
+        f"{arith_matrix.cells['base+u'].value:.3f}, baked {arith_matrix.cells['baked'].value:.3f}")
+
+    log("  3. prompt pursuit from the arithmetic bake")
+    start = time.perf_counter()
+    pursuit = pursue(recipe, rounds=1 if quick else 3, evaluator=arithmetic,
+                     contexts=str(questions), threshold=0.02, patience=1)
+    result["pursuit"] = {**pursuit.to_dict(), "seconds": time.perf_counter() - start}
+    result["checks"] = checks(result)
+    return result
+
+
+def _by_category(matrix) -> dict:
+    out = {}
+    for cell, score in matrix.cells.items():
+        for item in score.items:
+            out.setdefault(item.get("category", "all"), {}).setdefault(cell, []).append(
+                item["score"])
+    return {cat: {cell: sum(v) / len(v) for cell, v in cells.items()} for cat, cells in out.items()}
+
+
+def checks(result) -> list[dict]:
+    gate = result["persona"]["forgetting"]
+    worst = min((t for t in gate["tasks"].values() if t["relative"] is not None),
+                key=lambda t: t["relative"])
+    d = result["persona"]["drift"]
+    b, p = d["baked"]["drift"]["adherence"], d["prompted"]["drift"]["adherence"]
+    diff = d["baked_minus_prompted"]
+    m = result["recipe"]["reprompt"]
+    rec, rec_se = m["recovery"], m["recovery_se"]
+    rounds = result["pursuit"]["rounds"]
+    metrics = [r["metric"] for r in rounds]
+    plateau = _plateau_round(metrics, result["pursuit"]["threshold"])
+    stopped = rounds[-1]["round"]
+    improved = max(metrics[1:], default=float("-inf")) > metrics[0]
+    within = result["pursuit"]["stopped"] == "plateau" and plateau is not None and \
+        stopped - plateau <= 2
+    return [
+        {"target": "forgetting gate passes for the persona bake (no task drops > 3.4% relative "
+                   "with p < 0.05)",
+         "measured": f"worst: {worst['task']} {100 * worst['relative']:+.1f}% "
+                     f"(p = {worst['p_value']:.2g})", "pass": gate["passed"]},
+        {"target": f"baked drift at turn {d['baked']['turns']} no worse than prompted drift",
+         "measured": f"baked {b['drift']:+.3f} ± {b['drift_se'] or 0:.3f}, prompted "
+                     f"{p['drift']:+.3f} ± {p['drift_se'] or 0:.3f} (difference "
+                     f"{diff['drift']:+.3f} ± {diff['drift_se'] or 0:.3f})",
+         "pass": b["drift"] <= p["drift"]},
+        {"target": f"the arithmetic bake recovers >= {100 * TARGET_RECOVERY:.0f}% of the prompted "
+                   f"model's gain over base",
+         "measured": "no gain to recover" if rec is None else
+                     f"{100 * rec:.0f}% ± {100 * (rec_se or 0):.0f}% (base "
+                     f"{m['cells']['base']['value']:.3f}, prompted "
+                     f"{m['cells']['base+u']['value']:.3f}, baked "
+                     f"{m['cells']['baked']['value']:.3f})",
+         "pass": rec is not None and rec >= TARGET_RECOVERY},
+        {"target": "pursuit improves on a single bake or stops within two rounds of its plateau",
+         "measured": "accuracy by round " + ", ".join(f"{x:.3f}" for x in metrics) +
+                     f"; stopped at round {stopped} ({result['pursuit']['stopped']})",
+         "pass": improved or within},
+    ]
+
+
+def report(result) -> str:
+    lines = []
+    m = result["persona"]["reprompt"]
+    lines.append("pirate persona, adherence on held-out questions (re-prompt matrix):")
+    lines.append(_matrix_text(m))
+    lines.append("forgetting across the suite (pirate bake):")
+    lines.append(_gate_text(result["persona"]["forgetting"]))
+    d = result["persona"]["drift"]
+    for label in ("prompted", "baked"):
+        x = d[label]["drift"]["adherence"]
+        lines.append(f"drift {label:>8}: first turns {x['first']:.3f}, turn {d[label]['turns']} "
+                     f"{x['at_value']:.3f}, drift {x['drift']:+.3f}")
+    lines.append("")
+    lines.append("arithmetic recipe (re-prompt matrix on the arithmetic task):")
+    lines.append(_matrix_text(result["recipe"]["reprompt"]))
+    for cat, cells in result["recipe"]["by_category"].items():
+        lines.append(f"  {cat:<18} " + "  ".join(f"{c} {v:.2f}" for c, v in cells.items()))
+    lines.append("forgetting across the suite (arithmetic bake):")
+    lines.append(_gate_text(result["recipe"]["forgetting"]))
+    lines.append("")
+    lines.append("pursuit rounds (arithmetic accuracy without the prompt):")
+    for r in result["pursuit"]["rounds"]:
+        lines.append(f"  round {r['round']}: {r['metric']:.3f}; KL(base + u || model) "
+                     f"{r['kl_to_prompted']['per_token']:.4f} nats/token")
+    lines.append(f"  stopped: {result['pursuit']['stopped']}, kept round "
+                 f"{result['pursuit']['best_round']}")
+    lines.append("")
+    lines.append(harness.table(["target", "measured", "result"],
+                               [[c["target"], c["measured"], "pass" if c["pass"] else "MISS"]
+                                for c in result["checks"]]))
+    return "\n".join(lines)
+
+
+def _matrix_text(m: dict) -> str:
+    c = m["cells"]
+
+    def cell(name):
+        s = c[name]
+        return f"{s['value']:.3f} ± {s['se'] or 0:.3f}"
+
+    rec = "—" if m["recovery"] is None else \
+        f"{100 * m['recovery']:.0f}% ± {100 * (m['recovery_se'] or 0):.0f}%"
+    return (f"  {'':>10} {'base':>15} {'baked':>15}\n"
+            f"  {'without u':>10} {cell('base'):>15} {cell('baked'):>15}\n"
+            f"  {'with u':>10} {cell('base+u'):>15} {cell('baked+u'):>15}\n"
+            f"  the bake recovers {rec} of the prompt's effect")
+
+
+def _gate_text(gate: dict) -> str:
+    rows = [[t["task"], f"{t['base']['value']:.3f}", f"{t['baked']['value']:.3f}",
+             "—" if t["relative"] is None else f"{100 * t['relative']:+.1f}%",
+             f"{t['p_value']:.3g}", "FAIL" if t["failed"] else "pass"]
+            for t in gate["tasks"].values()]
+    return harness.table(["task", "base", "baked", "relative", "p", "gate"], rows) + \
+        f"\n  gate: {'pass' if gate['passed'] else 'FAIL'}"
+
+
+def markdown(result) -> str:
+    mach = result["machine"]
+    lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
+             f"{mach['date'][:10]}", "", "| target | measured | result |", "|---|---|---|"]
+    lines += [f"| {c['target']} | {c['measured']} | {'pass' if c['pass'] else 'MISS'} |"
+              for c in result["checks"]]
+    for title, key in (("Pirate persona: adherence", "persona"),
+                       ("Arithmetic recipe: accuracy", "recipe")):
+        c = result[key]["reprompt"]["cells"]
+        lines += ["", f"| {title} | base | baked |", "|---|---:|---:|",
+                  f"| without the prompt | {_v(c['base'])} | {_v(c['baked'])} |",
+                  f"| with the prompt | {_v(c['base+u'])} | {_v(c['baked+u'])} |"]
+    lines += ["", "| task | base | pirate bake | arithmetic bake |", "|---|---:|---:|---:|"]
+    pg, rg = result["persona"]["forgetting"]["tasks"], result["recipe"]["forgetting"]["tasks"]
+    for task in pg:
+        lines.append(f"| {task} | {_v(pg[task]['base'])} | {_v(pg[task]['baked'])} "
+                     f"({_rel(pg[task])}) | {_v(rg[task]['baked'])} ({_rel(rg[task])}) |")
+    return "\n".join(lines)
+
+
+def _v(s: dict) -> str:
+    return f"{s['value']:.3f} ± {s['se'] or 0:.3f}"
+
+
+def _rel(t: dict) -> str:
+    return "—" if t["relative"] is None else f"{100 * t['relative']:+.1f}%"
+
+
+def plot(result, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in ((axes[0], "persona", "pirate: adherence"),
+                           (axes[1], "recipe", "arithmetic recipe: accuracy")):
+        cells = result[key]["reprompt"]["cells"]
+        names = list(cells)
+        ax.bar(names, [cells[n]["value"] for n in names],
+               yerr=[cells[n]["se"] or 0 for n in names], capsize=4,
+               color=["#999", "#69c", "#c96", "#c66"])
+        ax.set_title(f"re-prompt matrix, {title}")
+    d = result["persona"]["drift"]
+    for label, style in (("prompted", "s--"), ("baked", "o-")):
+        mean = d[label]["curves"]["adherence"]["mean"]
+        axes[2].plot(range(1, len(mean) + 1), mean, style, label=label)
+    axes[2].set(xlabel="turn", ylabel="persona adherence", title="drift over a conversation")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
