@@ -349,3 +349,17 @@ def test_default_model_prunes_exactly(smollm2_dir):
     with torch.no_grad():
         pruned = real(input_ids=torch.tensor(ids)).logits
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, logits)
+
+
+def test_pruner_for_export_prunes_and_recovers(tiny_dir):
+    from promptbake.bake import BakeConfig, bake
+
+    config = BakeConfig(train_contexts=2, eval_contexts=2, samples_per_context=1,
+                        max_new_tokens=6, sample_batch=4, batch_size=2, steps=2)
+    baked = bake("You are a pirate.", model=tiny_dir, config=config)
+    model = copy.deepcopy(baked.model).merge_and_unload()
+    with pytest.raises(ValueError, match="outside"):
+        compress.pruner(baked, 1.5)
+    record = compress.pruner(baked, "0.5", recover_steps=2, contexts=2)(model)
+    assert record.to_dict()["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert record["recovery"]["kl_after"]["per_token"] >= 0

@@ -216,7 +216,13 @@ def _export(args) -> int:
     from promptbake.export import ParityError, export_baked
 
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
-    prune = _pruner(args, baked) if args.prune else None
+    prune = None
+    if args.prune:
+        from promptbake import compress
+
+        prune = compress.pruner(baked, args.prune, method=args.prune_method,
+                                recover_steps=args.recover_steps, lr=args.recover_lr,
+                                contexts=args.recover_contexts, progress=not args.quiet)
     if args.format == "safetensors" and (args.quantize or args.prune):
         raise ValueError("--quantize and --prune apply to --format onnx")
     try:
@@ -240,41 +246,6 @@ def _export(args) -> int:
               f"(baked {kl['baked']['per_token']:.4f}, base {kl['base']['per_token']:.4f}); "
               f"keeps {100 * kl['retention']:.1f}% of the bake's KL reduction")
     return 0
-
-
-def _pruner(args, baked):
-    """Prunes the merged model (Wanda calibrated on responses of the dense model), then recovers
-    with the baking loss, the dense model as teacher."""
-    import copy
-
-    from promptbake import compress
-
-    amount = args.prune if ":" in args.prune else float(args.prune)
-
-    def prune(model):
-        dense = copy.deepcopy(model).eval()
-        data = compress.sample_responses(dense, baked.tokenizer, framing=baked.framing,
-                                         count=args.recover_contexts)
-        report = compress.prune(model, amount, method=args.prune_method,
-                                calibration=data if args.prune_method == "wanda" else None)
-        record = report.to_dict()
-        if args.recover_steps:
-            record["recovery"] = compress.recover(
-                model, dense, baked.tokenizer, masks=report, trajectories=data,
-                held_out=baked.held_out, framing=baked.framing, steps=args.recover_steps,
-                lr=args.recover_lr, progress=not args.quiet)
-        del dense
-        return _Record(record)
-
-    return prune
-
-
-class _Record:
-    def __init__(self, record: dict):
-        self.record = record
-
-    def to_dict(self) -> dict:
-        return self.record
 
 
 def _models(args) -> int:

@@ -643,6 +643,39 @@ def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=N
 # -- saving ---------------------------------------------------------------------------------------
 
 
+class Pruned(dict):
+    """The record of ``pruner``'s work on one model: the PruneReport's and recovery's."""
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+
+def pruner(baked, sparsity, *, method: str = "wanda", layers=("attention", "mlp"),
+           recover_steps: int = 60, lr: float = 1e-4, contexts: int = 48,
+           progress: bool = False) -> Callable:
+    """A function that prunes a merged copy of ``baked`` in place and recovers it: Wanda
+    calibrated on responses of the dense model, then ``recover_steps`` of recovery distillation
+    (0: none) with the dense model as teacher. For ``export.export_baked(..., prune=...)``."""
+    import copy
+
+    parse_amount(sparsity)  # refuse a bad amount before any work
+
+    def prune_model(model) -> Pruned:
+        dense = copy.deepcopy(model).eval()
+        data = sample_responses(dense, baked.tokenizer, framing=baked.framing, count=contexts)
+        report = prune(model, sparsity, method=method, layers=layers,
+                       calibration=data if method == "wanda" else None)
+        record = Pruned(report.to_dict())
+        if recover_steps:
+            record["recovery"] = recover(model, dense, baked.tokenizer, masks=report,
+                                         trajectories=data, held_out=baked.held_out,
+                                         framing=baked.framing, steps=recover_steps, lr=lr,
+                                         progress=progress)
+        return record
+
+    return prune_model
+
+
 def save_pruned(model, tokenizer, out_dir: str | Path, report: PruneReport, *,
                 recovery: dict | None = None, extra: dict | None = None,
                 overwrite: bool = False) -> Path:
