@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ SUITES = {
               "70%, 90% and 2:4 sparsity, batch 1 and 8, weights streamed from memory and in cache",
     "evaluate": "what a bake did: re-prompt matrices, forgetting across the task suite, persona "
                 "drift over 30 turns, an arithmetic recipe's recovered gain, prompt pursuit",
+    "infer": "the baked persona served five ways: torch with the prompt, torch baked, ONNX "
+             "Runtime fp32, int8, pruned + int8; latency, size, held-out accuracy",
     "bake-sweep": "how the bake's defaults were chosen: one setting changed at a time, held-out "
                   "KL reduction and time of each",
 }
@@ -47,6 +50,10 @@ def main(argv=None) -> int:
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    progress = logging.StreamHandler(sys.stderr)  # the library's progress lines (task items...)
+    progress.setFormatter(logging.Formatter("      %(message)s"))
+    logging.getLogger("promptbake").addHandler(progress)
+    logging.getLogger("promptbake").setLevel(logging.INFO)
     for name in args.only or [n for n in SUITES if n != "bake-sweep"]:  # the sweep: on demand
         suite = importlib.import_module(name.replace("-", "_"))
         log(f"[{name}] {SUITES[name]}")

@@ -124,6 +124,17 @@ def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "stopped:" in printed and (pursued / "pursuit.json").is_file()
 
+    drifted = tmp_path / "drift"
+    assert cli.main(["drift", str(out), "--persona", "pirate", "--turns", "3",
+                     "--conversations", "2", "--max-new-tokens", "4", "--out", str(drifted),
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "baked minus prompted drift:" in printed and (drifted / "drift.png").is_file()
+    record = json.loads((drifted / "drift.json").read_text())
+    assert set(record) == {"prompted", "baked"} and record["baked"]["turns"] == 3
+    assert cli.main(["drift", str(out), "--turns", "2"]) == 2  # not a built-in persona's prompt
+    assert "persona" in capsys.readouterr().err
+
     merged = tmp_path / "merged"
     assert cli.main(["export", str(out), "--format", "safetensors", "--strength", "0.5",
                      "--out", str(merged)]) == 0

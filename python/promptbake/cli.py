@@ -1,5 +1,5 @@
-"""The ``promptbake`` command: bake, chat, kl, evaluate, tasks, pursue, report, export, models,
-backends."""
+"""The ``promptbake`` command: bake, chat, kl, evaluate, tasks, pursue, report, drift, export,
+models, backends."""
 
 from __future__ import annotations
 
@@ -10,6 +10,18 @@ import sys
 from pathlib import Path
 
 import promptbake
+
+
+class _Help(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when X says something: not for None or False
+    defaults, nor where the help already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text \
+                or action.option_strings == [] or "%(default)" in text:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _pm(value: float | None, error: float | None, spec: str, scale: float = 1.0) -> str:
@@ -211,6 +223,47 @@ def _report(args) -> int:
     return 0 if all(g["passed"] for g in record["gates"]) else 1
 
 
+def _drift(args) -> int:
+    from promptbake import _files, drift as drift_mod
+    from promptbake.bake import load_baked
+
+    baked = load_baked(args.dir, strength=args.strength, model=args.model)
+    persona = drift_mod.Persona.load(args.persona) if args.persona else None
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+
+    def progress(turn, scores):
+        if not args.quiet:
+            print(f"  turn {turn:>3}/{args.turns}: adherence {scores['adherence']:.3f} "
+                  f"(rule {scores['rule']:.3f}, semantic {scores['semantic']:.3f})", flush=True)
+
+    results = {}
+    for mode in modes:  # one mode at a time, so the progress lines say which
+        print(f"{mode}:", flush=True)
+        results.update(drift_mod.drift_modes(
+            baked, persona, modes=[mode], turns=args.turns, conversations=args.conversations,
+            user=args.user, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            seed=args.seed, progress=progress))
+    k = min(3, args.turns)
+    print(f"\n{'model':<10} {'first ' + str(k) + ' turns':>16} {'turn ' + str(args.turns):>16} "
+          f"{'drift':>16}")
+    for mode, result in results.items():
+        d = result.drift(k=k)
+        print(f"{mode:<10} {_pm(d['first'], d['first_se'], '.3f'):>16} "
+              f"{_pm(d['at_value'], d['at_value_se'], '.3f'):>16} "
+              f"{_pm(d['drift'], d['drift_se'], '+.3f'):>16}")
+    if "baked" in results and "prompted" in results:
+        diff = drift_mod.drift_difference(results["baked"], results["prompted"], k=k)
+        print(f"baked minus prompted drift: {_pm(diff['drift'], diff['drift_se'], '+.3f')}"
+              f" ({'paired' if diff['paired'] else 'independent'} conversations)")
+    out = Path(args.out) if args.out else Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {mode: r.to_dict(k=k) for mode, r in results.items()}
+    _files.write_text(out / "drift.json", _files.to_json(record, indent=2, ensure_ascii=False))
+    drift_mod.plot_drift(results, out / "drift.png")
+    print(f"wrote {out / 'drift.json'} (curves and transcripts) and {out / 'drift.png'}")
+    return 0
+
+
 def _export(args) -> int:
     from promptbake.bake import load_baked
     from promptbake.export import ParityError, export_baked
@@ -278,7 +331,7 @@ def _add_bake(commands) -> None:
                     "responses sampled from the prompted model). Writes the PEFT adapter, "
                     "manifest.json (with KL before and after on held-out contexts) and, if "
                     "asked, snapshots and a merged model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the prompt text to bake (system prompt, persona, ...)")
     what.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
@@ -412,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score the offline task suite. On a baked directory: the re-prompt matrix "
                     "(base, base + prompt, baked, baked + prompt) of every task, how much of the "
                     "prompt's effect the bake recovers, and the forgetting gate (no task drops "
-                    "by more than 3.4%% relative with a significant paired test). On a model "
+                    "by more than 3.4% relative with a significant paired test). On a model "
                     "directory (or none: the default model): the scores, with --system if given.")
     p.add_argument("target", nargs="?", default=None,
                    help="a baked directory or a model directory (default: the default model)")
@@ -439,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "trajectories. Stops when the tracked score (a task's, or the KL to the "
                     "prompted base model) improves by less than --threshold for --patience "
                     "rounds, or after --rounds. Keeps the best round as one stacked adapter.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     p.add_argument("dir", help="a baked directory (round 0)")
     p.add_argument("--out", required=True, help="output directory for the pursued model")
     p.add_argument("--rounds", type=int, default=3, help="most rounds after the first bake")
@@ -467,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(prompted vs baked) when a persona is given or recognised, pursuit rounds "
                     "if any, and a table of gates with the command that reproduces each. Writes "
                     "into the baked directory; exits 1 when a gate fails.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     p.add_argument("dir", help="a baked (or pursued) directory")
     p.add_argument("--tasks", default="all",
                    help="comma-separated tasks or .jsonl task files, 'all', or 'none'")
@@ -484,6 +537,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_report)
 
     p = commands.add_parser(
+        "drift", help="persona adherence over a long conversation: prompted vs baked",
+        description="Persona drift: the model holds a conversation of --turns turns (a scripted "
+                    "user, or itself as the user with --user self), the history growing as in "
+                    "real use, and every answer is scored for persona adherence by rules "
+                    "(keywords, patterns, style) and by sentence-embedding similarity to the "
+                    "persona's exemplars. Drift = mean adherence over the first 3 turns minus "
+                    "adherence at the last turn. The modes run on the same user turns, so their "
+                    "drifts compare pairwise. Writes drift.json and drift.png.",
+        formatter_class=_Help)
+    p.add_argument("dir", help="a baked directory")
+    p.add_argument("--persona", default=None,
+                   help="built-in persona name or persona JSON file (rules and exemplars); "
+                        "default: the built-in persona whose prompt was baked")
+    p.add_argument("--modes", default="prompted,baked",
+                   help="comma-separated: prompted (base + prompt), baked, base")
+    p.add_argument("--turns", type=int, default=30, help="conversation length")
+    p.add_argument("--conversations", type=int, default=3, help="conversations per mode")
+    p.add_argument("--user", choices=["scripted", "self"], default="scripted",
+                   help="scripted: shipped user turns; self: the base model writes the user's "
+                        "messages")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length per turn")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature of the answers (0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="user-turn order and sampling seed")
+    p.add_argument("--strength", type=float, default=1.0, help="scale of the baked LoRA delta")
+    p.add_argument("--out", default=None, help="directory for drift.json and drift.png "
+                                               "(default: the baked directory)")
+    p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.add_argument("--quiet", action="store_true", help="no per-turn progress")
+    p.set_defaults(run=_drift)
+
+    p = commands.add_parser(
         "export", help="merge a bake and export it (safetensors, or ONNX with int8 / pruning)",
         description="Merge the baked LoRA delta (at --strength) into the weights and write a "
                     "transformers model directory (--format safetensors) or an ONNX model with a "
@@ -491,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "pruned (with recovery distillation from the dense model). Every ONNX export "
                     "is checked against torch (logits, greedy tokens) and written only if it "
                     "passes; a failed check exits with status 1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     p.add_argument("dir", help="a baked directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx",
