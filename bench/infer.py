@@ -1,0 +1,266 @@
+"""Infer suite: the baked persona served five ways, side by side (issue 5 §3).
+
+The README's pirate bake on the default model, batch 1, greedy, prompts from the held-out
+contexts. Contenders:
+
+* torch eager fp32 *with the system prompt*: what a user runs without baking;
+* torch eager fp32 baked (merged, no prompt);
+* ONNX Runtime fp32 baked, ONNX Runtime int8 baked, and pruned (Wanda 50%, recovered) + int8.
+
+For each: time to first token (the prompt's forward pass), per-token decode latency (p50 and p95
+over every decode step of every prompt, at least 200), size on disk, and accuracy: held-out
+KL(prompted || model) on the bake's held-out samples and the share of the bake's KL reduction
+kept (retention). Torch decodes with its KV cache in a plain loop (no ``generate`` overhead);
+decoding runs to the full length (EOS ignored) so that every contender decodes the same number of
+steps; contenders take turns on each prompt. The SparseLinear kernel's own table is the
+``sparse`` suite (``python bench/ --only sparse``).
+
+Targets on the 2-core CPU: ONNX Runtime int8 decode p95 < 50 ms per token; >= 3x faster decode
+than torch eager fp32 with the prompt; >= 75% smaller on disk with int8 and >= 78% with pruning;
+int8 keeps >= 99% of the baked fp32 model's accuracy (reported for pruning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import harness
+from common import CACHE, PIRATE, cached_bake
+from promptbake import compress, contexts as contexts_mod
+from promptbake.bake import BakeConfig, load_baked
+from promptbake.export import OnnxLM, export_baked, held_out_kl, merge, model_bytes
+
+TARGET_P95_MS = 50.0
+TARGET_SPEEDUP = 3.0
+TARGET_SMALLER_INT8 = 0.75
+TARGET_SMALLER_PRUNED = 0.78
+TARGET_RETENTION = 0.99
+SPARSITY = 0.5
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+@torch.no_grad()
+def torch_decode(model, ids: list[int], new_tokens: int) -> tuple[float, list[float]]:
+    """(time to first token, decode step times) of a greedy KV-cached loop in eager torch."""
+    start = time.perf_counter()
+    out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    first = time.perf_counter() - start
+    steps = []
+    past = out.past_key_values
+    for _ in range(new_tokens - 1):
+        start = time.perf_counter()
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        past = out.past_key_values
+        steps.append(time.perf_counter() - start)
+    return first, steps
+
+
+def run(args, log) -> dict:
+    quick = args.quick
+    prompts_n, new_tokens = (3, 24) if quick else (6, 48)
+    recover_steps = 4 if quick else 60
+    config = BakeConfig()
+    if quick:
+        config = dataclasses.replace(config, train_contexts=16, eval_contexts=8, epochs=1.0)
+    result = {"suite": "infer", "machine": harness.machine(), "quick": quick,
+              "threads": torch.get_num_threads(), "new_tokens": new_tokens,
+              "prompts": prompts_n, "sparsity": SPARSITY, "recover_steps": recover_steps}
+    made = cached_bake("pirate-quick" if quick else "pirate", PIRATE, config, log=log)
+    baked = load_baked(made["path"])
+    exports = CACHE / ("infer-quick" if quick else "infer")
+    exports.mkdir(parents=True, exist_ok=True)
+
+    log("  exports: fp32, int8, pruned + int8 (each checked against torch)")
+    built = {}
+    for name, options in (("onnx-fp32", {}), ("onnx-int8", {"quantize": "int8"}),
+                          ("pruned-int8", {"quantize": "int8",
+                                           "prune": compress.pruner(baked, SPARSITY,
+                                                                    recover_steps=recover_steps)})):
+        start = time.perf_counter()
+        done = export_baked(baked, exports / name, overwrite=True, **options)
+        built[name] = {"path": done.path, "manifest": done.manifest,
+                       "seconds": time.perf_counter() - start}
+        log(f"    {name}: {done.manifest['bytes'] / 1e6:.1f} MB in {built[name]['seconds']:.0f} s")
+
+    merged = merge(baked, 1.0).eval()
+    base = baked.model.get_base_model()  # the adapter's layers pass through when disabled
+    threads = torch.get_num_threads()
+    sessions = {name: OnnxLM(info["path"], threads=threads) for name, info in built.items()}
+    held_out = contexts_mod.builtin("held_out")[:prompts_n]
+    teacher_ids = [baked.framing.teacher_ids(c) for c in held_out]
+    student_ids = [baked.framing.student_ids(c) for c in held_out]
+
+    def run_torch(model, ids):
+        if model is base:
+            with baked.model.disable_adapter():
+                return torch_decode(model, ids, new_tokens)
+        return torch_decode(model, ids, new_tokens)
+
+    def run_onnx(name, ids):
+        g = sessions[name].generate([ids], new_tokens, eos_token_ids=())
+        return g.prefill_seconds, g.step_seconds
+
+    contenders = {
+        "torch fp32 + prompt": lambda k: run_torch(base, teacher_ids[k]),
+        "torch fp32 baked": lambda k: run_torch(merged, student_ids[k]),
+        "onnx fp32 baked": lambda k: run_onnx("onnx-fp32", student_ids[k]),
+        "onnx int8 baked": lambda k: run_onnx("onnx-int8", student_ids[k]),
+        "onnx pruned+int8": lambda k: run_onnx("pruned-int8", student_ids[k]),
+    }
+    log(f"  latency: {prompts_n} held-out prompts x {new_tokens} tokens, contenders in turns")
+    for fn in contenders.values():  # warm-up
+        fn(0)
+    timings = {name: {"ttft": [], "steps": []} for name in contenders}
+    for k in range(prompts_n):
+        for name, fn in contenders.items():
+            first, steps = fn(k)
+            timings[name]["ttft"].append(first)
+            timings[name]["steps"].extend(steps)
+
+    log("  accuracy: held-out KL to the prompted model")
+    accuracy = {name: held_out_kl(sessions[name], baked) for name in sessions}
+    bake_kl = accuracy["onnx-fp32"]
+    fp32_bytes = built["onnx-fp32"]["manifest"]["bytes"]
+    rows = {}
+    for name, t in timings.items():
+        row = {"ttft_ms": 1e3 * statistics.median(t["ttft"]),
+               "decode_p50_ms": 1e3 * _percentile(t["steps"], 50),
+               "decode_p95_ms": 1e3 * _percentile(t["steps"], 95),
+               "decode_steps": len(t["steps"])}
+        key = {"onnx fp32 baked": "onnx-fp32", "onnx int8 baked": "onnx-int8",
+               "onnx pruned+int8": "pruned-int8"}.get(name)
+        if key is not None:
+            kl = accuracy[key]
+            row.update(bytes=built[key]["manifest"]["bytes"],
+                       kl_per_token=kl["onnx"].per_token, kl_se=kl["onnx"].per_token_se,
+                       retention=kl["retention"])
+        elif name == "torch fp32 baked":
+            row.update(bytes=_weights_bytes(baked),  # merged: the base model's size
+                       kl_per_token=bake_kl["baked"].per_token,
+                       kl_se=bake_kl["baked"].per_token_se, retention=1.0)
+        else:
+            row.update(bytes=_weights_bytes(baked), kl_per_token=0.0, kl_se=0.0,
+                       retention=None)
+        row["smaller_than_fp32"] = 1 - row["bytes"] / fp32_bytes
+        rows[name] = row
+    result["rows"] = rows
+    result["base_kl_per_token"] = bake_kl["base"].per_token
+    result["exports"] = {name: {"seconds": info["seconds"], "parity": info["manifest"]["parity"],
+                                "pruning": info["manifest"].get("source", {}).get("pruning")}
+                         for name, info in built.items()}
+    result["ttft_ratio_baked_vs_prompted"] = \
+        rows["torch fp32 baked"]["ttft_ms"] / rows["torch fp32 + prompt"]["ttft_ms"]
+    result["checks"] = checks(result)
+    if not quick:
+        shutil.rmtree(exports, ignore_errors=True)  # ~0.8 GB of exports
+    return result
+
+
+def _weights_bytes(baked) -> int:
+    """Size of the base model's weight files (what the prompted user serves)."""
+    path = Path(baked.manifest["base_model"]["path"])
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def checks(result) -> list[dict]:
+    r = result["rows"]
+    int8, pruned, prompted = r["onnx int8 baked"], r["onnx pruned+int8"], r["torch fp32 + prompt"]
+    speedup = prompted["decode_p50_ms"] / int8["decode_p50_ms"]
+    return [
+        {"target": f"ONNX Runtime int8 decode p95 < {TARGET_P95_MS:g} ms/token",
+         "measured": f"{int8['decode_p95_ms']:.1f} ms (p50 {int8['decode_p50_ms']:.1f})",
+         "pass": int8["decode_p95_ms"] < TARGET_P95_MS},
+        {"target": f">= {TARGET_SPEEDUP:g}x faster decode than torch eager fp32 with the prompt",
+         "measured": f"{speedup:.2f}x (p50 {prompted['decode_p50_ms']:.1f} -> "
+                     f"{int8['decode_p50_ms']:.1f} ms)", "pass": speedup >= TARGET_SPEEDUP},
+        {"target": f">= {100 * TARGET_SMALLER_INT8:.0f}% smaller on disk with int8",
+         "measured": f"{100 * int8['smaller_than_fp32']:.1f}% ({int8['bytes'] / 1e6:.1f} MB)",
+         "pass": int8["smaller_than_fp32"] >= TARGET_SMALLER_INT8},
+        {"target": f">= {100 * TARGET_SMALLER_PRUNED:.0f}% smaller with pruning + int8",
+         "measured": f"{100 * pruned['smaller_than_fp32']:.1f}% ({pruned['bytes'] / 1e6:.1f} MB)",
+         "pass": pruned["smaller_than_fp32"] >= TARGET_SMALLER_PRUNED},
+        {"target": f"int8 keeps >= {100 * TARGET_RETENTION:.0f}% of the baked fp32 accuracy",
+         "measured": f"{100 * int8['retention']:.1f}% of the KL reduction (pruned + int8: "
+                     f"{100 * pruned['retention']:.1f}%)",
+         "pass": int8["retention"] >= TARGET_RETENTION},
+    ]
+
+
+HEADERS = ["contender", "TTFT ms", "decode p50 ms", "decode p95 ms", "MB on disk", "smaller",
+           "KL nats/token", "retention"]
+
+
+def _cells(name: str, row: dict) -> list[str]:
+    retention = "—" if row["retention"] is None else f"{100 * row['retention']:.1f}%"
+    return [name, f"{row['ttft_ms']:.0f}", f"{row['decode_p50_ms']:.1f}",
+            f"{row['decode_p95_ms']:.1f}", f"{row['bytes'] / 1e6:.0f}",
+            f"{100 * row['smaller_than_fp32']:.1f}%",
+            f"{row['kl_per_token']:.4f} ± {row['kl_se'] or 0:.4f}", retention]
+
+
+def report(result) -> str:
+    lines = [harness.table(HEADERS, [_cells(n, r) for n, r in result["rows"].items()]),
+             f"decode steps per contender: {result['rows']['onnx int8 baked']['decode_steps']}; "
+             f"KL(prompted || base) {result['base_kl_per_token']:.4f} nats/token; "
+             f"time to first token, baked / prompted (torch): "
+             f"{result['ttft_ratio_baked_vs_prompted']:.2f}", "",
+             harness.table(["target", "measured", "result"],
+                           [[c["target"], c["measured"], "pass" if c["pass"] else "MISS"]
+                            for c in result["checks"]])]
+    return "\n".join(lines)
+
+
+def markdown(result) -> str:
+    m = result["machine"]
+    lines = [f"`{result['command']}` — {m['cpu']}, {result['threads']} threads, {m['date'][:10]}; "
+             f"batch 1, {result['prompts']} held-out prompts × {result['new_tokens']} tokens",
+             "", "| " + " | ".join(HEADERS) + " |", "|---|" + "---:|" * (len(HEADERS) - 1)]
+    lines += ["| " + " | ".join(_cells(n, r)) + " |" for n, r in result["rows"].items()]
+    lines += ["", f"Time to first token, baked / prompted (torch eager): "
+                  f"{result['ttft_ratio_baked_vs_prompted']:.2f}. Sizes: smaller than the fp32 "
+                  f"ONNX export; retention: the share of the bake's held-out KL reduction kept.",
+              "", "| target | measured | result |", "|---|---|---|"]
+    lines += [f"| {c['target']} | {c['measured']} | {'pass' if c['pass'] else 'MISS'} |"
+              for c in result["checks"]]
+    return "\n".join(lines)
+
+
+def plot(result, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["rows"])
+    rows = [result["rows"][n] for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    x = np.arange(len(names))
+    axes[0].bar(x - 0.2, [r["decode_p50_ms"] for r in rows], 0.4, label="p50")
+    axes[0].bar(x + 0.2, [r["decode_p95_ms"] for r in rows], 0.4, label="p95")
+    axes[0].axhline(TARGET_P95_MS, color="grey", ls="--", label="target p95")
+    axes[0].set(ylabel="ms per token", title="decode latency, batch 1")
+    axes[0].legend()
+    axes[1].bar(x, [r["bytes"] / 1e6 for r in rows])
+    axes[1].set(ylabel="MB", title="size on disk")
+    axes[2].bar(x, [r["kl_per_token"] for r in rows], yerr=[r["kl_se"] or 0 for r in rows],
+                capsize=4)
+    axes[2].axhline(result["base_kl_per_token"], color="grey", ls="--", label="base, no prompt")
+    axes[2].set(ylabel="KL(prompted || model), nats/token", title="held-out accuracy")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
