@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         prog="python bench/", description="Run promptbake's benchmarks. Suites: " + "; ".join(
             f"{name}: {text}" for name, text in SUITES.items()))
     parser.add_argument("--only", metavar="NAME", action="append", choices=sorted(SUITES),
-                        help="run only this suite (repeatable); default: all but bake-sweep (~40 min)")
+                        help="run only this suite (repeatable); default: all but bake-sweep "
+                             "(~2 h on 2 cores)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and repeats: a smoke run in about a minute or two")
     parser.add_argument("--repeats", type=int, metavar="R",

@@ -147,3 +147,9 @@ def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert cli.main(["export", str(out), "--format", "safetensors", "--quantize", "int8",
                      "--out", str(tmp_path / "x")]) == 2
+
+
+def test_drift_refuses_bad_modes_before_loading_anything(tmp_path, capsys):
+    for modes in ("prompted,bakd", ","):
+        assert cli.main(["drift", str(tmp_path / "nowhere"), "--modes", modes]) == 2
+        assert "choose one or more of prompted, baked, base" in capsys.readouterr().err

@@ -127,10 +127,21 @@ def test_persona_json_round_trip(tmp_path, pirate):
     ({"keywords": {"aye": -1.0}}, "weights must be positive"),
     ({"style": [{"measure": "loudness", "low": 1}]}, "unknown style measure"),
     ({"rule_weight": 2.0}, "rule_weight"),
+    ({"rule_weight": True}, "rule_weight"),
+    ({"keywords": {"aye": True}}, "weights must be positive"),
+    ({"style": [{"measure": "exclamation_rate", "low": "0.3"}]}, "bounds must be numbers"),
+    ({"style": [{"measure": "exclamation_rate", "lo": 0.3}]}, "style checks have measure"),
 ])
 def test_persona_refuses_bad_definitions(pirate, change, message):
     with pytest.raises(ValueError, match=message):
         Persona.from_dict({**pirate.to_dict(), **change})
+
+
+def test_persona_without_a_prompt_is_a_clear_error(pirate):
+    data = pirate.to_dict()
+    del data["prompt"]
+    with pytest.raises(ValueError, match="needs name and prompt"):
+        Persona.from_dict(data)
 
 
 def test_missing_embedder_package_says_how_to_install(monkeypatch, pirate):
@@ -398,3 +409,27 @@ def test_adherence_evaluator_on_a_real_generation(tiny64, tokenizer, pirate, stu
     assert all(set(drift_mod.SCORERS) <= set(item) for item in result.items)
     with pytest.raises(ValueError, match="no contexts"):
         drift_mod.AdherenceEvaluator(pirate, [])
+
+
+def test_one_line_user_list_repeats_instead_of_hanging():
+    assert drift_mod.scripted_conversation(3, 0, {"openers": ["Hello"]}) == ["Hello"] * 3
+
+
+def test_seeds_share_no_conversation(tiny64, tokenizer, pirate, stub_scorer):
+    users = {}
+    for seed in (0, 1):
+        result = drift_mod.drift(tiny64, tokenizer, pirate, turns=4, conversations=2, seed=seed,
+                                 max_new_tokens=1, semantic=stub_scorer)
+        users[seed] = [[t["user"] for t in c] for c in result.transcripts]
+    assert users[0][0] != users[0][1]
+    assert not any(a == b for a in users[0] for b in users[1])  # seed + c would share one
+
+
+def test_drift_difference_needs_a_common_turn():
+    long = _constructed()
+    short = DriftResult(long.persona, None, {s: [v[:2] for v in vals]
+                                             for s, vals in long.scores.items()},
+                        [t[:2] for t in long.transcripts])
+    with pytest.raises(ValueError, match="pass at="):
+        drift_mod.drift_difference(long, short, k=1)
+    assert drift_mod.drift_difference(long, short, k=1, at=2)["at"] == 2

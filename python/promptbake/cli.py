@@ -227,9 +227,12 @@ def _drift(args) -> int:
     from promptbake import _files, drift as drift_mod
     from promptbake.bake import load_baked
 
-    baked = load_baked(args.dir, strength=args.strength, model=args.model)
-    persona = drift_mod.Persona.load(args.persona) if args.persona else None
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    drift_mod.check_modes(modes)  # before the model loads
+    persona = drift_mod.Persona.load(args.persona) if args.persona else None
+    baked = load_baked(args.dir, strength=args.strength, model=args.model)
+    persona = persona or drift_mod.persona_of(baked)
+    semantic = drift_mod.SemanticScorer(persona)
 
     def progress(turn, scores):
         if not args.quiet:
@@ -242,7 +245,7 @@ def _drift(args) -> int:
         results.update(drift_mod.drift_modes(
             baked, persona, modes=[mode], turns=args.turns, conversations=args.conversations,
             user=args.user, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            seed=args.seed, progress=progress))
+            seed=args.seed, semantic=semantic, progress=progress))
     k = min(3, args.turns)
     print(f"\n{'model':<10} {'first ' + str(k) + ' turns':>16} {'turn ' + str(args.turns):>16} "
           f"{'drift':>16}")

@@ -18,7 +18,9 @@ Drift = mean adherence over the first k turns minus adherence at turn N (and min
 last k turns), per conversation, then averaged; standard errors treat each conversation as the
 independent unit. Conversations of one call differ by their user turns (a seeded ordering of the
 scripted list) and, when sampling, by the sampled answers; two calls with the same ``seed`` see the
-same user turns, so their drifts compare pairwise (``drift_difference``).
+same user turns, so their drifts compare pairwise (``drift_difference``). The same seed means the
+same user turns, not the same samples: one generator draws for every row at each step, so a
+conversation's sampled answers depend on the others in the call.
 
 All conversations of a call are decoded together, and each one's KV cache is kept from turn to
 turn: a turn feeds only what is new in the context (the end of the last answer, the user's message,
@@ -159,6 +161,11 @@ class Persona:
             if check.measure not in STYLE_MEASURES:
                 raise ValueError(f"{where}: unknown style measure {check.measure!r}: choose one "
                                  f"of {', '.join(STYLE_MEASURES)}")
+            for bound in ("low", "high"):
+                value = getattr(check, bound)
+                if value is not None and not _number(value):
+                    raise ValueError(f"{where}: style check {check.measure} has {bound}="
+                                     f"{value!r}: bounds must be numbers")
             if check.low is None and check.high is None:
                 raise ValueError(f"{where}: style check {check.measure} needs a low or a high "
                                  f"bound")
@@ -172,7 +179,7 @@ class Persona:
                 raise ValueError(f"{where} has {len(texts)} {kind}: give at least 2 short "
                                  f"utterances (each is calibrated against the others)")
         _check_weight(where, "saturation", self.saturation)
-        if not (isinstance(self.rule_weight, (int, float)) and 0 <= self.rule_weight <= 1):
+        if not (_number(self.rule_weight) and 0 <= self.rule_weight <= 1):
             raise ValueError(f"{where}: rule_weight={self.rule_weight!r} must be in [0, 1]")
 
     def to_dict(self) -> dict:
@@ -187,7 +194,12 @@ class Persona:
         if unknown:
             raise ValueError(f"unknown persona fields {unknown}: the fields are "
                              f"{', '.join(sorted(known))}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as err:  # a missing field, or a style check with unknown keys
+            raise ValueError(f"persona {data.get('name', '?')!r}: {err}; a persona needs name and "
+                             f"prompt, and style checks have measure, low, high and "
+                             f"weight") from err
 
     def save(self, path: str | Path) -> None:
         _files.write_text(Path(path), _files.to_json(self.to_dict(), indent=2,
@@ -214,8 +226,12 @@ class Persona:
         return cls.from_dict(data)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_weight(where: str, what: str, weight) -> None:
-    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+    if not (_number(weight) and weight > 0):
         raise ValueError(f"{where}: {what} has weight {weight!r}: weights must be positive numbers")
 
 
@@ -467,7 +483,7 @@ def scripted_conversation(turns: int, seed: int, sections: dict[str, list[str]] 
     openers = sections.get("openers") or [t for s in sections.values() for t in s]
     rng = random.Random(f"drift:{seed}")
     first = rng.choice(openers)
-    rest = [t for s in sections.values() for t in s if t != first]
+    rest = [t for s in sections.values() for t in s if t != first] or [first]
     out = [first]
     while len(out) < turns:
         rng.shuffle(rest)
@@ -491,6 +507,13 @@ class _Conversations:
         self.model, self.rows, self.pad_id, self.stop_ids = model, rows, pad_id, stop_ids
         self.reuse = reuse
         self.inner = _lm._inner(model)
+        config = self.inner.config
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            log.warning("promptbake: %s uses sliding-window attention, whose window counts cache "
+                        "columns: the masked-out columns that batched conversations leave in the "
+                        "cache shrink its window, so late turns see less history than they would "
+                        "alone (use conversations=1 and reuse_cache=False for exact results)",
+                        config.model_type)
         self.device = self.inner.get_output_embeddings().weight.device
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0,
                       "forward_calls": 0, "mismatches": 0, "compactions": 0}
@@ -709,6 +732,9 @@ def drift_difference(a: DriftResult, b: DriftResult, scorer: str = "adherence", 
                      at: int | None = None) -> dict:
     """Drift of ``a`` minus drift of ``b`` (negative: ``a`` drifts less), paired by conversation
     when both saw the same user turns (the same ``seed`` and scripted user), else independent."""
+    if at is None and a.turns != b.turns:
+        raise ValueError(f"the results have {a.turns} and {b.turns} turns: pass at= (a turn both "
+                         f"reached) to compare their drift at the same turn")
     pa, pb = a._per_conversation(scorer, k, at), b._per_conversation(scorer, k, at)
     users = [[t["user"] for t in c] for c in a.transcripts]
     paired = a.settings.get("user") == "scripted" and \
@@ -781,7 +807,10 @@ def drift(model, tokenizer, persona: Persona, *, system: str | None = None,
         sections = {"openers": lines}
     else:
         sections = user_turns()
-    scripts = [scripted_conversation(turns, seed + c, sections) for c in range(conversations)]
+    # Conversation c of seed s: script seed 1000 s + c, so calls with different seeds share no
+    # conversation (unless one has over 1000) and seed 0 keeps scripts 0, 1, 2, ...
+    scripts = [scripted_conversation(turns, 1000 * seed + c, sections)
+               for c in range(conversations)]
     follow_ups = sections.get("follow-ups") or ["Can you say more about that?"]
 
     # Framing's prompt is the persona side's system prompt; without one it only names the
@@ -883,6 +912,22 @@ def _clean_user_message(text: str) -> str:
 MODES = ("prompted", "baked", "base")
 
 
+def persona_of(baked) -> Persona:
+    """The built-in persona whose prompt is the baked prompt."""
+    persona = next((p for p in map(Persona.load, builtin_personas())
+                    if p.prompt.strip() == baked.prompt.strip()), None)
+    if persona is None:
+        raise ValueError("the baked prompt is not a built-in persona's: pass a persona (a JSON "
+                         "file with rule checks and exemplars for it, see Persona)")
+    return persona
+
+
+def check_modes(modes: Sequence[str]) -> None:
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes={list(modes)!r}: choose one or more of {', '.join(MODES)}")
+
+
 def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MODES,
                 **options) -> dict[str, DriftResult]:
     """``drift`` of a ``promptbake.Baked`` model in each mode: ``prompted`` (base model with the
@@ -894,15 +939,8 @@ def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MO
     side is the base model (adapter off) in every mode, so every mode talks to the same user.
     ``options``: the other arguments of ``drift``.
     """
-    if persona is None:
-        persona = next((p for p in map(Persona.load, builtin_personas())
-                        if p.prompt.strip() == baked.prompt.strip()), None)
-        if persona is None:
-            raise ValueError("the baked prompt is not a built-in persona's: pass persona= (a "
-                             "Persona with rule checks and exemplars for it)")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise ValueError(f"modes={list(modes)!r}: choose from {', '.join(MODES)}")
+    persona = persona or persona_of(baked)
+    check_modes(modes)
     options.setdefault("framing", baked.framing.student)
     if options.get("semantic") is None:
         options["semantic"] = SemanticScorer(persona)
