@@ -42,25 +42,35 @@ TURNS = 30
 
 
 def arithmetic_contexts(count: int, seed: int = 0) -> list[str]:
-    """Training questions in the arithmetic task's four kinds, none of them a task item."""
+    """Training questions in the arithmetic task's four kinds, none of them a task item: taken in
+    turn from each kind's shuffled pool of unused questions (one-digit products run out first:
+    64 exist and the task holds 30 of them)."""
     taken = {item["prompt"] for item in TASKS["arithmetic"].items}
+    kinds = [[f"What is {a} + {b}?" for a in range(10, 100) for b in range(10, 100)],
+             [f"What is {a} - {b}?" for a in range(50, 100) for b in range(10, 50)],
+             [f"What is {a} * {b}?" for a in range(2, 10) for b in range(2, 10)],
+             [f"What is {a} * {b}?" for a in range(11, 40) for b in range(11, 20)]]
     rng = random.Random(seed)
-    kinds = [lambda: f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}?",
-             lambda: f"What is {rng.randint(50, 99)} - {rng.randint(10, 49)}?",
-             lambda: f"What is {rng.randint(2, 9)} * {rng.randint(2, 9)}?",
-             lambda: f"What is {rng.randint(11, 39)} * {rng.randint(11, 19)}?"]
+    pools = []
+    for kind in kinds:
+        pool = [q for q in kind if q not in taken]
+        rng.shuffle(pool)
+        pools.append(pool)
+    if count > sum(map(len, pools)):
+        raise ValueError(f"only {sum(map(len, pools))} arithmetic questions are not task items; "
+                         f"asked for {count}")
     found: list[str] = []
     while len(found) < count:
-        question = kinds[len(found) % 4]()
-        if question not in taken and question not in found:
-            found.append(question)
+        for pool in pools:
+            if pool and len(found) < count:
+                found.append(pool.pop())
     return found
 
 
 def run(args, log) -> dict:
     quick = args.quick
     limit = 12 if quick else None
-    turns, conversations = (6, 2) if quick else (TURNS, 3)
+    turns, conversations = (6, 2) if quick else (TURNS, 6)
     persona_config = BakeConfig()
     if quick:
         persona_config = dataclasses.replace(persona_config, train_contexts=16, eval_contexts=8,
