@@ -19,8 +19,11 @@ pursuit improves on a single bake or stops within two rounds of its plateau.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 import time
+from pathlib import Path
 
 import harness
 from common import CACHE, PIRATE, cached_bake
@@ -29,7 +32,7 @@ from promptbake import reprompt
 from promptbake.bake import BakeConfig, load_baked
 from promptbake.pursuit import pursue
 from promptbake.report import _plateau_round
-from promptbake.tasks import TASKS, Task, load_task
+from promptbake.tasks import TASKS, Score, load_task
 
 RECIPE = ("You are a careful calculator. Examples:\n"
           "Q: What is 7 * 8?\nA: 7 * 8 = 56. The answer is 56.\n"
@@ -76,86 +79,134 @@ def run(args, log) -> dict:
         persona_config = dataclasses.replace(persona_config, train_contexts=16, eval_contexts=8,
                                              epochs=1.0)
     result = {"suite": "evaluate", "machine": harness.machine(), "quick": quick, "limit": limit}
+    settings = {"quick": quick, "limit": limit, "turns": turns, "conversations": conversations}
 
     log("  1. the pirate persona")
     made = cached_bake("pirate-quick" if quick else "pirate", PIRATE, persona_config, log=log)
     pirate = load_baked(made["path"])
+    parts = Parts(pirate, settings, log)
     persona = drift_mod.pirate()
     held_out = contexts_mod.builtin("held_out")[:16 if quick else None]
     adherence = drift_mod.AdherenceEvaluator(persona, held_out)
-    start = time.perf_counter()
-    matrix = reprompt.reprompt_matrix(pirate, adherence)
+    matrix = parts.matrix("pirate-adherence", lambda: reprompt.reprompt_matrix(pirate, adherence))
     result["persona"] = {"bake": {"path": str(made["path"]), "seconds": made["seconds"],
                                   "kl": pirate.manifest["kl"]},
                          "reprompt": matrix.to_dict(),
-                         "reprompt_items": {c: s.items for c, s in matrix.cells.items()},
-                         "reprompt_seconds": time.perf_counter() - start}
+                         "reprompt_items": {c: s.items for c, s in matrix.cells.items()}}
     log(f"    adherence: base {matrix.cells['base'].value:.3f}, prompted "
         f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
 
-    log("    the task suite on the base model and the baked one")
+    log("    the task suite on the base model, the prompted one and the baked one")
     tasks = [load_task(name, limit=limit) for name in TASKS]
-    start = time.perf_counter()
-    with _lm.adapter(pirate.model, enabled=False):
-        base_scores = {t.name: t(pirate.model, pirate.tokenizer) for t in tasks}
-    with _lm.adapter(pirate.model, enabled=True):
-        pirate_scores = {t.name: t(pirate.model, pirate.tokenizer) for t in tasks}
-    persona_gate = fg.compare(base_scores, pirate_scores)
+    suite = {cell: {t.name: parts.score(f"pirate-{cell}-{t.name}", lambda t=t, cell=cell:
+                                        reprompt.score(pirate, t, adapter=cell == "baked",
+                                                       prompted=cell == "base+u"))
+                    for t in tasks}
+             for cell in ("base", "base+u", "baked")}
+    persona_gate = fg.compare(suite["base"], suite["baked"])
     result["persona"]["forgetting"] = persona_gate.to_dict()
-    result["persona"]["forgetting_seconds"] = time.perf_counter() - start
+    # The prompt's own effect on the suite: the bake reproduces base + u, so a drop that the
+    # prompted model shows too comes from the persona, not from baking.
+    result["persona"]["prompted_suite"] = fg.compare(suite["base"], suite["base+u"]).to_dict()
+    result["persona"]["baked_vs_prompted"] = fg.compare(suite["base+u"], suite["baked"]).to_dict()
     log(f"    forgetting gate: {'pass' if persona_gate.passed else 'FAIL'}")
 
     log(f"    drift over {turns} turns, prompted then baked")
     options = dict(turns=turns, conversations=conversations, max_new_tokens=48)
     semantic = drift_mod.SemanticScorer(persona)
-    start = time.perf_counter()
-    with _lm.adapter(pirate.model, enabled=False):
-        prompted = drift_mod.drift(pirate.model, pirate.tokenizer, persona, system=PIRATE,
-                                   semantic=semantic, **options)
-    with _lm.adapter(pirate.model, enabled=True):
-        baked = drift_mod.drift(pirate.model, pirate.tokenizer, persona, system=None,
-                                semantic=semantic, **options)
+    runs = {}
+    for mode, on, system in (("prompted", False, PIRATE), ("baked", True, None)):
+        def measure(on=on, system=system):
+            with _lm.adapter(pirate.model, enabled=on):
+                return drift_mod.drift(pirate.model, pirate.tokenizer, persona, system=system,
+                                       semantic=semantic, **options)
+        runs[mode] = parts.drift(f"pirate-drift-{mode}", measure)
+    prompted, baked = runs["prompted"], runs["baked"]
     result["persona"]["drift"] = {"prompted": prompted.to_dict(), "baked": baked.to_dict(),
                                   "baked_minus_prompted": drift_mod.drift_difference(baked,
-                                                                                     prompted),
-                                  "seconds": time.perf_counter() - start}
+                                                                                     prompted)}
     drift_mod.plot_drift({"prompted (base + u)": prompted, "baked (no prompt)": baked},
                          args.out / "evaluate-drift.png")
 
     log("  2. the arithmetic recipe, baked on arithmetic questions")
     questions = CACHE / "arithmetic-contexts.txt"
     questions.parent.mkdir(parents=True, exist_ok=True)
-    questions.write_text("\n".join(arithmetic_contexts(48 if quick else 144)) + "\n")
+    harness.write_text(questions, "\n".join(arithmetic_contexts(48 if quick else 144)) + "\n")
     recipe_config = dataclasses.replace(persona_config, max_new_tokens=96)
     made = cached_bake("recipe-quick" if quick else "recipe", RECIPE, recipe_config,
                        contexts=questions, log=log)
     recipe = load_baked(made["path"])
+    parts = Parts(recipe, settings, log)
     arithmetic = load_task("arithmetic", limit=limit)
-    start = time.perf_counter()
-    arith_matrix = reprompt.reprompt_matrix(recipe, arithmetic)
-    with _lm.adapter(recipe.model, enabled=True):
-        recipe_scores = {t.name: (arith_matrix.cells["baked"] if t.name == "arithmetic" else
-                                  t(recipe.model, recipe.tokenizer)) for t in tasks}
-    recipe_gate = fg.compare(base_scores, recipe_scores)
+    arith_matrix = parts.matrix("recipe-arithmetic",
+                                lambda: reprompt.reprompt_matrix(recipe, arithmetic))
+    recipe_scores = {t.name: (arith_matrix.cells["baked"] if t.name == "arithmetic" else
+                              parts.score(f"recipe-baked-{t.name}", lambda t=t: reprompt.score(
+                                  recipe, t, adapter=True, prompted=False)))
+                     for t in tasks}
+    recipe_gate = fg.compare(suite["base"], recipe_scores)
     result["recipe"] = {"prompt": RECIPE, "bake": {"path": str(made["path"]),
                                                    "seconds": made["seconds"],
                                                    "kl": recipe.manifest["kl"]},
                         "reprompt": arith_matrix.to_dict(),
                         "by_category": _by_category(arith_matrix),
-                        "forgetting": recipe_gate.to_dict(),
-                        "seconds": time.perf_counter() - start}
+                        "forgetting": recipe_gate.to_dict()}
     fg.plot_heatmap({"pirate persona": persona_gate, "arithmetic recipe": recipe_gate},
                     args.out / "evaluate-forgetting.png")
     log(f"    arithmetic: base {arith_matrix.cells['base'].value:.3f}, prompted "
         f"{arith_matrix.cells['base+u'].value:.3f}, baked {arith_matrix.cells['baked'].value:.3f}")
 
     log("  3. prompt pursuit from the arithmetic bake")
-    start = time.perf_counter()
-    pursuit = pursue(recipe, rounds=1 if quick else 3, evaluator=arithmetic,
-                     contexts=str(questions), threshold=0.02, patience=1)
-    result["pursuit"] = {**pursuit.to_dict(), "seconds": time.perf_counter() - start}
+    result["pursuit"] = parts.get("recipe-pursuit", lambda: pursue(
+        recipe, rounds=1 if quick else 3, evaluator=arithmetic, contexts=str(questions),
+        threshold=0.02, patience=1).to_dict())
+    result["parts_seconds"] = parts.seconds
     result["checks"] = checks(result)
     return result
+
+
+class Parts:
+    """Each part of the run saved in bench/.cache/evaluate-parts/ as it finishes, and reused by a
+    rerun with the same settings on the same bake (the adapter's bytes are part of the key), so an
+    interrupted run of more than an hour resumes where it stopped. Delete the folder to remeasure.
+    """
+
+    def __init__(self, baked, settings: dict, log):
+        adapter = hashlib.sha256(Path(baked.path, "adapter_model.safetensors").read_bytes())
+        self.key = {**settings, "bake": str(baked.path), "adapter": adapter.hexdigest()}
+        self.log = log
+        self.seconds: dict[str, float] = {}
+
+    def get(self, name: str, measure):
+        """``measure()``'s JSON-able result, from the cache when the key matches."""
+        path = CACHE / "evaluate-parts" / f"{name}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == self.key:
+                self.log(f"    reusing {name} (measured in {saved['seconds']:.0f} s)")
+                self.seconds[name] = saved["seconds"]
+                return saved["value"]
+        start = time.perf_counter()
+        value = measure()
+        self.seconds[name] = time.perf_counter() - start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        harness.write_json(path, {"key": self.key, "seconds": self.seconds[name], "value": value})
+        return value
+
+    def score(self, name: str, measure) -> Score:
+        return Score(**self.get(name, lambda: measure().to_dict(items=True)))
+
+    def matrix(self, name: str, measure) -> reprompt.RepromptMatrix:
+        def saved():
+            m = measure()
+            return {**m.to_dict(), "cells": {c: s.to_dict(items=True) for c, s in m.cells.items()}}
+        data = self.get(name, saved)
+        return reprompt.RepromptMatrix(data["evaluator"],
+                                       {c: Score(**s) for c, s in data["cells"].items()},
+                                       data["recovery"], data["recovery_se"])
+
+    def drift(self, name: str, measure) -> drift_mod.DriftResult:
+        return drift_mod.DriftResult.from_dict(self.get(name, lambda: measure().to_dict()))
 
 
 def _by_category(matrix) -> dict:
@@ -187,7 +238,9 @@ def checks(result) -> list[dict]:
         {"target": "forgetting gate passes for the persona bake (no task drops > 3.4% relative "
                    "with p < 0.05)",
          "measured": f"worst: {worst['task']} {100 * worst['relative']:+.1f}% "
-                     f"(p = {worst['p_value']:.2g})", "pass": gate["passed"]},
+                     f"(p = {worst['p_value']:.2g}; the prompted model: "
+                     f"{_rel(result['persona']['prompted_suite']['tasks'][worst['task']])})",
+         "pass": gate["passed"]},
         {"target": f"baked drift at turn {d['baked']['turns']} no worse than prompted drift",
          "measured": f"baked {b['drift']:+.3f} ± {b['drift_se'] or 0:.3f}, prompted "
                      f"{p['drift']:+.3f} ± {p['drift_se'] or 0:.3f} (difference "
@@ -215,6 +268,8 @@ def report(result) -> str:
     lines.append(_matrix_text(m))
     lines.append("forgetting across the suite (pirate bake):")
     lines.append(_gate_text(result["persona"]["forgetting"]))
+    lines.append("the pirate prompt itself on the suite (base + u against base):")
+    lines.append(_gate_text(result["persona"]["prompted_suite"]))
     d = result["persona"]["drift"]
     for label in ("prompted", "baked"):
         x = d[label]["drift"]["adherence"]
@@ -277,11 +332,14 @@ def markdown(result) -> str:
         lines += ["", f"| {title} | base | baked |", "|---|---:|---:|",
                   f"| without the prompt | {_v(c['base'])} | {_v(c['baked'])} |",
                   f"| with the prompt | {_v(c['base+u'])} | {_v(c['baked+u'])} |"]
-    lines += ["", "| task | base | pirate bake | arithmetic bake |", "|---|---:|---:|---:|"]
+    lines += ["", "| task | base | pirate prompt (base + u) | pirate bake | arithmetic bake |",
+              "|---|---:|---:|---:|---:|"]
     pg, rg = result["persona"]["forgetting"]["tasks"], result["recipe"]["forgetting"]["tasks"]
+    pp = result["persona"]["prompted_suite"]["tasks"]
     for task in pg:
-        lines.append(f"| {task} | {_v(pg[task]['base'])} | {_v(pg[task]['baked'])} "
-                     f"({_rel(pg[task])}) | {_v(rg[task]['baked'])} ({_rel(rg[task])}) |")
+        lines.append(f"| {task} | {_v(pg[task]['base'])} | {_v(pp[task]['baked'])} "
+                     f"({_rel(pp[task])}) | {_v(pg[task]['baked'])} ({_rel(pg[task])}) | "
+                     f"{_v(rg[task]['baked'])} ({_rel(rg[task])}) |")
     return "\n".join(lines)
 
 

@@ -39,6 +39,23 @@ def right_padded(sequences: list[list[int]], pad_id: int, device) -> tuple[torch
     return ids, mask
 
 
+def next_step(model, cache, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+              alive: list, still: list[int]):
+    """One step of batched incremental decoding: the rows not in ``still`` (finished) leave the
+    batch and the cache, then the kept rows' chosen ``tokens`` are fed. ``alive`` maps batch rows
+    to the caller's sequences. Returns (model output, mask, position, alive) for the next step."""
+    if len(still) < len(alive):
+        keep = torch.tensor(still, device=tokens.device)
+        cache.batch_select_indices(keep)
+        tokens, mask, position = tokens[keep], mask[keep], position[keep]
+        alive = [alive[r] for r in still]
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    position = position + 1
+    out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
+                past_key_values=cache, use_cache=True)
+    return out, mask, position, alive
+
+
 def response_logits(model, prefixes: list[list[int]], responses: list[list[list[int]]],
                     pad_id: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Logits ``[tokens, V]`` (fp32, or fp64 for a fp64 model) predicting every response token.

@@ -290,14 +290,6 @@ def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
                 still.append(row)
         if not still or step + 1 == config.max_new_tokens:
             break
-        if len(still) < len(alive):  # drop finished sequences from the batch
-            keep = torch.tensor(still, device=device)
-            kv.batch_select_indices(keep)
-            drawn, mask, position = drawn[keep], mask[keep], position[keep]
-            alive = [alive[r] for r in still]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        position = position + 1
-        out = model(input_ids=drawn[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=kv, use_cache=True)
+        out, mask, position, alive = _lm.next_step(model, kv, drawn, mask, position, alive, still)
         logits = out.logits[:, -1].float()
     return tokens

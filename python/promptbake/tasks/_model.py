@@ -94,13 +94,6 @@ def _greedy_batch(model, prefixes, max_new_tokens, stop_ids, pad_id, stop):
                 still.append(row)
         if not still or step + 1 == max_new_tokens:
             break
-        if len(still) < len(alive):  # finished rows leave the batch
-            keep = torch.tensor(still, device=device)
-            cache.batch_select_indices(keep)
-            chosen, mask, position = chosen[keep], mask[keep], position[keep]
-            alive = [alive[r] for r in still]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        position = position + 1
-        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=cache, use_cache=True)
+        out, mask, position, alive = _lm.next_step(model, cache, chosen, mask, position, alive,
+                                                   still)
     return tokens
