@@ -179,7 +179,8 @@ class Parts:
 
     def get(self, name: str, measure):
         """``measure()``'s JSON-able result, from the cache when the key matches."""
-        path = CACHE / "evaluate-parts" / f"{name}.json"
+        prefix = "quick-" if self.key["quick"] else ""
+        path = CACHE / "evaluate-parts" / f"{prefix}{name}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("key") == self.key:
