@@ -27,8 +27,10 @@ from pathlib import Path
 
 import harness
 from common import CACHE, PIRATE, cached_bake
-from promptbake import _lm, contexts as contexts_mod, drift as drift_mod, forgetting as fg
-from promptbake import reprompt
+from promptbake import _lm, reprompt
+from promptbake import contexts as contexts_mod
+from promptbake import drift as drift_mod
+from promptbake import forgetting as fg
 from promptbake.bake import BakeConfig, load_baked
 from promptbake.pursuit import pursue
 from promptbake.report import _plateau_round
