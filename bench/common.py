@@ -1,8 +1,8 @@
 """Bakes shared by the benchmark suites, made once and reused from bench/.cache/.
 
 A cached bake is reused only when its manifest records a finished bake of the same prompt, with
-the same settings, contexts (path and contents) and base model weights; otherwise it is baked again (with
-``--overwrite``, which only removes files promptbake wrote).
+the same settings, contexts (path and contents) and base model weights; otherwise it is baked
+again (with ``--overwrite``, which only removes files promptbake wrote).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=p
     out = CACHE / name
     key = {"prompt": prompt, "config": dataclasses.asdict(config),
            "contexts": None if contexts is None else
-           {"path": str(contexts), "sha256": hashlib.sha256(Path(contexts).read_bytes()).hexdigest()},
+           {"path": str(contexts),
+            "sha256": hashlib.sha256(Path(contexts).read_bytes()).hexdigest()},
            "model": models.fingerprint(models.ensure_default())}
     stamp = out / "bench-key.json"
     if (out / "manifest.json").is_file() and stamp.is_file() and \

@@ -132,13 +132,12 @@ def run(args, log) -> dict:
 
     log("  2. the arithmetic recipe, baked on arithmetic questions")
     questions = CACHE / "arithmetic-contexts.txt"
-    questions.parent.mkdir(parents=True, exist_ok=True)
     harness.write_text(questions, "\n".join(arithmetic_contexts(48 if quick else 144)) + "\n")
     recipe_config = dataclasses.replace(persona_config, max_new_tokens=96)
     made = cached_bake("recipe-quick" if quick else "recipe", RECIPE, recipe_config,
                        contexts=questions, log=log)
     recipe = load_baked(made["path"])
-    parts = Parts(recipe, settings, log)
+    parts = Parts(recipe, settings, log, seconds=parts.seconds)
     arithmetic = load_task("arithmetic", limit=limit)
     arith_matrix = parts.matrix("recipe-arithmetic",
                                 lambda: reprompt.reprompt_matrix(recipe, arithmetic))
@@ -173,11 +172,11 @@ class Parts:
     interrupted run of more than an hour resumes where it stopped. Delete the folder to remeasure.
     """
 
-    def __init__(self, baked, settings: dict, log):
+    def __init__(self, baked, settings: dict, log, seconds: dict | None = None):
         adapter = hashlib.sha256(Path(baked.path, "adapter_model.safetensors").read_bytes())
         self.key = {**settings, "bake": str(baked.path), "adapter": adapter.hexdigest()}
         self.log = log
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {} if seconds is None else seconds  # part -> wall s
 
     def get(self, name: str, measure):
         """``measure()``'s JSON-able result, from the cache when the key matches."""
