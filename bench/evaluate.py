@@ -72,7 +72,17 @@ def arithmetic_contexts(count: int, seed: int = 0) -> list[str]:
     return found
 
 
-def run(args, log) -> dict:
+SECTIONS = ("persona", "recipe", "pursuit")
+
+
+def run(args, log) -> dict | None:
+    """The whole suite, or with ``--section`` only some of its parts (saved for the next whole
+    run, which reuses them: two processes, one per section, finish sooner on 2 cores)."""
+    sections = [s for s in SECTIONS if s in (args.section or SECTIONS)]
+    unknown = set(args.section or ()) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"evaluate has no section {', '.join(sorted(unknown))}; its sections "
+                         f"are {', '.join(SECTIONS)}")
     quick = args.quick
     limit = 12 if quick else None
     turns, conversations = (6, 2) if quick else (TURNS, 6)
@@ -82,86 +92,105 @@ def run(args, log) -> dict:
                                              epochs=1.0)
     result = {"suite": "evaluate", "machine": harness.machine(), "quick": quick, "limit": limit}
     settings = {"quick": quick, "limit": limit, "turns": turns, "conversations": conversations}
-
-    log("  1. the pirate persona")
-    made = cached_bake("pirate-quick" if quick else "pirate", PIRATE, persona_config, log=log)
-    pirate = load_baked(made["path"])
-    parts = Parts(pirate, settings, log)
-    persona = drift_mod.pirate()
-    held_out = contexts_mod.builtin("held_out")[:16 if quick else None]
-    adherence = drift_mod.AdherenceEvaluator(persona, held_out)
-    matrix = parts.matrix("pirate-adherence", lambda: reprompt.reprompt_matrix(pirate, adherence))
-    result["persona"] = {"bake": {"path": str(made["path"]), "seconds": made["seconds"],
-                                  "kl": pirate.manifest["kl"]},
-                         "reprompt": matrix.to_dict(),
-                         "reprompt_items": {c: s.items for c, s in matrix.cells.items()}}
-    log(f"    adherence: base {matrix.cells['base'].value:.3f}, prompted "
-        f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
-
-    log("    the task suite on the base model, the prompted one and the baked one")
+    seconds: dict[str, float] = {}  # part -> wall s, over both bakes' parts
     tasks = [load_task(name, limit=limit) for name in TASKS]
-    suite = {cell: {t.name: parts.score(f"pirate-{cell}-{t.name}", lambda t=t, cell=cell:
-                                        reprompt.score(pirate, t, adapter=cell == "baked",
-                                                       prompted=cell == "base+u"))
-                    for t in tasks}
-             for cell in ("base", "base+u", "baked")}
-    persona_gate = fg.compare(suite["base"], suite["baked"])
-    result["persona"]["forgetting"] = persona_gate.to_dict()
-    # The prompt's own effect on the suite: the bake reproduces base + u, so a drop that the
-    # prompted model shows too comes from the persona, not from baking.
-    result["persona"]["prompted_suite"] = fg.compare(suite["base"], suite["base+u"]).to_dict()
-    result["persona"]["baked_vs_prompted"] = fg.compare(suite["base+u"], suite["baked"]).to_dict()
-    log(f"    forgetting gate: {'pass' if persona_gate.passed else 'FAIL'}")
-
-    log(f"    drift over {turns} turns, prompted then baked")
-    options = dict(turns=turns, conversations=conversations, max_new_tokens=48)
-    semantic = drift_mod.SemanticScorer(persona)
-    runs = {}
-    for mode, on, system in (("prompted", False, PIRATE), ("baked", True, None)):
-        def measure(on=on, system=system):
-            with _lm.adapter(pirate.model, enabled=on):
-                return drift_mod.drift(pirate.model, pirate.tokenizer, persona, system=system,
-                                       semantic=semantic, **options)
-        runs[mode] = parts.drift(f"pirate-drift-{mode}", measure)
-    prompted, baked = runs["prompted"], runs["baked"]
-    result["persona"]["drift"] = {"prompted": prompted.to_dict(), "baked": baked.to_dict(),
-                                  "baked_minus_prompted": drift_mod.drift_difference(baked,
-                                                                                     prompted)}
-    drift_mod.plot_drift({"prompted (base + u)": prompted, "baked (no prompt)": baked},
-                         args.out / "evaluate-drift.png")
-
-    log("  2. the arithmetic recipe, baked on arithmetic questions")
+    arithmetic = load_task("arithmetic", limit=limit)
     questions = CACHE / "arithmetic-contexts.txt"
     harness.write_text(questions, "\n".join(arithmetic_contexts(48 if quick else 144)) + "\n")
     recipe_config = dataclasses.replace(persona_config, max_new_tokens=96)
-    made = cached_bake("recipe-quick" if quick else "recipe", RECIPE, recipe_config,
-                       contexts=questions, log=log)
-    recipe = load_baked(made["path"])
-    parts = Parts(recipe, settings, log, seconds=parts.seconds)
-    arithmetic = load_task("arithmetic", limit=limit)
-    arith_matrix = parts.matrix("recipe-arithmetic",
-                                lambda: reprompt.reprompt_matrix(recipe, arithmetic))
-    recipe_scores = {t.name: (arith_matrix.cells["baked"] if t.name == "arithmetic" else
-                              parts.score(f"recipe-baked-{t.name}", lambda t=t: reprompt.score(
-                                  recipe, t, adapter=True, prompted=False)))
-                     for t in tasks}
-    recipe_gate = fg.compare(suite["base"], recipe_scores)
-    result["recipe"] = {"prompt": RECIPE, "bake": {"path": str(made["path"]),
-                                                   "seconds": made["seconds"],
-                                                   "kl": recipe.manifest["kl"]},
-                        "reprompt": arith_matrix.to_dict(),
-                        "by_category": _by_category(arith_matrix),
-                        "forgetting": recipe_gate.to_dict()}
+
+    if "persona" in sections or "recipe" in sections:
+        log("  1. the pirate persona")
+        made = cached_bake("pirate-quick" if quick else "pirate", PIRATE, persona_config, log=log)
+        pirate = load_baked(made["path"])
+        parts = Parts(pirate, settings, log, seconds)
+        log("    the task suite on the base model")
+        base_suite = {t.name: parts.score(f"pirate-base-{t.name}", lambda t=t: reprompt.score(
+            pirate, t, adapter=False, prompted=False)) for t in tasks}
+
+    if "persona" in sections:
+        persona = drift_mod.pirate()
+        held_out = contexts_mod.builtin("held_out")[:16 if quick else None]
+        adherence = drift_mod.AdherenceEvaluator(persona, held_out)
+        matrix = parts.matrix("pirate-adherence",
+                              lambda: reprompt.reprompt_matrix(pirate, adherence))
+        result["persona"] = {"bake": {"path": str(made["path"]), "seconds": made["seconds"],
+                                      "kl": pirate.manifest["kl"]},
+                             "reprompt": matrix.to_dict(),
+                             "reprompt_items": {c: s.items for c, s in matrix.cells.items()}}
+        log(f"    adherence: base {matrix.cells['base'].value:.3f}, prompted "
+            f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
+
+        log("    the task suite on the prompted model and the baked one")
+        suite = {"base": base_suite}
+        suite.update({cell: {t.name: parts.score(
+            f"pirate-{cell}-{t.name}", lambda t=t, cell=cell: reprompt.score(
+                pirate, t, adapter=cell == "baked", prompted=cell == "base+u")) for t in tasks}
+            for cell in ("base+u", "baked")})
+        persona_gate = fg.compare(suite["base"], suite["baked"])
+        result["persona"]["forgetting"] = persona_gate.to_dict()
+        # The prompt's own effect on the suite: the bake reproduces base + u, so a drop that the
+        # prompted model shows too comes from the persona, not from baking.
+        result["persona"]["prompted_suite"] = fg.compare(suite["base"],
+                                                         suite["base+u"]).to_dict()
+        result["persona"]["baked_vs_prompted"] = fg.compare(suite["base+u"],
+                                                            suite["baked"]).to_dict()
+        log(f"    forgetting gate: {'pass' if persona_gate.passed else 'FAIL'}")
+
+        log(f"    drift over {turns} turns, prompted then baked")
+        options = dict(turns=turns, conversations=conversations, max_new_tokens=48)
+        semantic = drift_mod.SemanticScorer(persona)
+        runs = {}
+        for mode, on, system in (("prompted", False, PIRATE), ("baked", True, None)):
+            def measure(on=on, system=system):
+                with _lm.adapter(pirate.model, enabled=on):
+                    return drift_mod.drift(pirate.model, pirate.tokenizer, persona,
+                                           system=system, semantic=semantic, **options)
+            runs[mode] = parts.drift(f"pirate-drift-{mode}", measure)
+        prompted, baked = runs["prompted"], runs["baked"]
+        result["persona"]["drift"] = {"prompted": prompted.to_dict(), "baked": baked.to_dict(),
+                                      "baked_minus_prompted": drift_mod.drift_difference(
+                                          baked, prompted)}
+
+    if "recipe" in sections or "pursuit" in sections:
+        log("  2. the arithmetic recipe, baked on arithmetic questions")
+        made = cached_bake("recipe-quick" if quick else "recipe", RECIPE, recipe_config,
+                           contexts=questions, log=log)
+        recipe = load_baked(made["path"])
+        parts = Parts(recipe, settings, log, seconds)
+
+    if "recipe" in sections:
+        arith_matrix = parts.matrix("recipe-arithmetic",
+                                    lambda: reprompt.reprompt_matrix(recipe, arithmetic))
+        log(f"    arithmetic: base {arith_matrix.cells['base'].value:.3f}, prompted "
+            f"{arith_matrix.cells['base+u'].value:.3f}, baked "
+            f"{arith_matrix.cells['baked'].value:.3f}")
+        recipe_scores = {t.name: arith_matrix.cells["baked"] if t.name == "arithmetic" else
+                         parts.score(f"recipe-baked-{t.name}", lambda t=t: reprompt.score(
+                             recipe, t, adapter=True, prompted=False)) for t in tasks}
+        recipe_gate = fg.compare(base_suite, recipe_scores)
+        result["recipe"] = {"prompt": RECIPE, "bake": {"path": str(made["path"]),
+                                                       "seconds": made["seconds"],
+                                                       "kl": recipe.manifest["kl"]},
+                            "reprompt": arith_matrix.to_dict(),
+                            "by_category": _by_category(arith_matrix),
+                            "forgetting": recipe_gate.to_dict()}
+
+    if "pursuit" in sections:
+        log("  3. prompt pursuit from the arithmetic bake")
+        result["pursuit"] = parts.get("recipe-pursuit", lambda: pursue(
+            recipe, rounds=1 if quick else 3, evaluator=arithmetic, contexts=str(questions),
+            threshold=0.02, patience=1).to_dict())
+
+    result["parts_seconds"] = seconds
+    if sections != list(SECTIONS):
+        log(f"    measured and saved: {', '.join(sections)}; the results are written by a run "
+            f"of every section (it reuses these parts)")
+        return None
     fg.plot_heatmap({"pirate persona": persona_gate, "arithmetic recipe": recipe_gate},
                     args.out / "evaluate-forgetting.png")
-    log(f"    arithmetic: base {arith_matrix.cells['base'].value:.3f}, prompted "
-        f"{arith_matrix.cells['base+u'].value:.3f}, baked {arith_matrix.cells['baked'].value:.3f}")
-
-    log("  3. prompt pursuit from the arithmetic bake")
-    result["pursuit"] = parts.get("recipe-pursuit", lambda: pursue(
-        recipe, rounds=1 if quick else 3, evaluator=arithmetic, contexts=str(questions),
-        threshold=0.02, patience=1).to_dict())
-    result["parts_seconds"] = parts.seconds
+    drift_mod.plot_drift({"prompted (base + u)": prompted, "baked (no prompt)": baked},
+                         args.out / "evaluate-drift.png")
     result["checks"] = checks(result)
     return result
 
@@ -199,13 +228,8 @@ class Parts:
         return Score(**self.get(name, lambda: measure().to_dict(items=True)))
 
     def matrix(self, name: str, measure) -> reprompt.RepromptMatrix:
-        def saved():
-            m = measure()
-            return {**m.to_dict(), "cells": {c: s.to_dict(items=True) for c, s in m.cells.items()}}
-        data = self.get(name, saved)
-        return reprompt.RepromptMatrix(data["evaluator"],
-                                       {c: Score(**s) for c, s in data["cells"].items()},
-                                       data["recovery"], data["recovery_se"])
+        return reprompt.RepromptMatrix.from_dict(
+            self.get(name, lambda: measure().to_dict(items=True)))
 
     def drift(self, name: str, measure) -> drift_mod.DriftResult:
         return drift_mod.DriftResult.from_dict(self.get(name, lambda: measure().to_dict()))

@@ -1,5 +1,6 @@
 """The re-prompt matrix and strength sweeps of an evaluator, on the tiny model."""
 
+import json
 import math
 
 import pytest
@@ -38,6 +39,12 @@ def test_matrix_cells_are_the_four_conditions(baked, next_token_evaluator):
     assert matrix.cells["baked"].value == pytest.approx(plain.value)
     assert matrix.cells["base"].value != pytest.approx(matrix.cells["baked"].value)
     assert "| without u |" in matrix.table() and set(matrix.to_dict()["cells"]) == set(CELLS)
+    # Saved with its items, the matrix reads back whole (JSON and all); without them it cannot.
+    back = reprompt.RepromptMatrix.from_dict(json.loads(json.dumps(matrix.to_dict(items=True))))
+    assert back.to_dict(items=True) == matrix.to_dict(items=True)
+    assert back.cells["baked"].items == matrix.cells["baked"].items
+    with pytest.raises(ValueError, match="items=True"):
+        reprompt.RepromptMatrix.from_dict(matrix.to_dict())
 
 
 CELLS = reprompt.CELLS

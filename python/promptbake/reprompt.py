@@ -17,6 +17,7 @@ import math
 from typing import Callable, Iterable
 
 from promptbake import _lm
+from promptbake.tasks import Score
 
 CELLS = ("base", "base+u", "baked", "baked+u")
 
@@ -67,10 +68,21 @@ class RepromptMatrix:
     recovery: float | None  # (baked - base) / (base+u - base)
     recovery_se: float | None
 
-    def to_dict(self) -> dict:
+    def to_dict(self, items: bool = False) -> dict:
+        """JSON-able; with ``items`` each cell keeps its per-item results, which ``from_dict``
+        needs."""
         return {"evaluator": self.evaluator,
-                "cells": {name: s.to_dict() for name, s in self.cells.items()},
+                "cells": {name: s.to_dict(items=items) for name, s in self.cells.items()},
                 "recovery": self.recovery, "recovery_se": self.recovery_se}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RepromptMatrix:
+        """The matrix ``to_dict(items=True)`` saved."""
+        if any("items" not in cell for cell in data["cells"].values()):
+            raise ValueError("this matrix was saved without its items: save it with "
+                             "to_dict(items=True) to read it back")
+        return cls(data["evaluator"], {name: Score(**cell) for name, cell in data["cells"].items()},
+                   data["recovery"], data["recovery_se"])
 
     def table(self) -> str:
         """Markdown: rows without / with u, columns base / baked."""
