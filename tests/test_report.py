@@ -43,6 +43,11 @@ def test_report_writes_every_section(baked_dir, small_task):
     assert set(record["snapshots"]) == {"2", "4"}
     cells = record["reprompt"]["colours"]["cells"]
     assert set(cells) == {"base", "base+u", "baked", "baked+u"} and cells["base"]["n"] == 6
+    # The second forgetting gate compares the baked cell with the prompted one.
+    assert any(t.startswith("forgetting beyond the prompt") for t in targets)
+    beyond = record["forgetting_vs_prompted"]["tasks"]["colours"]
+    assert beyond["base"]["value"] == cells["base+u"]["value"]
+    assert beyond["baked"]["value"] == cells["baked"]["value"]
     for name in ("report.md", "report.json", "report-strength.png", "report-snapshots.png",
                  "report-forgetting.png", "report-drift.png"):
         assert (baked_dir / name).is_file(), name
