@@ -106,7 +106,7 @@ def run(args, log) -> dict | None:
         parts = Parts(pirate, settings, log, seconds)
         log("    the task suite on the base model")
         base_suite = {t.name: parts.score(f"pirate-base-{t.name}", lambda t=t: reprompt.score(
-            pirate, t, adapter=False, prompted=False)) for t in tasks}
+            pirate, t, adapter=False, prompted=False), task=t) for t in tasks}
 
     if "persona" in sections:
         persona = drift_mod.pirate()
@@ -125,7 +125,8 @@ def run(args, log) -> dict | None:
         suite = {"base": base_suite}
         suite.update({cell: {t.name: parts.score(
             f"pirate-{cell}-{t.name}", lambda t=t, cell=cell: reprompt.score(
-                pirate, t, adapter=cell == "baked", prompted=cell == "base+u")) for t in tasks}
+                pirate, t, adapter=cell == "baked", prompted=cell == "base+u"), task=t)
+            for t in tasks}
             for cell in ("base+u", "baked")})
         persona_gate = fg.compare(suite["base"], suite["baked"])
         result["persona"]["forgetting"] = persona_gate.to_dict()
@@ -161,13 +162,14 @@ def run(args, log) -> dict | None:
 
     if "recipe" in sections:
         arith_matrix = parts.matrix("recipe-arithmetic",
-                                    lambda: reprompt.reprompt_matrix(recipe, arithmetic))
+                                    lambda: reprompt.reprompt_matrix(recipe, arithmetic),
+                                    task=arithmetic)
         log(f"    arithmetic: base {arith_matrix.cells['base'].value:.3f}, prompted "
             f"{arith_matrix.cells['base+u'].value:.3f}, baked "
             f"{arith_matrix.cells['baked'].value:.3f}")
         recipe_scores = {t.name: arith_matrix.cells["baked"] if t.name == "arithmetic" else
                          parts.score(f"recipe-baked-{t.name}", lambda t=t: reprompt.score(
-                             recipe, t, adapter=True, prompted=False)) for t in tasks}
+                             recipe, t, adapter=True, prompted=False), task=t) for t in tasks}
         recipe_gate = fg.compare(base_suite, recipe_scores)
         result["recipe"] = {"prompt": RECIPE, "bake": {"path": str(made["path"]),
                                                        "seconds": made["seconds"],
@@ -180,7 +182,7 @@ def run(args, log) -> dict | None:
         log("  3. prompt pursuit from the arithmetic bake")
         result["pursuit"] = parts.get("recipe-pursuit", lambda: pursue(
             recipe, rounds=1 if quick else 3, evaluator=arithmetic, contexts=str(questions),
-            threshold=0.02, patience=1).to_dict())
+            threshold=0.02, patience=1).to_dict(), task=arithmetic)
 
     result["parts_seconds"] = seconds
     if sections != list(SECTIONS):
@@ -207,13 +209,15 @@ class Parts:
         self.log = log
         self.seconds: dict[str, float] = {} if seconds is None else seconds  # part -> wall s
 
-    def get(self, name: str, measure):
-        """``measure()``'s JSON-able result, from the cache when the key matches."""
+    def get(self, name: str, measure, task=None):
+        """``measure()``'s JSON-able result, from the cache when the key matches (with ``task``,
+        the key holds the task's definition too: its items, budget and stop strings)."""
+        key = self.key if task is None else {**self.key, "task": _task_key(task)}
         prefix = "quick-" if self.key["quick"] else ""
         path = CACHE / "evaluate-parts" / f"{prefix}{name}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("key") == self.key:
+            if saved.get("key") == key:
                 self.log(f"    reusing {name} (measured in {saved['seconds']:.0f} s)")
                 self.seconds[name] = saved["seconds"]
                 return saved["value"]
@@ -221,18 +225,25 @@ class Parts:
         value = measure()
         self.seconds[name] = time.perf_counter() - start
         path.parent.mkdir(parents=True, exist_ok=True)
-        harness.write_json(path, {"key": self.key, "seconds": self.seconds[name], "value": value})
+        harness.write_json(path, {"key": key, "seconds": self.seconds[name], "value": value})
         return value
 
-    def score(self, name: str, measure) -> Score:
-        return Score(**self.get(name, lambda: measure().to_dict(items=True)))
+    def score(self, name: str, measure, task) -> Score:
+        return Score(**self.get(name, lambda: measure().to_dict(items=True), task))
 
-    def matrix(self, name: str, measure) -> reprompt.RepromptMatrix:
+    def matrix(self, name: str, measure, task=None) -> reprompt.RepromptMatrix:
         return reprompt.RepromptMatrix.from_dict(
-            self.get(name, lambda: measure().to_dict(items=True)))
+            self.get(name, lambda: measure().to_dict(items=True), task))
 
     def drift(self, name: str, measure) -> drift_mod.DriftResult:
         return drift_mod.DriftResult.from_dict(self.get(name, lambda: measure().to_dict()))
+
+
+def _task_key(task) -> str:
+    """sha256 of what a task's scores depend on."""
+    data = {"name": task.name, "items": task.items, "max_new_tokens": task.max_new_tokens,
+            "until": list(task.until)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _by_category(matrix) -> dict:

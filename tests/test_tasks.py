@@ -11,8 +11,8 @@ import pytest
 import torch
 from promptbake import tasks
 from promptbake.framing import Framing
-from promptbake.tasks import Score, Task, TaskError, checks, sandbox
-from promptbake.tasks._model import continuation_logprobs, greedy
+from promptbake.tasks import TASKS, Score, Task, TaskError, checks, sandbox
+from promptbake.tasks._model import continuation_logprobs, cut, greedy
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,31 @@ def test_generation_scored_by_checks(tiny_dir, tokenizer):
     assert score.items[2]["checks"] == [True, True]
     assert score.items[2]["target"] == [777, {"type": "starts_with", "value": "7"}]
     assert score.chance is None and score.value == pytest.approx(2 / 3)
+
+
+def test_generation_stops_at_until(tiny_dir, tokenizer):
+    seven = _ids(tokenizer, "7")
+    bias = torch.zeros(len(tokenizer))
+    bias[seven[0]] = 10.0
+    model = _scripted(tiny_dir, bias)  # answers "777..." to everything
+    item = {"id": "a", "prompt": "Say 7.", "checks": [{"type": "contains", "value": "7"}]}
+    free = Task("free", [item], max_new_tokens=8)(model, tokenizer)
+    assert free.items[0]["prediction"] == "7" * 8 and free.items[0]["tokens"] == 8
+    # Decoding stops once the answer holds a stop string; the answer ends before it.
+    stopped = Task("stopped", [item], max_new_tokens=8, until=("777",))(model, tokenizer)
+    assert stopped.items[0]["tokens"] == 3 and stopped.items[0]["prediction"] == ""
+    assert stopped.value == 0.0
+    with pytest.raises(TaskError, match="stop strings"):
+        Task("bad", [item], until="777")
+
+
+def test_arithmetic_answer_ends_at_a_new_question():
+    # A model shown worked Q/A examples answers, then invents more: the shipped arithmetic task
+    # cuts the answer at the new question, so the number checked is the answer's own.
+    task = TASKS["arithmetic"]
+    text = "2 * 5 = 10. The answer is 10.\n\nQ: What is 10 * 2?\nA: 10 * 2 = 20. The answer is 20."
+    assert checks.last_number(text) == 20
+    assert checks.last_number(cut(text, task.until)) == 10
 
 
 def test_greedy_batches_equal_one_at_a_time(tiny, tokenizer):

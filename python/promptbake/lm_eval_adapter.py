@@ -29,7 +29,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       "\"promptbake[eval]\"") from err
 
 from promptbake.framing import STUDENT_FRAMINGS, Framing
-from promptbake.tasks._model import continuation_logprobs, greedy
+from promptbake.tasks._model import continuation_logprobs, cut, greedy, stop_strings
 
 log = logging.getLogger("promptbake")
 
@@ -193,32 +193,14 @@ class PromptbakeLM(LM):
             room = max(1, self.max_length - budget)  # the answer must fit after the context
             prefixes = [(self._encode(requests[k].args[0]) or [self.prefix_token_id])[-room:]
                         for k in ks]
-            stop = self._stopper(until)
+            stop = stop_strings(self.tokenizer, until)
             answers = greedy(self.model, prefixes, max_new_tokens=budget, stop_ids=self.stop_ids,
                              pad_id=self.pad_id, batch_size=self.batch_size, stop=stop)
             for k, tokens in zip(ks, answers):
-                text = _cut(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
+                text = cut(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
                 out[k] = text
                 self.cache_hook.add_partial("generate_until", requests[k].args, text)
         return out
-
-    def _stopper(self, until: tuple[str, ...]):
-        if not until:
-            return None
-        longest = max(len(u) for u in until)
-
-        def stop(tokens: list[int]) -> bool:
-            # Only the tail can hold a stop string that the newest token completed.
-            tail = self.tokenizer.decode(tokens[-(longest + 8):], skip_special_tokens=True)
-            return any(u in tail for u in until)
-        return stop
-
-
-def _cut(text: str, until) -> str:
-    for stop in until:
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text
 
 
 def _load(pretrained: str | None, baked: str | None, strength: float):

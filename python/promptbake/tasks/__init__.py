@@ -31,7 +31,7 @@ from typing import Protocol, runtime_checkable
 
 from promptbake.framing import Framing
 from promptbake.tasks import checks, sandbox
-from promptbake.tasks._model import continuation_logprobs, greedy
+from promptbake.tasks._model import continuation_logprobs, cut, greedy, stop_strings
 
 log = logging.getLogger("promptbake")
 
@@ -94,7 +94,8 @@ class Task:
     """A task read from JSON lines; calling it evaluates a model (an ``Evaluator``).
 
     ``batch_size``: questions per forward pass (multiple choice) or answers decoded together
-    (generation). ``max_new_tokens``: the answer budget of generation items.
+    (generation). ``max_new_tokens``: the answer budget of generation items. ``until``: stop
+    strings (lm-eval's ``until``): a generated answer ends before the first of them.
     """
 
     name: str
@@ -102,6 +103,7 @@ class Task:
     max_new_tokens: int = 128
     batch_size: int = 16
     description: str = ""
+    until: tuple[str, ...] = ()
     kind: str = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -117,6 +119,10 @@ class Task:
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
             raise TaskError(f"task {self.name!r} repeats item ids {twice[:5]}: make them unique")
+        if isinstance(self.until, str) or not all(isinstance(u, str) and u for u in self.until):
+            raise TaskError(f"task {self.name!r}: until={self.until!r} must be a list of "
+                            f"non-empty stop strings")
+        self.until = tuple(self.until)
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise TaskError(f"task {self.name!r}: max_new_tokens={self.max_new_tokens} and "
                             f"batch_size={self.batch_size} must be >= 1")
@@ -191,11 +197,12 @@ class Task:
             for i, tokens in zip(which, greedy(model, [prefixes[i] for i in which],
                                                max_new_tokens=budget, stop_ids=stop_ids,
                                                pad_id=pad_id, batch_size=self.batch_size,
+                                               stop=stop_strings(tokenizer, self.until),
                                                progress=progress)):
                 answers[i] = tokens
         out = []
         for item, tokens in zip(self.items, answers):
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            text = cut(tokenizer.decode(tokens, skip_special_tokens=True), self.until)
             passed = [checks.check(kind, text) for kind in item["checks"]]
             target = [_describe(kind) for kind in item["checks"]]
             out.append({**_extra(item), "id": item["id"], "score": float(all(passed)),
@@ -298,9 +305,11 @@ class _Progress:
 # -- the shipped suite ------------------------------------------------------------------------
 
 # Answer budgets: arithmetic leaves room for worked steps (a "think step by step" prompt makes
-# the model write them), code for a function and a short explanation.
+# the model write them), code for a function and a short explanation. Arithmetic stops at a new
+# question, as lm-eval's GSM8K stops at "Question:": a model shown worked "Q: ... A: ..."
+# examples may answer, then go on inventing more of them, and the last number would be theirs.
 _SHIPPED = {
-    "arithmetic": {"max_new_tokens": 160,
+    "arithmetic": {"max_new_tokens": 160, "until": ("\nQ:", "\nQuestion:"),
                    "description": "addition, subtraction, one- and two-digit products; the last "
                                   "number in the answer is checked"},
     "world_facts": {"description": "geography, science, history and culture, four choices"},

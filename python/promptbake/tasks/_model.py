@@ -97,3 +97,26 @@ def _greedy_batch(model, prefixes, max_new_tokens, stop_ids, pad_id, stop):
         out, mask, position, alive = _lm.next_step(model, cache, chosen, mask, position, alive,
                                                    still)
     return tokens
+
+
+def stop_strings(tokenizer, until) -> Callable[[list[int]], bool] | None:
+    """``greedy``'s ``stop``: true once the decoded answer holds one of the strings ``until``
+    (lm-eval's stop strings); None without any."""
+    until = [u for u in until if u]
+    if not until:
+        return None
+    longest = max(len(u) for u in until)
+
+    def stop(tokens: list[int]) -> bool:
+        # Only the tail can hold a stop string that the newest token completed.
+        tail = tokenizer.decode(tokens[-(longest + 8):], skip_special_tokens=True)
+        return any(u in tail for u in until)
+    return stop
+
+
+def cut(text: str, until) -> str:
+    """``text`` up to the first of the stop strings ``until``."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
