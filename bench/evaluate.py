@@ -6,7 +6,8 @@
 2. A step-by-step arithmetic recipe with worked examples, baked on arithmetic questions that are
    not in the task: its re-prompt matrix on the arithmetic task (how much of the prompt's gain
    over the base model the bake recovers) and its forgetting across the suite.
-3. Prompt pursuit from the arithmetic bake, tracked by arithmetic accuracy: the gain per round.
+3. Prompt pursuit from the arithmetic bake, tracked by arithmetic accuracy: once with its
+   plateau stop (the target), once for every round (the gain per round past the stop).
 
 A plain "Think step by step." system prompt does not change SmolLM2-135M's arithmetic (measured:
 +0.000 ± 0.043 on the 120 items, paired), so the recipe shows the model worked examples.
@@ -183,6 +184,12 @@ def run(args, log) -> dict | None:
         result["pursuit"] = parts.get("recipe-pursuit", lambda: pursue(
             recipe, rounds=1 if quick else 3, evaluator=arithmetic, contexts=str(questions),
             threshold=0.02, patience=1).to_dict(), task=arithmetic)
+        # The same rounds without stopping early: the per-round curve past the plateau rule
+        # (round i bakes with seed + i in both, so they share their first rounds).
+        log("    and every round, without the plateau stop")
+        result["pursuit_curve"] = parts.get("recipe-pursuit-curve", lambda: pursue(
+            recipe, rounds=1 if quick else 3, evaluator=arithmetic, contexts=str(questions),
+            threshold=0.02, patience=3).to_dict(), task=arithmetic)
 
     result["parts_seconds"] = seconds
     if sections != list(SECTIONS):
@@ -326,6 +333,9 @@ def report(result) -> str:
                      f"{r['kl_to_prompted']['per_token']:.4f} nats/token")
     lines.append(f"  stopped: {result['pursuit']['stopped']}, kept round "
                  f"{result['pursuit']['best_round']}")
+    curve = result["pursuit_curve"]["rounds"]
+    lines.append("  every round, no plateau stop: " + ", ".join(
+        f"{r['metric']:.3f} ± {r['score']['se'] or 0:.3f}" for r in curve))
     lines.append("")
     lines.append(harness.table(["target", "measured", "result"],
                                [[c["target"], c["measured"], "pass" if c["pass"] else "MISS"]
@@ -369,19 +379,36 @@ def markdown(result) -> str:
         lines += ["", f"| {title} | base | baked |", "|---|---:|---:|",
                   f"| without the prompt | {_v(c['base'])} | {_v(c['baked'])} |",
                   f"| with the prompt | {_v(c['base+u'])} | {_v(c['baked+u'])} |"]
-    lines += ["", "| task | base | pirate prompt (base + u) | pirate bake | arithmetic bake |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", "| task | base | pirate prompt (base + u) | pirate bake | pirate bake vs prompt "
+              "| arithmetic bake |", "|---|---:|---:|---:|---:|---:|"]
     pg, rg = result["persona"]["forgetting"]["tasks"], result["recipe"]["forgetting"]["tasks"]
     pp = result["persona"]["prompted_suite"]["tasks"]
+    vs = result["persona"]["baked_vs_prompted"]["tasks"]
     for task in pg:
         lines.append(f"| {task} | {_v(pg[task]['base'])} | {_v(pp[task]['baked'])} "
-                     f"({_rel(pp[task])}) | {_v(pg[task]['baked'])} ({_rel(pg[task])}) | "
-                     f"{_v(rg[task]['baked'])} ({_rel(rg[task])}) |")
+                     f"({_p(pp[task])}) | {_v(pg[task]['baked'])} ({_p(pg[task])}) | "
+                     f"{_p(vs[task])} | {_v(rg[task]['baked'])} ({_p(rg[task])}) |")
+    lines.append("\n(relative change, p: exact McNemar paired by item; the gate fails a drop of "
+                 "more than 3.4% with p < 0.05)")
+    lines += ["", "| pursuit round | arithmetic, no prompt | KL(base + u ‖ model), nats/token |",
+              "|---|---:|---:|"]
+    for r in result["pursuit_curve"]["rounds"]:
+        kl = r["kl_to_prompted"]
+        lines.append(f"| {r['round']} | {_v(r['score'])} | {kl['per_token']:.4f} ± "
+                     f"{kl['per_token_se'] or 0:.4f} |")
+    p = result["pursuit"]
+    lines.append(f"\nWith the plateau rule (threshold {p['threshold']:g}, patience "
+                 f"{p['patience']}) pursuit stopped at round {p['rounds'][-1]['round']} "
+                 f"({p['stopped']}) and kept round {p['best_round']}.")
     return "\n".join(lines)
 
 
 def _v(s: dict) -> str:
     return f"{s['value']:.3f} ± {s['se'] or 0:.3f}"
+
+
+def _p(t: dict) -> str:
+    return f"{_rel(t)}, p {t['p_value']:.2g}"
 
 
 def _rel(t: dict) -> str:
@@ -394,7 +421,7 @@ def plot(result, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for ax, key, title in ((axes[0], "persona", "pirate: adherence"),
                            (axes[1], "recipe", "arithmetic recipe: accuracy")):
         cells = result[key]["reprompt"]["cells"]
@@ -409,6 +436,17 @@ def plot(result, path) -> None:
         axes[2].plot(range(1, len(mean) + 1), mean, style, label=label)
     axes[2].set(xlabel="turn", ylabel="persona adherence", title="drift over a conversation")
     axes[2].legend()
+    rounds = result["pursuit_curve"]["rounds"]
+    axes[3].errorbar([r["round"] for r in rounds], [r["metric"] for r in rounds],
+                     yerr=[r["score"]["se"] or 0 for r in rounds], fmt="o-", capsize=4,
+                     label="baked, no prompt")
+    base = result["recipe"]["reprompt"]["cells"]
+    for cell, style in (("base", ":"), ("base+u", "--")):
+        axes[3].axhline(base[cell]["value"], ls=style, color="#777", label=cell)
+    axes[3].set(xlabel="pursuit round (0: the bake)", ylabel="arithmetic accuracy",
+                title="prompt pursuit, every round")
+    axes[3].set_xticks([r["round"] for r in rounds])
+    axes[3].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
