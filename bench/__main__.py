@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, metavar="R",
                         help="timed repeats per measurement (default 7, or 3 with --quick)")
     parser.add_argument("--section", metavar="PART", action="append",
+                        choices=("persona", "recipe", "pursuit"),
                         help="evaluate only: measure just this part (persona, recipe or pursuit; "
                              "repeatable) and save it for the next whole run, which reuses it; "
                              "two processes with one section each finish sooner on 2 cores")
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.section and args.only != ["evaluate"]:
+        parser.error("--section applies to the evaluate suite: use it with --only evaluate")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     progress = logging.StreamHandler(sys.stderr)  # the library's progress lines (task items...)
     progress.setFormatter(logging.Formatter("      %(message)s"))

@@ -8,6 +8,7 @@ again (with ``--overwrite``, which only removes files promptbake wrote).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import time
@@ -24,7 +25,8 @@ PIRATE = ("You are a pirate captain. Talk like a pirate in every answer: say 'Ay
 
 def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=print) -> dict:
     """{"path", "seconds" (the bake's wall time, 0 when reused), "reused"} of a bake of
-    ``prompt`` in bench/.cache/<name>."""
+    ``prompt`` in bench/.cache/<name>. Processes asking for the same bake (``--section`` runs)
+    take turns: the first bakes, the others reuse its bake."""
     out = CACHE / name
     key = {"prompt": prompt, "config": dataclasses.asdict(config),
            "contexts": None if contexts is None else
@@ -32,12 +34,15 @@ def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=p
             "sha256": hashlib.sha256(Path(contexts).read_bytes()).hexdigest()},
            "model": models.fingerprint(models.ensure_default())}
     stamp = out / "bench-key.json"
-    if (out / "manifest.json").is_file() and stamp.is_file() and \
-            json.loads(stamp.read_text()) == key:
-        log(f"    reusing the bake in {out}")
-        return {"path": out, "seconds": 0.0, "reused": True}
-    log(f"    baking {name} into {out} (a few minutes)")
-    start = time.perf_counter()
-    promptbake.bake(prompt, contexts=contexts, config=config, out=out, overwrite=out.exists())
-    stamp.write_text(json.dumps(key))
-    return {"path": out, "seconds": time.perf_counter() - start, "reused": False}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (out / "manifest.json").is_file() and stamp.is_file() and \
+                json.loads(stamp.read_text()) == key:
+            log(f"    reusing the bake in {out}")
+            return {"path": out, "seconds": 0.0, "reused": True}
+        log(f"    baking {name} into {out} (a few minutes)")
+        start = time.perf_counter()
+        promptbake.bake(prompt, contexts=contexts, config=config, out=out, overwrite=out.exists())
+        stamp.write_text(json.dumps(key))
+        return {"path": out, "seconds": time.perf_counter() - start, "reused": False}

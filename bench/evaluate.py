@@ -79,11 +79,7 @@ SECTIONS = ("persona", "recipe", "pursuit")
 def run(args, log) -> dict | None:
     """The whole suite, or with ``--section`` only some of its parts (saved for the next whole
     run, which reuses them: two processes, one per section, finish sooner on 2 cores)."""
-    sections = [s for s in SECTIONS if s in (args.section or SECTIONS)]
-    unknown = set(args.section or ()) - set(SECTIONS)
-    if unknown:
-        raise SystemExit(f"evaluate has no section {', '.join(sorted(unknown))}; its sections "
-                         f"are {', '.join(SECTIONS)}")
+    sections = [s for s in SECTIONS if s in (args.section or SECTIONS)]  # argparse checks names
     quick = args.quick
     limit = 12 if quick else None
     turns, conversations = (6, 2) if quick else (TURNS, 6)
@@ -135,9 +131,18 @@ def run(args, log) -> dict | None:
         # prompted model shows too comes from the persona, not from baking.
         result["persona"]["prompted_suite"] = fg.compare(suite["base"],
                                                          suite["base+u"]).to_dict()
-        result["persona"]["baked_vs_prompted"] = fg.compare(suite["base+u"],
-                                                            suite["baked"]).to_dict()
+        vs_prompted, damaged = fg.beyond_prompt(suite["base"], suite["base+u"], suite["baked"])
+        result["persona"]["baked_vs_prompted"] = {**vs_prompted.to_dict(), "damaged": damaged}
         log(f"    forgetting gate: {'pass' if persona_gate.passed else 'FAIL'}")
+        # How the arithmetic answers differ: the persona's opening, and answers that run out of
+        # tokens (a long digression, or a greedy loop).
+        budget = TASKS["arithmetic"].max_new_tokens
+        result["persona"]["arithmetic_answers"] = {
+            cell: {"n": len(s.items),
+                   "start_with_aye": sum(i["prediction"].strip().lower().startswith("aye")
+                                         for i in s.items),
+                   "out_of_tokens": sum(i["tokens"] >= budget for i in s.items)}
+            for cell, s in ((c, suite[c]["arithmetic"]) for c in ("base", "base+u", "baked"))}
 
         log(f"    drift over {turns} turns, prompted then baked")
         options = dict(turns=turns, conversations=conversations, max_new_tokens=48)
@@ -314,6 +319,13 @@ def report(result) -> str:
     lines.append(_gate_text(result["persona"]["forgetting"]))
     lines.append("the pirate prompt itself on the suite (base + u against base):")
     lines.append(_gate_text(result["persona"]["prompted_suite"]))
+    answers = result["persona"]["arithmetic_answers"]
+    lines.append("arithmetic answers that start with 'Aye' / run out of tokens: " + ", ".join(
+        f"{cell} {a['start_with_aye']} / {a['out_of_tokens']} of {a['n']}"
+        for cell, a in answers.items()))
+    damaged = result["persona"]["baked_vs_prompted"]["damaged"]
+    lines.append("damaged by baking (fails the gate against base and against base + u): "
+                 + (", ".join(damaged) or "none"))
     d = result["persona"]["drift"]
     for label in ("prompted", "baked"):
         x = d[label]["drift"]["adherence"]

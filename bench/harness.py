@@ -117,7 +117,7 @@ def machine() -> dict:
 def write_text(path: Path, text: str) -> None:
     """Written to a temporary name, then renamed: an interrupted run leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes may write one file
     tmp.write_text(text)
     os.replace(tmp, path)
 

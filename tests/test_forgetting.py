@@ -50,6 +50,22 @@ def test_gate_rules():
             items=[{"id": "other", "score": 1.0}]), 0.034, "strict", 0.05)
 
 
+def test_beyond_prompt_separates_the_prompts_effect_from_damage():
+    base = {"mc": score([1] * 60 + [0] * 40, "mc"), "math": score([1] * 20 + [0] * 80, "math"),
+            "gain": score([1] * 20 + [0] * 80, "gain")}
+    prompted = {"mc": score([1] * 40 + [0] * 60, "mc"),  # the prompt lowers mc
+                "math": score([1] * 20 + [0] * 80, "math"),
+                "gain": score([1] * 60 + [0] * 40, "gain")}  # and raises gain
+    baked = {"mc": score([1] * 40 + [0] * 60, "mc"),  # reproduces the prompt's drop
+             "math": score([1] * 2 + [0] * 98, "math"),  # worse than both: damage
+             "gain": score([1] * 40 + [0] * 60, "gain")}  # recovers half the gain
+    against_prompt, damaged = fg.beyond_prompt(base, prompted, baked)
+    assert against_prompt.changes["gain"].failed and not against_prompt.changes["mc"].failed
+    assert not fg.compare(base, baked).changes["gain"].failed
+    assert fg.compare(base, baked).changes["mc"].failed
+    assert damaged == ["math"]
+
+
 def test_forgetting_on_the_tiny_model(tiny_dir, next_token_evaluator, tmp_path):
     config = BakeConfig(train_contexts=4, eval_contexts=2, samples_per_context=2,
                         max_new_tokens=8, sample_batch=8, batch_size=4, steps=6, lr=2e-2,

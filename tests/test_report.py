@@ -43,11 +43,18 @@ def test_report_writes_every_section(baked_dir, small_task):
     assert set(record["snapshots"]) == {"2", "4"}
     cells = record["reprompt"]["colours"]["cells"]
     assert set(cells) == {"base", "base+u", "baked", "baked+u"} and cells["base"]["n"] == 6
-    # The second forgetting gate compares the baked cell with the prompted one.
-    assert any(t.startswith("forgetting beyond the prompt") for t in targets)
-    beyond = record["forgetting_vs_prompted"]["tasks"]["colours"]
+    # The second forgetting gate compares the baked cell with the prompted one; a task is damage
+    # only when it fails against both; the gate's command reproduces this report.
+    second = next(g for g in record["gates"] if g["target"].startswith("forgetting beyond"))
+    assert second["command"].startswith(f"promptbake report {baked_dir}")
+    assert "--tasks" in second["command"] and "--limit 0" in second["command"]
+    vs_prompted = record["forgetting_vs_prompted"]
+    beyond = vs_prompted["tasks"]["colours"]
     assert beyond["base"]["value"] == cells["base+u"]["value"]
     assert beyond["baked"]["value"] == cells["baked"]["value"]
+    both = beyond["failed"] and record["forgetting"]["tasks"]["colours"]["failed"]
+    assert vs_prompted["damaged"] == (["colours"] if both else [])
+    assert second["passed"] == (not both)
     for name in ("report.md", "report.json", "report-strength.png", "report-snapshots.png",
                  "report-forgetting.png", "report-drift.png"):
         assert (baked_dir / name).is_file(), name

@@ -123,6 +123,20 @@ def compare(before: dict, after: dict, *, max_relative_drop: float = MAX_RELATIV
     return Forgetting(changes, max_relative_drop, rule, significance)
 
 
+def beyond_prompt(base: dict, prompted: dict, baked: dict, **gate) -> tuple[Forgetting, list]:
+    """Forgetting done by baking, beyond the prompt's own effect: (the gate of ``baked`` against
+    ``prompted``, the tasks that fail it *and* the gate against ``base``). A prompt can itself
+    lower a task (a persona changes how multiple choice is answered) and a faithful bake
+    reproduces that; a bake can also recover only part of a prompt's gain. Neither is damage;
+    a task worse than both the base model and the prompted one is. ``gate``: ``compare``'s
+    options, for both comparisons."""
+    against_prompt = compare(prompted, baked, **gate)
+    against_base = compare(base, baked, **gate)
+    damaged = [task for task, change in against_prompt.changes.items()
+               if change.failed and against_base.changes[task].failed]
+    return against_prompt, damaged
+
+
 def _check_gate(max_relative_drop: float, rule: str) -> None:
     if rule not in RULES:
         raise ValueError(f"rule={rule!r}: choose one of {', '.join(RULES)}")

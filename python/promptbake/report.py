@@ -111,19 +111,17 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
                           f"{worst.p_value:.2g})", gate.passed,
                           f"promptbake evaluate {path} --tasks {','.join(matrices)}"
                           + (f" --limit {limit}" if limit else "")))
-        # The same gate against the prompted model: a prompt can itself lower other tasks (a
-        # persona changes how multiple choice is answered), and a faithful bake reproduces that.
-        # What fails here was done by baking, beyond the prompt's own effect.
-        beyond = fg.compare({n: m.cells["base+u"] for n, m in matrices.items()},
-                            {n: m.cells["baked"] for n, m in matrices.items()})
-        record["forgetting_vs_prompted"] = beyond.to_dict()
-        worst = beyond.worst
-        gates.append(Gate(f"forgetting beyond the prompt's own effect (baked against base + u): "
-                          f"{beyond.describe_rule()}",
-                          "no task dropped" if worst is None or worst.relative >= 0 else
-                          f"worst {worst.task} {100 * worst.relative:+.1f}% (p = "
-                          f"{worst.p_value:.2g})", beyond.passed,
-                          f"promptbake report {path}" + (f" --limit {limit}" if limit else "")))
+        # Against the prompted model too: what fails both was done by baking (beyond_prompt).
+        beyond, damaged = fg.beyond_prompt(*({n: m.cells[c] for n, m in matrices.items()}
+                                             for c in ("base", "base+u", "baked")))
+        record["forgetting_vs_prompted"] = {**beyond.to_dict(), "damaged": damaged,
+                                            "passed": not damaged}
+        gates.append(Gate("forgetting beyond the prompt's own effect: no task fails the gate "
+                          "both against base and against base + u",
+                          "none" if not damaged else "; ".join(
+                              f"{n} {100 * beyond.changes[n].relative:+.1f}% against base + u "
+                              f"(p = {beyond.changes[n].p_value:.2g})" for n in damaged),
+                          not damaged, command))
 
     chosen = _persona(baked, persona)
     if chosen is not None:
@@ -273,17 +271,18 @@ def _markdown(record: dict, gates: list[Gate], wrote: list[str]) -> str:
                   f"**{'pass' if gate['passed'] else 'FAIL'}**.", "",
                   "| task | base | baked | relative | p | gate | base + u | baked vs base + u |",
                   "|---|---:|---:|---:|---:|---|---:|---|"]
-        beyond = record["forgetting_vs_prompted"]["tasks"]
+        beyond = record["forgetting_vs_prompted"]
         for t in gate["tasks"].values():
-            b = beyond[t["task"]]
+            b = beyond["tasks"][t["task"]]
             lines.append(f"| {t['task']} | {_score(t['base'])} | {_score(t['baked'])} | "
                          f"{_relative(t)} | {t['p_value']:.3g} | "
                          f"{'FAIL' if t['failed'] else 'pass'} | {_score(b['base'])} | "
-                         f"{_relative(b)}, p {b['p_value']:.3g}: "
-                         f"{'FAIL' if b['failed'] else 'pass'} |")
-        lines += ["", "The last column is the same gate against the prompted model: a prompt can "
-                  "itself lower a task, and a bake that reproduces the prompt reproduces that; "
-                  "a failure there was done by baking."]
+                         f"{_relative(b)}, p {b['p_value']:.3g}"
+                         f"{': damage' if t['task'] in beyond['damaged'] else ''} |")
+        lines += ["", "The last column compares the baked model with the prompted one. A prompt "
+                  "can itself lower a task, and a bake that reproduces the prompt reproduces "
+                  "that; a task that fails the gate against both base and base + u was damaged "
+                  "by baking."]
         lines += ["", "![forgetting](report-forgetting.png)"]
     if "drift" in record:
         d = record["drift"]
