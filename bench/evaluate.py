@@ -110,7 +110,8 @@ def run(args, log) -> dict | None:
         held_out = contexts_mod.builtin("held_out")[:16 if quick else None]
         adherence = drift_mod.AdherenceEvaluator(persona, held_out)
         matrix = parts.matrix("pirate-adherence",
-                              lambda: reprompt.reprompt_matrix(pirate, adherence))
+                              lambda: reprompt.reprompt_matrix(pirate, adherence),
+                              persona=dataclasses.asdict(persona), questions=held_out)
         result["persona"] = {"bake": {"path": str(made["path"]), "seconds": made["seconds"],
                                       "kl": pirate.manifest["kl"]},
                              "reprompt": matrix.to_dict(),
@@ -153,7 +154,8 @@ def run(args, log) -> dict | None:
                 with _lm.adapter(pirate.model, enabled=on):
                     return drift_mod.drift(pirate.model, pirate.tokenizer, persona,
                                            system=system, semantic=semantic, **options)
-            runs[mode] = parts.drift(f"pirate-drift-{mode}", measure)
+            runs[mode] = parts.drift(f"pirate-drift-{mode}", measure,
+                                     persona=dataclasses.asdict(persona), options=options)
         prompted, baked = runs["prompted"], runs["baked"]
         result["persona"]["drift"] = {"prompted": prompted.to_dict(), "baked": baked.to_dict(),
                                       "baked_minus_prompted": drift_mod.drift_difference(
@@ -186,15 +188,17 @@ def run(args, log) -> dict | None:
 
     if "pursuit" in sections:
         log("  3. prompt pursuit from the arithmetic bake")
+        gated = dict(rounds=1 if quick else 3, threshold=0.02, patience=1)
         result["pursuit"] = parts.get("recipe-pursuit", lambda: pursue(
-            recipe, rounds=1 if quick else 3, evaluator=arithmetic, contexts=str(questions),
-            threshold=0.02, patience=1).to_dict(), task=arithmetic)
+            recipe, evaluator=arithmetic, contexts=str(questions), **gated).to_dict(),
+            task=arithmetic, pursue=gated)
         # The same rounds without stopping early: the per-round curve past the plateau rule
         # (round i bakes with seed + i in both, so they share their first rounds).
         log("    and every round, without the plateau stop")
+        every = dict(gated, patience=gated["rounds"])  # a plateau needs more rounds than this
         result["pursuit_curve"] = parts.get("recipe-pursuit-curve", lambda: pursue(
-            recipe, rounds=1 if quick else 3, evaluator=arithmetic, contexts=str(questions),
-            threshold=0.02, patience=3).to_dict(), task=arithmetic)
+            recipe, evaluator=arithmetic, contexts=str(questions), **every).to_dict(),
+            task=arithmetic, pursue=every)
 
     result["parts_seconds"] = seconds
     if sections != list(SECTIONS):
@@ -221,10 +225,13 @@ class Parts:
         self.log = log
         self.seconds: dict[str, float] = {} if seconds is None else seconds  # part -> wall s
 
-    def get(self, name: str, measure, task=None):
-        """``measure()``'s JSON-able result, from the cache when the key matches (with ``task``,
-        the key holds the task's definition too: its items, budget and stop strings)."""
-        key = self.key if task is None else {**self.key, "task": _task_key(task)}
+    def get(self, name: str, measure, task=None, **also):
+        """``measure()``'s JSON-able result, from the cache when the key matches. The key holds
+        the run's settings and the adapter's bytes, the definition of ``task`` (its items, budget
+        and stop strings) and whatever else the part depends on (``also``, JSON-able)."""
+        key = {**self.key, **also}
+        if task is not None:
+            key["task"] = _task_key(task)
         prefix = "quick-" if self.key["quick"] else ""
         path = CACHE / "evaluate-parts" / f"{prefix}{name}.json"
         if path.is_file():
@@ -243,12 +250,13 @@ class Parts:
     def score(self, name: str, measure, task) -> Score:
         return Score(**self.get(name, lambda: measure().to_dict(items=True), task))
 
-    def matrix(self, name: str, measure, task=None) -> reprompt.RepromptMatrix:
+    def matrix(self, name: str, measure, task=None, **also) -> reprompt.RepromptMatrix:
         return reprompt.RepromptMatrix.from_dict(
-            self.get(name, lambda: measure().to_dict(items=True), task))
+            self.get(name, lambda: measure().to_dict(items=True), task, **also))
 
-    def drift(self, name: str, measure) -> drift_mod.DriftResult:
-        return drift_mod.DriftResult.from_dict(self.get(name, lambda: measure().to_dict()))
+    def drift(self, name: str, measure, **also) -> drift_mod.DriftResult:
+        return drift_mod.DriftResult.from_dict(self.get(name, lambda: measure().to_dict(),
+                                                        **also))
 
 
 def _task_key(task) -> str:

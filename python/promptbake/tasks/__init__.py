@@ -119,6 +119,7 @@ class Task:
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
             raise TaskError(f"task {self.name!r} repeats item ids {twice[:5]}: make them unique")
+        self.until = () if self.until is None else self.until
         if isinstance(self.until, str) or not all(isinstance(u, str) and u for u in self.until):
             raise TaskError(f"task {self.name!r}: until={self.until!r} must be a list of "
                             f"non-empty stop strings")
@@ -330,7 +331,7 @@ def shipped() -> list[str]:
 
 def load_task(name: str | Path, limit: int | None = None, **options) -> Task:
     """A shipped task by name, or a task from a JSON-lines file path; its first ``limit``
-    items (None: all). ``options`` override Task fields (batch_size, max_new_tokens)."""
+    items (None: all). ``options`` override Task fields (batch_size, max_new_tokens, until)."""
     if str(name) in _SHIPPED:
         text = resources.files("promptbake").joinpath(f"data/tasks/{name}.jsonl") \
             .read_text("utf-8")
