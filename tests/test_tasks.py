@@ -142,6 +142,7 @@ def test_generation_stops_at_until(tiny_dir, tokenizer):
     stopped = Task("stopped", [item], max_new_tokens=8, until=("777",))(model, tokenizer)
     assert stopped.items[0]["tokens"] == 3 and stopped.items[0]["prediction"] == ""
     assert stopped.value == 0.0
+    assert Task("none", [item], until=None).until == ()
     with pytest.raises(TaskError, match="stop strings"):
         Task("bad", [item], until="777")
 

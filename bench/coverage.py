@@ -1,0 +1,131 @@
+"""Coverage suite: does a persona bake answer like its prompt on questions unlike its contexts?
+
+The evaluate suite found the pirate bake worse than its prompt on arithmetic: it opens with "Aye"
+where the prompted model answers the sum. The shipped training contexts are general questions
+with almost no arithmetic. Here the README's pirate is baked twice, on the shipped contexts (the
+cached default bake) and on the same contexts plus 48 arithmetic questions, and both are scored
+greedily, without the prompt, on 120 other arithmetic questions (none a task item, none trained
+on) beside the base and the prompted base model: accuracy, answers that open with the persona's
+"Aye", answers that run out of tokens, and each bake against the prompted model, paired by item.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import harness
+from common import CACHE, PIRATE, cached_bake
+from evaluate import arithmetic_contexts
+from promptbake import contexts as contexts_mod
+from promptbake import forgetting as fg
+from promptbake import reprompt
+from promptbake.bake import BakeConfig, load_baked
+from promptbake.tasks import TASKS, Task
+
+EXTRA = 48  # arithmetic questions added to the contexts
+CELLS = {"base": (None, False, False), "prompted (base + u)": (None, False, True),
+         "baked, shipped contexts": ("pirate", True, False),
+         f"baked, + {EXTRA} arithmetic contexts": ("pirate-arithmetic", True, False)}
+
+
+def run(args, log) -> dict:
+    dev_size = 24 if args.quick else 120
+    questions = arithmetic_contexts(dev_size + EXTRA, seed=7)
+    dev, extra = questions[:dev_size], questions[dev_size:]
+    arithmetic = TASKS["arithmetic"]
+    task = Task("arithmetic-dev", [
+        {"id": f"dev-{i}", "prompt": q, "checks": [{"type": "number", "value": _answer(q)}]}
+        for i, q in enumerate(dev)], max_new_tokens=arithmetic.max_new_tokens,
+        until=arithmetic.until)
+    shipped = [c[0]["content"] for c in contexts_mod.builtin("train")]
+    mixed = CACHE / "pirate-arithmetic-contexts.txt"
+    harness.write_text(mixed, "\n".join(shipped + extra) + "\n")
+    config = BakeConfig()
+    if args.quick:
+        config = dataclasses.replace(config, train_contexts=16, eval_contexts=8, epochs=1.0)
+    bakes = {"pirate": cached_bake("pirate-quick" if args.quick else "pirate", PIRATE, config,
+                                   log=log),
+             "pirate-arithmetic": cached_bake("pirate-arithmetic-quick" if args.quick else
+                                              "pirate-arithmetic", PIRATE, config,
+                                              contexts=mixed, log=log)}
+    models = {name: load_baked(made["path"]) for name, made in bakes.items()}
+    scores = {}
+    for label, (which, adapter, prompted) in CELLS.items():
+        log(f"  {label}")
+        scores[label] = reprompt.score(models[which or "pirate"], task, adapter=adapter,
+                                       prompted=prompted)
+    budget = task.max_new_tokens
+    rows = {label: {"score": s.to_dict(),
+                    "start_with_aye": sum(i["prediction"].strip().lower().startswith("aye")
+                                          for i in s.items),
+                    "out_of_tokens": sum(i["tokens"] >= budget for i in s.items)}
+            for label, s in scores.items()}
+    prompted = scores["prompted (base + u)"]
+    for label in list(CELLS)[2:]:
+        change = fg.compare({"arithmetic": prompted}, {"arithmetic": scores[label]})
+        rows[label]["vs_prompted"] = change.changes["arithmetic"].to_dict()
+    return {"suite": "coverage", "machine": harness.machine(), "dev_questions": dev_size,
+            "extra_contexts": extra, "bakes": {n: {"path": str(m["path"]),
+                                                   "kl": models[n].manifest["kl"]}
+                                               for n, m in bakes.items()},
+            "rows": rows}
+
+
+def _answer(question: str) -> int:
+    a, op, b = question.removeprefix("What is ").removesuffix("?").split()
+    return {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+def report(result) -> str:
+    rows = [[label, f"{r['score']['value']:.3f} ± {r['score']['se'] or 0:.3f}",
+             _vs(r), r["start_with_aye"], r["out_of_tokens"]]
+            for label, r in result["rows"].items()]
+    return harness.table(["model, no prompt unless prompted", "accuracy", "against prompted",
+                          "open with Aye", "out of tokens"], rows) + \
+        f"\n({result['dev_questions']} arithmetic questions, none trained on)"
+
+
+def _vs(row: dict) -> str:
+    change = row.get("vs_prompted")
+    if change is None:
+        return "—"
+    return f"{100 * (change['relative'] or 0):+.0f}% (p {change['p_value']:.2g})"
+
+
+def markdown(result) -> str:
+    mach = result["machine"]
+    lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
+             f"{mach['date'][:10]}; {result['dev_questions']} arithmetic questions, none trained "
+             f"on", "", "| model | accuracy | against prompted | open with Aye | out of tokens |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {label} | {r['score']['value']:.3f} ± {r['score']['se'] or 0:.3f} | {_vs(r)} "
+              f"| {r['start_with_aye']} | {r['out_of_tokens']} |"
+              for label, r in result["rows"].items()]
+    return "\n".join(lines)
+
+
+def plot(result, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(result["rows"])
+    n = result["dev_questions"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    axes[0].bar(range(len(labels)), [result["rows"][x]["score"]["value"] for x in labels],
+                yerr=[result["rows"][x]["score"]["se"] or 0 for x in labels], capsize=4,
+                color=["#999", "#69c", "#c96", "#6a6"])
+    axes[0].set(ylabel="arithmetic accuracy", title="answers, greedy")
+    for ax in axes:
+        ax.set_xticks(range(len(labels)), [x.replace(", ", ",\n") for x in labels], fontsize=8)
+    width = 0.4
+    for k, (key, name) in enumerate((("start_with_aye", "open with 'Aye'"),
+                                     ("out_of_tokens", "run out of tokens"))):
+        axes[1].bar([i + (k - 0.5) * width for i in range(len(labels))],
+                    [result["rows"][x][key] / n for x in labels], width, label=name)
+    axes[1].set(ylabel="share of answers", title="how the answers go")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
