@@ -80,137 +80,178 @@ def run(args, log) -> dict | None:
     """The whole suite, or with ``--section`` only some of its parts (saved for the next whole
     run, which reuses them: two processes, one per section, finish sooner on 2 cores)."""
     sections = [s for s in SECTIONS if s in (args.section or SECTIONS)]  # argparse checks names
-    quick = args.quick
-    limit = 12 if quick else None
-    turns, conversations = (6, 2) if quick else (TURNS, 6)
-    persona_config = BakeConfig()
-    if quick:
-        persona_config = dataclasses.replace(persona_config, train_contexts=16, eval_contexts=8,
-                                             epochs=1.0)
-    result = {"suite": "evaluate", "machine": harness.machine(), "quick": quick, "limit": limit}
-    settings = {"quick": quick, "limit": limit, "turns": turns, "conversations": conversations}
-    seconds: dict[str, float] = {}  # part -> wall s, over both bakes' parts
-    tasks = [load_task(name, limit=limit) for name in TASKS]
-    arithmetic = load_task("arithmetic", limit=limit)
-    questions = CACHE / "arithmetic-contexts.txt"
-    harness.write_text(questions, "\n".join(arithmetic_contexts(48 if quick else 144)) + "\n")
-    recipe_config = dataclasses.replace(persona_config, max_new_tokens=96)
-
+    plan = Plan.of(args.quick, log)
+    result = {"suite": "evaluate", "machine": harness.machine(), "quick": plan.quick,
+              "limit": plan.limit}
     if "persona" in sections or "recipe" in sections:
         log("  1. the pirate persona")
-        made = cached_bake("pirate-quick" if quick else "pirate", PIRATE, persona_config, log=log)
-        pirate = load_baked(made["path"])
-        parts = Parts(pirate, settings, log, seconds)
+        pirate = plan.bake("pirate", PIRATE, plan.persona_config)
         log("    the task suite on the base model")
-        base_suite = {t.name: parts.score(f"pirate-base-{t.name}", lambda t=t: reprompt.score(
-            pirate, t, adapter=False, prompted=False), task=t) for t in tasks}
-
+        base_suite = {t.name: pirate.parts.score(
+            f"pirate-base-{t.name}", lambda t=t: reprompt.score(
+                pirate.model, t, adapter=False, prompted=False), task=t) for t in plan.tasks}
     if "persona" in sections:
-        persona = drift_mod.pirate()
-        held_out = contexts_mod.builtin("held_out")[:16 if quick else None]
-        adherence = drift_mod.AdherenceEvaluator(persona, held_out)
-        matrix = parts.matrix("pirate-adherence",
-                              lambda: reprompt.reprompt_matrix(pirate, adherence),
-                              persona=dataclasses.asdict(persona), questions=held_out)
-        result["persona"] = {"bake": {"path": str(made["path"]), "seconds": made["seconds"],
-                                      "kl": pirate.manifest["kl"]},
-                             "reprompt": matrix.to_dict(),
-                             "reprompt_items": {c: s.items for c, s in matrix.cells.items()}}
-        log(f"    adherence: base {matrix.cells['base'].value:.3f}, prompted "
-            f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
-
-        log("    the task suite on the prompted model and the baked one")
-        suite = {"base": base_suite}
-        suite.update({cell: {t.name: parts.score(
-            f"pirate-{cell}-{t.name}", lambda t=t, cell=cell: reprompt.score(
-                pirate, t, adapter=cell == "baked", prompted=cell == "base+u"), task=t)
-            for t in tasks}
-            for cell in ("base+u", "baked")})
-        persona_gate = fg.compare(suite["base"], suite["baked"])
-        result["persona"]["forgetting"] = persona_gate.to_dict()
-        # The prompt's own effect on the suite: the bake reproduces base + u, so a drop that the
-        # prompted model shows too comes from the persona, not from baking.
-        result["persona"]["prompted_suite"] = fg.compare(suite["base"],
-                                                         suite["base+u"]).to_dict()
-        vs_prompted, damaged = fg.beyond_prompt(suite["base"], suite["base+u"], suite["baked"])
-        result["persona"]["baked_vs_prompted"] = {**vs_prompted.to_dict(), "damaged": damaged}
-        log(f"    forgetting gate: {'pass' if persona_gate.passed else 'FAIL'}")
-        # How the arithmetic answers differ: the persona's opening, and answers that run out of
-        # tokens (a long digression, or a greedy loop).
-        budget = TASKS["arithmetic"].max_new_tokens
-        result["persona"]["arithmetic_answers"] = {
-            cell: {"n": len(s.items),
-                   "start_with_aye": sum(i["prediction"].strip().lower().startswith("aye")
-                                         for i in s.items),
-                   "out_of_tokens": sum(i["tokens"] >= budget for i in s.items)}
-            for cell, s in ((c, suite[c]["arithmetic"]) for c in ("base", "base+u", "baked"))}
-
-        log(f"    drift over {turns} turns, prompted then baked")
-        options = dict(turns=turns, conversations=conversations, max_new_tokens=48)
-        semantic = drift_mod.SemanticScorer(persona)
-        runs = {}
-        for mode, on, system in (("prompted", False, PIRATE), ("baked", True, None)):
-            def measure(on=on, system=system):
-                with _lm.adapter(pirate.model, enabled=on):
-                    return drift_mod.drift(pirate.model, pirate.tokenizer, persona,
-                                           system=system, semantic=semantic, **options)
-            runs[mode] = parts.drift(f"pirate-drift-{mode}", measure,
-                                     persona=dataclasses.asdict(persona), options=options)
-        prompted, baked = runs["prompted"], runs["baked"]
-        result["persona"]["drift"] = {"prompted": prompted.to_dict(), "baked": baked.to_dict(),
-                                      "baked_minus_prompted": drift_mod.drift_difference(
-                                          baked, prompted)}
-
+        result["persona"], persona_gate, drifts = _persona(plan, pirate, base_suite)
     if "recipe" in sections or "pursuit" in sections:
         log("  2. the arithmetic recipe, baked on arithmetic questions")
-        made = cached_bake("recipe-quick" if quick else "recipe", RECIPE, recipe_config,
-                           contexts=questions, log=log)
-        recipe = load_baked(made["path"])
-        parts = Parts(recipe, settings, log, seconds)
-
+        recipe = plan.bake("recipe", RECIPE, plan.recipe_config, contexts=plan.questions)
     if "recipe" in sections:
-        arith_matrix = parts.matrix("recipe-arithmetic",
-                                    lambda: reprompt.reprompt_matrix(recipe, arithmetic),
-                                    task=arithmetic)
-        log(f"    arithmetic: base {arith_matrix.cells['base'].value:.3f}, prompted "
-            f"{arith_matrix.cells['base+u'].value:.3f}, baked "
-            f"{arith_matrix.cells['baked'].value:.3f}")
-        recipe_scores = {t.name: arith_matrix.cells["baked"] if t.name == "arithmetic" else
-                         parts.score(f"recipe-baked-{t.name}", lambda t=t: reprompt.score(
-                             recipe, t, adapter=True, prompted=False), task=t) for t in tasks}
-        recipe_gate = fg.compare(base_suite, recipe_scores)
-        result["recipe"] = {"prompt": RECIPE, "bake": {"path": str(made["path"]),
-                                                       "seconds": made["seconds"],
-                                                       "kl": recipe.manifest["kl"]},
-                            "reprompt": arith_matrix.to_dict(),
-                            "by_category": _by_category(arith_matrix),
-                            "forgetting": recipe_gate.to_dict()}
-
+        result["recipe"], recipe_gate = _recipe(plan, recipe, base_suite)
     if "pursuit" in sections:
         log("  3. prompt pursuit from the arithmetic bake")
-        gated = dict(rounds=1 if quick else 3, threshold=0.02, patience=1)
-        result["pursuit"] = parts.get("recipe-pursuit", lambda: pursue(
-            recipe, evaluator=arithmetic, contexts=str(questions), **gated).to_dict(),
-            task=arithmetic, pursue=gated)
-        # The same rounds without stopping early: the per-round curve past the plateau rule
-        # (round i bakes with seed + i in both, so they share their first rounds).
-        log("    and every round, without the plateau stop")
-        every = dict(gated, patience=gated["rounds"])  # a plateau needs more rounds than this
-        result["pursuit_curve"] = parts.get("recipe-pursuit-curve", lambda: pursue(
-            recipe, evaluator=arithmetic, contexts=str(questions), **every).to_dict(),
-            task=arithmetic, pursue=every)
+        result["pursuit"], result["pursuit_curve"] = _pursuit(plan, recipe)
 
-    result["parts_seconds"] = seconds
+    result["parts_seconds"] = plan.seconds
     if sections != list(SECTIONS):
         log(f"    measured and saved: {', '.join(sections)}; the results are written by a run "
             f"of every section (it reuses these parts)")
         return None
     fg.plot_heatmap({"pirate persona": persona_gate, "arithmetic recipe": recipe_gate},
                     args.out / "evaluate-forgetting.png")
-    drift_mod.plot_drift({"prompted (base + u)": prompted, "baked (no prompt)": baked},
-                         args.out / "evaluate-drift.png")
+    drift_mod.plot_drift({"prompted (base + u)": drifts["prompted"],
+                          "baked (no prompt)": drifts["baked"]}, args.out / "evaluate-drift.png")
     result["checks"] = checks(result)
     return result
+
+
+@dataclasses.dataclass
+class Plan:
+    """The run's settings (full or --quick) and what its parts share."""
+
+    quick: bool
+    limit: int | None  # items per task
+    turns: int
+    conversations: int
+    persona_config: BakeConfig
+    recipe_config: BakeConfig
+    tasks: list  # the suite
+    arithmetic: object  # the arithmetic task
+    questions: Path  # the recipe's training questions
+    log: object
+    seconds: dict = dataclasses.field(default_factory=dict)  # part -> wall s, every bake's
+
+    @classmethod
+    def of(cls, quick: bool, log) -> Plan:
+        limit = 12 if quick else None
+        persona_config = BakeConfig()
+        if quick:
+            persona_config = dataclasses.replace(persona_config, train_contexts=16,
+                                                 eval_contexts=8, epochs=1.0)
+        questions = CACHE / "arithmetic-contexts.txt"
+        harness.write_text(questions, "\n".join(arithmetic_contexts(48 if quick else 144)) + "\n")
+        turns, conversations = (6, 2) if quick else (TURNS, 6)
+        return cls(quick, limit, turns, conversations, persona_config,
+                   dataclasses.replace(persona_config, max_new_tokens=96),
+                   [load_task(name, limit=limit) for name in TASKS],
+                   load_task("arithmetic", limit=limit), questions, log)
+
+    @property
+    def settings(self) -> dict:
+        return {"quick": self.quick, "limit": self.limit, "turns": self.turns,
+                "conversations": self.conversations}
+
+    def bake(self, name: str, prompt: str, config: BakeConfig, contexts=None) -> Bake:
+        made = cached_bake(f"{name}-quick" if self.quick else name, prompt, config,
+                           contexts=contexts, log=self.log)
+        model = load_baked(made["path"])
+        return Bake(made, model, Parts(model, self.settings, self.log, self.seconds))
+
+
+@dataclasses.dataclass
+class Bake:
+    made: dict  # cached_bake's record
+    model: object  # Baked
+    parts: Parts  # its measurements, saved as they finish
+
+
+def _persona(plan: Plan, pirate: Bake, base_suite: dict):
+    """The pirate's adherence matrix, its suite and gates, and its drift: (result, gate, drifts)."""
+    parts, model, log = pirate.parts, pirate.model, plan.log
+    persona = drift_mod.pirate()
+    held_out = contexts_mod.builtin("held_out")[:16 if plan.quick else None]
+    adherence = drift_mod.AdherenceEvaluator(persona, held_out)
+    matrix = parts.matrix("pirate-adherence", lambda: reprompt.reprompt_matrix(model, adherence),
+                          persona=dataclasses.asdict(persona), questions=held_out)
+    out = {"bake": {"path": str(pirate.made["path"]), "seconds": pirate.made["seconds"],
+                    "kl": model.manifest["kl"]},
+           "reprompt": matrix.to_dict(),
+           "reprompt_items": {c: s.items for c, s in matrix.cells.items()}}
+    log(f"    adherence: base {matrix.cells['base'].value:.3f}, prompted "
+        f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
+
+    log("    the task suite on the prompted model and the baked one")
+    suite = {"base": base_suite}
+    suite.update({cell: {t.name: parts.score(
+        f"pirate-{cell}-{t.name}", lambda t=t, cell=cell: reprompt.score(
+            model, t, adapter=cell == "baked", prompted=cell == "base+u"), task=t)
+        for t in plan.tasks} for cell in ("base+u", "baked")})
+    gate = fg.compare(suite["base"], suite["baked"])
+    out["forgetting"] = gate.to_dict()
+    # The prompt's own effect on the suite: the bake reproduces base + u, so a drop that the
+    # prompted model shows too comes from the persona, not from baking.
+    out["prompted_suite"] = fg.compare(suite["base"], suite["base+u"]).to_dict()
+    vs_prompted, damaged = fg.beyond_prompt(suite["base"], suite["base+u"], suite["baked"])
+    out["baked_vs_prompted"] = {**vs_prompted.to_dict(), "damaged": damaged}
+    log(f"    forgetting gate: {'pass' if gate.passed else 'FAIL'}")
+    # How the arithmetic answers differ: the persona's opening, and answers that run out of
+    # tokens (a long digression, or a greedy loop).
+    budget = TASKS["arithmetic"].max_new_tokens
+    out["arithmetic_answers"] = {
+        cell: {"n": len(s.items),
+               "start_with_aye": sum(i["prediction"].strip().lower().startswith("aye")
+                                     for i in s.items),
+               "out_of_tokens": sum(i["tokens"] >= budget for i in s.items)}
+        for cell, s in ((c, suite[c]["arithmetic"]) for c in ("base", "base+u", "baked"))}
+
+    log(f"    drift over {plan.turns} turns, prompted then baked")
+    options = dict(turns=plan.turns, conversations=plan.conversations, max_new_tokens=48)
+    semantic = drift_mod.SemanticScorer(persona)
+    drifts = {}
+    for mode, on, system in (("prompted", False, PIRATE), ("baked", True, None)):
+        def measure(on=on, system=system):
+            with _lm.adapter(model.model, enabled=on):
+                return drift_mod.drift(model.model, model.tokenizer, persona, system=system,
+                                       semantic=semantic, **options)
+        drifts[mode] = parts.drift(f"pirate-drift-{mode}", measure,
+                                   persona=dataclasses.asdict(persona), options=options)
+    out["drift"] = {"prompted": drifts["prompted"].to_dict(), "baked": drifts["baked"].to_dict(),
+                    "baked_minus_prompted": drift_mod.drift_difference(drifts["baked"],
+                                                                       drifts["prompted"])}
+    return out, gate, drifts
+
+
+def _recipe(plan: Plan, recipe: Bake, base_suite: dict):
+    """The recipe's arithmetic matrix and its forgetting across the suite: (result, gate)."""
+    parts, model, arithmetic = recipe.parts, recipe.model, plan.arithmetic
+    matrix = parts.matrix("recipe-arithmetic", lambda: reprompt.reprompt_matrix(model, arithmetic),
+                          task=arithmetic)
+    plan.log(f"    arithmetic: base {matrix.cells['base'].value:.3f}, prompted "
+             f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
+    scores = {t.name: matrix.cells["baked"] if t.name == "arithmetic" else
+              parts.score(f"recipe-baked-{t.name}", lambda t=t: reprompt.score(
+                  model, t, adapter=True, prompted=False), task=t) for t in plan.tasks}
+    gate = fg.compare(base_suite, scores)
+    return {"prompt": RECIPE, "bake": {"path": str(recipe.made["path"]),
+                                       "seconds": recipe.made["seconds"],
+                                       "kl": model.manifest["kl"]},
+            "reprompt": matrix.to_dict(), "by_category": _by_category(matrix),
+            "forgetting": gate.to_dict()}, gate
+
+
+def _pursuit(plan: Plan, recipe: Bake):
+    """Pursuit from the recipe's bake with its plateau stop, and every round: (stopped, curve)."""
+    def run(name: str, options: dict) -> dict:
+        return recipe.parts.get(name, lambda: pursue(
+            recipe.model, evaluator=plan.arithmetic, contexts=str(plan.questions),
+            **options).to_dict(), task=plan.arithmetic, pursue=options)
+
+    gated = {"rounds": 1 if plan.quick else 3, "threshold": 0.02, "patience": 1}
+    stopped = run("recipe-pursuit", gated)
+    # The same rounds without stopping early: the per-round curve past the plateau rule
+    # (round i bakes with seed + i in both, so they share their first rounds).
+    plan.log("    and every round, without the plateau stop")
+    every = {**gated, "patience": gated["rounds"]}  # a plateau needs more rounds than this
+    return stopped, run("recipe-pursuit-curve", every)
 
 
 class Parts:
