@@ -46,3 +46,12 @@ def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=p
         promptbake.bake(prompt, contexts=contexts, config=config, out=out, overwrite=out.exists())
         stamp.write_text(json.dumps(key))
         return {"path": out, "seconds": time.perf_counter() - start, "reused": False}
+
+
+def answer_counts(score, budget: int) -> dict:
+    """How a persona's generated answers go: how many open with the pirate's "Aye", and how many
+    run out of tokens (a long digression, or a greedy loop)."""
+    return {"n": len(score.items),
+            "start_with_aye": sum(i["prediction"].strip().lower().startswith("aye")
+                                  for i in score.items),
+            "out_of_tokens": sum(i["tokens"] >= budget for i in score.items)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import harness
-from common import CACHE, PIRATE, cached_bake
+from common import CACHE, PIRATE, answer_counts, cached_bake
 from evaluate import arithmetic_contexts
 from promptbake import contexts as contexts_mod
 from promptbake import forgetting as fg
@@ -54,11 +54,7 @@ def run(args, log) -> dict:
         log(f"  {label}")
         scores[label] = reprompt.score(models[which or "pirate"], task, adapter=adapter,
                                        prompted=prompted)
-    budget = task.max_new_tokens
-    rows = {label: {"score": s.to_dict(),
-                    "start_with_aye": sum(i["prediction"].strip().lower().startswith("aye")
-                                          for i in s.items),
-                    "out_of_tokens": sum(i["tokens"] >= budget for i in s.items)}
+    rows = {label: {"score": s.to_dict(), **answer_counts(s, task.max_new_tokens)}
             for label, s in scores.items()}
     prompted = scores["prompted (base + u)"]
     for label in list(CELLS)[2:]:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import harness
-from common import CACHE, PIRATE, cached_bake
+from common import CACHE, PIRATE, answer_counts, cached_bake
 from promptbake import _lm, reprompt
 from promptbake import contexts as contexts_mod
 from promptbake import drift as drift_mod
@@ -193,15 +193,9 @@ def _persona(plan: Plan, pirate: Bake, base_suite: dict):
     vs_prompted, damaged = fg.beyond_prompt(suite["base"], suite["base+u"], suite["baked"])
     out["baked_vs_prompted"] = {**vs_prompted.to_dict(), "damaged": damaged}
     log(f"    forgetting gate: {'pass' if gate.passed else 'FAIL'}")
-    # How the arithmetic answers differ: the persona's opening, and answers that run out of
-    # tokens (a long digression, or a greedy loop).
-    budget = TASKS["arithmetic"].max_new_tokens
-    out["arithmetic_answers"] = {
-        cell: {"n": len(s.items),
-               "start_with_aye": sum(i["prediction"].strip().lower().startswith("aye")
-                                     for i in s.items),
-               "out_of_tokens": sum(i["tokens"] >= budget for i in s.items)}
-        for cell, s in ((c, suite[c]["arithmetic"]) for c in ("base", "base+u", "baked"))}
+    out["arithmetic_answers"] = {cell: answer_counts(scores["arithmetic"],
+                                                     TASKS["arithmetic"].max_new_tokens)
+                                 for cell, scores in suite.items()}
 
     log(f"    drift over {plan.turns} turns, prompted then baked")
     options = dict(turns=plan.turns, conversations=plan.conversations, max_new_tokens=48)
@@ -421,8 +415,7 @@ def _matrix_text(m: dict) -> str:
 
 def _gate_text(gate: dict) -> str:
     rows = [[t["task"], f"{t['base']['value']:.3f}", f"{t['baked']['value']:.3f}",
-             "—" if t["relative"] is None else f"{100 * t['relative']:+.1f}%",
-             f"{t['p_value']:.3g}", "FAIL" if t["failed"] else "pass"]
+             _rel(t), f"{t['p_value']:.3g}", "FAIL" if t["failed"] else "pass"]
             for t in gate["tasks"].values()]
     return harness.table(["task", "base", "baked", "relative", "p", "gate"], rows) + \
         f"\n  gate: {'pass' if gate['passed'] else 'FAIL'}"

@@ -112,8 +112,9 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
                           f"promptbake evaluate {path} --tasks {','.join(matrices)}"
                           + (f" --limit {limit}" if limit else "")))
         # Against the prompted model too: what fails both was done by baking (beyond_prompt).
-        beyond, damaged = fg.beyond_prompt(*({n: m.cells[c] for n, m in matrices.items()}
-                                             for c in ("base", "base+u", "baked")))
+        def cell(name):
+            return {task: m.cells[name] for task, m in matrices.items()}
+        beyond, damaged = fg.beyond_prompt(cell("base"), cell("base+u"), cell("baked"))
         record["forgetting_vs_prompted"] = {**beyond.to_dict(), "damaged": damaged,
                                             "passed": not damaged}
         gates.append(Gate("forgetting beyond the prompt's own effect: no task fails the gate "

@@ -191,6 +191,7 @@ class Task:
         from promptbake.trajectories import stop_token_ids
 
         stop_ids = stop_token_ids(tokenizer, model)
+        stop = stop_strings(tokenizer, self.until)
         budgets = [item.get("max_new_tokens", self.max_new_tokens) for item in self.items]
         answers: list[list[int]] = [[] for _ in self.items]
         for budget in sorted(set(budgets)):  # one pass per distinct budget
@@ -198,7 +199,7 @@ class Task:
             for i, tokens in zip(which, greedy(model, [prefixes[i] for i in which],
                                                max_new_tokens=budget, stop_ids=stop_ids,
                                                pad_id=pad_id, batch_size=self.batch_size,
-                                               stop=stop_strings(tokenizer, self.until),
+                                               stop=stop,
                                                progress=progress)):
                 answers[i] = tokens
         out = []
