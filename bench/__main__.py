@@ -29,8 +29,8 @@ SUITES = {
                 "drift over 30 turns, an arithmetic recipe's recovered gain, prompt pursuit",
     "infer": "the baked persona served five ways: torch with the prompt, torch baked, ONNX "
              "Runtime fp32, int8, pruned + int8; latency, size, held-out accuracy",
-    "coverage": "the persona bake off its contexts: arithmetic answered like the prompt? the "
-                "shipped contexts against the same plus 48 arithmetic questions",
+    "coverage": "the persona bake off its contexts: arithmetic answered like the prompt? baked "
+                "on the general contexts alone against the shipped ones (general + short)",
     "bake-sweep": "how the bake's defaults were chosen: one setting changed at a time, held-out "
                   "KL reduction and time of each",
 }

@@ -1,8 +1,9 @@
 """Bakes shared by the benchmark suites, made once and reused from bench/.cache/.
 
 A cached bake is reused only when its manifest records a finished bake of the same prompt, with
-the same settings, contexts (path and contents) and base model weights; otherwise it is baked
-again (with ``--overwrite``, which only removes files promptbake wrote).
+the same settings, contexts (path and contents, or the shipped contexts' contents) and base model
+weights; otherwise it is baked again (with ``--overwrite``, which only removes files promptbake
+wrote).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import promptbake
+from promptbake import contexts as contexts_mod
 from promptbake import models
 from promptbake.bake import BakeConfig
 
@@ -23,15 +25,27 @@ PIRATE = ("You are a pirate captain. Talk like a pirate in every answer: say 'Ay
           "and bring up the sea.")
 
 
+def pirate_config(quick: bool) -> BakeConfig:
+    """The README's bake (`promptbake bake`'s defaults), with half-baked snapshots for the
+    evaluate suite's curve over steps (saving them does not change the bake: tests/test_bake.py);
+    ``quick``: a small bake for smoke runs."""
+    if quick:
+        return BakeConfig(train_contexts=16, eval_contexts=8, epochs=1.0, snapshot_every=2)
+    return BakeConfig(snapshot_every=36)
+
+
 def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=print) -> dict:
     """{"path", "seconds" (the bake's wall time, 0 when reused), "reused"} of a bake of
     ``prompt`` in bench/.cache/<name>. Processes asking for the same bake (``--section`` runs)
     take turns: the first bakes, the others reuse its bake."""
     out = CACHE / name
-    key = {"prompt": prompt, "config": dataclasses.asdict(config),
-           "contexts": None if contexts is None else
-           {"path": str(contexts),
-            "sha256": hashlib.sha256(Path(contexts).read_bytes()).hexdigest()},
+    if contexts is None:  # the shipped contexts: their contents, as a file's would be
+        shipped = json.dumps([contexts_mod.builtin(p) for p in ("train", "held_out")])
+        used = {"builtin": hashlib.sha256(shipped.encode()).hexdigest()}
+    else:
+        used = {"path": str(contexts),
+                "sha256": hashlib.sha256(Path(contexts).read_bytes()).hexdigest()}
+    key = {"prompt": prompt, "config": dataclasses.asdict(config), "contexts": used,
            "model": models.fingerprint(models.ensure_default())}
     stamp = out / "bench-key.json"
     CACHE.mkdir(parents=True, exist_ok=True)

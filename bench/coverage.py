@@ -1,12 +1,15 @@
 """Coverage suite: does a persona bake answer like its prompt on questions unlike its contexts?
 
-The evaluate suite found the pirate bake worse than its prompt on arithmetic: it opens with "Aye"
-where the prompted model answers the sum. The shipped training contexts are general questions
-with almost no arithmetic. Here the README's pirate is baked twice, on the shipped contexts (the
-cached default bake) and on the same contexts plus 48 arithmetic questions, and both are scored
-greedily, without the prompt, on 120 other arithmetic questions (none a task item, none trained
-on) beside the base and the prompted base model: accuracy, answers that open with the persona's
-"Aye", answers that run out of tokens, and each bake against the prompted model, paired by item.
+An earlier evaluate run found the pirate bake worse than its prompt on arithmetic: it opened
+with "Aye" where the prompted model answered the sum. Its training contexts were then the general
+questions alone (``contexts.builtin(kinds=("general",))``), with almost no arithmetic; the shipped
+set now adds short task-like ones (sums, facts, pick-one questions, classification, format and
+code requests). Here the README's pirate is baked on each (the shipped one is the evaluate
+suite's cached default bake), and on the shipped set with twice the default training contexts
+(``--train-contexts 288``); each is scored greedily, without the prompt, on 120 arithmetic
+questions that are neither task items nor shipped contexts (in any wording), beside the base and
+the prompted base model: accuracy, answers that open with the persona's "Aye", answers that run
+out of tokens, and each bake against the prompted model, paired by item.
 """
 
 from __future__ import annotations
@@ -14,40 +17,44 @@ from __future__ import annotations
 import dataclasses
 
 import harness
-from common import CACHE, PIRATE, answer_counts, cached_bake
+from common import CACHE, PIRATE, answer_counts, cached_bake, pirate_config
 from evaluate import arithmetic_contexts
 from promptbake import contexts as contexts_mod
 from promptbake import forgetting as fg
 from promptbake import reprompt
-from promptbake.bake import BakeConfig, load_baked
+from promptbake.bake import load_baked
 from promptbake.tasks import TASKS, Task
 
-EXTRA = 48  # arithmetic questions added to the contexts
 CELLS = {"base": (None, False, False), "prompted (base + u)": (None, False, True),
-         "baked, shipped contexts": ("pirate", True, False),
-         f"baked, + {EXTRA} arithmetic contexts": ("pirate-arithmetic", True, False)}
+         "baked, general contexts only": ("pirate-general", True, False),
+         "baked, shipped contexts (general + short)": ("pirate", True, False),
+         "baked, shipped contexts, twice the training contexts": ("pirate-2x", True, False)}
 
 
 def run(args, log) -> dict:
     dev_size = 24 if args.quick else 120
-    questions = arithmetic_contexts(dev_size + EXTRA, seed=7)
-    dev, extra = questions[:dev_size], questions[dev_size:]
+    shipped = [c[0]["content"] for part in ("train", "held_out")
+               for c in contexts_mod.builtin(part)]
+    dev = arithmetic_contexts(dev_size, seed=7, exclude=shipped)
     arithmetic = TASKS["arithmetic"]
     task = Task("arithmetic-dev", [
         {"id": f"dev-{i}", "prompt": q, "checks": [{"type": "number", "value": _answer(q)}]}
         for i, q in enumerate(dev)], max_new_tokens=arithmetic.max_new_tokens,
         until=arithmetic.until)
-    shipped = [c[0]["content"] for c in contexts_mod.builtin("train")]
-    mixed = CACHE / "pirate-arithmetic-contexts.txt"
-    harness.write_text(mixed, "\n".join(shipped + extra) + "\n")
-    config = BakeConfig()
-    if args.quick:
-        config = dataclasses.replace(config, train_contexts=16, eval_contexts=8, epochs=1.0)
-    bakes = {"pirate": cached_bake("pirate-quick" if args.quick else "pirate", PIRATE, config,
-                                   log=log),
-             "pirate-arithmetic": cached_bake("pirate-arithmetic-quick" if args.quick else
-                                              "pirate-arithmetic", PIRATE, config,
-                                              contexts=mixed, log=log)}
+    # The general kind alone; the hash split gives it the shipped set's general train and
+    # held-out parts.
+    general = CACHE / "general-contexts.txt"
+    harness.write_text(general, "\n".join(
+        c[0]["content"] for part in ("train", "held_out")
+        for c in contexts_mod.builtin(part, kinds=("general",))) + "\n")
+    config = pirate_config(args.quick)
+    suffix = "-quick" if args.quick else ""
+    bakes = {"pirate": cached_bake(f"pirate{suffix}", PIRATE, config, log=log),
+             "pirate-general": cached_bake(f"pirate-general{suffix}", PIRATE, config,
+                                           contexts=general, log=log),
+             # --train-contexts twice the default: more of the short kind in the bake
+             "pirate-2x": cached_bake(f"pirate-2x{suffix}", PIRATE, dataclasses.replace(
+                 config, train_contexts=2 * config.train_contexts), log=log)}
     models = {name: load_baked(made["path"]) for name, made in bakes.items()}
     scores = {}
     for label, (which, adapter, prompted) in CELLS.items():
@@ -61,9 +68,8 @@ def run(args, log) -> dict:
         change = fg.compare({"arithmetic": prompted}, {"arithmetic": scores[label]})
         rows[label]["vs_prompted"] = change.changes["arithmetic"].to_dict()
     return {"suite": "coverage", "machine": harness.machine(), "dev_questions": dev_size,
-            "extra_contexts": extra, "bakes": {n: {"path": str(m["path"]),
-                                                   "kl": models[n].manifest["kl"]}
-                                               for n, m in bakes.items()},
+            "bakes": {n: {"path": str(m["path"]), "kl": models[n].manifest["kl"]}
+                      for n, m in bakes.items()},
             "rows": rows}
 
 
@@ -111,7 +117,7 @@ def plot(result, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     axes[0].bar(range(len(labels)), [result["rows"][x]["score"]["value"] for x in labels],
                 yerr=[result["rows"][x]["score"]["se"] or 0 for x in labels], capsize=4,
-                color=["#999", "#69c", "#c96", "#6a6"])
+                color=["#999", "#69c", "#c96", "#6a6", "#396"])
     axes[0].set(ylabel="arithmetic accuracy", title="answers, greedy")
     for ax in axes:
         ax.set_xticks(range(len(labels)), [x.replace(", ", ",\n") for x in labels], fontsize=8)

@@ -1,13 +1,14 @@
 """Evaluate suite: what two bakes did to the default model, measured (issue 4).
 
 1. The README's pirate persona (the default bake): its re-prompt matrix on persona adherence
-   (single answers to the held-out contexts), forgetting across the whole task suite (the gate),
+   (single answers to the held-out contexts), adherence over the strength alpha and over the
+   bake's snapshots (the half-baking curves), forgetting across the whole task suite (the gate),
    and persona drift over 30 turns, prompted against baked, on the same scripted conversations.
 2. A step-by-step arithmetic recipe with worked examples, baked on arithmetic questions that are
    not in the task: its re-prompt matrix on the arithmetic task (how much of the prompt's gain
    over the base model the bake recovers) and its forgetting across the suite.
-3. Prompt pursuit from the arithmetic bake, tracked by arithmetic accuracy: once with its
-   plateau stop (the target), once for every round (the gain per round past the stop).
+3. Prompt pursuit from the arithmetic bake, tracked by arithmetic accuracy: every round, and
+   where its plateau stop ends it (the target), replayed on the same rounds.
 
 A plain "Think step by step." system prompt does not change SmolLM2-135M's arithmetic (measured:
 +0.000 ± 0.043 on the 120 items, paired), so the recipe shows the model worked examples.
@@ -27,13 +28,13 @@ import time
 from pathlib import Path
 
 import harness
-from common import CACHE, PIRATE, answer_counts, cached_bake
+from common import CACHE, PIRATE, answer_counts, cached_bake, pirate_config
 from promptbake import _lm, reprompt
 from promptbake import contexts as contexts_mod
 from promptbake import drift as drift_mod
 from promptbake import forgetting as fg
 from promptbake.bake import BakeConfig, load_baked
-from promptbake.pursuit import pursue
+from promptbake.pursuit import pursue, stopping
 from promptbake.report import _plateau_round
 from promptbake.tasks import TASKS, Score, load_task
 
@@ -47,11 +48,13 @@ TARGET_RECOVERY = 0.80
 TURNS = 30
 
 
-def arithmetic_contexts(count: int, seed: int = 0) -> list[str]:
-    """Training questions in the arithmetic task's four kinds, none of them a task item: taken in
-    turn from each kind's shuffled pool of unused questions (one-digit products run out first:
-    64 exist and the task holds 30 of them)."""
-    taken = {item["prompt"] for item in TASKS["arithmetic"].items}
+def arithmetic_contexts(count: int, seed: int = 0, exclude=()) -> list[str]:
+    """Questions in the arithmetic task's four kinds that ask no sum a task item or a question in
+    ``exclude`` asks (in any order or wording: ``contexts.arithmetic_key``), taken in turn from
+    each kind's shuffled pool of unused questions (one-digit products run out first: 36 pairs
+    exist and the task asks 24 of them)."""
+    taken = {contexts_mod.arithmetic_key(q)
+             for q in [item["prompt"] for item in TASKS["arithmetic"].items] + list(exclude)}
     kinds = [[f"What is {a} + {b}?" for a in range(10, 100) for b in range(10, 100)],
              [f"What is {a} - {b}?" for a in range(50, 100) for b in range(10, 50)],
              [f"What is {a} * {b}?" for a in range(2, 10) for b in range(2, 10)],
@@ -59,7 +62,8 @@ def arithmetic_contexts(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     pools = []
     for kind in kinds:
-        pool = [q for q in kind if q not in taken]
+        pool = list({contexts_mod.arithmetic_key(q): q for q in kind
+                     if contexts_mod.arithmetic_key(q) not in taken}.values())
         rng.shuffle(pool)
         pools.append(pool)
     if count > sum(map(len, pools)):
@@ -108,6 +112,7 @@ def run(args, log) -> dict | None:
         return None
     fg.plot_heatmap({"pirate persona": persona_gate, "arithmetic recipe": recipe_gate},
                     args.out / "evaluate-forgetting.png")
+    plot_half_baking(result["persona"], args.out)
     drift_mod.plot_drift({"prompted (base + u)": drifts["prompted"],
                           "baked (no prompt)": drifts["baked"]}, args.out / "evaluate-drift.png")
     result["checks"] = checks(result)
@@ -133,22 +138,20 @@ class Plan:
     @classmethod
     def of(cls, quick: bool, log) -> Plan:
         limit = 12 if quick else None
-        persona_config = BakeConfig()
-        if quick:
-            persona_config = dataclasses.replace(persona_config, train_contexts=16,
-                                                 eval_contexts=8, epochs=1.0)
+        persona_config = pirate_config(quick)
         questions = CACHE / "arithmetic-contexts.txt"
         harness.write_text(questions, "\n".join(arithmetic_contexts(48 if quick else 144)) + "\n")
-        turns, conversations = (6, 2) if quick else (TURNS, 6)
+        # 18 conversations: with 6, the baked-minus-prompted drift had an error of +-0.16
+        turns, conversations = (6, 2) if quick else (TURNS, 18)
         return cls(quick, limit, turns, conversations, persona_config,
-                   dataclasses.replace(persona_config, max_new_tokens=96),
+                   dataclasses.replace(persona_config, max_new_tokens=96, snapshot_every=0),
                    [load_task(name, limit=limit) for name in TASKS],
                    load_task("arithmetic", limit=limit), questions, log)
 
     @property
     def settings(self) -> dict:
-        return {"quick": self.quick, "limit": self.limit, "turns": self.turns,
-                "conversations": self.conversations}
+        """What every part depends on (the drift parts key their turns and conversations)."""
+        return {"quick": self.quick, "limit": self.limit}
 
     def bake(self, name: str, prompt: str, config: BakeConfig, contexts=None) -> Bake:
         made = cached_bake(f"{name}-quick" if self.quick else name, prompt, config,
@@ -178,6 +181,18 @@ def _persona(plan: Plan, pirate: Bake, base_suite: dict):
            "reprompt_items": {c: s.items for c, s in matrix.cells.items()}}
     log(f"    adherence: base {matrix.cells['base'].value:.3f}, prompted "
         f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
+
+    log("    half-baking: adherence over the strength alpha and over the bake's snapshots")
+    strengths = [0.25, 0.5, 0.75, 1.25, 1.5]  # 0 and 1 are the matrix's base and baked cells
+    out["strength"] = parts.get("pirate-adherence-strength", lambda: {
+        f"{a:g}": s.to_dict() for a, s in reprompt.strength_sweep(model, adherence,
+                                                                  strengths).items()},
+        persona=dataclasses.asdict(persona), questions=held_out, strengths=strengths)
+    out["snapshots"] = parts.get("pirate-adherence-snapshots", lambda: {
+        str(step): s.to_dict() for step, s in reprompt.snapshot_sweep(
+            model, adherence, ends=False).items()},
+        persona=dataclasses.asdict(persona), questions=held_out)
+    out["last_step"] = reprompt.last_step(model)
 
     log("    the task suite on the prompted model and the baked one")
     suite = {"base": base_suite}
@@ -233,19 +248,20 @@ def _recipe(plan: Plan, recipe: Bake, base_suite: dict):
 
 
 def _pursuit(plan: Plan, recipe: Bake):
-    """Pursuit from the recipe's bake with its plateau stop, and every round: (stopped, curve)."""
-    def run(name: str, options: dict) -> dict:
-        return recipe.parts.get(name, lambda: pursue(
-            recipe.model, evaluator=plan.arithmetic, contexts=str(plan.questions),
-            **options).to_dict(), task=plan.arithmetic, pursue=options)
-
+    """Pursuit from the recipe's bake: every round, and where its plateau stop ends it (the
+    target): (stopped, curve)."""
     gated = {"rounds": 1 if plan.quick else 3, "threshold": 0.02, "patience": 1}
-    stopped = run("recipe-pursuit", gated)
-    # The same rounds without stopping early: the per-round curve past the plateau rule
-    # (round i bakes with seed + i in both, so they share their first rounds).
-    plan.log("    and every round, without the plateau stop")
-    every = {**gated, "patience": gated["rounds"]}  # a plateau needs more rounds than this
-    return stopped, run("recipe-pursuit-curve", every)
+    # Round i bakes with seed + i whether or not pursuit stops early, so a pursuit with the
+    # plateau stop is a prefix of this run: measured once, the stop replayed on its rounds.
+    every = {**gated, "patience": gated["rounds"] + 1}  # a plateau needs more rounds than this
+    curve = recipe.parts.get("recipe-pursuit-curve", lambda: pursue(
+        recipe.model, evaluator=plan.arithmetic, contexts=str(plan.questions),
+        **every).to_dict(), task=plan.arithmetic, pursue=every)
+    last, best, why = stopping([r["metric"] for r in curve["rounds"]], gated["threshold"],
+                               gated["patience"])
+    stopped = {**curve, "rounds": curve["rounds"][:last + 1], "best_round": best, "stopped": why,
+               "patience": gated["patience"], "replayed_from": "every round (pursuit_curve)"}
+    return stopped, curve
 
 
 class Parts:
@@ -312,8 +328,11 @@ def _by_category(matrix) -> dict:
 
 def checks(result) -> list[dict]:
     gate = result["persona"]["forgetting"]
-    worst = min((t for t in gate["tasks"].values() if t["relative"] is not None),
-                key=lambda t: t["relative"])
+    prompted = result["persona"]["prompted_suite"]["tasks"]
+    failed = [t for t in gate["tasks"].values() if t["failed"]]
+    shown = failed or [min((t for t in gate["tasks"].values() if t["relative"] is not None),
+                           key=lambda t: t["relative"])]
+    damaged = result["persona"]["baked_vs_prompted"]["damaged"]
     d = result["persona"]["drift"]
     b, p = d["baked"]["drift"]["adherence"], d["prompted"]["drift"]["adherence"]
     diff = d["baked_minus_prompted"]
@@ -329,10 +348,15 @@ def checks(result) -> list[dict]:
     return [
         {"target": "forgetting gate passes for the persona bake (no task drops > 3.4% relative "
                    "with p < 0.05)",
-         "measured": f"worst: {worst['task']} {100 * worst['relative']:+.1f}% "
-                     f"(p = {worst['p_value']:.2g}; the prompted model: "
-                     f"{_rel(result['persona']['prompted_suite']['tasks'][worst['task']])})",
+         "measured": ("failed: " if failed else "worst: ") + "; ".join(
+             f"{t['task']} {100 * t['relative']:+.1f}% (p = {t['p_value']:.2g}; the prompted "
+             f"model: {_rel(prompted[t['task']])}, p = {prompted[t['task']]['p_value']:.2g})"
+             for t in shown),
          "pass": gate["passed"]},
+        {"target": "(not a target; beside the gate) tasks the persona bake damages beyond its "
+                   "prompt's own effect: failing the gate against base and against base + u",
+         "measured": ", ".join(damaged) or "none",
+         "pass": None},
         {"target": f"baked drift at turn {d['baked']['turns']} no worse than prompted drift",
          "measured": f"baked {b['drift']:+.3f} ± {b['drift_se'] or 0:.3f}, prompted "
                      f"{p['drift']:+.3f} ± {p['drift_se'] or 0:.3f} (difference "
@@ -358,6 +382,10 @@ def report(result) -> str:
     m = result["persona"]["reprompt"]
     lines.append("pirate persona, adherence on held-out questions (re-prompt matrix):")
     lines.append(_matrix_text(m))
+    by_alpha, by_step = half_baking(result["persona"])
+    lines.append("half-baking, adherence without the prompt: by strength " + ", ".join(
+        f"{a:g}: {s['value']:.3f}" for a, s in by_alpha.items()) + "; by step " + ", ".join(
+        f"{k}: {s['value']:.3f}" for k, s in by_step.items()))
     lines.append("forgetting across the suite (pirate bake):")
     lines.append(_gate_text(result["persona"]["forgetting"]))
     lines.append("the pirate prompt itself on the suite (base + u against base):")
@@ -393,9 +421,13 @@ def report(result) -> str:
         f"{r['metric']:.3f} ± {r['score']['se'] or 0:.3f}" for r in curve))
     lines.append("")
     lines.append(harness.table(["target", "measured", "result"],
-                               [[c["target"], c["measured"], "pass" if c["pass"] else "MISS"]
+                               [[c["target"], c["measured"], _verdict(c)]
                                 for c in result["checks"]]))
     return "\n".join(lines)
+
+
+def _verdict(check: dict) -> str:
+    return "info" if check["pass"] is None else "pass" if check["pass"] else "MISS"
 
 
 def _matrix_text(m: dict) -> str:
@@ -425,7 +457,7 @@ def markdown(result) -> str:
     mach = result["machine"]
     lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
              f"{mach['date'][:10]}", "", "| target | measured | result |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {c['measured']} | {'pass' if c['pass'] else 'MISS'} |"
+    lines += [f"| {c['target']} | {c['measured']} | {_verdict(c)} |"
               for c in result["checks"]]
     for title, key in (("Pirate persona: adherence", "persona"),
                        ("Arithmetic recipe: accuracy", "recipe")):
@@ -433,6 +465,14 @@ def markdown(result) -> str:
         lines += ["", f"| {title} | base | baked |", "|---|---:|---:|",
                   f"| without the prompt | {_v(c['base'])} | {_v(c['baked'])} |",
                   f"| with the prompt | {_v(c['base+u'])} | {_v(c['baked+u'])} |"]
+    by_alpha, by_step = half_baking(result["persona"])
+    lines += ["", "| half-baking (pirate adherence, no prompt) | " +
+              " | ".join(f"α {a:g}" for a in by_alpha) + " |",
+              "|---|" + "---:|" * len(by_alpha),
+              "| by strength | " + " | ".join(_v(s) for s in by_alpha.values()) + " |",
+              "", "| | " + " | ".join(f"step {k}" for k in by_step) + " |",
+              "|---|" + "---:|" * len(by_step),
+              "| by snapshot | " + " | ".join(_v(s) for s in by_step.values()) + " |"]
     lines += ["", "| task | base | pirate prompt (base + u) | pirate bake | pirate bake vs prompt "
               "| arithmetic bake |", "|---|---:|---:|---:|---:|---:|"]
     pg, rg = result["persona"]["forgetting"]["tasks"], result["recipe"]["forgetting"]["tasks"]
@@ -467,6 +507,32 @@ def _p(t: dict) -> str:
 
 def _rel(t: dict) -> str:
     return "—" if t["relative"] is None else f"{100 * t['relative']:+.1f}%"
+
+
+def half_baking(persona: dict) -> tuple[dict, dict]:
+    """Adherence by strength alpha and by optimizer step, the ends (alpha 0 and 1, step 0 and
+    the last) from the re-prompt matrix: ({alpha: score}, {step: score}), scores as dicts."""
+    cells = persona["reprompt"]["cells"]
+    by_alpha = {0.0: cells["base"], 1.0: cells["baked"],
+                **{float(a): s for a, s in persona["strength"].items()}}
+    by_step = {0: cells["base"], persona["last_step"]: cells["baked"],
+               **{int(k): s for k, s in persona["snapshots"].items()}}
+    return dict(sorted(by_alpha.items())), dict(sorted(by_step.items()))
+
+
+def plot_half_baking(persona: dict, out: Path) -> None:
+    """evaluate-strength.png and evaluate-snapshots.png: adherence without the prompt by alpha and
+    by step, against the base and the prompted model."""
+    cells = {k: Score(**{**v, "items": []}) for k, v in persona["reprompt"]["cells"].items()}
+    references = {"base": cells["base"], "prompted (base + u)": cells["base+u"]}
+    by_alpha, by_step = half_baking(persona)
+    for points, name, xlabel, how in ((by_alpha, "strength", "strength alpha (LoRA delta scale)",
+                                       "by strength"),
+                                      (by_step, "snapshots", "optimizer step", "by steps")):
+        reprompt.plot_sweep({x: Score(**{**s, "items": []}) for x, s in points.items()},
+                            out / f"evaluate-{name}.png", xlabel=xlabel,
+                            ylabel="pirate adherence, held-out questions",
+                            title=f"Half-baking the pirate, {how}", references=references)
 
 
 def plot(result, path) -> None:

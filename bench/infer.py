@@ -22,7 +22,6 @@ int8 keeps >= 99% of the baked fp32 model's accuracy (reported for pruning).
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import statistics
 import time
@@ -32,10 +31,10 @@ import numpy as np
 import torch
 
 import harness
-from common import CACHE, PIRATE, cached_bake
+from common import CACHE, PIRATE, cached_bake, pirate_config
 from promptbake import compress, contexts as contexts_mod
-from promptbake.bake import BakeConfig, load_baked
-from promptbake.export import OnnxLM, export_baked, held_out_kl, merge, model_bytes
+from promptbake.bake import load_baked
+from promptbake.export import OnnxLM, export_baked, held_out_kl, merge
 
 TARGET_P95_MS = 50.0
 TARGET_SPEEDUP = 3.0
@@ -71,9 +70,7 @@ def run(args, log) -> dict:
     quick = args.quick
     prompts_n, new_tokens = (3, 24) if quick else (6, 48)
     recover_steps = 4 if quick else 60
-    config = BakeConfig()
-    if quick:
-        config = dataclasses.replace(config, train_contexts=16, eval_contexts=8, epochs=1.0)
+    config = pirate_config(quick)
     result = {"suite": "infer", "machine": harness.machine(), "quick": quick,
               "threads": torch.get_num_threads(), "new_tokens": new_tokens,
               "prompts": prompts_n, "sparsity": SPARSITY, "recover_steps": recover_steps}

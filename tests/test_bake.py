@@ -84,6 +84,16 @@ def test_adapter_loads_with_peft_and_strength_scales_it(tiny_dir, baked_dir):
     assert not torch.allclose(logits(half.model), reference)
 
 
+def test_snapshots_do_not_change_the_bake(tiny_dir, tmp_path):
+    made = {every: bake(PROMPT, model=tiny_dir, config=tiny_config(snapshot_every=every),
+                        out=tmp_path / str(every)) for every in (0, 2)}
+    assert (tmp_path / "2" / "snapshots").is_dir() and not (tmp_path / "0" / "snapshots").exists()
+    plain, snapped = adapter_tensors(tmp_path / "0"), adapter_tensors(tmp_path / "2")
+    assert plain.keys() == snapped.keys()
+    assert all(torch.equal(plain[k], snapped[k]) for k in plain)  # bit for bit
+    assert made[0].manifest["kl"] == made[2].manifest["kl"]
+
+
 def test_snapshots_and_merged_model(tiny_dir, baked_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from promptbake import contexts
+from promptbake import contexts, drift
 from promptbake.contexts import ContextError
+from promptbake.tasks import TASKS, load_task
 
 
 def test_builtin_contexts_split_into_disjoint_parts():
@@ -13,6 +14,52 @@ def test_builtin_contexts_split_into_disjoint_parts():
     assert not as_text(train) & as_text(held_out)
     assert contexts.builtin("train") == train  # deterministic
     assert all(c[0]["role"] == "user" and c[0]["content"] for c in train)
+
+
+def test_builtin_kinds_are_interleaved_and_checked():
+    general = contexts.builtin("held_out", kinds=("general",))
+    short = contexts.builtin("held_out", kinds=("short",))
+    both = contexts.builtin("held_out")
+    assert sorted(map(str, both)) == sorted(map(str, general + short))  # the split is per context
+    first = [c[0]["content"] for c in both[:24]]  # what a bake measures on holds both kinds
+    assert {c[0]["content"] for c in general} & set(first)
+    assert {c[0]["content"] for c in short} & set(first)
+    with pytest.raises(ValueError, match="choose from general, short"):
+        contexts.builtin("train", kinds=("long",))
+
+
+def test_no_builtin_context_is_a_task_item_or_a_drift_turn():
+    # A context the bake trains on must not be what a task or the drift benchmark measures with:
+    # not the same sum in other words, not the same question or review reworded.
+    shipped = [c[0]["content"] for part in ("train", "held_out") for c in contexts.builtin(part)]
+    assert len({c.lower() for c in shipped}) == len(shipped)
+    items = [item["prompt"] for name in TASKS for item in load_task(name).items]
+    turns = [t for lines in drift.user_turns().values() for t in lines]
+    assert contexts.near_duplicates(shipped, items + turns) == []
+
+
+@pytest.mark.parametrize("text, other", [
+    ("What is 8 * 6?", "Calculate 6 times 8."),
+    ("What is 9 * 9?", "What is 9 squared?"),
+    ("How much is 85 minus 29?", "What is 85 - 29?"),
+    ("What's the best way to learn a new language?", "What is the best way to learn a language?"),
+    ('Is this review positive? "The staff went out of their way to make our stay special. '
+     'Wonderful hotel."',
+     'Positive or negative: "The hotel staff went out of their way to help us."'),
+])
+def test_near_duplicates_finds_the_same_question_reworded(text, other):
+    [(found, like, similarity)] = contexts.near_duplicates([text], [other])
+    assert (found, like) == (text, other) and 0.5 <= similarity <= 1
+
+
+@pytest.mark.parametrize("text, other", [
+    ("What is 85 - 29?", "What is 29 - 85?"),  # a difference keeps its order
+    ("What is 6 * 8?", "What is 6 + 8?"),
+    ("What is the capital of Chile?", "What is the capital of Peru?"),  # one template, two items
+    ("Work out 24 * 15.", "How does a thermometer work?"),  # one shared word is not enough
+])
+def test_near_duplicates_leaves_different_questions(text, other):
+    assert contexts.near_duplicates([text], [other]) == []
 
 
 def test_jsonl_forms(tmp_path):

@@ -46,6 +46,24 @@ def test_plateau_rule(metrics, patience, expected):
     assert pursuit.plateaued(metrics, 0.02, patience) is expected
 
 
+@pytest.mark.parametrize("metrics, patience, expected", [
+    ([0.317, 0.283, 0.225, 0.167], 1, (1, 0, "plateau")),  # stops at the first flat round
+    ([0.317, 0.283, 0.225, 0.167], 3, (3, 0, "plateau")),  # three flat rounds: the last one
+    ([0.317, 0.283, 0.225, 0.167], 4, (3, 0, "round limit")),
+    ([1.0, 2.0, 3.0], 1, (2, 2, "round limit")),  # improving to the end: keeps the last
+    ([1.0, 2.0, 1.0, 5.0], 2, (3, 3, "round limit")),  # a rise after a dip resets patience
+    ([1.0, 2.0, 2.01, 1.5], 2, (3, 2, "plateau")),  # keeps the best, 2.01, not the last
+    ([1.0], 1, (0, 0, "round limit")),
+])
+def test_stopping_replays_the_rule_on_a_curve(metrics, patience, expected):
+    assert pursuit.stopping(metrics, 0.02, patience) == expected
+    _, _, why = expected
+    if why == "plateau":  # more rounds after the stop change nothing: the rule reads up to it
+        assert pursuit.stopping(metrics + [9.0, 9.5], 0.02, patience) == expected
+    with pytest.raises(ValueError, match="no rounds"):
+        pursuit.stopping([], 0.02, patience)
+
+
 def test_stacked_adapters_equal_merged_bakes_on_top(tiny_dir, first):
     baked = load_baked(first, strength=0.7)
     top, deltas = pursuit.bake_on_top(baked, "Answer in French.", config(seed=3))
@@ -88,7 +106,8 @@ def test_pursue_rounds_and_directory(tiny_dir, first, tmp_path, next_token_evalu
 
 def test_pursue_without_evaluator_tracks_kl(first):
     baked = load_baked(first)
-    result = pursuit.pursue(baked, rounds=1, config=config(steps=3), threshold=0.0)
+    # patience 2 > 1 round: no plateau can be declared, whether or not round 1 improves
+    result = pursuit.pursue(baked, rounds=1, config=config(steps=3), patience=2)
     assert result.stopped == "round limit" and len(result.rounds) == 2
     assert result.tracked.startswith("-KL")
     assert result.rounds[0].metric == pytest.approx(-result.rounds[0].kl_to_prompted["per_token"])

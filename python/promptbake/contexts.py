@@ -1,15 +1,23 @@
 """Contexts x: the user turns a prompt is baked under (Eq. 3 samples y given u and x).
 
 A context is a list of chat messages without the system turn, ending with a user message. The
-built-in set (``data/contexts.txt``, 252 varied user messages) is split by a hash of each context
-into a train part and a held-out part that share nothing; held-out contexts only measure the bake. A user file is JSON lines (a string, ``{"user": ...}``, or ``{"messages":
-[...]}`` for a multi-turn history) or plain text with one message per line.
+built-in set has two kinds: ``general`` (``data/contexts.txt``: open questions and requests, the
+kind of message a chat assistant gets) and ``short`` (``data/contexts_short.txt``: short
+task-like ones: sums, facts, pick-one questions, classification, format instructions, small code
+requests). A bake only learns the prompted model's behaviour on the kinds of input it sees: baked
+on general questions alone, a persona is over-applied to short questions (``python bench/ --only
+coverage``). None of them is an item of the shipped task suite or a scripted drift turn (tested).
+The set is split by a hash of each context into a train part and a held-out part that share
+nothing; held-out contexts only measure the bake. A user file is JSON lines (a string,
+``{"user": ...}``, or ``{"messages": [...]}`` for a multi-turn history) or plain text with one
+message per line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -44,12 +52,23 @@ def split(contexts: list[Context], part: str, held_out_fraction: float = 0.2) ->
     return [c for c, h in zip(contexts, held) if h == (part == "held_out")]
 
 
-def builtin(part: str = "train") -> list[Context]:
-    """The shipped contexts: ``train`` (about 200) or ``held_out`` (about 50)."""
-    text = resources.files("promptbake").joinpath("data/contexts.txt").read_text("utf-8")
-    every = [[{"role": "user", "content": line.strip()}] for line in text.splitlines()
-             if line.strip()]
-    return split(every, part)
+KINDS = {"general": "data/contexts.txt", "short": "data/contexts_short.txt"}
+
+
+def builtin(part: str = "train", kinds: tuple[str, ...] = tuple(KINDS)) -> list[Context]:
+    """The shipped contexts of ``kinds``: ``train`` (about 360 of both kinds) or ``held_out``
+    (about 90). The kinds are interleaved in proportion, so the first held-out contexts (what a
+    bake measures on) hold both."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds={kinds!r}: choose from {', '.join(KINDS)}")
+    keyed = []
+    for kind in kinds:
+        text = resources.files("promptbake").joinpath(KINDS[kind]).read_text("utf-8")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        keyed += [((i + 0.5) / len(lines), line) for i, line in enumerate(lines)]
+    keyed.sort(key=lambda pair: pair[0])  # stable: equal positions keep the kinds' order
+    return split([[{"role": "user", "content": line}] for _, line in keyed], part)
 
 
 def load(path: str | Path) -> list[Context]:
@@ -152,3 +171,66 @@ def _every_of(spec) -> list[Context]:
             raise ContextError("the list of contexts is empty")
         return [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in spec]
     return load(spec)
+
+
+# -- overlap with evaluation items --------------------------------------------------------------
+
+_STOP = frozenset("""a an the is are was were be been am do does did of to in on at for by with and
+or but if then than so as it its this that these those what which who whom whose when where why how
+can could would should will shall may might must i you he she we they me my your our their his her
+them us there here about into from up down out over under again very just also any some no not
+only own same too let please tell give write make get have has had one answer reply question
+""".split())
+_CONTRACTIONS = {"what's": "what is", "it's": "it is", "i've": "i have", "don't": "do not",
+                 "can't": "can not", "i'm": "i am", "let's": "let us", "isn't": "is not",
+                 "doesn't": "does not", "won't": "will not"}
+_OPERATORS = {"+": "+", "plus": "+", "add": "+", "sum": "+", "-": "-", "minus": "-",
+              "subtract": "-", "*": "*", "x": "*", "times": "*", "multiplied": "*", "/": "/",
+              "divided": "/"}
+
+
+def content_words(text: str) -> frozenset[str]:
+    """The words of ``text`` that carry its subject: lower case, contractions expanded, no digits
+    and no function words."""
+    text = text.lower().replace("\u2019", "'")
+    for short, long in _CONTRACTIONS.items():
+        text = text.replace(short, long)
+    return frozenset(w for w in re.findall(r"[a-z]+", text) if w not in _STOP)
+
+
+def arithmetic_key(text: str) -> tuple | None:
+    """The sum a question asks for, whatever its wording, or None: 'What is 8 * 6?', 'Calculate 6
+    times 8.' and 'What is 6 * 8?' all give ('*', 6, 8); 'What is 12 squared?' gives ('*', 12,
+    12). Sums and products sort their operands; differences and quotients keep their order."""
+    numbers = [int(n) for n in re.findall(r"\d+", text)]
+    found = {_OPERATORS[t] for t in re.findall(r"[a-z]+|[-+*/]", text.lower()) if t in _OPERATORS}
+    if len(numbers) == 1 and re.search(r"\bsquared?\b", text.lower()):
+        return ("*", numbers[0], numbers[0])
+    if len(numbers) != 2 or len(found) != 1:
+        return None
+    op = found.pop()
+    a, b = numbers if op in "-/" else sorted(numbers)
+    return (op, a, b)
+
+
+def near_duplicates(texts: list[str], others: list[str], threshold: float = 0.5,
+                    min_shared: int = 2) -> list[tuple[str, str, float]]:
+    """Pairs (text, other, similarity) that ask the same thing, for checking that training
+    contexts are not evaluation items: the same sum (``arithmetic_key``), or content words (of
+    the whole texts, or of quoted passages such as a review) that overlap by at least
+    ``threshold`` (Jaccard) in at least ``min_shared`` words."""
+    def parts(text):
+        found = [content_words(text)] + [content_words(q) for q in re.findall(r'"([^"]+)"', text)]
+        return [w for w in found if len(w) >= min_shared]
+
+    theirs = [(o, arithmetic_key(o), parts(o)) for o in others]
+    pairs = []
+    for text in texts:
+        key, mine = arithmetic_key(text), parts(text)
+        for other, other_key, other_parts in theirs:
+            best = 1.0 if key is not None and key == other_key else max(
+                (len(a & b) / len(a | b) for a in mine for b in other_parts
+                 if len(a & b) >= min_shared), default=0.0)
+            if best >= threshold:
+                pairs.append((text, other, best))
+    return pairs

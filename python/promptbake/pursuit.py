@@ -164,6 +164,21 @@ def plateaued(metrics: list[float], threshold: float, patience: int) -> bool:
     return True
 
 
+def stopping(metrics: list[float], threshold: float, patience: int) -> tuple[int, int, str]:
+    """Where pursuit stops on rounds that scored ``metrics`` (round 0 first): a tuple of the last
+    round it runs, the best round (the one it keeps) and why it stopped ("plateau" or "round
+    limit")."""
+    if not metrics:
+        raise ValueError("no rounds: metrics must hold at least round 0's score")
+    best = 0
+    for n in range(1, len(metrics)):
+        if metrics[n] > metrics[best]:
+            best = n
+        if plateaued(metrics[:n + 1], threshold, patience):
+            return n, best, "plateau"
+    return len(metrics) - 1, best, "round limit"
+
+
 def pursue(baked: Baked, prompt: str | None = None, rounds: int = 3,
            evaluator: Callable | None = None, *, config: BakeConfig | None = None,
            contexts=None, threshold: float = 0.02, patience: int = 1,
@@ -211,7 +226,6 @@ def pursue(baked: Baked, prompt: str | None = None, rounds: int = 3,
     current = stack(baked, history)  # round 0: the bake itself, at its strength
     records = [measure(current, 0, baked.manifest["kl"], 0.0)]
     log.info("pursuit round 0: tracked %s = %.4f", tracked, records[0].metric)
-    best, best_deltas, stopped = 0, list(history), "round limit"
     for number in range(1, rounds + 1):
         start = time.perf_counter()
         round_config = dataclasses.replace(config, seed=config.seed + number, merge=False)
@@ -226,13 +240,11 @@ def pursue(baked: Baked, prompt: str | None = None, rounds: int = 3,
             run.wrote("rounds")
             _files.replace_dir(run.path / "rounds" / f"round-{number}",
                                lambda tmp: current.model.save_pretrained(tmp))
-        if records[-1].metric > records[best].metric:
-            best, best_deltas = number, list(history)
-        if plateaued([r.metric for r in records], threshold, patience):
-            stopped = "plateau"
+        _, best, stopped = stopping([r.metric for r in records], threshold, patience)
+        if stopped == "plateau":
             break
-    result = Pursuit(stack(current, best_deltas), records, best, stopped, threshold, patience,
-                     tracked)
+    result = Pursuit(stack(current, history[:best + 1]), records, best, stopped, threshold,
+                     patience, tracked)
     result.baked.manifest = _manifest(baked, result, prompt, config)
     if run is not None:
         _finish(run, result)

@@ -115,22 +115,31 @@ def strength_sweep(baked, evaluator: Callable, strengths: Iterable[float]) -> di
             for a in strengths}
 
 
-def snapshot_sweep(baked, evaluator: Callable) -> dict[int, object]:
+def snapshot_sweep(baked, evaluator: Callable, *, ends: bool = True) -> dict[int, object]:
     """``evaluator``'s score at every half-baked snapshot (``--snapshot-every``) and at the end
-    (the half-baking curve against optimizer steps). Step 0 is the base model."""
+    (the half-baking curve against optimizer steps). Step 0 is the base model; ``ends=False``
+    leaves out step 0 and the last step, for a caller that has scored the base and the baked
+    model already (a re-prompt matrix)."""
     if baked.path is None:
         raise ValueError("this bake has no directory, so no snapshots: bake with out=DIR and "
                          "snapshot_every=N")
     snapshots = _lm.snapshot_steps(baked.path)
     if not snapshots:
         raise ValueError(f"{baked.path} has no snapshots: bake with --snapshot-every N")
-    points = {0: score(baked, evaluator, adapter=False, prompted=False)}
+    points = {0: score(baked, evaluator, adapter=False, prompted=False)} if ends else {}
     for step, directory in snapshots:
         with _lm.adapter_weights(baked.model, directory):
             points[step] = score(baked, evaluator, adapter=True, prompted=False, strength=1.0)
-    last = len(baked.manifest.get("train_kl_per_token", [])) or snapshots[-1][0] + 1
-    points[last] = score(baked, evaluator, adapter=True, prompted=False, strength=1.0)
+    if ends:
+        points[last_step(baked)] = score(baked, evaluator, adapter=True, prompted=False,
+                                         strength=1.0)
     return points
+
+
+def last_step(baked) -> int:
+    """The optimizer step the finished bake stands at (the x of its point on a snapshot curve)."""
+    steps = len(baked.manifest.get("train_kl_per_token", []))
+    return steps or _lm.snapshot_steps(baked.path)[-1][0] + 1
 
 
 def plot_sweep(points: dict, path, *, xlabel: str, ylabel: str, title: str,
