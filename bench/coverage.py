@@ -33,8 +33,7 @@ CELLS = {"base": (None, False, False), "prompted (base + u)": (None, False, True
 
 def run(args, log) -> dict:
     dev_size = 24 if args.quick else 120
-    shipped = [c[0]["content"] for part in ("train", "held_out")
-               for c in contexts_mod.builtin(part)]
+    shipped = contexts_mod.builtin_messages()
     dev = arithmetic_contexts(dev_size, seed=7, exclude=shipped)
     arithmetic = TASKS["arithmetic"]
     task = Task("arithmetic-dev", [
@@ -44,9 +43,7 @@ def run(args, log) -> dict:
     # The general kind alone; the hash split gives it the shipped set's general train and
     # held-out parts.
     general = CACHE / "general-contexts.txt"
-    harness.write_text(general, "\n".join(
-        c[0]["content"] for part in ("train", "held_out")
-        for c in contexts_mod.builtin(part, kinds=("general",))) + "\n")
+    harness.write_text(general, "\n".join(contexts_mod.builtin_messages(("general",))) + "\n")
     config = pirate_config(args.quick)
     suffix = "-quick" if args.quick else ""
     bakes = {"pirate": cached_bake(f"pirate{suffix}", PIRATE, config, log=log),

@@ -34,8 +34,7 @@ from promptbake import contexts as contexts_mod
 from promptbake import drift as drift_mod
 from promptbake import forgetting as fg
 from promptbake.bake import BakeConfig, load_baked
-from promptbake.pursuit import pursue, stopping
-from promptbake.report import _plateau_round
+from promptbake.pursuit import meets_target, plateau_round, pursue, stopping
 from promptbake.tasks import TASKS, Score, load_task
 
 RECIPE = ("You are a careful calculator. Examples:\n"
@@ -338,13 +337,11 @@ def checks(result) -> list[dict]:
     diff = d["baked_minus_prompted"]
     m = result["recipe"]["reprompt"]
     rec, rec_se = m["recovery"], m["recovery_se"]
-    rounds = result["pursuit"]["rounds"]
-    metrics = [r["metric"] for r in rounds]
-    plateau = _plateau_round(metrics, result["pursuit"]["threshold"])
-    stopped = rounds[-1]["round"]
-    improved = max(metrics[1:], default=float("-inf")) > metrics[0]
-    within = result["pursuit"]["stopped"] == "plateau" and plateau is not None and \
-        stopped - plateau <= 2
+    # The stop is judged on every round measured, those after it too: stopping before a later
+    # improvement fails the target.
+    threshold = result["pursuit"]["threshold"]
+    metrics = [r["metric"] for r in result["pursuit_curve"]["rounds"]]
+    stopped = result["pursuit"]["rounds"][-1]["round"]
     return [
         {"target": "forgetting gate passes for the persona bake (no task drops > 3.4% relative "
                    "with p < 0.05)",
@@ -372,8 +369,9 @@ def checks(result) -> list[dict]:
          "pass": rec is not None and rec >= TARGET_RECOVERY},
         {"target": "pursuit improves on a single bake or stops within two rounds of its plateau",
          "measured": "accuracy by round " + ", ".join(f"{x:.3f}" for x in metrics) +
-                     f"; stopped at round {stopped} ({result['pursuit']['stopped']})",
-         "pass": improved or within},
+                     f" (plateau from round {plateau_round(metrics, threshold)}); stopped at "
+                     f"round {stopped} ({result['pursuit']['stopped']})",
+         "pass": meets_target(metrics, stopped, threshold)},
     ]
 
 

@@ -24,14 +24,14 @@ def test_builtin_kinds_are_interleaved_and_checked():
     first = [c[0]["content"] for c in both[:24]]  # what a bake measures on holds both kinds
     assert {c[0]["content"] for c in general} & set(first)
     assert {c[0]["content"] for c in short} & set(first)
-    with pytest.raises(ValueError, match="choose from general, short"):
+    with pytest.raises(ValueError, match="choose one or more of general, short"):
         contexts.builtin("train", kinds=("long",))
 
 
 def test_no_builtin_context_is_a_task_item_or_a_drift_turn():
     # A context the bake trains on must not be what a task or the drift benchmark measures with:
     # not the same sum in other words, not the same question or review reworded.
-    shipped = [c[0]["content"] for part in ("train", "held_out") for c in contexts.builtin(part)]
+    shipped = contexts.builtin_messages()
     assert len({c.lower() for c in shipped}) == len(shipped)
     items = [item["prompt"] for name in TASKS for item in load_task(name).items]
     turns = [t for lines in drift.user_turns().values() for t in lines]
@@ -60,6 +60,36 @@ def test_near_duplicates_finds_the_same_question_reworded(text, other):
 ])
 def test_near_duplicates_leaves_different_questions(text, other):
     assert contexts.near_duplicates([text], [other]) == []
+
+
+@pytest.mark.parametrize("text, key", [
+    ("What is 8 * 6?", ("*", 6, 8)),
+    ("Multiply 6 by 8.", ("*", 6, 8)),
+    ("What is the product of 8 and 6?", ("*", 6, 8)),
+    ("What is 12 squared?", ("*", 12, 12)),
+    ("What is 85 - 29?", ("-", 85, 29)),
+    ("What is 85-29?", ("-", 85, 29)),
+    ("Subtract 29 from 85.", ("-", 85, 29)),  # the words put the operands the other way round
+    ("Divide 48 by 6.", ("/", 48, 6)),
+    ("How many times does 6 go into 48?", ("/", 48, 6)),
+    ("Plan a 3-day trip for 2 people.", None),  # a hyphen, not a minus
+    ("Add 17, 23 and 41.", None),  # three numbers: not a two-operand sum
+    ("What is 2 plus 3 times 4?", None),  # two operators
+])
+def test_arithmetic_key(text, key):
+    assert contexts.arithmetic_key(text) == key
+
+
+def test_near_duplicates_checks_its_arguments_and_lets_sums_decide():
+    # the same words around different sums are different questions
+    assert contexts.near_duplicates(["Calculate 6 times 8 quickly, please."],
+                                    ["Calculate 7 times 9 quickly, please."]) == []
+    assert contexts.content_words("Who's Newton's friend? It wasn't me.") == {"friend", "newton"}
+    for bad in ({"threshold": 0.0}, {"threshold": 1.5}, {"min_shared": 0}):
+        with pytest.raises(ValueError, match="Jaccard"):
+            contexts.near_duplicates(["a"], ["b"], **bad)
+    with pytest.raises(ValueError, match="each once"):
+        contexts.builtin("train", kinds=("general", "general"))
 
 
 def test_jsonl_forms(tmp_path):

@@ -64,6 +64,27 @@ def test_stopping_replays_the_rule_on_a_curve(metrics, patience, expected):
         pursuit.stopping([], 0.02, patience)
 
 
+def test_plateau_round():
+    assert pursuit.plateau_round([1.0, 2.0, 2.01, 1.9], 0.02) == 1  # +0.5% after round 1
+    assert pursuit.plateau_round([1.0, 2.0, 3.0], 0.02) == 2
+    assert pursuit.plateau_round([1.0, 0.5], 0.02) == 0
+    assert pursuit.plateau_round([1.0, 1.0, 5.0], 0.02) == 2  # a late rise moves the plateau
+
+
+@pytest.mark.parametrize("metrics, stopped_at, expected", [
+    ([0.325, 0.325, 0.283, 0.183], 1, True),  # plateau at 0, stopped 1 round after it
+    ([0.325, 0.325, 0.283, 0.183], 3, False),  # ran 3 rounds past its plateau, no gain
+    ([0.3, 0.3, 0.5], 1, False),  # stopped before the improvement at round 2
+    ([0.3, 0.3, 0.5], 2, True),  # improved on round 0
+    ([0.3, 0.303, 0.5], 1, False),  # +1% is under the threshold: not an improvement
+    ([0.3], 0, True),
+])
+def test_meets_target_judges_the_stop_on_every_round(metrics, stopped_at, expected):
+    assert pursuit.meets_target(metrics, stopped_at, 0.02) is expected
+    with pytest.raises(ValueError, match="not a round"):
+        pursuit.meets_target(metrics, len(metrics), 0.02)
+
+
 def test_stacked_adapters_equal_merged_bakes_on_top(tiny_dir, first):
     baked = load_baked(first, strength=0.7)
     top, deltas = pursuit.bake_on_top(baked, "Answer in French.", config(seed=3))

@@ -6,7 +6,7 @@ import pytest
 
 from promptbake import cli
 from promptbake.bake import BakeConfig, bake
-from promptbake.report import _plateau_round, report
+from promptbake.report import report
 
 PIRATE = ("You are a pirate captain. Talk like a pirate in every answer: say 'Aye' and 'matey', "
           "and bring up the sea.")
@@ -72,9 +72,3 @@ def test_report_cli_exit_code_follows_the_gates(baked_dir, capsys):
     record = json.loads((baked_dir / "report.json").read_text())
     assert code == (0 if all(g["passed"] for g in record["gates"]) else 1)
     assert "held-out KL reduction" in out and len(record["gates"]) == 1
-
-
-def test_plateau_round():
-    assert _plateau_round([1.0, 2.0, 2.01, 1.9], 0.02) == 1
-    assert _plateau_round([1.0, 2.0, 3.0], 0.02) == 2
-    assert _plateau_round([1.0, 0.5], 0.02) == 0

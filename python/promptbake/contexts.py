@@ -60,8 +60,8 @@ def builtin(part: str = "train", kinds: tuple[str, ...] = tuple(KINDS)) -> list[
     (about 90). The kinds are interleaved in proportion, so the first held-out contexts (what a
     bake measures on) hold both."""
     unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"kinds={kinds!r}: choose from {', '.join(KINDS)}")
+    if unknown or not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds={kinds!r}: choose one or more of {', '.join(KINDS)}, each once")
     keyed = []
     for kind in kinds:
         text = resources.files("promptbake").joinpath(KINDS[kind]).read_text("utf-8")
@@ -69,6 +69,11 @@ def builtin(part: str = "train", kinds: tuple[str, ...] = tuple(KINDS)) -> list[
         keyed += [((i + 0.5) / len(lines), line) for i, line in enumerate(lines)]
     keyed.sort(key=lambda pair: pair[0])  # stable: equal positions keep the kinds' order
     return split([[{"role": "user", "content": line}] for _, line in keyed], part)
+
+
+def builtin_messages(kinds: tuple[str, ...] = tuple(KINDS)) -> list[str]:
+    """Every shipped user message of ``kinds``, training part first, then the held-out part."""
+    return [c[0]["content"] for part in ("train", "held_out") for c in builtin(part, kinds)]
 
 
 def load(path: str | Path) -> list[Context]:
@@ -185,32 +190,45 @@ _CONTRACTIONS = {"what's": "what is", "it's": "it is", "i've": "i have", "don't"
                  "can't": "can not", "i'm": "i am", "let's": "let us", "isn't": "is not",
                  "doesn't": "does not", "won't": "will not"}
 _OPERATORS = {"+": "+", "plus": "+", "add": "+", "sum": "+", "-": "-", "minus": "-",
-              "subtract": "-", "*": "*", "x": "*", "times": "*", "multiplied": "*", "/": "/",
-              "divided": "/"}
+              "subtract": "-", "difference": "-", "*": "*", "x": "*", "times": "*",
+              "multiplied": "*", "multiply": "*", "product": "*", "/": "/", "divided": "/",
+              "divide": "/", "quotient": "/"}
+# a '-' touching a letter is a hyphen ("a 3-day trip"), not a minus
+_TOKENS = re.compile(r"[a-z]+|[+*/]|(?<![a-z])-(?![a-z])")
 
 
 def content_words(text: str) -> frozenset[str]:
-    """The words of ``text`` that carry its subject: lower case, contractions expanded, no digits
-    and no function words."""
+    """The words of ``text`` that carry its subject: lower case, contractions and possessives
+    expanded or dropped, no digits and no function words."""
     text = text.lower().replace("\u2019", "'")
     for short, long in _CONTRACTIONS.items():
         text = text.replace(short, long)
+    text = re.sub(r"n't\b", " not", re.sub(r"'s\b", "", text))
     return frozenset(w for w in re.findall(r"[a-z]+", text) if w not in _STOP)
 
 
 def arithmetic_key(text: str) -> tuple | None:
     """The sum a question asks for, whatever its wording, or None: 'What is 8 * 6?', 'Calculate 6
-    times 8.' and 'What is 6 * 8?' all give ('*', 6, 8); 'What is 12 squared?' gives ('*', 12,
-    12). Sums and products sort their operands; differences and quotients keep their order."""
+    times 8.' and 'Multiply 6 by 8.' all give ('*', 6, 8); 'What is 12 squared?' gives ('*', 12,
+    12); 'Subtract 29 from 85.' and 'How many times does 6 go into 48?' give ('-', 85, 29) and
+    ('/', 48, 6). Sums and products sort their operands; differences and quotients keep their
+    order."""
+    lower = text.lower()
     numbers = [int(n) for n in re.findall(r"\d+", text)]
-    found = {_OPERATORS[t] for t in re.findall(r"[a-z]+|[-+*/]", text.lower()) if t in _OPERATORS}
-    if len(numbers) == 1 and re.search(r"\bsquared?\b", text.lower()):
+    if len(numbers) == 1 and re.search(r"\bsquared?\b", lower):
         return ("*", numbers[0], numbers[0])
-    if len(numbers) != 2 or len(found) != 1:
+    if len(numbers) != 2:
+        return None
+    a, b = numbers
+    if re.search(r"\d\s+goe?s?\s+into\s+\d", lower):
+        return ("/", b, a)
+    if re.search(r"\b(subtract|take|takes|taking)\b.*\d.*\bfrom\b.*\d", lower):
+        return ("-", b, a)
+    found = {_OPERATORS[t] for t in _TOKENS.findall(lower) if t in _OPERATORS}
+    if len(found) != 1:
         return None
     op = found.pop()
-    a, b = numbers if op in "-/" else sorted(numbers)
-    return (op, a, b)
+    return (op, a, b) if op in "-/" else (op, *sorted(numbers))
 
 
 def near_duplicates(texts: list[str], others: list[str], threshold: float = 0.5,
@@ -218,7 +236,11 @@ def near_duplicates(texts: list[str], others: list[str], threshold: float = 0.5,
     """Pairs (text, other, similarity) that ask the same thing, for checking that training
     contexts are not evaluation items: the same sum (``arithmetic_key``), or content words (of
     the whole texts, or of quoted passages such as a review) that overlap by at least
-    ``threshold`` (Jaccard) in at least ``min_shared`` words."""
+    ``threshold`` (Jaccard) in at least ``min_shared`` words. Two texts that ask different sums
+    are not duplicates, however alike their words."""
+    if not 0 < threshold <= 1 or min_shared < 1:
+        raise ValueError(f"threshold={threshold}, min_shared={min_shared}: the threshold is a "
+                         "Jaccard similarity in (0, 1] and min_shared at least 1 word")
     def parts(text):
         found = [content_words(text)] + [content_words(q) for q in re.findall(r'"([^"]+)"', text)]
         return [w for w in found if len(w) >= min_shared]
@@ -228,9 +250,11 @@ def near_duplicates(texts: list[str], others: list[str], threshold: float = 0.5,
     for text in texts:
         key, mine = arithmetic_key(text), parts(text)
         for other, other_key, other_parts in theirs:
-            best = 1.0 if key is not None and key == other_key else max(
-                (len(a & b) / len(a | b) for a in mine for b in other_parts
-                 if len(a & b) >= min_shared), default=0.0)
+            if key is not None and other_key is not None:
+                best = float(key == other_key)
+            else:
+                best = max((len(a & b) / len(a | b) for a in mine for b in other_parts
+                            if len(a & b) >= min_shared), default=0.0)
             if best >= threshold:
                 pairs.append((text, other, best))
     return pairs

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -177,6 +178,33 @@ def stopping(metrics: list[float], threshold: float, patience: int) -> tuple[int
         if plateaued(metrics[:n + 1], threshold, patience):
             return n, best, "plateau"
     return len(metrics) - 1, best, "round limit"
+
+
+def plateau_round(metrics: list[float], threshold: float) -> int:
+    """The first round after which no round improves on the best so far by ``threshold``
+    (relative) or more: where the curve ``metrics`` (round 0 first) levels off."""
+    if not metrics:
+        raise ValueError("no rounds: metrics must hold at least round 0's score")
+    for i in range(len(metrics)):
+        best = max(metrics[:i + 1])
+        if all(m - best <= threshold * max(abs(best), 1e-12) for m in metrics[i + 1:]):
+            return i
+    raise AssertionError("unreachable: the last round always qualifies")
+
+
+def meets_target(metrics: list[float], stopped_at: int, threshold: float,
+                 within: int = 2) -> bool:
+    """The target for a pursuit that ran rounds 0..``stopped_at``: it improved on round 0 by more
+    than ``threshold`` (relative), or it stopped no earlier than the plateau of ``metrics`` and at
+    most ``within`` rounds after it. Pass every round measured, beyond the stop too when there
+    are any, so that a stop before a later improvement fails."""
+    if not 0 <= stopped_at < len(metrics):
+        raise ValueError(f"stopped_at={stopped_at} is not a round of the {len(metrics)} measured")
+    first = metrics[0]
+    improved = max(metrics[1:stopped_at + 1], default=-math.inf) - first > \
+        threshold * max(abs(first), 1e-12)
+    plateau = plateau_round(metrics, threshold)
+    return improved or plateau <= stopped_at <= plateau + within
 
 
 def pursue(baked: Baked, prompt: str | None = None, rounds: int = 3,

@@ -13,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Callable
 
-from promptbake import _files, _lm, eval as eval_mod, forgetting as fg, reprompt
+from promptbake import _files, _lm, eval as eval_mod, forgetting as fg, pursuit as pursuit_mod, reprompt
 
 log = logging.getLogger("promptbake")
 
@@ -161,15 +160,12 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         _plot_pursuit(rounds, path / "report-pursuit.png")
         wrote.append("report-pursuit.png")
         metrics = [r["metric"] for r in rounds["rounds"]]
-        improved = max(metrics[1:], default=-math.inf) > metrics[0]
-        plateau_at = _plateau_round(metrics, rounds["threshold"])
         stopped_at = rounds["rounds"][-1]["round"]
-        within = rounds["stopped"] == "plateau" and plateau_at is not None and \
-            stopped_at - plateau_at <= 2
         gates.append(Gate("pursuit improves on one bake, or stops within 2 rounds of its plateau",
                           f"round 0 {metrics[0]:.4f} -> best {max(metrics):.4f} (round "
                           f"{rounds['best_round']}); stopped at round {stopped_at} "
-                          f"({rounds['stopped']})", improved or within,
+                          f"({rounds['stopped']})",
+                          pursuit_mod.meets_target(metrics, len(metrics) - 1, rounds["threshold"]),
                           "promptbake pursue BAKED --out " + str(path)))
 
     record["gates"] = [g.to_dict() for g in gates]
@@ -191,15 +187,6 @@ def _persona(baked, persona):
         candidate = drift_mod.Persona.load(name)
         if candidate.prompt.strip() == baked.prompt.strip():
             return candidate
-    return None
-
-
-def _plateau_round(metrics: list[float], threshold: float) -> int | None:
-    """The first round after which no round improved by ``threshold`` (relative) or more."""
-    for i in range(len(metrics)):
-        best = max(metrics[:i + 1])
-        if all(m - best <= threshold * max(abs(best), 1e-12) for m in metrics[i + 1:]):
-            return i
     return None
 
 

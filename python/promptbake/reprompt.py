@@ -139,7 +139,10 @@ def snapshot_sweep(baked, evaluator: Callable, *, ends: bool = True) -> dict[int
 def last_step(baked) -> int:
     """The optimizer step the finished bake stands at (the x of its point on a snapshot curve)."""
     steps = len(baked.manifest.get("train_kl_per_token", []))
-    return steps or _lm.snapshot_steps(baked.path)[-1][0] + 1
+    if not steps:
+        raise ValueError(f"{baked.path}: its manifest records no training steps "
+                         "(train_kl_per_token); it was not written by a finished bake")
+    return steps
 
 
 def plot_sweep(points: dict, path, *, xlabel: str, ylabel: str, title: str,
