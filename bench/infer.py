@@ -189,7 +189,7 @@ def checks(result) -> list[dict]:
          "measured": f"{100 * pruned['smaller_than_fp32']:.1f}% ({pruned['bytes'] / 1e6:.1f} MB)",
          "pass": pruned["smaller_than_fp32"] >= TARGET_SMALLER_PRUNED},
         {"target": f"int8 keeps >= {100 * TARGET_RETENTION:.0f}% of the baked fp32 accuracy",
-         "measured": f"{100 * int8['retention']:.1f}% of the KL reduction (pruned + int8: "
+         "measured": f"{100 * int8['retention']:.2f}% of the KL reduction (pruned + int8: "
                      f"{100 * pruned['retention']:.1f}%)",
          "pass": int8["retention"] >= TARGET_RETENTION},
     ]
