@@ -235,7 +235,7 @@ def report(result) -> str:
             lines.append(f"  {mode:>8}: {a[mode][:160]!r}")
     lines.append("")
     lines.append(harness.table(["target", "measured", "result"],
-                               [[c["target"], c["measured"], "pass" if c["pass"] else "MISS"]
+                               [[c["target"], c["measured"], harness.verdict(c["pass"])]
                                 for c in result["checks"]]))
     return "\n".join(lines)
 
@@ -244,7 +244,7 @@ def markdown(result) -> str:
     kl = result["manifest"]["kl"]
     loops = result["loops"]["loops"]
     rows = ["| target | measured | result |", "|---|---|---|"] + [
-        f"| {c['target']} | {c['measured']} | {'pass' if c['pass'] else 'MISS'} |"
+        f"| {c['target']} | {c['measured']} | {harness.verdict(c['pass'])} |"
         for c in result["checks"]]
     lines = [f"`{result['command']}` — {result['machine']['cpu']}, "
              f"{result['machine']['torch_threads']} threads, {result['machine']['date'][:10]}",

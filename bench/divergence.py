@@ -165,7 +165,7 @@ def report(result) -> str:
         body.append([c["dtype"], c["n"], c["vocab"], f"{c['speedup_vs_eager']:.1f}x",
                      f"{c['speedup_vs_compile']:.1f}x",
                      "-" if c["peak_extra_over_grad"] is None else f"{c['peak_extra_over_grad']:.2f}",
-                     "pass" if ok else "MISS"])
+                     harness.verdict(ok)])
     lines.append(f"targets: cpp >= {TARGET_VS_EAGER}x eager, >= {TARGET_VS_COMPILE}x "
                  f"torch.compile, peak extra <= one gradient buffer (in whole 2 MiB pages, "
                  f"+ 2 MiB scratch)")

@@ -61,8 +61,8 @@ def arithmetic_contexts(count: int, seed: int = 0, exclude=()) -> list[str]:
     rng = random.Random(seed)
     pools = []
     for kind in kinds:
-        pool = list({contexts_mod.arithmetic_key(q): q for q in kind
-                     if contexts_mod.arithmetic_key(q) not in taken}.values())
+        keyed = {contexts_mod.arithmetic_key(q): q for q in kind}  # one question per sum
+        pool = [q for key, q in keyed.items() if key not in taken]
         rng.shuffle(pool)
         pools.append(pool)
     if count > sum(map(len, pools)):
@@ -419,13 +419,9 @@ def report(result) -> str:
         f"{r['metric']:.3f} ± {r['score']['se'] or 0:.3f}" for r in curve))
     lines.append("")
     lines.append(harness.table(["target", "measured", "result"],
-                               [[c["target"], c["measured"], _verdict(c)]
+                               [[c["target"], c["measured"], harness.verdict(c["pass"])]
                                 for c in result["checks"]]))
     return "\n".join(lines)
-
-
-def _verdict(check: dict) -> str:
-    return "info" if check["pass"] is None else "pass" if check["pass"] else "MISS"
 
 
 def _matrix_text(m: dict) -> str:
@@ -455,7 +451,7 @@ def markdown(result) -> str:
     mach = result["machine"]
     lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
              f"{mach['date'][:10]}", "", "| target | measured | result |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {c['measured']} | {_verdict(c)} |"
+    lines += [f"| {c['target']} | {c['measured']} | {harness.verdict(c['pass'])} |"
               for c in result["checks"]]
     for title, key in (("Pirate persona: adherence", "persona"),
                        ("Arithmetic recipe: accuracy", "recipe")):
@@ -521,13 +517,16 @@ def half_baking(persona: dict) -> tuple[dict, dict]:
 def plot_half_baking(persona: dict, out: Path) -> None:
     """evaluate-strength.png and evaluate-snapshots.png: adherence without the prompt by alpha and
     by step, against the base and the prompted model."""
-    cells = {k: Score(**{**v, "items": []}) for k, v in persona["reprompt"]["cells"].items()}
-    references = {"base": cells["base"], "prompted (base + u)": cells["base+u"]}
+    def as_score(saved: dict) -> Score:
+        return Score(**{**saved, "items": []})
+
+    cells = persona["reprompt"]["cells"]
+    references = {"base": as_score(cells["base"]), "prompted (base + u)": as_score(cells["base+u"])}
     by_alpha, by_step = half_baking(persona)
     for points, name, xlabel, how in ((by_alpha, "strength", "strength alpha (LoRA delta scale)",
                                        "by strength"),
                                       (by_step, "snapshots", "optimizer step", "by steps")):
-        reprompt.plot_sweep({x: Score(**{**s, "items": []}) for x, s in points.items()},
+        reprompt.plot_sweep({x: as_score(s) for x, s in points.items()},
                             out / f"evaluate-{name}.png", xlabel=xlabel,
                             ylabel="pirate adherence, held-out questions",
                             title=f"Half-baking the pirate, {how}", references=references)

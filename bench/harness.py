@@ -126,6 +126,11 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def verdict(passed: bool | None) -> str:
+    """A check's result column: "pass", "MISS", or "info" for a line that is no target."""
+    return "info" if passed is None else "pass" if passed else "MISS"
+
+
 def table(headers: list[str], rows: list[list[object]]) -> str:
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]

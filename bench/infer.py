@@ -214,7 +214,7 @@ def report(result) -> str:
              f"time to first token, baked / prompted (torch): "
              f"{result['ttft_ratio_baked_vs_prompted']:.2f}", "",
              harness.table(["target", "measured", "result"],
-                           [[c["target"], c["measured"], "pass" if c["pass"] else "MISS"]
+                           [[c["target"], c["measured"], harness.verdict(c["pass"])]
                             for c in result["checks"]])]
     return "\n".join(lines)
 
@@ -229,7 +229,7 @@ def markdown(result) -> str:
                   f"{result['ttft_ratio_baked_vs_prompted']:.2f}. Sizes: smaller than the fp32 "
                   f"ONNX export; retention: the share of the bake's held-out KL reduction kept.",
               "", "| target | measured | result |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {c['measured']} | {'pass' if c['pass'] else 'MISS'} |"
+    lines += [f"| {c['target']} | {c['measured']} | {harness.verdict(c['pass'])} |"
               for c in result["checks"]]
     return "\n".join(lines)
 

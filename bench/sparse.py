@@ -186,7 +186,7 @@ def report(result) -> str:
     lines.append(harness.table(["layers", "shape", "cpp x dense", "target"],
                                [[c["layers"], f"{c['out']}x{c['in']}",
                                  f"{c['speedup_vs_dense']:.2f}x",
-                                 "pass" if c["pass"] else "MISS"] for c in result["checks"]]))
+                                 harness.verdict(c["pass"])] for c in result["checks"]]))
     return "\n".join(lines)
 
 

@@ -186,9 +186,8 @@ can could would should will shall may might must i you he she we they me my your
 them us there here about into from up down out over under again very just also any some no not
 only own same too let please tell give write make get have has had one answer reply question
 """.split())
-_CONTRACTIONS = {"what's": "what is", "it's": "it is", "i've": "i have", "don't": "do not",
-                 "can't": "can not", "i'm": "i am", "let's": "let us", "isn't": "is not",
-                 "doesn't": "does not", "won't": "will not"}
+# the contractions that the general rules below ("n't" -> " not", "'s" dropped) get wrong
+_CONTRACTIONS = {"can't": "can not", "won't": "will not", "i've": "i have", "i'm": "i am"}
 _OPERATORS = {"+": "+", "plus": "+", "add": "+", "sum": "+", "-": "-", "minus": "-",
               "subtract": "-", "difference": "-", "*": "*", "x": "*", "times": "*",
               "multiplied": "*", "multiply": "*", "product": "*", "/": "/", "divided": "/",

@@ -153,14 +153,18 @@ class Pursuit:
                 "tracked": self.tracked}
 
 
+def _gains(value: float, reference: float, threshold: float) -> bool:
+    """True when ``value`` beats ``reference`` by more than ``threshold`` of its magnitude."""
+    return value - reference > threshold * max(abs(reference), 1e-12)
+
+
 def plateaued(metrics: list[float], threshold: float, patience: int) -> bool:
     """True when each of the last ``patience`` rounds improved on the best before it by less than
     ``threshold`` (relative to its magnitude)."""
     if len(metrics) <= patience:
         return False
     for i in range(len(metrics) - patience, len(metrics)):
-        best = max(metrics[:i])
-        if metrics[i] - best > threshold * max(abs(best), 1e-12):
+        if _gains(metrics[i], max(metrics[:i]), threshold):
             return False
     return True
 
@@ -187,7 +191,7 @@ def plateau_round(metrics: list[float], threshold: float) -> int:
         raise ValueError("no rounds: metrics must hold at least round 0's score")
     for i in range(len(metrics)):
         best = max(metrics[:i + 1])
-        if all(m - best <= threshold * max(abs(best), 1e-12) for m in metrics[i + 1:]):
+        if not any(_gains(m, best, threshold) for m in metrics[i + 1:]):
             return i
     raise AssertionError("unreachable: the last round always qualifies")
 
@@ -200,9 +204,7 @@ def meets_target(metrics: list[float], stopped_at: int, threshold: float,
     are any, so that a stop before a later improvement fails."""
     if not 0 <= stopped_at < len(metrics):
         raise ValueError(f"stopped_at={stopped_at} is not a round of the {len(metrics)} measured")
-    first = metrics[0]
-    improved = max(metrics[1:stopped_at + 1], default=-math.inf) - first > \
-        threshold * max(abs(first), 1e-12)
+    improved = _gains(max(metrics[1:stopped_at + 1], default=-math.inf), metrics[0], threshold)
     plateau = plateau_round(metrics, threshold)
     return improved or plateau <= stopped_at <= plateau + within
 

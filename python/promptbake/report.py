@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from promptbake import _files, _lm, eval as eval_mod, forgetting as fg, pursuit as pursuit_mod, reprompt
+from promptbake import _files, _lm, eval as eval_mod, forgetting as fg, reprompt
+from promptbake import pursuit as pursuit_mod
 
 log = logging.getLogger("promptbake")
 
@@ -165,7 +166,8 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
                           f"round 0 {metrics[0]:.4f} -> best {max(metrics):.4f} (round "
                           f"{rounds['best_round']}); stopped at round {stopped_at} "
                           f"({rounds['stopped']})",
-                          pursuit_mod.meets_target(metrics, len(metrics) - 1, rounds["threshold"]),
+                          pursuit_mod.meets_target(metrics, len(metrics) - 1,
+                                                   rounds["threshold"]),
                           "promptbake pursue BAKED --out " + str(path)))
 
     record["gates"] = [g.to_dict() for g in gates]
