@@ -50,7 +50,7 @@ def test_bake_learns_and_writes_a_self_describing_directory(tiny_dir, tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json",
             "eval_trajectories.safetensors", ".promptbake.json"} <= names
-    assert not names & {"checkpoint.pt", "trajectories.safetensors"}  # resume-only files go
+    assert not names & {"checkpoint.safetensors", "trajectories.safetensors"}  # resume-only
     assert not [n for n in names if ".tmp-" in n or ".old-" in n]
     assert json.loads((out / ".promptbake.json").read_text())["status"] == "done"
 
@@ -137,7 +137,7 @@ def test_resume_after_an_interrupt_gives_the_same_adapter(tiny_dir, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         bake(PROMPT, model=tiny_dir, config=tiny_config(), out=cut)
     monkeypatch.setattr(bake_mod, "_train_step", real_step)
-    assert (cut / "checkpoint.pt").is_file() and not (cut / "manifest.json").exists()
+    assert (cut / "checkpoint.safetensors").is_file() and not (cut / "manifest.json").exists()
     bake(PROMPT, model=tiny_dir, config=tiny_config(), out=cut, resume=True)
     got = adapter_tensors(cut)
     assert got.keys() == expected.keys()
@@ -155,13 +155,13 @@ def test_killed_process_resumes_to_the_same_adapter(tiny_dir, tmp_path):
     proc = subprocess.Popen(args + ["--out", str(cut)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (cut / "checkpoint.pt").exists() and time.time() < deadline:
+    while not (cut / "checkpoint.safetensors").exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # somewhere inside training, possibly while a checkpoint is being written
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (cut / "manifest.json").exists(), "the run finished before it could be killed"
-    (cut / ".checkpoint.pt.tmp-999999").write_bytes(b"half")  # as a kill mid-write leaves it
+    (cut / ".checkpoint.safetensors.tmp-999999").write_bytes(b"half")  # as a killed write leaves
     subprocess.run(args + ["--out", str(cut), "--resume"], check=True, capture_output=True,
                    timeout=600)
     assert not [p for p in cut.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]

@@ -144,7 +144,7 @@ def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "parity" in printed and (onnx_dir / "model.onnx").is_file()
     assert cli.main(["export", str(out), "--out", str(onnx_dir)]) == 2  # exists: refused
-    assert "exists" in capsys.readouterr().err
+    assert "earlier onnx export" in capsys.readouterr().err
     assert cli.main(["export", str(out), "--format", "safetensors", "--quantize", "int8",
                      "--out", str(tmp_path / "x")]) == 2
 

@@ -256,7 +256,7 @@ def test_save_pruned_round_trip(model, tokenizer, tmp_path):
     assert set(masks) == set(report.masks)
     assert all(torch.equal(masks[n], report.masks[n]) for n in masks)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ValueError, match="earlier pruned export: pass --overwrite"):
         compress.save_pruned(model, tokenizer, out, report)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.add_(1.0)  # pruned entries revived

@@ -70,7 +70,8 @@ def baked_dir(tiny_dir, tokenizer, tmp_path_factory):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)  # a visible delta
-    manifest = {"prompt": {"text": PROMPT, "sha256": "x"}, "framing": {"student": "default"},
+    manifest = {"format": 1, "prompt": {"text": PROMPT, "sha256": "x"},
+                "framing": {"student": "default"},
                 "base_model": {"path": str(tiny_dir), "name": "tiny", "sha256": None},
                 "config": {"seed": 0, "eval_contexts": 3, "max_new_tokens": 8}}
     path = tmp_path_factory.mktemp("bake") / "pirate"
@@ -124,7 +125,7 @@ def test_save_merged_is_a_directory_transformers_loads_alone(baked_dir, tmp_path
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["strength"] == 0.5 and manifest["kind"] == "merged"
     assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".*tmp*"))
-    with pytest.raises(ValueError, match="exists"):
+    with pytest.raises(ValueError, match="earlier merged export: pass --overwrite"):
         save_merged(baked_dir, out)
 
 
@@ -255,7 +256,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_dir, lm, tokenizer, llama):
         export_model(empty, tmp_path / "out")
     with pytest.raises(ValueError, match="holds no finished bake"):
         export_baked(empty, tmp_path / "out")
-    with pytest.raises(ValueError, match="exists"):
+    with pytest.raises(ValueError, match="earlier onnx export"):
         export_onnx(llama, tokenizer, lm.path.parent)
     with pytest.raises(ValueError, match="non-empty prompts"):
         lm.generate([[]], 4)

@@ -86,11 +86,18 @@ def to_json(value, **options) -> str:
     return json.dumps(clean(value), allow_nan=False, **options)
 
 
-def replace_dir(path: Path, writer: Callable[[Path], None]) -> None:
-    """Calls ``writer(tmp_dir)`` to fill a fresh directory, then swaps it in for ``path``."""
+def replace_dir(path: Path, writer: Callable[[Path], None], *, kind: str | None = None) -> None:
+    """Calls ``writer(tmp_dir)`` to fill a fresh directory, then swaps it in for ``path``.
+
+    With ``kind``, the directory also gets a marker naming its kind and every file the writer
+    made, so that a later ``check_output(..., overwrite=True)`` knows it may replace them.
+    """
     path = Path(path)
     with _temporary(path, is_dir=True) as tmp:
         writer(tmp)
+        if kind is not None:
+            names = sorted(p.name for p in tmp.iterdir())
+            (tmp / MARKER).write_text(json.dumps({"kind": kind, "files": names}, indent=1))
         for item in tmp.iterdir():
             if item.is_file():
                 _sync(item)
@@ -117,6 +124,87 @@ def write_into(directory: Path, writer: Callable[[Path], None],
         _sync(directory)
         _remove(tmp)
     return names
+
+
+# -- directories promptbake owns ---------------------------------------------------------------
+
+MARKER = ".promptbake.json"  # in every directory promptbake writes: what it is, which files
+MODEL_DIRS = ("merged", "onnx", "pruned")  # whole-directory exports, which may replace each other
+
+
+def read_marker(path: Path) -> dict | None:
+    """The marker of a directory promptbake wrote, or None (no marker, or not readable)."""
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def check_writable(path: Path) -> None:
+    """Raises an OSError naming the directory when nothing can be created in ``path`` (or, where
+    it does not exist yet, in its nearest existing parent): found before the long work starts,
+    not after it. Probes with a real file, since permission bits do not tell a read-only mount
+    or root's privileges."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise OSError(errno.ENOTDIR, f"{path} is a file, not a directory: choose another --out")
+    probe = path / f".promptbake-probe-{os.getpid()}"
+    try:
+        probe.touch()
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write to {path} ({err.strerror}): choose a writable "
+                                 f"--out, or fix the directory's permissions") from err
+    _remove(probe)
+
+
+def check_output(out: Path, *, overwrite: bool, kinds: tuple[str, ...] = MODEL_DIRS,
+                 sources: tuple = ()) -> Path:
+    """Checks, before any work, that a whole directory may be written at ``out``; writes nothing.
+
+    ``out`` may be new, empty, or a directory promptbake wrote as one of ``kinds`` and holding
+    nothing else (replaced only with ``overwrite``). Refused: a directory with any file
+    promptbake did not write, a bake, and an ``out`` that is one of ``sources`` (what the output
+    is made from), lies inside one or contains one, since replacing it would delete the source.
+    """
+    out = Path(out).expanduser()
+    if out.is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link: pass the directory it points to")
+    target = out.resolve()
+    for source in sources:
+        if source is None:
+            continue
+        source = Path(source).expanduser().resolve()
+        if target == source or source in target.parents:
+            raise ValueError(f"--out {out} is inside {source}, the directory it is made from: "
+                             f"choose an --out outside it")
+        if target in source.parents:
+            raise ValueError(f"--out {out} contains {source}, the directory it is made from; "
+                             f"replacing it would delete that: choose another --out")
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is a file: choose a directory")
+        names = {p.name for p in out.iterdir()}
+        if names:
+            marker = read_marker(out)
+            if marker is None or marker.get("kind") not in kinds:
+                what = "a bake" if marker is not None and "identity" in marker else \
+                    "files promptbake did not write"
+                raise ValueError(f"--out {out} holds {what}; refusing to replace it: choose "
+                                 f"another --out")
+            foreign = sorted(names - set(marker.get("files", [])) - {MARKER})
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+                raise ValueError(f"--out {out} holds files promptbake did not write ({shown}) "
+                                 f"beside an earlier export; refusing to replace it: move them "
+                                 f"away or choose another --out")
+            if not overwrite:
+                raise ValueError(f"--out {out} holds an earlier {marker['kind']} export: pass "
+                                 f"--overwrite to replace it, or choose another --out")
+    check_writable(out.absolute().parent)  # the new directory is made there and renamed
+    return out
 
 
 _LEFTOVER = re.compile(r"^\..+\.(tmp|old)-\d+$")

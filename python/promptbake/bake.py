@@ -17,6 +17,7 @@ import logging
 import math
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,6 +82,11 @@ class BakeConfig:
     log_to: str | None = None  # tensorboard | wandb
 
     def validate(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name}={value} must be a finite number "
+                                 f"(--{field.name.replace('_', '-')})")
         checks = [
             (self.loss in LOSSES, f"loss={self.loss!r}: choose one of {', '.join(LOSSES)}"),
             (self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of "
@@ -165,6 +171,8 @@ class Baked:
     @strength.setter
     def strength(self, alpha: float) -> None:
         """Scales the LoRA delta: 0 is the base model, 1 the full bake, between is half-baked."""
+        if not math.isfinite(alpha):
+            raise ValueError(f"strength={alpha} must be a finite number (1 is the full bake)")
         for layer in _lm.lora_layers(self.model):
             for name in layer.scaling:
                 layer.set_scale(name, float(alpha))
@@ -183,6 +191,7 @@ class Baked:
             _files.write_text(path / _HELD_OUT, json.dumps(self.held_out, ensure_ascii=False))
         _save_adapter(self.model, path, run.wrote)
         run.wrote("manifest.json")
+        self.manifest["files"] = file_record(path)
         _files.write_text(path / "manifest.json", _files.to_json(self.manifest, indent=2))
         self.path = path
 
@@ -553,7 +562,8 @@ def _manifest(prompt, model_dir, framing, contexts, train, held_out, config, tra
 # -- the output directory ---------------------------------------------------------------------
 
 
-_MARKER = ".promptbake.json"
+_MARKER = _files.MARKER
+_CHECKPOINT = "checkpoint.safetensors"  # resume-only: removed when the bake is done
 _HELD_OUT = "held_out_contexts.json"  # the contexts the bake was measured on, for `promptbake kl`
 
 
@@ -582,14 +592,14 @@ class _RunDir:
                 raise ValueError("resume needs the output directory of the bake to continue")
             return cls(None, identity)
         path = Path(out)
-        marker = _read_marker(path)
+        marker = _files.read_marker(path)
         if path.exists() and not path.is_dir():
             raise ValueError(f"--out {path} is a file; choose a directory")
         populated = path.is_dir() and any(path.iterdir())
         if resume:
             if marker is None:
                 raise ValueError(f"nothing to resume in {path}: it holds no promptbake bake")
-            if marker["identity"] != identity:
+            if marker.get("identity") != identity:
                 raise ValueError(f"the bake in {path} used another prompt, configuration, model "
                                  f"or contexts; pass the same ones to resume, or --overwrite to "
                                  f"start again")
@@ -603,6 +613,7 @@ class _RunDir:
             if marker is None:
                 raise ValueError(f"{path} holds files promptbake did not write; refusing to "
                                  f"overwrite it: choose another --out")
+        _files.check_writable(path)  # now, not after minutes of loading and sampling
         run = cls(path, identity)
         run.resume = resume
         return run
@@ -614,11 +625,11 @@ class _RunDir:
             return
         _files.remove_temporaries(self.path)  # left by a process killed mid-write
         if self.resume:
-            if _read_marker(self.path).get("model_sha256") != model_sha256:
+            if _files.read_marker(self.path).get("model_sha256") != model_sha256:
                 raise ValueError(f"the base model's weights changed since the bake in {self.path} "
                                  f"started; --overwrite to start again")
             return
-        marker = _read_marker(self.path)
+        marker = _files.read_marker(self.path)
         if marker is not None:
             for name in marker.get("files", []):
                 _files._remove(self.path / name)
@@ -628,7 +639,8 @@ class _RunDir:
         _files.write_text(self.path / _HELD_OUT, json.dumps(held_out, ensure_ascii=False))
 
     def _mark(self, **changes) -> None:
-        marker = _read_marker(self.path) or {"identity": self.identity, "files": []}
+        marker = _files.read_marker(self.path) or {"kind": "bake", "identity": self.identity,
+                                                   "files": []}
         files = set(marker.get("files", [])) | set(changes.pop("files", []))
         marker.update(changes, files=sorted(files))
         _files.write_text(self.path / _MARKER, json.dumps(marker, indent=1))
@@ -649,28 +661,51 @@ class _RunDir:
             trajectories.save(self.path / f"{name}.safetensors")
 
     def checkpoint(self, model, optimizer, schedule, step: int, history: list) -> None:
+        """What resuming needs, as safetensors (tensors) and JSON (the rest): no pickle."""
         if self.path is None:
             return
         from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
 
-        state = {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                 "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                 "history": history}
-        self.wrote("checkpoint.pt")
-        _files.write_with(self.path / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        tensors = {f"adapter/{k}": v.contiguous() for k, v in
+                   get_peft_model_state_dict(model).items()}
+        optim = optimizer.state_dict()
+        for index, state in optim["state"].items():
+            tensors.update({f"optimizer/{index}/{k}": v for k, v in state.items()})
+        tensors["rng"] = torch.get_rng_state()
+        rest = {"param_groups": optim["param_groups"], "schedule": schedule.state_dict(),
+                "optimizer_state": {str(i): sorted(st) for i, st in optim["state"].items()},
+                "step": step, "history": history}
+        self.wrote(_CHECKPOINT)
+        _files.write_with(self.path / _CHECKPOINT, lambda tmp: save_file(
+            tensors, str(tmp), metadata={"state": json.dumps(rest)}))
 
     def restore(self, model, optimizer, schedule) -> tuple[int, list]:
-        if self.path is None or not (self.path / "checkpoint.pt").is_file():
+        if self.path is None:
+            return 0, []
+        if (self.path / "checkpoint.pt").is_file() and not (self.path / _CHECKPOINT).is_file():
+            raise ValueError(f"{self.path} holds a checkpoint an earlier promptbake wrote as a "
+                             f"pickle (checkpoint.pt), which promptbake no longer loads: start "
+                             f"again with --overwrite")
+        if not (self.path / _CHECKPOINT).is_file():
             return 0, []
         from peft import set_peft_model_state_dict
+        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-        state = torch.load(self.path / "checkpoint.pt", weights_only=True)
-        set_peft_model_state_dict(model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
-        log.info("resuming at step %d", state["step"])
-        return state["step"], state["history"]
+        with safe_open(str(self.path / _CHECKPOINT), framework="pt") as f:
+            rest = json.loads(f.metadata()["state"])
+        tensors = load_file(str(self.path / _CHECKPOINT))
+        set_peft_model_state_dict(model, {k[len("adapter/"):]: v for k, v in tensors.items()
+                                          if k.startswith("adapter/")})
+        optimizer.load_state_dict({
+            "state": {int(i): {k: tensors[f"optimizer/{i}/{k}"] for k in keys}
+                      for i, keys in rest["optimizer_state"].items()},
+            "param_groups": rest["param_groups"]})
+        schedule.load_state_dict(rest["schedule"])
+        torch.set_rng_state(tensors["rng"])
+        log.info("resuming at step %d", rest["step"])
+        return rest["step"], rest["history"]
 
     def snapshot(self, model, step: int) -> None:
         if self.path is None:
@@ -689,9 +724,10 @@ class _RunDir:
         self.wrote("manifest.json")
 
     def write_manifest(self, manifest: dict) -> None:
+        manifest["files"] = file_record(self.path)
         _files.write_text(self.path / "manifest.json", _files.to_json(manifest, indent=2))
         self._mark(status="done")
-        for name in ("checkpoint.pt", "trajectories.safetensors"):
+        for name in (_CHECKPOINT, "trajectories.safetensors"):
             _files._remove(self.path / name)  # only needed to resume; the adapter is saved
 
 
@@ -702,13 +738,6 @@ def _contexts_key(contexts) -> str:
     return json.dumps(contexts, sort_keys=True, default=str)
 
 
-def _read_marker(path: Path) -> dict | None:
-    try:
-        return json.loads((Path(path) / _MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _save_adapter(model, path: Path, record) -> None:
     """The PEFT adapter files at the top of ``path`` (peft.PeftModel.from_pretrained loads it);
     ``record(*names)`` hears of them before they appear."""
@@ -717,25 +746,125 @@ def _save_adapter(model, path: Path, record) -> None:
 
 def _save_merged(baked: Baked, path: Path) -> None:
     """A standalone model directory with the adapter merged in at the current strength."""
-    from promptbake.export.merging import save_merged
+    from promptbake.export.merging import write_merged
 
-    save_merged(baked, path, baked.strength, overwrite=True)
+    write_merged(baked, path, baked.strength)
+
+
+class DamagedBake(ValueError):
+    """A bake's directory that cannot be loaded as it is: the message names the file and what
+    to do."""
+
+
+MANIFEST_FORMAT = 1
+# What load_baked reads from a manifest: (keys, type), checked before anything is loaded.
+_MANIFEST_FIELDS = ((("prompt", "text"), str), (("base_model", "path"), str),
+                    (("base_model", "name"), str), (("framing", "student"), str),
+                    (("config",), dict))
+_RECORDED = ("adapter_model.safetensors", "adapter_config.json", _HELD_OUT,
+             "eval_trajectories.safetensors")  # files whose size and hash a manifest records
+
+
+def file_record(path: Path) -> dict:
+    """{name: {"bytes", "sha256"}} of the bake's files in ``path``, for the manifest."""
+    out = {}
+    for name in _RECORDED:
+        if (Path(path) / name).is_file():
+            data = (Path(path) / name).read_bytes()
+            out[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of the finished bake in ``path``, after checking what ``load_baked`` will
+    read: the manifest's schema and version, and the adapter's files (sizes and hashes where the
+    manifest records them, else whether they parse). Raises ``DamagedBake`` naming the file."""
+    path = Path(path)
+    again = ("bake again into a new directory (promptbake bake ... --out DIR), or restore the "
+             "directory from a copy")
+    if not path.is_dir():
+        raise DamagedBake(f"no bake at {path}: the directory does not exist" if not path.exists()
+                          else f"{path} is a file: pass a bake's directory")
+    file = path / "manifest.json"
+    if not file.is_file():
+        marker = _files.read_marker(path)
+        if marker is not None and marker.get("status") == "running":
+            raise DamagedBake(f"the bake in {path} did not finish (no manifest.json): continue "
+                              f"it with the same command and --resume")
+        raise DamagedBake(f"{path} holds no finished bake (no manifest.json)")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DamagedBake(f"{file} is damaged (not valid JSON: {err}); {again}") from err
+    if not isinstance(manifest, dict):
+        raise DamagedBake(f"{file} is not a bake's manifest (a JSON object is expected); {again}")
+    version = manifest.get("format")
+    if isinstance(version, int) and version > MANIFEST_FORMAT:
+        raise DamagedBake(f"{file} has format {version}, newer than this promptbake reads "
+                          f"({MANIFEST_FORMAT}): upgrade promptbake")
+    if version != MANIFEST_FORMAT:
+        raise DamagedBake(f"{file} is not a promptbake bake's manifest (format {version!r}, "
+                          f"expected {MANIFEST_FORMAT}); {again}")
+    for keys, kind in _MANIFEST_FIELDS:
+        value = manifest
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            raise DamagedBake(f"{file} is not a complete bake manifest: {'.'.join(keys)} is "
+                              f"missing or not a {kind.__name__}; {again}")
+    _check_files(path, manifest.get("files"), again)
+    return manifest
+
+
+def _check_files(path: Path, recorded, again: str) -> None:
+    from safetensors import safe_open
+
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            raise DamagedBake(f"{path} has no {name}, the adapter's file; {again}")
+    for name, expected in (recorded or {}).items():
+        file = path / name
+        if not isinstance(expected, dict) or not file.is_file():
+            continue  # an optional file (held-out samples) may be absent
+        size = file.stat().st_size
+        if size != expected.get("bytes"):
+            raise DamagedBake(f"{file} is damaged: {size} bytes where the manifest records "
+                              f"{expected.get('bytes')} (truncated or replaced?); {again}")
+        if hashlib.sha256(file.read_bytes()).hexdigest() != expected.get("sha256"):
+            raise DamagedBake(f"{file} is damaged: its sha256 differs from the manifest's; "
+                              f"{again}")
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DamagedBake(f"{path / 'adapter_config.json'} is damaged (not valid JSON); "
+                          f"{again}") from err
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise DamagedBake(f"{path / 'adapter_config.json'} is not a PEFT adapter config; {again}")
+    for name in ("adapter_model.safetensors", "eval_trajectories.safetensors"):
+        if not (path / name).is_file():
+            continue
+        try:  # the header: its length, its JSON and the tensors' offsets
+            with safe_open(str(path / name), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error type for a bad header
+            raise DamagedBake(f"{path / name} is damaged ({err}); {again}") from err
+    if (path / _HELD_OUT).is_file():
+        try:
+            json.loads((path / _HELD_OUT).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DamagedBake(f"{path / _HELD_OUT} is damaged (not valid JSON); {again}") from err
 
 
 def load_baked(path: str | Path, strength: float = 1.0, model: str | Path | None = None) -> Baked:
     """A baked model from its directory, with the LoRA delta scaled by ``strength``.
 
     ``model`` overrides the base model path recorded in the manifest (for a moved directory).
+    The directory is checked first (``read_manifest``): a damaged one raises ``DamagedBake``.
     """
     from peft import PeftModel
 
     path = Path(path)
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except FileNotFoundError as err:
-        raise ValueError(f"{path} holds no finished bake (no manifest.json)") from err
-    except ValueError as err:
-        raise ValueError(f"{path}/manifest.json is not valid JSON: {err}") from err
+    manifest = read_manifest(path)
     base = model or manifest["base_model"]["path"]
     if model is None and manifest["base_model"]["name"] == models.DEFAULT:
         base = None  # the default model's cache may have moved: resolve it again
@@ -744,7 +873,20 @@ def load_baked(path: str | Path, strength: float = 1.0, model: str | Path | None
             manifest["base_model"]["sha256"]:
         log.warning("promptbake: the base model in %s differs from the one baked on (content "
                     "hash mismatch); the adapter may not behave as measured", model_dir)
-    peft_model = PeftModel.from_pretrained(lm, path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            peft_model = PeftModel.from_pretrained(lm, path)
+        # PEFT only warns when the file lacks the adapter's weights, and leaves them at init
+        missing = [w for w in caught if "missing adapter keys" in str(w.message)]
+        if missing:
+            raise ValueError(str(missing[0].message)[:200] + "...")
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    except (RuntimeError, ValueError, KeyError) as err:  # shapes or layer names do not match
+        raise DamagedBake(f"the adapter in {path} does not fit the base model {model_dir} "
+                          f"({str(err).splitlines()[0]}); pass the model it was baked on with "
+                          f"--model") from err
     peft_model.eval()
     framing = Framing(tokenizer, manifest["prompt"]["text"], manifest["framing"]["student"])
     held_out = None

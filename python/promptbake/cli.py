@@ -268,9 +268,11 @@ def _drift(args) -> int:
 
 
 def _export(args) -> int:
+    from promptbake import _files
     from promptbake.bake import load_baked
     from promptbake.export import ParityError, export_baked
 
+    _files.check_output(Path(args.out), overwrite=args.overwrite, sources=(Path(args.dir),))
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
     prune = None
     if args.prune:

@@ -688,10 +688,7 @@ def save_pruned(model, tokenizer, out_dir: str | Path, report: PruneReport, *,
 
     import promptbake
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty: choose a new directory or pass "
-                         f"overwrite=True")
+    out_dir = _files.check_output(Path(out_dir), overwrite=overwrite)
     layer_types(model)  # refuses a model that still carries a LoRA adapter
     check_masks(model, report)
     packed = {name: torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1)))
@@ -708,7 +705,7 @@ def save_pruned(model, tokenizer, out_dir: str | Path, report: PruneReport, *,
         save_file(packed, str(tmp / MASKS), metadata={"shapes": json.dumps(shapes)})
         (tmp / MANIFEST).write_text(_files.to_json(manifest, indent=2), encoding="utf-8")
 
-    _files.replace_dir(out_dir, write)
+    _files.replace_dir(out_dir, write, kind="pruned")
     log.info("saved the pruned model to %s", out_dir)
     return out_dir
 

@@ -153,11 +153,15 @@ def check_dir(path: Path) -> str | None:
         return f"--model must be a directory with config.json and weights, got the file {path}"
     if not (path / "config.json").is_file():
         return f"{path} has no config.json: it is not a Hugging Face model directory"
-    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")
+    weights = [p for p in path.iterdir() if p.suffix == ".safetensors"
                and p.name != "adapter_model.safetensors"]
+    if not weights and any(p.suffix == ".bin" for p in path.iterdir()):
+        return (f"{path} holds its weights only as pickle files (*.bin), which promptbake does "
+                f"not load (unpickling can run code): convert them once to safetensors, e.g. "
+                f"AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
     if not weights:
-        return (f"{path} has a config.json but no weights (*.safetensors or *.bin); "
-                f"copy the model's weight files there")
+        return (f"{path} has a config.json but no weights (*.safetensors); copy the model's "
+                f"weight files there")
     return None
 
 
@@ -171,7 +175,8 @@ def load(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.f
     except Exception as err:  # transformers raises many types for a broken tokenizer
         raise ModelError(f"cannot load the tokenizer from {path}: {err}") from err
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                  use_safetensors=True)
     except Exception as err:
         raise ModelError(f"cannot load the model weights from {path} (missing, truncated or "
                          f"corrupt?): {err}") from err

@@ -68,7 +68,7 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
                 sparse: bool = False, int8: quantize_mod.Int8Options | None = None,
                 parity_contexts=None, framing=None, baked=None,
                 tolerances: parity.Tolerances | None = None, overwrite: bool = False,
-                source: dict | None = None) -> Export:
+                source: dict | None = None, source_dirs: tuple = ()) -> Export:
     """Exports ``model`` (a transformers causal LM, fp32 on CPU) to ``out_dir`` with a KV cache.
 
     Args:
@@ -83,6 +83,9 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
             export's held-out KL to the prompted model and the share of the bake's KL reduction
             it retains (``parity.held_out_kl``).
         source: recorded in the manifest (what the model is).
+        overwrite: replace an earlier export at ``out_dir`` that holds nothing else
+            (``_files.check_output``); ``source_dirs`` (and the bake's directory) may not be,
+            hold or contain ``out_dir``.
 
     Raises ``UnsupportedArchitecture`` (a ValueError) before writing anything, and
     ``ParityError`` when the export does not match torch (nothing is left at ``out_dir``).
@@ -91,9 +94,8 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
         raise ValueError(f"quantize={quantize!r}: choose None (fp32) or 'int8'")
     _check_model(model)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists: choose another output directory or pass overwrite=True "
-                         f"(--overwrite)")
+    sources = tuple(source_dirs or ()) + ((baked.path,) if baked is not None else ())
+    _files.check_output(out, overwrite=overwrite, sources=sources)
     tolerances = tolerances or parity.Tolerances()
     if parity_contexts is None:
         prompts = parity.default_prompts(tokenizer, framing, tolerances.contexts)
@@ -148,7 +150,7 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
         result["manifest"] = manifest
 
     _remove_stale(out)
-    _files.replace_dir(out, write)
+    _files.replace_dir(out, write, kind="onnx")
     manifest = result["manifest"]
     log.info("exported %s to %s (%s, %.1f MB): %s", model.config.model_type, out,
              manifest["precision"], manifest["bytes"] / 1e6, _summary(manifest["parity"]))
@@ -278,10 +280,10 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
             raise ValueError("--quantize and --prune apply to the ONNX export: use --format onnx")
         path = merge_mod.save_merged(baked, out, strength, overwrite=overwrite)
         return Export(path, json.loads((path / merge_mod.MANIFEST).read_text()))
+    _files.check_output(Path(out), overwrite=overwrite,  # before the minutes of work below
+                        sources=(baked.path if isinstance(baked, Baked) else baked,))
     if not isinstance(baked, Baked):
         baked = load_baked(baked, strength=strength)
-    if Path(out).exists() and not overwrite:  # before the minutes of work below
-        raise ValueError(f"{out} exists: choose another output directory or pass --overwrite")
     source = {**merge_mod.source_record(baked), "strength": float(strength)}
     model = merge_mod.merge(baked, strength)
     if prune is not None:
@@ -307,9 +309,8 @@ def export_model(model_dir: str | Path, out: str | Path, *, quantize: str | None
     causal LM) to ONNX; ``models.ModelError`` names what is missing from it."""
     from promptbake import models
 
-    if Path(out).exists() and not overwrite:
-        raise ValueError(f"{out} exists: choose another output directory or pass --overwrite")
+    _files.check_output(Path(out), overwrite=overwrite, sources=(model_dir,))
     model, tokenizer, path = models.load(model_dir)
     return export_onnx(model, tokenizer, out, quantize=quantize, sparse=sparse,
                        int8=int8, tolerances=tolerances, overwrite=overwrite,
-                       source={"model": str(Path(path).resolve())})
+                       source={"model": str(Path(path).resolve())}, source_dirs=(path,))

@@ -61,14 +61,21 @@ def save_merged(baked, out: str | Path, strength: float = 1.0, *,
     """Writes the merged model as a safetensors model directory (weights, config, tokenizer and
     ``manifest.json``) that ``AutoModelForCausalLM.from_pretrained(out)`` loads alone.
 
-    The directory is written under a temporary name and renamed into place; an existing
-    ``out`` is replaced only with ``overwrite``.
+    The directory is written under a temporary name and renamed into place. An existing
+    ``out`` is replaced only with ``overwrite``, and only when it is an earlier export holding
+    nothing else (``_files.check_output``); ``out`` may not be, hold or lie inside the bake.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists: choose another output directory or pass --overwrite")
+    source = baked.path if hasattr(baked, "path") else baked
+    _files.check_output(out, overwrite=overwrite, sources=(source,))
     baked, owned = _as_baked(baked, strength)
-    model = _merged(baked, strength, in_place=owned)
+    return write_merged(baked, out, strength, in_place=owned)
+
+
+def write_merged(baked, out: Path, strength: float, *, in_place: bool = False) -> Path:
+    """``save_merged`` without the checks of ``out``: for a caller that owns ``out`` (a bake's
+    ``merged/``)."""
+    model = _merged(baked, strength, in_place=in_place)
     manifest = {"format": 1, "kind": "merged", "strength": float(strength),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": source_record(baked)}
@@ -78,7 +85,7 @@ def save_merged(baked, out: str | Path, strength: float = 1.0, *,
         baked.tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(_files.to_json(manifest, indent=2))
 
-    _files.replace_dir(out, write)
+    _files.replace_dir(out, write, kind="merged")
     log.info("wrote the model merged at strength %g to %s", strength, out)
     return out
 
