@@ -14,7 +14,7 @@
    seed): the bake's own figure uses its first 24, and close calls need the smaller
    error.
 
-Targets (issue 3): whole bake <= 5 minutes; held-out KL reduction >= 90%; >= 2x faster than the
+Targets: whole bake <= 5 minutes; held-out KL reduction >= 90%; >= 2x faster than the
 reference loop to the same KL.
 """
 
@@ -31,13 +31,14 @@ import torch.nn.functional as F
 
 import harness
 import promptbake
-from promptbake import _lm, contexts as contexts_mod, eval as eval_mod, models
-from promptbake.bake import (BakeConfig, _attach_lora, _batches, _optimizer,
-                             _optimizer_step, _sample)
+from promptbake import BakeConfig, contexts as contexts_mod, mc_kl, models
 from promptbake.framing import Framing, align
+from promptbake.modeling import BAKED, BASE
+from promptbake.persona import pirate
+from promptbake.train import (Divergence, attach_lora, batch_plan, for_training, make_optimizer,
+                              optimizer_step, sample_trajectories)
 
-PROMPT = ("You are a pirate captain. Talk like a pirate in every answer: say 'Aye' and 'matey', "
-          "and bring up the sea.")
+PROMPT = pirate().prompt
 QUESTIONS = ["What is the capital of France?", "How do I boil an egg?",
              "Can you recommend a good book?"]
 TARGET_MINUTES = 5.0
@@ -59,14 +60,14 @@ def run(args, log) -> dict:
         whole = time.perf_counter() - start
         result["whole_bake_seconds"] = whole
         result["manifest"] = baked.manifest
-        result["answers"] = [{"question": q, **{mode: baked.generate(q, mode=mode, max_new_tokens=48)
-                                               for mode in ("base", "prompted", "baked")}}
+        result["answers"] = [{"question": q, **{v: baked.generate(q, variant=v, max_new_tokens=48)
+                                               for v in ("base", "prompted", "baked")}}
                              for q in QUESTIONS]
         # The bake measures itself on its first eval_contexts held-out contexts; measure it
         # again on every held-out context, with fresh samples, for a second, larger estimate.
         log("  the baked adapter on every held-out context")
-        found = eval_mod.mc_kl(baked, contexts_mod.BUILTIN, seed=config.seed + 2)
-        reduction, se = eval_mod.reduction(found["base"], found["1"])
+        found = mc_kl.mc_kl(baked, contexts_mod.BUILTIN, seed=config.seed + 2)
+        reduction, se = mc_kl.reduction(found["base"], found["1"])
         result["all_held_out"] = {"before": found["base"].to_dict(), "after": found["1"].to_dict(),
                                   "reduction": reduction, "reduction_se": se}
         del baked
@@ -84,13 +85,11 @@ def side_by_side(config: BakeConfig, log) -> dict:
     held_out = contexts_mod.for_bake(None, "held_out", config.eval_contexts)
     prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
     pad = tokenizer.pad_token_id
-    trajectories = _sample(lm, tokenizer, [p[0] for p in prefixes], config, "full",
-                           seed=config.seed, samples=config.samples_per_context, progress=False,
-                           what="")
-    held_traj = _sample(lm, tokenizer, [framing.teacher_ids(c) for c in held_out], config,
-                        "none", seed=config.seed + 1, samples=1, progress=False, what="")
-    before = eval_mod.kl_on(lm, framing, held_out, held_traj, {"base": (False, 1.0)},
-                            pad_id=pad)["base"]
+    trajectories = sample_trajectories(lm, tokenizer, [p[0] for p in prefixes], config, "full",
+                                       seed=config.seed, samples=config.samples_per_context)
+    held_traj = sample_trajectories(lm, tokenizer, [framing.teacher_ids(c) for c in held_out],
+                                    config, "none", seed=config.seed + 1, samples=1)
+    before = mc_kl.kl_on(lm, framing, held_out, held_traj, {"base": BASE}, pad_id=pad)["base"]
     total = config.total_steps(trajectories)
     every = max(1, total // 12)  # held-out checks: the time-to-KL resolution
 
@@ -98,7 +97,7 @@ def side_by_side(config: BakeConfig, log) -> dict:
         # The original code's shape: whole sequences through the model, a live teacher forward
         # with the adapter off, full-vocabulary log_softmax + kl_div, fp32, default attention.
         optimizer.zero_grad(set_to_none=True)
-        batches = _batches(step, trajectories, config)
+        batches = batch_plan(step, trajectories, config)
         sequences = sum(len(b) for b in batches)
         for batch in batches:
             teacher_seqs, student_seqs, spans = [], [], []
@@ -108,7 +107,7 @@ def side_by_side(config: BakeConfig, log) -> dict:
                 teacher_seqs.append(t)
                 student_seqs.append(s)
                 spans.append((t0, s0, len(trajectories.responses[k])))
-            with torch.no_grad(), _lm.adapter(model, enabled=False):
+            with torch.no_grad(), BASE.active(model):
                 teacher = model(**_padded(teacher_seqs, pad)).logits
             student = model(**_padded(student_seqs, pad)).logits
             t_rows = torch.cat([teacher[i, t0 - 1:t0 - 1 + n] for i, (t0, _, n) in enumerate(spans)])
@@ -126,9 +125,10 @@ def side_by_side(config: BakeConfig, log) -> dict:
     for name in ("promptbake", "promptbake-fp32", "reference"):
         log(f"    {name}: {total} steps")
         torch.manual_seed(config.seed)
-        model = _attach_lora(copy.deepcopy(lm), config)
-        optimizer, schedule = _optimizer(model, config, total)
+        model = attach_lora(copy.deepcopy(lm), config)
+        optimizer, schedule = make_optimizer(model, config, total)
         setting = fp32 if name == "promptbake-fp32" else config
+        objective = Divergence(trajectories, prefixes, setting, pad)
         dtype = setting.autocast_dtype(torch.device("cpu"))
         done, clock, curve, step_seconds = 0, 0.0, [], []
         while done < total:  # timed segments of training, each followed by an untimed check
@@ -136,22 +136,21 @@ def side_by_side(config: BakeConfig, log) -> dict:
             model.train()
             start = time.perf_counter()  # promptbake's set-up (for_training) counts too
             with contextlib.nullcontext() if name == "reference" else \
-                    _lm.for_training(model, dtype):
+                    for_training(model, dtype):
                 for step in segment:
                     begin = time.perf_counter()
                     if name == "reference":
                         reference_step(model, optimizer, schedule, step)
                     else:
-                        _optimizer_step(model, trajectories, prefixes, setting, pad, optimizer,
-                                        schedule, step)
+                        optimizer_step(model, objective, batch_plan(step, trajectories, setting),
+                                       optimizer, schedule, setting.max_grad_norm)
                     step_seconds.append(time.perf_counter() - begin)
             clock += time.perf_counter() - start
             done = segment.stop
             model.eval()
-            kl = eval_mod.kl_on(model, framing, held_out, held_traj, {"b": (True, 1.0)},
-                                pad_id=pad)["b"]
+            kl = mc_kl.kl_on(model, framing, held_out, held_traj, {"b": BAKED}, pad_id=pad)["b"]
             curve.append({"step": done, "train_seconds": clock, "kl": kl.to_dict(),
-                          "reduction": eval_mod.reduction(before, kl)[0]})
+                          "reduction": mc_kl.reduction(before, kl)[0]})
         loops[name] = {"curve": curve,
                        "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2]}
         del model

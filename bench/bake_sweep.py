@@ -15,10 +15,11 @@ import torch
 
 import harness
 from bake import PROMPT
-from promptbake import _lm, contexts as contexts_mod, eval as eval_mod, models
-from promptbake.bake import (BakeConfig, _attach_lora, _optimizer, _optimizer_step,
-                             _sample)
+from promptbake import BakeConfig, contexts as contexts_mod, mc_kl, models
 from promptbake.framing import Framing
+from promptbake.modeling import BAKED, BASE
+from promptbake.train import (Divergence, attach_lora, batch_plan, for_training, make_optimizer,
+                              optimizer_step, sample_trajectories)
 
 MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
@@ -44,10 +45,10 @@ def run(args, log) -> dict:
     framing = Framing(tokenizer, PROMPT, base.framing)
     # Every held-out context (not the bake's first 24): close settings need the smaller error.
     held_out = contexts_mod.resolve(None, "held_out")
-    held_traj = _sample(lm, tokenizer, [framing.teacher_ids(c) for c in held_out], base, "none",
-                        seed=base.seed + 1, samples=1, progress=False, what="")
-    before = eval_mod.kl_on(lm, framing, held_out, held_traj, {"base": (False, 1.0)},
-                            pad_id=tokenizer.pad_token_id)["base"]
+    held_traj = sample_trajectories(lm, tokenizer, [framing.teacher_ids(c) for c in held_out],
+                                    base, "none", seed=base.seed + 1, samples=1)
+    before = mc_kl.kl_on(lm, framing, held_out, held_traj, {"base": BASE},
+                         pad_id=tokenizer.pad_token_id)["base"]
     rows, cache = [], {}
     for name in (QUICK if args.quick else VARIANTS):
         config = dataclasses.replace(base, **VARIANTS[name])
@@ -57,26 +58,27 @@ def run(args, log) -> dict:
         key = (config.train_contexts, config.samples_per_context)
         start = time.perf_counter()
         if key not in cache:
-            cache[key] = _sample(lm, tokenizer, [p[0] for p in prefixes], config, "full",
-                                 seed=config.seed, samples=config.samples_per_context,
-                                 progress=False, what="")
+            cache[key] = sample_trajectories(lm, tokenizer, [p[0] for p in prefixes], config,
+                                             "full", seed=config.seed,
+                                             samples=config.samples_per_context)
         sample_seconds = time.perf_counter() - start
         trajectories = cache[key]
         total = config.total_steps(trajectories)
         torch.manual_seed(config.seed)
-        model = _attach_lora(copy.deepcopy(lm), config)
-        optimizer, schedule = _optimizer(model, config, total)
+        model = attach_lora(copy.deepcopy(lm), config)
+        optimizer, schedule = make_optimizer(model, config, total)
+        objective = Divergence(trajectories, prefixes, config, tokenizer.pad_token_id)
         model.train()
         start = time.perf_counter()
-        with _lm.for_training(model, config.autocast_dtype(torch.device("cpu"))):
+        with for_training(model, config.autocast_dtype(torch.device("cpu"))):
             for step in range(total):
-                _optimizer_step(model, trajectories, prefixes, config, tokenizer.pad_token_id,
-                                optimizer, schedule, step)
+                optimizer_step(model, objective, batch_plan(step, trajectories, config),
+                               optimizer, schedule, config.max_grad_norm)
         train_seconds = time.perf_counter() - start
         model.eval()
-        after = eval_mod.kl_on(model, framing, held_out, held_traj, {"b": (True, 1.0)},
-                               pad_id=tokenizer.pad_token_id)["b"]
-        reduction, se = eval_mod.reduction(before, after)
+        after = mc_kl.kl_on(model, framing, held_out, held_traj, {"b": BAKED},
+                            pad_id=tokenizer.pad_token_id)["b"]
+        reduction, se = mc_kl.reduction(before, after)
         rows.append({"variant": name, "changes": VARIANTS[name], "trajectories": len(trajectories),
                      "steps": total, "sample_seconds": sample_seconds,
                      "train_seconds": train_seconds, "kl_after": after.to_dict(),

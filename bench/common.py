@@ -16,13 +16,11 @@ import time
 from pathlib import Path
 
 import promptbake
-from promptbake import contexts as contexts_mod
-from promptbake import models
-from promptbake.bake import BakeConfig
+from promptbake import BakeConfig, contexts as contexts_mod, models
+from promptbake.persona import pirate
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-PIRATE = ("You are a pirate captain. Talk like a pirate in every answer: say 'Aye' and 'matey', "
-          "and bring up the sea.")
+PIRATE = pirate().prompt  # the README's persona, from its persona file
 
 
 def pirate_config(quick: bool) -> BakeConfig:

@@ -19,16 +19,14 @@ import dataclasses
 import harness
 from common import CACHE, PIRATE, answer_counts, cached_bake, pirate_config
 from evaluate import arithmetic_contexts
-from promptbake import contexts as contexts_mod
-from promptbake import forgetting as fg
-from promptbake import reprompt
-from promptbake.bake import load_baked
+from promptbake import contexts as contexts_mod, forgetting as fg, load_baked, reprompt
+from promptbake.modeling import BAKED, BASE, PROMPTED
 from promptbake.tasks import TASKS, Task
 
-CELLS = {"base": (None, False, False), "prompted (base + u)": (None, False, True),
-         "baked, general contexts only": ("pirate-general", True, False),
-         "baked, shipped contexts (general + short)": ("pirate", True, False),
-         "baked, shipped contexts, twice the training contexts": ("pirate-2x", True, False)}
+CELLS = {"base": (None, BASE), "prompted (base + u)": (None, PROMPTED),
+         "baked, general contexts only": ("pirate-general", BAKED),
+         "baked, shipped contexts (general + short)": ("pirate", BAKED),
+         "baked, shipped contexts, twice the training contexts": ("pirate-2x", BAKED)}
 
 
 def run(args, log) -> dict:
@@ -54,10 +52,9 @@ def run(args, log) -> dict:
                  config, train_contexts=2 * config.train_contexts), log=log)}
     models = {name: load_baked(made["path"]) for name, made in bakes.items()}
     scores = {}
-    for label, (which, adapter, prompted) in CELLS.items():
+    for label, (which, variant) in CELLS.items():
         log(f"  {label}")
-        scores[label] = reprompt.score(models[which or "pirate"], task, adapter=adapter,
-                                       prompted=prompted)
+        scores[label] = reprompt.score(models[which or "pirate"], task, variant)
     rows = {label: {"score": s.to_dict(), **answer_counts(s, task.max_new_tokens)}
             for label, s in scores.items()}
     prompted = scores["prompted (base + u)"]

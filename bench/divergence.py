@@ -2,7 +2,7 @@
 
 Contenders, on the same inputs in the same process: eager torch (log_softmax + kl_div +
 backward), torch.compile of the same function, and every promptbake backend that runs on CPU
-tensors. Targets (issue 2): cpp >= 3x eager and >= 1.5x torch.compile at every shape, peak
+tensors. Targets: cpp >= 3x eager and >= 1.5x torch.compile at every shape, peak
 extra memory no more than the one N x V gradient buffer.
 """
 

@@ -1,4 +1,4 @@
-"""Evaluate suite: what two bakes did to the default model, measured (issue 4).
+"""Evaluate suite: what two bakes did to the default model, measured.
 
 1. The README's pirate persona (the default bake): its re-prompt matrix on persona adherence
    (single answers to the held-out contexts), adherence over the strength alpha and over the
@@ -29,12 +29,11 @@ from pathlib import Path
 
 import harness
 from common import CACHE, PIRATE, answer_counts, cached_bake, pirate_config
-from promptbake import _lm, reprompt
-from promptbake import contexts as contexts_mod
-from promptbake import drift as drift_mod
-from promptbake import forgetting as fg
-from promptbake.bake import BakeConfig, load_baked
-from promptbake.pursuit import meets_target, plateau_round, pursue, stopping
+from promptbake import (BakeConfig, contexts as contexts_mod, drift as drift_mod,
+                        forgetting as fg, load_baked, persona as persona_mod, pursue, reprompt)
+from promptbake.modeling import BAKED, PROMPTED, variant
+from promptbake.orchestrate.plateau import meets_target, plateau_round, stopping
+from promptbake.reprompt import saved_cell
 from promptbake.tasks import TASKS, Score, load_task
 
 RECIPE = ("You are a careful calculator. Examples:\n"
@@ -169,9 +168,9 @@ class Bake:
 def _persona(plan: Plan, pirate: Bake, base_suite: dict):
     """The pirate's adherence matrix, its suite and gates, and its drift: (result, gate, drifts)."""
     parts, model, log = pirate.parts, pirate.model, plan.log
-    persona = drift_mod.pirate()
+    persona = persona_mod.pirate()
     held_out = contexts_mod.builtin("held_out")[:16 if plan.quick else None]
-    adherence = drift_mod.AdherenceEvaluator(persona, held_out)
+    adherence = persona_mod.AdherenceEvaluator(persona, held_out)
     matrix = parts.matrix("pirate-adherence", lambda: reprompt.reprompt_matrix(model, adherence),
                           persona=dataclasses.asdict(persona), questions=held_out)
     out = {"bake": {"path": str(pirate.made["path"]), "seconds": pirate.made["seconds"],
@@ -179,7 +178,7 @@ def _persona(plan: Plan, pirate: Bake, base_suite: dict):
            "reprompt": matrix.to_dict(),
            "reprompt_items": {c: s.items for c, s in matrix.cells.items()}}
     log(f"    adherence: base {matrix.cells['base'].value:.3f}, prompted "
-        f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
+        f"{matrix.cells['prompted'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
 
     log("    half-baking: adherence over the strength alpha and over the bake's snapshots")
     strengths = [0.25, 0.5, 0.75, 1.25, 1.5]  # 0 and 1 are the matrix's base and baked cells
@@ -197,15 +196,15 @@ def _persona(plan: Plan, pirate: Bake, base_suite: dict):
     suite = {"base": base_suite}
     suite.update({cell: {t.name: parts.score(
         f"pirate-{cell}-{t.name}", lambda t=t, cell=cell: reprompt.score(
-            model, t, adapter=cell == "baked", prompted=cell == "base+u"), task=t)
-        for t in plan.tasks} for cell in ("base+u", "baked")})
-    gate = fg.compare(suite["base"], suite["baked"])
+            model, t, variant(cell, model.strength)), task=t)
+        for t in plan.tasks} for cell in ("prompted", "baked")})
+    check = fg.SuiteCheck.from_cells(suite["base"], suite["prompted"], suite["baked"])
+    gate = check.gate
     out["forgetting"] = gate.to_dict()
     # The prompt's own effect on the suite: the bake reproduces base + u, so a drop that the
     # prompted model shows too comes from the persona, not from baking.
-    out["prompted_suite"] = fg.compare(suite["base"], suite["base+u"]).to_dict()
-    vs_prompted, damaged = fg.beyond_prompt(suite["base"], suite["base+u"], suite["baked"])
-    out["baked_vs_prompted"] = {**vs_prompted.to_dict(), "damaged": damaged}
+    out["prompted_suite"] = fg.compare(suite["base"], suite["prompted"]).to_dict()
+    out["baked_vs_prompted"] = {**check.beyond.to_dict(), "damaged": check.damaged}
     log(f"    forgetting gate: {'pass' if gate.passed else 'FAIL'}")
     out["arithmetic_answers"] = {cell: answer_counts(scores["arithmetic"],
                                                      TASKS["arithmetic"].max_new_tokens)
@@ -213,11 +212,11 @@ def _persona(plan: Plan, pirate: Bake, base_suite: dict):
 
     log(f"    drift over {plan.turns} turns, prompted then baked")
     options = dict(turns=plan.turns, conversations=plan.conversations, max_new_tokens=48)
-    semantic = drift_mod.SemanticScorer(persona)
+    semantic = persona_mod.SemanticScorer(persona)
     drifts = {}
-    for mode, on, system in (("prompted", False, PIRATE), ("baked", True, None)):
-        def measure(on=on, system=system):
-            with _lm.adapter(model.model, enabled=on):
+    for mode, chosen, system in (("prompted", PROMPTED, PIRATE), ("baked", BAKED, None)):
+        def measure(chosen=chosen, system=system):
+            with chosen.active(model.model):
                 return drift_mod.drift(model.model, model.tokenizer, persona, system=system,
                                        semantic=semantic, **options)
         drifts[mode] = parts.drift(f"pirate-drift-{mode}", measure,
@@ -234,10 +233,10 @@ def _recipe(plan: Plan, recipe: Bake, base_suite: dict):
     matrix = parts.matrix("recipe-arithmetic", lambda: reprompt.reprompt_matrix(model, arithmetic),
                           task=arithmetic)
     plan.log(f"    arithmetic: base {matrix.cells['base'].value:.3f}, prompted "
-             f"{matrix.cells['base+u'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
+             f"{matrix.cells['prompted'].value:.3f}, baked {matrix.cells['baked'].value:.3f}")
     scores = {t.name: matrix.cells["baked"] if t.name == "arithmetic" else
               parts.score(f"recipe-baked-{t.name}", lambda t=t: reprompt.score(
-                  model, t, adapter=True, prompted=False), task=t) for t in plan.tasks}
+                  model, t, BAKED), task=t) for t in plan.tasks}
     gate = fg.compare(base_suite, scores)
     return {"prompt": RECIPE, "bake": {"path": str(recipe.made["path"]),
                                        "seconds": recipe.made["seconds"],
@@ -364,7 +363,7 @@ def checks(result) -> list[dict]:
          "measured": "no gain to recover" if rec is None else
                      f"{100 * rec:.0f}% ± {100 * (rec_se or 0):.0f}% (base "
                      f"{m['cells']['base']['value']:.3f}, prompted "
-                     f"{m['cells']['base+u']['value']:.3f}, baked "
+                     f"{saved_cell(m['cells'], 'prompted')['value']:.3f}, baked "
                      f"{m['cells']['baked']['value']:.3f})",
          "pass": rec is not None and rec >= TARGET_RECOVERY},
         {"target": "pursuit improves on a single bake or stops within two rounds of its plateau",
@@ -428,14 +427,14 @@ def _matrix_text(m: dict) -> str:
     c = m["cells"]
 
     def cell(name):
-        s = c[name]
+        s = saved_cell(c, name)
         return f"{s['value']:.3f} ± {s['se'] or 0:.3f}"
 
     rec = "—" if m["recovery"] is None else \
         f"{100 * m['recovery']:.0f}% ± {100 * (m['recovery_se'] or 0):.0f}%"
     return (f"  {'':>10} {'base':>15} {'baked':>15}\n"
             f"  {'without u':>10} {cell('base'):>15} {cell('baked'):>15}\n"
-            f"  {'with u':>10} {cell('base+u'):>15} {cell('baked+u'):>15}\n"
+            f"  {'with u':>10} {cell('prompted'):>15} {cell('baked+prompt'):>15}\n"
             f"  the bake recovers {rec} of the prompt's effect")
 
 
@@ -458,7 +457,8 @@ def markdown(result) -> str:
         c = result[key]["reprompt"]["cells"]
         lines += ["", f"| {title} | base | baked |", "|---|---:|---:|",
                   f"| without the prompt | {_v(c['base'])} | {_v(c['baked'])} |",
-                  f"| with the prompt | {_v(c['base+u'])} | {_v(c['baked+u'])} |"]
+                  f"| with the prompt | {_v(saved_cell(c, 'prompted'))} | "
+                  f"{_v(saved_cell(c, 'baked+prompt'))} |"]
     by_alpha, by_step = half_baking(result["persona"])
     lines += ["", "| half-baking (pirate adherence, no prompt) | " +
               " | ".join(f"α {a:g}" for a in by_alpha) + " |",
@@ -521,7 +521,8 @@ def plot_half_baking(persona: dict, out: Path) -> None:
         return Score(**{**saved, "items": []})
 
     cells = persona["reprompt"]["cells"]
-    references = {"base": as_score(cells["base"]), "prompted (base + u)": as_score(cells["base+u"])}
+    references = {"base": as_score(cells["base"]),
+                  "prompted (base + u)": as_score(saved_cell(cells, "prompted"))}
     by_alpha, by_step = half_baking(persona)
     for points, name, xlabel, how in ((by_alpha, "strength", "strength alpha (LoRA delta scale)",
                                        "by strength"),
@@ -558,8 +559,8 @@ def plot(result, path) -> None:
                      yerr=[r["score"]["se"] or 0 for r in rounds], fmt="o-", capsize=4,
                      label="baked, no prompt")
     base = result["recipe"]["reprompt"]["cells"]
-    for cell, style in (("base", ":"), ("base+u", "--")):
-        axes[3].axhline(base[cell]["value"], ls=style, color="#777", label=cell)
+    for cell, label, style in (("base", "base", ":"), ("prompted", "base + u", "--")):
+        axes[3].axhline(saved_cell(base, cell)["value"], ls=style, color="#777", label=label)
     axes[3].set(xlabel="pursuit round (0: the bake)", ylabel="arithmetic accuracy",
                 title="prompt pursuit, every round")
     axes[3].set_xticks([r["round"] for r in rounds])

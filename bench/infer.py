@@ -1,4 +1,4 @@
-"""Infer suite: the baked persona served five ways, side by side (issue 5 §3).
+"""Infer suite: the baked persona served five ways, side by side.
 
 The README's pirate bake on the default model, batch 1, greedy, prompts from the held-out
 contexts. Contenders:
@@ -32,8 +32,7 @@ import torch
 
 import harness
 from common import CACHE, PIRATE, cached_bake, pirate_config
-from promptbake import compress, contexts as contexts_mod
-from promptbake.bake import load_baked
+from promptbake import compress, contexts as contexts_mod, load_baked
 from promptbake.export import OnnxLM, export_baked, held_out_kl, merge
 
 TARGET_P95_MS = 50.0

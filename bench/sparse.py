@@ -12,7 +12,7 @@ and 8. Two settings:
 The torch backend (the reference, which rebuilds the dense weight per call) is timed hot at
 batch 1; the triton backend runs on CUDA only (on CPU it is the interpreter, not timed).
 
-Times are per layer: the median over samples, contenders in turns. Target (issue 5): at 70%
+Times are per layer: the median over samples, contenders in turns. Target: at 70%
 sparsity SparseLinear >= 1.5x faster than dense at batch 1 (cold, as in decoding).
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import harness
 import promptbake
 from promptbake.nn import SparseLinear
-from promptbake.nn.sparse_linear import _last_level_cache_bytes
+from promptbake.nn.sparse_linear import last_level_cache_bytes
 from promptbake.ops.sparse_linear import nbytes
 
 SHAPES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (192, 576),
@@ -68,7 +68,7 @@ def contenders(stack, x):
 
 
 def measure(label, out_f, in_f, pattern, repeats, log, with_reference):
-    cache = _last_level_cache_bytes()
+    cache = last_level_cache_bytes()
     layers = max(2, math.ceil(2 * cache / (out_f * in_f * 4)))
     gen = torch.Generator().manual_seed(out_f * in_f)
     stack = []
@@ -123,7 +123,7 @@ def measure(label, out_f, in_f, pattern, repeats, log, with_reference):
 def run(args, log) -> dict:
     names = QUICK_SHAPES if args.quick else tuple(SHAPES)
     repeats = args.repeats or (3 if args.quick else 7)
-    copy = harness.copy_bandwidth(2 * _last_level_cache_bytes(), repeats=max(repeats, 5))
+    copy = harness.copy_bandwidth(2 * last_level_cache_bytes(), repeats=max(repeats, 5))
     rows = []
     for label in names:
         out_f, in_f = SHAPES[label]
@@ -134,7 +134,7 @@ def run(args, log) -> dict:
             "backends": {k: v.detail for k, v in promptbake.backends().items()},
             "isa": (promptbake.ops._dispatch.compiled().isas() or ["-"])[0],
             "repeats": repeats, "copy_bandwidth_gbs": copy / 1e9,
-            "last_level_cache_bytes": _last_level_cache_bytes(),
+            "last_level_cache_bytes": last_level_cache_bytes(),
             "targets": {"sparsity": TARGET_SPARSITY, "batch": 1, "mode": "cold",
                         "speedup_vs_dense": TARGET_SPEEDUP},
             "rows": rows, "checks": checks(rows)}

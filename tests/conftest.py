@@ -83,3 +83,93 @@ class NextTokenEvaluator:
 @pytest.fixture(scope="session")
 def next_token_evaluator():
     return NextTokenEvaluator
+
+
+@pytest.fixture(scope="session")
+def prompt():
+    """The prompt the tests bake: the built-in pirate persona's (the README's)."""
+    from promptbake.persona import pirate
+
+    return pirate().prompt
+
+
+# -- personas: the built-in pirate, a deterministic semantic scorer, the tiny model in fp64 --------
+
+_WORDS = ("aye", "matey", "ye", "be", "sea", "arr", "ahoy", "the", "is", "you")
+
+
+def bag_of_words(texts):
+    """A deterministic stand-in for the sentence embedder: counts of a few words, plus a bias."""
+    import numpy as np
+
+    return np.array([[t.lower().split().count(w) + t.lower().count(w) * 0.1 for w in _WORDS]
+                     + [1.0] for t in texts])
+
+
+@pytest.fixture(scope="session")
+def pirate():
+    from promptbake.persona import pirate
+
+    return pirate()
+
+
+@pytest.fixture(scope="session")
+def stub_scorer(pirate):
+    from promptbake.persona import SemanticScorer
+
+    return SemanticScorer(pirate, embed=bag_of_words)
+
+
+@pytest.fixture(scope="session")
+def tiny64(tiny_dir):
+    """The tiny model in float64, so batched and cached runs agree to the last bit of a token."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
+
+
+# -- a finished bake, and copies of it a test may damage ----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def small_bake(tiny_dir, tmp_path_factory, prompt):
+    """A finished two-step bake of the tiny model; copy it (``bake_copy``) before changing it."""
+    from promptbake import BakeConfig, bake
+
+    out = tmp_path_factory.mktemp("small-bake") / "pirate"
+    bake(prompt, model=tiny_dir, out=out, config=BakeConfig(
+        train_contexts=3, eval_contexts=2, samples_per_context=2, max_new_tokens=6,
+        sample_batch=8, batch_size=4, steps=2, lr=2e-2, warmup=0.0))
+    return out
+
+
+@pytest.fixture
+def bake_copy(small_bake, tmp_path):
+    """A copy of ``small_bake`` that a test may damage or export into."""
+    import shutil
+
+    copy = tmp_path / "bake"
+    shutil.copytree(small_bake, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def file_hashes():
+    """``file_hashes(dir)``: every file under ``dir`` with its sha256; equal results, untouched
+    files."""
+    import hashlib
+
+    def hashes(path):
+        return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(path.rglob("*")) if p.is_file()}
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def tiny_framed(tiny_dir, prompt):
+    """(the tiny model, its tokenizer, a Framing of ``prompt``), loaded as promptbake loads it."""
+    from promptbake import models
+    from promptbake.framing import Framing
+
+    lm, tok, _ = models.load(tiny_dir)
+    return lm, tok, Framing(tok, prompt)

@@ -2,7 +2,6 @@
 it resumes exactly, and it never loses or half-writes files."""
 
 import errno
-import importlib
 import json
 import signal
 import subprocess
@@ -14,13 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import promptbake
-from promptbake.bake import BakeConfig, bake, load_baked
-from promptbake.eval import mc_kl
+from promptbake import BakeConfig, bake, load_baked
 from promptbake.framing import FramingError
-
-bake_mod = importlib.import_module("promptbake.bake")  # promptbake.bake is also the function
-
-PROMPT = "You are a pirate captain. Talk like a pirate in every answer."
+from promptbake.mc_kl import mc_kl
+from promptbake.train import Divergence
 
 
 def tiny_config(**changes) -> BakeConfig:
@@ -33,16 +29,16 @@ def adapter_tensors(path):
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-def test_bake_learns_and_writes_a_self_describing_directory(tiny_dir, tmp_path):
+def test_bake_learns_and_writes_a_self_describing_directory(tiny_dir, tmp_path, prompt):
     out = tmp_path / "baked"
-    baked = bake(PROMPT, model=tiny_dir, config=tiny_config(steps=8), out=out)
+    baked = bake(prompt, model=tiny_dir, config=tiny_config(steps=8), out=out)
     kl = baked.manifest["kl"]
     assert kl["after"]["per_sequence"] < kl["before"]["per_sequence"]
     assert 0 < kl["reduction"] <= 1 and kl["reduction_se"] >= 0
     history = baked.manifest["train_kl_per_token"]
     assert len(history) == 8 and history[-1][1] < history[0][1]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["prompt"]["text"] == PROMPT
+    assert manifest["prompt"]["text"] == prompt
     assert manifest["base_model"]["sha256"] and manifest["config"]["rank"] == 8
     assert manifest["framing"]["student"] == "default"
     assert set(manifest["wall_seconds"]) >= {"load", "sample", "measure_before", "train",
@@ -56,9 +52,9 @@ def test_bake_learns_and_writes_a_self_describing_directory(tiny_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def baked_dir(tiny_dir, tmp_path_factory):
+def baked_dir(tiny_dir, tmp_path_factory, prompt):
     out = tmp_path_factory.mktemp("baked") / "pirate"
-    bake(PROMPT, model=tiny_dir, config=tiny_config(snapshot_every=2, merge=True), out=out)
+    bake(prompt, model=tiny_dir, config=tiny_config(snapshot_every=2, merge=True), out=out)
     return out
 
 
@@ -84,8 +80,8 @@ def test_adapter_loads_with_peft_and_strength_scales_it(tiny_dir, baked_dir):
     assert not torch.allclose(logits(half.model), reference)
 
 
-def test_snapshots_do_not_change_the_bake(tiny_dir, tmp_path):
-    made = {every: bake(PROMPT, model=tiny_dir, config=tiny_config(snapshot_every=every),
+def test_snapshots_do_not_change_the_bake(tiny_dir, tmp_path, prompt):
+    made = {every: bake(prompt, model=tiny_dir, config=tiny_config(snapshot_every=every),
                         out=tmp_path / str(every)) for every in (0, 2)}
     assert (tmp_path / "2" / "snapshots").is_dir() and not (tmp_path / "0" / "snapshots").exists()
     plain, snapped = adapter_tensors(tmp_path / "0"), adapter_tensors(tmp_path / "2")
@@ -110,22 +106,22 @@ def test_snapshots_and_merged_model(tiny_dir, baked_dir):
 
 def test_generate_answers_three_ways(baked_dir):
     baked = load_baked(baked_dir)
-    answers = {mode: baked.generate("Hello?", mode=mode, max_new_tokens=5)
+    answers = {mode: baked.generate("Hello?", variant=mode, max_new_tokens=5)
                for mode in ("base", "prompted", "baked")}
     assert all(isinstance(a, str) for a in answers.values())
     baked.strength = 0.0  # the LoRA delta scaled to nothing: the base model's greedy answer
-    assert baked.generate("Hello?", mode="baked", max_new_tokens=5) == answers["base"]
-    with pytest.raises(ValueError, match="mode='teacher'"):
-        baked.generate("Hello?", mode="teacher")
+    assert baked.generate("Hello?", variant="baked", max_new_tokens=5) == answers["base"]
+    with pytest.raises(ValueError, match="unknown model variant 'teacher'"):
+        baked.generate("Hello?", variant="teacher")
 
 
-def test_resume_after_an_interrupt_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
+def test_resume_after_an_interrupt_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatch, prompt):
     whole = tmp_path / "whole"
-    bake(PROMPT, model=tiny_dir, config=tiny_config(), out=whole)
+    bake(prompt, model=tiny_dir, config=tiny_config(), out=whole)
     expected = adapter_tensors(whole)
 
     cut = tmp_path / "cut"
-    real_step, calls = bake_mod._train_step, []
+    real_step, calls = Divergence.__call__, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -133,20 +129,20 @@ def test_resume_after_an_interrupt_gives_the_same_adapter(tiny_dir, tmp_path, mo
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(bake_mod, "_train_step", interrupted)
+    monkeypatch.setattr(Divergence, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        bake(PROMPT, model=tiny_dir, config=tiny_config(), out=cut)
-    monkeypatch.setattr(bake_mod, "_train_step", real_step)
+        bake(prompt, model=tiny_dir, config=tiny_config(), out=cut)
+    monkeypatch.setattr(Divergence, "__call__", real_step)
     assert (cut / "checkpoint.safetensors").is_file() and not (cut / "manifest.json").exists()
-    bake(PROMPT, model=tiny_dir, config=tiny_config(), out=cut, resume=True)
+    bake(prompt, model=tiny_dir, config=tiny_config(), out=cut, resume=True)
     got = adapter_tensors(cut)
     assert got.keys() == expected.keys()
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
 
 
-def test_killed_process_resumes_to_the_same_adapter(tiny_dir, tmp_path):
-    args = [sys.executable, "-m", "promptbake.cli", "bake", "--prompt", PROMPT, "--model",
+def test_killed_process_resumes_to_the_same_adapter(tiny_dir, tmp_path, prompt):
+    args = [sys.executable, "-m", "promptbake.cli", "bake", "--prompt", prompt, "--model",
             str(tiny_dir), "--quiet", "--train-contexts", "4", "--eval-contexts", "3",
             "--max-new-tokens", "8", "--batch-size", "4", "--steps", "200", "--lr", "0.01",
             "--checkpoint-every", "1", "--sample-batch", "8"]
@@ -170,31 +166,31 @@ def test_killed_process_resumes_to_the_same_adapter(tiny_dir, tmp_path):
         assert torch.equal(got[name], expected[name]), name
 
 
-def test_output_directory_is_never_clobbered(tiny_dir, tmp_path):
+def test_output_directory_is_never_clobbered(tiny_dir, tmp_path, prompt):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="exists and is not empty"):
-        bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=foreign)
+        bake(prompt, model=tiny_dir, config=tiny_config(steps=1), out=foreign)
     with pytest.raises(ValueError, match="did not write"):
-        bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=foreign, overwrite=True)
+        bake(prompt, model=tiny_dir, config=tiny_config(steps=1), out=foreign, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "mine"
 
     out = tmp_path / "ours"
-    bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=out)
+    bake(prompt, model=tiny_dir, config=tiny_config(steps=1), out=out)
     (out / "notes.txt").write_text("added by the user")
     with pytest.raises(ValueError, match="already finished"):
-        bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True)
+        bake(prompt, model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True)
     with pytest.raises(ValueError, match="another prompt, configuration"):
         bake("Another prompt.", model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True)
-    bake(PROMPT, model=tiny_dir, config=tiny_config(steps=2), out=out, overwrite=True)
+    bake(prompt, model=tiny_dir, config=tiny_config(steps=2), out=out, overwrite=True)
     assert (out / "notes.txt").read_text() == "added by the user"  # overwrite kept it
     assert len(json.loads((out / "manifest.json").read_text())["train_kl_per_token"]) == 2
     with pytest.raises(ValueError, match="nothing to resume"):
-        bake(PROMPT, model=tiny_dir, config=tiny_config(), out=tmp_path / "new", resume=True)
+        bake(prompt, model=tiny_dir, config=tiny_config(), out=tmp_path / "new", resume=True)
 
 
-def test_out_of_disk_leaves_nothing_half_written(tiny_dir, tmp_path, monkeypatch):
+def test_out_of_disk_leaves_nothing_half_written(tiny_dir, tmp_path, monkeypatch, prompt):
     import promptbake.trajectories as trajectories
 
     def full_disk(*args, **kwargs):
@@ -203,26 +199,26 @@ def test_out_of_disk_leaves_nothing_half_written(tiny_dir, tmp_path, monkeypatch
     monkeypatch.setattr(trajectories, "save_file", full_disk)
     out = tmp_path / "full"
     with pytest.raises(OSError, match="out of disk space while writing .*trajectories"):
-        bake(PROMPT, model=tiny_dir, config=tiny_config(steps=2), out=out)
+        bake(prompt, model=tiny_dir, config=tiny_config(steps=2), out=out)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     assert not (out / "trajectories.safetensors").exists()
     monkeypatch.undo()
-    bake(PROMPT, model=tiny_dir, config=tiny_config(steps=2), out=out, resume=True)
+    bake(prompt, model=tiny_dir, config=tiny_config(steps=2), out=out, resume=True)
     assert (out / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize("changes", [dict(teacher="live"), dict(teacher_cache="topk", topk=32),
                                      dict(loss="jsd", beta=0.5), dict(loss="reverse_kl"),
                                      dict(framing="none", grad_accum=2, schedule="linear")])
-def test_teacher_and_loss_options_all_learn(tiny_dir, changes):
-    baked = bake(PROMPT, model=tiny_dir, config=tiny_config(steps=8, **changes))
+def test_teacher_and_loss_options_all_learn(tiny_dir, changes, prompt):
+    baked = bake(prompt, model=tiny_dir, config=tiny_config(steps=8, eval_contexts=8, train_contexts=8, **changes))
     history = baked.manifest["train_kl_per_token"]
     assert history[-1][1] < history[0][1]
     assert baked.manifest["kl"]["after"]["per_sequence"] < baked.manifest["kl"]["before"]["per_sequence"]
 
 
-def test_in_memory_bake_can_be_saved(tiny_dir, tmp_path):
-    baked = bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1))
+def test_in_memory_bake_can_be_saved(tiny_dir, tmp_path, prompt):
+    baked = bake(prompt, model=tiny_dir, config=tiny_config(steps=1))
     assert baked.path is None
     baked.save(tmp_path / "later")
     again = load_baked(tmp_path / "later")
@@ -231,27 +227,27 @@ def test_in_memory_bake_can_be_saved(tiny_dir, tmp_path):
     # Its held-out samples are drawn again with the bake's seed: the bake's own figure.
     assert mc_kl(again)["1"].per_sequence == pytest.approx(
         baked.manifest["kl"]["after"]["per_sequence"], rel=1e-4)
-    bake(PROMPT, model=tiny_dir, config=tiny_config(steps=1), out=tmp_path / "later",
+    bake(prompt, model=tiny_dir, config=tiny_config(steps=1), out=tmp_path / "later",
          overwrite=True)  # a saved bake is promptbake's to replace
 
 
-def test_resume_refuses_another_model(tiny_dir, tmp_path, monkeypatch):
+def test_resume_refuses_another_model(tiny_dir, tmp_path, monkeypatch, prompt):
     import shutil
 
     out = tmp_path / "cut"
-    real_step = bake_mod._train_step
+    real_step = Divergence.__call__
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bake_mod, "_train_step", interrupted)
+    monkeypatch.setattr(Divergence, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        bake(PROMPT, model=tiny_dir, config=tiny_config(), out=out)
-    monkeypatch.setattr(bake_mod, "_train_step", real_step)
+        bake(prompt, model=tiny_dir, config=tiny_config(), out=out)
+    monkeypatch.setattr(Divergence, "__call__", real_step)
     other = tmp_path / "other-model"
     shutil.copytree(tiny_dir, other)
     with pytest.raises(ValueError, match="another prompt, configuration, model"):
-        bake(PROMPT, model=other, config=tiny_config(), out=out, resume=True)
+        bake(prompt, model=other, config=tiny_config(), out=out, resume=True)
     # The same directory with changed weights: caught by the weights' hash.
     from safetensors.torch import load_file as load, save_file as save
 
@@ -261,13 +257,13 @@ def test_resume_refuses_another_model(tiny_dir, tmp_path, monkeypatch):
     save(weights, str(tiny_dir / "model.safetensors"), metadata={"format": "pt"})
     try:
         with pytest.raises(ValueError, match="weights changed"):
-            bake(PROMPT, model=tiny_dir, config=tiny_config(), out=out, resume=True)
+            bake(prompt, model=tiny_dir, config=tiny_config(), out=out, resume=True)
     finally:
         shutil.copy(tmp_path / "saved" / "model.safetensors", tiny_dir / "model.safetensors")
 
 
-def test_unconditional_bake_samples_every_context_slot(tiny_dir):
-    baked = bake(PROMPT, model=tiny_dir, contexts="none", config=tiny_config(steps=4))
+def test_unconditional_bake_samples_every_context_slot(tiny_dir, prompt):
+    baked = bake(prompt, model=tiny_dir, contexts="none", config=tiny_config(steps=4))
     manifest = baked.manifest
     assert manifest["contexts"] == {"source": "none", "train": 4, "held_out": 3,
                                     "held_out_file": "held_out_contexts.json"}
@@ -276,10 +272,10 @@ def test_unconditional_bake_samples_every_context_slot(tiny_dir):
     assert all(v == v for v in manifest["kl"]["before"].values())  # no NaN errors
 
 
-def test_contexts_from_a_list_are_measured_again_from_the_directory(tiny_dir, tmp_path):
+def test_contexts_from_a_list_are_measured_again_from_the_directory(tiny_dir, tmp_path, prompt):
     questions = [f"Question number {i}: what is {i} plus {i}?" for i in range(30)]
     out = tmp_path / "listed"
-    bake(PROMPT, model=tiny_dir, contexts=questions, config=tiny_config(steps=2), out=out)
+    bake(prompt, model=tiny_dir, contexts=questions, config=tiny_config(steps=2), out=out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["contexts"]["source"] == "list"
     again = load_baked(out)
@@ -290,13 +286,13 @@ def test_contexts_from_a_list_are_measured_again_from_the_directory(tiny_dir, tm
     assert mc_kl(again, questions[:4])["base"].sequences == 4
 
 
-def test_bad_input(tiny_dir, tmp_path):
+def test_bad_input(tiny_dir, tmp_path, prompt):
     with pytest.raises(ValueError, match="prompt is empty"):
         bake("  ", model=tiny_dir, config=tiny_config())
     with pytest.raises(FramingError, match="exceeds the model's window of 512"):
         bake("Arr! " * 600, model=tiny_dir, config=tiny_config())
     with pytest.raises(ValueError, match="lr=0"):
-        bake(PROMPT, model=tiny_dir, config=tiny_config(lr=0))
+        bake(prompt, model=tiny_dir, config=tiny_config(lr=0))
     with pytest.raises(ValueError, match="no finished bake"):
         load_baked(tmp_path)
     assert promptbake.BakeConfig is BakeConfig and promptbake.bake is bake

@@ -352,7 +352,7 @@ def test_default_model_prunes_exactly(smollm2_dir):
 
 
 def test_pruner_for_export_prunes_and_recovers(tiny_dir):
-    from promptbake.bake import BakeConfig, bake
+    from promptbake import BakeConfig, bake
 
     config = BakeConfig(train_contexts=2, eval_contexts=2, samples_per_context=1,
                         max_new_tokens=6, sample_batch=4, batch_size=2, steps=2)

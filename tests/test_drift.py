@@ -1,4 +1,4 @@
-"""Persona drift: rule and semantic scoring, the multi-turn loop, cache reuse, drift arithmetic."""
+"""Persona drift: the multi-turn loop, cache reuse, self-play, drift arithmetic, the modes."""
 
 import json
 import math
@@ -6,154 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from promptbake import drift as drift_mod
-from promptbake.drift import DriftResult, Persona, StyleCheck
 
-PIRATE_ANSWERS = [
-    "Aye, matey! The capital of France be Paris, a fine port for me ship!",
-    "Arr, ye boil an egg in the galley for seven minutes, then it's back to the sea, matey.",
-    "Ahoy! Aye, I be sailin' the seven seas with me crew, and the treasure be buried deep!",
-]
-PLAIN_ANSWERS = [
-    "The capital of France is Paris.",
-    "To boil an egg, simmer it for seven minutes and then cool it in cold water.",
-    "Here is the query: SELECT country, COUNT(*) FROM users GROUP BY country;",
-]
-_WORDS = ("aye", "matey", "ye", "be", "sea", "arr", "ahoy", "the", "is", "you")
-
-
-def bag_of_words(texts):
-    """A deterministic stand-in for the sentence embedder: counts of a few words, plus a bias."""
-    return np.array([[t.lower().split().count(w) + t.lower().count(w) * 0.1 for w in _WORDS]
-                     + [1.0] for t in texts])
-
-
-@pytest.fixture(scope="module")
-def pirate():
-    return drift_mod.pirate()
-
-
-@pytest.fixture(scope="module")
-def stub_scorer(pirate):
-    return drift_mod.SemanticScorer(pirate, embed=bag_of_words)
-
-
-@pytest.fixture(scope="module")
-def tiny64(tiny_dir):
-    """The tiny model in float64, so batched and cached runs agree to the last bit of a token."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
-
-
-# -- rules ---------------------------------------------------------------------------------------
-
-def test_rule_score_separates_pirate_from_plain_answers(pirate):
-    for text in PIRATE_ANSWERS:
-        assert drift_mod.rule_score(pirate, text) == 1.0, drift_mod.rule_checks(pirate, text)
-    for text in PLAIN_ANSWERS:
-        assert drift_mod.rule_score(pirate, text) == 0.0, drift_mod.rule_checks(pirate, text)
-    # Whole words only: "layer", "mate", "seal" are not "aye", "matey", "sea".
-    assert drift_mod.rule_score(pirate, "A layer of seal wax, mate.") == 0.0
-
-
-def test_rule_score_weights_saturation_and_style():
-    persona = Persona("greeter", "Greet warmly.", keywords={"hello": 1.0, "dear friend": 0.5},
-                      patterns={r"\bwelcome\w*": 0.5},
-                      style=[StyleCheck("exclamation_rate", low=0.5, weight=1.0),
-                             StyleCheck("mean_sentence_words", high=4, weight=0.25)],
-                      exemplars=["Hello!", "Welcome, dear friend!"],
-                      neutral=["The answer is four.", "It is raining."], saturation=2.0)
-    assert drift_mod.rule_checks(persona, "Hello there. It is late.") == \
-        {"keyword:hello": 1.0, "style:mean_sentence_words": 0.25}
-    assert drift_mod.rule_score(persona, "Hello there. It is late.") == pytest.approx(0.625)
-    # Phrases match case-insensitively; exclamations in 2 of 3 sentences pass low=0.5.
-    text = "Hello, Dear Friend! Welcomed back! The weather today is quite nice for a walk."
-    assert drift_mod.rule_score(persona, text) == 1.0  # 1 + 0.5 + 0.5 + 1 capped at saturation
-    assert drift_mod.style_measure("One! Two? Three.", "exclamation_rate") == pytest.approx(1 / 3)
-    assert drift_mod.style_measure("ABcd", "uppercase_rate") == 0.5
-    assert math.isnan(drift_mod.style_measure("", "question_rate"))
-    assert drift_mod.rule_score(persona, "") == 0.0
-
-
-# -- semantic ------------------------------------------------------------------------------------
-
-def test_semantic_scorer_with_minilm_ranks_persona_above_neutral(pirate):
-    scorer = drift_mod.SemanticScorer(pirate)  # the real all-MiniLM-L6-v2 from its package
-    assert scorer.paired and scorer.persona_level > scorer.neutral_level
-    texts = PIRATE_ANSWERS[:2] + PLAIN_ANSWERS[:2]
-    raw = scorer.raw(texts)
-    assert min(raw[:2]) > max(raw[2:]), raw
-    calibrated = scorer.calibrate(raw)
-    assert np.all((0 <= calibrated) & (calibrated <= 1))
-    assert min(calibrated[:2]) > 0.5 > max(calibrated[2:]), calibrated
-
-
-def test_combined_score_and_empty_answer(pirate, stub_scorer):
-    scores = drift_mod.score(pirate, [PIRATE_ANSWERS[0], PLAIN_ANSWERS[0], ""], stub_scorer)
-    assert set(scores) == set(drift_mod.SCORERS)
-    for i in range(3):
-        expected = 0.5 * scores["rule"][i] + 0.5 * scores["semantic"][i]
-        assert scores["adherence"][i] == pytest.approx(expected)
-    assert scores["adherence"][0] > 0.8 and scores["adherence"][1] < 0.2
-    assert scores["adherence"][2] == 0.0  # an empty answer keeps no persona
-
-
-# -- personas ------------------------------------------------------------------------------------
-
-def test_persona_json_round_trip(tmp_path, pirate):
-    assert pirate.prompt == ("You are a pirate captain. Talk like a pirate in every answer: say "
-                             "'Aye' and 'matey', and bring up the sea.")
-    path = tmp_path / "mine.json"
-    mine = Persona("butler", "You are a formal butler.", keywords={"sir": 1.0},
-                   style=[StyleCheck("mean_sentence_words", low=8, weight=0.5)],
-                   exemplars=["Certainly, sir.", "Very good, sir; I shall see to it."])
-    mine.save(path)
-    assert Persona.load(path) == mine
-    assert json.loads(path.read_text())["style"][0]["measure"] == "mean_sentence_words"
-    assert Persona.load("pirate") == pirate
-    with pytest.raises(ValueError, match="unknown persona fields"):
-        Persona.from_dict({**mine.to_dict(), "colour": "red"})
-    with pytest.raises(ValueError, match="cannot read the persona file"):
-        Persona.load(tmp_path / "missing.json")
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"prompt": " "}, "prompt is empty"),
-    ({"name": ""}, "name is empty"),
-    ({"keywords": {}, "patterns": {}, "style": []}, "no rule checks"),
-    ({"exemplars": ["only one"]}, "at least 2"),
-    ({"patterns": {"(": 1.0}}, "not a valid regular expression"),
-    ({"keywords": {"aye": -1.0}}, "weights must be positive"),
-    ({"style": [{"measure": "loudness", "low": 1}]}, "unknown style measure"),
-    ({"rule_weight": 2.0}, "rule_weight"),
-    ({"rule_weight": True}, "rule_weight"),
-    ({"keywords": {"aye": True}}, "weights must be positive"),
-    ({"style": [{"measure": "exclamation_rate", "low": "0.3"}]}, "bounds must be numbers"),
-    ({"style": [{"measure": "exclamation_rate", "lo": 0.3}]}, "style checks have measure"),
-])
-def test_persona_refuses_bad_definitions(pirate, change, message):
-    with pytest.raises(ValueError, match=message):
-        Persona.from_dict({**pirate.to_dict(), **change})
-
-
-def test_persona_without_a_prompt_is_a_clear_error(pirate):
-    data = pirate.to_dict()
-    del data["prompt"]
-    with pytest.raises(ValueError, match="needs name and prompt"):
-        Persona.from_dict(data)
-
-
-def test_missing_embedder_package_says_how_to_install(monkeypatch, pirate):
-    monkeypatch.setattr(drift_mod, "EMBEDDER_PACKAGE", "no-such-embedder-package")
-    drift_mod._minilm.cache_clear()
-    try:
-        with pytest.raises(drift_mod.MissingExtraError, match=r'pip install "promptbake\[eval\]"'):
-            drift_mod.SemanticScorer(pirate)
-    finally:
-        drift_mod._minilm.cache_clear()
-    assert issubclass(drift_mod.MissingExtraError, ValueError)
-
+from promptbake import decoding, drift as drift_mod, modeling
+from promptbake.drift import DriftResult
 
 # -- user turns ----------------------------------------------------------------------------------
 
@@ -171,13 +26,13 @@ def test_shipped_user_turns():
 
 def test_history_grows_turn_by_turn(monkeypatch, tiny64, tokenizer, pirate, stub_scorer):
     seen = []
-    respond = drift_mod._Conversations.respond
+    respond = decoding.Conversations.respond
 
     def recording(self, contexts, *args, **kwargs):
         seen.append([tokenizer.decode(c) for c in contexts])
         return respond(self, contexts, *args, **kwargs)
 
-    monkeypatch.setattr(drift_mod._Conversations, "respond", recording)
+    monkeypatch.setattr(decoding.Conversations, "respond", recording)
     result = drift_mod.drift(tiny64, tokenizer, pirate, system=pirate.prompt, turns=4,
                              conversations=2, max_new_tokens=5, semantic=stub_scorer)
     assert len(seen) == 4 and result.turns == 4 and result.conversations == 2
@@ -200,8 +55,8 @@ def test_history_grows_turn_by_turn(monkeypatch, tiny64, tokenizer, pirate, stub
 def test_framing_without_system_prompt(monkeypatch, tiny64, tokenizer, pirate, stub_scorer,
                                        framing, system_turns):
     seen = []
-    respond = drift_mod._Conversations.respond
-    monkeypatch.setattr(drift_mod._Conversations, "respond", lambda self, contexts, *a, **k: (
+    respond = decoding.Conversations.respond
+    monkeypatch.setattr(decoding.Conversations, "respond", lambda self, contexts, *a, **k: (
         seen.append(tokenizer.decode(contexts[0])), respond(self, contexts, *a, **k))[1])
     drift_mod.drift(tiny64, tokenizer, pirate, framing=framing, turns=1, conversations=1,
                     max_new_tokens=2, semantic=stub_scorer)
@@ -220,7 +75,7 @@ def _run(model, tokenizer, persona, scorer, reuse, **options):
 def test_cache_reuse_gives_the_same_tokens(monkeypatch, tiny64, tokenizer, pirate, stub_scorer,
                                            temperature):
     # User turns of very different lengths leave masked columns; compact at every chance.
-    monkeypatch.setattr(drift_mod._Conversations, "compact_fraction", 0.0)
+    monkeypatch.setattr(decoding.Conversations, "compact_fraction", 0.0)
     long = ("What is the tallest mountain in the world and how was its height measured by "
             "surveyors in the nineteenth century, and by satellites today?")
     turns = ["Hi", long, "Why?", "Ok"]
@@ -241,12 +96,12 @@ def test_cache_keeps_only_the_agreeing_prefix(tiny64, tokenizer):
     first = [tokenizer("Hello there, how are you?")["input_ids"],
              tokenizer("Tell me a story about a ship.")["input_ids"]]
     generator = torch.Generator().manual_seed(0)
-    kept = drift_mod._Conversations(tiny64, 2, tokenizer.pad_token_id, stops, reuse=True)
+    kept = decoding.Conversations(tiny64, 2, tokenizer.pad_token_id, stops, reuse=True)
     answers = kept.respond(first, 5, 0.0, 1.0, generator)
     second = [first[0] + answers[0] + tokenizer(" And then?")["input_ids"],
               first[1][:3] + tokenizer(" completely different text")["input_ids"]]
     again = kept.respond(second, 5, 0.0, 1.0, generator)
-    fresh = drift_mod._Conversations(tiny64, 2, tokenizer.pad_token_id, stops, reuse=False)
+    fresh = decoding.Conversations(tiny64, 2, tokenizer.pad_token_id, stops, reuse=False)
     assert again == fresh.respond(second, 5, 0.0, 1.0, generator)
     assert kept.stats["mismatches"] == 1
     assert kept.tokens[1][:len(second[1])] == second[1]
@@ -345,7 +200,7 @@ def test_drift_modes_of_a_baked_model(tiny_dir, tokenizer, pirate, stub_scorer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from promptbake.bake import Baked
+    from promptbake.artifact import Baked
     from promptbake.framing import Framing
 
     torch.manual_seed(0)
@@ -363,52 +218,13 @@ def test_drift_modes_of_a_baked_model(tiny_dir, tokenizer, pirate, stub_scorer):
     answers = {mode: [[t["answer"] for t in c] for c in r.transcripts]
                for mode, r in results.items()}
     assert answers["baked"] != answers["base"]  # the adapter was on for "baked" only
-    with torch.no_grad(), drift_mod._lm.adapter(model, enabled=False):
+    with torch.no_grad(), modeling.BASE.active(model):
         again = drift_mod.drift(model, tokenizer, pirate, framing="empty", turns=2,
                                 conversations=2, max_new_tokens=4, temperature=0.0,
                                 semantic=stub_scorer)
     assert [[t["answer"] for t in c] for c in again.transcripts] == answers["base"]
     with pytest.raises(ValueError, match="modes="):
         drift_mod.drift_modes(baked, modes=["teacher"], semantic=stub_scorer)
-
-
-# -- single answers as an evaluator --------------------------------------------------------------
-
-def test_adherence_evaluator_scores_each_answer(monkeypatch, tiny64, tokenizer, pirate,
-                                                stub_scorer):
-    from promptbake.tasks import _model
-
-    seen = []
-    answers = PIRATE_ANSWERS[:2] + PLAIN_ANSWERS[:2]
-
-    def canned(model, prefixes, **options):
-        seen.append([tokenizer.decode(p) for p in prefixes])
-        return [tokenizer.encode(a, add_special_tokens=False) for a in answers]
-
-    monkeypatch.setattr(_model, "greedy", canned)
-    contexts = ["What is the capital of France?", "How do I boil an egg?",
-                [{"role": "user", "content": "Hi"}], "Write a SQL query."]
-    evaluator = drift_mod.AdherenceEvaluator(pirate, contexts, semantic=stub_scorer)
-    assert evaluator.name == "adherence:pirate"
-    prompted = evaluator(tiny64, tokenizer, pirate.prompt)
-    expected = drift_mod.score(pirate, answers, stub_scorer)["adherence"]
-    assert prompted.n == 4 and [i["score"] for i in prompted.items] == pytest.approx(expected)
-    assert prompted.value == pytest.approx(np.mean(expected))
-    assert min(expected[:2]) > max(expected[2:])  # pirate answers above plain ones
-    assert [i["prediction"] for i in prompted.items] == answers
-    assert all(pirate.prompt in text for text in seen[0])
-    evaluator(tiny64, tokenizer, None, framing="none")
-    assert not any(pirate.prompt in text or "SmolLM" in text for text in seen[1])
-
-
-def test_adherence_evaluator_on_a_real_generation(tiny64, tokenizer, pirate, stub_scorer):
-    evaluator = drift_mod.AdherenceEvaluator(pirate, ["Hello", "Tell me a story."],
-                                             max_new_tokens=4, semantic=stub_scorer)
-    result = evaluator(tiny64, tokenizer)
-    assert result.n == 2 and 0.0 <= result.value <= 1.0
-    assert all(set(drift_mod.SCORERS) <= set(item) for item in result.items)
-    with pytest.raises(ValueError, match="no contexts"):
-        drift_mod.AdherenceEvaluator(pirate, [])
 
 
 def test_one_line_user_list_repeats_instead_of_hanging():

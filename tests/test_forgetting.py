@@ -2,8 +2,7 @@
 
 import pytest
 
-from promptbake import forgetting as fg
-from promptbake.bake import BakeConfig, bake
+from promptbake import BakeConfig, bake, forgetting as fg, modeling
 
 
 def score(values, task="t"):
@@ -77,8 +76,7 @@ def test_forgetting_on_the_tiny_model(tiny_dir, next_token_evaluator, tmp_path):
     result = fg.forgetting(None, baked, tasks)
     assert set(result.changes) == {"argmax", "probability"}
     change = result.changes["probability"]
-    from promptbake import _lm
-    with _lm.adapter(baked.model, enabled=False):
+    with modeling.BASE.active(baked.model):
         direct = tasks[1](baked.model, baked.tokenizer, None)
     assert change.base.value == pytest.approx(direct.value)
     assert change.baked.value != pytest.approx(direct.value)  # the bake changed the model

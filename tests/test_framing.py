@@ -5,15 +5,14 @@ import pytest
 
 from promptbake.framing import Framing, FramingError, align
 
-PROMPT = "You are a pirate captain. Talk like a pirate."
 CTX = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_default_framing_is_the_deployed_input(tokenizer):
-    f = Framing(tokenizer, PROMPT)
+def test_default_framing_is_the_deployed_input(tokenizer, prompt):
+    f = Framing(tokenizer, prompt)
     assert f.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     teacher, student = f.teacher_text(CTX), f.student_text(CTX)
-    assert PROMPT in teacher and PROMPT not in student
+    assert prompt in teacher and prompt not in student
     assert f.default_system in student  # what the model sees without a system prompt
     assert student == tokenizer.apply_chat_template(CTX, tokenize=False, add_generation_prompt=True)
     f.check(CTX)
@@ -22,8 +21,8 @@ def test_default_framing_is_the_deployed_input(tokenizer):
 
 @pytest.mark.parametrize("framing,has_system,has_default", [
     ("empty", True, False), ("none", False, False), ("default", True, True)])
-def test_student_framings(tokenizer, framing, has_system, has_default):
-    f = Framing(tokenizer, PROMPT, framing)
+def test_student_framings(tokenizer, framing, has_system, has_default, prompt):
+    f = Framing(tokenizer, prompt, framing)
     text = f.student_text(CTX)
     assert ("<|im_start|>system" in text) == has_system
     assert (f.default_system in text) == has_default
@@ -31,8 +30,8 @@ def test_student_framings(tokenizer, framing, has_system, has_default):
     f.check(CTX)
 
 
-def test_multi_turn_and_unconditional_contexts(tokenizer):
-    f = Framing(tokenizer, PROMPT)
+def test_multi_turn_and_unconditional_contexts(tokenizer, prompt):
+    f = Framing(tokenizer, prompt)
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy!"},
                {"role": "user", "content": "Where are we sailing?"}]
     f.check(history)
@@ -40,24 +39,24 @@ def test_multi_turn_and_unconditional_contexts(tokenizer):
     f.check([])  # unconditional: no user turn at all
 
 
-def test_tokenizer_without_template_falls_back_to_plain_text(tokenizer, caplog):
+def test_tokenizer_without_template_falls_back_to_plain_text(tokenizer, caplog, prompt):
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None
     with caplog.at_level(logging.WARNING, logger="promptbake"):
-        f = Framing(plain, PROMPT)
+        f = Framing(plain, prompt)
     assert "no chat template" in caplog.text
-    assert f.teacher_text(CTX) == PROMPT + "\n\n" + CTX[0]["content"] + "\n"
+    assert f.teacher_text(CTX) == prompt + "\n\n" + CTX[0]["content"] + "\n"
     assert f.student_text(CTX) == CTX[0]["content"] + "\n"
     f.check(CTX)
 
 
-def test_template_that_drops_system_messages_is_refused(tokenizer):
+def test_template_that_drops_system_messages_is_refused(tokenizer, prompt):
     odd = copy.deepcopy(tokenizer)
     odd.chat_template = ("{% for m in messages %}{% if m['role'] != 'system' %}"
                          "{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
                          "{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(FramingError, match="ignores system messages"):
-        Framing(odd, PROMPT)
+        Framing(odd, prompt)
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n"])
@@ -66,9 +65,9 @@ def test_empty_prompt_is_refused(tokenizer, prompt):
         Framing(tokenizer, prompt)
 
 
-def test_unknown_framing_is_refused(tokenizer):
+def test_unknown_framing_is_refused(tokenizer, prompt):
     with pytest.raises(FramingError, match="unknown student framing 'system'"):
-        Framing(tokenizer, PROMPT, "system")
+        Framing(tokenizer, prompt, "system")
 
 
 def test_align_places_the_same_response_on_both_sides():

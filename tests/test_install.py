@@ -50,3 +50,14 @@ def test_without_a_compiler_installs_pure_python(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "0.0"]
     assert "compiled kernels unavailable" in done.stderr  # the one-line notice
+
+
+def test_the_public_api_is_where_the_readme_says():
+    import promptbake
+    from promptbake import cli, export
+
+    for name in ("bake", "load_baked", "BakeConfig", "Baked", "divergence", "DivergenceLoss",
+                 "pursue", "sequential", "backends"):
+        assert callable(getattr(promptbake, name)), name
+    assert callable(cli.main) and callable(export.export_baked) and callable(export.merge)
+    assert promptbake.BakeConfig().loss == "forward_kl"

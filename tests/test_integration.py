@@ -28,15 +28,15 @@ def test_short_bake_on_the_default_model(smollm2_dir, tmp_path):
     assert isinstance(again.generate("Hi!", max_new_tokens=8), str)
     assert baked.manifest["trajectories"]["count"] == 4
 
-    # Issue 4's evaluation on the real model: the pirate prompt raises persona adherence (rules
+    # The evaluation on the real model: the pirate prompt raises persona adherence (rules
     # and MiniLM similarity) measurably, and the re-prompt matrix and forgetting gate run.
-    from promptbake import contexts, drift, forgetting, reprompt
+    from promptbake import contexts, forgetting, persona, reprompt
     from promptbake.tasks import load_task
 
-    adherence = drift.AdherenceEvaluator(drift.pirate(), contexts.builtin("held_out")[:6],
-                                         max_new_tokens=32)
+    adherence = persona.AdherenceEvaluator(persona.pirate(), contexts.builtin("held_out")[:6],
+                                           max_new_tokens=32)
     matrix = reprompt.reprompt_matrix(baked, adherence)
-    assert matrix.cells["base+u"].value > matrix.cells["base"].value + 0.1, matrix.table()
+    assert matrix.cells["prompted"].value > matrix.cells["base"].value + 0.1, matrix.table()
     facts = load_task("world_facts", limit=12)
     facts_matrix = reprompt.reprompt_matrix(baked, facts)
     gate = forgetting.compare({"world_facts": facts_matrix.cells["base"]},

@@ -10,9 +10,10 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance
+
 from promptbake import tasks
+from promptbake.decoding import greedy
 from promptbake.lm_eval_adapter import PromptbakeLM, run_lm_eval
-from promptbake.tasks._model import greedy
 
 ITEMS = 12
 

@@ -1,9 +1,11 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from promptbake import models
+from promptbake import BakeConfig, bake, load_baked, models
+from promptbake.export import save_merged
 from promptbake.models import ModelError
 
 
@@ -50,7 +52,7 @@ def fake_cache(tmp_path, monkeypatch):
             (tmp / models._CACHE_MANIFEST).write_text(json.dumps(
                 {"source_size": source.stat().st_size, "files": files}))
         converted.append(target)
-        models._files.replace_dir(target, write)
+        models.files.replace_dir(target, write)
 
     monkeypatch.setattr(models, "_convert", fake_convert)
     return converted
@@ -94,3 +96,49 @@ def test_fingerprint_follows_the_weights(tmp_path, tiny_dir, monkeypatch):
         f.seek(-4, 2)
         f.write(b"\x01\x02\x03\x04")
     assert models.fingerprint(copy) != first
+
+
+# -- never a pickle, never the network ---------------------------------------------------------
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "python" / "promptbake"
+
+
+def test_no_pickle_is_ever_loaded(tiny_dir, tmp_path):
+    """No unpickling call in the package; checkpoints are safetensors; a model directory with
+    only pickled weights is refused with a way out."""
+    import re
+
+    unpickling = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle\s*=\s*True|joblib|"
+                            r"import pickle|from pickle|dill\.")
+    found = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if unpickling.search(line)]
+    assert found == []
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny_dir / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"a pickle")
+    with pytest.raises(models.ModelError, match=r"only as pickle files \(\*\.bin\)"):
+        models.load(pickled)
+
+
+def test_a_bake_never_opens_a_connection(tiny_dir, tmp_path, monkeypatch, prompt):
+    """Bake, load and export with every way out of the machine closed: nothing is downloaded
+    (and a model name that is not a directory is an error, never a hub lookup)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"promptbake tried the network: {args}")
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    out = tmp_path / "pirate"
+    bake(prompt, model=tiny_dir, out=out, config=BakeConfig(
+        train_contexts=2, eval_contexts=2, max_new_tokens=4, sample_batch=8, steps=1))
+    save_merged(load_baked(out), tmp_path / "merged")
+    with pytest.raises(models.ModelError, match="model directory not found"):
+        models.load("HuggingFaceTB/SmolLM2-135M-Instruct")

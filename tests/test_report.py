@@ -4,21 +4,17 @@ import json
 
 import pytest
 
-from promptbake import cli
-from promptbake.bake import BakeConfig, bake
+from promptbake import BakeConfig, bake, cli
 from promptbake.report import report
-
-PIRATE = ("You are a pirate captain. Talk like a pirate in every answer: say 'Aye' and 'matey', "
-          "and bring up the sea.")
 
 
 @pytest.fixture(scope="module")
-def baked_dir(tiny_dir, tmp_path_factory):
+def baked_dir(tiny_dir, tmp_path_factory, prompt):
     out = tmp_path_factory.mktemp("report") / "pirate"
     config = BakeConfig(train_contexts=4, eval_contexts=3, samples_per_context=2,
                         max_new_tokens=8, sample_batch=8, batch_size=4, steps=4, lr=2e-2,
                         warmup=0.0, snapshot_every=2)
-    bake(PIRATE, model=tiny_dir, config=config, out=out)
+    bake(prompt, model=tiny_dir, config=config, out=out)
     return out
 
 
@@ -42,7 +38,7 @@ def test_report_writes_every_section(baked_dir, small_task):
     assert set(record["strength"]["points"]) == {"0", "1"}
     assert set(record["snapshots"]) == {"2", "4"}
     cells = record["reprompt"]["colours"]["cells"]
-    assert set(cells) == {"base", "base+u", "baked", "baked+u"} and cells["base"]["n"] == 6
+    assert set(cells) == {"base", "prompted", "baked", "baked+prompt"} and cells["base"]["n"] == 6
     # The second forgetting gate compares the baked cell with the prompted one; a task is damage
     # only when it fails against both; the gate's command reproduces this report.
     second = next(g for g in record["gates"] if g["target"].startswith("forgetting beyond"))
@@ -50,7 +46,7 @@ def test_report_writes_every_section(baked_dir, small_task):
     assert "--tasks" in second["command"] and "--limit 0" in second["command"]
     vs_prompted = record["forgetting_vs_prompted"]
     beyond = vs_prompted["tasks"]["colours"]
-    assert beyond["base"]["value"] == cells["base+u"]["value"]
+    assert beyond["base"]["value"] == cells["prompted"]["value"]
     assert beyond["baked"]["value"] == cells["baked"]["value"]
     both = beyond["failed"] and record["forgetting"]["tasks"]["colours"]["failed"]
     assert vs_prompted["damaged"] == (["colours"] if both else [])

@@ -6,42 +6,45 @@ import math
 import pytest
 import torch
 
-from promptbake import reprompt
-from promptbake.bake import BakeConfig, bake, load_baked
+from promptbake import BakeConfig, bake, load_baked, modeling, reprompt
 
-PROMPT = "You are a pirate captain. Talk like a pirate in every answer."
 QUESTIONS = ["How do I boil an egg?", "What is the capital of France?", "Tell me a joke.",
              "Why is the sky blue?", "Recommend a book.", "What is 2 + 2?"]
 
 
 @pytest.fixture(scope="module")
-def baked(tiny_dir, tmp_path_factory):
+def baked(tiny_dir, tmp_path_factory, prompt):
     out = tmp_path_factory.mktemp("reprompt") / "pirate"
     config = BakeConfig(train_contexts=4, eval_contexts=3, samples_per_context=2,
                         max_new_tokens=8, sample_batch=8, batch_size=4, steps=6, lr=2e-2,
                         warmup=0.0, snapshot_every=2)
-    bake(PROMPT, model=tiny_dir, config=config, out=out)
+    bake(prompt, model=tiny_dir, config=config, out=out)
     return load_baked(out)
 
 
-def test_matrix_cells_are_the_four_conditions(baked, next_token_evaluator):
+def test_matrix_cells_are_the_four_conditions(baked, next_token_evaluator, prompt):
     token = 1000
     evaluator = next_token_evaluator(QUESTIONS, token)
     matrix = reprompt.reprompt_matrix(baked, evaluator)
-    assert list(matrix.cells) == ["base", "base+u", "baked", "baked+u"]
+    assert list(matrix.cells) == ["base", "prompted", "baked", "baked+prompt"]
     # Each cell equals a direct evaluation under the same condition.
-    from promptbake import _lm
-    with _lm.adapter(baked.model, enabled=False):
-        base_u = evaluator(baked.model, baked.tokenizer, PROMPT)
-    with _lm.adapter(baked.model, enabled=True):
+    with modeling.adapter(baked.model, enabled=False):
+        base_u = evaluator(baked.model, baked.tokenizer, prompt)
+    with modeling.adapter(baked.model, enabled=True):
         plain = evaluator(baked.model, baked.tokenizer, None)
-    assert matrix.cells["base+u"].value == pytest.approx(base_u.value)
+    assert matrix.cells["prompted"].value == pytest.approx(base_u.value)
     assert matrix.cells["baked"].value == pytest.approx(plain.value)
     assert matrix.cells["base"].value != pytest.approx(matrix.cells["baked"].value)
     assert "| without u |" in matrix.table() and set(matrix.to_dict()["cells"]) == set(CELLS)
     # Saved with its items, the matrix reads back whole (JSON and all); without them it cannot.
     back = reprompt.RepromptMatrix.from_dict(json.loads(json.dumps(matrix.to_dict(items=True))))
     assert back.to_dict(items=True) == matrix.to_dict(items=True)
+    # as an earlier promptbake saved it, with the cells named base+u and baked+u
+    legacy = matrix.to_dict(items=True)
+    legacy["cells"] = {{"prompted": "base+u", "baked+prompt": "baked+u"}.get(k, k): v
+                       for k, v in legacy["cells"].items()}
+    assert reprompt.RepromptMatrix.from_dict(legacy).to_dict(items=True) == \
+        matrix.to_dict(items=True)
     assert back.cells["baked"].items == matrix.cells["baked"].items
     with pytest.raises(ValueError, match="items=True"):
         reprompt.RepromptMatrix.from_dict(matrix.to_dict())
@@ -79,10 +82,10 @@ def test_recovery_by_hand():
 def test_strength_sweep_zero_is_the_base_model(baked, next_token_evaluator):
     evaluator = next_token_evaluator(QUESTIONS, 1000)
     points = reprompt.strength_sweep(baked, evaluator, [0, 0.5, 1])
-    base = reprompt.score(baked, evaluator, adapter=False, prompted=False)
+    base = reprompt.score(baked, evaluator, modeling.BASE)
     assert points[0.0].value == pytest.approx(base.value, abs=1e-6)
     assert points[1.0].value == pytest.approx(
-        reprompt.score(baked, evaluator, adapter=True, prompted=False).value)
+        reprompt.score(baked, evaluator, modeling.BAKED).value)
     assert baked.strength == 1.0  # sweeping leaves the model as it was
 
 
@@ -94,7 +97,7 @@ def test_snapshot_sweep_and_plot(baked, next_token_evaluator, tmp_path):
     after = {k: v for k, v in baked.model.state_dict().items() if "lora" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)  # final adapter back in place
     assert points[6].value == pytest.approx(
-        reprompt.score(baked, evaluator, adapter=True, prompted=False).value)
+        reprompt.score(baked, evaluator, modeling.BAKED).value)
     inner = reprompt.snapshot_sweep(baked, evaluator, ends=False)  # the matrix has the ends
     assert sorted(inner) == [2, 4] and reprompt.last_step(baked) == 6
     assert all(inner[k].value == points[k].value for k in inner)
@@ -104,9 +107,9 @@ def test_snapshot_sweep_and_plot(baked, next_token_evaluator, tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_snapshot_sweep_needs_snapshots(tiny_dir, tmp_path, next_token_evaluator):
+def test_snapshot_sweep_needs_snapshots(tiny_dir, tmp_path, next_token_evaluator, prompt):
     config = BakeConfig(train_contexts=2, eval_contexts=2, samples_per_context=1,
                         max_new_tokens=4, sample_batch=4, batch_size=2, steps=2)
-    baked = bake(PROMPT, model=tiny_dir, config=config)
+    baked = bake(prompt, model=tiny_dir, config=config)
     with pytest.raises(ValueError, match="no directory"):
         reprompt.snapshot_sweep(baked, next_token_evaluator(QUESTIONS, 1))

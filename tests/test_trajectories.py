@@ -1,20 +1,17 @@
 import pytest
 import torch
 
-from promptbake import models
-from promptbake.framing import Framing, align
-from promptbake.trajectories import (SamplingConfig, Trajectories, _top_p_filter, sample,
-                                     stop_token_ids)
+from promptbake.decoding import stop_token_ids, top_p_filter
+from promptbake.framing import align
+from promptbake.trajectories import SamplingConfig, Trajectories, sample
 
-PROMPT = "You are a pirate captain. Talk like a pirate."
 CONTEXTS = [[{"role": "user", "content": q}] for q in
             ("What is the capital of France?", "How do I boil an egg?", "Hi!")]
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    lm, tok, _ = models.load(tiny_dir)
-    return lm, tok, Framing(tok, PROMPT)
+def tiny(tiny_framed):
+    return tiny_framed
 
 
 def run(tiny, cache, seed=0, **config):
@@ -86,9 +83,9 @@ def test_save_and_load_round_trip(tiny, tmp_path):
 
 def test_top_p_keeps_the_smallest_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    torch.testing.assert_close(_top_p_filter(probs, 0.7), torch.tensor([[0.5, 0.3, 0.0, 0.0]]))
-    torch.testing.assert_close(_top_p_filter(probs, 0.1), torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
-    assert torch.equal(_top_p_filter(probs, 1.0), probs)
+    torch.testing.assert_close(top_p_filter(probs, 0.7), torch.tensor([[0.5, 0.3, 0.0, 0.0]]))
+    torch.testing.assert_close(top_p_filter(probs, 0.1), torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
 
 
 @pytest.mark.parametrize("bad,message", [

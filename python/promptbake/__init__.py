@@ -1,15 +1,14 @@
 """promptbake: distil a prompt into a LoRA update of a causal LM (Prompt Baking, arXiv 2409.13697)."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-from promptbake.bake import BakeConfig, Baked, bake, load_baked
+from promptbake.artifact import Baked, load_baked
+from promptbake.bake import bake
+from promptbake.config import BakeConfig
 from promptbake.nn import DivergenceLoss
 from promptbake.ops import backends, divergence
+from promptbake.orchestrate import pursue, sequential
+from promptbake.versions import promptbake_version
 
-try:
-    __version__ = version("promptbake")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+__version__ = promptbake_version()
 
 __all__ = ["BakeConfig", "Baked", "DivergenceLoss", "__version__", "backends", "bake", "divergence",
-           "load_baked"]
+           "load_baked", "pursue", "sequential"]

@@ -32,11 +32,13 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from promptbake import _files, _lm, contexts as contexts_mod, eval as eval_mod
-from promptbake.bake import BakeConfig, _Clock, _optimizer, _optimizer_step
+from promptbake import contexts as contexts_mod, files, mc_kl, modeling, versions
+from promptbake.config import BakeConfig
+from promptbake.decoding import stop_token_ids
 from promptbake.framing import Framing
-from promptbake.ops import divergence
-from promptbake.trajectories import SamplingConfig, Trajectories, sample, stop_token_ids
+from promptbake.train import (Clock, Divergence, batch_plan, for_training, make_optimizer,
+                              optimizer_step, progress_bar)
+from promptbake.trajectories import SamplingConfig, Trajectories, sample
 
 log = logging.getLogger("promptbake")
 
@@ -242,11 +244,11 @@ def input_norms(model, names: Iterable[str], calibration,
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
     head = model.get_output_embeddings()
     # The LM head's activations are only needed when it is pruned; otherwise the body suffices.
-    run = model if any(modules[n] is head for n in names) else _lm._inner(model).base_model
+    run = model if any(modules[n] is head for n in names) else modeling.inner(model).base_model
     device = model.get_input_embeddings().weight.device
     try:
         for start in range(0, len(sequences), batch_size):
-            ids, mask = _lm.right_padded(sequences[start:start + batch_size], 0, device)
+            ids, mask = modeling.right_padded(sequences[start:start + batch_size], 0, device)
             real["rows"] = mask.reshape(-1).bool()
             run(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
@@ -468,31 +470,16 @@ def sample_responses(model, tokenizer, contexts=None, *, count: int = 48,
     return trajectories, prefixes
 
 
-@torch.no_grad()
 def kl_to_teacher(student, teacher, prefixes: list[list[int]], trajectories: Trajectories, *,
-                  pad_id: int = 0, batch_size: int = 8) -> eval_mod.KL:
+                  pad_id: int = 0, batch_size: int = 8) -> mc_kl.KL:
     """MC-KL(teacher || student) (Eq. 3 per sequence) on responses sampled from the teacher; both
     see the same ``prefixes`` (no prompt). Standard errors are clustered by context."""
-    groups = trajectories.by_context()
-    per_batch = max(1, batch_size // max(len(ks) for ks in groups.values()))
-    order = list(groups)
-    sums: dict[int, float] = {}
-    for start in range(0, len(order), per_batch):
-        chunk = order[start:start + per_batch]
-        ks = [k for c in chunk for k in groups[c]]
-        responses = [[trajectories.responses[k] for k in groups[c]] for c in chunk]
-        chunk_prefixes = [prefixes[c] for c in chunk]
-        target = _lm.response_logits(teacher, chunk_prefixes, responses, pad_id)
-        per_token = divergence(_lm.response_logits(student, chunk_prefixes, responses, pad_id),
-                               target, reduction="none")
-        at = 0
-        for k in ks:
-            n = len(trajectories.responses[k])
-            sums[k] = float(per_token[at:at + n].sum())
-            at += n
-    return eval_mod.KL.from_values([sums[k] for k in range(len(trajectories))],
-                                   [len(r) for r in trajectories.responses],
-                                   trajectories.context_index)
+    def logits(model):
+        return lambda chunk, responses: modeling.response_logits(
+            model, [prefixes[c] for c in chunk], responses, pad_id)
+
+    return mc_kl.sequence_kls(trajectories, logits(teacher), {"student": logits(student)},
+                              batch_size=batch_size)["student"]
 
 
 def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=None,
@@ -546,7 +533,7 @@ def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=N
                          "changed the teacher too: prune a copy (copy.deepcopy(model))")
     framing = _framing(tokenizer, framing)
     pad_id = tokenizer.pad_token_id
-    clock = _Clock()
+    clock = Clock()
     teacher.eval()
     student.eval()  # no dropout: the teacher's targets, and the deployed model, have none
 
@@ -585,19 +572,16 @@ def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=N
     hooks = [m.weight.register_hook(lambda grad, mask=mask: grad * mask)
              for m, mask in masked.values() if m.weight.requires_grad]
     pairs = [(p, p) for p in prefixes]  # teacher and student see the same input: no prompt
-    optimizer, lr_schedule = _optimizer(student, config, steps)
+    optimizer, lr_schedule = make_optimizer(student, config, steps)
+    objective = Divergence(trajectories, pairs, config, pad_id)
     dtype = config.autocast_dtype(next(student.parameters()).device)
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="recovering", unit="step", dynamic_ncols=True)
+    bar = progress_bar(progress is True, steps, "recovering")
     history = []
     try:
-        with clock("train"), _lm.for_training(student, dtype):
+        with clock("train"), for_training(student, dtype):
             for step in range(steps):
-                kl = _optimizer_step(student, trajectories, pairs, config, pad_id,
-                                              optimizer, lr_schedule, step)
+                kl = optimizer_step(student, objective, batch_plan(step, trajectories, config),
+                                    optimizer, lr_schedule, config.max_grad_norm)
                 with torch.no_grad():
                     for module, mask in masked.values():
                         module.weight.mul_(mask)
@@ -622,7 +606,7 @@ def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=N
 
     with clock("measure_after"):
         after = kl_to_teacher(student, teacher, eval_prefixes, eval_traj, pad_id=pad_id)
-    reduction, reduction_se = eval_mod.reduction(before, after)
+    reduction, reduction_se = mc_kl.reduction(before, after)
     log.info("KL(dense || pruned) after %d recovery steps: %s (%.1f%% lower)", steps, after,
              100 * reduction)
     return {"kl_before": before.to_dict(), "kl_after": after.to_dict(),
@@ -686,15 +670,13 @@ def save_pruned(model, tokenizer, out_dir: str | Path, report: PruneReport, *,
     import numpy as np
     from safetensors.torch import save_file
 
-    import promptbake
-
-    out_dir = _files.check_output(Path(out_dir), overwrite=overwrite)
+    out_dir = files.check_output(Path(out_dir), overwrite=overwrite)
     layer_types(model)  # refuses a model that still carries a LoRA adapter
     check_masks(model, report)
     packed = {name: torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1)))
               for name, mask in report.masks.items()}
     shapes = {name: list(mask.shape) for name, mask in report.masks.items()}
-    manifest = {"format": 1, "promptbake": promptbake.__version__,
+    manifest = {"format": 1, "promptbake": versions.promptbake_version(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "pruning": report.to_dict(), "recovery": recovery, "masks_file": MASKS,
                 **(extra or {})}
@@ -703,9 +685,9 @@ def save_pruned(model, tokenizer, out_dir: str | Path, report: PruneReport, *,
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_file(packed, str(tmp / MASKS), metadata={"shapes": json.dumps(shapes)})
-        (tmp / MANIFEST).write_text(_files.to_json(manifest, indent=2), encoding="utf-8")
+        (tmp / MANIFEST).write_text(files.to_json(manifest, indent=2), encoding="utf-8")
 
-    _files.replace_dir(out_dir, write, kind="pruned")
+    files.replace_dir(out_dir, write, kind="pruned")
     log.info("saved the pruned model to %s", out_dir)
     return out_dir
 

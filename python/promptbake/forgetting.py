@@ -13,8 +13,9 @@ import math
 import random
 from typing import Callable, Iterable
 
-from promptbake import _lm
-from promptbake.reprompt import item_scores
+from promptbake import formatting, plotting, tasks as tasks_mod
+from promptbake.modeling import BAKED, BASE
+from promptbake.reprompt import RepromptMatrix, item_scores, reprompt_matrix, score
 
 MAX_RELATIVE_DROP = 0.034
 RULES = ("significant", "strict")
@@ -74,8 +75,9 @@ class Forgetting:
                  "|---|---:|---:|---:|---:|---:|---|"]
         for c in self.changes.values():
             rel = "—" if c.relative is None else f"{100 * c.relative:+.1f}%"
-            lines.append(f"| {c.task} | {_pm(c.base)} | {_pm(c.baked)} | {c.absolute:+.3f} | "
-                         f"{rel} | {c.p_value:.3g} | {'FAIL' if c.failed else 'pass'} |")
+            base, baked = (formatting.pm(s.value, s.se) for s in (c.base, c.baked))
+            lines.append(f"| {c.task} | {base} | {baked} | {c.absolute:+.3f} | {rel} | "
+                         f"{c.p_value:.3g} | {'FAIL' if c.failed else 'pass'} |")
         return "\n".join(lines)
 
 
@@ -99,13 +101,11 @@ def forgetting(base, baked, tasks: Iterable | None = None, *, limit: int | None 
     framing = baked.framing.student
     for evaluator in _evaluators(tasks, limit):
         if base is None:
-            with _lm.adapter(baked.model, enabled=False):
-                found = evaluator(baked.model, baked.tokenizer, None, framing=framing)
+            found = score(baked, evaluator, BASE)
         else:
             found = evaluator(base[0], base[1], None, framing=framing)
         before[found.task] = found
-        with _lm.adapter(baked.model, enabled=True, strength=baked.strength):
-            after[found.task] = evaluator(baked.model, baked.tokenizer, None, framing=framing)
+        after[found.task] = score(baked, evaluator, BAKED.at(baked.strength))
     return compare(before, after, max_relative_drop=max_relative_drop, rule=rule,
                    significance=significance)
 
@@ -137,6 +137,62 @@ def beyond_prompt(base: dict, prompted: dict, baked: dict, **gate) -> tuple[Forg
     return against_prompt, damaged
 
 
+@dataclasses.dataclass
+class SuiteCheck:
+    """A bake's task suite: every task's re-prompt matrix, the forgetting gate against the base
+    model (``gate``) and against the prompted one (``beyond``), and the tasks that fail both
+    (``damaged``: forgetting done by baking, ``beyond_prompt``)."""
+
+    matrices: dict  # task -> RepromptMatrix
+    gate: Forgetting
+    beyond: Forgetting
+    damaged: list
+
+    @classmethod
+    def from_matrices(cls, matrices: dict, **gate) -> SuiteCheck:
+        """The gates of re-prompt matrices already measured; ``gate``: ``compare``'s options."""
+        def cells(name: str) -> dict:
+            return {task: m.cells[name] for task, m in matrices.items()}
+
+        return cls.from_cells(cells("base"), cells("prompted"), cells("baked"),
+                              matrices=matrices, **gate)
+
+    @classmethod
+    def from_cells(cls, base: dict, prompted: dict, baked: dict, *, matrices: dict | None = None,
+                   **gate) -> SuiteCheck:
+        """The gates of scores already measured: task -> Score for the base, prompted and baked
+        models, on the same items."""
+        against_base = compare(base, baked, **gate)
+        beyond, damaged = beyond_prompt(base, prompted, baked, **gate)
+        return cls(dict(matrices or {}), against_base, beyond, damaged)
+
+    @property
+    def passed(self) -> bool:
+        """Both gates: nothing dropped against base, nothing damaged beyond the prompt."""
+        return self.gate.passed and not self.damaged
+
+    def to_dict(self) -> dict:
+        return {"reprompt": {n: m.to_dict() for n, m in self.matrices.items()},
+                "forgetting": self.gate.to_dict(),
+                "forgetting_vs_prompted": {**self.beyond.to_dict(), "damaged": self.damaged,
+                                           "passed": not self.damaged}}
+
+
+def check_suite(baked, evaluators: Iterable, *, say: Callable[[str], None] | None = None,
+                **gate) -> SuiteCheck:
+    """The re-prompt matrix of every evaluator on ``baked`` and both forgetting gates: what
+    ``promptbake evaluate``, ``promptbake report`` and the evaluate benchmark run. ``say`` hears
+    of each task before it is scored."""
+    matrices: dict[str, RepromptMatrix] = {}
+    for evaluator in evaluators:
+        name = getattr(evaluator, "name", "evaluator")
+        if say is not None:
+            say(f"task {name}: base, base + u, baked, baked + u")
+        matrix = reprompt_matrix(baked, evaluator)
+        matrices[matrix.evaluator] = matrix
+    return SuiteCheck.from_matrices(matrices, **gate)
+
+
 def _check_gate(max_relative_drop: float, rule: str) -> None:
     if rule not in RULES:
         raise ValueError(f"rule={rule!r}: choose one of {', '.join(RULES)}")
@@ -145,8 +201,6 @@ def _check_gate(max_relative_drop: float, rule: str) -> None:
 
 
 def _evaluators(tasks, limit: int | None) -> list[Callable]:
-    from promptbake import tasks as tasks_mod
-
     chosen = list(tasks_mod.TASKS) if tasks is None else list(tasks)
     return [tasks_mod.load_task(t, limit=limit) if isinstance(t, str) else t for t in chosen]
 
@@ -198,13 +252,7 @@ def plot_heatmap(results: dict, path, *,
                  title: str = "Relative change per task after baking") -> None:
     """Bake prompts (rows) x tasks (columns), coloured by relative change in %, significant
     changes starred. ``results``: {label of the bake: Forgetting}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
-
-    from promptbake import _files
 
     labels = list(results)
     tasks = sorted({t for r in results.values() for t in r.changes})
@@ -215,26 +263,18 @@ def plot_heatmap(results: dict, path, *,
             if change is not None and change.relative is not None:
                 grid[i, j] = 100 * change.relative
     bound = max(5.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 5.0)
-    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 0.6 * len(labels) + 1.8))
-    image = ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    ax.set_yticks(range(len(labels)), [_short(label) for label in labels])
-    for i, label in enumerate(labels):
-        for j, task in enumerate(tasks):
-            change = results[label].changes.get(task)
-            if change is not None and np.isfinite(grid[i, j]):
-                mark = "*" if change.p_value < results[label].significance else ""
-                ax.text(j, i, f"{grid[i, j]:+.1f}{mark}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=ax, label="relative change, % (* significant)")
-    ax.set_title(title)
-    fig.tight_layout()
-    _files.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-def _short(text: str, width: int = 40) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def _pm(result) -> str:
-    return f"{result.value:.3f}" + ("" if result.se is None else f" ± {result.se:.3f}")
+    size = (1.3 * len(tasks) + 2.5, 0.6 * len(labels) + 1.8)
+    with plotting.figure(path, figsize=size) as (fig, axes):
+        ax = axes[0][0]
+        image = ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)), [formatting.short(label) for label in labels])
+        for i, label in enumerate(labels):
+            for j, task in enumerate(tasks):
+                change = results[label].changes.get(task)
+                if change is not None and np.isfinite(grid[i, j]):
+                    mark = "*" if change.p_value < results[label].significance else ""
+                    ax.text(j, i, f"{grid[i, j]:+.1f}{mark}", ha="center", va="center",
+                            fontsize=8)
+        fig.colorbar(image, ax=ax, label="relative change, % (* significant)")
+        ax.set_title(title)

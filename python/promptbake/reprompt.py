@@ -1,9 +1,10 @@
 """The re-prompt matrix and half-baking curves of an evaluator (Prompt Baking, Sec. 4-5).
 
-A baked model can be prompted again: the 2 x 2 matrix base / base + u / baked / baked + u shows
-whether the bake reproduces the prompt's effect (baked close to base + u) and whether prompting
-the baked model pushes further (baked + u beyond). Strength sweeps score the model with the LoRA
-delta scaled by alpha, or at each half-baked snapshot.
+A baked model can be prompted again: the 2 x 2 matrix of variants base / prompted (base + u) /
+baked / baked + prompt shows whether the bake reproduces the prompt's effect (baked close to
+prompted) and whether prompting the baked model pushes further (baked + prompt beyond). Strength
+sweeps score the baked model with the LoRA delta scaled by a strength, or at each half-baked
+snapshot.
 
 An evaluator is any callable ``evaluator(model, tokenizer, system, framing=...) -> Score`` (see
 ``promptbake.tasks``); every cell is scored on the same items, so differences between cells are
@@ -16,19 +17,32 @@ import dataclasses
 import math
 from typing import Callable, Iterable
 
-from promptbake import _lm
+from promptbake import formatting, modeling, plotting
+from promptbake.artifact import snapshot_steps
+from promptbake.modeling import BAKED, BASE, VARIANTS, Variant
 from promptbake.tasks import Score
 
-CELLS = ("base", "base+u", "baked", "baked+u")
+CELLS = tuple(VARIANTS)  # base, prompted, baked, baked+prompt
+# What earlier promptbake versions called two of the cells, in the matrices they saved
+LEGACY_CELLS = {"base+u": "prompted", "baked+u": "baked+prompt"}
 
 
-def score(baked, evaluator: Callable, *, adapter: bool, prompted: bool,
-          strength: float | None = None):
-    """``evaluator``'s score of one cell: the LoRA delta on (at ``strength``, default the baked
-    model's own) or off, the prompt u in the system turn or not (the bake's student framing)."""
-    alpha = baked.strength if strength is None else strength
-    with _lm.adapter(baked.model, enabled=adapter, strength=alpha):
-        return evaluator(baked.model, baked.tokenizer, baked.prompt if prompted else None,
+def saved_cell(cells: dict, name: str):
+    """Cell ``name`` of a saved matrix's cells, also when an earlier version saved it under its
+    old name (``LEGACY_CELLS``)."""
+    if name in cells:
+        return cells[name]
+    old = {new: legacy for legacy, new in LEGACY_CELLS.items()}.get(name)
+    if old is None or old not in cells:
+        raise KeyError(f"no cell {name!r} in a matrix with cells {sorted(cells)}")
+    return cells[old]
+
+
+def score(baked, evaluator: Callable, variant: Variant):
+    """``evaluator``'s score of ``baked`` as ``variant``: the LoRA delta on (at the variant's
+    strength) or off, the prompt u in the system turn or not (the bake's student framing)."""
+    with variant.active(baked.model):
+        return evaluator(baked.model, baked.tokenizer, baked.prompt if variant.prompted else None,
                          framing=baked.framing.student)
 
 
@@ -64,8 +78,8 @@ class RepromptMatrix:
     """The four cells' scores, and how much of the prompt's effect the bake recovers."""
 
     evaluator: str
-    cells: dict  # name in CELLS -> Score
-    recovery: float | None  # (baked - base) / (base+u - base)
+    cells: dict  # variant name (CELLS) -> Score
+    recovery: float | None  # (baked - base) / (prompted - base)
     recovery_se: float | None
 
     def to_dict(self, items: bool = False) -> dict:
@@ -77,42 +91,41 @@ class RepromptMatrix:
 
     @classmethod
     def from_dict(cls, data: dict) -> RepromptMatrix:
-        """The matrix ``to_dict(items=True)`` saved."""
+        """The matrix ``to_dict(items=True)`` saved (by this or an earlier version)."""
         if any("items" not in cell for cell in data["cells"].values()):
             raise ValueError("this matrix was saved without its items: save it with "
                              "to_dict(items=True) to read it back")
-        return cls(data["evaluator"], {name: Score(**cell) for name, cell in data["cells"].items()},
+        return cls(data["evaluator"], {LEGACY_CELLS.get(name, name): Score(**cell)
+                                       for name, cell in data["cells"].items()},
                    data["recovery"], data["recovery_se"])
 
     def table(self) -> str:
         """Markdown: rows without / with u, columns base / baked."""
         def cell(name: str) -> str:
-            s = self.cells[name]
-            return f"{s.value:.3f}" + ("" if s.se is None else f" ± {s.se:.3f}")
+            return formatting.pm(self.cells[name].value, self.cells[name].se)
 
         lines = [f"| {self.evaluator} | base | baked |", "|---|---:|---:|",
                  f"| without u | {cell('base')} | {cell('baked')} |",
-                 f"| with u | {cell('base+u')} | {cell('baked+u')} |"]
+                 f"| with u | {cell('prompted')} | {cell('baked+prompt')} |"]
         return "\n".join(lines)
 
 
 def reprompt_matrix(baked, evaluator: Callable, *, strength: float | None = None) -> RepromptMatrix:
-    """Scores base, base + u, baked and baked + u with ``evaluator`` (the 2 x 2 re-prompt matrix).
+    """Scores the four variants base, prompted, baked and baked + prompt with ``evaluator`` (the
+    2 x 2 re-prompt matrix).
 
-    ``strength``: the baked cells' alpha (default: the baked model's own).
+    ``strength``: the baked cells' strength (default: the baked model's own).
     """
-    cells = {}
-    for name in CELLS:
-        cells[name] = score(baked, evaluator, adapter=name.startswith("baked"),
-                            prompted=name.endswith("+u"), strength=strength)
-    ratio, se = recovery(cells["base"], cells["base+u"], cells["baked"])
+    strength = baked.strength if strength is None else strength
+    cells = {name: score(baked, evaluator, variant.at(strength))
+             for name, variant in VARIANTS.items()}
+    ratio, se = recovery(cells["base"], cells["prompted"], cells["baked"])
     return RepromptMatrix(_name(evaluator), cells, ratio, se)
 
 
 def strength_sweep(baked, evaluator: Callable, strengths: Iterable[float]) -> dict[float, object]:
-    """``evaluator``'s score of the baked model without u at each strength alpha (0 = base)."""
-    return {float(a): score(baked, evaluator, adapter=True, prompted=False, strength=float(a))
-            for a in strengths}
+    """``evaluator``'s score of the baked model without u at each strength (0 = base)."""
+    return {float(a): score(baked, evaluator, BAKED.at(a)) for a in strengths}
 
 
 def snapshot_sweep(baked, evaluator: Callable, *, ends: bool = True) -> dict[int, object]:
@@ -123,16 +136,15 @@ def snapshot_sweep(baked, evaluator: Callable, *, ends: bool = True) -> dict[int
     if baked.path is None:
         raise ValueError("this bake has no directory, so no snapshots: bake with out=DIR and "
                          "snapshot_every=N")
-    snapshots = _lm.snapshot_steps(baked.path)
+    snapshots = snapshot_steps(baked.path)
     if not snapshots:
         raise ValueError(f"{baked.path} has no snapshots: bake with --snapshot-every N")
-    points = {0: score(baked, evaluator, adapter=False, prompted=False)} if ends else {}
+    points = {0: score(baked, evaluator, BASE)} if ends else {}
     for step, directory in snapshots:
-        with _lm.adapter_weights(baked.model, directory):
-            points[step] = score(baked, evaluator, adapter=True, prompted=False, strength=1.0)
+        with modeling.adapter_weights(baked.model, directory):
+            points[step] = score(baked, evaluator, BAKED)
     if ends:
-        points[last_step(baked)] = score(baked, evaluator, adapter=True, prompted=False,
-                                         strength=1.0)
+        points[last_step(baked)] = score(baked, evaluator, BAKED)
     return points
 
 
@@ -149,26 +161,17 @@ def plot_sweep(points: dict, path, *, xlabel: str, ylabel: str, title: str,
                references: dict | None = None) -> None:
     """Score against strength or step, with standard errors and horizontal reference lines
     (e.g. ``{"base": Score, "base + u": Score}``); written to a temporary name first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from promptbake import _files
-
     xs = sorted(points)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(xs, [points[x].value for x in xs], yerr=[points[x].se or 0 for x in xs],
-                marker="o", capsize=3, label="baked, no prompt")
-    for (label, ref), style in zip((references or {}).items(), ("--", ":", "-.")):
-        ax.axhline(ref.value, color="grey", ls=style, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    _files.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    with plotting.figure(path) as (_, axes):
+        ax = axes[0][0]
+        ax.errorbar(xs, [points[x].value for x in xs], yerr=[points[x].se or 0 for x in xs],
+                    marker="o", capsize=3, label="baked, no prompt")
+        for (label, ref), style in zip((references or {}).items(), ("--", ":", "-.")):
+            ax.axhline(ref.value, color="grey", ls=style, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
 
 
 def _name(evaluator) -> str:

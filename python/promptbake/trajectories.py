@@ -21,9 +21,10 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers.cache_utils import DynamicLayer
 
-from promptbake import _files, _lm
+from promptbake import files
+from promptbake.decoding import draw, next_step, preallocate, top_p_filter
+from promptbake.modeling import left_padded
 
 CACHE_KINDS = ("full", "topk", "none")
 
@@ -99,7 +100,7 @@ class Trajectories:
                 "responses": json.dumps(self.responses), "cache": self.cache}
         if not tensors:  # safetensors needs at least one tensor
             tensors = {"empty": torch.zeros(0)}
-        _files.write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        files.write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: Path) -> "Trajectories":
@@ -112,26 +113,6 @@ class Trajectories:
                    responses=json.loads(meta["responses"]), cache=meta["cache"],
                    full_logprobs=tensors.get("full_logprobs"), topk_ids=tensors.get("topk_ids"),
                    topk_logprobs=tensors.get("topk_logprobs"))
-
-
-def stop_token_ids(tokenizer, model) -> set[int]:
-    """End of sequence and end of turn: where a response stops."""
-    ids = set()
-    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(int(i) for i in source)
-    return ids
-
-
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
-    sorted_probs[before >= top_p] = 0.0  # the first token always survives
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 @torch.no_grad()
@@ -201,73 +182,16 @@ class _Targets:
             traj.topk_ids, traj.topk_logprobs = packed
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of ``probs`` ([B, V], rows need not sum to one) by inverting the CDF
-    with one uniform per row: the law of ``torch.multinomial``, without its V exponentials."""
-    cdf = probs.double().cpu().cumsum_(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64)
-    # right=True: a token with zero probability never holds the first cdf value above u.
-    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return drawn.squeeze(1).clamp_(max=probs.shape[1] - 1)
-
-
-class _PreallocatedLayer(DynamicLayer):
-    """A KV-cache layer that writes each new step into a buffer sized for the whole response,
-    instead of concatenating (a copy of the whole cache per step and layer)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
-        super().__init__()
-        batch, heads, length, dim = keys.shape
-        self._buffers = []
-        for states in (keys, values):
-            buffer = states.new_empty(batch, heads, length + room, dim)
-            buffer[:, :, :length] = states
-            self._buffers.append(buffer)
-        self.length = length
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = (b[:, :, :self.length] for b in self._buffers)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self._buffers[0].shape[2]:
-            raise RuntimeError("the preallocated KV cache is full")  # sample() sizes it exactly
-        self._buffers[0][:, :, self.length:end] = key_states
-        self._buffers[1][:, :, self.length:end] = value_states
-        self.length = end
-        self._views()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._buffers = [b[indices] for b in self._buffers]
-        self._views()
-
-
-def _preallocate(cache, repeats: int, room: int):
-    """The prefix cache with each row repeated ``repeats`` times (one per sample) and room for
-    ``room`` more tokens, in preallocated layers."""
-    layers = cache.layers
-    if not all(type(layer) is DynamicLayer for layer in layers):
-        cache.batch_repeat_interleave(repeats)  # sliding-window or other layers: keep theirs
-        return cache
-    cache.layers = [_PreallocatedLayer(layer.keys.repeat_interleave(repeats, 0),
-                                       layer.values.repeat_interleave(repeats, 0), room)
-                    for layer in layers]
-    return cache
-
-
 def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
                   targets: _Targets, *, first: int, pad_id: int) -> list[list[int]]:
     """Responses for a batch of prefixes (sequences ``first``, ``first + 1``, ... in order)."""
     per = config.samples_per_context
     device = next(model.parameters()).device
-    ids, mask, positions = _lm.left_padded(prefixes, pad_id, device)
+    ids, mask, positions = left_padded(prefixes, pad_id, device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
     # The prefix is encoded once per context; its cache serves every sample of that context.
-    kv = _preallocate(out.past_key_values, per, config.max_new_tokens)
+    kv = preallocate(out.cache, per, config.max_new_tokens)
     logits = out.logits[:, -1].float().repeat_interleave(per, 0)
     mask = mask.repeat_interleave(per, 0)
     position = positions[:, -1:].repeat_interleave(per, 0)
@@ -282,7 +206,7 @@ def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
         targets.record(logp, first + torch.tensor(alive), step)
         probs = logp.exp() if config.temperature == 1.0 else \
             torch.softmax(logits / config.temperature, dim=-1)
-        drawn = _draw(_top_p_filter(probs, config.top_p), generator).to(device)
+        drawn = draw(top_p_filter(probs, config.top_p), generator).to(device)
         still = []
         for row, (seq, token) in enumerate(zip(alive, drawn.tolist())):
             tokens[seq].append(token)
@@ -290,6 +214,6 @@ def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
                 still.append(row)
         if not still or step + 1 == config.max_new_tokens:
             break
-        out, mask, position, alive = _lm.next_step(model, kv, drawn, mask, position, alive, still)
+        out, mask, position, alive = next_step(model, kv, drawn, mask, position, alive, still)
         logits = out.logits[:, -1].float()
     return tokens

@@ -13,6 +13,9 @@
 
 import importlib
 
+FORMATS = ("onnx", "safetensors")  # what ``export_baked`` writes
+QUANTIZATIONS = ("int8",)  # weight quantizations of the ONNX export
+
 # Where each public name lives. Loaded on first use: merging needs only torch and peft, while the
 # ONNX side needs the optional onnx and onnxruntime packages (pip install "promptbake[onnx]").
 _NAMES = {
@@ -24,6 +27,8 @@ _NAMES = {
     "Generation": "runtime", "OnnxLM": "runtime", "OnnxLoadError": "runtime",
 }
 __all__ = [
+    "FORMATS",
+    "QUANTIZATIONS",
     "SUPPORTED",
     "Export",
     "Generation",

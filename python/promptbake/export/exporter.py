@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -23,18 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from promptbake import _files
-from promptbake.export import graph, parity
-from promptbake.export import merging as merge_mod
-from promptbake.export import quantize as quantize_mod
-from promptbake.export import sparse as packing
+from promptbake import contexts, files, models, versions
+from promptbake.artifact import MANIFEST, Baked, load_baked, source_record
+from promptbake.decoding import stop_token_ids
+from promptbake.export import (FORMATS, QUANTIZATIONS, graph, merging as merge_mod, parity,
+                               quantize as quantize_mod, smooth, sparse as packing)
 from promptbake.export.runtime import OnnxLM
 
 log = logging.getLogger("promptbake")
 
 ParityError = parity.ParityError
-FORMATS = ("onnx", "safetensors")
-QUANTIZE = (None, "int8")
+QUANTIZE = (None, *QUANTIZATIONS)
 
 
 @dataclasses.dataclass
@@ -84,7 +82,7 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
             it retains (``parity.held_out_kl``).
         source: recorded in the manifest (what the model is).
         overwrite: replace an earlier export at ``out_dir`` that holds nothing else
-            (``_files.check_output``); ``source_dirs`` (and the bake's directory) may not be,
+            (``files.check_output``); ``source_dirs`` (and the bake's directory) may not be,
             hold or contain ``out_dir``.
 
     Raises ``UnsupportedArchitecture`` (a ValueError) before writing anything, and
@@ -95,7 +93,7 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
     _check_model(model)
     out = Path(out_dir)
     sources = tuple(source_dirs or ()) + ((baked.path,) if baked is not None else ())
-    _files.check_output(out, overwrite=overwrite, sources=sources)
+    files.check_output(out, overwrite=overwrite, sources=sources)
     tolerances = tolerances or parity.Tolerances()
     if parity_contexts is None:
         prompts = parity.default_prompts(tokenizer, framing, tolerances.contexts)
@@ -140,20 +138,20 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
                              source)
         if not report["passed"]:
             raise ParityError(f"the export to {out} does not match the torch model: "
-                              f"{_summary(report)}; criterion: {report['criterion']}. Nothing "
-                              f"was written (an earlier export there is unchanged)", report)
+                              f"{parity.summary(report)}; criterion: {report['criterion']}. "
+                              f"Nothing was written (an earlier export there is unchanged)", report)
         if baked is not None:
             manifest["held_out_kl"] = timed("held_out_kl", lambda: _kl_record(lm, baked))
         manifest["wall_seconds"] = dict(seconds)
         tokenizer.save_pretrained(tmp)
-        (tmp / "manifest.json").write_text(_files.to_json(manifest, indent=2))
+        (tmp / "manifest.json").write_text(files.to_json(manifest, indent=2))
         result["manifest"] = manifest
 
     _remove_stale(out)
-    _files.replace_dir(out, write, kind="onnx")
+    files.replace_dir(out, write, kind="onnx")
     manifest = result["manifest"]
     log.info("exported %s to %s (%s, %.1f MB): %s", model.config.model_type, out,
-             manifest["precision"], manifest["bytes"] / 1e6, _summary(manifest["parity"]))
+             manifest["precision"], manifest["bytes"] / 1e6, parity.summary(manifest["parity"]))
     return Export(out, manifest)
 
 
@@ -162,9 +160,6 @@ def _smoothed(model, tokenizer, framing, int8: quantize_mod.Int8Options):
     contexts (never the held-out ones the export is measured on); None without smoothing."""
     if int8.smooth is None:
         return None
-    from promptbake import contexts
-    from promptbake.export import smooth
-
     int8.validate()
     prompts = parity.framed(tokenizer, contexts.builtin("train")[:int8.calibration], framing)
     return smooth.smoothed(model, prompts, int8.smooth)
@@ -172,7 +167,7 @@ def _smoothed(model, tokenizer, framing, int8: quantize_mod.Int8Options):
 
 def _remove_stale(out: Path) -> None:
     """Removes what a killed export to ``out`` left: ``.NAME.tmp-PID`` / ``.NAME.old-PID``
-    directories (``_files.replace_dir``) whose process is gone."""
+    directories (``files.replace_dir``) whose process is gone."""
     for leftover in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = leftover.name[len(out.name) + 2:].partition("-")
         if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
@@ -211,12 +206,6 @@ def _pack(path: Path) -> dict:
             "weights": records}
 
 
-def _summary(report: dict) -> str:
-    return (f"max |logit diff| {report['max_abs_logit_diff']:.3g}, identical greedy "
-            f"{report['greedy_identical']}/{report['contexts']} contexts, top-1 agreement "
-            f"{100 * report['top1_agreement']:.1f}%, KL {report['kl_per_token']:.2g} nats/token")
-
-
 def _kl_record(lm: OnnxLM, baked) -> dict:
     found = parity.held_out_kl(lm, baked)
     return {"onnx": found["onnx"].to_dict(), "baked": found["baked"].to_dict(),
@@ -227,19 +216,12 @@ def _kl_record(lm: OnnxLM, baked) -> dict:
 
 def _manifest(model, tokenizer, tmp: Path, quantize, details, report, tolerances,
               source) -> dict:
-    import onnx
-    import onnxruntime
-    import transformers
-
-    import promptbake
-    from promptbake.trajectories import stop_token_ids
-
     layers, kv_heads, head_dim = graph.cache_layout(model.config)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.glob("model.onnx*"))}
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.glob("model.onnx*"))}
     return {
-        "format": 1, "kind": "onnx", "promptbake": promptbake.__version__,
+        "format": 1, "kind": "onnx", "promptbake": versions.promptbake_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "precision": quantize or "fp32", "files": files, "bytes": sum(files.values()),
+        "precision": quantize or "fp32", "files": sizes, "bytes": sum(sizes.values()),
         "architecture": {"model_type": model.config.model_type, "layers": layers,
                          "kv_heads": kv_heads, "head_dim": head_dim,
                          "vocab": model.config.vocab_size, "tied_head": graph.tied(model),
@@ -252,9 +234,7 @@ def _manifest(model, tokenizer, tmp: Path, quantize, details, report, tolerances
         **details,
         "parity": report, "tolerances": dataclasses.asdict(tolerances),
         "source": source,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__},
+        "versions": versions.libraries("torch", "transformers", "onnx", "onnxruntime"),
     }
 
 
@@ -271,20 +251,18 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
     when it has ``to_dict()``; the pruned weights are then stored packed unless
     ``sparse=False``.
     """
-    from promptbake.bake import Baked, load_baked
-
     if format not in FORMATS:
-        raise ValueError(f"format={format!r}: choose onnx or safetensors")
+        raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
     if format == "safetensors":
         if quantize is not None or prune is not None:
             raise ValueError("--quantize and --prune apply to the ONNX export: use --format onnx")
         path = merge_mod.save_merged(baked, out, strength, overwrite=overwrite)
-        return Export(path, json.loads((path / merge_mod.MANIFEST).read_text()))
-    _files.check_output(Path(out), overwrite=overwrite,  # before the minutes of work below
+        return Export(path, json.loads((path / MANIFEST).read_text()))
+    files.check_output(Path(out), overwrite=overwrite,  # before the minutes of work below
                         sources=(baked.path if isinstance(baked, Baked) else baked,))
     if not isinstance(baked, Baked):
         baked = load_baked(baked, strength=strength)
-    source = {**merge_mod.source_record(baked), "strength": float(strength)}
+    source = {**source_record(baked), "strength": float(strength)}
     model = merge_mod.merge(baked, strength)
     if prune is not None:
         report = prune(model)
@@ -307,9 +285,7 @@ def export_model(model_dir: str | Path, out: str | Path, *, quantize: str | None
                  tolerances: parity.Tolerances | None = None) -> Export:
     """Exports a plain transformers model directory (a merged or pruned model, or any local
     causal LM) to ONNX; ``models.ModelError`` names what is missing from it."""
-    from promptbake import models
-
-    _files.check_output(Path(out), overwrite=overwrite, sources=(model_dir,))
+    files.check_output(Path(out), overwrite=overwrite, sources=(model_dir,))
     model, tokenizer, path = models.load(model_dir)
     return export_onnx(model, tokenizer, out, quantize=quantize, sparse=sparse,
                        int8=int8, tolerances=tolerances, overwrite=overwrite,

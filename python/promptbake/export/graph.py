@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from promptbake import _lm
+from promptbake import modeling
 
 try:
     import onnx
@@ -97,7 +97,7 @@ class _Step(torch.nn.Module):
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         options = {"attention_mask": attention_mask, "position_ids": position_ids,
-                   "past_key_values": cache, "use_cache": True}
+                   "cache": cache, "use_cache": True}
         if self.tied:
             # The embedding is read from the transposed head weight, the LM head's own operand,
             # so the graph stores the shared matrix once (the exporter would otherwise fold
@@ -115,8 +115,8 @@ class _Step(torch.nn.Module):
                 logits = logits + self.head.bias
         else:
             logits = self.head(hidden)
-        logits = _lm._finish(self.model.config, logits)
-        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        logits = modeling.finish_logits(self.model.config, logits)
+        present = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
         return (logits, *present)
 
 

@@ -33,8 +33,9 @@ import math
 import numpy as np
 import torch
 
-from promptbake import _lm
-from promptbake import contexts as contexts_mod
+from promptbake import contexts as contexts_mod, mc_kl, modeling
+from promptbake.modeling import BAKED, BASE, PROMPTED
+from promptbake.ops import divergence
 
 log = logging.getLogger("promptbake")
 
@@ -91,7 +92,7 @@ def _torch_greedy(model, ids: list[int], steps: int) -> list[int]:
         token = int(out.logits[0, -1].argmax())
         tokens.append(token)
         out = model(input_ids=torch.tensor([[token]], device=device),
-                    past_key_values=out.past_key_values, use_cache=True)
+                    cache=out.cache, use_cache=True)
     return tokens
 
 
@@ -119,7 +120,7 @@ def check(model, lm, prompts: list[list[int]], *, quantized: bool,
     for ids in prompts:
         reference = _torch_greedy(model, ids, tol.steps)
         sequence = ids + reference
-        want = _lm._inner(model)(input_ids=torch.tensor([sequence], device=device)).logits[0]
+        want = modeling.inner(model)(input_ids=torch.tensor([sequence], device=device)).logits[0]
         want = want.float().cpu().numpy()
         got = lm.logits(sequence)
         prefill_gap = max(prefill_gap, float(np.abs(got - want).max()))
@@ -168,38 +169,43 @@ def check(model, lm, prompts: list[list[int]], *, quantized: bool,
     return report
 
 
+def summary(report: dict) -> str:
+    """One line of a parity report: logit gap, greedy agreement, top-1 agreement, KL."""
+    return (f"max |logit diff| {report['max_abs_logit_diff']:.3g}, identical greedy "
+            f"{report['greedy_identical']}/{report['contexts']} contexts, top-1 agreement "
+            f"{100 * report['top1_agreement']:.1f}%, KL {report['kl_per_token']:.2g} nats/token")
+
+
 @torch.no_grad()
 def held_out_kl(lm, baked, *, contexts=None, samples: int = 1, max_new_tokens: int | None = None,
                 seed: int | None = None) -> dict:
     """MC-KL (Eq. 3) of the export ``lm`` against the prompted model, next to the torch baked
-    and base models, on the same held-out samples (``promptbake.eval.held_out_samples``).
+    and base models, on the same held-out samples (``promptbake.mc_kl.held_out_samples``).
 
     Returns ``{"onnx": KL, "baked": KL, "base": KL, "reduction": {...}, "retention": r}``:
     reduction = 1 - KL(prompted || m) / KL(prompted || base) for m in onnx and baked, and the
     retention ``reduction_onnx / reduction_baked``, the share of what the bake achieved that the
     export keeps. ``baked`` is used at its current strength.
     """
-    from promptbake import eval as eval_mod
-    from promptbake.ops import divergence
-
-    held_out, trajectories = eval_mod.held_out_samples(
+    held_out, trajectories = mc_kl.held_out_samples(
         baked, contexts, samples=samples, max_new_tokens=max_new_tokens, seed=seed)
     model, framing, pad = baked.model, baked.framing, baked.tokenizer.pad_token_id
-    found = eval_mod.kl_on(model, framing, held_out, trajectories,
-                           {"base": (False, 1.0), "baked": (True, baked.strength)}, pad_id=pad)
+    found = mc_kl.kl_on(model, framing, held_out, trajectories,
+                        {"base": BASE, "baked": BAKED.at(baked.strength)}, pad_id=pad)
     values = []
     for k, response in enumerate(trajectories.responses):
         context = held_out[trajectories.context_index[k]]
-        with _lm.adapter(model, enabled=False):
-            teacher = _lm.response_logits(model, [framing.teacher_ids(context)], [[response]], pad)
+        with PROMPTED.active(model):
+            teacher = modeling.response_logits(model, [PROMPTED.input_ids(framing, context)],
+                                               [[response]], pad)
         prefix = framing.student_ids(context)
         student = lm.logits(prefix + response[:-1])[len(prefix) - 1:]
         per_token = divergence(torch.from_numpy(np.ascontiguousarray(student)), teacher,
                                reduction="none")
         values.append(float(per_token.sum()))
-    onnx_kl = eval_mod.KL.from_values(values, [len(r) for r in trajectories.responses],
-                                      trajectories.context_index)
-    reduction = {name: eval_mod.reduction(found["base"], kl)
+    onnx_kl = mc_kl.KL.from_values(values, [len(r) for r in trajectories.responses],
+                                   trajectories.context_index)
+    reduction = {name: mc_kl.reduction(found["base"], kl)
                  for name, kl in (("onnx", onnx_kl), ("baked", found["baked"]))}
     baked_reduction = reduction["baked"][0]
     retention = reduction["onnx"][0] / baked_reduction \

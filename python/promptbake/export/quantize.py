@@ -53,8 +53,8 @@ class Int8Options:
     kernels on x86 CPUs without VNNI) apply to ``dynamic``. ``exclude``: regular expressions of
     MatMul node names kept in fp32 (node names follow the module path, e.g.
     ``/model/layers.11/mlp/down_proj/MatMul``); ``keep_head_fp32`` keeps the LM head (and with a
-    tied head, the embedding) in fp32. ``smooth``: SmoothQuant's alpha (``smooth.py``; applied
-    to Llama models), None to skip it; ``calibration``: how many built-in training contexts
+    tied head, the embedding) in fp32. ``smooth``: SmoothQuant's migration strength
+    (``smooth.py``; applied to Llama models), None to skip it; ``calibration``: how many built-in training contexts
     measure the activation ranges it needs.
     """
 
@@ -74,7 +74,8 @@ class Int8Options:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of 2, at least 16")
         if self.smooth is not None and not 0 <= self.smooth <= 1:
-            raise ValueError(f"smooth={self.smooth}: SmoothQuant's alpha must be in [0, 1]")
+            raise ValueError(f"smooth={self.smooth}: SmoothQuant's migration strength must be in "
+                             f"[0, 1]")
         if self.calibration < 1:
             raise ValueError(f"calibration={self.calibration} must be >= 1")
         if self.accuracy_level not in (0, 1, 4):

@@ -2,10 +2,10 @@
 into the weights, so quantising activations to int8 loses less.
 
 For a linear layer y = x W^T whose input channel c is scaled by 1/s_c and the weight's column c
-by s_c, y is unchanged (Eq. 1 of the paper: Y = (X diag(s)^-1) (diag(s) W)). The 1/s is folded
-into whatever produces x, so the model computes the same function in fp32 and only the ranges the
-quantiser sees change: s_c = max|x_c|^alpha / max|W_c|^(1 - alpha) (Eq. 4), with max|x_c| over
-calibration prompts. Llama layers, each fold exact:
+by s_c, y is unchanged (SmoothQuant's equation 1: Y = (X diag(s)^-1) (diag(s) W)). The 1/s is
+folded into whatever produces x, so the model computes the same function in fp32 and only the
+ranges the quantiser sees change: s_c = max|x_c|^m / max|W_c|^(1 - m) (SmoothQuant's equation 4,
+m its migration strength), with max|x_c| over calibration prompts. Llama layers, each fold exact:
 
 * q/k/v and gate/up inputs are RMSNorm outputs: the norm's weight is divided by s;
 * the down projection's input is silu(gate) * up: the up projection's output rows are divided;
@@ -27,10 +27,11 @@ log = logging.getLogger("promptbake")
 SUPPORTED = ("llama",)
 
 
-def _scale(activation: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """Eq. 4 per input channel; ``weights`` are [out, in] matrices reading the same input."""
+def _scale(activation: torch.Tensor, weights: list[torch.Tensor], migration: float) -> torch.Tensor:
+    """SmoothQuant's scale (its equation 4) per input channel; ``weights`` are [out, in] matrices
+    reading the same input."""
     weight = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-    return (activation.clamp(min=1e-5) ** alpha / weight.clamp(min=1e-5) ** (1 - alpha)) \
+    return (activation.clamp(min=1e-5) ** migration / weight.clamp(min=1e-5) ** (1 - migration)) \
         .clamp(min=1e-5)
 
 
@@ -66,15 +67,16 @@ def input_ranges(model, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def smoothed(model, prompts: list[list[int]], alpha: float = 0.5):
+def smoothed(model, prompts: list[list[int]], migration: float = 0.5):
     """A copy of ``model`` with SmoothQuant's scales folded in (the same function in fp32), or
     None when the architecture is not supported; ``model`` is left as it was."""
     if model.config.model_type not in SUPPORTED:
         log.info("SmoothQuant is implemented for %s, not %s: quantising without it",
                  ", ".join(SUPPORTED), model.config.model_type)
         return None
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"smoothing alpha={alpha} must be in [0, 1] (0.5 is the paper's)")
+    if not 0 <= migration <= 1:
+        raise ValueError(f"SmoothQuant's migration strength {migration} must be in [0, 1] (0.5 "
+                         f"is the paper's)")
     ranges = input_ranges(model, prompts)
     model = copy.deepcopy(model)
     config = model.config
@@ -85,22 +87,22 @@ def smoothed(model, prompts: list[list[int]], alpha: float = 0.5):
         name = f"model.layers.{i}."
         attention, mlp = layer.self_attn, layer.mlp
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        s = _scale(ranges[name + "self_attn.q_proj"], [p.weight for p in projections], alpha)
+        s = _scale(ranges[name + "self_attn.q_proj"], [p.weight for p in projections], migration)
         layer.input_layernorm.weight.div_(s)
         for projection in projections:
             projection.weight.mul_(s)
         s = _scale(ranges[name + "mlp.gate_proj"], [mlp.gate_proj.weight, mlp.up_proj.weight],
-                   alpha)
+                   migration)
         layer.post_attention_layernorm.weight.div_(s)
         mlp.gate_proj.weight.mul_(s)
         mlp.up_proj.weight.mul_(s)
-        s = _scale(ranges[name + "mlp.down_proj"], [mlp.down_proj.weight], alpha)
+        s = _scale(ranges[name + "mlp.down_proj"], [mlp.down_proj.weight], migration)
         _divide_outputs(mlp.up_proj, s)
         mlp.down_proj.weight.mul_(s)
         # o_proj's input channel (head h, dim d) is value channel (h // group, d).
         grouped = ranges[name + "self_attn.o_proj"].view(kv_heads, group, head_dim).amax(1)
         weight = attention.o_proj.weight.abs().amax(0).view(kv_heads, group, head_dim).amax(1)
-        s = (grouped.clamp(min=1e-5) ** alpha / weight.clamp(min=1e-5) ** (1 - alpha)) \
+        s = (grouped.clamp(min=1e-5) ** migration / weight.clamp(min=1e-5) ** (1 - migration)) \
             .clamp(min=1e-5)
         _divide_outputs(attention.v_proj, s.reshape(-1))
         attention.o_proj.weight.mul_(s[:, None, :].expand(kv_heads, group, head_dim).reshape(-1))

@@ -266,7 +266,7 @@ class _Evictor:
     """Reads twice the last-level cache, so that timed weights start in memory as in decoding."""
 
     def __init__(self):
-        self.cache = _last_level_cache_bytes()
+        self.cache = last_level_cache_bytes()
         self._buffer = None
 
     def __call__(self) -> None:
@@ -275,7 +275,7 @@ class _Evictor:
         self._buffer.add_(1.0)
 
 
-def _last_level_cache_bytes() -> int:
+def last_level_cache_bytes() -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     best = 0
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):

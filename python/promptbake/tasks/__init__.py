@@ -29,9 +29,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from promptbake.decoding import cut, greedy, stop_strings, stop_token_ids
 from promptbake.framing import Framing
+from promptbake.modeling import continuation_logprobs
 from promptbake.tasks import checks, sandbox
-from promptbake.tasks._model import continuation_logprobs, cut, greedy, stop_strings
 
 log = logging.getLogger("promptbake")
 
@@ -188,8 +189,6 @@ class Task:
         return out
 
     def _generation(self, model, tokenizer, prefixes, pad_id, progress) -> list[dict]:
-        from promptbake.trajectories import stop_token_ids
-
         stop_ids = stop_token_ids(tokenizer, model)
         stop = stop_strings(tokenizer, self.until)
         budgets = [item.get("max_new_tokens", self.max_new_tokens) for item in self.items]

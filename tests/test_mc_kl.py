@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from promptbake import eval as eval_mod, models
-from promptbake.eval import KL, reduction
+from promptbake import mc_kl, models
 from promptbake.framing import Framing
+from promptbake.mc_kl import KL, reduction
+from promptbake.modeling import BASE
 from promptbake.trajectories import Trajectories
 
 
@@ -49,7 +50,7 @@ def test_kl_on_does_not_depend_on_batching(tiny_dir):
     framing = Framing(tok, "You are a pirate.")
     contexts = [[{"role": "user", "content": q}] for q in ("Hi!", "Why is the sky blue?", "2+2?")]
     traj = Trajectories([0, 0, 1, 2, 2, 2], [[5, 6, 7], [8], [9, 10], [11, 12], [13], [14, 15]])
-    found = [eval_mod.kl_on(lm, framing, contexts, traj, {"base": (False, 1.0)},
+    found = [mc_kl.kl_on(lm, framing, contexts, traj, {"base": BASE},
                             pad_id=tok.pad_token_id, batch_size=b)["base"] for b in (1, 3, 64)]
     for other in found[1:]:
         assert other.values == pytest.approx(found[0].values, rel=1e-5)

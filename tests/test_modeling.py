@@ -3,18 +3,15 @@
 import pytest
 import torch
 
-from promptbake import _lm, models
-from promptbake.framing import Framing
+from promptbake import modeling, models
 
-PROMPT = "You are a pirate captain. Talk like a pirate."
 CONTEXTS = [[{"role": "user", "content": q}] for q in
             ("What is the capital of France?", "How do I boil an egg?", "Hi!")]
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    lm, tok, _ = models.load(tiny_dir)
-    return lm, tok, Framing(tok, PROMPT)
+def tiny(tiny_framed):
+    return tiny_framed
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -30,7 +27,7 @@ def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tin
     weight = lm.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
     probe = torch.randn(11, len(tok), generator=torch.Generator().manual_seed(0))
 
-    shared = _lm.response_logits(lm, prefixes, responses, tok.pad_token_id)
+    shared = modeling.response_logits(lm, prefixes, responses, tok.pad_token_id)
     (shared * probe).sum().backward()
     grad_shared, weight.grad = weight.grad, None
     full = []
@@ -45,7 +42,7 @@ def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tin
     torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
     assert float((grad_shared - weight.grad).norm() / weight.grad.norm()) < 1e-5
     with pytest.raises(ValueError, match="non-empty"):
-        _lm.response_logits(lm, prefixes[:2], [[[]], [[1]]], tok.pad_token_id)
+        modeling.response_logits(lm, prefixes[:2], [[[]], [[1]]], tok.pad_token_id)
 
 
 @pytest.mark.parametrize("name,extra", [
@@ -64,19 +61,19 @@ def test_post_processed_logits_are_the_models_own(name, extra):
         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5, **extra)
     lm = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     ids = [1, 2, 3, 4, 5, 6]
-    ours = _lm.response_logits(lm, [ids[:2]], [[ids[2:]]], pad_id=0)
+    ours = modeling.response_logits(lm, [ids[:2]], [[ids[2:]]], pad_id=0)
     with torch.no_grad():
         theirs = lm(input_ids=torch.tensor([ids])).logits[0, 1:-1]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    _lm.check_logits(lm, ids)
+    modeling.check_logits(lm, ids)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_lm, "_finish", lambda config, logits: logits)
+        patch.setattr(modeling, "finish_logits", lambda config, logits: logits)
         with pytest.raises(ValueError, match="cannot compute its logits"):
-            _lm.check_logits(lm, ids)
+            modeling.check_logits(lm, ids)
 
 
 def test_unknown_logit_post_processing_is_refused(tiny_dir, monkeypatch):
     lm, tok, _ = models.load(tiny_dir)
-    monkeypatch.setattr(_lm, "_finish", lambda config, logits: logits * 2.0)
+    monkeypatch.setattr(modeling, "finish_logits", lambda config, logits: logits * 2.0)
     with pytest.raises(ValueError, match="cannot compute its logits"):
-        _lm.check_logits(lm, [1, 2, 3, 4])
+        modeling.check_logits(lm, [1, 2, 3, 4])

@@ -3,6 +3,7 @@
 in prefill and cached decode, onnxruntime generation equals transformers' (greedy, batches,
 EOS, seeded sampling), int8 and packed pruned weights, and failures that leave nothing behind."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -14,29 +15,16 @@ import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
                           GPTNeoXForCausalLM)
 
-from promptbake import _lm
-from promptbake.bake import Baked, load_baked
+from promptbake import files
 from promptbake.export import (OnnxLM, OnnxLoadError, ParityError, Tolerances,
                                UnsupportedArchitecture, export_baked, export_model, export_onnx,
-                               graph, merge, parity, runtime, save_merged, smooth, sparse)
-from promptbake.framing import Framing
+                               graph, parity, runtime, save_merged, smooth, sparse)
 from promptbake.models import ModelError
 
-PROMPT = "You are a pirate captain. Talk like a pirate in every answer."
 # Random tiny models have near-flat logits, so int8 rounding flips many argmaxes (on the real
 # model top-1 agreement is ~0.99, see the export report): the test only needs a sane bound.
 LENIENT_INT8 = Tolerances(int8_top1=0.5, contexts=3, steps=16)
 FAST = Tolerances(contexts=3, steps=16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster than two (per-op overhead dominates), and the
-    timings stay sane on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def prompts(tokenizer, count=3):
@@ -57,31 +45,6 @@ def llama(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def baked_dir(tiny_dir, tokenizer, tmp_path_factory):
-    """A bake with a random (non-zero) LoRA adapter, saved as a bake directory."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                            target_modules=["q_proj", "k_proj", "v_proj",
-                                                            "o_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)  # a visible delta
-    manifest = {"format": 1, "prompt": {"text": PROMPT, "sha256": "x"},
-                "framing": {"student": "default"},
-                "base_model": {"path": str(tiny_dir), "name": "tiny", "sha256": None},
-                "config": {"seed": 0, "eval_contexts": 3, "max_new_tokens": 8}}
-    path = tmp_path_factory.mktemp("bake") / "pirate"
-    Baked(model.eval(), tokenizer, Framing(tokenizer, PROMPT), manifest,
-          held_out=[[{"role": "user", "content": "How do I boil an egg?"}],
-                    [{"role": "user", "content": "Name a large river."}]]).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def llama_export(llama, tokenizer, tmp_path_factory):
     return export_onnx(llama, tokenizer, tmp_path_factory.mktemp("onnx") / "llama",
                        tolerances=FAST)
@@ -93,40 +56,6 @@ def lm(llama_export):
 
 
 # -- merge --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_merge_equals_the_adapter_at_strength(baked_dir, alpha):
-    baked = load_baked(baked_dir)
-    ids = torch.tensor([list(range(100, 140))])
-    with torch.no_grad():
-        with _lm.adapter(baked.model, enabled=True, strength=alpha):
-            want = baked.model(input_ids=ids).logits
-        merged = merge(baked, alpha)
-        got = merged(input_ids=ids).logits
-        base = baked.model.get_base_model()
-        with _lm.adapter(baked.model, enabled=False):
-            plain = baked.model(input_ids=ids).logits
-    assert not hasattr(merged, "peft_config") and not _lm.lora_layers(merged)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert (alpha == 0) == torch.allclose(got, plain, atol=1e-5)
-    # the Baked itself is untouched: still an adapter at strength 1
-    assert baked.strength == 1.0 and _lm.lora_layers(baked.model) and base is not merged
-
-
-def test_save_merged_is_a_directory_transformers_loads_alone(baked_dir, tmp_path):
-    out = save_merged(baked_dir, tmp_path / "merged", strength=0.5)
-    loaded = AutoModelForCausalLM.from_pretrained(out)
-    ids = torch.tensor([list(range(7, 30))])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits,
-                                   merge(baked_dir, 0.5)(input_ids=ids).logits,
-                                   atol=1e-5, rtol=1e-5)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["strength"] == 0.5 and manifest["kind"] == "merged"
-    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".*tmp*"))
-    with pytest.raises(ValueError, match="earlier merged export: pass --overwrite"):
-        save_merged(baked_dir, out)
 
 
 # -- export and parity --------------------------------------------------------------------------
@@ -316,7 +245,7 @@ def test_int8_export_loads_and_runs(int8_export, llama_export, tokenizer):
 
 def test_smoothing_keeps_the_function_and_moves_the_ranges(llama, tokenizer):
     calibration = prompts(tokenizer, 3)
-    moved = smooth.smoothed(llama, calibration, alpha=0.5)
+    moved = smooth.smoothed(llama, calibration, migration=0.5)
     ids = torch.tensor([calibration[0]])
     with torch.no_grad():
         want, got = llama(input_ids=ids).logits, moved(input_ids=ids).logits
@@ -375,3 +304,50 @@ def test_export_baked_records_the_bake(baked_dir, tmp_path):
     assert kl["onnx"]["per_token"] == pytest.approx(kl["baked"]["per_token"], rel=1e-3, abs=1e-5)
     merged = export_baked(baked_dir, tmp_path / "merged", format="safetensors", strength=0.5)
     assert (merged.path / "model.safetensors").is_file() and merged.manifest["strength"] == 0.5
+
+
+# -- --overwrite replaces only an earlier export, never the bake -----------------------------
+
+
+def test_export_overwrite_refuses_a_directory_with_the_users_files(bake_copy, tmp_path, file_hashes):
+    out = tmp_path / "served"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="promptbake did not write; refusing"):
+        export_baked(bake_copy, out, format="safetensors", overwrite=True)
+    assert file_hashes(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(bake_copy, tmp_path, file_hashes):
+    out = tmp_path / "served"
+    export_baked(bake_copy, out, format="safetensors", strength=0.5)
+    marker = files.read_marker(out)
+    assert marker["kind"] == "merged" and "model.safetensors" in marker["files"]
+    with pytest.raises(ValueError, match="earlier merged export: pass --overwrite"):
+        export_baked(bake_copy, out, format="safetensors")
+    done = export_baked(bake_copy, out, format="safetensors", strength=1.0, overwrite=True)
+    assert done.manifest["strength"] == 1.0
+    # a file of the user's beside an earlier export: the export is not replaced, nothing goes
+    (out / "notes.txt").write_text("mine")
+    before = file_hashes(out)
+    with pytest.raises(ValueError, match=r"did not write \(notes.txt\) beside an earlier export"):
+        export_baked(bake_copy, out, format="safetensors", overwrite=True)
+    assert file_hashes(out) == before
+
+
+@pytest.mark.parametrize("where", ["the bake", "its parent", "inside it"])
+@pytest.mark.parametrize("format", ["safetensors", "onnx"])
+def test_export_never_replaces_the_bake_it_comes_from(bake_copy, where, format, file_hashes):
+    out = {"the bake": bake_copy, "its parent": bake_copy.parent,
+           "inside it": bake_copy / "served"}[where]
+    before = file_hashes(bake_copy.parent)
+    with pytest.raises(ValueError, match="the directory it is made from"):
+        export_baked(bake_copy, out, format=format, overwrite=True)
+    assert file_hashes(bake_copy.parent) == before
+
+
+def test_export_refuses_to_replace_another_bake(bake_copy, baked_dir, file_hashes):
+    before = file_hashes(bake_copy)
+    with pytest.raises(ValueError, match="holds a bake; refusing"):
+        save_merged(baked_dir, bake_copy, overwrite=True)
+    assert file_hashes(bake_copy) == before

@@ -3,16 +3,16 @@ data's integrity, determinism and ``limit``."""
 
 import json
 import math
-import os
 import re
-import tempfile
 
 import pytest
 import torch
+
 from promptbake import tasks
+from promptbake.decoding import cut, greedy
 from promptbake.framing import Framing
+from promptbake.modeling import continuation_logprobs
 from promptbake.tasks import TASKS, Score, Task, TaskError, checks, sandbox
-from promptbake.tasks._model import continuation_logprobs, cut, greedy
 
 
 @pytest.fixture(scope="module")
@@ -289,64 +289,6 @@ def test_extract_code():
     assert sandbox.extract_code("Sure.\ndef f():\n    return 1\n").startswith("def f")
     assert sandbox.extract_code("```js\nlet x = 1;\n```") is None
     assert sandbox.extract_code("no code") is None
-
-
-# -- the sandbox --------------------------------------------------------------------------------
-
-def test_sandbox_pass_and_fail():
-    code = "def double(x):\n    return 2 * x\n"
-    assert sandbox.run_python(code, "assert double(2) == 4\n").passed
-    failed = sandbox.run_python(code, "assert double(2) == 5\n")
-    assert failed.status == "failed" and "AssertionError" in failed.output
-    broken = sandbox.run_python("def double(x:\n", "assert double(2) == 4\n")
-    assert broken.status == "failed" and "SyntaxError" in broken.output
-
-
-def test_sandbox_timeout():
-    result = sandbox.run_python("while True:\n    pass\n", "", timeout=1.0)
-    assert result.status == "timeout" and not result.passed
-
-
-def test_sandbox_refuses_sockets():
-    code = ("import socket\n"
-            "try:\n"
-            "    socket.create_connection(('127.0.0.1', 9), timeout=1)\n"
-            "except OSError as err:\n"
-            "    print('refused:', err)\n"
-            "    raise SystemExit(3)\n")
-    result = sandbox.run_python(code, "")
-    assert result.status == "failed" and "refused" in result.output
-
-
-@pytest.mark.skipif(not sandbox.network_namespace(), reason="no user namespaces here")
-def test_sandbox_network_namespace_has_only_loopback():
-    code = ("names = [line.split(':')[0].strip() for line in open('/proc/net/dev')"
-            ".read().splitlines()[2:]]\n")
-    assert sandbox.run_python(code, "assert names == ['lo'], names\n").passed
-
-
-def test_sandbox_writes_only_in_its_directory(tmp_path):
-    outside = tmp_path / "escaped.txt"
-    code = ("import os\n"
-            "open('inside.txt', 'w').write('ok')\n"
-            "here = os.path.realpath('inside.txt')\n"
-            "print('HERE', here)\n"
-            f"open({str(outside)!r}, 'w').write('no')\n")
-    result = sandbox.run_python(code, "")
-    assert result.status == "failed" and "outside the working directory" in result.output
-    assert not outside.exists()
-    here = re.search(r"HERE (\S+)", result.output).group(1)
-    workdir = os.path.dirname(here)  # the relative write landed in the run's own directory
-    assert os.path.basename(workdir).startswith("promptbake-code-")
-    assert os.path.dirname(workdir) == os.path.realpath(tempfile.gettempdir())
-    assert not os.path.exists(workdir)  # and that directory is gone
-    removed = sandbox.run_python(f"import os\nos.remove({str(outside)!r})\n", "")
-    assert removed.status == "failed"
-
-
-def test_sandbox_memory_limit():
-    result = sandbox.run_python("x = bytearray(4 << 30)\n", "", memory=256 << 20)
-    assert result.status == "failed" and "MemoryError" in result.output
 
 
 # -- the shipped data ---------------------------------------------------------------------------

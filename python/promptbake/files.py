@@ -28,20 +28,21 @@ def _temporary(path: Path, is_dir: bool) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    remove(tmp)
     if is_dir:
         tmp.mkdir()
     try:
         yield tmp
     except OSError as err:
-        _remove(tmp)
+        remove(tmp)
         raise _disk_full(path, err) from err
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Removes a file or a directory tree; nothing if it is not there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -59,10 +60,35 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it."""
+    try:
+        found = re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M)
+        if found:
+            return int(found.group(1), 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only a fallback)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_permissions(path: Path) -> None:
+    """Gives ``path`` (and what is under it) the permissions ``open()`` and ``mkdir()`` would:
+    some writers (safetensors) create their files 0600, which a serving process running as
+    another user could not read."""
+    mask = _umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_with(path: Path, writer: Callable[[Path], None]) -> None:
-    """Calls ``writer(tmp)`` to write a file at a temporary path, then renames it to ``path``."""
+    """Calls ``writer(tmp)`` to write a file at a temporary path, then renames it to ``path``
+    (with the permissions an ordinary ``open()`` gives, whatever the writer chose)."""
     with _temporary(path, is_dir=False) as tmp:
         writer(tmp)
+        _ordinary_permissions(tmp)
         _sync(tmp)
         os.replace(tmp, path)
         _sync(path.parent)
@@ -98,6 +124,7 @@ def replace_dir(path: Path, writer: Callable[[Path], None], *, kind: str | None 
         if kind is not None:
             names = sorted(p.name for p in tmp.iterdir())
             (tmp / MARKER).write_text(json.dumps({"kind": kind, "files": names}, indent=1))
+        _ordinary_permissions(tmp)
         for item in tmp.iterdir():
             if item.is_file():
                 _sync(item)
@@ -106,7 +133,7 @@ def replace_dir(path: Path, writer: Callable[[Path], None], *, kind: str | None 
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        _remove(old)
+        remove(old)
 
 
 def write_into(directory: Path, writer: Callable[[Path], None],
@@ -116,13 +143,14 @@ def write_into(directory: Path, writer: Callable[[Path], None],
     directory = Path(directory)
     with _temporary(directory / ".staging", is_dir=True) as tmp:
         writer(tmp)
+        _ordinary_permissions(tmp)
         names = sorted(p.name for p in tmp.iterdir())
         announce(names)
         for name in names:
             _sync(tmp / name)
             os.replace(tmp / name, directory / name)
         _sync(directory)
-        _remove(tmp)
+        remove(tmp)
     return names
 
 
@@ -157,7 +185,7 @@ def check_writable(path: Path) -> None:
     except OSError as err:
         raise OSError(err.errno, f"cannot write to {path} ({err.strerror}): choose a writable "
                                  f"--out, or fix the directory's permissions") from err
-    _remove(probe)
+    remove(probe)
 
 
 def check_output(out: Path, *, overwrite: bool, kinds: tuple[str, ...] = MODEL_DIRS,
@@ -220,4 +248,4 @@ def remove_temporaries(directory: Path) -> None:
                                  and not _LEFTOVER.match(d.name)]:
         for item in parent.iterdir():
             if _LEFTOVER.match(item.name):
-                _remove(item)
+                remove(item)

@@ -1,19 +1,19 @@
-"""Plumbing around a causal LM: logits at response positions only, and the LoRA adapter's state.
+"""A causal LM as promptbake uses it: logits at response positions only, and its variants.
 
-One copy of the weights serves teacher and student: the teacher is the model with the adapter
-disabled, the student the model with it enabled (optionally at a strength alpha, which scales the
-LoRA delta: the half-baked model).
+One copy of the weights serves teacher and student: the teacher is the model with the LoRA
+adapter disabled, the student the model with it enabled (at a strength that scales the LoRA
+delta: the half-baked model). A ``Variant`` names one of the four models a bake is compared
+across (base, prompted, baked, baked + prompt) at a strength; reprompt, drift, MC-KL and
+``Baked.generate`` all spell them the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Callable
 
 import torch
-
-
-def _inner(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def left_padded(prefixes: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -39,21 +39,48 @@ def right_padded(sequences: list[list[int]], pad_id: int, device) -> tuple[torch
     return ids, mask
 
 
-def next_step(model, cache, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
-              alive: list, still: list[int]):
-    """One step of batched incremental decoding: the rows not in ``still`` (finished) leave the
-    batch and the cache, then the kept rows' chosen ``tokens`` are fed. ``alive`` maps batch rows
-    to the caller's sequences. Returns (model output, mask, position, alive) for the next step."""
-    if len(still) < len(alive):
-        keep = torch.tensor(still, device=tokens.device)
-        cache.batch_select_indices(keep)
-        tokens, mask, position = tokens[keep], mask[keep], position[keep]
-        alive = [alive[r] for r in still]
-    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    position = position + 1
-    out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                past_key_values=cache, use_cache=True)
-    return out, mask, position, alive
+def inner(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One of the models a bake is compared across: the base weights or the baked ones (the LoRA
+    delta on, scaled by ``strength``), with the prompt u in the input (``prompted``) or not."""
+
+    baked: bool
+    prompted: bool
+    strength: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return _NAMES[(self.baked, self.prompted)]
+
+    def at(self, strength: float) -> Variant:
+        return dataclasses.replace(self, strength=float(strength))
+
+    def active(self, model):
+        """A context in which ``model`` (a PeftModel) is this variant's weights."""
+        return adapter(model, enabled=self.baked, strength=self.strength)
+
+    def input_ids(self, framing, context) -> list[int]:
+        """``context``'s token ids as this variant reads them: with u (the teacher's framing)
+        or without (the student's)."""
+        return framing.teacher_ids(context) if self.prompted else framing.student_ids(context)
+
+
+_NAMES = {(False, False): "base", (False, True): "prompted", (True, False): "baked",
+          (True, True): "baked+prompt"}
+BASE, PROMPTED, BAKED, BAKED_PROMPTED = (Variant(b, p) for (b, p) in _NAMES)
+VARIANTS = {v.name: v for v in (BASE, PROMPTED, BAKED, BAKED_PROMPTED)}
+
+
+def variant(name: str, strength: float = 1.0) -> Variant:
+    """The variant called ``name`` (base, prompted, baked, baked+prompt) at ``strength``."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}: choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[name].at(strength)
 
 
 def response_logits(model, prefixes: list[list[int]], responses: list[list[list[int]]],
@@ -71,8 +98,8 @@ def response_logits(model, prefixes: list[list[int]], responses: list[list[list[
             not all(group and all(group) for group in responses):
         raise ValueError("every prefix needs at least one token and one or more non-empty "
                          "responses")
-    inner = _inner(model)
-    body, head = inner.base_model, inner.get_output_embeddings()
+    lm = inner(model)
+    body, head = lm.base_model, lm.get_output_embeddings()
     device = head.weight.device
     # Right padding throughout (prompts, then responses): every query row, padding included, sees
     # at least one real token, so no attention row is fully masked (NaN-prone in eager attention).
@@ -86,18 +113,52 @@ def response_logits(model, prefixes: list[list[int]], responses: list[list[list[
         out = body(input_ids=ids, attention_mask=mask, use_cache=r_ids.shape[1] > 0)
         first = out.last_hidden_state[owner, ends[owner] - 1]  # the prompt's end predicts y_0
         if r_ids.shape[1] > 0:
-            cache = out.past_key_values
+            cache = out.cache
             cache.batch_select_indices(owner)  # an indexing op: gradients flow to the prompt
             positions = ends[owner, None] + torch.arange(r_ids.shape[1], device=device)
             rest = body(input_ids=r_ids, attention_mask=torch.cat([mask[owner], r_mask], dim=1),
-                        position_ids=positions, past_key_values=cache).last_hidden_state
+                        position_ids=positions, cache=cache).last_hidden_state
         rows = torch.cat([torch.cat([first[k:k + 1], rest[k, :len(r) - 1]]) if len(r) > 1
                           else first[k:k + 1] for k, r in enumerate(flat)])
-        logits = _finish(inner.config, head(rows))
+        logits = finish_logits(lm.config, head(rows))
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def _finish(config, logits: torch.Tensor) -> torch.Tensor:
+@torch.no_grad()
+def continuation_logprobs(model, prefixes: list[list[int]], continuations: list[list[list[int]]],
+                          pad_id: int, batch_size: int = 16,
+                          progress: Callable[[int], None] | None = None) -> list[list[tuple]]:
+    """For each prefix i and each continuation j of it: (sum of log P(token | prefix, earlier
+    continuation tokens), whether every token is the greedy choice).
+
+    ``continuations[i]`` are token lists following ``prefixes[i]`` (a question's choices). A
+    prefix goes through the model once per batch and its KV cache serves all of its
+    continuations (``response_logits``). ``batch_size`` counts prefixes; ``progress(n)`` is
+    called after each batch with the number of prefixes done in it.
+    """
+    out: list[list[tuple]] = []
+    for start in range(0, len(prefixes), batch_size):
+        chunk, conts = prefixes[start:start + batch_size], continuations[start:start + batch_size]
+        logits = response_logits(model, chunk, conts, pad_id)
+        logp = torch.log_softmax(logits.double(), dim=-1)  # fp64 sums: ties stay exact ties
+        row = 0
+        for group in conts:
+            scored = []
+            for tokens in group:
+                rows = logp[row:row + len(tokens)]
+                target = torch.tensor(tokens, device=rows.device)
+                total = float(rows.gather(1, target[:, None]).sum())
+                greedy = bool((rows.argmax(-1) == target).all())
+                scored.append((total, greedy))
+                row += len(tokens)
+            out.append(scored)
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+
+def finish_logits(config, logits: torch.Tensor) -> torch.Tensor:
     """What some architectures do to the LM head's output (Gemma's soft-capping, Granite's and
     Cohere's scaling), so that ``response_logits`` are the model's own logits."""
     cap = getattr(config, "final_logit_softcapping", None)
@@ -113,12 +174,12 @@ def _finish(config, logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def check_logits(model, ids: list[int]) -> None:
     """Refuses a model whose logits ``response_logits`` would not reproduce (an architecture that
-    transforms its LM head's output in a way ``_finish`` does not know)."""
-    full = model(input_ids=torch.tensor([ids], device=_inner(model).device)).logits[0, :-1]
+    transforms its LM head's output in a way ``finish_logits`` does not know)."""
+    full = model(input_ids=torch.tensor([ids], device=inner(model).device)).logits[0, :-1]
     ours = response_logits(model, [ids[:1]], [[ids[1:]]], pad_id=0)
     gap = float((full.float() - ours).abs().max())
     if gap > 1e-3 * max(1.0, float(full.abs().max())):
-        raise ValueError(f"this {_inner(model).config.model_type} model's logits differ from its "
+        raise ValueError(f"this {inner(model).config.model_type} model's logits differ from its "
                          f"LM head's output by up to {gap:.3g} after the known post-processing: "
                          f"promptbake cannot compute its logits at response positions exactly")
 
@@ -153,15 +214,6 @@ def adapter(model, enabled: bool = True, strength: float = 1.0):
             layer.scaling.update(scaling)
 
 
-def snapshot_steps(path) -> list[tuple[int, object]]:
-    """(step, directory) of every half-baked snapshot in a baked directory, by step."""
-    from pathlib import Path
-
-    found = [(int(d.name.split("-")[-1]), d) for d in (Path(path) / "snapshots").glob("step-*")
-             if (d / "adapter_model.safetensors").is_file()]
-    return sorted(found)
-
-
 @contextlib.contextmanager
 def adapter_weights(model, directory):
     """Runs the block with the LoRA weights of another adapter directory (a snapshot) in place
@@ -176,34 +228,3 @@ def adapter_weights(model, directory):
     finally:
         set_peft_model_state_dict(model, own)
 
-
-@contextlib.contextmanager
-def for_training(model, dtype: torch.dtype | None):
-    """The fastest way to run the training forward and backward here, with the same results.
-
-    * On CPU, eager attention: its backward is ~1.4x faster than SDPA's flash kernel at bake
-      lengths (a hundred-odd tokens per sequence; ``python bench/ --only bake`` times both).
-    * With bf16 matmuls, the frozen linear weights are held in bf16 for the duration, so autocast
-      does not cast each of them again in every step: the same bf16 values it would make. The
-      output embedding (often tied to the input one) stays fp32, and the fp32 originals come
-      back afterwards.
-    """
-    inner = _inner(model)
-    attention = inner.config._attn_implementation
-    if inner.device.type == "cpu" and attention != "eager":
-        inner.set_attn_implementation("eager")
-    saved = []
-    if dtype is not None:
-        head = inner.get_output_embeddings()
-        for module in inner.modules():
-            if isinstance(module, torch.nn.Linear) and module is not head \
-                    and not module.weight.requires_grad and module.weight.dtype == torch.float32:
-                saved.append((module.weight, module.weight.data))
-                module.weight.data = module.weight.data.to(dtype)
-    try:
-        yield model
-    finally:
-        for weight, data in saved:
-            weight.data = data
-        if inner.config._attn_implementation != attention:
-            inner.set_attn_implementation(attention)

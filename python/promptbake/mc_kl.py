@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from promptbake import _lm, framing as framing_mod
+from promptbake import contexts as contexts_mod, formatting, modeling, plotting
+from promptbake.artifact import HELD_OUT_SAMPLES
+from promptbake.decoding import stop_token_ids
+from promptbake.framing import Framing
+from promptbake.modeling import BASE, Variant
 from promptbake.ops import divergence
+from promptbake.trajectories import SamplingConfig, Trajectories, sample
 
 
 def _spread(residuals: list[float], clusters: list[int]) -> float:
@@ -66,17 +71,13 @@ class KL:
                 if k not in ("values", "lengths", "clusters")}
 
     def __str__(self) -> str:
-        return (f"{self.per_sequence:.3f} ± {_fmt(self.per_sequence_se, 3)} nats/sequence "
-                f"({self.per_token:.4f} ± {_fmt(self.per_token_se, 4)} nats/token, "
+        return (f"{formatting.pm(self.per_sequence, self.per_sequence_se)} nats/sequence "
+                f"({formatting.pm(self.per_token, self.per_token_se, '.4f')} nats/token, "
                 f"{self.sequences} sequences)")
 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-def _fmt(x: float | None, digits: int) -> str:
-    return "?" if x is None else f"{x:.{digits}f}"
 
 
 def reduction(before: KL, after: KL) -> tuple[float, float | None]:
@@ -94,13 +95,14 @@ def reduction(before: KL, after: KL) -> tuple[float, float | None]:
 
 
 @torch.no_grad()
-def kl_on(model, framing: framing_mod.Framing, contexts, trajectories,
-          students: dict[str, tuple[bool, float]], *, pad_id: int = 0, batch_size: int = 8,
-          dtype: torch.dtype | None = None) -> dict[str, KL]:
-    """MC-KL of several students on the same trajectories.
+def sequence_kls(trajectories: Trajectories, teacher: Callable, students: dict[str, Callable], *,
+                 batch_size: int = 8) -> dict[str, KL]:
+    """MC-KL of several students against one teacher on ``trajectories``: the batching both
+    ``kl_on`` and ``compress.kl_to_teacher`` use.
 
-    ``students`` maps a name to (adapter enabled, strength); the teacher is the model with the
-    adapter disabled and the prompt in its input. Teacher logits are computed once per batch and
+    ``teacher(contexts, responses)`` and each ``students[name](contexts, responses)`` give the
+    logits ``[tokens, V]`` predicting every response token (``modeling.response_logits``) for a
+    batch of context indices and their samples. Teacher logits are computed once per batch and
     shared by every student; a context's samples share its prompt's forward pass.
     """
     groups = trajectories.by_context()
@@ -111,22 +113,43 @@ def kl_on(model, framing: framing_mod.Framing, contexts, trajectories,
         chunk = order[start:start + contexts_per_batch]
         ks = [k for c in chunk for k in groups[c]]
         responses = [[trajectories.responses[k] for k in groups[c]] for c in chunk]
-        with _lm.adapter(model, enabled=False):
-            teacher = _lm.response_logits(model, [framing.teacher_ids(contexts[c]) for c in chunk],
-                                          responses, pad_id, dtype)
-        student_prefixes = [framing.student_ids(contexts[c]) for c in chunk]
+        target = teacher(chunk, responses)
         bounds = [0]
         for k in ks:
             bounds.append(bounds[-1] + len(trajectories.responses[k]))
-        for name, (enabled, strength) in students.items():
-            with _lm.adapter(model, enabled=enabled, strength=strength):
-                student = _lm.response_logits(model, student_prefixes, responses, pad_id, dtype)
-            per_token = divergence(student, teacher, reduction="none")
+        for name, student in students.items():
+            per_token = divergence(student(chunk, responses), target, reduction="none")
             for j, k in enumerate(ks):
                 sums[name][k] = float(per_token[bounds[j]:bounds[j + 1]].sum())
     lengths = [len(r) for r in trajectories.responses]
     return {name: KL.from_values([found[k] for k in range(len(trajectories))], lengths,
                                  trajectories.context_index) for name, found in sums.items()}
+
+
+def kl_on(model, framing: Framing, contexts, trajectories: Trajectories,
+          students: dict[str, Variant], *, pad_id: int = 0, batch_size: int = 8,
+          dtype: torch.dtype | None = None) -> dict[str, KL]:
+    """MC-KL (Eq. 3) of several variants of ``model`` (a PeftModel) on the same trajectories.
+
+    The teacher is the prompted base model (``modeling.PROMPTED``); ``students`` maps a name to
+    a variant without the prompt (base, or baked at some strength).
+    """
+    prompted = [name for name, v in students.items() if v.prompted]
+    if prompted:
+        raise ValueError(f"students {prompted} see the prompt: MC-KL compares the prompted "
+                         f"model with models that do not")
+
+    def logits(variant: Variant) -> Callable:
+        def run(chunk, responses):
+            with variant.active(model):
+                return modeling.response_logits(
+                    model, [variant.input_ids(framing, contexts[c]) for c in chunk], responses,
+                    pad_id, dtype)
+        return run
+
+    return sequence_kls(trajectories, logits(modeling.PROMPTED),
+                        {name: logits(v) for name, v in students.items()},
+                        batch_size=batch_size)
 
 
 def held_out_samples(baked, contexts=None, *, samples: int = 1,
@@ -138,9 +161,6 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
     same tokens). Otherwise every context ``contexts`` names (see ``contexts.for_measuring``).
     ``seed`` None: the bake's held-out seed.
     """
-    from promptbake import contexts as contexts_mod
-    from promptbake.trajectories import SamplingConfig, Trajectories, sample, stop_token_ids
-
     config = baked.manifest.get("config", {})
     own_seed = config.get("seed", 0) + 1  # what bake() sampled its held-out contexts with
     seed = own_seed if seed is None else seed
@@ -151,7 +171,7 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
         held_out = baked.held_out
     else:  # a directory from before held-out contexts were saved in it
         held_out = contexts_mod.for_bake(baked.manifest["contexts"]["source"], "held_out", count)
-    saved = baked.path / "eval_trajectories.safetensors" if baked.path else None
+    saved = baked.path / HELD_OUT_SAMPLES if baked.path else None
     if (contexts, samples, max_new_tokens, seed) == (None, 1, None, own_seed) and saved and \
             saved.is_file():
         return held_out, Trajectories.load(saved)
@@ -161,7 +181,7 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
                               top_p=config.get("top_p", 1.0),
                               batch_size=config.get("sample_batch", 64))
     model, tokenizer = baked.model, baked.tokenizer
-    with _lm.adapter(model, enabled=False):
+    with BASE.active(model):
         trajectories = sample(model, [baked.framing.teacher_ids(c) for c in held_out], sampling,
                               stop_token_ids(tokenizer, model),
                               torch.Generator().manual_seed(seed), cache="none",
@@ -179,7 +199,7 @@ def mc_kl(baked, contexts=None, *, samples: int = 1, max_new_tokens: int | None 
     """
     held_out, trajectories = held_out_samples(baked, contexts, samples=samples,
                                               max_new_tokens=max_new_tokens, seed=seed)
-    students = {"base": (False, 1.0), **{f"{a:g}": (True, float(a)) for a in strengths}}
+    students = {"base": BASE, **{f"{a:g}": modeling.BAKED.at(a) for a in strengths}}
     return kl_on(baked.model, baked.framing, held_out, trajectories, students,
                  pad_id=baked.tokenizer.pad_token_id, batch_size=batch_size)
 
@@ -191,46 +211,30 @@ def snapshot_curve(baked, snapshots: list, contexts=None, **sampling) -> dict[in
     model = baked.model
 
     def measure() -> KL:
-        return kl_on(model, baked.framing, held_out, trajectories, {"s": (True, 1.0)},
+        return kl_on(model, baked.framing, held_out, trajectories, {"s": modeling.BAKED},
                      pad_id=baked.tokenizer.pad_token_id)["s"]
 
     steps = {}
     for path in snapshots:
-        with _lm.adapter_weights(model, path):
+        with modeling.adapter_weights(model, path):
             steps[int(path.name.split("-")[-1])] = measure()
     last = len(baked.manifest.get("train_kl_per_token", [])) or max(steps, default=0) + 1
     steps[last] = measure()
     return steps
 
 
-def strength_curve(model, framing, contexts, trajectories, strengths: Iterable[float],
-                   **kwargs) -> dict[float, KL]:
-    """MC-KL of the baked model at each strength alpha (the LoRA delta scaled by alpha)."""
-    students = {f"{a:g}": (True, float(a)) for a in strengths}
-    found = kl_on(model, framing, contexts, trajectories, students, **kwargs)
-    return {float(name): kl for name, kl in found.items()}
-
-
 def plot_curve(points: dict[float, KL], path, xlabel: str, title: str,
                reference: KL | None = None) -> None:
     """KL against strength or step, with standard errors; written to a temporary name first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from promptbake import _files
-
     xs = sorted(points)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(xs, [points[x].per_token for x in xs], yerr=[points[x].per_token_se for x in xs],
-                marker="o", capsize=3, label="baked, no prompt")
-    if reference is not None:
-        ax.axhline(reference.per_token, color="grey", ls="--", label="base, no prompt")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("KL(prompted || model), nats/token")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    _files.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    with plotting.figure(path) as (_, axes):
+        ax = axes[0][0]
+        ax.errorbar(xs, [points[x].per_token for x in xs],
+                    yerr=[points[x].per_token_se for x in xs], marker="o", capsize=3,
+                    label="baked, no prompt")
+        if reference is not None:
+            ax.axhline(reference.per_token, color="grey", ls="--", label="base, no prompt")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("KL(prompted || model), nats/token")
+        ax.set_title(title)
+        ax.legend()

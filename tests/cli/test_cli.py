@@ -1,6 +1,9 @@
 import json
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from promptbake import cli
 
@@ -20,14 +23,13 @@ def test_help_and_version_from_the_installed_command():
     assert done.stdout.startswith("promptbake ")
 
 
-PROMPT = "You are a pirate captain. Talk like a pirate in every answer."
 TINY = ["--train-contexts", "4", "--eval-contexts", "3", "--max-new-tokens", "8",
         "--batch-size", "4", "--steps", "4", "--lr", "0.02", "--sample-batch", "8", "--quiet"]
 
 
-def test_bake_chat_and_kl(tiny_dir, tmp_path, capsys):
+def test_bake_chat_and_kl(tiny_dir, tmp_path, capsys, prompt):
     out = tmp_path / "baked"
-    assert cli.main(["bake", "--prompt", PROMPT, "--model", str(tiny_dir), "--out", str(out),
+    assert cli.main(["bake", "--prompt", prompt, "--model", str(tiny_dir), "--out", str(out),
                      "--snapshot-every", "2"] + TINY) == 0
     printed = capsys.readouterr().out
     assert "KL reduction" in printed and "KL(prompted || base)" in printed
@@ -48,24 +50,24 @@ def test_bake_chat_and_kl(tiny_dir, tmp_path, capsys):
         assert (out / name).is_file()
 
 
-def test_prompt_from_a_file(tiny_dir, tmp_path):
-    prompt = tmp_path / "prompt.txt"
-    prompt.write_text(PROMPT + "\n", encoding="utf-8")
-    assert cli.main(["bake", "--prompt-file", str(prompt), "--model", str(tiny_dir), "--out",
+def test_prompt_from_a_file(tiny_dir, tmp_path, prompt):
+    file = tmp_path / "prompt.txt"
+    file.write_text(prompt + "\n", encoding="utf-8")
+    assert cli.main(["bake", "--prompt-file", str(file), "--model", str(tiny_dir), "--out",
                      str(tmp_path / "b")] + TINY[:-3] + ["--steps", "1", "--quiet"]) == 0
-    manifest = (tmp_path / "b" / "manifest.json").read_text()
-    assert PROMPT in manifest
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["prompt"]["text"] == prompt
 
 
-def test_bad_input_exits_with_one_clear_line(tiny_dir, tmp_path, capsys):
+def test_bad_input_exits_with_one_clear_line(tiny_dir, tmp_path, capsys, prompt):
     cases = [
         (["bake", "--prompt", " ", "--model", str(tiny_dir), "--out", str(tmp_path / "x")],
          "prompt is empty"),
         (["bake", "--prompt-file", str(tmp_path / "none.txt"), "--out", str(tmp_path / "x")],
          "prompt file not found"),
-        (["bake", "--prompt", PROMPT, "--model", str(tmp_path / "nowhere"), "--out",
+        (["bake", "--prompt", prompt, "--model", str(tmp_path / "nowhere"), "--out",
           str(tmp_path / "x")], "model directory not found"),
-        (["bake", "--prompt", PROMPT, "--model", str(tiny_dir), "--out", str(tmp_path / "x"),
+        (["bake", "--prompt", prompt, "--model", str(tiny_dir), "--out", str(tmp_path / "x"),
           "--contexts", str(tmp_path / "missing.jsonl")], "contexts file not found"),
         (["kl", str(tmp_path)], "no finished bake"),
     ]
@@ -100,9 +102,10 @@ def test_models_lists_the_default(capsys):
     assert "smollm2-135m-instruct" in capsys.readouterr().out
 
 
-def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys):
+def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys, prompt):
     out = tmp_path / "baked"
-    assert cli.main(["bake", "--prompt", PROMPT, "--model", str(tiny_dir), "--out", str(out)]
+    prompt += " Keep it short."  # not the built-in persona's prompt: drift needs --persona
+    assert cli.main(["bake", "--prompt", prompt, "--model", str(tiny_dir), "--out", str(out)]
                     + TINY) == 0
     capsys.readouterr()
     task = tmp_path / "colours.jsonl"
@@ -114,8 +117,8 @@ def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| without u |" in printed and "forgetting gate:" in printed
     assert set(json.loads(record.read_text())["reprompt"]["colours"]["cells"]) == \
-        {"base", "base+u", "baked", "baked+u"}
-    assert cli.main(["evaluate", str(tiny_dir), "--tasks", str(task), "--system", PROMPT]) == 0
+        {"base", "prompted", "baked", "baked+prompt"}
+    assert cli.main(["evaluate", str(tiny_dir), "--tasks", str(task), "--system", prompt]) == 0
     assert "colours" in capsys.readouterr().out
 
     pursued = tmp_path / "pursued"
@@ -153,3 +156,66 @@ def test_drift_refuses_bad_modes_before_loading_anything(tmp_path, capsys):
     for modes in ("prompted,bakd", ","):
         assert cli.main(["drift", str(tmp_path / "nowhere"), "--modes", modes]) == 2
         assert "choose one or more of prompted, baked, base" in capsys.readouterr().err
+
+
+# -- damaged bakes, bad settings, unwritable outputs: one line, exit 2 -------------------------
+
+
+def test_cli_export_onto_the_bake_exits_2_and_keeps_it(bake_copy, capsys, file_hashes):
+    before = file_hashes(bake_copy)
+    assert cli.main(["export", str(bake_copy), "--format", "safetensors", "--out",
+                     str(bake_copy), "--overwrite"]) == 2
+    assert "the directory it is made from" in capsys.readouterr().err
+    assert file_hashes(bake_copy) == before
+
+
+@pytest.mark.parametrize("command", [
+    ["chat", "{dir}", "--question", "hi"],
+    ["kl", "{dir}"],
+    ["evaluate", "{dir}", "--tasks", "sentiment", "--limit", "2"],
+    ["report", "{dir}", "--tasks", "none"],
+    ["export", "{dir}", "--out", "{tmp}/out"],
+    ["drift", "{dir}", "--persona", "pirate", "--turns", "1"],
+    ["pursue", "{dir}", "--out", "{tmp}/pursued"],
+])
+@pytest.mark.parametrize("damage", ["truncated adapter", "foreign manifest"])
+def test_every_command_names_a_damaged_bake_and_exits_2(bake_copy, tmp_path, capsys, command,
+                                                       damage):
+    if damage == "truncated adapter":
+        adapter = bake_copy / "adapter_model.safetensors"
+        adapter.write_bytes(adapter.read_bytes()[:5])
+        named = "adapter_model.safetensors is damaged"
+    else:
+        (bake_copy / "manifest.json").write_text(json.dumps({"x": 1}))
+        named = "manifest.json is not a promptbake bake's manifest"
+    argv = [a.format(dir=bake_copy, tmp=tmp_path) for a in command]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_refuses_lr_inf_before_making_the_directory(tiny_dir, tmp_path, capsys, prompt):
+    out = tmp_path / "out"
+    assert cli.main(["bake", "--prompt", prompt, "--model", str(tiny_dir), "--out", str(out),
+                     "--lr", "inf", "--quiet"]) == 2
+    assert "lr=inf must be a finite number" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or subprocess.run(
+    ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+    check=False).returncode != 0, reason="needs a user and mount namespace for a read-only mount")
+def test_a_read_only_out_is_refused_before_loading_the_model(tiny_dir, tmp_path):
+    """A read-only mount, as a user meets it (root's privileges ignore permission bits, a
+    read-only mount stops everyone)."""
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    script = (f"mount --bind -o ro {readonly} {readonly} && exec {sys.executable} -m "
+              f"promptbake.cli bake --prompt 'x y' --model {tiny_dir} --out {readonly}/pirate "
+              f"--quiet --contexts no-such-file.txt")
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stderr
+    # named before the contexts file is even read (that would be the next error)
+    assert f"cannot write to {readonly} (Read-only file system)" in done.stderr
+    assert ".tmp-" not in done.stderr and list(readonly.iterdir()) == []

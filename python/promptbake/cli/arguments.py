@@ -1,0 +1,44 @@
+"""What the commands share: the help formatter, reading a prompt, printing a score."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from promptbake.formatting import pm
+
+
+class Help(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when X says something: not for None or False
+    defaults, nor where the help already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text \
+                or action.option_strings == [] or "%(default)" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def read_prompt(args) -> str:
+    """The prompt of ``--prompt`` or ``--prompt-file`` (UTF-8)."""
+    if args.prompt_file is not None:
+        try:
+            text = Path(args.prompt_file).read_bytes().decode("utf-8")
+        except FileNotFoundError as err:
+            raise ValueError(f"prompt file not found: {args.prompt_file}") from err
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{args.prompt_file} is not UTF-8 text: save it as UTF-8") from err
+        return text.strip()
+    return args.prompt
+
+
+def score_line(result) -> str:
+    """A task's score with its error, and chance where it is known."""
+    chance = "" if result.chance is None else f"   (chance {result.chance:.3f})"
+    return f"{pm(result.value, result.se, '.3f')}{chance}"
+
+
+def split_list(text: str) -> list[str]:
+    """The items of a comma-separated option, stripped, empty ones dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]

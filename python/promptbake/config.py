@@ -1,0 +1,140 @@
+"""Every choice a bake makes, in one dataclass: ``BakeConfig``.
+
+Saved in the manifest (``BakeConfig.from_manifest`` reads it back); the CLI's defaults and
+choices come from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from promptbake.trajectories import SamplingConfig, Trajectories
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd")
+SCHEDULES = ("constant", "linear", "cosine")
+TEACHERS = ("cached", "live")
+TEACHER_CACHES = ("full", "topk")
+PRECISIONS = ("auto", "fp32", "bf16")
+LOGGERS = ("tensorboard", "wandb")
+
+
+@dataclasses.dataclass
+class BakeConfig:
+    """Every choice a bake makes; saved in the manifest. Defaults are the measured ones
+    (``python bench/ --only bake`` shows them at work on the default model)."""
+
+    # Framing and contexts
+    framing: str = "default"  # student input: default | empty | none (see promptbake.framing)
+    train_contexts: int = 144  # training contexts drawn from the train split
+    eval_contexts: int = 24  # held-out contexts for MC-KL
+    # Trajectories
+    samples_per_context: int = 2
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    sample_batch: int = 64  # sequences decoded together
+    teacher: str = "cached"  # cached: targets recorded while sampling; live: a teacher forward
+    teacher_cache: str = "full"  # full: fp16 log-probs over V; topk: k log-probs and a tail bucket
+    topk: int = 64
+    # LoRA
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: by architecture
+    # Training
+    loss: str = "forward_kl"
+    beta: float = 0.5
+    steps: int | None = None  # None: epochs over the trajectories
+    epochs: float = 4.0
+    batch_size: int = 8  # trajectories per micro-batch (rounded to whole contexts)
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: float = 0.1  # fraction of steps
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 matmuls where the hardware has them, else fp32
+    # Outputs
+    snapshot_every: int = 0  # steps between half-baked snapshots; 0: none
+    checkpoint_every: int = 10
+    merge: bool = False  # also write a merged safetensors model directory
+    log_to: str | None = None  # tensorboard | wandb
+
+    def validate(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name}={value} must be a finite number "
+                                 f"(--{field.name.replace('_', '-')})")
+        checks = [
+            (self.loss in LOSSES, f"loss={self.loss!r}: choose one of {', '.join(LOSSES)}"),
+            (self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of "
+                                         f"{', '.join(SCHEDULES)}"),
+            (self.teacher in TEACHERS, f"teacher={self.teacher!r}: choose cached or live"),
+            (self.teacher_cache in TEACHER_CACHES, f"teacher_cache={self.teacher_cache!r}: "
+                                                   f"choose full or topk"),
+            (self.train_contexts >= 1, f"train_contexts={self.train_contexts} must be >= 1"),
+            (self.eval_contexts >= 1, f"eval_contexts={self.eval_contexts} must be >= 1"),
+            (self.rank >= 1, f"rank={self.rank} must be >= 1"),
+            (self.alpha > 0, f"alpha={self.alpha} must be > 0"),
+            (0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)"),
+            (self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1"),
+            (self.epochs > 0, f"epochs={self.epochs} must be > 0"),
+            (self.batch_size >= 1 and self.grad_accum >= 1,
+             "batch_size and grad_accum must be >= 1"),
+            (self.lr > 0, f"lr={self.lr} must be > 0"),
+            (0 <= self.warmup < 1, f"warmup={self.warmup} must be a fraction in [0, 1)"),
+            (0 <= self.beta <= 1, f"beta={self.beta} must be in [0, 1]"),
+            (self.topk >= 1, f"topk={self.topk} must be >= 1"),
+            (self.snapshot_every >= 0 and self.checkpoint_every >= 1,
+             "snapshot_every must be >= 0 and checkpoint_every >= 1"),
+            (self.log_to in (None, *LOGGERS), f"log_to={self.log_to!r}: choose tensorboard "
+                                              f"or wandb"),
+            (self.precision in PRECISIONS, f"precision={self.precision!r}: choose one of "
+                                           f"{', '.join(PRECISIONS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.sampling().validate()
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> BakeConfig:
+        """The configuration a bake's manifest records (fields it does not know are ignored, so
+        a manifest from another promptbake version still gives a configuration)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (manifest.get("config") or {}).items() if k in fields})
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.samples_per_context, self.max_new_tokens, self.temperature,
+                              self.top_p, self.sample_batch)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 for the forward and backward matmuls in training, or None for fp32. The LoRA
+        parameters, the optimizer state and the loss's accumulation stay fp32 either way (the
+        student's logits are bf16-rounded); held-out MC-KL is always measured in fp32."""
+        if self.precision == "fp32":
+            return None
+        if self.precision == "bf16":
+            return torch.bfloat16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if native else None
+
+    def contexts_per_batch(self) -> int:
+        """Micro-batches hold whole contexts (their samples share the prompt's forward pass):
+        ``batch_size`` trajectories, rounded to whole contexts, at least one."""
+        return max(1, round(self.batch_size / self.samples_per_context))
+
+    def total_steps(self, trajectories: Trajectories) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_step = self.contexts_per_batch() * self.grad_accum
+        return max(1, math.ceil(self.epochs * len(trajectories.by_context()) / per_step))
+

@@ -1,0 +1,289 @@
+"""The steps of a bake, each public: what ``bake()`` calls in order, and what other loops reuse.
+
+* ``attach_lora``: the student, a LoRA adapter on the base model (the teacher is the same model
+  with the adapter off, so one copy of the weights serves both);
+* ``sample_trajectories``: y ~ P(. | u, x) from the prompted model, the teacher's distributions
+  recorded as they are drawn;
+* ``make_optimizer``: AdamW on the LoRA parameters and the learning-rate schedule;
+* ``batch_plan``: which trajectories each optimizer step trains on, a pure function of the seed
+  and the step (a resumed run sees the batches an uninterrupted one would);
+* ``Divergence``: Eq. 3's loss, an ``Objective``; ``optimizer_step``: one step of any objective;
+* ``for_training``, ``Clock``, ``TrainingLog``, ``progress_bar``: the run's surroundings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from promptbake import modeling
+from promptbake.config import BakeConfig
+from promptbake.decoding import stop_token_ids
+from promptbake.ops import divergence
+from promptbake.ops.topk_divergence import topk_divergence
+from promptbake.trajectories import Trajectories, sample
+
+# Architectures whose attention projections are q_proj/k_proj/v_proj/o_proj.
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "phi3", "olmo",
+              "olmo2", "granite", "mixtral")
+
+
+def attach_lora(lm, config: BakeConfig):
+    """``lm`` wrapped in a PEFT LoRA adapter of ``config.rank`` / ``config.alpha`` on
+    ``config.target_modules`` (by architecture when None: q/k/v/o on Llama-like models, as the
+    paper's authors did). The adapter starts at zero (B = 0): the student starts as the base."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.target_modules
+    if targets is None and lm.config.model_type in LLAMA_LIKE:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]  # as the original authors did
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(lm, lora)
+    except ValueError as err:
+        raise ValueError(f"cannot place LoRA adapters on this {lm.config.model_type} model "
+                         f"({err}); name the layers with --target-modules") from err
+
+
+def sample_trajectories(model, tokenizer, prefixes: list[list[int]], config: BakeConfig,
+                        cache: str, *, seed: int, samples: int, progress: bool = False,
+                        what: str = "sampling") -> Trajectories:
+    """``samples`` responses per prefix from ``model`` as it stands (the caller chooses the
+    teacher: adapter off, the prompt in ``prefixes``), with ``config``'s sampling settings and the
+    teacher's distributions recorded as ``cache`` (full, topk or none): Eq. 3's y ~ P(. | u, x).
+    ``progress`` shows a bar labelled ``what``."""
+    sampling = dataclasses.replace(config.sampling(), samples_per_context=samples)
+    bar = progress_bar(progress, len(prefixes) * samples, what, unit="seq")
+    traj = sample(model, prefixes, sampling, stop_token_ids(tokenizer, model),
+                  torch.Generator().manual_seed(seed), cache=cache, topk=config.topk,
+                  pad_id=tokenizer.pad_token_id, progress=bar.update if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    return traj
+
+
+def make_optimizer(model, config: BakeConfig, total: int):
+    """AdamW on the LoRA parameters, and the learning-rate schedule over ``total`` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
+
+
+def lr_factor(config: BakeConfig, total: int):
+    """The learning rate's multiplier at each step: linear warm-up over ``config.warmup`` of
+    ``total`` steps, then constant, linear or cosine decay (``config.schedule``)."""
+    warm = int(config.warmup * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def batch_plan(step: int, trajectories: Trajectories, config: BakeConfig) -> list[list[int]]:
+    """The trajectories of optimizer step ``step``, one list per micro-batch.
+
+    A micro-batch holds whole contexts, all the samples of each, so they share one forward pass of
+    their prompt (``modeling.response_logits``): ``config.contexts_per_batch()`` contexts drawn
+    from a fresh permutation every epoch. A pure function of (seed, step), so a resumed run sees exactly
+    the batches an uninterrupted one would.
+    """
+    samples = trajectories.by_context()
+    contexts = sorted(samples)
+    size = config.contexts_per_batch()
+    first = step * size * config.grad_accum
+    out = []
+    for micro in range(config.grad_accum):
+        batch = []
+        for k in range(first + micro * size, first + (micro + 1) * size):
+            epoch, at = divmod(k, len(contexts))
+            order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(
+                config.seed * 1_000_003 + epoch))
+            batch.extend(samples[contexts[int(order[at])]])
+        out.append(batch)
+    return out
+
+
+class Objective(Protocol):
+    """A training loss: called with the student model and the trajectories of one micro-batch
+    (indices into the trajectories, those of a context together); returns the loss summed over
+    the batch's response tokens (a scalar tensor to backpropagate) and the number of those
+    tokens. ``optimizer_step`` averages it over the step's sequences. An objective with more
+    terms (a regulariser on other contexts, say) is another objective that adds them: the
+    training step has no branch for any of them."""
+
+    def __call__(self, model, batch: list[int]) -> tuple[torch.Tensor, int]: ...
+
+
+class Divergence:
+    """Eq. 3: sum over the response positions of D(teacher || student), the teacher being the
+    prompted model and the student the same model without u on the same response tokens.
+
+    ``config.loss`` picks D (forward KL as the paper; reverse KL or JSD(beta)). The teacher's
+    distributions come from the trajectories' cache (recorded while sampling, full or top-k)
+    or, with ``config.teacher == "live"``, from a forward pass of the model with its adapter off
+    on the teacher's prefix. ``prefixes[c]`` is context c's (teacher ids, student ids).
+    """
+
+    def __init__(self, trajectories: Trajectories, prefixes: list[tuple[list[int], list[int]]],
+                 config: BakeConfig, pad_id: int):
+        self.trajectories, self.prefixes, self.config, self.pad_id = (trajectories, prefixes,
+                                                                      config, pad_id)
+
+    def __call__(self, model, batch: list[int]) -> tuple[torch.Tensor, int]:
+        trajectories, config, pad_id = self.trajectories, self.config, self.pad_id
+        groups: dict[int, list[int]] = {}
+        for k in batch:
+            groups.setdefault(trajectories.context_index[k], []).append(k)
+        responses = [[trajectories.responses[k] for k in ks] for ks in groups.values()]
+        rows = trajectories.rows([k for ks in groups.values() for k in ks])
+        dtype = config.autocast_dtype(next(model.parameters()).device)
+        student = modeling.response_logits(model, [self.prefixes[c][1] for c in groups],
+                                           responses, pad_id, dtype)
+        options = dict(kind=config.loss, beta=config.beta, reduction="sum")
+        if config.teacher == "live":
+            with torch.no_grad(), modeling.adapter(model, enabled=False):
+                teacher = modeling.response_logits(model, [self.prefixes[c][0] for c in groups],
+                                                   responses, pad_id, dtype)
+            loss = divergence(student, teacher, **options)
+        elif trajectories.cache == "full":  # recorded targets live in host memory
+            loss = divergence(student, trajectories.full_logprobs[rows].to(student.device),
+                              teacher_is_logprobs=True, **options)
+        else:
+            loss = topk_divergence(student, trajectories.topk_ids[rows].to(student.device),
+                                   trajectories.topk_logprobs[rows].to(student.device),
+                                   **options)
+        return loss, student.shape[0]
+
+
+def optimizer_step(model, objective: Objective, batches: list[list[int]], optimizer, schedule,
+                   max_grad_norm: float) -> float:
+    """One optimizer step over ``batches`` (its micro-batches, from ``batch_plan``): forward and
+    backward of ``objective`` on each, the loss averaged over the step's sequences, gradient
+    clipping, the update and the schedule's step. Returns the loss per response token."""
+    optimizer.zero_grad(set_to_none=True)
+    sequences = sum(len(b) for b in batches)
+    total, tokens = 0.0, 0
+    for batch in batches:
+        loss, n = objective(model, batch)
+        (loss / sequences).backward()
+        total, tokens = total + float(loss.detach()), tokens + n
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    return total / tokens
+
+
+@contextlib.contextmanager
+def for_training(model, dtype: torch.dtype | None):
+    """The fastest way to run the training forward and backward here, with the same results.
+
+    * On CPU, eager attention: its backward is ~1.4x faster than SDPA's flash kernel at bake
+      lengths (a hundred-odd tokens per sequence; ``python bench/ --only bake`` times both).
+    * With bf16 matmuls, the frozen linear weights are held in bf16 for the duration, so autocast
+      does not cast each of them again in every step: the same bf16 values it would make. The
+      output embedding (often tied to the input one) stays fp32, and the fp32 originals come
+      back afterwards.
+    """
+    inner = modeling.inner(model)
+    attention = inner.config._attn_implementation
+    if inner.device.type == "cpu" and attention != "eager":
+        inner.set_attn_implementation("eager")
+    saved = []
+    if dtype is not None:
+        head = inner.get_output_embeddings()
+        for module in inner.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head \
+                    and not module.weight.requires_grad and module.weight.dtype == torch.float32:
+                saved.append((module.weight, module.weight.data))
+                module.weight.data = module.weight.data.to(dtype)
+    try:
+        yield model
+    finally:
+        for weight, data in saved:
+            weight.data = data
+        if inner.config._attn_implementation != attention:
+            inner.set_attn_implementation(attention)
+
+
+class Clock:
+    """Wall time per phase, for the manifest: ``with clock("train"): ...``."""
+
+    def __init__(self):
+        self._seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[phase] = self._seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def seconds(self) -> dict[str, float]:
+        return {**{k: round(v, 2) for k, v in self._seconds.items()},
+                "total": round(time.perf_counter() - self._start, 2)}
+
+
+class TrainingLog:
+    """Optional TensorBoard or Weights & Biases logging of the training KL."""
+
+    def __init__(self, config: BakeConfig, path: Path | None):
+        self.writer = self.run = None
+        if config.log_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ValueError("log_to='tensorboard' needs the tensorboard package: "
+                                 "pip install tensorboard") from err
+            where = path / "tensorboard" if path is not None else \
+                Path("runs") / time.strftime("promptbake-%Y%m%d-%H%M%S")
+            self.writer = SummaryWriter(str(where))
+        elif config.log_to == "wandb":
+            try:
+                import wandb
+            except ImportError as err:
+                raise ValueError("log_to='wandb' needs the wandb package: pip install "
+                                 "wandb") from err
+            self.run = wandb.init(project="promptbake", config=dataclasses.asdict(config))
+
+    def log(self, step: int, kl: float, lr: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("train/kl_per_token", kl, step)
+            self.writer.add_scalar("train/lr", lr, step)
+        if self.run is not None:
+            self.run.log({"train/kl_per_token": kl, "train/lr": lr}, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def progress_bar(enabled: bool, total: int, what: str, *, initial: int = 0, unit: str = "step"):
+    """A tqdm bar labelled ``what`` counting ``unit`` (steps while training, sequences while
+    sampling), or None when not ``enabled``."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=what, unit=unit,
+                dynamic_ncols=True)
+

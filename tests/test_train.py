@@ -1,0 +1,126 @@
+"""The training steps as public pieces: LoRA on the right layers, a batch plan that is a pure
+function of (seed, step), the schedule, Eq. 3's objective from cached or live teacher targets,
+and an optimizer step that takes any objective."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from promptbake import BakeConfig, modeling
+from promptbake.framing import Framing
+from promptbake.train import (Clock, Divergence, attach_lora, batch_plan, lr_factor,
+                              make_optimizer, optimizer_step, sample_trajectories)
+
+CONTEXTS = [[{"role": "user", "content": q}] for q in
+            ("What is the capital of France?", "How do I boil an egg?", "Hi!", "Name a river.")]
+
+
+def config(**changes) -> BakeConfig:
+    base = dict(samples_per_context=2, max_new_tokens=6, sample_batch=8, batch_size=4, steps=4,
+                lr=2e-2, warmup=0.0)
+    return BakeConfig(**{**base, **changes})
+
+
+@pytest.fixture
+def setup(tiny_dir, tokenizer, prompt):
+    """(student, prefixes, trajectories with a full teacher cache) on the tiny model."""
+    torch.manual_seed(0)
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), config())
+    framing = Framing(tokenizer, prompt)
+    prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in CONTEXTS]
+    with modeling.BASE.active(model):
+        trajectories = sample_trajectories(model, tokenizer, [p[0] for p in prefixes], config(),
+                                           "full", seed=0, samples=2)
+    return model, prefixes, trajectories, tokenizer.pad_token_id
+
+
+def test_attach_lora_on_attention_projections_starts_at_the_base(tiny_dir):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+    model = attach_lora(lm, config(rank=2, alpha=4.0))
+    names = {n.split(".lora_")[0].split(".")[-1] for n, p in model.named_parameters()
+             if p.requires_grad}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert model.peft_config["default"].r == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)  # B = 0 at the start
+
+
+def test_batch_plan_is_a_pure_function_of_seed_and_step(setup):
+    _, _, trajectories, _ = setup
+    cfg = config(grad_accum=2)
+    first = [batch_plan(step, trajectories, cfg) for step in range(4)]
+    assert first == [batch_plan(step, trajectories, cfg) for step in range(4)]
+    assert all(len(step) == 2 for step in first)  # micro-batches per step
+    # whole contexts: a context's samples stay together
+    for step in first:
+        for batch in step:
+            contexts = [trajectories.context_index[k] for k in batch]
+            assert all(contexts.count(c) == 2 for c in set(contexts))
+    # an epoch is a permutation: 4 contexts, 2 per micro-batch, 2 micro-batches per step
+    epoch = {trajectories.context_index[k] for batch in first[0] for k in batch}
+    assert epoch == {0, 1, 2, 3}
+    assert batch_plan(0, trajectories, config(grad_accum=2, seed=1)) != first[0]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = lr_factor(config(warmup=0.25, schedule="cosine"), 8)
+    assert [f(s) for s in range(2)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0) and 0 < f(7) < f(4) < 1
+    linear = lr_factor(config(warmup=0.0, schedule="linear"), 4)
+    assert [linear(s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert lr_factor(config(warmup=0.0, schedule="constant"), 4)(3) == 1.0
+
+
+def test_cached_and_live_teachers_give_the_same_loss(setup):
+    model, prefixes, trajectories, pad = setup
+    batch = batch_plan(0, trajectories, config())[0]
+    with torch.no_grad():
+        # make the student differ from the teacher so the loss is not zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        cached, n = Divergence(trajectories, prefixes, config(), pad)(model, batch)
+        live, m = Divergence(trajectories, prefixes, config(teacher="live"), pad)(model, batch)
+    assert n == m == sum(len(trajectories.responses[k]) for k in batch)
+    assert float(cached) > 0
+    # the cache holds fp16 log-probabilities: equal to the live teacher to fp16's precision
+    assert float(cached) == pytest.approx(float(live), rel=2e-3)
+
+
+def test_optimizer_step_takes_any_objective(setup):
+    """An objective with an extra term (an L2 pull of the LoRA weights) goes through the same
+    step: no branch in the training step knows about it."""
+    model, prefixes, trajectories, pad = setup
+    cfg = config(steps=3)
+    eq3 = Divergence(trajectories, prefixes, cfg, pad)
+
+    class Regularised:
+        def __init__(self, weight):
+            self.weight = weight
+
+        def __call__(self, student, batch):
+            loss, tokens = eq3(student, batch)
+            penalty = sum((p ** 2).sum() for p in student.parameters() if p.requires_grad)
+            return loss + self.weight * penalty * tokens, tokens
+
+    optimizer, schedule = make_optimizer(model, cfg, cfg.steps)
+    values = [optimizer_step(model, Regularised(0.1), batch_plan(s, trajectories, cfg),
+                             optimizer, schedule, cfg.max_grad_norm) for s in range(cfg.steps)]
+    assert all(math.isfinite(v) for v in values)
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(float(p.detach().abs().sum()) > 0 for p in lora)  # it trained
+    assert schedule.last_epoch == cfg.steps
+
+
+def test_clock_adds_up_phases():
+    clock = Clock()
+    for _ in range(2):
+        with clock("train"):
+            pass
+    seconds = clock.seconds()
+    assert set(seconds) == {"train", "total"} and seconds["train"] <= seconds["total"]
