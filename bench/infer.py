@@ -55,12 +55,12 @@ def torch_decode(model, ids: list[int], new_tokens: int) -> tuple[float, list[fl
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     first = time.perf_counter() - start
     steps = []
-    past = out.past_key_values
+    past = out.cache
     for _ in range(new_tokens - 1):
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        out = model(input_ids=token, cache=past, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        past = out.past_key_values
+        past = out.cache
         steps.append(time.perf_counter() - start)
     return first, steps
 

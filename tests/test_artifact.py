@@ -77,3 +77,30 @@ def test_an_unfinished_bake_says_resume(tmp_path):
 def test_strength_must_be_finite(small_bake):
     with pytest.raises(ValueError, match="strength=inf must be a finite number"):
         load_baked(small_bake, strength=float("inf"))
+
+
+def test_a_marker_naming_files_elsewhere_deletes_nothing(tiny_dir, tmp_path, prompt):
+    """A marker is only trusted for names inside its own directory: ``--overwrite`` on a
+    directory whose marker lists ``../victim`` removes nothing and says why."""
+    from promptbake import BakeConfig, bake
+
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / files.MARKER).write_text(json.dumps({"kind": "bake", "identity": "x",
+                                                "files": ["../victim", "/etc/hostname"]}))
+    with pytest.raises(ValueError, match="not files of that directory"):
+        bake(prompt, model=tiny_dir, out=out, overwrite=True,
+             config=BakeConfig(train_contexts=2, eval_contexts=2, steps=1, max_new_tokens=4))
+    assert victim.read_text() == "mine"
+    with pytest.raises(ValueError, match="not files of that directory"):
+        files.check_output(out, overwrite=True, kinds=("bake",))
+
+
+def test_a_files_record_that_is_not_an_object_is_named(bake_copy):
+    manifest = json.loads((bake_copy / "manifest.json").read_text())
+    manifest["files"] = ["adapter_model.safetensors"]
+    (bake_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DamagedBake, match="files is not an object"):
+        load_baked(bake_copy)

@@ -93,10 +93,14 @@ class Baked:
         self.path = path
 
     def generate(self, question: str, *, variant: str = "baked", max_new_tokens: int = 128,
-                 temperature: float = 0.0, seed: int = 0) -> str:
+                 temperature: float = 0.0, seed: int = 0, mode: str | None = None) -> str:
         """An answer to ``question`` by a variant (``modeling.VARIANTS``: ``baked``, ``base``,
         ``prompted``, ``baked+prompt``; the baked ones at this bake's strength); greedy unless
-        ``temperature`` > 0."""
+        ``temperature`` > 0. ``mode`` is the old name of ``variant``."""
+        if mode is not None:
+            warnings.warn("Baked.generate(mode=...) is now variant=...", DeprecationWarning,
+                          stacklevel=2)
+            variant = mode
         chosen = modeling.variant(variant, self._strength)
         ids = chosen.input_ids(self.framing, [{"role": "user", "content": question}])
         torch.manual_seed(seed)
@@ -162,6 +166,9 @@ def read_manifest(path: str | Path) -> dict:
         if not isinstance(value, kind):
             raise DamagedBake(f"{file} is not a complete bake manifest: {'.'.join(keys)} is "
                               f"missing or not a {kind.__name__}; {again}")
+    if not isinstance(manifest.get("files", {}), dict):
+        raise DamagedBake(f"{file} is not a complete bake manifest: files is not an object; "
+                          f"{again}")
     _check_files(path, manifest.get("files"), again)
     return manifest
 
@@ -173,6 +180,8 @@ def _check_files(path: Path, recorded, again: str) -> None:
         if not (path / name).is_file():
             raise DamagedBake(f"{path} has no {name}, the adapter's file; {again}")
     for name, expected in (recorded or {}).items():
+        if name not in _RECORDED:
+            continue  # only the bake's own files are recorded; anything else is not read
         file = path / name
         if not isinstance(expected, dict) or not file.is_file():
             continue  # an optional file (held-out samples) may be absent
@@ -314,7 +323,7 @@ class RunDir:
             return
         marker = files.read_marker(self.path)
         if marker is not None:
-            for name in marker.get("files", []):
+            for name in files.marked_files(self.path, marker):
                 files.remove(self.path / name)
             files.remove(self.path / files.MARKER)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -422,6 +431,17 @@ class RunDir:
         self.mark(status="done")
         for name in (CHECKPOINT, "trajectories.safetensors"):
             files.remove(self.path / name)  # only needed to resume; the adapter is saved
+
+
+def sources(baked, model=None) -> tuple[Path, ...]:
+    """What an output made from ``baked`` (a ``Baked`` or a bake's directory) must not replace:
+    the bake's directory and its base model's (``model``, or the one the manifest records)."""
+    if isinstance(baked, Baked):
+        path, manifest = baked.path, baked.manifest
+    else:
+        path, manifest = Path(baked), read_manifest(baked)
+    base = model or (manifest.get("base_model") or {}).get("path")
+    return tuple(Path(p) for p in (path, base) if p)
 
 
 def record_files(path: Path, names: list[str]) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -169,6 +170,20 @@ def read_marker(path: Path) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
+def marked_files(path: Path, marker: dict) -> list[str]:
+    """The names ``marker`` (read from ``path``) lists as promptbake's, each checked to be one
+    entry of ``path`` itself: a marker naming ``../x`` or ``/x`` was not written by promptbake, and
+    nothing it names is ever removed."""
+    names = marker.get("files", [])
+    bad = [n for n in names if not isinstance(n, str) or n in ("", ".", "..")
+           or Path(n).name != n or "/" in n or "\\" in n]
+    if not isinstance(names, list) or bad:
+        raise ValueError(f"the marker {Path(path) / MARKER} lists {bad or names!r}, which are not "
+                         f"files of that directory: promptbake did not write it; remove or move "
+                         f"the directory yourself")
+    return names
+
+
 def check_writable(path: Path) -> None:
     """Raises an OSError naming the directory when nothing can be created in ``path`` (or, where
     it does not exist yet, in its nearest existing parent): found before the long work starts,
@@ -179,13 +194,13 @@ def check_writable(path: Path) -> None:
         path = path.parent
     if not path.is_dir():
         raise OSError(errno.ENOTDIR, f"{path} is a file, not a directory: choose another --out")
-    probe = path / f".promptbake-probe-{os.getpid()}"
     try:
-        probe.touch()
+        descriptor, probe = tempfile.mkstemp(prefix=".promptbake-probe-", dir=path)
     except OSError as err:
         raise OSError(err.errno, f"cannot write to {path} ({err.strerror}): choose a writable "
                                  f"--out, or fix the directory's permissions") from err
-    remove(probe)
+    os.close(descriptor)
+    os.unlink(probe)
 
 
 def check_output(out: Path, *, overwrite: bool, kinds: tuple[str, ...] = MODEL_DIRS,
@@ -222,7 +237,7 @@ def check_output(out: Path, *, overwrite: bool, kinds: tuple[str, ...] = MODEL_D
                     "files promptbake did not write"
                 raise ValueError(f"--out {out} holds {what}; refusing to replace it: choose "
                                  f"another --out")
-            foreign = sorted(names - set(marker.get("files", [])) - {MARKER})
+            foreign = sorted(names - set(marked_files(out, marker)) - {MARKER})
             if foreign:
                 shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
                 raise ValueError(f"--out {out} holds files promptbake did not write ({shown}) "

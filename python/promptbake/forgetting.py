@@ -183,6 +183,9 @@ def check_suite(baked, evaluators: Iterable, *, say: Callable[[str], None] | Non
     """The re-prompt matrix of every evaluator on ``baked`` and both forgetting gates: what
     ``promptbake evaluate``, ``promptbake report`` and the evaluate benchmark run. ``say`` hears
     of each task before it is scored."""
+    evaluators = list(evaluators)
+    for evaluator in evaluators:  # a task that cannot run here fails now, not after the others
+        getattr(evaluator, "check_ready", lambda: None)()
     matrices: dict[str, RepromptMatrix] = {}
     for evaluator in evaluators:
         name = getattr(evaluator, "name", "evaluator")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -58,6 +59,8 @@ class Variant:
         return _NAMES[(self.baked, self.prompted)]
 
     def at(self, strength: float) -> Variant:
+        if not math.isfinite(strength):
+            raise ValueError(f"strength={strength} must be a finite number (1 is the full bake)")
         return dataclasses.replace(self, strength=float(strength))
 
     def active(self, model):
@@ -193,6 +196,8 @@ def lora_layers(model):
 @contextlib.contextmanager
 def adapter(model, enabled: bool = True, strength: float = 1.0):
     """Runs the block with the LoRA adapter disabled (the base model) or enabled at ``strength``."""
+    if not math.isfinite(strength):
+        raise ValueError(f"strength={strength} must be a finite number (1 is the full bake)")
     if not hasattr(model, "disable_adapter"):
         if enabled:
             raise ValueError("this model has no LoRA adapter to enable")

@@ -95,7 +95,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
 
     names = shipped() if tasks is None else list(tasks)
     if names:
-        suite = check_suite(baked, (load_task(name, limit=limit) for name in names), say=say)
+        suite = check_suite(baked, [load_task(name, limit=limit) for name in names], say=say)
         record.update(suite.to_dict())
         gate, beyond, damaged = suite.gate, suite.beyond, suite.damaged
         plot_heatmap({short(baked.prompt): gate}, path / "report-forgetting.png")

@@ -219,3 +219,19 @@ def test_a_read_only_out_is_refused_before_loading_the_model(tiny_dir, tmp_path)
     # named before the contexts file is even read (that would be the next error)
     assert f"cannot write to {readonly} (Read-only file system)" in done.stderr
     assert ".tmp-" not in done.stderr and list(readonly.iterdir()) == []
+
+
+def test_a_missing_sandbox_stops_evaluate_before_any_scoring(bake_copy, monkeypatch, capsys):
+    from promptbake.tasks import sandbox
+
+    monkeypatch.setattr(sandbox, "unavailable", lambda: "no user namespaces (a test)")
+    monkeypatch.delenv("PROMPTBAKE_SANDBOX", raising=False)
+    assert cli.main(["evaluate", str(bake_copy), "--tasks", "sentiment,code", "--limit",
+                     "2"]) == 2
+    captured = capsys.readouterr()
+    assert "PROMPTBAKE_SANDBOX=audit-hook" in captured.err and "sentiment" not in captured.out
+
+
+def test_non_finite_strengths_are_refused(bake_copy, capsys):
+    assert cli.main(["kl", str(bake_copy), "--strength", "0,nan"]) == 2
+    assert "strength=nan must be a finite number" in capsys.readouterr().err

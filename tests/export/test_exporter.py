@@ -351,3 +351,15 @@ def test_export_refuses_to_replace_another_bake(bake_copy, baked_dir, file_hashe
     with pytest.raises(ValueError, match="holds a bake; refusing"):
         save_merged(baked_dir, bake_copy, overwrite=True)
     assert file_hashes(bake_copy) == before
+
+
+def test_export_never_replaces_the_bakes_base_model(bake_copy, tmp_path):
+    """A bake whose base model is an earlier export: exporting over that export would destroy
+    the weights the bake needs."""
+    base = tmp_path / "base-model"
+    export_baked(bake_copy, base, format="safetensors")
+    manifest = json.loads((bake_copy / "manifest.json").read_text())
+    manifest["base_model"]["path"] = str(base)
+    (bake_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="the directory it is made from"):
+        export_baked(bake_copy, base, format="safetensors", overwrite=True)

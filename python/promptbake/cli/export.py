@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from promptbake import compress, files
-from promptbake.artifact import load_baked
+from promptbake.artifact import load_baked, sources
 from promptbake.cli.arguments import Help
 from promptbake.export import FORMATS, QUANTIZATIONS
 
@@ -52,7 +52,8 @@ def _export(args) -> int:
     # The ONNX side needs the optional onnx packages: imported when an export runs.
     from promptbake.export import ParityError, export_baked
 
-    files.check_output(Path(args.out), overwrite=args.overwrite, sources=(Path(args.dir),))
+    files.check_output(Path(args.out), overwrite=args.overwrite,
+                       sources=sources(args.dir, args.model))
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
     prune = None
     if args.prune:

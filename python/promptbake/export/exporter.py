@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from promptbake import contexts, files, models, versions
-from promptbake.artifact import MANIFEST, Baked, load_baked, source_record
+from promptbake.artifact import MANIFEST, Baked, load_baked, source_record, sources
 from promptbake.decoding import stop_token_ids
 from promptbake.export import (FORMATS, QUANTIZATIONS, graph, merging as merge_mod, parity,
                                quantize as quantize_mod, smooth, sparse as packing)
@@ -92,8 +92,8 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
         raise ValueError(f"quantize={quantize!r}: choose None (fp32) or 'int8'")
     _check_model(model)
     out = Path(out_dir)
-    sources = tuple(source_dirs or ()) + ((baked.path,) if baked is not None else ())
-    files.check_output(out, overwrite=overwrite, sources=sources)
+    protected = tuple(source_dirs or ()) + (sources(baked) if baked is not None else ())
+    files.check_output(out, overwrite=overwrite, sources=protected)
     tolerances = tolerances or parity.Tolerances()
     if parity_contexts is None:
         prompts = parity.default_prompts(tokenizer, framing, tolerances.contexts)
@@ -259,7 +259,7 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
         path = merge_mod.save_merged(baked, out, strength, overwrite=overwrite)
         return Export(path, json.loads((path / MANIFEST).read_text()))
     files.check_output(Path(out), overwrite=overwrite,  # before the minutes of work below
-                        sources=(baked.path if isinstance(baked, Baked) else baked,))
+                        sources=sources(baked))
     if not isinstance(baked, Baked):
         baked = load_baked(baked, strength=strength)
     source = {**source_record(baked), "strength": float(strength)}

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from promptbake import files
-from promptbake.artifact import Baked, load_baked, merged_model, write_merged
+from promptbake.artifact import Baked, load_baked, merged_model, sources, write_merged
 
 log = logging.getLogger("promptbake")
 
@@ -46,8 +46,7 @@ def save_merged(baked, out: str | Path, strength: float = 1.0, *,
     nothing else (``files.check_output``); ``out`` may not be, hold or lie inside the bake.
     """
     out = Path(out)
-    source = baked.path if isinstance(baked, Baked) else baked
-    files.check_output(out, overwrite=overwrite, sources=(source,))
+    files.check_output(out, overwrite=overwrite, sources=sources(baked))
     baked, owned = _as_baked(baked, strength)
     return write_merged(baked, out, strength, in_place=owned)
 

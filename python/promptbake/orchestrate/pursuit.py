@@ -97,7 +97,7 @@ def pursue(baked: Baked, prompt: str | None = None, rounds: int = 3,
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1")
-    if threshold < 0 or patience < 1:
+    if not threshold >= 0 or patience < 1:  # NaN too
         raise ValueError(f"threshold={threshold} must be >= 0 and patience={patience} >= 1")
     prompt = prompt or baked.prompt
     if not prompt.strip():

@@ -145,6 +145,13 @@ class Task:
             return None
         return sum(1 / len(item["choices"]) for item in self.items) / len(self.items)
 
+    def check_ready(self) -> None:
+        """Raises before any scoring when the task cannot run here: code checks need the
+        sandbox (``sandbox.SandboxUnavailable`` says why it is missing and how to opt out)."""
+        if any(kind.get("type") == "python" for item in self.items
+               for kind in item.get("checks", [])):
+            sandbox.require()
+
     def head(self, limit: int | None) -> Task:
         """The same task on its first ``limit`` items (all of them for None)."""
         if limit is None:
@@ -353,9 +360,8 @@ def evaluate(model, tokenizer, tasks=None, system: str | None = None, framing: s
              limit: int | None = None) -> dict[str, Score]:
     """Scores of ``model`` on several tasks: names of shipped tasks, paths of task files, or
     Evaluators (None: the whole shipped suite). ``limit``: the first items of each task."""
-    tasks = list(TASKS) if tasks is None else list(tasks)
-    scores = {}
-    for task in tasks:
+    chosen = []
+    for task in list(TASKS) if tasks is None else list(tasks):
         if isinstance(task, (str, Path)):
             task = TASKS[task].head(limit) if task in TASKS else load_task(task, limit)
         elif limit is not None and isinstance(task, Task):
@@ -363,6 +369,11 @@ def evaluate(model, tokenizer, tasks=None, system: str | None = None, framing: s
         elif limit is not None:
             log.warning("promptbake: limit=%d does not apply to the evaluator %r", limit,
                         getattr(task, "name", task))
+        chosen.append(task)
+    for task in chosen:  # a task that cannot run here fails now, not after the others
+        getattr(task, "check_ready", lambda: None)()
+    scores = {}
+    for task in chosen:
         scores[task.name] = task(model, tokenizer, system, framing=framing)
     return scores
 

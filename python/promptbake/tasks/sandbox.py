@@ -204,7 +204,8 @@ except SystemExit as stop:  # sys.exit(0) in an answer must not count as its tes
     os._exit(1)
 sys.stdout.flush()
 sys.stderr.flush()
-os._exit(86)  # PASSED: only reached when every test ran (an exit status an answer won't pick)
+os._exit(86)  # PASSED: reached when every test ran. A hostile answer could exit with it too:
+# the jail protects the machine from the answer, not the score from an answer that cheats.
 '''
 
 # Runs as root of the new namespaces (pid 1 of the PID namespace), the same Python as the
@@ -364,7 +365,7 @@ os.execve(config["runner"][0], config["runner"], os.environ)
 '''
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(ValueError):
     """The namespace jail cannot run on this machine, and the weaker mode was not accepted."""
 
 
@@ -429,6 +430,11 @@ def _use_jail() -> bool:
         f"user, with unprivileged user namespaces enabled), or set "
         f"PROMPTBAKE_SANDBOX=audit-hook to run them with resource limits and an audit hook "
         f"only, which stops model mistakes but not hostile code")
+
+
+def require() -> None:
+    """Raises SandboxUnavailable now, before any work, where ``run_python`` would."""
+    _use_jail()
 
 
 def run_python(code: str, tests: str, *, timeout: float = TIMEOUT,
