@@ -296,3 +296,21 @@ def test_bad_input(tiny_dir, tmp_path, prompt):
     with pytest.raises(ValueError, match="no finished bake"):
         load_baked(tmp_path)
     assert promptbake.BakeConfig is BakeConfig and promptbake.bake is bake
+
+
+def test_a_conversation_prompt_bakes_and_loads_back(tiny_dir, tmp_path):
+    """Few-shot demonstrations as the prompt: the whole prefix is the teacher's, the manifest
+    keeps the messages, and load_baked frames them again."""
+    demo = [{"role": "system", "content": "Answer with one word."},
+            {"role": "user", "content": "Colour of the sky?"},
+            {"role": "assistant", "content": "Blue."}]
+    out = tmp_path / "demo"
+    baked = bake(demo, model=tiny_dir, config=tiny_config(steps=2), out=out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompt"]["messages"] == demo
+    assert json.loads(manifest["prompt"]["text"]) == [dict(sorted(m.items())) for m in demo]
+    again = load_baked(out)
+    assert again.prompt == demo and again.framing.teacher_messages([]) == demo
+    assert baked.manifest["kl"]["before"]["per_token"] > 0
+    with pytest.raises(ValueError, match="prompt message 0"):
+        bake([{"role": "narrator", "content": "x"}], model=tiny_dir, config=tiny_config())

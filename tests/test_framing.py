@@ -77,3 +77,48 @@ def test_align_places_the_same_response_on_both_sides():
         align([], [1], [5])
     with pytest.raises(FramingError):
         align([1], [1], [])
+
+
+DEMO = [{"role": "system", "content": "Use CALC(expression) for arithmetic."},
+        {"role": "user", "content": "What is 17 times 23?"},
+        {"role": "assistant", "content": "CALC(17 * 23)"},
+        {"role": "user", "content": "Result: 391"},
+        {"role": "assistant", "content": "17 times 23 is 391."}]
+
+
+def test_a_conversation_prompt_is_on_the_teacher_side_only(tokenizer):
+    f = Framing(tokenizer, DEMO)
+    teacher, student = f.teacher_text(CTX), f.student_text(CTX)
+    for message in DEMO:
+        assert message["content"] in teacher and message["content"] not in student
+    assert teacher.index("17 times 23 is 391.") < teacher.index(CTX[0]["content"])
+    assert f.teacher_messages(CTX) == DEMO + CTX
+    f.check(CTX)
+    # the response follows the same assistant header on both sides
+    assert teacher.endswith("<|im_start|>assistant\n") and student.endswith(
+        "<|im_start|>assistant\n")
+
+
+def test_prompt_text_is_canonical_and_conversations_are_checked(tokenizer):
+    from promptbake.framing import prompt_messages, prompt_text
+
+    assert prompt_text("Be brief.") == "Be brief."
+    assert prompt_text(DEMO) == prompt_text([dict(reversed(list(m.items()))) for m in DEMO])
+    assert prompt_messages("Be brief.") == [{"role": "system", "content": "Be brief."}]
+    for bad, match in (([], "non-empty list"), ([{"role": "robot", "content": "x"}], "role"),
+                       ([{"role": "user"}], "content"), ([{"role": "user", "content": " "}],
+                                                         "every message of the prompt is empty"),
+                       (3, "not int")):
+        with pytest.raises(FramingError, match=match):
+            Framing(tokenizer, bad)
+
+
+def test_a_template_that_drops_a_demonstration_turn_is_refused(tokenizer):
+    odd = copy.deepcopy(tokenizer)
+    # renders system and user turns but drops assistant turns that come before the last user turn
+    odd.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' %}"
+                         "<{{ m['role'] }}>{{ m['content'] }}\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    f = Framing(odd, DEMO)
+    with pytest.raises(FramingError, match="dropped it"):
+        f.check(CTX)

@@ -58,7 +58,9 @@ class Baked:
     _strength: float = 1.0
 
     @property
-    def prompt(self) -> str:
+    def prompt(self) -> str | list:
+        """The baked prompt: a system text, or a conversation (``framing.prompt_text`` gives
+        either as one text)."""
         return self.framing.prompt
 
     @property
@@ -166,6 +168,9 @@ def read_manifest(path: str | Path) -> dict:
         if not isinstance(value, kind):
             raise DamagedBake(f"{file} is not a complete bake manifest: {'.'.join(keys)} is "
                               f"missing or not a {kind.__name__}; {again}")
+    if not isinstance(manifest["prompt"].get("messages", []), list):
+        raise DamagedBake(f"{file} is not a complete bake manifest: prompt.messages is not a "
+                          f"list; {again}")
     if not isinstance(manifest.get("files", {}), dict):
         raise DamagedBake(f"{file} is not a complete bake manifest: files is not an object; "
                           f"{again}")
@@ -247,7 +252,8 @@ def load_baked(path: str | Path, strength: float = 1.0, model: str | Path | None
                           f"({str(err).splitlines()[0]}); pass the model it was baked on with "
                           f"--model") from err
     peft_model.eval()
-    framing = Framing(tokenizer, manifest["prompt"]["text"], manifest["framing"]["student"])
+    framing = Framing(tokenizer, manifest["prompt"].get("messages") or manifest["prompt"]["text"],
+                      manifest["framing"]["student"])
     held_out = None
     if (path / HELD_OUT).is_file():
         held_out = json.loads((path / HELD_OUT).read_text(encoding="utf-8"))

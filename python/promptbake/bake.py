@@ -22,7 +22,7 @@ import torch
 from promptbake import contexts as contexts_mod, modeling, models, versions
 from promptbake.artifact import HELD_OUT, Baked, RunDir
 from promptbake.config import BakeConfig
-from promptbake.framing import Framing, FramingError
+from promptbake.framing import Framing, FramingError, prompt_messages, prompt_text
 from promptbake.mc_kl import kl_on, reduction as kl_reduction
 from promptbake.modeling import BAKED, BASE
 from promptbake.train import (Clock, Divergence, TrainingLog, attach_lora, batch_plan, for_training,
@@ -37,6 +37,8 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     """Bakes ``prompt`` into a LoRA adapter on ``model`` (default: SmolLM2-135M-Instruct).
 
     Args:
+        prompt: a system text, or a conversation (a list of chat messages: a system message
+            and demonstration turns) that the teacher reads before each context.
         contexts: None or "builtin" (shipped set), "none" (unconditional), a file path, or a list
             of user messages / message lists.
         out: directory for the adapter, manifest, snapshots and checkpoints; None keeps the bake
@@ -47,8 +49,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     """
     config = config or BakeConfig()
     config.validate()
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt is empty: pass the text to bake with --prompt or --prompt-file")
+    prompt_messages(prompt)  # a text or a conversation: refused now if it is neither
     clock = Clock()
     run = RunDir.prepare(out, prompt, config, contexts, model, overwrite=overwrite,
                          resume=resume)
@@ -164,7 +165,9 @@ def _manifest(prompt, model_dir, framing, contexts, train, held_out, config, tra
         "format": 1,
         "promptbake": versions.promptbake_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "prompt": {"text": prompt, "sha256": hashlib.sha256(prompt.encode()).hexdigest()},
+        "prompt": {"text": prompt_text(prompt),
+                   "sha256": hashlib.sha256(prompt_text(prompt).encode()).hexdigest(),
+                   **({} if isinstance(prompt, str) else {"messages": prompt_messages(prompt)})},
         "base_model": {"path": str(Path(model_dir).resolve()),
                        "sha256": models.fingerprint(model_dir),
                        "name": models.DEFAULT if Path(model_dir) == models.default_dir()

@@ -245,7 +245,7 @@ def drift(model, tokenizer, persona: Persona, *, system: str | None = None,
                          f"{', '.join(STUDENT_FRAMINGS)}")
     if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
-    if system is not None and not system.strip():
+    if isinstance(system, str) and not system.strip():
         raise ValueError("system is an empty string: pass None for no system prompt (and choose "
                          "the framing), or the persona's prompt")
     if not isinstance(persona, Persona):

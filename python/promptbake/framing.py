@@ -11,6 +11,11 @@ student = template(x) + y, where "template(x)" is one of three explicit choices:
 * ``empty``: an explicit empty system message.
 * ``none``: no system turn at all; a template's default system turn is removed.
 
+The prompt u is a system text, or a conversation: a list of chat messages (a system message and
+demonstration turns, e.g. user -> assistant call -> tool result -> assistant answer) that the
+teacher reads before x and the student never sees. Either way the whole prefix is on the teacher's
+side only, and ``check`` verifies that the template rendered every part of it exactly there.
+
 Tokenizers without a chat template fall back to plain text (teacher: u, a blank line, x; student:
 x), with a warning.
 """
@@ -18,6 +23,7 @@ x), with a warning.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 from promptbake.contexts import Context
@@ -25,6 +31,7 @@ from promptbake.contexts import Context
 log = logging.getLogger("promptbake")
 
 STUDENT_FRAMINGS = ("default", "empty", "none")
+PROMPT_ROLES = ("system", "user", "assistant", "tool")
 _PROBE_USER = "Zq7 probe question"
 _PROBE_SYSTEM = "Xv9 probe instructions"
 
@@ -33,20 +40,50 @@ class FramingError(ValueError):
     """Teacher and student inputs cannot be framed consistently; the message says why."""
 
 
+def prompt_messages(prompt) -> list[dict]:
+    """The prompt u as the chat messages the teacher reads before a context: a system text is one
+    system message; a conversation (a list of ``{"role", "content"}``) is checked and copied."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise FramingError("prompt is empty: pass the text to bake with --prompt or "
+                               "--prompt-file")
+        return [{"role": "system", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise FramingError(f"a prompt is a text or a non-empty list of chat messages, not "
+                           f"{type(prompt).__name__}")
+    out = []
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict) or message.get("role") not in PROMPT_ROLES or \
+                not isinstance(message.get("content"), str):
+            raise FramingError(f"prompt message {i} must be {{\"role\": one of "
+                               f"{', '.join(PROMPT_ROLES)}, \"content\": text}}, got {message!r}")
+        out.append(dict(message))
+    if not any(m["content"].strip() for m in out):
+        raise FramingError("every message of the prompt is empty: give the prompt some text")
+    return out
+
+
+def prompt_text(prompt) -> str:
+    """The prompt as one text, for manifests, hashes and labels: a system text as it is, a
+    conversation as canonical JSON."""
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps(prompt_messages(prompt), ensure_ascii=False, sort_keys=True)
+
+
 @dataclasses.dataclass
 class Framing:
     """Builds token ids for the teacher (with the prompt) and the student (without it)."""
 
     tokenizer: object
-    prompt: str
+    prompt: str | list  # a system text, or a conversation (see prompt_messages)
     student: str = "default"
+    messages: list = dataclasses.field(init=False, default=None, repr=False)  # the teacher's prefix
     default_system: str | None = dataclasses.field(init=False, default=None)
     templated: bool = dataclasses.field(init=False, default=True)
 
     def __post_init__(self):
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise FramingError("prompt is empty: pass the text to bake with --prompt or "
-                               "--prompt-file")
+        self.messages = prompt_messages(self.prompt)
         if self.student not in STUDENT_FRAMINGS:
             raise FramingError(f"unknown student framing {self.student!r}: choose one of "
                                f"{', '.join(STUDENT_FRAMINGS)}")
@@ -86,7 +123,7 @@ class Framing:
         return None
 
     def teacher_messages(self, context: Context) -> list[dict]:
-        return [{"role": "system", "content": self.prompt}] + list(context)
+        return [dict(m) for m in self.messages] + list(context)
 
     def student_messages(self, context: Context) -> list[dict]:
         if self.student == "empty":
@@ -95,7 +132,7 @@ class Framing:
 
     def teacher_text(self, context: Context, generation_prompt: bool = True) -> str:
         if not self.templated:
-            return self.prompt + "\n\n" + _plain(context)
+            return "\n".join(m["content"] for m in self.messages) + "\n\n" + _plain(context)
         return self._render(self.teacher_messages(context), generation_prompt)
 
     def student_text(self, context: Context, generation_prompt: bool = True) -> str:
@@ -147,9 +184,11 @@ class Framing:
     def check(self, context: Context) -> None:
         """Refuses a context whose teacher and student inputs would not be comparable."""
         teacher, student = self.teacher_text(context), self.student_text(context)
-        if teacher.count(self.prompt) != student.count(self.prompt) + 1:
-            raise FramingError("the teacher input does not contain the prompt exactly once more "
-                               "than the student input: the chat template dropped or repeated it")
+        for part in {m["content"].strip() for m in self.messages if m["content"].strip()}:
+            if teacher.count(part) < student.count(part) + 1:
+                raise FramingError(f"the teacher input does not contain the prompt's part "
+                                   f"{part[:60]!r} once more than the student input: the chat "
+                                   f"template dropped it")
         if not self.templated:
             return
         # Both sides must end with the same generation prompt (the assistant turn's header), so

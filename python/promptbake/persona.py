@@ -227,8 +227,10 @@ def pirate() -> Persona:
 
 
 
-def find_persona(prompt: str) -> Persona | None:
+def find_persona(prompt) -> Persona | None:
     """The built-in persona whose prompt is ``prompt``, or None."""
+    if not isinstance(prompt, str):
+        return None  # a conversation is no persona's system text
     return next((p for p in map(Persona.load, builtin_personas())
                  if p.prompt.strip() == prompt.strip()), None)
 

@@ -20,6 +20,7 @@ from typing import Callable
 from promptbake import drift as drift_mod, files, mc_kl, plotting
 from promptbake.artifact import load_baked, record_files, snapshot_steps
 from promptbake.forgetting import check_suite, plot_heatmap
+from promptbake.framing import prompt_text
 from promptbake.formatting import pct, pm, short
 from promptbake.orchestrate.plateau import meets_target
 from promptbake.persona import Persona, find_persona
@@ -59,7 +60,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
     path = Path(path)
     baked = load_baked(path, model=model)
     command = _command(path, tasks, limit, persona, turns, conversations, strengths)
-    record: dict = {"directory": str(path.resolve()), "prompt": baked.prompt,
+    record: dict = {"directory": str(path.resolve()), "prompt": prompt_text(baked.prompt),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "command": command, "manifest_kl": baked.manifest["kl"]}
     gates: list[Gate] = []
@@ -98,7 +99,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         suite = check_suite(baked, [load_task(name, limit=limit) for name in names], say=say)
         record.update(suite.to_dict())
         gate, beyond, damaged = suite.gate, suite.beyond, suite.damaged
-        plot_heatmap({short(baked.prompt): gate}, path / "report-forgetting.png")
+        plot_heatmap({short(prompt_text(baked.prompt)): gate}, path / "report-forgetting.png")
         wrote.append("report-forgetting.png")
         worst = gate.worst
         gates.append(Gate(f"forgetting: {gate.describe_rule()}",

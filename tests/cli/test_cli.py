@@ -235,3 +235,18 @@ def test_a_missing_sandbox_stops_evaluate_before_any_scoring(bake_copy, monkeypa
 def test_non_finite_strengths_are_refused(bake_copy, capsys):
     assert cli.main(["kl", str(bake_copy), "--strength", "0,nan"]) == 2
     assert "strength=nan must be a finite number" in capsys.readouterr().err
+
+
+def test_a_json_prompt_file_is_a_conversation(tiny_dir, tmp_path, capsys):
+    demo = [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    file = tmp_path / "demo.json"
+    file.write_text(json.dumps(demo))
+    out = tmp_path / "b"
+    assert cli.main(["bake", "--prompt-file", str(file), "--model", str(tiny_dir), "--out",
+                     str(out)] + TINY[:-3] + ["--steps", "1", "--quiet"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["prompt"]["messages"] == demo
+    file.write_text('[{"role": "user"}]')
+    assert cli.main(["bake", "--prompt-file", str(file), "--model", str(tiny_dir), "--out",
+                     str(tmp_path / "c")]) == 2
+    assert "prompt message 0" in capsys.readouterr().err

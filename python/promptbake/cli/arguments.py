@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from promptbake.formatting import pm
+from promptbake.framing import prompt_messages
 
 
 class Help(argparse.HelpFormatter):
@@ -20,16 +22,26 @@ class Help(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def read_prompt(args) -> str:
-    """The prompt of ``--prompt`` or ``--prompt-file`` (UTF-8)."""
+def read_prompt(args) -> str | list:
+    """The prompt of ``--prompt`` or ``--prompt-file`` (UTF-8): the file's text, or, for a
+    ``.json`` file, a conversation (a JSON list of chat messages)."""
     if args.prompt_file is not None:
+        path = Path(args.prompt_file)
         try:
-            text = Path(args.prompt_file).read_bytes().decode("utf-8")
+            text = path.read_bytes().decode("utf-8")
         except FileNotFoundError as err:
-            raise ValueError(f"prompt file not found: {args.prompt_file}") from err
+            raise ValueError(f"prompt file not found: {path}") from err
         except UnicodeDecodeError as err:
-            raise ValueError(f"{args.prompt_file} is not UTF-8 text: save it as UTF-8") from err
-        return text.strip()
+            raise ValueError(f"{path} is not UTF-8 text: save it as UTF-8") from err
+        if path.suffix.lower() != ".json":
+            return text.strip()
+        try:
+            messages = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): a .json prompt file holds a "
+                             f"list of chat messages") from err
+        prompt_messages(messages)  # names the message that is not one
+        return messages
     return args.prompt
 
 

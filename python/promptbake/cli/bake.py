@@ -34,7 +34,10 @@ def _add_bake(commands) -> None:
         formatter_class=Help)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the prompt text to bake (system prompt, persona, ...)")
-    what.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    what.add_argument("--prompt-file",
+                      help="read the prompt from this UTF-8 file; a .json file holds a "
+                           "conversation: a list of chat messages (a system message and "
+                           "demonstration turns) that the teacher reads before each context")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--model", default=None,
                    help="local Hugging Face model directory (default: SmolLM2-135M-Instruct "

@@ -23,6 +23,7 @@ from promptbake import files, models
 from promptbake.artifact import HELD_OUT_SAMPLES, Baked, RunDir, save_adapter
 from promptbake.bake import bake
 from promptbake.config import BakeConfig
+from promptbake.framing import prompt_messages
 from promptbake.mc_kl import held_out_samples, kl_on, reduction
 from promptbake.modeling import BAKED, BASE
 from promptbake.orchestrate.plateau import stopping
@@ -100,8 +101,7 @@ def pursue(baked: Baked, prompt: str | None = None, rounds: int = 3,
     if not threshold >= 0 or patience < 1:  # NaN too
         raise ValueError(f"threshold={threshold} must be >= 0 and patience={patience} >= 1")
     prompt = prompt or baked.prompt
-    if not prompt.strip():
-        raise ValueError("prompt is empty: pass the prompt to pursue")
+    prompt_messages(prompt)  # a text or a conversation, or a clear error
     config = config or BakeConfig.from_manifest(baked.manifest)
     contexts = _contexts_of(baked, contexts)
     run = _prepare(out, baked, prompt, config, contexts, overwrite)
@@ -165,8 +165,10 @@ def sequential(prompts: list[str], model=None, contexts=None, config: BakeConfig
     on u_k's held-out samples, and ``evaluators[k]`` (a prompt's index -> evaluator) without
     any prompt, so the survival of u_1 after u_2 is a number with an error.
     """
-    if len(prompts) < 2 or any(not isinstance(p, str) or not p.strip() for p in prompts):
+    if len(prompts) < 2:
         raise ValueError("sequential baking needs two or more non-empty prompts")
+    for p in prompts:
+        prompt_messages(p)  # each a text or a conversation, or a clear error
     config = config or BakeConfig()
     evaluators = evaluators or {}
     first = bake(prompts[0], model=model, contexts=contexts, config=config, progress=progress)
