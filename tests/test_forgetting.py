@@ -12,22 +12,6 @@ def score(values, task="t"):
                  n=len(values), chance=None, items=items)
 
 
-def test_mcnemar_by_hand():
-    assert fg.mcnemar([(1, 0)] * 5) == pytest.approx(2 / 32)
-    assert fg.mcnemar([(1, 0)] * 6 + [(1, 1)] * 50) == pytest.approx(2 / 64)
-    assert fg.mcnemar([(1, 0), (0, 1)]) == 1.0
-    assert fg.mcnemar([(1, 1), (0, 0)]) == 1.0  # no discordant pair: no evidence of change
-    # 8 worse, 2 better: P(X <= 2 | n=10) = (1 + 10 + 45) / 1024, doubled
-    assert fg.mcnemar([(1, 0)] * 8 + [(0, 1)] * 2) == pytest.approx(2 * 56 / 1024)
-
-
-def test_sign_flip_is_seeded_and_sensible():
-    assert fg.sign_flip([0.0, 0.0]) == 1.0
-    strong = fg.sign_flip([-0.5] * 12)
-    assert strong < 0.001 and strong == fg.sign_flip([-0.5] * 12)
-    assert fg.sign_flip([0.1, -0.1, 0.2, -0.2]) > 0.5
-
-
 def test_gate_rules():
     base = score([1] * 60 + [0] * 40)
     small = score([1] * 58 + [0] * 42)  # -3.3% relative: within the 3.4% threshold

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "python" / "promptbake"
 # path inside promptbake decides its layer (promptbake.export.graph is "export").
 LAYERS = [
     {"ops", "nn", "_C"},  # kernels behind one dispatch, and their modules
-    {"files", "formatting", "plotting", "versions"},  # atomic writes, printing, figures, versions
+    {"files", "formatting", "plotting", "versions", "stats"},  # writes, printing, figures, tests
     {"models", "contexts", "framing", "modeling"},  # inputs, and the model as promptbake uses it
     {"decoding"},  # sampling and generation primitives
     {"trajectories", "config"},

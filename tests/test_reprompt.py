@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from promptbake import BakeConfig, bake, load_baked, modeling, reprompt
+from promptbake.tasks import Score
 
 QUESTIONS = ["How do I boil an egg?", "What is the capital of France?", "Tell me a joke.",
              "Why is the sky blue?", "Recommend a book.", "What is 2 + 2?"]
@@ -113,3 +114,21 @@ def test_snapshot_sweep_needs_snapshots(tiny_dir, tmp_path, next_token_evaluator
     baked = bake(prompt, model=tiny_dir, config=config)
     with pytest.raises(ValueError, match="no directory"):
         reprompt.snapshot_sweep(baked, next_token_evaluator(QUESTIONS, 1))
+
+
+def test_recovery_is_stated_only_for_a_significant_effect(baked, next_token_evaluator):
+    """A prompt with no measurable effect on a score has nothing to recover: no ratio (it would
+    divide by noise), and the line says so with the difference."""
+    def score_of(values):
+        items = [{"id": i, "score": float(v)} for i, v in enumerate(values)]
+        return Score(task="t", metric="accuracy", value=sum(values) / len(values), se=None,
+                     n=len(values), chance=None, items=items)
+
+    flat = reprompt.prompt_effect(score_of([1, 0] * 10), score_of([0, 1] * 10))
+    assert flat["difference"] == 0 and not flat["significant"]
+    strong = reprompt.prompt_effect(score_of([0] * 20), score_of([1] * 20))
+    assert strong["significant"] and strong["p"] < 1e-4 and strong["test"] == "exact McNemar"
+    matrix = reprompt.RepromptMatrix("t", {}, None, None, flat)
+    assert "no measurable effect on t" in matrix.describe_recovery()
+    assert "recovers 80%" in reprompt.RepromptMatrix("t", {}, 0.8, 0.1,
+                                                     strong).describe_recovery()

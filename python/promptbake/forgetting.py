@@ -9,11 +9,10 @@ reported for the original method. Several bakes give a heatmap of bake prompts x
 from __future__ import annotations
 
 import dataclasses
-import math
-import random
 from typing import Callable, Iterable
 
 from promptbake import formatting, plotting, tasks as tasks_mod
+from promptbake.stats import paired_test
 from promptbake.modeling import BAKED, BASE
 from promptbake.reprompt import RepromptMatrix, item_scores, reprompt_matrix, score
 
@@ -217,38 +216,10 @@ def _change(before, after, max_drop: float, rule: str, significance: float) -> T
     mean_a, mean_b = sum(x for x, _ in pairs) / n, sum(y for _, y in pairs) / n
     absolute = mean_b - mean_a
     relative = absolute / mean_a if mean_a else None
-    if all(x in (0.0, 1.0) and y in (0.0, 1.0) for x, y in pairs):
-        p, test = mcnemar(pairs), "exact McNemar"
-    else:
-        p, test = sign_flip([y - x for x, y in pairs]), "paired sign-flip"
+    p, test = paired_test(pairs)
     drop = -relative if relative is not None else -absolute
     failed = drop > max_drop and (rule == "strict" or p < significance)
     return TaskChange(before.task, before, after, absolute, relative, p, test, failed)
-
-
-def mcnemar(pairs: list[tuple[float, float]]) -> float:
-    """Two-sided exact McNemar test of paired 0/1 outcomes: the discordant pairs are a fair coin
-    under no change."""
-    worse = sum(1 for x, y in pairs if x == 1 and y == 0)
-    better = sum(1 for x, y in pairs if x == 0 and y == 1)
-    n = worse + better
-    if n == 0:
-        return 1.0
-    k = min(worse, better)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def sign_flip(differences: list[float], draws: int = 20000, seed: int = 0) -> float:
-    """Two-sided paired randomisation test: how often random sign flips of the differences give
-    a mean at least as far from zero (seeded, so the same data give the same p)."""
-    observed = abs(sum(differences))
-    if observed == 0:
-        return 1.0
-    rng = random.Random(seed)
-    hits = sum(1 for _ in range(draws)
-               if abs(sum(d if rng.random() < 0.5 else -d for d in differences)) >= observed - 1e-12)
-    return (hits + 1) / (draws + 1)
 
 
 def plot_heatmap(results: dict, path, *,

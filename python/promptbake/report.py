@@ -24,6 +24,7 @@ from promptbake.framing import prompt_text
 from promptbake.formatting import pct, pm, short
 from promptbake.orchestrate.plateau import meets_target
 from promptbake.persona import Persona, find_persona
+from promptbake.reprompt import RepromptMatrix
 from promptbake.tasks import load_task, shipped
 
 log = logging.getLogger("promptbake")
@@ -216,9 +217,9 @@ def _markdown(record: dict, gates: list[Gate], wrote: list[str]) -> str:
             lines += [f"| {name} | base | baked |", "|---|---:|---:|",
                       f"| without u | {_score(c['base'])} | {_score(c['baked'])} |",
                       f"| with u | {_score(c['prompted'])} | {_score(c['baked+prompt'])} |", ""]
-            if m["recovery"] is not None:
-                lines += [f"The bake recovers {pct(m['recovery'], m['recovery_se'])} of the "
-                          f"prompt's effect on {name}.", ""]
+            said = RepromptMatrix(name, {}, m["recovery"], m["recovery_se"],
+                                  m.get("effect")).describe_recovery()
+            lines += [said[0].upper() + said[1:] + ".", ""]
         gate = record["forgetting"]
         lines += ["## Forgetting", "", f"Gate: {gate['rule']} — "
                   f"**{'pass' if gate['passed'] else 'FAIL'}**.", "",

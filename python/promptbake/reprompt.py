@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 from promptbake import formatting, modeling, plotting
 from promptbake.artifact import snapshot_steps
 from promptbake.modeling import BAKED, BASE, VARIANTS, Variant
+from promptbake.stats import SIGNIFICANCE, paired_test
 from promptbake.tasks import Score
 
 CELLS = tuple(VARIANTS)  # base, prompted, baked, baked+prompt
@@ -73,21 +74,53 @@ def recovery(base, prompted, baked) -> tuple[float | None, float | None]:
     return ratio, spread / (math.sqrt(n) * abs(mean_gain))
 
 
+def prompt_effect(base, prompted) -> dict:
+    """What the prompt does to a score, paired item by item: {"difference" (prompted - base),
+    "se", "p", "test", "significant"} (``stats.paired_test`` at ``stats.SIGNIFICANCE``)."""
+    b, p = item_scores(base), item_scores(prompted)
+    pairs = [(b[i], p[i]) for i in b if i in p]
+    if not pairs:
+        raise ValueError("the two scores share no items: score them on the same task")
+    diffs = [y - x for x, y in pairs]
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
+    p_value, test = paired_test(pairs)
+    return {"difference": mean, "se": se, "p": p_value, "test": test,
+            "significant": p_value < SIGNIFICANCE}
+
+
 @dataclasses.dataclass
 class RepromptMatrix:
-    """The four cells' scores, and how much of the prompt's effect the bake recovers."""
+    """The four cells' scores, what the prompt does to the score (``effect``), and how much of
+    it the bake recovers. The recovery is given only where the prompt's effect is significant:
+    a ratio over an effect that may be zero says nothing (None then, with the effect shown)."""
 
     evaluator: str
     cells: dict  # variant name (CELLS) -> Score
     recovery: float | None  # (baked - base) / (prompted - base)
     recovery_se: float | None
+    effect: dict | None = None  # prompt_effect(base, prompted)
 
     def to_dict(self, items: bool = False) -> dict:
         """JSON-able; with ``items`` each cell keeps its per-item results, which ``from_dict``
         needs."""
         return {"evaluator": self.evaluator,
                 "cells": {name: s.to_dict(items=items) for name, s in self.cells.items()},
-                "recovery": self.recovery, "recovery_se": self.recovery_se}
+                "recovery": self.recovery, "recovery_se": self.recovery_se,
+                "effect": self.effect}
+
+    def describe_recovery(self) -> str:
+        """One line: how much of the prompt's effect the bake recovers, or that there is no
+        measurable effect to recover."""
+        if self.recovery is not None:
+            return (f"the bake recovers {formatting.pct(self.recovery, self.recovery_se, 0)} of "
+                    f"the prompt's effect on {self.evaluator}")
+        effect = self.effect or {}
+        if not effect:
+            return f"the prompt does not change the {self.evaluator} score"
+        return (f"the prompt has no measurable effect on {self.evaluator} (prompted - base = "
+                f"{formatting.pm(effect['difference'], effect['se'], '+.3f')}, p = "
+                f"{effect['p']:.2g}), so there is nothing to recover")
 
     @classmethod
     def from_dict(cls, data: dict) -> RepromptMatrix:
@@ -97,7 +130,7 @@ class RepromptMatrix:
                              "to_dict(items=True) to read it back")
         return cls(data["evaluator"], {LEGACY_CELLS.get(name, name): Score(**cell)
                                        for name, cell in data["cells"].items()},
-                   data["recovery"], data["recovery_se"])
+                   data["recovery"], data["recovery_se"], data.get("effect"))
 
     def table(self) -> str:
         """Markdown: rows without / with u, columns base / baked."""
@@ -119,8 +152,10 @@ def reprompt_matrix(baked, evaluator: Callable, *, strength: float | None = None
     strength = baked.strength if strength is None else strength
     cells = {name: score(baked, evaluator, variant.at(strength))
              for name, variant in VARIANTS.items()}
-    ratio, se = recovery(cells["base"], cells["prompted"], cells["baked"])
-    return RepromptMatrix(_name(evaluator), cells, ratio, se)
+    effect = prompt_effect(cells["base"], cells["prompted"])
+    ratio, se = recovery(cells["base"], cells["prompted"], cells["baked"]) \
+        if effect["significant"] else (None, None)
+    return RepromptMatrix(_name(evaluator), cells, ratio, se, effect)
 
 
 def strength_sweep(baked, evaluator: Callable, strengths: Iterable[float]) -> dict[float, object]:

@@ -59,9 +59,7 @@ def _evaluate(args) -> int:
         suite = check_suite(baked, (load_task(name, limit=args.limit) for name in names))
         for matrix in suite.matrices.values():
             print(matrix.table())
-            r, se = matrix.recovery, matrix.recovery_se
-            print(f"baked recovers {pm(r, se, '.0f', scale=100, unit='%')} of the prompt's "
-                  f"effect\n" if r is not None else "the prompt does not change this score\n")
+            print(matrix.describe_recovery() + "\n")
         gate = suite.gate
         print(gate.table())
         print(f"forgetting gate: {'PASS' if gate.passed else 'FAIL'} ({gate.describe_rule()})")
