@@ -33,7 +33,8 @@ log = logging.getLogger("promptbake")
 
 def bake(prompt: str, model: str | Path | None = None, contexts=None,
          config: BakeConfig | None = None, *, out: str | Path | None = None,
-         overwrite: bool = False, resume: bool = False, progress: bool = False) -> Baked:
+         overwrite: bool = False, resume: bool = False, progress: bool = False,
+         record: dict | None = None) -> Baked:
     """Bakes ``prompt`` into a LoRA adapter on ``model`` (default: SmolLM2-135M-Instruct).
 
     Args:
@@ -46,6 +47,8 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         overwrite: replace a previous bake in ``out`` (only files promptbake wrote are deleted).
         resume: continue the interrupted bake in ``out``; the result equals an uninterrupted run.
         progress: show a progress bar (the CLI does).
+        record: more entries for the manifest (e.g. the tool specs the prompt was rendered
+            from), kept under their own keys.
     """
     config = config or BakeConfig()
     config.validate()
@@ -129,6 +132,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     manifest = _manifest(prompt, model_dir, framing, contexts, train, held_out, config,
                          trajectories, before, after, (reduction, reduction_se), history, clock,
                          "bf16" if dtype == torch.bfloat16 else "fp32")
+    manifest.update(record or {})
     baked = Baked(peft_model, tokenizer, framing, manifest, run.path, held_out)
     with clock("save"):
         run.finish(baked, config.merge)

@@ -9,6 +9,7 @@ same tokens on any backend.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -117,6 +118,9 @@ def preallocate(cache, repeats: int, room: int):
     return cache
 
 
+SHARED_PREFIX = 64  # tokens all prefixes must share before their common start is encoded once
+
+
 @torch.no_grad()
 def greedy(model, prefixes: list[list[int]], *, max_new_tokens: int, stop_ids: set[int],
            pad_id: int, batch_size: int = 16,
@@ -127,26 +131,61 @@ def greedy(model, prefixes: list[list[int]], *, max_new_tokens: int, stop_ids: s
     Prefixes are sorted by length and decoded in left-padded batches of ``batch_size``; a row
     leaves its batch as soon as it emits a token of ``stop_ids``, reaches ``max_new_tokens``, or
     ``stop(tokens so far)`` is true (lm-eval's stop strings). Results come back in input order.
+    When every prefix starts with the same ``SHARED_PREFIX`` tokens or more (a long prompt before
+    each question), that start goes through the model once and its KV cache serves every batch;
+    each row then reads the shared start, its own tokens (left-padded: padding sits between the
+    two, masked out) and its answer, at the positions it would have alone.
     """
     order = sorted(range(len(prefixes)), key=lambda i: (-len(prefixes[i]), i))
     results: list[list[int]] = [[] for _ in prefixes]
+    shared = _shared_prefix(model, prefixes)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         for i, tokens in zip(rows, _greedy_batch(model, [prefixes[i] for i in rows],
-                                                 max_new_tokens, stop_ids, pad_id, stop)):
+                                                 max_new_tokens, stop_ids, pad_id, stop, shared)):
             results[i] = tokens
         if progress:
             progress(len(rows))
     return results
 
 
-
-def _greedy_batch(model, prefixes, max_new_tokens, stop_ids, pad_id, stop):
-    """``greedy`` on one left-padded batch."""
+def _shared_prefix(model, prefixes: list[list[int]]):
+    """(length, KV cache) of the start every prefix shares, or None when it is short. At least
+    one token of each prefix is left out of it, so every row has tokens of its own to feed."""
+    if len(prefixes) < 2:
+        return None
+    first, length = prefixes[0], min(len(p) for p in prefixes) - 1
+    for p in prefixes[1:]:
+        common = 0
+        while common < length and p[common] == first[common]:
+            common += 1
+        length = common
+    if length < SHARED_PREFIX:
+        return None
     device = next(model.parameters()).device
-    ids, mask, positions = left_padded(prefixes, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+    out = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True,
                 logits_to_keep=1)
+    return length, out.cache
+
+
+def _greedy_batch(model, prefixes, max_new_tokens, stop_ids, pad_id, stop, shared=None):
+    """``greedy`` on one left-padded batch (after a shared start, when ``shared`` holds one)."""
+    device = next(model.parameters()).device
+    if shared is None:
+        ids, mask, positions = left_padded(prefixes, pad_id, device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+    else:
+        length, common = shared
+        cache = copy.deepcopy(common)
+        cache.batch_repeat_interleave(len(prefixes))
+        ids, own_mask, own_positions = left_padded([p[length:] for p in prefixes], pad_id,
+                                                   device)
+        mask = torch.cat([torch.ones(len(prefixes), length, dtype=own_mask.dtype,
+                                     device=device), own_mask], dim=1)
+        positions = own_positions + length
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=1)
     cache = out.cache
     position = positions[:, -1:]
     alive = list(range(len(prefixes)))  # batch row -> prefix
@@ -164,7 +203,6 @@ def _greedy_batch(model, prefixes, max_new_tokens, stop_ids, pad_id, stop):
             break
         out, mask, position, alive = next_step(model, cache, chosen, mask, position, alive, still)
     return tokens
-
 
 
 def stop_strings(tokenizer, until) -> Callable[[list[int]], bool] | None:

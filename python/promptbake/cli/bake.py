@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from promptbake import files
+from promptbake import files, tools
 from promptbake.artifact import SNAPSHOTS, load_baked
 from promptbake.bake import bake
 from promptbake.cli.arguments import Help, read_prompt, split_list
@@ -14,6 +14,8 @@ from promptbake.config import (LOGGERS, LOSSES, PRECISIONS, SCHEDULES, TEACHER_C
 from promptbake.formatting import pct, pm
 from promptbake.framing import STUDENT_FRAMINGS
 from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve
+from promptbake.modeling import variant
+from promptbake.orchestrate.tools import bake_tools, tool_specs
 
 
 def register(commands) -> None:
@@ -38,6 +40,14 @@ def _add_bake(commands) -> None:
                       help="read the prompt from this UTF-8 file; a .json file holds a "
                            "conversation: a list of chat messages (a system message and "
                            "demonstration turns) that the teacher reads before each context")
+    what.add_argument("--tools",
+                      help="bake tool use: a JSON file of tool specs, 'shipped' (the shipped "
+                           "tools) or 'shipped:CALC,CONVERT' (some of them); the prompt is "
+                           "rendered from them, and the bake's contexts hold tool questions, "
+                           "others, and conversations with a call's executed result")
+    p.add_argument("--tool-syntax", choices=tools.SYNTAXES, default=tools.rendering.DEFAULT_SYNTAX,
+                   help="how calls are written: compact NAME(arguments), or JSON in "
+                        "<tool_call> tags (with --tools)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--model", default=None,
                    help="local Hugging Face model directory (default: SmolLM2-135M-Instruct "
@@ -117,14 +127,21 @@ def _add_bake(commands) -> None:
 
 
 def _bake(args) -> int:
-    prompt = read_prompt(args)
     fields = {f.name for f in dataclasses.fields(BakeConfig)}
     options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if "target_modules" in options:
         options["target_modules"] = split_list(options["target_modules"])
     config = BakeConfig(**options)
-    baked = bake(prompt, model=args.model, contexts=args.contexts, config=config, out=args.out,
-                 overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    run = dict(model=args.model, contexts=args.contexts, config=config, out=args.out,
+               overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    if args.tools:
+        baked = bake_tools(args.tools, syntax=args.tool_syntax, **run)
+        made = baked.manifest["tools"]
+        print(f"tools                 {', '.join(s['name'] for s in made['specs'])} "
+              f"({made['contexts']['questions']} questions, "
+              f"{made['contexts']['with_results']} conversations with a result)")
+    else:
+        baked = bake(read_prompt(args), **run)
     kl = baked.manifest["kl"]
     before, after = kl["before"], kl["after"]
     for label, found in (("KL(prompted || base) ", before), ("KL(prompted || baked)", after)):
@@ -158,13 +175,35 @@ def _chat(args) -> int:
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
     variants = ("base", "prompted", "baked")
     width = max(len(v) for v in variants)
-    for variant in variants:
-        answer = baked.generate(args.question, variant=variant,
+    if "tools" in baked.manifest:
+        return _tool_chat(baked, args, variants, width)
+    for name in variants:
+        answer = baked.generate(args.question, variant=name,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 seed=args.seed)
-        label = variant + (f" (strength {args.strength:g})"
-                           if variant == "baked" and args.strength != 1 else "")
+        label = name + (f" (strength {args.strength:g})"
+                        if name == "baked" and args.strength != 1 else "")
         print(f"--- {label:<{width}} ---\n{answer}\n")
+    return 0
+
+
+def _tool_chat(baked, args, variants, width) -> int:
+    """A tool round trip for each variant: its answer, the calls run, the final answer."""
+    made = baked.manifest["tools"]
+    specs = tool_specs([tools.ToolSpec.from_dict(s) for s in made["specs"]])
+    for name in variants:
+        chosen = variant(name, baked.strength)
+        with chosen.active(baked.model):
+            exchange = tools.converse(
+                baked.model, baked.tokenizer, [args.question], specs=specs,
+                registry=tools.shipped.registry(), system=baked.prompt if chosen.prompted
+                else None, framing=baked.framing.student, syntax=made["syntax"],
+                max_new_tokens=args.max_new_tokens)[0]
+        print(f"--- {name:<{width}} ---")
+        for turn in exchange.messages[1:]:
+            print(f"[{'result' if turn['role'] == 'tool' else turn['role']}] "
+                  f"{turn['content'].strip()}")
+        print()
     return 0
 
 

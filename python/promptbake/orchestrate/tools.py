@@ -1,0 +1,127 @@
+"""Baking a tool: the tool documentation and demonstrations baked away, so the model without
+them still calls the tool and uses its result.
+
+``bake_tools`` renders the prompt u from tool specs (``tools.render``: a system message with the
+documentation and call syntax, then demonstration turns user -> call -> result -> answer) and
+bakes it with ``promptbake.bake`` on contexts of three kinds: questions that need a tool,
+questions to answer without one, and conversations that already hold a call and its executed
+result, so that the baked model also learns what to do with a result. The third kind is made by
+the prompted model itself: it answers the tool questions, its calls run in the registry, and the
+conversation up to the result becomes a context (a call the model got wrong gets the result, or
+the error, a real system would give).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from promptbake import contexts as contexts_mod, models, tools
+from promptbake.artifact import Baked
+from promptbake.bake import bake
+from promptbake.config import BakeConfig
+from promptbake.tools.spec import check_set
+
+log = logging.getLogger("promptbake")
+
+SHIPPED = "shipped"
+
+
+def tool_specs(source) -> list[tools.ToolSpec]:
+    """Specs from ``source``: a JSON file (``tools.load_specs``), a list of ToolSpecs,
+    ``"shipped"`` (every shipped tool) or ``"shipped:NAME,NAME"`` (some of them)."""
+    if isinstance(source, list):
+        return check_set(source)
+    text = str(source)
+    if text == SHIPPED or text.startswith(SHIPPED + ":"):
+        found = tools.shipped.specs()
+        names = [n.strip() for n in text.partition(":")[2].split(",") if n.strip()]
+        unknown = sorted(set(names) - {s.name for s in found})
+        if unknown:
+            raise ValueError(f"no shipped tool named {', '.join(unknown)}: the shipped tools are "
+                             f"{', '.join(s.name for s in found)}")
+        return [s for s in found if not names or s.name in names]
+    return tools.load_specs(Path(source))
+
+
+def tool_contexts(model, tokenizer, prompt, questions: list, specs, registry, *,
+                  syntax: str = tools.rendering.DEFAULT_SYNTAX, framing: str = "default",
+                  max_new_tokens: int = 64) -> list[list[dict]]:
+    """Conversations that hold a call and its executed result: the prompted model answers each
+    of ``questions`` (contexts of one user message); where it calls a tool, the conversation
+    up to the result is kept."""
+    texts = [q[-1]["content"] if isinstance(q, list) else str(q) for q in questions]
+    exchanges = tools.converse(model, tokenizer, texts, specs=specs, registry=registry,
+                               system=prompt, framing=framing, syntax=syntax,
+                               max_new_tokens=max_new_tokens, max_rounds=1)
+    return [ex.after_results for ex in exchanges if ex.after_results is not None]
+
+
+def bake_tools(source=SHIPPED, model=None, contexts=None, config: BakeConfig | None = None, *,
+               registry: tools.Registry | None = None,
+               syntax: str = tools.rendering.DEFAULT_SYNTAX, out=None, overwrite: bool = False,
+               resume: bool = False, progress: bool = False) -> Baked:
+    """Bakes the tool prompt rendered from ``source`` (see ``tool_specs``) into ``model``.
+
+    Args:
+        contexts: the user messages to bake on (default: the shipped tool training contexts,
+            tool questions and others); the ones naming a tool (``{"user": ..., "tool": ...}``
+            in a .jsonl file, or every message when none does) also give a conversation with
+            the call's result.
+        registry: runs the calls (default: the shipped tools); a tool without a function in it
+            gets an error result, so register your own tools for results to mean anything.
+    """
+    config = config or BakeConfig()
+    config.validate()
+    specs = tool_specs(source)
+    registry = registry or tools.shipped.registry()
+    unregistered = [s.name for s in specs if s.name not in registry]
+    if unregistered:
+        log.warning("promptbake: no function is registered for %s: calls to them get an error "
+                    "result in the conversations baked on", ", ".join(unregistered))
+    lm, tokenizer, model_dir = models.load(model)
+    prompt = tools.render(specs, tokenizer, syntax)
+    singles = _questions(contexts)
+    asking = [c for c, tool in singles if tool] or [c for c, _ in singles]
+    with_results = tool_contexts(lm, tokenizer, prompt, asking, specs, registry, syntax=syntax,
+                                 framing=config.framing, max_new_tokens=config.max_new_tokens)
+    del lm
+    mixed = _interleave([c for c, _ in singles], with_results)
+    log.info("promptbake: %d questions and %d conversations with a tool result to bake on",
+             len(singles), len(with_results))
+    described = [s.to_dict() for s in specs]
+    record = {"tools": {
+        "specs": described, "syntax": syntax,
+        "sha256": hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest(),
+        "contexts": {"questions": len(singles), "with_results": len(with_results)}}}
+    return bake(prompt, model=model_dir, contexts=mixed, config=config, out=out,
+                overwrite=overwrite, resume=resume, progress=progress, record=record)
+
+
+def _questions(contexts) -> list[tuple[list[dict], str | None]]:
+    """(context, the tool it needs or None) of each question to bake on: the shipped tool
+    questions (None), a contexts file (a .jsonl line ``{"user": ..., "tool": ...}`` names its
+    tool) or a list of contexts."""
+    if contexts is None:
+        rows = tools.shipped.train_rows()
+    elif isinstance(contexts, (str, Path)) and Path(contexts).is_file():
+        rows = []
+        if str(contexts).endswith(".jsonl"):
+            rows = [json.loads(line) for line in Path(contexts).read_text(encoding="utf-8")
+                    .splitlines() if line.strip()]
+        if not rows or not all(isinstance(r, dict) and "user" in r for r in rows):
+            return [(c, None) for c in contexts_mod.load(contexts)]
+    elif isinstance(contexts, list):
+        return [([{"role": "user", "content": c}] if isinstance(c, str) else list(c), None)
+                for c in contexts]
+    else:
+        raise ValueError(f"contexts={contexts!r}: a tool bake takes a contexts file, a list of "
+                         f"contexts, or None for the shipped tool questions")
+    return [([{"role": "user", "content": r["user"]}], r.get("tool")) for r in rows]
+
+
+def _interleave(first: list, second: list) -> list:
+    """Both lists, the second spread evenly through the first (so any prefix holds both)."""
+    return tools.shipped.interleave([first, second])

@@ -1,0 +1,32 @@
+"""Decoding: greedy answers after a long shared prompt are the same whether the prompt is
+encoded once and its cache shared, or with every question."""
+
+import pytest
+
+from promptbake import decoding
+from promptbake.decoding import greedy, stop_token_ids
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_a_shared_prompt_is_encoded_once_and_changes_nothing(tiny64, tokenizer, monkeypatch,
+                                                             batch_size):
+    prompt = tokenizer.encode("You are a careful assistant. " * 12, add_special_tokens=False)
+    questions = ["What is two plus two?", "Name a colour.", "Why is the sea salty?", "Hi",
+                 "Tell me about the moon and the tides, in a few words please."]
+    prefixes = [prompt + tokenizer.encode(q, add_special_tokens=False) for q in questions]
+    options = dict(max_new_tokens=12, stop_ids=stop_token_ids(tokenizer, tiny64), pad_id=0,
+                   batch_size=batch_size)
+    calls = []
+    real = tiny64.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny64, "forward", counting)
+    shared = greedy(tiny64, prefixes, **options)
+    assert calls[0] == (1, len(prompt))  # the shared start, once
+    assert all(shape[1] < len(prompt) for shape in calls[1:])  # never again
+    monkeypatch.setattr(decoding, "SHARED_PREFIX", 10 ** 9)  # every prefix whole
+    assert greedy(tiny64, prefixes, **options) == shared
+    assert any(len(answer) > 0 for answer in shared)
