@@ -31,6 +31,9 @@ SUITES = {
              "Runtime fp32, int8, pruned + int8; latency, size, held-out accuracy",
     "coverage": "the persona bake off its contexts: arithmetic answered like the prompt? baked "
                 "on the general contexts alone against the shipped ones (general + short)",
+    "tools": "the shipped computing tools baked: the tool prompt's own effect, the re-prompt "
+             "matrix on end-to-end and call accuracy and over-calling, forgetting, time to "
+             "first token",
     "bake-sweep": "how the bake's defaults were chosen: one setting changed at a time, held-out "
                   "KL reduction and time of each",
 }

@@ -32,10 +32,12 @@ def pirate_config(quick: bool) -> BakeConfig:
     return BakeConfig(snapshot_every=36)
 
 
-def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=print) -> dict:
+def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=print,
+                make=None) -> dict:
     """{"path", "seconds" (the bake's wall time, 0 when reused), "reused"} of a bake of
     ``prompt`` in bench/.cache/<name>. Processes asking for the same bake (``--section`` runs)
-    take turns: the first bakes, the others reuse its bake."""
+    take turns: the first bakes, the others reuse its bake. ``make(out, overwrite)``: how to
+    bake, when not ``promptbake.bake(prompt, ...)`` (``prompt`` then only identifies it)."""
     out = CACHE / name
     if contexts is None:  # the shipped contexts: their contents, as a file's would be
         shipped = json.dumps([contexts_mod.builtin(p) for p in ("train", "held_out")])
@@ -55,7 +57,11 @@ def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=p
             return {"path": out, "seconds": 0.0, "reused": True}
         log(f"    baking {name} into {out} (a few minutes)")
         start = time.perf_counter()
-        promptbake.bake(prompt, contexts=contexts, config=config, out=out, overwrite=out.exists())
+        if make is None:
+            promptbake.bake(prompt, contexts=contexts, config=config, out=out,
+                            overwrite=out.exists())
+        else:
+            make(out, out.exists())
         stamp.write_text(json.dumps(key))
         return {"path": out, "seconds": time.perf_counter() - start, "reused": False}
 

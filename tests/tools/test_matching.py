@@ -79,9 +79,16 @@ def test_standardisation_keeps_what_bfcl_keeps():
     assert standardize("April 1, 2024") == standardize("april 1 2024") == "april12024"
     assert standardize("it's") == 'it"s'
     assert check({"city": "York"}, expect(city=["New York"])).failure == "wrong_value"
-    # BFCL drops * - / from strings, so these arithmetic expressions compare equal; the
-    # end-to-end score (the tool's result checked in the answer) is what tells them apart
+    # BFCL drops * - / from strings; where the expected value holds digits (an expression, a
+    # date) promptbake keeps them, so these calls differ
     assert standardize("17 * 23") == standardize("17 - 23") == standardize("1723")
+    calc = ToolSpec("f", "calculator", {"type": "object", "required": ["expression"],
+                                        "properties": {"expression": {"type": "string"}}})
+    expected = [{"name": "f", "arguments": {"expression": ["17 * 23"]}}]
+    for written, valid in (("17*23", True), ("17 * 23", True), ("17 - 23", False),
+                           ("17, 23", False)):
+        found = match([Call("f", {"expression": written})], expected, [calc])
+        assert found.valid is valid, written
 
 
 def test_lists_compare_element_by_element_in_order():

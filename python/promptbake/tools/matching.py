@@ -12,8 +12,10 @@ means the argument may be left out. A call matches when, in this order (BFCL's):
    number;
 5. every value is among the allowed ones: strings after BFCL's standardisation (lower case,
    without spaces and the characters ``, . / - _ * ^``, single quotes as double quotes), so
-   "17 * 23" matches "17*23" and "New York" matches "new york"; lists element by element, the
-   strings in them standardised; numbers by value (``5 == 5.0``);
+   "New York" matches "new york"; except that where the allowed string holds a digit (an
+   arithmetic expression, a date) only case and spaces are ignored, because there those
+   characters carry the meaning: BFCL's rule would make "17 * 23", "17 - 23" and "17, 23"
+   the same call; lists element by element; numbers by value (``5 == 5.0``);
 6. every expected argument it leaves out may be left out (``""`` is among its values).
 
 Several expected calls (parallel calls) match when there are as many calls and some pairing
@@ -38,6 +40,7 @@ OVER_CALL = "over_call"
 FAILURES = (WRONG_TOOL, schema.MISSING, schema.EXTRA, schema.MISTYPED, WRONG_VALUE, WRONG_COUNT,
             OVER_CALL)
 _IGNORED = re.compile(r"[ ,./\-_*^]")
+_DIGIT = re.compile(r"\d")
 _MAX_SEARCH = 7  # calls beyond which parallel calls are paired greedily
 
 
@@ -53,6 +56,14 @@ class Match:
 def standardize(text: str) -> str:
     """BFCL's form for comparing strings: lower case, no spaces or ``,./-_*^``, ' as "."""
     return _IGNORED.sub("", text).lower().replace("'", '"')
+
+
+def _comparable(text: str, numeric: bool) -> str:
+    """``text`` as compared with an allowed value: BFCL's form, or for a value holding digits,
+    only without spaces and case (see the module docstring)."""
+    if numeric:
+        return re.sub(r"\s+", "", text).lower().replace("'", '"')
+    return standardize(text)
 
 
 def match(calls: list[Call], expected: list[dict], specs) -> Match:
@@ -119,7 +130,9 @@ def match_call(call: Call, expected: dict, parameters: dict | None) -> Match:
 
 def _allowed(value, allowed: list) -> bool:
     if isinstance(value, str):
-        return standardize(value) in {standardize(a) for a in allowed if isinstance(a, str)}
+        return any(_comparable(value, _DIGIT.search(a) is not None) ==
+                   _comparable(a, _DIGIT.search(a) is not None)
+                   for a in allowed if isinstance(a, str))
     if isinstance(value, list):
         return any(isinstance(a, list) and _same_list(value, a) for a in allowed)
     if isinstance(value, dict):
