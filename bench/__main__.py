@@ -34,6 +34,9 @@ SUITES = {
     "tools": "the shipped computing tools baked: the tool prompt's own effect, the re-prompt "
              "matrix on end-to-end and call accuracy and over-calling, forgetting, time to "
              "first token",
+    "prompts": "the defaults on a panel of seven prompts of different kinds: held-out and "
+               "off-distribution KL reduction, drift, the task suite against the prompted "
+               "model; a domain and a persona prompt baked on generated contexts alone",
     "bake-sweep": "how the bake's defaults were chosen: one setting changed at a time, held-out "
                   "KL reduction and time of each",
 }

@@ -42,6 +42,8 @@ def cached_bake(name: str, prompt: str, config: BakeConfig, contexts=None, log=p
     if contexts is None:  # the shipped contexts: their contents, as a file's would be
         shipped = json.dumps([contexts_mod.builtin(p) for p in ("train", "held_out")])
         used = {"builtin": hashlib.sha256(shipped.encode()).hexdigest()}
+    elif isinstance(contexts, str) and not Path(contexts).is_file():  # generated:N, pools
+        used = {"spec": contexts}
     else:
         used = {"path": str(contexts),
                 "sha256": hashlib.sha256(Path(contexts).read_bytes()).hexdigest()}

@@ -173,3 +173,50 @@ def tiny_framed(tiny_dir, prompt):
 
     lm, tok, _ = models.load(tiny_dir)
     return lm, tok, Framing(tok, prompt)
+
+
+# -- a bake of a prompt that is no persona's, and answers to derive its adherence scorer from ----
+
+PLAIN_PROMPT = "You are a terse assistant. Answer in one short sentence."
+
+
+@pytest.fixture(scope="session")
+def plain_prompt():
+    return PLAIN_PROMPT
+
+
+@pytest.fixture(scope="session")
+def plain_bake(tiny_dir, tmp_path_factory):
+    """A finished two-step bake of ``PLAIN_PROMPT`` (no built-in persona's) on the tiny model."""
+    from promptbake import BakeConfig, bake
+
+    out = tmp_path_factory.mktemp("plain-bake") / "terse"
+    bake(PLAIN_PROMPT, model=tiny_dir, out=out, config=BakeConfig(
+        train_contexts=3, eval_contexts=2, samples_per_context=2, max_new_tokens=6,
+        sample_batch=8, batch_size=4, steps=2, lr=2e-2, warmup=0.0))
+    return out
+
+
+@pytest.fixture
+def derived_answers(monkeypatch, tmp_path, tokenizer):
+    """Canned greedy answers for ``persona.from_prompt`` (pirate talk with ``PLAIN_PROMPT``, plain
+    talk without), the bag-of-words embedder in place of MiniLM, and the user cache in tmp_path.
+    Returns the list of calls: ``(prompted, adapter off, decoded prefixes)``."""
+    from promptbake import modeling, persona as persona_mod
+
+    calls = []
+
+    def canned(model, prefixes, **options):
+        texts = [tokenizer.decode(p) for p in prefixes]
+        prompted = all(PLAIN_PROMPT in t for t in texts)
+        layers = modeling.lora_layers(model)
+        calls.append((prompted, all(layer.disable_adapters for layer in layers), texts))
+        answers = [f"Aye matey, ye be at sea {i}" if prompted else f"The answer is {i}, you see"
+                   for i in range(len(prefixes))]
+        return [tokenizer.encode(a, add_special_tokens=False) for a in answers]
+
+    monkeypatch.setattr(persona_mod, "greedy", canned)
+    monkeypatch.setattr(persona_mod, "minilm_embed", bag_of_words)
+    monkeypatch.setattr(persona_mod, "_DERIVED", {})
+    monkeypatch.setenv("PROMPTBAKE_CACHE", str(tmp_path / "user-cache"))
+    return calls

@@ -314,3 +314,57 @@ def test_a_conversation_prompt_bakes_and_loads_back(tiny_dir, tmp_path):
     assert baked.manifest["kl"]["before"]["per_token"] > 0
     with pytest.raises(ValueError, match="prompt message 0"):
         bake([{"role": "narrator", "content": "x"}], model=tiny_dir, config=tiny_config())
+
+
+def test_every_bake_measures_the_off_distribution_probes(tiny_dir, tmp_path, prompt):
+    out = tmp_path / "probed"
+    baked = bake(prompt, model=tiny_dir, config=tiny_config(steps=2, probe_contexts=8), out=out)
+    off = baked.manifest["kl_off_distribution"]
+    assert off["contexts"] == 8 == off["before"]["sequences"] and len(off["kinds"]) == 8
+    assert off["reduction"] == pytest.approx(
+        1 - off["after"]["per_token"] / off["before"]["per_token"], rel=1e-6)
+    again = load_baked(out)  # measured again from the directory's own samples: the same number
+    assert mc_kl(again, "probe")["1"].per_token == pytest.approx(off["after"]["per_token"],
+                                                               rel=1e-4)
+    assert "kl_off_distribution" not in bake(prompt, model=tiny_dir, config=tiny_config(
+        steps=1, probe_contexts=0)).manifest
+
+
+def test_pools_with_a_generated_pool_record_the_mix(tiny_dir, tmp_path, prompt, monkeypatch):
+    from promptbake import generated
+
+    monkeypatch.setenv("PROMPTBAKE_CACHE", str(tmp_path / "cache"))
+    asked = []
+
+    def fake(model, tokenizer, prompt, n, say=None, **settings):
+        asked.append((n, settings.get("kinds")))
+        texts = [f"Generated question {i} about the sea and its {i} ships?" for i in range(n)]
+        return generated.Generated([[{"role": "user", "content": t}] for t in texts],
+                                   ["chit-chat"] * n, n, {"short": 1}, {}, settings)
+
+    monkeypatch.setattr(generated, "generate", fake)
+    out = tmp_path / "pooled"
+    baked = bake(prompt, model=tiny_dir, contexts="short=1,generated-general=1",
+                 config=tiny_config(steps=1, train_contexts=10, eval_contexts=4), out=out)
+    contexts = baked.manifest["contexts"]
+    assert contexts["source"] == "short=1,generated-general=1"
+    mix = contexts["pools"]
+    assert mix["short"]["train"] == mix["generated-general"]["train"] == 5
+    assert mix["short"]["held_out"] + mix["generated-general"]["held_out"] == 4  # short tops up
+    assert asked[0][0] == 14  # enough for half of 10 + 4 after the 80/20 split
+    assert contexts["generated"]["generated-general"]["contexts"] == asked[0][0]
+    assert "domain" not in asked[0][1] and "follow-up" in asked[0][1]
+    # generated:N: the bake's model writes N contexts, split into training and held-out parts
+    baked = bake(prompt, model=tiny_dir, contexts="generated:20", config=tiny_config(steps=1))
+    assert baked.manifest["contexts"]["source"] == "generated:20"
+    assert baked.manifest["contexts"]["generated"]["contexts"] == 20 and asked[1][0] == 20
+
+
+def test_bad_context_specs_are_refused_before_anything_is_written(tiny_dir, tmp_path, prompt):
+    from promptbake.contexts import ContextError
+
+    for spec, message in (("general=-1", "weights are finite"), ("generated:0", "generated:N"),
+                          ("nowhere.jsonl=1", "unknown context pool")):
+        with pytest.raises(ContextError, match=message):
+            bake(prompt, model=tiny_dir, contexts=spec, config=tiny_config(), out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()

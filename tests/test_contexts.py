@@ -158,3 +158,60 @@ def test_for_bake_and_for_measuring():
     assert contexts.for_measuring("builtin", 3) == contexts.builtin("held_out")
     assert contexts.for_measuring(["a", "b"], 3) == [[{"role": "user", "content": "a"}],
                                                      [{"role": "user", "content": "b"}]]
+
+
+def test_the_probe_set_holds_eight_kinds_none_of_them_trained_or_evaluated_on():
+    probes = contexts.probe()
+    kinds = contexts.probe_kinds()
+    assert len(probes) == 48 and len(kinds) == 8
+    assert contexts.probe(8) == probes[:8]
+    assert any(len(c) == 3 for c in probes[:8])  # a multi-turn follow-up among the first kinds
+    texts = [" ".join(m["content"] for m in c) for c in probes]
+    items = [item["prompt"] for name in TASKS for item in load_task(name).items]
+    turns = [t for lines in drift.user_turns().values() for t in lines]
+    assert contexts.near_duplicates(texts, items + turns + contexts.builtin_messages()) == []
+    assert contexts.for_measuring("probe", 24) == probes
+
+
+def test_pools_draw_by_weight_and_record_the_mix(tmp_path):
+    pools = contexts.Pools("general=3,short=1")
+    train = pools.draw("train", 8, seed=0)
+    general = {c[0]["content"] for c in contexts.builtin("train", ("general",))}
+    assert sum(c[0]["content"] in general for c in train) == 6 and len(train) == 8
+    assert pools.draw("train", 8, seed=0) == train and pools.draw("train", 8, seed=1) != train
+    held_out = pools.draw("held_out", 4)
+    assert pools.mix() == {"general": {"weight": 3.0, "train": 6, "held_out": 3},
+                           "short": {"weight": 1.0, "train": 2, "held_out": 1}}
+    assert str(pools) == "general=3,short=1" and len(held_out) == 4
+    # a small file is all training: its held-out share goes to the other pools
+    small = tmp_path / "mine.txt"
+    small.write_text("first question of mine\nsecond question of mine\n")
+    pools = contexts.Pools({"short": 1, str(small): 1})
+    assert [c[0]["content"] for c in pools.draw("train", 4)][-2:] == [
+        "first question of mine", "second question of mine"]
+    assert len(pools.draw("held_out", 4)) == 4 and pools.mix()[str(small)]["held_out"] == 0
+    assert contexts.for_bake(pools, "held_out", 4) == pools.draw("held_out", 4)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("general=-1,short=1", "weights are finite numbers >= 0"),
+    ("general=0,short=0", "sum to 0"),
+    ("general=1,general=2", "named twice"),
+    ("general=lots", "is not a number"),
+    ("general=1,,=2", "NAME=WEIGHT pairs"),
+    ("probe=1", "the probe set measures off-distribution KL"),
+    ("everything=1", "unknown context pool 'everything'"),
+    ("generated-domain:x=1", "N in generated-domain:N"),
+])
+def test_bad_pool_specs_are_named(spec, message):
+    with pytest.raises(ContextError, match=message):
+        contexts.Pools(spec)
+
+
+def test_an_empty_pool_is_refused(tmp_path):
+    pools = contexts.Pools("generated-general=1,short=1")
+    assert pools.generated() == {"generated-general": None}
+    with pytest.raises(ContextError, match="'generated-general' is empty"):
+        pools.fill("generated-general", [])
+    with pytest.raises(ContextError, match="was not generated"):
+        pools.draw("train", 4)

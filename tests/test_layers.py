@@ -19,7 +19,8 @@ LAYERS = [
     {"decoding"},  # sampling and generation primitives
     {"trajectories", "config"},
     {"artifact", "train", "mc_kl"},  # a bake on disk; the training steps; Monte Carlo KL
-    {"bake", "tasks", "reprompt", "forgetting", "persona", "drift", "tools", "lm_eval_adapter"},
+    {"bake", "generated", "tasks", "reprompt", "forgetting", "persona", "drift", "tools",
+     "lm_eval_adapter"},
     {"orchestrate"},  # stacking, stopping rules, pursuit, sequential
     {"export", "compress"},
     {"report"},

@@ -164,3 +164,113 @@ def test_adherence_evaluator_on_a_real_generation(tiny64, tokenizer, pirate, stu
     assert all(set(persona_mod.SCORERS) <= set(item) for item in result.items)
     with pytest.raises(ValueError, match="no contexts"):
         persona_mod.AdherenceEvaluator(pirate, [])
+
+
+# -- a persona derived from the prompt itself ----------------------------------------------------
+
+def test_no_rule_checks_only_with_rule_weight_0(pirate, stub_scorer):
+    data = {**pirate.to_dict(), "keywords": {}, "patterns": {}, "style": []}
+    with pytest.raises(ValueError, match="no rule checks but rule_weight=0.5.*set rule_weight to 0"):
+        Persona.from_dict(data)
+    plain = Persona.from_dict({**data, "rule_weight": 0.0})
+    scores = persona_mod.score(plain, PIRATE_ANSWERS + PLAIN_ANSWERS, stub_scorer)
+    assert scores["rule"] == [0.0] * 6
+    assert scores["adherence"] == scores["semantic"]  # exemplars alone
+
+
+def test_default_contexts_are_training_contexts_of_both_kinds():
+    from promptbake import contexts, drift
+
+    chosen = persona_mod.default_contexts(16)
+    assert len(chosen) == 16 and chosen == persona_mod.default_contexts(16)
+    train = contexts.builtin("train")
+    assert all(c in train for c in chosen)
+    assert not any(c in contexts.builtin("held_out") for c in chosen)
+    turns = {t for lines in drift.user_turns().values() for t in lines}
+    assert not any(c[0]["content"] in turns for c in chosen)
+    for kind in contexts.KINDS:
+        assert any(c in contexts.builtin("train", (kind,)) for c in chosen), kind
+    with pytest.raises(ValueError, match="n=2 contexts"):
+        persona_mod.default_contexts(2)
+
+
+def test_from_prompt_pairs_prompted_and_base_answers(tiny64, tokenizer, plain_prompt,
+                                                     derived_answers):
+    contexts = ["What is the capital of France?", "How do I boil an egg?", "Why is the sky blue?",
+                [{"role": "user", "content": "Hi"}]]
+    derived = persona_mod.from_prompt(tiny64, tokenizer, plain_prompt, contexts, framing="none")
+    (prompted, _, with_prompt), (base, _, without) = derived_answers
+    assert prompted and not base
+    for context, a, b in zip(["France", "boil", "sky", "Hi"], with_prompt, without):
+        assert context in a and context in b  # the same contexts, in order, on both sides
+        assert "<|im_start|>system" not in b  # framing none
+    assert derived.exemplars == [f"Aye matey, ye be at sea {i}" for i in range(4)]
+    assert derived.neutral == [f"The answer is {i}, you see" for i in range(4)]
+    assert derived.derived and derived.rule_weight == 0 and not derived.keywords
+    assert derived.prompt == plain_prompt
+    assert derived.describe() == derived.name == "derived from the prompt, 4 exemplar pairs"
+    semantic = persona_mod.SemanticScorer(derived)
+    assert semantic.paired
+    scores = persona_mod.score(derived, ["Aye matey, ye be at sea", "The answer is 7", ""],
+                               semantic)
+    assert scores["adherence"] == scores["semantic"]
+    assert scores["adherence"][0] > 0.8 and scores["adherence"][1] < 0.2
+    assert scores["adherence"][2] == 0.0
+    # Default contexts: the shipped training ones; a conversation prompt is kept as one text.
+    conversation = [{"role": "system", "content": plain_prompt},
+                    {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+    derived = persona_mod.from_prompt(tiny64, tokenizer, conversation, n=5)
+    assert len(derived.exemplars) == 5 and derived.prompt.startswith("[{")
+
+
+def test_from_prompt_drops_identical_and_empty_pairs(monkeypatch, tiny64, tokenizer,
+                                                     plain_prompt, derived_answers):
+    canned = persona_mod.greedy
+
+    def some_alike(model, prefixes, **options):
+        out = canned(model, prefixes, **options)
+        plain = tokenizer.encode("The answer is 0, you see", add_special_tokens=False)
+        out[0] = plain  # context 0: the same answer with and without the prompt
+        if plain_prompt in tokenizer.decode(prefixes[1]):
+            out[1] = []  # context 1: an empty prompted answer
+        return out
+
+    monkeypatch.setattr(persona_mod, "greedy", some_alike)
+    contexts = [f"Question {i}?" for i in range(6)]
+    derived = persona_mod.from_prompt(tiny64, tokenizer, plain_prompt, contexts)
+    assert derived.exemplars == [f"Aye matey, ye be at sea {i}" for i in range(2, 6)]
+    assert derived.neutral == [f"The answer is {i}, you see" for i in range(2, 6)]
+    with pytest.raises(ValueError, match=r"changes too little.*2 of 4 contexts.*\(1 identical, "
+                                         r"1 empty\).*give a persona file"):
+        persona_mod.from_prompt(tiny64, tokenizer, plain_prompt, contexts[:4])
+
+
+def test_derived_scorer_that_cannot_separate_names_the_fix():
+    same = ["The answer is four.", "It is raining today."]
+    derived = persona_mod.DerivedPersona("derived", "Be terse.", exemplars=same,
+                                         neutral=list(same), rule_weight=0.0)
+    with pytest.raises(ValueError, match="changes their meaning too little.*persona file"):
+        persona_mod.SemanticScorer(derived, embed=lambda texts: [[len(t), 1.0] for t in texts])
+
+
+def test_persona_of_derives_and_caches_outside_the_bake(plain_bake, small_bake, pirate,
+                                                        derived_answers, file_hashes, tmp_path):
+    from promptbake import models
+    from promptbake.artifact import load_baked
+
+    before = file_hashes(plain_bake)
+    assert persona_mod.persona_of(load_baked(small_bake)) == pirate  # a built-in persona's prompt
+    baked = load_baked(plain_bake)
+    derived = persona_mod.persona_of(baked)
+    assert derived.derived and len(derived.exemplars) == 16
+    assert [(prompted, off) for prompted, off, _ in derived_answers] == [(True, True),
+                                                                         (False, True)]
+    assert persona_mod.persona_of(baked) is derived and len(derived_answers) == 2  # in memory
+    cached = list((models.cache_root() / "personas").iterdir())
+    assert len(cached) == 1 and str(cached[0]).startswith(str(tmp_path))
+    persona_mod._DERIVED.clear()
+    again = persona_mod.persona_of(baked)  # from the file
+    assert again == derived and again.derived and len(derived_answers) == 2
+    assert persona_mod.persona_of(baked, max_new_tokens=8) == derived  # other settings: derived again
+    assert len(derived_answers) == 4
+    assert file_hashes(plain_bake) == before  # nothing written into the bake

@@ -67,4 +67,54 @@ def test_report_cli_exit_code_follows_the_gates(baked_dir, capsys):
     out = capsys.readouterr().out
     record = json.loads((baked_dir / "report.json").read_text())
     assert code == (0 if all(g["passed"] for g in record["gates"]) else 1)
-    assert "held-out KL reduction" in out and len(record["gates"]) == 1
+    assert "held-out KL reduction" in out and len(record["gates"]) == 2
+    assert record["gates"][1]["target"].startswith("off-distribution KL reduction not far below")
+    off = record["kl_off_distribution"]
+    assert off["contexts"] == 24 and len(off["kinds"]) == 8
+    assert "## Off-distribution KL (probe set" in (baked_dir / "report.md").read_text()
+
+
+def test_off_distribution_gate_flags_a_bake_that_holds_only_where_it_trained():
+    from promptbake.report import off_distribution_gate
+
+    held = {"reduction": 0.92, "reduction_se": 0.01}
+    assert off_distribution_gate(held, {"reduction": 0.88, "reduction_se": 0.02}, "c").passed
+    assert not off_distribution_gate(held, {"reduction": 0.60, "reduction_se": 0.03}, "c").passed
+    # 30 points lower, but so uncertain that the difference is within two errors: not flagged
+    assert off_distribution_gate(held, {"reduction": 0.62, "reduction_se": 0.2}, "c").passed
+
+
+def test_report_derives_an_adherence_scorer_for_any_prompt(plain_bake, tmp_path, monkeypatch,
+                                                           derived_answers, tokenizer):
+    import shutil
+
+    from promptbake import persona as persona_mod
+
+    copy = tmp_path / "bake"
+    shutil.copytree(plain_bake, copy)
+    record = report(copy, tasks=[], turns=2, conversations=2, strengths=(1,), drift_tokens=4)
+    assert record["drift"]["scorer"] == "derived from the prompt, 16 exemplar pairs"
+    gate = next(g for g in record["gates"] if g["target"].startswith("persona drift"))
+    assert gate["command"] == f"promptbake report {copy} --turns 2 --conversations 2"
+    assert "## Persona drift (derived from the prompt, 16 exemplar pairs)" in \
+        (copy / "report.md").read_text()
+    assert not (copy / "personas").exists()
+    # A prompt that changes no answer: the report says why drift was skipped and measures the rest.
+    monkeypatch.setattr(persona_mod, "greedy", lambda model, prefixes, **options: [
+        tokenizer.encode("Same.", add_special_tokens=False)] * len(prefixes))
+    record = report(copy, tasks=[], turns=2, conversations=2, strengths=(1,), drift_tokens=3)
+    assert "drift" not in record and "changes too little" in record["drift_skipped"]
+    assert not any(g["target"].startswith("persona drift") for g in record["gates"])
+
+
+def test_a_bake_from_before_the_probe_set_is_measured_off_distribution(bake_copy):
+    manifest_path = bake_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.pop("kl_off_distribution")
+    manifest["config"].pop("probe_contexts")
+    manifest_path.write_text(json.dumps(manifest))
+    (bake_copy / "probe_trajectories.safetensors").unlink()
+    record = report(bake_copy, tasks=[], persona="", strengths=(1,))
+    off = record["kl_off_distribution"]
+    assert off["contexts"] == 24 and off["before"]["sequences"] == 24
+    assert any(g["target"].startswith("off-distribution") for g in record["gates"])

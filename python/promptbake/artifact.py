@@ -33,6 +33,7 @@ log = logging.getLogger("promptbake")
 MANIFEST = "manifest.json"
 HELD_OUT = "held_out_contexts.json"  # the contexts the bake was measured on, for `promptbake kl`
 HELD_OUT_SAMPLES = "eval_trajectories.safetensors"  # the samples it was measured on
+PROBE_SAMPLES = "probe_trajectories.safetensors"  # its samples on the off-distribution probes
 CHECKPOINT = "checkpoint.safetensors"  # resume-only: removed when the bake is done
 SNAPSHOTS = "snapshots"
 MANIFEST_FORMAT = 1

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from promptbake import contexts as contexts_mod, modeling, models, versions
+from promptbake import contexts as contexts_mod, generated, modeling, models, versions
 from promptbake.artifact import HELD_OUT, Baked, RunDir
 from promptbake.config import BakeConfig
 from promptbake.framing import Framing, FramingError, prompt_messages, prompt_text
@@ -40,8 +40,10 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     Args:
         prompt: a system text, or a conversation (a list of chat messages: a system message
             and demonstration turns) that the teacher reads before each context.
-        contexts: None or "builtin" (shipped set), "none" (unconditional), a file path, or a list
-            of user messages / message lists.
+        contexts: None or "builtin" (shipped set), "none" (unconditional), a file path, a list
+            of user messages / message lists, "generated:N" (N messages the model writes for
+            the prompt, ``promptbake.generated``), or pools with weights ("general=2,short=1,
+            generated-domain=1,my.jsonl=1", a dict or ``contexts.Pools``).
         out: directory for the adapter, manifest, snapshots and checkpoints; None keeps the bake
             in memory (``Baked.save`` can write it later) and cannot resume.
         overwrite: replace a previous bake in ``out`` (only files promptbake wrote are deleted).
@@ -53,6 +55,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     config = config or BakeConfig()
     config.validate()
     prompt_messages(prompt)  # a text or a conversation: refused now if it is neither
+    contexts = generated.check_spec(contexts)  # pools parsed and checked before any loading
     clock = Clock()
     run = RunDir.prepare(out, prompt, config, contexts, model, overwrite=overwrite,
                          resume=resume)
@@ -60,9 +63,15 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     with clock("load"):
         lm, tokenizer, model_dir = models.load(model)
         framing = Framing(tokenizer, prompt, config.framing)
-        train = contexts_mod.for_bake(contexts, "train", config.train_contexts, config.seed)
-        held_out = contexts_mod.for_bake(contexts, "held_out", config.eval_contexts)
-        _check_contexts(framing, train + held_out, lm, config)
+    with clock("generate"):  # nothing when the contexts are not generated, or were before
+        drawn, generation = generated.resolve(
+            contexts, prompt, (lm, tokenizer), model_dir, config.seed,
+            (config.train_contexts, config.eval_contexts), say=log.info)
+    with clock("load"):
+        train = contexts_mod.for_bake(drawn, "train", config.train_contexts, config.seed)
+        held_out = contexts_mod.for_bake(drawn, "held_out", config.eval_contexts)
+        probes = contexts_mod.probe(config.probe_contexts) if config.probe_contexts else []
+        _check_contexts(framing, train + held_out + probes, lm, config)
         modeling.check_logits(lm, framing.teacher_ids(train[0]))
         torch.manual_seed(config.seed)
         peft_model = attach_lora(lm, config)
@@ -88,10 +97,19 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
                 seed=config.seed + 1, samples=1, progress=progress,
                 what="sampling held-out trajectories")
             run.save_trajectories("eval_trajectories", held_out_traj)
+        probe_traj = run.load_trajectories("probe_trajectories") if probes else None
+        if probes and probe_traj is None:
+            probe_traj = sample_trajectories(
+                peft_model, tokenizer, [framing.teacher_ids(c) for c in probes], config, "none",
+                seed=config.seed + 2, samples=1, progress=progress,
+                what="sampling off-distribution probes")
+            run.save_trajectories("probe_trajectories", probe_traj)
 
     with clock("measure_before"):  # measured in fp32, whatever the training precision
         before = kl_on(peft_model, framing, held_out, held_out_traj, {"base": BASE},
                        pad_id=pad_id)["base"]
+        probe_before = kl_on(peft_model, framing, probes, probe_traj, {"base": BASE},
+                             pad_id=pad_id)["base"] if probes else None
     log.info("KL(prompted || base) on held-out contexts: %s", before)
 
     total = config.total_steps(trajectories)
@@ -126,12 +144,21 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     with clock("measure_after"):
         after = kl_on(peft_model, framing, held_out, held_out_traj, {"baked": BAKED},
                       pad_id=pad_id)["baked"]
+        probe_after = kl_on(peft_model, framing, probes, probe_traj, {"baked": BAKED},
+                            pad_id=pad_id)["baked"] if probes else None
     reduction, reduction_se = kl_reduction(before, after)
     log.info("KL(prompted || baked): %s; reduction %.1f%%", after, 100 * reduction)
 
     manifest = _manifest(prompt, model_dir, framing, contexts, train, held_out, config,
                          trajectories, before, after, (reduction, reduction_se), history, clock,
                          "bf16" if dtype == torch.bfloat16 else "fp32")
+    if probes:
+        manifest["kl_off_distribution"] = off_distribution_record(probe_before, probe_after,
+                                                                  len(probes))
+    if generation is not None:
+        manifest["contexts"]["generated"] = generation
+    if isinstance(drawn, contexts_mod.Pools):
+        manifest["contexts"]["pools"] = drawn.mix()
     manifest.update(record or {})
     baked = Baked(peft_model, tokenizer, framing, manifest, run.path, held_out)
     with clock("save"):
@@ -159,12 +186,26 @@ def _check_contexts(framing: Framing, contexts: list, lm, config: BakeConfig) ->
 
 
 
+def off_distribution_record(before, after, count: int) -> dict:
+    """The manifest's ``kl_off_distribution``: MC-KL before and after on the probe set."""
+    reduction, reduction_se = kl_reduction(before, after)
+    return {"before": before.to_dict(), "after": after.to_dict(),
+            "reduction": reduction if math.isfinite(reduction) else None,
+            "reduction_se": reduction_se, "contexts": count,
+            "kinds": contexts_mod.probe_kinds(),
+            "measured_on": "the off-distribution probe set (contexts.probe), never trained on"}
+
+
 def _manifest(prompt, model_dir, framing, contexts, train, held_out, config, trajectories,
               before, after, reduction, history, clock, precision) -> dict:
     if contexts is None or contexts in (contexts_mod.BUILTIN, contexts_mod.UNCONDITIONAL):
         source = contexts or contexts_mod.BUILTIN
+    elif isinstance(contexts, list):
+        source = "list"
+    elif contexts_mod.is_pools(contexts) or str(contexts).startswith(generated.GENERATED):
+        source = str(contexts if not isinstance(contexts, dict) else contexts_mod.Pools(contexts))
     else:
-        source = "list" if isinstance(contexts, list) else str(Path(contexts).resolve())
+        source = str(Path(contexts).resolve())
     return {
         "format": 1,
         "promptbake": versions.promptbake_version(),

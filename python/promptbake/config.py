@@ -30,6 +30,7 @@ class BakeConfig:
     framing: str = "default"  # student input: default | empty | none (see promptbake.framing)
     train_contexts: int = 144  # training contexts drawn from the train split
     eval_contexts: int = 24  # held-out contexts for MC-KL
+    probe_contexts: int = 24  # off-distribution probes for MC-KL (contexts.probe; 0: none)
     # Trajectories
     samples_per_context: int = 2
     max_new_tokens: int = 64
@@ -79,6 +80,8 @@ class BakeConfig:
                                                    f"choose full or topk"),
             (self.train_contexts >= 1, f"train_contexts={self.train_contexts} must be >= 1"),
             (self.eval_contexts >= 1, f"eval_contexts={self.eval_contexts} must be >= 1"),
+            (0 <= self.probe_contexts <= 48, f"probe_contexts={self.probe_contexts} must be in "
+                                             f"[0, 48] (the probe set has 48)"),
             (self.rank >= 1, f"rank={self.rank} must be >= 1"),
             (self.alpha > 0, f"alpha={self.alpha} must be > 0"),
             (0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,7 @@ Context = list[dict[str, str]]
 
 BUILTIN = "builtin"
 UNCONDITIONAL = "none"
+PROBE_NAME = "probe"
 _ROLES = ("user", "assistant")
 
 
@@ -71,6 +73,30 @@ def builtin(part: str = "train", kinds: tuple[str, ...] = tuple(KINDS)) -> list[
     return split([[{"role": "user", "content": line}] for _, line in keyed], part)
 
 
+PROBE = "data/contexts_probe.jsonl"
+
+
+def probe(count: int | None = None) -> list[Context]:
+    """The off-distribution probe set: 48 contexts of eight kinds that the shipped training
+    contexts do not hold (``probe_kinds``: other languages, multi-turn follow-ups, long
+    constrained instructions, text to transform, role-play, structured input, code to debug,
+    requests that pull against the prompt), interleaved so that the first ``count`` hold every
+    kind. A bake measures MC-KL on it besides its held-out contexts; it is never trained on."""
+    lines = _probe_lines()
+    return [_parse_json_line(f"{PROBE}, line {i}", line)
+            for i, line in enumerate(lines[:count], 1)]
+
+
+def probe_kinds() -> list[str]:
+    """The kinds of the probe set, in order."""
+    return list(dict.fromkeys(json.loads(line)["kind"] for line in _probe_lines()))
+
+
+def _probe_lines() -> list[str]:
+    text = resources.files("promptbake").joinpath(PROBE).read_text("utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def builtin_messages(kinds: tuple[str, ...] = tuple(KINDS)) -> list[str]:
     """Every shipped user message of ``kinds``, training part first, then the held-out part."""
     return [c[0]["content"] for part in ("train", "held_out") for c in builtin(part, kinds)]
@@ -91,7 +117,7 @@ def load(path: str | Path) -> list[Context]:
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        found.append(_parse_json_line(path, number, line) if jsonl
+        found.append(_parse_json_line(f"{path}, line {number}", line) if jsonl
                      else [{"role": "user", "content": line.strip()}])
     if not found:
         raise ContextError(f"{path} has no contexts: give one user message per line, or JSON "
@@ -99,8 +125,7 @@ def load(path: str | Path) -> list[Context]:
     return found
 
 
-def _parse_json_line(path: Path, number: int, line: str) -> Context:
-    where = f"{path}, line {number}"
+def _parse_json_line(where: str, line: str) -> Context:
     try:
         item = json.loads(line)
     except json.JSONDecodeError as err:
@@ -147,7 +172,9 @@ def resolve(spec: str | Path | list | None, part: str = "train") -> list[Context
 def for_bake(spec, part: str, count: int, seed: int = 0) -> list[Context]:
     """The ``count`` contexts a bake uses: training contexts drawn at random with ``seed`` (all of
     them if there are fewer), or the first held-out ones. Unconditional baking (``"none"``) gives
-    ``count`` empty contexts, each sampled on its own."""
+    ``count`` empty contexts, each sampled on its own; ``Pools`` draw by their weights."""
+    if isinstance(spec, Pools):
+        return spec.draw(part, count, seed)
     if spec == UNCONDITIONAL:
         return [[] for _ in range(count)]
     found = resolve(spec, part)
@@ -167,7 +194,168 @@ def for_measuring(spec, count: int) -> list[Context]:
         return builtin("held_out")
     if spec == UNCONDITIONAL:
         return [[] for _ in range(count)]
+    if spec == PROBE_NAME:
+        return probe()
     return _every_of(spec)
+
+
+# -- pools -------------------------------------------------------------------------------------
+
+GENERATED_POOLS = ("generated-domain", "generated-general")
+SHIPPED_POOLS = {BUILTIN: tuple(KINDS), **{kind: (kind,) for kind in KINDS}}
+
+
+def is_pools(spec) -> bool:
+    """Whether ``spec`` names pools (``NAME=WEIGHT,...``, a dict or ``Pools``), not a file."""
+    if isinstance(spec, (Pools, dict)):
+        return True
+    return isinstance(spec, str) and "=" in spec and not Path(spec).is_file()
+
+
+class Pools:
+    """Training contexts drawn from named pools with weights.
+
+    A pool is ``general``, ``short`` or ``builtin`` (shipped), ``generated-domain[:N]`` or
+    ``generated-general[:N]`` (messages the model writes, ``promptbake.generated``; ``bake``
+    fills them in with ``fill``), or a contexts file. Of ``count`` contexts, pool i gives
+    ``count x w_i / sum(w)`` (largest remainder), drawn at random from its training part; the
+    held-out contexts are shared the same way among the pools that have a held-out part (a file
+    of fewer than 10 contexts is all training). A pool with fewer contexts than its share gives
+    all it has and the others make up the rest; ``mix()`` records what each pool gave.
+    """
+
+    def __init__(self, spec: str | dict):
+        if isinstance(spec, str):
+            pairs = [item.rpartition("=") for item in spec.split(",") if item.strip()]
+            bad = [f"{n}{e}{w}" for n, e, w in pairs if not (n.strip() and e)]
+            if bad or not pairs:
+                raise ContextError(f"context pools {spec!r}: write NAME=WEIGHT pairs separated by "
+                                   f"commas, e.g. general=2,short=1,generated-domain=1")
+            weights = {}
+            for name, _, weight in pairs:
+                if name.strip() in weights:
+                    raise ContextError(f"context pool {name.strip()!r} is named twice")
+                try:
+                    weights[name.strip()] = float(weight)
+                except ValueError:
+                    raise ContextError(f"context pool {name.strip()!r}: weight {weight!r} is not "
+                                       f"a number") from None
+        else:
+            weights = {str(k): v for k, v in spec.items()}
+        for name, weight in weights.items():
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+                raise ContextError(f"context pool {name!r} has weight {weight!r}: weights are "
+                                   f"finite numbers >= 0")
+        if not weights or sum(weights.values()) <= 0:
+            raise ContextError("the context pools' weights sum to 0: give at least one pool a "
+                               "positive weight")
+        self.weights = {name: float(w) for name, w in weights.items() if w > 0}
+        self.members: dict[str, list[Context]] = {}
+        self.drawn: dict[str, dict[str, int]] = {}
+        for name in self.weights:
+            self._check_name(name)
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if name in SHIPPED_POOLS or generated_pool(name) or Path(name).is_file():
+            return
+        if name in (PROBE_NAME, UNCONDITIONAL):
+            raise ContextError(f"{name!r} cannot be a training pool: "
+                               + ("the probe set measures off-distribution KL, training on it "
+                                  "would hide what it measures" if name == PROBE_NAME else
+                                  "unconditional baking takes no other contexts"))
+        raise ContextError(f"unknown context pool {name!r}: use {', '.join(SHIPPED_POOLS)}, "
+                           f"generated-domain[:N], generated-general[:N], or a contexts file "
+                           f"that exists")
+
+    def __str__(self) -> str:
+        return ",".join(f"{name}={w:g}" for name, w in self.weights.items())
+
+    def fill(self, name: str, found: list[Context]) -> None:
+        """The contexts of a generated pool."""
+        if not found:
+            raise ContextError(f"context pool {name!r} is empty: its generation gave nothing")
+        self.members[name] = list(found)
+
+    def generated(self) -> dict[str, int | None]:
+        """Generated pools still to fill: name -> the N asked for (None: enough for its share)."""
+        return {name: generated_pool(name)[1] for name in self.weights
+                if generated_pool(name) and name not in self.members}
+
+    def part(self, name: str, part: str) -> list[Context]:
+        """Pool ``name``'s ``train`` or ``held_out`` part (empty: it has no held-out part)."""
+        if name in SHIPPED_POOLS:
+            return builtin(part, SHIPPED_POOLS[name])
+        if generated_pool(name):
+            if name not in self.members:
+                raise ContextError(f"context pool {name!r} was not generated: bake() fills it")
+            every = self.members[name]
+        else:
+            every = load(name)
+        if len(every) < 10:
+            return every if part == "train" else []
+        return split(every, part)
+
+    def draw(self, part: str, count: int, seed: int = 0) -> list[Context]:
+        import torch
+
+        found = {name: self.part(name, part) for name in self.weights}
+        empty = [name for name, cs in found.items() if part == "train" and not cs]
+        if empty:
+            raise ContextError(f"context pool {empty[0]!r} has no training contexts")
+        weights = {n: w for n, w in self.weights.items() if found[n]}
+        if not weights:
+            raise ContextError("no context pool has held-out contexts: add a shipped pool or a "
+                               "file of at least 10 contexts")
+        shares = _shares(count, weights, {n: len(found[n]) for n in weights})
+        out, self.drawn[part] = [], {}
+        for name, share in shares.items():
+            pool = found[name]
+            if part == "train" and len(pool) > share:
+                order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+                pool = [pool[int(i)] for i in order[:share]]
+            out += pool[:share]
+            self.drawn[part][name] = share
+        return out
+
+    def mix(self) -> dict:
+        """For the manifest: each pool's weight and what it gave to each part."""
+        return {name: {"weight": w, **{part: counts.get(name, 0)
+                                       for part, counts in self.drawn.items()}}
+                for name, w in self.weights.items()}
+
+
+def generated_pool(name: str) -> tuple[str, int | None] | None:
+    """(pool, N) for ``generated-domain[:N]`` / ``generated-general[:N]``, else None."""
+    pool, _, count = name.partition(":")
+    if pool not in GENERATED_POOLS:
+        return None
+    if count and not (count.isdigit() and int(count) >= 1):
+        raise ContextError(f"context pool {name!r}: N in {pool}:N is a whole number >= 1")
+    return pool, int(count) if count else None
+
+
+def _shares(count: int, weights: dict[str, float], sizes: dict[str, int]) -> dict[str, int]:
+    """Shares of ``count`` by weight, where a pool smaller than its share gives all it has and
+    the others share the rest by their weights."""
+    fixed: dict[str, int] = {}
+    while True:
+        free = {n: w for n, w in weights.items() if n not in fixed}
+        shares = largest_remainder(count - sum(fixed.values()), free) if free else {}
+        short = {n: sizes[n] for n, s in shares.items() if sizes[n] < s}
+        if not short:
+            return {n: fixed.get(n, shares.get(n, 0)) for n in weights}
+        fixed.update(short)
+
+
+def largest_remainder(count: int, weights: dict[str, float]) -> dict[str, int]:
+    """``count`` split in proportion to ``weights``, whole numbers summing to ``count``."""
+    total = sum(weights.values())
+    exact = {k: count * w / total for k, w in weights.items()}
+    out = {k: math.floor(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: out[k] - exact[k])[:count - sum(out.values())]:
+        out[k] += 1
+    return out
 
 
 def _every_of(spec) -> list[Context]:

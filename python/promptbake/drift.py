@@ -2,7 +2,9 @@
 
 The model answers a user for ``turns`` turns, the whole history staying in its chat-templated
 context as in real use; after every turn its answer is scored for persona adherence (rule,
-semantic and their combination, see ``promptbake.persona``).
+semantic and their combination, see ``promptbake.persona``). Any prompt has a persona: a persona
+file, the built-in one whose prompt was baked, or one derived from the prompt itself (answers with
+and without it as exemplars, ``persona.from_prompt``), whose adherence is its semantic score.
 
 Drift = mean adherence over the first k turns minus adherence at turn N (and minus the mean of the
 last k turns), per conversation, then averaged; standard errors treat each conversation as the
@@ -328,7 +330,7 @@ def drift(model, tokenizer, persona: Persona, *, system: str | None = None,
                 "user_max_new_tokens": user_max_new_tokens if user == "self" else None,
                 "semantic_levels": {"persona": semantic.persona_level,
                                     "neutral": semantic.neutral_level},
-                "rule_weight": persona.rule_weight}
+                "rule_weight": persona.rule_weight, "scorer": persona.describe()}
     return DriftResult(persona.name, system, scores, transcripts, settings, stats)
 
 
@@ -378,11 +380,12 @@ def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MO
     prompt), with the bake's framing and the same seed, so the modes see the same scripted user
     turns and compare pairwise (``drift_difference``).
 
-    ``persona``: default the built-in one whose prompt is the baked prompt. In self-play the user
-    side is the base model (adapter off) in every mode, so every mode talks to the same user.
-    ``options``: the other arguments of ``drift``.
+    ``persona``: default the built-in one whose prompt is the baked prompt, else one derived from
+    the prompt (``persona.persona_of``). In self-play the user side is the base model (adapter
+    off) in every mode, so every mode talks to the same user. ``options``: the other arguments of
+    ``drift``.
     """
-    persona = persona or persona_of(baked)
+    persona = persona or persona_of(baked, max_new_tokens=options.get("max_new_tokens", 48))
     check_modes(modes)
     options.setdefault("framing", baked.framing.student)
     if options.get("semantic") is None:

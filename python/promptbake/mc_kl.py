@@ -4,7 +4,9 @@ MC-KL: sample responses y from the prompted model on held-out contexts, then ave
 sum_t KL(P_theta(. | u, x, y_<t) || P_student(. | x, y_<t)) over the samples. Reported per
 sequence (the paper's sum over t) and per token, each with its standard error over sequences.
 The KL reduction 1 - KL(prompted || baked) / KL(prompted || base) is computed on the same
-samples for both, so most of the sampling noise cancels.
+samples for both, so most of the sampling noise cancels. Besides the held-out contexts (like the
+training ones), every bake is measured on the off-distribution probe set (``contexts.probe``:
+kinds it did not train on), which shows a bake that holds only where it was trained.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 
 from promptbake import contexts as contexts_mod, formatting, modeling, plotting
-from promptbake.artifact import HELD_OUT_SAMPLES
+from promptbake.artifact import HELD_OUT_SAMPLES, PROBE_SAMPLES
 from promptbake.decoding import stop_token_ids
 from promptbake.framing import Framing
 from promptbake.modeling import BASE, Variant
@@ -158,12 +160,15 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
 
     ``contexts`` None: the bake's own held-out contexts, and with the other defaults its own
     samples (read from its directory, or drawn again with its seed and settings, which gives the
-    same tokens). Otherwise every context ``contexts`` names (see ``contexts.for_measuring``).
-    ``seed`` None: the bake's held-out seed.
+    same tokens). ``"probe"``: the off-distribution probes the bake measured (``probe_samples``).
+    Otherwise every context ``contexts`` names (see ``contexts.for_measuring``). ``seed`` None:
+    the bake's held-out seed.
     """
     config = baked.manifest.get("config", {})
     own_seed = config.get("seed", 0) + 1  # what bake() sampled its held-out contexts with
-    seed = own_seed if seed is None else seed
+    defaults = (samples, max_new_tokens, seed) == (1, None, None)
+    if contexts == contexts_mod.PROBE_NAME and defaults:
+        return probe_samples(baked)
     count = config.get("eval_contexts", 24)
     if contexts is not None:
         held_out = contexts_mod.for_measuring(contexts, count)
@@ -172,9 +177,26 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
     else:  # a directory from before held-out contexts were saved in it
         held_out = contexts_mod.for_bake(baked.manifest["contexts"]["source"], "held_out", count)
     saved = baked.path / HELD_OUT_SAMPLES if baked.path else None
-    if (contexts, samples, max_new_tokens, seed) == (None, 1, None, own_seed) and saved and \
-            saved.is_file():
+    if contexts is None and defaults and saved and saved.is_file():
         return held_out, Trajectories.load(saved)
+    return held_out, _sample_prompted(baked, held_out, samples, max_new_tokens,
+                                      own_seed if seed is None else seed)
+
+
+def probe_samples(baked):
+    """(the off-distribution probes a bake measured, its samples on them): read from its
+    directory, or drawn again with its settings (seed + 2); a bake from before the probe set
+    (or with ``probe_contexts=0``) gets the first 24 probes."""
+    config = baked.manifest.get("config", {})
+    probes = contexts_mod.probe(config.get("probe_contexts") or 24)
+    saved = baked.path / PROBE_SAMPLES if baked.path else None
+    if saved and saved.is_file():
+        return probes, Trajectories.load(saved)
+    return probes, _sample_prompted(baked, probes, 1, None, config.get("seed", 0) + 2)
+
+
+def _sample_prompted(baked, contexts, samples: int, max_new_tokens: int | None, seed: int):
+    config = baked.manifest.get("config", {})
     sampling = SamplingConfig(samples_per_context=samples,
                               max_new_tokens=max_new_tokens or config.get("max_new_tokens", 64),
                               temperature=config.get("temperature", 1.0),
@@ -182,11 +204,9 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
                               batch_size=config.get("sample_batch", 64))
     model, tokenizer = baked.model, baked.tokenizer
     with BASE.active(model):
-        trajectories = sample(model, [baked.framing.teacher_ids(c) for c in held_out], sampling,
-                              stop_token_ids(tokenizer, model),
-                              torch.Generator().manual_seed(seed), cache="none",
-                              pad_id=tokenizer.pad_token_id)
-    return held_out, trajectories
+        return sample(model, [baked.framing.teacher_ids(c) for c in contexts], sampling,
+                      stop_token_ids(tokenizer, model), torch.Generator().manual_seed(seed),
+                      cache="none", pad_id=tokenizer.pad_token_id)
 
 
 def mc_kl(baked, contexts=None, *, samples: int = 1, max_new_tokens: int | None = None,

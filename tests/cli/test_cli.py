@@ -33,6 +33,7 @@ def test_bake_chat_and_kl(tiny_dir, tmp_path, capsys, prompt):
                      "--snapshot-every", "2"] + TINY) == 0
     printed = capsys.readouterr().out
     assert "KL reduction" in printed and "KL(prompted || base)" in printed
+    assert "(off-distribution probes, 24 samples)" in printed
     assert cli.main(["chat", str(out), "--question", "Hello?", "--max-new-tokens", "4"]) == 0
     printed = capsys.readouterr().out
     assert "--- base" in printed and "--- prompted" in printed and "--- baked" in printed
@@ -45,7 +46,11 @@ def test_bake_chat_and_kl(tiny_dir, tmp_path, capsys, prompt):
     assert rows["1"][1] == f"{manifest['kl']['after']['per_token']:.4f}"  # the bake's own samples
     steps = json.loads((out / "snapshots.json").read_text())["points"]
     assert set(steps) == {"2", "4"}  # the snapshot, and the final adapter
-    assert steps["4"]["per_token"] == json.loads((out / "strength.json").read_text())["points"]["1"]["per_token"]
+    strength = json.loads((out / "strength.json").read_text())
+    assert steps["4"]["per_token"] == strength["points"]["1"]["per_token"]
+    assert "off-distribution probes (24 samples" in printed
+    assert strength["off_distribution"]["points"]["1"]["per_token"] == pytest.approx(
+        manifest["kl_off_distribution"]["after"]["per_token"], rel=1e-4)
     for name in ("strength.json", "strength.png", "snapshots.png"):
         assert (out / name).is_file()
 
@@ -104,7 +109,7 @@ def test_models_lists_the_default(capsys):
 
 def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys, prompt):
     out = tmp_path / "baked"
-    prompt += " Keep it short."  # not the built-in persona's prompt: drift needs --persona
+    prompt += " Keep it short."  # not the built-in persona's prompt
     assert cli.main(["bake", "--prompt", prompt, "--model", str(tiny_dir), "--out", str(out)]
                     + TINY) == 0
     capsys.readouterr()
@@ -135,8 +140,6 @@ def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys, prompt):
     assert "baked minus prompted drift:" in printed and (drifted / "drift.png").is_file()
     record = json.loads((drifted / "drift.json").read_text())
     assert set(record) == {"prompted", "baked"} and record["baked"]["turns"] == 3
-    assert cli.main(["drift", str(out), "--turns", "2"]) == 2  # not a built-in persona's prompt
-    assert "persona" in capsys.readouterr().err
 
     merged = tmp_path / "merged"
     assert cli.main(["export", str(out), "--format", "safetensors", "--strength", "0.5",
@@ -150,6 +153,22 @@ def test_evaluate_pursue_and_export(tiny_dir, tmp_path, capsys, prompt):
     assert "earlier onnx export" in capsys.readouterr().err
     assert cli.main(["export", str(out), "--format", "safetensors", "--quantize", "int8",
                      "--out", str(tmp_path / "x")]) == 2
+
+
+def test_drift_of_a_prompt_without_a_persona(plain_bake, tmp_path, capsys, derived_answers,
+                                             file_hashes):
+    before = file_hashes(plain_bake)
+    out = tmp_path / "drift"
+    assert cli.main(["drift", str(plain_bake), "--turns", "2", "--conversations", "2",
+                     "--max-new-tokens", "4", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "adherence scorer: derived from the prompt, 16 exemplar pairs" in printed
+    assert "baked minus prompted drift:" in printed
+    record = json.loads((out / "drift.json").read_text())
+    assert record["baked"]["settings"]["scorer"] == "derived from the prompt, 16 exemplar pairs"
+    assert record["baked"]["settings"]["rule_weight"] == 0
+    assert record["baked"]["scores"]["adherence"] == record["baked"]["scores"]["semantic"]
+    assert file_hashes(plain_bake) == before
 
 
 def test_drift_refuses_bad_modes_before_loading_anything(tmp_path, capsys):
@@ -250,3 +269,41 @@ def test_a_json_prompt_file_is_a_conversation(tiny_dir, tmp_path, capsys):
     assert cli.main(["bake", "--prompt-file", str(file), "--model", str(tiny_dir), "--out",
                      str(tmp_path / "c")]) == 2
     assert "prompt message 0" in capsys.readouterr().err
+
+
+def test_contexts_generate_writes_a_file_bake_reads(tmp_path, capsys, monkeypatch, tiny_dir):
+    from promptbake import contexts, generated
+
+    monkeypatch.setenv("PROMPTBAKE_CACHE", str(tmp_path / "cache"))
+
+    def fake(model, tokenizer, prompt, n, say=None, **settings):
+        texts = [f"How would a sailor tie knot number {i}?" for i in range(n - 1)]
+        return generated.Generated([[{"role": "user", "content": t}] for t in texts],
+                                   ["domain"] * (n - 1), n + 3, {"short": 4}, {"short": ["Hi"]},
+                                   settings)
+
+    monkeypatch.setattr(generated, "generate", fake)
+    out = tmp_path / "made.jsonl"
+    args = ["contexts", "generate", "--prompt", "You are a sailor.", "--n", "12", "--out",
+            str(out), "--model", str(tiny_dir), "--kinds", "domain"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "11 contexts (11 domain) from 15 written; dropped: 4 fewer than 3 words" in printed
+    assert "only 11 of 12 asked for were usable" in printed and "dropped as fewer" in printed
+    assert len(contexts.load(out)) == 11
+    assert cli.main(args) == 2  # the file exists: not replaced without --overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli.main(args + ["--overwrite", "--kinds", "nonsense"]) == 2
+    assert "unknown context kinds ['nonsense']" in capsys.readouterr().err
+    missing = ["contexts", "generate", "--prompt", "u", "--out", str(tmp_path / "o.jsonl"),
+               "--generator", str(tmp_path / "no-such-model")]
+    assert cli.main(missing) == 2
+    assert "generator model" in capsys.readouterr().err
+
+
+def test_evaluate_scores_tool_use_as_a_task(bake_copy, capsys):
+    assert cli.main(["tasks"]) == 0
+    assert "tool_use" in capsys.readouterr().out
+    assert cli.main(["evaluate", str(bake_copy), "--tasks", "tool_use", "--limit", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "tool_use" in printed and "forgetting gate" in printed

@@ -55,7 +55,11 @@ def _add_bake(commands) -> None:
     p.add_argument("--contexts", default=None,
                    help="'builtin' (the shipped user messages, general and short task-like "
                         "ones, split into training and held-out parts), 'none' (unconditional), "
-                        "or a .jsonl / text file of user messages (default: builtin)")
+                        "a .jsonl / text file of user messages, 'generated:N' (N messages the "
+                        "model writes for the prompt, cached; see 'promptbake contexts "
+                        "generate'), or pools with weights, e.g. 'general=2,short=1,"
+                        "generated-domain=1,my.jsonl=1' (pools: builtin, general, short, "
+                        "generated-domain[:N], generated-general[:N], files) (default: builtin)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous bake in --out (only files promptbake wrote)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted bake in --out")
@@ -69,6 +73,9 @@ def _add_bake(commands) -> None:
                    help="training contexts to sample from")
     g.add_argument("--eval-contexts", type=int, default=d.eval_contexts,
                    help="held-out contexts for the KL before and after")
+    g.add_argument("--probe-contexts", type=int, default=d.probe_contexts,
+                   help="off-distribution probes (kinds the shipped contexts lack) for a second "
+                        "KL before and after; 0: none")
     g.add_argument("--samples-per-context", type=int, default=d.samples_per_context,
                    help="responses sampled per training context")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
@@ -149,6 +156,15 @@ def _bake(args) -> int:
               f"{pm(found['per_sequence'], found['per_sequence_se'], '.2f')} /sequence")
     print(f"KL reduction          {pct(kl['reduction'], kl['reduction_se'])}"
           f"  (held-out contexts, {before['sequences']} samples)")
+    off = baked.manifest.get("kl_off_distribution")
+    if off:
+        print(f"                      {pct(off['reduction'], off['reduction_se'])}"
+              f"  (off-distribution probes, {off['contexts']} samples)")
+    made = baked.manifest["contexts"].get("generated")
+    if made:
+        for name, record in (made.items() if "contexts" not in made else [("generated", made)]):
+            print(f"contexts {name:<13} {record['contexts']} usable of {record['written']} "
+                  f"written" + (" (cached)" if record["cached"] else ""))
     seconds = baked.manifest["wall_seconds"]
     print("wall time             " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
     print(f"adapter and manifest  {args.out}")
@@ -211,15 +227,19 @@ def _add_kl(commands) -> None:
     p = commands.add_parser("kl", help="MC-KL to the prompted model at several strengths",
                             description="Measure KL(prompted || baked) on held-out contexts at "
                                         "each strength (the scale of the LoRA delta), with "
-                                        "standard errors; writes strength.json and strength.png "
-                                        "into the baked directory.")
+                                        "standard errors, and on the off-distribution probes "
+                                        "(kinds of input the shipped contexts lack: other "
+                                        "languages, multi-turn, role-play, code to debug, ...); "
+                                        "writes strength.json and strength.png into the baked "
+                                        "directory.")
     p.add_argument("dir", help="a baked directory")
     p.add_argument("--strength", default="0,0.25,0.5,0.75,1,1.25",
                    help="comma-separated strengths")
     p.add_argument("--contexts", default=None,
                    help="contexts to measure on: 'builtin' (every built-in held-out context), "
                         "'none' (unconditional), or a .jsonl / text file, all of it (default: "
-                        "the bake's own held-out contexts)")
+                        "the bake's own held-out contexts, and then the off-distribution probes "
+                        "it was measured on)")
     p.add_argument("--samples", type=int, default=1, help="samples per context")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="length of the sampled responses (default: the bake's)")
@@ -250,18 +270,29 @@ def _kl(args) -> int:
                   f"{pm(kl.per_sequence, kl.per_sequence_se, '>9.2f')}  "
                   f"{pm(r, se, '6.1f', scale=100, unit='%')}")
 
-    def save(name: str, points: dict, xlabel: str, title: str) -> None:
+    def save(name: str, points: dict, xlabel: str, title: str, **more) -> None:
         record = {"base": base.to_dict(),
                   "points": {f"{x:g}": k.to_dict() for x, k in points.items()},
-                  "samples": base.sequences, "seed": args.seed}
+                  "samples": base.sequences, "seed": args.seed, **more}
         files.write_text(out / f"{name}.json", files.to_json(record, indent=2))
         plot_curve(points, out / f"{name}.png", xlabel, title, reference=base)
         print(f"wrote {out / name}.json and {out / name}.png")
 
     points = {float(k): v for k, v in found.items()}
     table(points, "strength")
+    more = {}
+    if args.contexts is None:
+        held_out_base = base
+        off = mc_kl(baked, "probe", strengths=strengths, **sampling)
+        base = off.pop("base")
+        print(f"\noff-distribution probes ({base.sequences} samples; kinds the bake did not "
+              f"train on)")
+        table({float(k): v for k, v in off.items()}, "strength")
+        more = {"off_distribution": {"base": base.to_dict(),
+                                     "points": {k: v.to_dict() for k, v in off.items()}}}
+        base = held_out_base
     save("strength", points, "strength (scale of the LoRA delta)",
-         "Half-baking: KL to the prompted model")
+         "Half-baking: KL to the prompted model", **more)
     if args.snapshots:
         snapshots = sorted((out / SNAPSHOTS).glob("step-*"))
         if not snapshots:

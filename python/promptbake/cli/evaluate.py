@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from promptbake import drift as drift_mod, files, models
+from promptbake import drift as drift_mod, files, models, tools
 from promptbake.artifact import MANIFEST, load_baked
 from promptbake.cli.arguments import Help, score_line, split_list
 from promptbake.forgetting import check_suite
@@ -34,7 +34,8 @@ def _add_evaluate(commands) -> None:
                    help="a baked directory or a model directory (default: the default model)")
     p.add_argument("--tasks", default="all",
                    help="comma-separated task names or .jsonl task files ('promptbake tasks' "
-                        "lists them)")
+                        "lists them); tool_use scores tool calls (all: the suite, and tool_use "
+                        "on a tool bake)")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task")
     p.add_argument("--system", default=None, help="system prompt (model directories only)")
     p.add_argument("--framing", choices=STUDENT_FRAMINGS, default="default",
@@ -45,18 +46,36 @@ def _add_evaluate(commands) -> None:
     p.set_defaults(run=_evaluate)
 
 
+TOOL_USE = "tool_use"
+
+
+def _tool_use(limit: int | None, baked=None):
+    """The tool-use evaluator: the bake's own tools for a tool bake, else the shipped ones."""
+    made = baked.manifest.get("tools") if baked is not None else None
+    specs = [tools.ToolSpec.from_dict(s) for s in made["specs"]] if made else None
+    return tools.ToolUse(specs=specs, syntax=made["syntax"] if made else
+                         tools.rendering.DEFAULT_SYNTAX).head(limit)
+
+
 def _evaluate(args) -> int:
+    baked = load_baked(args.target, strength=args.strength, model=args.model) \
+        if args.target is not None and (Path(args.target) / MANIFEST).is_file() else None
     names = shipped() if args.tasks in (None, "all") else split_list(args.tasks)
-    if args.target is None or not (Path(args.target) / MANIFEST).is_file():
+    if args.tasks in (None, "all") and baked is not None and "tools" in baked.manifest:
+        names.append(TOOL_USE)  # a tool bake: its tools' use too
+    if baked is None:
         lm, tokenizer, _ = models.load(args.target)  # a plain model directory, or the default
-        scores = evaluate(lm, tokenizer, names, system=args.system, framing=args.framing,
-                          limit=args.limit)
+        scores = evaluate(lm, tokenizer, [n for n in names if n != TOOL_USE],
+                          system=args.system, framing=args.framing, limit=args.limit)
+        if TOOL_USE in names:
+            scores[TOOL_USE] = _tool_use(args.limit)(lm, tokenizer, args.system,
+                                                     framing=args.framing)
         for name, result in scores.items():
             print(f"{name:<14} {score_line(result)}")
         record = {name: r.to_dict(items=True) for name, r in scores.items()}
     else:
-        baked = load_baked(args.target, strength=args.strength, model=args.model)
-        suite = check_suite(baked, (load_task(name, limit=args.limit) for name in names))
+        suite = check_suite(baked, (_tool_use(args.limit, baked) if name == TOOL_USE else
+                                    load_task(name, limit=args.limit) for name in names))
         for matrix in suite.matrices.values():
             print(matrix.table())
             print(matrix.describe_recovery() + "\n")
@@ -82,6 +101,8 @@ def _add_tasks(commands) -> None:
 def _tasks(args) -> int:
     for name, task in TASKS.items():
         print(f"{name:<14} {len(task.items):>4} items  {task.kind:<16} {task.description}")
+    print(f"{TOOL_USE:<14} {len(tools.ToolUse().items):>4} items  tool calls       the shipped "
+          f"tools' held-out items (a tool bake: its own tools'); call accuracy, end to end")
     print("a task of your own: a .jsonl file in the same format, passed by path to --tasks")
     return 0
 
@@ -91,9 +112,10 @@ def _add_report(commands) -> None:
         "report", help="measure a bake and write report.md, report.json and plots",
         description="The release check of a bake: KL before and after, the half-baking curve, "
                     "the re-prompt matrix and forgetting gate on the task suite, persona drift "
-                    "(prompted vs baked) when a persona is given or recognised, pursuit rounds "
-                    "if any, and a table of gates with the command that reproduces each. Writes "
-                    "into the baked directory; exits 1 when a gate fails.",
+                    "(prompted vs baked; adherence scored by a persona, or by a scorer derived "
+                    "from the prompt), pursuit rounds if any, and a table of gates with the "
+                    "command that reproduces each. Writes into the baked directory; exits 1 when "
+                    "a gate fails.",
         formatter_class=Help)
     p.add_argument("dir", help="a baked (or pursued) directory")
     p.add_argument("--tasks", default="all",
@@ -101,7 +123,8 @@ def _add_report(commands) -> None:
     p.add_argument("--limit", type=int, default=50, help="items per task (0: all)")
     p.add_argument("--persona", default=None,
                    help="built-in persona name or persona JSON file for the drift section; "
-                        "default: the built-in persona whose prompt was baked, if any; 'none' "
+                        "default: the built-in persona whose prompt was baked, otherwise a "
+                        "scorer derived from the prompt (answers with and without it); 'none' "
                         "skips drift")
     p.add_argument("--turns", type=int, default=30, help="conversation length for drift")
     p.add_argument("--conversations", type=int, default=3, help="conversations per model")
@@ -133,14 +156,17 @@ def _add_drift(commands) -> None:
                     "user, or itself as the user with --user self), the history growing as in "
                     "real use, and every answer is scored for persona adherence by rules "
                     "(keywords, patterns, style) and by sentence-embedding similarity to the "
-                    "persona's exemplars. Drift = mean adherence over the first 3 turns minus "
-                    "adherence at the last turn. The modes run on the same user turns, so their "
-                    "drifts compare pairwise. Writes drift.json and drift.png.",
+                    "persona's exemplars; for a prompt without a persona, by similarity to the "
+                    "model's own answers with the prompt against those without it. Drift = mean "
+                    "adherence over the first 3 turns minus adherence at the last turn. The modes "
+                    "run on the same user turns, so their drifts compare pairwise. Writes "
+                    "drift.json and drift.png.",
         formatter_class=Help)
     p.add_argument("dir", help="a baked directory")
     p.add_argument("--persona", default=None,
                    help="built-in persona name or persona JSON file (rules and exemplars); "
-                        "default: the built-in persona whose prompt was baked")
+                        "default: the built-in persona whose prompt was baked, otherwise a "
+                        "scorer derived from the prompt (answers with and without it)")
     p.add_argument("--modes", default="prompted,baked",
                    help="comma-separated: prompted (base + prompt), baked, base")
     p.add_argument("--turns", type=int, default=30, help="conversation length")
@@ -165,8 +191,9 @@ def _drift(args) -> int:
     drift_mod.check_modes(modes)  # before the model loads
     persona = Persona.load(args.persona) if args.persona else None
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
-    persona = persona or persona_of(baked)
+    persona = persona or persona_of(baked, max_new_tokens=args.max_new_tokens)
     semantic = SemanticScorer(persona)
+    print(f"adherence scorer: {persona.describe()}", flush=True)
 
     def progress(turn, scores):
         if not args.quiet:
