@@ -14,6 +14,11 @@ batch 1; the triton backend runs on CUDA only (on CPU it is the interpreter, not
 
 Times are per layer: the median over samples, contenders in turns. Target: at 70%
 sparsity SparseLinear >= 1.5x faster than dense at batch 1 (cold, as in decoding).
+
+On a CUDA machine, GPU rows besides: SparseLinear[triton] against dense ``F.linear`` (cuBLAS)
+in bf16 at batch 1 and 8, cold (a stack of layers twice the L2 cache), on SmolLM2's shapes and
+an LM head, with GB/s of the weight bytes read against the device's measured copy bandwidth
+(information, no target yet). Without a GPU those rows are skipped ("no GPU").
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 
 import harness
 import promptbake
+from divergence import gpu_copy_bandwidth, gpu_skipped, gpu_timeit
 from promptbake.nn import SparseLinear
 from promptbake.nn.sparse_linear import last_level_cache_bytes
 from promptbake.ops.sparse_linear import nbytes
@@ -36,6 +42,8 @@ QUICK_SHAPES = ("q_proj, o_proj", "gate_proj, up_proj")
 PATTERNS = ("50%", "70%", "90%", "2:4")
 BATCHES = (1, 8)
 TARGET_SPARSITY, TARGET_SPEEDUP = "70%", 1.5
+CUDA_SHAPES = {**SHAPES, "lm_head": (49152, 576)}
+CUDA_QUICK_SHAPES = ("gate_proj, up_proj", "lm_head")
 
 
 def prune(w: torch.Tensor, pattern: str) -> torch.Tensor:
@@ -120,6 +128,78 @@ def measure(label, out_f, in_f, pattern, repeats, log, with_reference):
     return rows
 
 
+def measure_gpu(label, out_f, in_f, pattern, repeats, log, device="cuda", timeit=gpu_timeit,
+                cache_bytes=None):
+    """Cold rows on the GPU: dense bf16 F.linear against SparseLinear (triton), per layer."""
+    if cache_bytes is None:
+        cache_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    layers = max(2, math.ceil(2 * cache_bytes / (out_f * in_f * 2)))
+    gen = torch.Generator().manual_seed(out_f * in_f)
+    dense, sparse = [], []
+    for _ in range(layers):
+        linear = torch.nn.Linear(in_f, out_f, dtype=torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(prune(torch.randn(out_f, in_f, generator=gen) * 0.05, pattern))
+            linear.bias.copy_(torch.randn(out_f, generator=gen) * 0.05)
+        linear = linear.to(device)
+        dense.append((linear.weight, linear.bias))
+        sparse.append(SparseLinear.from_dense(linear, backend="triton"))
+    dense_bytes = out_f * in_f * 2 + out_f * 2
+    sparse_bytes = nbytes(sparse[0].bitmap, sparse[0].values, sparse[0].row_offsets) + out_f * 2
+    rows = []
+    for batch in BATCHES:
+        x = torch.randn(batch, in_f, generator=gen).to(device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            diff = float((sparse[0](x).float() - F.linear(x, *dense[0]).float()).abs().max())
+            timings = timeit({"dense": lambda x=x: [F.linear(x, w, b) for w, b in dense],
+                              "sparse[triton]": lambda x=x: [layer(x) for layer in sparse]},
+                             repeats)
+        dense_s = timings["dense"]["median"] / layers
+        for name, t in timings.items():
+            per_layer = t["median"] / layers
+            moved = dense_bytes if name == "dense" else sparse_bytes
+            rows.append({"layers": label, "out": out_f, "in": in_f, "pattern": pattern,
+                         "sparsity": sparse[0].sparsity, "batch": batch, "mode": "cold",
+                         "contender": name, "stack": layers, "seconds_per_layer": per_layer,
+                         "weight_bytes": moved, "bandwidth_gbs": moved / per_layer / 1e9,
+                         "speedup_vs_dense": dense_s / per_layer,
+                         "max_abs_diff_vs_dense": 0.0 if name == "dense" else diff})
+        log(f"  cuda {out_f}x{in_f} {pattern} batch {batch}: "
+            f"{rows[-1]['speedup_vs_dense']:.2f}x dense")
+    return rows
+
+
+def run_gpu(args, repeats, log) -> dict:
+    """The GPU rows, or why there are none."""
+    skipped = gpu_skipped(log)
+    if skipped:
+        return skipped
+    cache = torch.cuda.get_device_properties(0).L2_cache_size
+    copy = gpu_copy_bandwidth(4 * cache, repeats)
+    rows = []
+    for label in CUDA_QUICK_SHAPES if args.quick else tuple(CUDA_SHAPES):
+        out_f, in_f = CUDA_SHAPES[label]
+        for pattern in PATTERNS:
+            rows.extend(measure_gpu(label, out_f, in_f, pattern, repeats, log))
+    return {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": copy / 1e9,
+            "l2_cache_bytes": cache, "rows": rows}
+
+
+def report_gpu(cuda) -> str:
+    if "skipped" in cuda:
+        return f"CUDA rows: skipped ({cuda['skipped']})"
+    headers = ["shape", "pattern", "batch", "contender", "us / layer", "GB/s", "of copy",
+               "x dense", "|diff|"]
+    body = [[f"{r['out']}x{r['in']}", r["pattern"], r["batch"], r["contender"],
+             f"{r['seconds_per_layer'] * 1e6:.1f}", f"{r['bandwidth_gbs']:.0f}",
+             f"{r['bandwidth_gbs'] / cuda['copy_bandwidth_gbs']:.0%}",
+             f"{r['speedup_vs_dense']:.2f}x", f"{r['max_abs_diff_vs_dense']:.1e}"]
+            for r in cuda["rows"]]
+    title = (f"CUDA rows on {cuda['device']} (bf16, cold): copy bandwidth (read + write) "
+             f"{cuda['copy_bandwidth_gbs']:.0f} GB/s")
+    return "\n".join([title, harness.table(headers, body)])
+
+
 def run(args, log) -> dict:
     names = QUICK_SHAPES if args.quick else tuple(SHAPES)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -137,7 +217,7 @@ def run(args, log) -> dict:
             "last_level_cache_bytes": last_level_cache_bytes(),
             "targets": {"sparsity": TARGET_SPARSITY, "batch": 1, "mode": "cold",
                         "speedup_vs_dense": TARGET_SPEEDUP},
-            "rows": rows, "checks": checks(rows)}
+            "rows": rows, "checks": checks(rows), "cuda": run_gpu(args, repeats, log)}
 
 
 def checks(rows) -> list[dict]:
@@ -187,6 +267,8 @@ def report(result) -> str:
                                [[c["layers"], f"{c['out']}x{c['in']}",
                                  f"{c['speedup_vs_dense']:.2f}x",
                                  harness.verdict(c["pass"])] for c in result["checks"]]))
+    lines.append("")
+    lines.append(report_gpu(result.get("cuda", {"skipped": "not measured"})))
     return "\n".join(lines)
 
 

@@ -98,3 +98,17 @@ def test_without_the_compiled_module_the_torch_path_runs(monkeypatch, caplog):
     assert not info.available and "not built" in info.detail
     with pytest.raises(RuntimeError, match="unavailable"):
         _dispatch.select(CPU, torch.float32, "cpp")
+
+
+def test_cuda_without_triton_falls_back_to_torch_with_one_notice(monkeypatch, caplog):
+    found = promptbake.backends()
+    found["triton"] = _dispatch.Backend("triton", False, "triton is not installed")
+    monkeypatch.setattr(_dispatch, "backends", lambda: found)
+    _dispatch._torch_on_cuda.cache_clear()
+    cuda = torch.device("cuda", 0)
+    with caplog.at_level(logging.WARNING, logger="promptbake"):
+        assert _dispatch.select(cuda, torch.float16) == "torch"
+        assert _dispatch.select(cuda, torch.float32) == "torch"
+    notices = [r.getMessage() for r in caplog.records if "torch backend" in r.getMessage()]
+    assert len(notices) == 1 and "triton is not installed" in notices[0]
+    _dispatch._torch_on_cuda.cache_clear()

@@ -7,8 +7,6 @@ accumulated in fp32 or better, whatever the input dtype.
 """
 
 import math
-import os
-import subprocess
 import sys
 import warnings
 
@@ -21,7 +19,11 @@ from hypothesis import strategies as st
 import promptbake
 from promptbake.ops import _dispatch, divergence
 
+divergence_module = sys.modules["promptbake.ops.divergence"]  # the function hides the module
+
 BACKENDS = [name for name, info in promptbake.backends().items() if info.available]
+# Triton runs on the GPU when there is one, else on CPU tensors through its interpreter.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 COMPILED = [name for name in BACKENDS if name != "triton"]  # fast enough for property tests
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
@@ -78,11 +80,19 @@ def reference(s, t, *, kind="forward_kl", beta=0.5, temperature=1.0, scale_by_t2
     return loss.detach(), grad
 
 
+def on(backend, *tensors):
+    """The tensors on the device the backend runs on (None stays None)."""
+    device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    return [None if x is None else x.to(device) for x in tensors]
+
+
 def run(s, t, backend, weight=None, **kw):
+    """(result, gradient) on the CPU, computed on the backend's device."""
+    s, t, kw["mask"] = on(backend, s, t, kw.get("mask"))
     x = s.detach().clone().requires_grad_(True)
     out = divergence(x, t, backend=backend, **kw)
-    (out if weight is None else (out * weight.to(out.dtype)).sum()).backward()
-    return out.detach(), x.grad
+    (out if weight is None else (out * weight.to(out)).sum()).backward()
+    return out.detach().cpu(), x.grad.cpu()
 
 
 def check(backend, s, t, *, grads=True, **kw):
@@ -269,7 +279,7 @@ def test_empty_batch(backend):
     s, t = logits((0, 50)), logits((0, 50))
     out, g = run(s, t, backend)
     assert out == 0 and g.shape == (0, 50)
-    assert divergence(s, t, reduction="none", backend=backend).shape == (0,)
+    assert divergence(*on(backend, s, t), reduction="none", backend=backend).shape == (0,)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -286,20 +296,21 @@ def test_noncontiguous_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_upstream_gradient_scales_the_result(backend):
     s, t = logits((3, 200), seed=28), logits((3, 200), seed=29)
-    x = s.clone().requires_grad_(True)
-    (3.0 * divergence(x, t, backend=backend)).backward()
+    x, t_on = on(backend, s, t)
+    x.requires_grad_(True)
+    (3.0 * divergence(x, t_on, backend=backend)).backward()
     _, g = run(s, t, backend)
-    torch.testing.assert_close(x.grad, 3.0 * g)
+    torch.testing.assert_close(x.grad.cpu(), 3.0 * g)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_gradient_requested(backend):
     s, t = logits((3, 200), seed=30), logits((3, 200), seed=31)
     with torch.no_grad():
-        a = divergence(s, t, backend=backend)
+        a = divergence(*on(backend, s, t), backend=backend)
     b, _ = run(s, t, backend)
     assert not a.requires_grad
-    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.cpu(), b)
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled module not built")
@@ -399,45 +410,167 @@ def test_bad_input_is_named(bad, message):
     ("student_logits", math.nan, "contains NaN"), ("teacher_logits", math.nan, "contains NaN"),
     ("student_logits", math.inf, "contains \\+inf"), ("teacher_logits", -math.inf, "has no finite logit"),
 ])
-def test_invalid_logits_raise_by_default(backend, arg, value, problem):
+def test_invalid_logits_raise(backend, arg, value, problem):
     s, t = logits((2, 3, 20), seed=38), logits((2, 3, 20), seed=39)
     target = s if arg == "student_logits" else t
     if value == -math.inf:
         target[1, 2] = value
     else:
         target[1, 2, 5] = value
+    s, t = on(backend, s, t)
+    check = {} if s.device.type == "cpu" else {"check_nan": True}  # off by default on GPUs
     with pytest.raises(ValueError, match=f"{arg}\\[1, 2\\] {problem}"):
-        divergence(s, t, backend=backend)
+        divergence(s, t, backend=backend, **check)
     assert torch.isnan(divergence(s, t, backend=backend, check_nan=False))
-    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask = torch.ones(2, 3, dtype=torch.bool, device=s.device)
     mask[1, 2] = False
-    assert torch.isfinite(divergence(s, t, backend=backend, mask=mask))
+    assert torch.isfinite(divergence(s, t, backend=backend, mask=mask, **check))
 
 
-_COMPILE_FOR_GPU = """
-import triton
-from triton.backends.compiler import GPUTarget
-from promptbake.kernels.divergence import divergence_kernel
-signature = {"s_ptr": "*fp32", "s_stride": "i64", "t_ptr": "*bf16", "t_stride": "i64",
-             "mask_ptr": "*u8", "grad_ptr": "*fp32", "grad_stride": "i64", "loss_ptr": "*fp32",
-             "n_cols": "i32", "beta": "fp32", "inv_t": "fp32", "loss_scale": "fp32",
-             "grad_scale": "fp32", "log_beta": "fp32", "log_1mbeta": "fp32",
-             "KIND": "constexpr", "HAS_MASK": "constexpr", "HAS_GRAD": "constexpr",
-             "BLOCK": "constexpr"}
-for kind in range(3):
-    src = triton.compiler.ASTSource(fn=divergence_kernel, signature=signature, constexprs={
-        "KIND": kind, "HAS_MASK": True, "HAS_GRAD": True, "BLOCK": 4096})
-    assert triton.compile(src, target=GPUTarget("cuda", 80, 32)).asm["cubin"]
-print("compiled")
-"""
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_maximum_found_late(backend, kind):
+    # The single pass rescales what it has summed whenever a row maximum grows: here by tens of
+    # units (and past exp's range) in later blocks, on either side.
+    s, t = logits((4, 5000), seed=40), logits((4, 5000), seed=41)
+    s[0, 4999] = 40.0
+    t[1, 3000] = 120.0
+    s[2, 2500:] += 30.0
+    t[2, 4100] = 95.0
+    t[3, :] = logits((1, 5000), scale=1.0, seed=42) - 80.0
+    t[3, 4321] = 0.0
+    check(backend, s, t, kind=kind, reduction="none")
 
 
-def test_triton_kernel_compiles_for_gpu():
-    # The interpreter checks the math; this checks the kernel lowers to sm_80 machine code.
-    # A fresh process, because the interpreter is on in this one.
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+# Eq. 3 in fp16 at scale: N = 16,384 rows, V = 128,256, logits of spread 3, a loss scaler's
+# 2^16. The old saved gradient was (q - p) / N rounded to fp16 in the forward: 99.6% of its
+# entries fell below fp16's smallest subnormal (2^-24), 39% of its L1 mass, lost before the loss
+# scale (which arrives in backward) could lift them. N x V is 2^31 entries, 4 GB a tensor in
+# fp16, so the test keeps every per-entry magnitude and shrinks the tensors: V = 8,192 columns
+# of spread-3 logits of which token 0 holds the mass the other 120,064 tokens hold at full size,
+# so each q and p (and q - p) is distributed as at V = 128,256; N = 64 rows, and an upstream
+# gradient of 2^16 x 64 / 16,384, so backward multiplies by 2^16 / 16,384 as at N = 16,384.
+N_FULL, V_FULL, SPREAD, LOSS_SCALE = 16384, 128256, 3.0, 2.0**16
+
+
+def full_scale_logits(n, vocab, seed):
+    x = logits((n, vocab), scale=SPREAD, dtype=torch.float64, seed=seed)
+    x[:, 0] = math.log((V_FULL - vocab) * math.exp(SPREAD**2 / 2))  # E sum of the missing exps
+    return x.half()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_fp16_gradient_survives_the_reduction(backend, reduction):
+    n, vocab = 64, 8192
+    s, t = full_scale_logits(n, vocab, 43), full_scale_logits(n, vocab, 44)
+    # Backward multiplies the saved q - p by 2^16 / 16,384 at full size; so here, for mean too.
+    multiplier = LOSS_SCALE / N_FULL
+    here = {"batchmean": n, "mean": n * vocab}[reduction]
+    upstream = multiplier * here
+    _, want = reference(s, t, reduction=reduction)
+    q_minus_p = want * here  # float64, from the same fp16 inputs
+    want = want * upstream
+    if reduction == "batchmean":  # the old mechanism at full size, as claimed above
+        old = (q_minus_p / N_FULL).half().double() * LOSS_SCALE
+        assert float((old[:, 1:] == 0).double().mean()) > 0.99
+        assert 1 - float(old[:, 1:].abs().sum() / want[:, 1:].abs().sum()) > 0.3
+
+    x, t_on = on(backend, s, t)
+    x.requires_grad_(True)
+    (divergence(x, t_on, backend=backend, reduction=reduction) * upstream).backward()
+    assert x.grad.dtype == torch.float16
+    got = x.grad.cpu().double()
+    # The tail, where the underflow was: saved as q - p in fp16 (error <= 2^-25, or relative
+    # 2^-11), then multiplied by the factor and rounded once more (relative 2^-11, or 2^-25);
+    # the interpreter truncates.
+    tail, want_tail = got[:, 1:], want[:, 1:]
+    torch.testing.assert_close(tail, want_tail, rtol=2**-9, atol=(multiplier + 1) * 2**-24)
+    assert float((tail - want_tail).abs().sum() / want_tail.abs().sum()) < 2e-3
+    # Token 0: q - p of two probabilities near 1, as exact as fp32 log-probabilities make it.
+    torch.testing.assert_close(got[:, 0], want[:, 0], rtol=2**-9, atol=multiplier * 4e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_backward_scales_the_saved_gradient_in_place(backend, dtype, reduction):
+    s, t = on(backend, logits((5, 300), dtype=dtype, seed=45), logits((5, 300), dtype=dtype, seed=46))
+    x = s.clone().requires_grad_(True)
+    y = x * 1  # a non-leaf: its hook sees the tensor backward returns
+    seen = []
+    y.register_hook(lambda g: seen.append(g.data_ptr()))
+    weight = torch.linspace(0.5, 2.0, 5, device=s.device)
+    loss = divergence(y, t, backend=backend, reduction=reduction)
+    (saved,) = loss.grad_fn.saved_tensors
+    (loss * weight).sum().backward() if reduction == "none" else (loss * 3.0).backward()
+    assert seen == [saved.data_ptr()]  # no new N x V buffer
+    _, g = run(s.cpu(), t.cpu(), backend, weight.cpu() if reduction == "none" else 3.0 * torch.ones(()),
+               reduction=reduction)
+    torch.testing.assert_close(x.grad.cpu(), g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_retained_graph_backpropagates_twice(backend, dtype):
+    s, t = on(backend, logits((4, 200), dtype=dtype, seed=47), logits((4, 200), dtype=dtype, seed=48))
+    x = s.clone().requires_grad_(True)
+    loss = divergence(x, t, backend=backend) * 2.0
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    _, g = run(s.cpu(), t.cpu(), backend, 2.0 * torch.ones(()))
+    torch.testing.assert_close(first.cpu(), g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_rows_counted_on_the_device(backend, dtype, reduction, monkeypatch):
+    # Off the CPU the mask's rows are counted into a device tensor, never read by the host: the
+    # factor reaches the kernel (or backward, for fp16) through memory. Forced here on the CPU.
+    s, t = logits((6, 300), dtype=dtype, seed=49), logits((6, 300), dtype=dtype, seed=50)
+    mask = random_mask((6,), seed=51)
+    want, g_want = run(s, t, backend, 1.5 * torch.ones(()), mask=mask, reduction=reduction)
+    monkeypatch.setattr(divergence_module, "_counts_on_host", lambda device: False)
+    got, g = run(s, t, backend, 1.5 * torch.ones(()), mask=mask, reduction=reduction)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g, g_want, rtol=2**-10, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_host_sync_off_the_cpu(dtype, reduction):
+    # Meta tensors have no data, so any read of a value by the host (a count, the NaN check,
+    # grad_out != 1) raises: forward and backward on them prove the step never waits for the
+    # GPU, and the NaN check is off by default there.
+    s = torch.empty(3, 5, 100, device="meta", dtype=dtype, requires_grad=True)
+    t = torch.empty(3, 5, 100, device="meta", dtype=dtype)
+    mask = torch.empty(3, 5, device="meta", dtype=torch.bool)
+    loss = divergence(s, t, mask=mask, reduction=reduction)
+    (loss.sum() * 3.0).backward()
+    assert s.grad.shape == s.shape and s.grad.dtype == dtype
+
+
+def test_triton_path_has_no_host_sync(monkeypatch):
+    # The triton backend's Python side on meta tensors, its kernels replaced by recorders.
+    calls = []
+
+    class Kernels:
+        @staticmethod
+        def launch(s, t, mask, grad, row_loss, factor, **options):
+            calls.append(("launch", factor is not None, options["grad_scale"]))
+
+        @staticmethod
+        def scale(grad, upstream):
+            calls.append(("scale", upstream.dtype, tuple(upstream.shape)))
+
+    monkeypatch.setattr(_dispatch, "triton_kernels", lambda name: Kernels)
+    monkeypatch.setattr(_dispatch, "select", lambda device, dtype, requested=None: "triton")
+    for dtype in (torch.float32, torch.float16):
+        s = torch.empty(4, 100, device="meta", dtype=dtype, requires_grad=True)
+        t = torch.empty(4, 100, device="meta", dtype=dtype)
+        loss = divergence(s, t, mask=torch.empty(4, device="meta", dtype=torch.bool))
+        (loss * 2.0).backward()
+    assert calls == [("launch", True, 1.0), ("scale", torch.float32, (1,)),  # factor folded
+                     ("launch", False, 1.0), ("scale", torch.float32, (1,))]  # fp16: deferred

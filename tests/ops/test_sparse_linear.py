@@ -23,6 +23,8 @@ ISAS = promptbake.ops._dispatch.compiled().isas()
 # cpp once per instruction set; triton (the interpreter on CPU) only on the small cases.
 KERNELS = [("cpp", isa) for isa in ISAS] + [("torch", None)]
 TRITON = [("triton", None)] if "triton" in BACKENDS else []
+# Triton runs on the GPU when there is one, else on CPU tensors through its interpreter.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_every_backend_and_isa_is_exercised():
@@ -56,10 +58,13 @@ def inputs(shape, dtype=torch.float32, seed=1):
 
 
 def run(kernel, x, packed, bias=None, monkeypatch=None, **kw):
+    """The layer's output on the CPU, computed on the backend's device."""
     backend, isa = kernel
     if isa is not None:
         monkeypatch.setenv("PROMPTBAKE_CPU_ISA", isa)
-    return sparse_linear(x, *packed, bias, backend=backend, **kw)
+    device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    x, bias, *packed = [None if t is None else t.to(device) for t in (x, bias, *packed)]
+    return sparse_linear(x, *packed, bias, backend=backend, **kw).cpu()
 
 
 def check(y, x, packed, bias=None, *, interpreted=False):
@@ -132,6 +137,18 @@ def test_dtypes(kernel, x_dtype, values_dtype, monkeypatch):
     x = inputs((3, 70), dtype=x_dtype, seed=5)
     check(run(kernel, x, packed, bias, monkeypatch), x, packed, bias,
           interpreted=kernel[0] == "triton" and not torch.cuda.is_available())
+
+
+@pytest.mark.parametrize("kernel", KERNELS + TRITON, ids=str)
+def test_tiles_of_rows_words_and_batch(kernel, monkeypatch):
+    # Shapes around the kernels' tiles: output rows per program (16 at batch 1), bitmap words
+    # per step (4, i.e. 128 columns), batch rows per program (8).
+    for out, inp, batch in [(16, 128, 1), (17, 129, 1), (37, 300, 9), (5, 520, 17)]:
+        w = pruned(out, inp, 0.6, seed=out + inp, empty_rows=2)
+        packed, bias = pack(w), inputs(out, seed=inp)
+        x = inputs((batch, inp), seed=batch)
+        y = run(kernel, x, packed, bias, monkeypatch)
+        check(y, x, packed, bias, interpreted=kernel[0] == "triton")
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=str)

@@ -88,3 +88,19 @@ def test_bad_input(bad, message):
     kw = {"ids": ids, "lp": lp, **bad}
     with pytest.raises(ValueError, match=message):
         topk_divergence(z, kw.pop("ids"), kw.pop("lp"), **kw)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_fp16_gradient_keeps_the_reduction_factor_out(reduction):
+    # As for divergence (test_divergence.py): fp16 saves the gradient without 1 / rows, and
+    # backward multiplies by factor x upstream in fp32. With 4096 rows the old saved gradient
+    # lost most entries below fp16's smallest subnormal.
+    z, ids, lp = case(n=4096, vocab=64, k=4, seed=1)
+    z = (z * 2).half()
+    x = z.clone().requires_grad_(True)
+    upstream = 2.0**16 if reduction == "batchmean" else torch.full((4096,), 16.0)
+    out = topk_divergence(x, ids, lp, reduction=reduction)
+    (out * upstream).sum().backward()
+    _, gref = reference(z.float(), ids, lp, "forward_kl", 0.5, None, reduction)
+    want = gref * (upstream if reduction == "batchmean" else upstream.double()[:, None])
+    torch.testing.assert_close(x.grad.double(), want, rtol=2**-9, atol=2**-20)

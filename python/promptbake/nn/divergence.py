@@ -14,7 +14,7 @@ class DivergenceLoss(nn.Module):
 
     def __init__(self, kind: str = "forward_kl", *, beta: float = 0.5, temperature: float = 1.0,
                  scale_by_t2: bool = False, reduction: str = "batchmean",
-                 teacher_is_logprobs: bool = False, check_nan: bool = True,
+                 teacher_is_logprobs: bool = False, check_nan: bool | None = None,
                  backend: str | None = None):
         super().__init__()
         self.options = dict(kind=kind, beta=beta, temperature=temperature, scale_by_t2=scale_by_t2,

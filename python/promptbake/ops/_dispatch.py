@@ -126,6 +126,16 @@ def select(device: torch.device, dtype: torch.dtype, requested: str | None = Non
         return "torch"
     if device.type == "cpu" and compiled() is not None:
         return "cpp"
-    if device.type == "cuda" and backends()["triton"].available:
-        return "triton"
+    if device.type == "cuda":
+        info = backends()["triton"]
+        if info.available:
+            return "triton"
+        _torch_on_cuda(info.detail)
     return "torch"
+
+
+@functools.cache
+def _torch_on_cuda(reason: str) -> None:
+    """One notice per reason that CUDA tensors run on the (slower) torch backend."""
+    log.warning("promptbake: CUDA tensors run on the torch backend, slower than the fused "
+                "kernels: the triton backend is unavailable (%s)", reason)

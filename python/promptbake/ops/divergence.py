@@ -2,7 +2,9 @@
 
 ``divergence`` turns two ``[..., V]`` logit tensors into a loss in one pass per row: both
 log-sum-exps, the divergence, and the gradient with respect to the student logits, which is
-written during the forward and only scaled in backward. No other ``N x V`` buffer is made.
+written during the forward and only scaled, in place, in backward. No other ``N x V`` buffer is
+made. On GPUs nothing waits for the device (no host sync, unless ``check_nan=True``), so a step
+can be captured in a CUDA graph.
 
 Kinds, with p = softmax(teacher / T) and q = softmax(student / T):
 
@@ -35,9 +37,8 @@ class _Spec:
     beta: float
     inv_temperature: float
     loss_scale: float  # on every row's loss: T^2 when scale_by_t2
-    grad_scale: float  # on the gradient: loss_scale / T, times the reduction's factor
+    grad_scale: float  # on the gradient: loss_scale / T (the reduction's factor comes apart)
     reduction: str
-    reduce_factor: float  # 1 / rows counted (batchmean), 1 / (rows * V) (mean), else 1
     teacher_is_logprobs: bool
 
 
@@ -52,7 +53,7 @@ def divergence(
     mask: Tensor | None = None,
     reduction: str = "batchmean",
     teacher_is_logprobs: bool = False,
-    check_nan: bool = True,
+    check_nan: bool | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Divergence between next-token distributions, from raw logits.
@@ -74,7 +75,9 @@ def divergence(
         teacher_is_logprobs: the teacher holds log-probabilities (log_softmax already applied).
             The result is the same; at T = 1 the kernel skips the teacher's max pass.
         check_nan: raise ``ValueError`` naming the row if a kept row has NaN or +inf logits or
-            no finite logit (the check costs one look at the ``N`` row losses).
+            no finite logit (the check costs one look at the ``N`` row losses). Default: on for
+            CPU tensors, off on GPUs, where that look would wait for the GPU every step (and
+            forbid CUDA-graph capture); a bad row then gives a NaN loss.
         backend: ``cpp``, ``triton`` or ``torch`` to force one; default by device, or the
             ``PROMPTBAKE_BACKEND`` environment variable.
 
@@ -82,6 +85,11 @@ def divergence(
         A scalar (or per-row tensor for ``none``) in fp32, or float64 for float64 inputs.
         An infinite value is a true infinity: the teacher puts mass where the student has a
         ``-inf`` logit (forward KL), or the reverse.
+
+    For fp16 students the saved gradient leaves out the reduction's factor (1 / rows kept): at
+    N = 16,384 rows it would push most entries below fp16's smallest subnormal before a loss
+    scaler's factor could lift them; backward applies factor x upstream gradient in fp32 and
+    rounds once.
     """
     spec, rows_shape = _validate(student_logits, teacher_logits, kind, beta, temperature,
                                  scale_by_t2, mask, reduction, teacher_is_logprobs)
@@ -89,8 +97,31 @@ def divergence(
         else student_logits.dtype
     name = _dispatch.select(student_logits.device, dtype, backend)
     flat_mask = None if mask is None else mask.reshape(-1).to(torch.bool).contiguous()
-    return _Divergence.apply(student_logits, teacher_logits.detach(), flat_mask, spec, name,
-                             rows_shape, check_nan)
+    factor = reduce_factor(flat_mask, math.prod(rows_shape), student_logits.shape[-1],
+                           reduction)
+    if check_nan is None:
+        check_nan = student_logits.device.type == "cpu"
+    return _Divergence.apply(student_logits, teacher_logits.detach(), flat_mask, factor, spec,
+                             name, rows_shape, check_nan)
+
+
+def _counts_on_host(device: torch.device) -> bool:
+    """Whether counting rows on ``device`` costs nothing to read back (CPU) or a host sync."""
+    return device.type == "cpu"
+
+
+def reduce_factor(mask: Tensor | None, rows: int, vocab: int, reduction: str) -> float | Tensor:
+    """1 / rows kept (batchmean), 1 / (rows kept x V) (mean), else 1. With a mask off the CPU,
+    a 0-dim float64 tensor on its device: the count is never read back to the host."""
+    if reduction not in ("batchmean", "mean"):
+        return 1.0
+    per_row = 1.0 if reduction == "batchmean" else 1.0 / vocab
+    if mask is None:
+        return per_row / max(rows, 1)
+    kept = mask.count_nonzero()
+    if _counts_on_host(mask.device):
+        return per_row / max(int(kept), 1)
+    return per_row / kept.clamp(min=1).to(torch.float64)
 
 
 def _validate(s, t, kind, beta, temperature, scale_by_t2, mask, reduction, teacher_is_logprobs):
@@ -134,52 +165,76 @@ def _validate(s, t, kind, beta, temperature, scale_by_t2, mask, reduction, teach
     code = KINDS[kind]
     if code == KINDS["jsd"] and beta in (0.0, 1.0):
         code = KINDS["forward_kl"] if beta == 0.0 else KINDS["reverse_kl"]
-    vocab = s.shape[-1]
-    kept = int(mask.count_nonzero()) if mask is not None else math.prod(rows_shape)
-    factor = {"batchmean": 1.0 / max(kept, 1), "mean": 1.0 / (max(kept, 1) * vocab)}
     t2 = float(temperature) ** 2 if scale_by_t2 else 1.0
-    reduce_factor = factor.get(reduction, 1.0)
     spec = _Spec(kind=code, beta=float(beta), inv_temperature=1.0 / float(temperature),
-                 loss_scale=t2, grad_scale=reduce_factor * t2 / float(temperature),
-                 reduction=reduction, reduce_factor=reduce_factor,
+                 loss_scale=t2, grad_scale=t2 / float(temperature), reduction=reduction,
                  teacher_is_logprobs=bool(teacher_is_logprobs))
     return spec, rows_shape
 
 
 class _Divergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, mask, spec, backend, rows_shape, check_nan):
+    def forward(ctx, student, teacher, mask, factor, spec, backend, rows_shape, check_nan):
         vocab = student.shape[-1]
         s = _rows(student, vocab)
         t = _rows(teacher, vocab)
         need_grad = ctx.needs_input_grad[0]
-        row_loss, grad = _BACKENDS[backend](s, t, mask, spec, need_grad)
+        # fp16 keeps the reduction's factor out of the saved gradient (it would underflow);
+        # fp32 and bf16 have fp32's exponent range, and fold it in so that a plain
+        # loss.backward() has nothing left to do.
+        deferred = s.dtype == torch.float16 and not (isinstance(factor, float) and factor == 1.0)
+        row_loss, grad = _BACKENDS[backend](s, t, mask, spec, need_grad,
+                                            None if deferred else factor)
         if check_nan:
             _check_rows(row_loss, mask, s, t, rows_shape)
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.student_shape = student.shape
-        ctx.reduction = spec.reduction
+        ctx.backend = backend
+        ctx.deferred = factor if deferred else None
         if spec.reduction == "none":
             return row_loss.view(rows_shape)
         out_dtype = torch.float64 if row_loss.dtype == torch.float64 else torch.float32
-        return (row_loss.sum(dtype=torch.float64) * spec.reduce_factor).to(out_dtype)
+        return (row_loss.sum(dtype=torch.float64) * factor).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        # An upstream gradient of exactly 1 (the usual loss.backward()) returns the saved
-        # gradient as is: no N x V copy. Otherwise scale in fp32 and round once.
-        if ctx.reduction == "none":
-            upstream = grad_out.reshape(-1, 1)
-        elif bool(grad_out != 1):
-            upstream = grad_out
-        else:
-            upstream = None
-        if upstream is not None:
-            acc = torch.promote_types(grad.dtype, torch.float32)
-            grad = (grad.to(acc) * upstream.to(acc)).to(grad.dtype)
-        return grad.view(ctx.student_shape), None, None, None, None, None, None
+        grad = scale_saved_gradient(grad, grad_out, ctx.deferred, ctx.backend)
+        return grad.view(ctx.student_shape), None, None, None, None, None, None, None
+
+
+def scale_saved_gradient(grad: Tensor, grad_out: Tensor, deferred: float | Tensor | None,
+                         backend: str) -> Tensor:
+    """The saved ``[N, V]`` gradient times the upstream gradient (``[]``, or ``[N]`` for
+    reduction ``none``) and the factor forward left out, in fp32, rounded once, in place.
+
+    Nothing waits for the GPU: the factor is read on the device, and the triton backend skips a
+    row whose factor is exactly 1 there. On the CPU a factor of 1 returns the gradient as is.
+    A graph kept for another backward (``retain_graph=True``) gets a scaled copy instead.
+    """
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    upstream = grad_out.reshape(-1).to(acc)
+    if deferred is not None:
+        upstream = upstream * deferred
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
+    on_host = upstream.device.type == "cpu"
+    if on_host and backend != "triton" and bool((upstream == 1).all()):
+        return grad
+    if keep_graph():
+        grad = grad.clone()
+    if backend == "triton":  # CUDA, or the interpreter's CPU tensors
+        _dispatch.triton_kernels("divergence").scale(grad, upstream.float().contiguous())
+    elif not on_host:  # one elementwise kernel: the factor is cast on the fly, no temporary
+        grad.mul_(upstream.view(-1, 1))
+    elif upstream.numel() == 1:
+        grad.mul_(float(upstream))  # fp32 arithmetic on bf16 / fp16, no temporary
+    else:  # CPU casts into full-size temporaries: one block of rows at a time
+        step = max(1, (1 << 22) // max(grad.shape[1], 1))
+        for start in range(0, grad.shape[0], step):
+            block = grad[start:start + step]
+            block.copy_(block.to(acc) * upstream[start:start + step, None])
+    return grad
 
 
 def _rows(x: Tensor, vocab: int) -> Tensor:
@@ -212,11 +267,14 @@ def _check_rows(row_loss, mask, s, t, rows_shape):
                      f"valid; please report this with the inputs")
 
 
-# Backends: (s [N, V], t [N, V], mask [N] bool | None, spec, need_grad) -> (row_loss [N], grad)
+# Backends: (s [N, V], t [N, V], mask [N] bool | None, spec, need_grad, factor) ->
+# (row_loss [N], grad); the gradient is multiplied by spec.grad_scale and, unless it is None,
+# factor (a float, or a 0-dim tensor on the device).
 
 
-def _cpp(s, t, mask, spec, need_grad):
+def _cpp(s, t, mask, spec, need_grad, factor):
     c = _dispatch.compiled()
+    grad_scale = spec.grad_scale * (1.0 if factor is None else float(factor))
     n, vocab = s.shape
     row_loss = torch.empty(n, dtype=torch.float32)
     grad = _buffers.cpu_empty((n, vocab), s.dtype) if need_grad else None
@@ -227,29 +285,35 @@ def _cpp(s, t, mask, spec, need_grad):
             mask.data_ptr() if mask is not None else 0,
             grad.data_ptr() if grad is not None else 0, vocab,
             row_loss.data_ptr(), n, vocab, spec.kind, spec.beta, spec.inv_temperature,
-            spec.loss_scale, spec.grad_scale, spec.teacher_is_logprobs,
+            spec.loss_scale, grad_scale, spec.teacher_is_logprobs,
             torch.get_num_threads(), _dispatch.cpu_isa())
     return row_loss, grad
 
 
-def _triton(s, t, mask, spec, need_grad):
+def _triton(s, t, mask, spec, need_grad, factor):
     n, vocab = s.shape
     row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
     grad = torch.empty((n, vocab), dtype=s.dtype, device=s.device) if need_grad else None
+    grad_scale, on_device = spec.grad_scale, None
+    if isinstance(factor, Tensor):
+        on_device = factor.to(torch.float32).reshape(1)
+    elif factor is not None:
+        grad_scale *= factor
     if n:
         _dispatch.triton_kernels("divergence").launch(
-            s, t, mask, grad, row_loss, kind=spec.kind, beta=spec.beta,
+            s, t, mask, grad, row_loss, on_device, kind=spec.kind, beta=spec.beta,
             inv_temperature=spec.inv_temperature, loss_scale=spec.loss_scale,
-            grad_scale=spec.grad_scale)
+            grad_scale=grad_scale, teacher_is_logprobs=spec.teacher_is_logprobs)
     return row_loss, grad
 
 
-def _torch(s, t, mask, spec, need_grad):
+def _torch(s, t, mask, spec, need_grad, factor):
     """Reference: the same closed forms in plain torch, a block of rows at a time."""
     n, vocab = s.shape
     acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
     row_loss = torch.zeros(n, dtype=acc, device=s.device)
     grad = torch.zeros((n, vocab), dtype=s.dtype, device=s.device) if need_grad else None
+    grad_scale = spec.grad_scale if factor is None else spec.grad_scale * factor
     step = max(1, (1 << 22) // vocab)
     for start in range(0, n, step):
         block = slice(start, start + step)
@@ -262,7 +326,7 @@ def _torch(s, t, mask, spec, need_grad):
             g = torch.where(keep[:, None], g, 0.0) if g is not None else None
         row_loss[block] = row * spec.loss_scale
         if g is not None:
-            grad[block] = (g * spec.grad_scale).to(s.dtype)
+            grad[block] = (g * grad_scale).to(s.dtype)
     return row_loss, grad
 
 

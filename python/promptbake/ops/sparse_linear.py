@@ -140,8 +140,8 @@ def sparse_linear(x: Tensor, bitmap: Tensor, values: Tensor, row_offsets: Tensor
             ``SparseLinear`` checks once at construction or load and passes False.
 
     Inference only: the gradient flows to x, never to the weight or the bias (ValueError if
-    they require one while grad is enabled). An entry of x facing a pruned weight is not read,
-    so a NaN or inf there does not reach the output as it would through dense ``0 * inf``.
+    they require one while grad is enabled). A pruned weight counts as a zero, as in the dense
+    layer: a NaN or inf in x reaches the output through ``0 * inf`` there too.
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from promptbake.ops.divergence import KINDS, REDUCTIONS
+from promptbake.ops.divergence import KINDS, REDUCTIONS, reduce_factor, scale_saved_gradient
 
 
 def topk_divergence(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, *,
@@ -56,8 +56,7 @@ def topk_divergence(student_logits: Tensor, teacher_ids: Tensor, teacher_logprob
     code = KINDS[kind]
     if code == KINDS["jsd"] and beta in (0.0, 1.0):
         code = KINDS["forward_kl"] if beta == 0.0 else KINDS["reverse_kl"]
-    kept = int(mask.sum()) if mask is not None else n
-    factor = {"batchmean": 1 / max(kept, 1), "mean": 1 / (max(kept, 1) * vocab)}.get(reduction, 1.0)
+    factor = reduce_factor(mask, n, vocab, reduction)
     return _TopK.apply(student_logits, teacher_ids.long(), teacher_logprobs.detach(), mask, code,
                        float(beta), reduction, factor)
 
@@ -103,14 +102,19 @@ class _TopK(torch.autograd.Function):
         row, coef = _buckets(lq, lp, kind, beta)
         if mask is not None:
             row = torch.where(mask, row, 0.0)
+        # As in divergence: fp16 keeps the reduction's factor out of the saved gradient.
+        deferred = student.dtype == torch.float16 and not (isinstance(factor, float)
+                                                           and factor == 1.0)
         if ctx.needs_input_grad[0]:
-            scale = factor if mask is None else factor * mask.double()
-            coef = (coef * (scale[:, None] if torch.is_tensor(scale) else scale)).float()
+            scale = 1.0 if deferred else factor
+            if mask is not None:
+                coef = coef * mask.double()[:, None]
+            coef = (coef * scale).float()
             # q_j times its bucket's coefficient: the tail's everywhere, then the top-k's.
             grad = (z - lse[:, None]).exp_().mul_(coef[:, -1:])
             grad.scatter_(-1, ids, (lqk.exp() * coef[:, :-1]).float())
             ctx.save_for_backward(grad.to(student.dtype))
-        ctx.reduction = reduction
+        ctx.deferred = factor if deferred else None
         out_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         if reduction == "none":
             return row.to(out_dtype)
@@ -119,8 +123,5 @@ class _TopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad = grad * grad_out[:, None].to(grad.dtype)
-        elif bool(grad_out != 1):
-            grad = grad * grad_out.to(grad.dtype)
+        grad = scale_saved_gradient(grad, grad_out, ctx.deferred, "torch")
         return grad, None, None, None, None, None, None, None
