@@ -99,6 +99,23 @@ def write_text(path: Path, text: str) -> None:
     write_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def json_lines(text: str, source: str, error: type[Exception] = ValueError) -> list[dict]:
+    """The JSON objects of a JSON-lines text, blank lines skipped; a line that is not a JSON
+    object raises ``error`` naming ``source`` and the line."""
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as err:
+            raise error(f"{source}, line {number}: not JSON ({err})") from err
+        if not isinstance(item, dict):
+            raise error(f"{source}, line {number}: an item must be a JSON object")
+        items.append(item)
+    return items
+
+
 def to_json(value, **options) -> str:
     """JSON text, with NaN and infinities as null (JSON has no such numbers)."""
     def clean(v):

@@ -99,15 +99,6 @@ class Generated:
     seconds: float = 0.0
     cached: bool = False
 
-    def of(self, *kinds: str) -> list[Context]:
-        """The contexts of the given kinds (``"domain"`` means domain and against)."""
-        wanted = set(kinds)
-        if DOMAIN in kinds:
-            wanted.add(AGAINST)
-        if "general" in kinds:
-            wanted |= {*GENERAL, FOLLOW_UP}
-        return [c for c, k in zip(self.contexts, self.kinds) if k in wanted]
-
     def summary(self) -> str:
         counts = {k: self.kinds.count(k) for k in dict.fromkeys(self.kinds)}
         dropped = ", ".join(f"{n} {REASONS[r]}" for r, n in self.dropped.items() if n)

@@ -21,7 +21,6 @@ file in the same schema becomes a task with ``Task.from_jsonl(path)`` or ``load_
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -29,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from promptbake import files
 from promptbake.decoding import cut, greedy, stop_strings, stop_token_ids
 from promptbake.framing import Framing
 from promptbake.modeling import continuation_logprobs
@@ -281,18 +281,7 @@ def _kind(item: dict, where: str) -> str:
 
 
 def _read_items(text: str, source: str) -> list[dict]:
-    items = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise TaskError(f"{source}, line {number}: not JSON ({err})") from err
-        if not isinstance(item, dict):
-            raise TaskError(f"{source}, line {number}: an item must be a JSON object")
-        items.append(item)
-    return items
+    return files.json_lines(text, source, TaskError)
 
 
 class _Progress:

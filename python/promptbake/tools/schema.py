@@ -175,26 +175,22 @@ def check_value(schema: dict, value, path: str = "") -> list[Problem]:
             if key in schema and fails(value, schema[key]):
                 problems.append(Problem(OUT_OF_RANGE, path,
                                         f"{label} must be {words} {schema[key]}, got {value!r}"))
-    if isinstance(value, str):
-        if "minLength" in schema and len(value) < schema["minLength"]:
-            problems.append(Problem(OUT_OF_RANGE, path, f"{label} must have at least "
-                                    f"{schema['minLength']} characters, got {value!r}"))
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            problems.append(Problem(OUT_OF_RANGE, path, f"{label} must have at most "
-                                    f"{schema['maxLength']} characters, got {len(value)}"))
-        if "pattern" in schema and not re.fullmatch(schema["pattern"], value):
-            problems.append(Problem(OUT_OF_RANGE, path, f"{label} must match "
-                                    f"{schema['pattern']!r}, got {value!r}"))
-    if isinstance(value, list):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            problems.append(Problem(OUT_OF_RANGE, path, f"{label} must have at least "
-                                    f"{schema['minItems']} items, got {len(value)}"))
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            problems.append(Problem(OUT_OF_RANGE, path, f"{label} must have at most "
-                                    f"{schema['maxItems']} items, got {len(value)}"))
-        if "items" in schema:
-            for i, item in enumerate(value):
-                problems += check_value(schema["items"], item, f"{path}[{i}]")
+    for kind, low, high, unit in ((str, "minLength", "maxLength", "characters"),
+                                  (list, "minItems", "maxItems", "items")):
+        if not isinstance(value, kind):
+            continue
+        for key, fails, words in ((low, lambda n, b: n < b, "at least"),
+                                  (high, lambda n, b: n > b, "at most")):
+            if key in schema and fails(len(value), schema[key]):
+                problems.append(Problem(OUT_OF_RANGE, path, f"{label} must have {words} "
+                                        f"{schema[key]} {unit}, got {_shown(value, words)}"))
+    if isinstance(value, str) and "pattern" in schema and \
+            not re.fullmatch(schema["pattern"], value):
+        problems.append(Problem(OUT_OF_RANGE, path, f"{label} must match "
+                                f"{schema['pattern']!r}, got {value!r}"))
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            problems += check_value(schema["items"], item, f"{path}[{i}]")
     if isinstance(value, dict):
         properties = schema.get("properties", {})
         for name in schema.get("required", []):
@@ -214,3 +210,8 @@ def check_value(schema: dict, value, path: str = "") -> list[Problem]:
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+def _shown(value, words: str):
+    """What a length problem shows: a short string too short as itself, else its length."""
+    return repr(value) if isinstance(value, str) and words == "at least" else len(value)

@@ -247,16 +247,10 @@ def read_items(path: Path) -> list[dict]:
 
 
 def parse_items(text: str, source: str) -> list[dict]:
-    items = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise SpecError(f"{source}, line {number}: not JSON ({err})") from err
+    items = files.json_lines(text, source, SpecError)
+    lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for number, item in zip(lines, items):
         check_item(item, f"{source}, line {number}")
-        items.append(item)
     return items
 
 
