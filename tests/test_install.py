@@ -61,3 +61,12 @@ def test_the_public_api_is_where_the_readme_says():
         assert callable(getattr(promptbake, name)), name
     assert callable(cli.main) and callable(export.export_baked) and callable(export.merge)
     assert promptbake.BakeConfig().loss == "forward_kl"
+
+
+def test_the_repository_root_holds_no_importable_package():
+    # `python -m pytest` (the README's test command) and `python bench/` run with the repository
+    # root first on sys.path: a package there hides an installed one of the same name. A top-level
+    # kernels/ hid Hugging Face's `kernels`, and transformers then failed to import.
+    root = Path(__file__).resolve().parents[1]
+    packages = sorted(p.parent.name for p in root.glob("*/__init__.py"))
+    assert packages == [], f"move {packages} under python/promptbake/"

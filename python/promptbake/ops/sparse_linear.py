@@ -11,9 +11,9 @@ The weight ``W [out, in]`` is stored as:
 
 Decoding one token is memory-bound, so the layer is as fast as it reads few bytes: fp32 values
 plus the bitmap read ``4 (1 - s) + 1/8`` bytes per weight at sparsity s, against dense's 4 (at 70%
-1.33, at 2:4 2.13; CSR with 16-bit column indices would read 1.8 and 3). The kernels (csrc/
-sparse_linear_impl.h, kernels/sparse_linear.py) read each weight once per call and use it for
-every row of x. Inference only: the weights are constant, x may require a gradient.
+1.33, at 2:4 2.13; CSR with 16-bit column indices would read 1.8 and 3). The kernels
+(csrc/sparse_linear_impl.h, promptbake/kernels/sparse_linear.py) read each weight once per call and
+use it for every row of x. Inference only: the weights are constant, x may require a gradient.
 """
 
 from __future__ import annotations
