@@ -13,7 +13,7 @@ PACKAGE = ROOT / "python" / "promptbake"
 # Bottom up; a module may import its own layer and those below. The first name of a module's
 # path inside promptbake decides its layer (promptbake.export.graph is "export").
 LAYERS = [
-    {"ops", "nn", "_C"},  # kernels behind one dispatch, and their modules
+    {"kernels", "ops", "nn", "_C"},  # kernels (Triton, C++) behind one dispatch; their modules
     {"files", "formatting", "plotting", "versions", "stats"},  # writes, printing, figures, tests
     {"models", "contexts", "framing", "modeling"},  # inputs, and the model as promptbake uses it
     {"decoding"},  # sampling and generation primitives
