@@ -39,7 +39,11 @@ SUITES = {
                "model; a domain and a persona prompt baked on generated contexts alone",
     "bake-sweep": "how the bake's defaults were chosen: one setting changed at a time, held-out "
                   "KL reduction and time of each",
+    "prompt-sweep": "changes to the defaults measured on several prompts: sampling temperature, "
+                    "more samples on short contexts, an L2 term in the objective; held-out and "
+                    "off-distribution KL reduction",
 }
+ON_DEMAND = ("bake-sweep", "prompt-sweep")  # long: run with --only
 
 
 def main(argv=None) -> int:
@@ -47,8 +51,8 @@ def main(argv=None) -> int:
         prog="python bench/", description="Run promptbake's benchmarks. Suites: " + "; ".join(
             f"{name}: {text}" for name, text in SUITES.items()))
     parser.add_argument("--only", metavar="NAME", action="append", choices=sorted(SUITES),
-                        help="run only this suite (repeatable); default: all but bake-sweep "
-                             "(~2 h on 2 cores)")
+                        help="run only this suite (repeatable); default: all but the sweeps, "
+                             "bake-sweep (~2 h on 2 cores) and prompt-sweep (~2 h)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and repeats: a smoke run in about a minute or two")
     parser.add_argument("--repeats", type=int, metavar="R",
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
     progress.setFormatter(logging.Formatter("      %(message)s"))
     logging.getLogger("promptbake").addHandler(progress)
     logging.getLogger("promptbake").setLevel(logging.INFO)
-    for name in args.only or [n for n in SUITES if n != "bake-sweep"]:  # the sweep: on demand
+    for name in args.only or [n for n in SUITES if n not in ON_DEMAND]:
         suite = importlib.import_module(name.replace("-", "_"))
         log(f"[{name}] {SUITES[name]}")
         start = time.perf_counter()

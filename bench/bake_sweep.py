@@ -53,8 +53,8 @@ def run(args, log) -> dict:
     for name in (QUICK if args.quick else VARIANTS):
         config = dataclasses.replace(base, **VARIANTS[name])
         log(f"  {name}")
-        train = contexts_mod.for_bake(None, "train", config.train_contexts, config.seed)
-        prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
+        drawn = contexts_mod.for_bake(None, "train", config.train_contexts, config.seed)
+        prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in drawn]
         key = (config.train_contexts, config.samples_per_context)
         start = time.perf_counter()
         if key not in cache:
@@ -64,18 +64,8 @@ def run(args, log) -> dict:
         sample_seconds = time.perf_counter() - start
         trajectories = cache[key]
         total = config.total_steps(trajectories)
-        torch.manual_seed(config.seed)
-        model = attach_lora(copy.deepcopy(lm), config)
-        optimizer, schedule = make_optimizer(model, config, total)
-        objective = Divergence(trajectories, prefixes, config, tokenizer.pad_token_id)
-        model.train()
-        start = time.perf_counter()
-        with for_training(model, config.autocast_dtype(torch.device("cpu"))):
-            for step in range(total):
-                optimizer_step(model, objective, batch_plan(step, trajectories, config),
-                               optimizer, schedule, config.max_grad_norm)
-        train_seconds = time.perf_counter() - start
-        model.eval()
+        model, train_seconds = train(lm, config, Divergence(trajectories, prefixes, config,
+                                                            tokenizer.pad_token_id), trajectories)
         after = mc_kl.kl_on(model, framing, held_out, held_traj, {"b": BAKED},
                             pad_id=tokenizer.pad_token_id)["b"]
         reduction, se = mc_kl.reduction(before, after)
@@ -86,6 +76,23 @@ def run(args, log) -> dict:
         del model
     return {"suite": "bake-sweep", "machine": harness.machine(), "prompt": PROMPT,
             "defaults": dataclasses.asdict(base), "before": before.to_dict(), "rows": rows}
+
+
+def train(lm, config: BakeConfig, objective, trajectories):
+    """(a LoRA-adapted copy of ``lm`` trained on ``objective`` as ``bake`` trains, in eval mode;
+    the training's wall seconds)."""
+    total = config.total_steps(trajectories)
+    torch.manual_seed(config.seed)
+    model = attach_lora(copy.deepcopy(lm), config)
+    optimizer, schedule = make_optimizer(model, config, total)
+    model.train()
+    start = time.perf_counter()
+    with for_training(model, config.autocast_dtype(torch.device("cpu"))):
+        for step in range(total):
+            optimizer_step(model, objective, batch_plan(step, trajectories, config), optimizer,
+                           schedule, config.max_grad_norm)
+    model.eval()
+    return model, time.perf_counter() - start
 
 
 def report(result) -> str:

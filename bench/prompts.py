@@ -65,14 +65,25 @@ def run(args, log) -> dict:
     suffix = "-quick" if quick else ""
     limit = 8 if quick else 40  # task items per task
     turns, conversations = (4, 2) if quick else (10, 3)
-    panel = {}
+    # Every bake first (the KL targets read their manifests), then the slower drift and task
+    # suite, each part cached: an interrupted run keeps what it measured and resumes there.
+    count = 24 if quick else GENERATED_N
+    bakes = {}
     for name, prompt in PANEL.items():
         log(f"  {name}: the default bake")
-        made = cached_bake(f"panel-{_slug(name)}{suffix}", prompt, config, log=log)
+        bakes[name] = cached_bake(f"panel-{_slug(name)}{suffix}", prompt, config, log=log)
+        manifest = load_baked(bakes[name]["path"]).manifest
+        log(f"    KL reduction held-out {_pct(_kl(manifest['kl']))}, off-distribution "
+            f"{_pct(_kl(manifest['kl_off_distribution']))}")
+    on_generated = {name: _on_generated(name, count, config, suffix, quick, log)
+                    for name in GENERATED}
+    panel = {}
+    for name, made in bakes.items():
+        log(f"  {name}: drift and the task suite")
         baked = load_baked(made["path"])
         parts = Parts(baked, {"quick": quick, "suite": "prompts", "prompt": name}, log)
         manifest = baked.manifest
-        row = {"prompt": prompt, "kl": _kl(manifest["kl"]),
+        row = {"prompt": PANEL[name], "kl": _kl(manifest["kl"]),
                "off": _kl(manifest["kl_off_distribution"]),
                "bake_seconds": manifest["wall_seconds"]["total"]}
         row["drift"] = parts.get(f"prompts-drift-{_slug(name)}", lambda baked=baked: _drift(
@@ -83,25 +94,31 @@ def run(args, log) -> dict:
         row["vs_prompted"] = _against_prompted(suite["forgetting_vs_prompted"])
         row["forgetting_passed"] = suite["forgetting"]["passed"]
         panel[name] = row
+    result = {"suite": "prompts", "machine": harness.machine(),
+              "config": dataclasses.asdict(config), "task_limit": limit,
+              "drift": {"turns": turns, "conversations": conversations},
+              "panel": panel, "generated": on_generated}
+    result["checks"] = checks(result)
+    return result
 
-    on_generated = {}
-    count = 24 if quick else GENERATED_N
-    for name in GENERATED:
-        prompt = PANEL[name]
-        log(f"  {name}: baked on {count} generated contexts alone")
-        spec = f"generated:{count}"
-        made = cached_bake(f"panel-{_slug(name)}-generated{suffix}", prompt, config,
-                           contexts=spec, log=log)
-        baked = load_baked(made["path"])
-        parts = Parts(baked, {"quick": quick, "suite": "prompts", "prompt": name}, log)
-        shipped_held_out = contexts_mod.builtin("held_out")[:config.eval_contexts]
-        shipped_kl = parts.get(f"prompts-generated-shipped-{_slug(name)}",
-                               lambda baked=baked: _measure(baked, shipped_held_out))
-        start = time.perf_counter()
-        again = generated.generated_contexts(prompt, count, seed=config.seed)
-        seconds = baked.manifest["wall_seconds"]
-        on_generated[name] = {
-            "own": _kl(baked.manifest["kl"]), "off": _kl(baked.manifest["kl_off_distribution"]),
+
+def _on_generated(name: str, count: int, config: BakeConfig, suffix: str, quick: bool,
+                  log) -> dict:
+    """``name``'s prompt baked on ``count`` generated contexts alone, measured on its own held-out
+    part, on the shipped held-out contexts and off distribution; generation's share of the bake."""
+    prompt = PANEL[name]
+    log(f"  {name}: baked on {count} generated contexts alone")
+    made = cached_bake(f"panel-{_slug(name)}-generated{suffix}", prompt, config,
+                       contexts=f"generated:{count}", log=log)
+    baked = load_baked(made["path"])
+    parts = Parts(baked, {"quick": quick, "suite": "prompts", "prompt": name}, log)
+    shipped_held_out = contexts_mod.builtin("held_out")[:config.eval_contexts]
+    shipped_kl = parts.get(f"prompts-generated-shipped-{_slug(name)}",
+                           lambda: _measure(baked, shipped_held_out))
+    start = time.perf_counter()
+    again = generated.generated_contexts(prompt, count, seed=config.seed)
+    seconds = baked.manifest["wall_seconds"]
+    return {"own": _kl(baked.manifest["kl"]), "off": _kl(baked.manifest["kl_off_distribution"]),
             "shipped": shipped_kl,
             "generation": baked.manifest["contexts"]["generated"],
             "generate_seconds": seconds.get("generate", 0.0),
@@ -110,12 +127,6 @@ def run(args, log) -> dict:
             max(seconds["total"] - seconds.get("generate", 0.0), 1e-9),
             "cached_again": {"cached": again.cached, "seconds": time.perf_counter() - start},
             "examples": [c[-1]["content"] for c in again.contexts[:6]]}
-    result = {"suite": "prompts", "machine": harness.machine(),
-              "config": dataclasses.asdict(config), "task_limit": limit,
-              "drift": {"turns": turns, "conversations": conversations},
-              "panel": panel, "generated": on_generated}
-    result["checks"] = checks(result)
-    return result
 
 
 def _kl(record: dict) -> dict:

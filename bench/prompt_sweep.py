@@ -1,0 +1,186 @@
+"""Prompt-sweep suite: changes to the defaults, each measured on several prompts at once.
+
+What a change to the defaults must show before it becomes one: the held-out and the
+off-distribution KL reduction of each prompt of a panel (``prompts.PANEL``, the ones named by
+``PROMPTS``), with the change and without it, on the same held-out and probe samples. The
+changes are those the prompts benchmark suggested when a prompt missed its target: sampling the
+trajectories at another temperature, more samples on the short task-like contexts (whose
+responses are short, so they hold few of a bake's tokens), and a regularisation term added to
+Eq. 3 through the training objective (an L2 pull on the LoRA update, ``sum ||B A||^2``, so the
+update stays small where the data do not ask for it). Run on demand
+(``python bench/ --only prompt-sweep``): an hour or more on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+import harness
+from bake_sweep import train
+from prompts import PANEL
+from promptbake import BakeConfig, contexts as contexts_mod, mc_kl, models
+from promptbake.framing import Framing
+from promptbake.modeling import BAKED, BASE
+from promptbake.train import Divergence, sample_trajectories
+
+PROMPTS = ["cat (persona)", "JSON (output format)"]  # the two furthest below target
+VARIANTS = {
+    "defaults": {},
+    "L2 on the LoRA update, 1/4 of Eq. 3 at the end": {"l2": 0.25},  # the defaults' samples
+    "temperature 0.7": {"config": {"temperature": 0.7}},
+    "4 samples on short contexts (same steps)": {"short_samples": 4},
+}
+QUICK = {"prompts": ["cat (persona)"], "variants": ["defaults", "temperature 0.7"]}
+
+
+def lora_penalty(model) -> torch.Tensor:
+    """sum over the LoRA layers of ||scale * B A||_F^2: the squared size of the update."""
+    return sum((m.scaling["default"] * m.lora_B["default"].weight
+                @ m.lora_A["default"].weight).pow(2).sum()
+               for m in model.modules() if "default" in getattr(m, "lora_A", {}))
+
+
+class WithL2:
+    """Eq. 3 plus ``weight * lora_penalty`` per sequence: the training step averages an
+    objective over the step's sequences, so the term is added once per sequence of the
+    micro-batch."""
+
+    def __init__(self, objective, weight: float):
+        self.objective, self.weight = objective, weight
+
+    def __call__(self, model, batch: list[int]) -> tuple[torch.Tensor, int]:
+        loss, tokens = self.objective(model, batch)
+        return loss + self.weight * len(batch) * lora_penalty(model), tokens
+
+
+def run(args, log) -> dict:
+    torch.set_num_threads(2)
+    lm, tokenizer, _ = models.load(None)
+    base = BakeConfig()
+    pad = tokenizer.pad_token_id
+    names = QUICK["prompts"] if args.quick else PROMPTS
+    variants = QUICK["variants"] if args.quick else list(VARIANTS)
+    if args.quick:
+        base = dataclasses.replace(base, train_contexts=16, eval_contexts=8, probe_contexts=8,
+                                   epochs=1.0)
+    short = {c[0]["content"] for c in contexts_mod.builtin("train", ("short",))}
+    panel = {}
+    for name in names:
+        log(f"  {name}")
+        framing = Framing(tokenizer, PANEL[name], base.framing)
+        sets = {"held-out": contexts_mod.for_bake(None, "held_out", base.eval_contexts),
+                "off-distribution": contexts_mod.probe(base.probe_contexts)}
+        measured = {}
+        for (what, contexts), seed in zip(sets.items(), (base.seed + 1, base.seed + 2)):
+            samples = sample_trajectories(lm, tokenizer, [framing.teacher_ids(c) for c in contexts],
+                                          base, "none", seed=seed, samples=1)
+            before = mc_kl.kl_on(lm, framing, contexts, samples, {"base": BASE}, pad_id=pad)
+            measured[what] = (contexts, samples, before["base"])
+        drawn = contexts_mod.for_bake(None, "train", base.train_contexts, base.seed)
+        rows, default_steps, scale, sampled = [], None, None, {}
+        for variant in variants:
+            change = VARIANTS[variant]
+            config = dataclasses.replace(base, **change.get("config", {}))
+            if "short_samples" in change:  # a short context twice: its own draws, 2 x 2 samples
+                config = dataclasses.replace(config, steps=default_steps)
+                extra = change["short_samples"] // base.samples_per_context - 1
+                contexts = drawn + [c for c in drawn if c[0]["content"] in short] * extra
+            else:
+                contexts = drawn
+            prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in contexts]
+            log(f"    {variant}: {len(contexts)} contexts")
+            start = time.perf_counter()
+            key = (config.temperature, len(contexts))  # the L2 variant trains on the defaults'
+            if key not in sampled:
+                sampled.clear()  # 1.5 GB each: keep one
+                sampled[key] = sample_trajectories(lm, tokenizer, [p[0] for p in prefixes],
+                                                   config, "full", seed=config.seed,
+                                                   samples=config.samples_per_context)
+            trajectories = sampled[key]
+            sample_seconds = time.perf_counter() - start
+            objective = Divergence(trajectories, prefixes, config, pad)
+            if "l2" in change:  # in the loss's own units: a share of Eq. 3 at the defaults' end
+                objective = WithL2(objective, change["l2"] * scale)
+            model, train_seconds = train(lm, config, objective, trajectories)
+            if variant == "defaults":
+                default_steps = config.total_steps(trajectories)
+                with torch.no_grad():
+                    batch = list(range(config.batch_size))
+                    loss, _ = objective(model, batch)
+                    scale = float(loss) / len(batch) / float(lora_penalty(model))
+            row = {"variant": variant, "trajectories": len(trajectories),
+                   "steps": config.total_steps(trajectories), "sample_seconds": sample_seconds,
+                   "train_seconds": train_seconds}
+            for what, (contexts_m, samples, before) in measured.items():
+                after = mc_kl.kl_on(model, framing, contexts_m, samples, {"b": BAKED},
+                                    pad_id=pad)["b"]
+                r, se = mc_kl.reduction(before, after)
+                row[what] = {"before": before.per_token, "after": after.per_token,
+                             "reduction": r, "se": se}
+            if isinstance(objective, WithL2):
+                row["l2_weight"] = objective.weight
+            log(f"      held-out {_pct(row['held-out'])}, off-distribution "
+                f"{_pct(row['off-distribution'])}")
+            rows.append(row)
+            del model, trajectories
+        sampled.clear()
+        panel[name] = rows
+    return {"suite": "prompt-sweep", "machine": harness.machine(),
+            "defaults": dataclasses.asdict(base), "variants": {v: VARIANTS[v] for v in variants},
+            "panel": panel}
+
+
+def _pct(d: dict) -> str:
+    return f"{100 * d['reduction']:.1f}% ± {100 * (d['se'] or 0):.1f}%"
+
+
+def report(result) -> str:
+    rows = []
+    for name, found in result["panel"].items():
+        for r in found:
+            rows.append([name, r["variant"], r["trajectories"], r["steps"],
+                         f"{r['train_seconds']:.0f}", _pct(r["held-out"]),
+                         _pct(r["off-distribution"])])
+    return harness.table(["prompt", "variant", "traj", "steps", "train s", "held-out",
+                          "off-distribution"], rows)
+
+
+def markdown(result) -> str:
+    mach = result["machine"]
+    lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
+             f"{mach['date'][:10]}; the same held-out and probe samples for every variant of a "
+             f"prompt", "",
+             "| prompt | variant | trajectories | steps | held-out KL reduction | "
+             "off-distribution |", "|---|---|---:|---:|---:|---:|"]
+    for name, found in result["panel"].items():
+        for r in found:
+            lines.append(f"| {name} | {r['variant']} | {r['trajectories']} | {r['steps']} | "
+                         f"{_pct(r['held-out'])} | {_pct(r['off-distribution'])} |")
+    return "\n".join(lines)
+
+
+def plot(result, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["panel"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = result["panel"][name]
+        y = range(len(rows))
+        for offset, key in ((-0.2, "held-out"), (0.2, "off-distribution")):
+            ax.barh([i + offset for i in y], [100 * r[key]["reduction"] for r in rows],
+                    height=0.4, xerr=[100 * (r[key]["se"] or 0) for r in rows], label=key)
+        ax.set_yticks(list(y), [r["variant"] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel="KL reduction, %", title=name, xlim=(40, 100))
+        ax.axvline(90, color="k", ls="--", lw=0.8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
