@@ -20,7 +20,7 @@ import torch
 
 import harness
 from bake_sweep import train
-from prompts import PANEL
+from prompts import PANEL, pct
 from promptbake import BakeConfig, contexts as contexts_mod, mc_kl, models
 from promptbake.framing import Framing
 from promptbake.modeling import BAKED, BASE
@@ -122,8 +122,8 @@ def run(args, log) -> dict:
                              "reduction": r, "se": se}
             if isinstance(objective, WithL2):
                 row["l2_weight"] = objective.weight
-            log(f"      held-out {_pct(row['held-out'])}, off-distribution "
-                f"{_pct(row['off-distribution'])}")
+            log(f"      held-out {pct(row['held-out'])}, off-distribution "
+                f"{pct(row['off-distribution'])}")
             rows.append(row)
             del model, trajectories
         sampled.clear()
@@ -133,17 +133,13 @@ def run(args, log) -> dict:
             "panel": panel}
 
 
-def _pct(d: dict) -> str:
-    return f"{100 * d['reduction']:.1f}% ± {100 * (d['se'] or 0):.1f}%"
-
-
 def report(result) -> str:
     rows = []
     for name, found in result["panel"].items():
         for r in found:
             rows.append([name, r["variant"], r["trajectories"], r["steps"],
-                         f"{r['train_seconds']:.0f}", _pct(r["held-out"]),
-                         _pct(r["off-distribution"])])
+                         f"{r['train_seconds']:.0f}", pct(r["held-out"]),
+                         pct(r["off-distribution"])])
     return harness.table(["prompt", "variant", "traj", "steps", "train s", "held-out",
                           "off-distribution"], rows)
 
@@ -158,7 +154,7 @@ def markdown(result) -> str:
     for name, found in result["panel"].items():
         for r in found:
             lines.append(f"| {name} | {r['variant']} | {r['trajectories']} | {r['steps']} | "
-                         f"{_pct(r['held-out'])} | {_pct(r['off-distribution'])} |")
+                         f"{pct(r['held-out'])} | {pct(r['off-distribution'])} |")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from common import PIRATE, cached_bake
 from evaluate import Parts
 from promptbake import BakeConfig, contexts as contexts_mod, drift as drift_mod, generated
 from promptbake import load_baked, mc_kl
+from promptbake.artifact import read_manifest
 from promptbake.forgetting import check_suite
 from promptbake.persona import persona_of
 from promptbake.tasks import load_task, shipped
@@ -72,9 +73,9 @@ def run(args, log) -> dict:
     for name, prompt in PANEL.items():
         log(f"  {name}: the default bake")
         bakes[name] = cached_bake(f"panel-{_slug(name)}{suffix}", prompt, config, log=log)
-        manifest = load_baked(bakes[name]["path"]).manifest
-        log(f"    KL reduction held-out {_pct(_kl(manifest['kl']))}, off-distribution "
-            f"{_pct(_kl(manifest['kl_off_distribution']))}")
+        manifest = read_manifest(bakes[name]["path"])  # the model is loaded later, once
+        log(f"    KL reduction held-out {pct(_kl(manifest['kl']))}, off-distribution "
+            f"{pct(_kl(manifest['kl_off_distribution']))}")
     on_generated = {name: _on_generated(name, count, config, suffix, quick, log)
                     for name in GENERATED}
     panel = {}
@@ -205,7 +206,7 @@ def _generation_check(name: str, g: dict) -> dict:
             "pass": g["generate_share"] <= TARGET_GENERATION_SHARE and again["cached"]}
 
 
-def _pct(d: dict) -> str:
+def pct(d: dict) -> str:
     return f"{100 * d['reduction']:.1f}% ± {100 * (d['se'] or 0):.1f}%"
 
 
@@ -217,7 +218,7 @@ def _rows(result) -> list[list[str]]:
     rows = []
     for name, r in result["panel"].items():
         d, v = r["drift"], r["vs_prompted"]
-        rows.append([name, _pct(r["kl"]), _pct(r["off"]),
+        rows.append([name, pct(r["kl"]), pct(r["off"]),
                      _drift_cell(d, "prompted") if "prompted" in d else "—",
                      _drift_cell(d, "baked") if "baked" in d else "—",
                      ", ".join(v["damaged"]) or "none",
@@ -234,8 +235,8 @@ def report(result) -> str:
     lines = [harness.table(HEADERS, _rows(result)), ""]
     for name, g in result["generated"].items():
         lines.append(f"{name} on {g['generation']['contexts']} generated contexts: own "
-                     f"{_pct(g['own'])}, shipped held-out {_pct(g['shipped'])}, off "
-                     f"{_pct(g['off'])}; generation {g['generate_seconds']:.0f} s")
+                     f"{pct(g['own'])}, shipped held-out {pct(g['shipped'])}, off "
+                     f"{pct(g['off'])}; generation {g['generate_seconds']:.0f} s")
     lines += ["", harness.table(["target", "measured", "result"],
                                 [[c["target"], c["measured"], harness.verdict(c["pass"])]
                                  for c in result["checks"]])]
@@ -260,7 +261,7 @@ def markdown(result) -> str:
         made = g["generation"]
         dropped = ", ".join(f"{n} {r}" for r, n in made["dropped"].items() if n)
         lines.append(f"| {name} | {made['contexts']} ({made['written']} written; {dropped}) | "
-                     f"{_pct(g['own'])} | {_pct(g['shipped'])} | {_pct(g['off'])} | "
+                     f"{pct(g['own'])} | {pct(g['shipped'])} | {pct(g['off'])} | "
                      f"{g['generate_seconds']:.0f} | {g['bake_seconds']:.0f} |")
     for name, g in result["generated"].items():
         lines += ["", f"Generated for {name}, the first six: " +
