@@ -21,9 +21,10 @@ LAYERS = [
     {"artifact", "train", "mc_kl"},  # a bake on disk; the training steps; Monte Carlo KL
     {"bake", "generated", "tasks", "reprompt", "forgetting", "persona", "drift", "tools",
      "lm_eval_adapter"},
-    {"orchestrate"},  # stacking, stopping rules, pursuit, sequential
+    {"orchestrate", "engine"},  # stacking, stopping rules, pursuit, sequential, the engine
     {"export", "compress"},
     {"report"},
+    {"pipeline"},  # a pipeline file: the engine, then report and export stages
     {"cli"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 from promptbake.contexts import Context
 
@@ -61,6 +62,27 @@ def prompt_messages(prompt) -> list[dict]:
     if not any(m["content"].strip() for m in out):
         raise FramingError("every message of the prompt is empty: give the prompt some text")
     return out
+
+
+def read_prompt_file(path) -> str | list:
+    """A prompt from a UTF-8 file: its text, or, for a ``.json`` file, a conversation (a JSON
+    list of chat messages, checked by ``prompt_messages``)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError as err:
+        raise ValueError(f"prompt file not found: {path}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: save it as UTF-8") from err
+    if path.suffix.lower() != ".json":
+        return text.strip()
+    try:
+        messages = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): a .json prompt file holds a list "
+                         f"of chat messages") from err
+    prompt_messages(messages)  # names the message that is not one
+    return messages
 
 
 def prompt_text(prompt) -> str:

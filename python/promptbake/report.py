@@ -328,3 +328,100 @@ def _command(path, tasks, limit, persona, turns, conversations, strengths) -> st
 
 def _score(s: dict) -> str:
     return pm(s["value"], s["se"])
+
+
+# -- an engine run -----------------------------------------------------------------------------
+
+ENGINE_GATE = 0.90  # the share of the prompted base model's held-out score the kept state reaches
+
+
+def engine_report(run_dir: str | Path, out: str | Path | None = None) -> list[str]:
+    """The history of an engine run (its ``engine.json``) as ``engine-report.md``,
+    ``engine-report.json`` and ``engine-report.png`` in ``out`` (default: ``run_dir``): every
+    round's candidates with their dev scores and the winner, every cycle's held-out score after
+    each round (relative to the base model prompted with the cycle's prompt; plotted), the
+    plateaus and survival flags, and the gates of the kept state. Returns the names written."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir
+    try:
+        saved = json.loads((run_dir / "engine.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{run_dir} holds no readable engine run (engine.json: {err}); pass the "
+                         f"directory promptbake run or run_engine wrote") from err
+    refs, rounds = saved["references"], saved["rounds"]
+    result = saved.get("result") or {}
+    best = result.get("best_round")
+    kept = next((r for r in rounds if r["round"] == best and "held_out" in r), None)
+    gates = []
+    for cycle, ref in refs.items():
+        prompted = ref["prompted"]["value"]
+        value = kept["held_out"][cycle]["value"] if kept else ref["base"]["value"]
+        share = value / prompted if prompted > 0 else None
+        gates.append({"target": f"{cycle}: kept model without a prompt >= "
+                                f"{ENGINE_GATE:.0%} of the prompted base model (held out)",
+                      "measured": f"{value:.3f} vs {prompted:.3f}" + (
+                          f" ({100 * share:.0f}%)" if share is not None else ""),
+                      "passed": share is not None and share >= ENGINE_GATE})
+    for cycle, found in (result.get("survival") or {}).items():
+        gates.append({"target": f"{cycle}: never below its survival share of its best",
+                      "measured": "flagged" if found["flagged"] else "held",
+                      "passed": not found["flagged"]})
+    seconds = result.get("seconds", sum(r.get("seconds", 0) for r in rounds))
+    lines = [f"# Engine run: {run_dir}", "",
+             (f"Stopped: {result.get('stopped', 'still running')}; kept round: {best} "
+              f"(0 is the base model); {len(rounds)} rounds in {seconds:.0f} s."), "",
+             "## Gates", "", "| target | measured | result |", "|---|---|---|"]
+    lines += [f"| {g['target']} | {g['measured']} | {'pass' if g['passed'] else 'FAIL'} |"
+              for g in gates]
+    cycles = list(refs)
+    lines += ["", "## Held-out scores without a prompt, after each round", "",
+              "| round | cycle | winner | dev: winner − incumbent | " + " | ".join(cycles) +
+              " | objective | notes |", "|---:|---|---|---|" + "---:|" * len(cycles) + "---:|---|",
+              "| 0 | — | — | — | " + " | ".join(f"{refs[c]['base']['value']:.3f}" for c in cycles)
+              + " | | base model; prompted: " + ", ".join(
+                  f"{c} {refs[c]['prompted']['value']:.3f}" for c in cycles) + " |"]
+    for r in rounds:
+        if "failed" in r:
+            lines.append(f"| {r['round']} | {r['cycle']} | — | — | " + " | ".join(
+                "—" for _ in cycles) + f" | | failed: {short(r['failed'], 60)} |")
+            continue
+        w = r["winner"]
+        notes = [n for n, on in (("plateau", r.get("plateau")),
+                                 ("fallen: " + ", ".join(r.get("fallen", [])), r.get("fallen")),
+                                 ("kept", r["round"] == best)) if on]
+        lines.append(f"| {r['round']} | {r['cycle']} | {w['source']} | "
+                     f"{pm(w.get('difference', 0.0), w.get('se'), '+.3f')} | " + " | ".join(
+                         f"{r['held_out'][c]['value']:.3f}" for c in cycles) +
+                     f" | {r['objective']:.3f} | {'; '.join(notes)} |")
+    lines += ["", "## Candidates", "", "| round | source | dev score | prompt |",
+              "|---:|---|---:|---|"]
+    for r in rounds:
+        for c in r.get("candidates", []):
+            lines.append(f"| {r['round']} | {c['source']} | {pm(c['dev']['value'], c['dev']['se'])}"
+                         f" | {short(prompt_text(c['prompt']).replace('|', '/'), 70)} |")
+    lines += ["", "![held-out scores after each round](engine-report.png)", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_text(out / "engine-report.md", "\n".join(lines))
+    files.write_text(out / "engine-report.json", files.to_json(
+        {"run": str(run_dir.resolve()), "gates": gates, "history": saved}, indent=2))
+    _plot_engine(refs, rounds, out / "engine-report.png")
+    return ["engine-report.md", "engine-report.json", "engine-report.png"]
+
+
+def _plot_engine(refs: dict, rounds: list[dict], path: Path) -> None:
+    measured = [r for r in rounds if "held_out" in r]
+    with plotting.figure(path, figsize=(8, 4)) as (_, grid):
+        ax = grid[0][0]
+        for cycle, ref in refs.items():
+            scale = ref["prompted"]["value"] if ref["prompted"]["value"] > 0 else 1.0
+            xs = [0] + [r["round"] for r in measured]
+            ys = [ref["base"]["value"] / scale] + [r["held_out"][cycle]["value"] / scale
+                                                    for r in measured]
+            line = ax.plot(xs, ys, marker="o", label=cycle)[0]
+            own = [r["round"] for r in measured if r["cycle"] == cycle and r.get("plateau")]
+            ax.plot(own, [ys[xs.index(x)] for x in own], "s", ms=10, mfc="none",
+                    color=line.get_color())
+        ax.axhline(ENGINE_GATE, color="k", ls="--", lw=0.8)
+        ax.set(xlabel="round", ylabel="held-out score / prompted base model's",
+               title="Each cycle after every round (squares: plateau)")
+        ax.legend(fontsize=8)

@@ -42,3 +42,13 @@ def paired_test(pairs: list[tuple[float, float]]) -> tuple[float, str]:
     if all(x in (0.0, 1.0) and y in (0.0, 1.0) for x, y in pairs):
         return mcnemar(pairs), "exact McNemar"
     return sign_flip([y - x for x, y in pairs]), "paired sign-flip"
+
+
+def paired_difference(before: dict, after: dict) -> tuple[float, float | None, int]:
+    """(mean of after - before, its standard error, n) over the keys both dicts score (per-item
+    scores of two models on the same items); the error is None for fewer than two items."""
+    diffs = [after[k] - before[k] for k in before if k in after]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else float("nan")
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n >= 2 else None
+    return mean, se, n

@@ -1,8 +1,8 @@
-"""The ``promptbake`` command: bake, chat, kl, contexts, evaluate, tasks, pursue, report, drift,
-export, models, backends.
+"""The ``promptbake`` command: bake, chat, kl, contexts, evaluate, tasks, pursue, run, report,
+drift, export, models, backends.
 
 One module per group of commands, each command's parser beside its handler: ``bake``
-(bake, chat, kl), ``contexts`` (contexts generate), ``evaluate`` (evaluate, tasks, report, drift), ``pursue``, ``export``, ``info``
+(bake, chat, kl), ``contexts`` (contexts generate), ``evaluate`` (evaluate, tasks, report, drift), ``pursue``, ``run`` (a pipeline file), ``export``, ``info``
 (models, backends). Bad input ends in one line on stderr and exit status 2.
 """
 
@@ -13,7 +13,7 @@ import logging
 import sys
 
 import promptbake
-from promptbake.cli import bake, contexts, evaluate, export, info, pursue
+from promptbake.cli import bake, contexts, evaluate, export, info, pursue, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"promptbake {promptbake.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (bake, contexts, evaluate, pursue, export, info):
+    for module in (bake, contexts, evaluate, pursue, run, export, info):
         module.register(commands)
     return parser
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from promptbake.formatting import pm
-from promptbake.framing import prompt_messages
+from promptbake.framing import read_prompt_file
 
 
 class Help(argparse.HelpFormatter):
@@ -23,25 +21,9 @@ class Help(argparse.HelpFormatter):
 
 
 def read_prompt(args) -> str | list:
-    """The prompt of ``--prompt`` or ``--prompt-file`` (UTF-8): the file's text, or, for a
-    ``.json`` file, a conversation (a JSON list of chat messages)."""
+    """The prompt of ``--prompt`` or ``--prompt-file`` (``framing.read_prompt_file``)."""
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except FileNotFoundError as err:
-            raise ValueError(f"prompt file not found: {path}") from err
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text: save it as UTF-8") from err
-        if path.suffix.lower() != ".json":
-            return text.strip()
-        try:
-            messages = json.loads(text)
-        except ValueError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}): a .json prompt file holds a "
-                             f"list of chat messages") from err
-        prompt_messages(messages)  # names the message that is not one
-        return messages
+        return read_prompt_file(args.prompt_file)
     return args.prompt
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from promptbake import drift as drift_mod, files, models, tools
@@ -11,7 +12,7 @@ from promptbake.forgetting import check_suite
 from promptbake.formatting import pm
 from promptbake.framing import STUDENT_FRAMINGS
 from promptbake.persona import Persona, SemanticScorer, persona_of
-from promptbake.report import report
+from promptbake.report import engine_report, report
 from promptbake.tasks import TASKS, evaluate, load_task, shipped
 
 
@@ -115,9 +116,12 @@ def _add_report(commands) -> None:
                     "(prompted vs baked; adherence scored by a persona, or by a scorer derived "
                     "from the prompt), pursuit rounds if any, and a table of gates with the "
                     "command that reproduces each. Writes into the baked directory; exits 1 when "
-                    "a gate fails.",
+                    "a gate fails. On an engine run (a directory with engine.json, or a "
+                    "pipeline's OUT/engine): the cycle history, every cycle's held-out score "
+                    "after each round (plotted), plateaus, survival and the final gates, in "
+                    "engine-report.md/.json/.png.",
         formatter_class=Help)
-    p.add_argument("dir", help="a baked (or pursued) directory")
+    p.add_argument("dir", help="a baked (or pursued) directory, or an engine run")
     p.add_argument("--tasks", default="all",
                    help="comma-separated tasks or .jsonl task files, 'all', or 'none'")
     p.add_argument("--limit", type=int, default=50, help="items per task (0: all)")
@@ -135,6 +139,8 @@ def _add_report(commands) -> None:
 
 
 def _report(args) -> int:
+    if (Path(args.dir) / "engine.json").is_file():
+        return _engine_report(args.dir)
     tasks = None if args.tasks == "all" else [t for t in split_list(args.tasks) if t != "none"]
     persona = "" if args.persona == "none" else args.persona
     strengths = [float(x) for x in split_list(args.strength)]
@@ -226,3 +232,12 @@ def _drift(args) -> int:
     drift_mod.plot_drift(results, out / "drift.png")
     print(f"wrote {out / 'drift.json'} (curves and transcripts) and {out / 'drift.png'}")
     return 0
+
+
+def _engine_report(directory: str) -> int:
+    wrote = engine_report(directory)
+    gates = json.loads((Path(directory) / "engine-report.json").read_text())["gates"]
+    for gate in gates:
+        print(f"{'pass' if gate['passed'] else 'FAIL'}  {gate['target']}: {gate['measured']}")
+    print(f"wrote {', '.join(str(Path(directory) / w) for w in wrote)}")
+    return 0 if all(g["passed"] for g in gates) else 1

@@ -59,6 +59,22 @@ def tool_contexts(model, tokenizer, prompt, questions: list, specs, registry, *,
     return [ex.after_results for ex in exchanges if ex.after_results is not None]
 
 
+def bake_contexts(model, tokenizer, prompt, specs, registry: tools.Registry, contexts=None, *,
+                  syntax: str = tools.rendering.DEFAULT_SYNTAX, framing: str = "default",
+                  max_new_tokens: int = 64) -> tuple[list, dict]:
+    """(the contexts a tool bake trains on, how many of each kind): the questions of
+    ``contexts`` (see ``bake_tools``) interleaved with the conversations that hold a call and its
+    executed result (``tool_contexts``, written by ``model`` prompted with ``prompt``)."""
+    singles = _questions(contexts)
+    asking = [c for c, tool in singles if tool] or [c for c, _ in singles]
+    with_results = tool_contexts(model, tokenizer, prompt, asking, specs, registry,
+                                 syntax=syntax, framing=framing, max_new_tokens=max_new_tokens)
+    log.info("promptbake: %d questions and %d conversations with a tool result to bake on",
+             len(singles), len(with_results))
+    return (_interleave([c for c, _ in singles], with_results),
+            {"questions": len(singles), "with_results": len(with_results)})
+
+
 def bake_tools(source=SHIPPED, model=None, contexts=None, config: BakeConfig | None = None, *,
                registry: tools.Registry | None = None,
                syntax: str = tools.rendering.DEFAULT_SYNTAX, out=None, overwrite: bool = False,
@@ -83,19 +99,15 @@ def bake_tools(source=SHIPPED, model=None, contexts=None, config: BakeConfig | N
                     "result in the conversations baked on", ", ".join(unregistered))
     lm, tokenizer, model_dir = models.load(model)
     prompt = tools.render(specs, tokenizer, syntax)
-    singles = _questions(contexts)
-    asking = [c for c, tool in singles if tool] or [c for c, _ in singles]
-    with_results = tool_contexts(lm, tokenizer, prompt, asking, specs, registry, syntax=syntax,
-                                 framing=config.framing, max_new_tokens=config.max_new_tokens)
+    mixed, counts = bake_contexts(lm, tokenizer, prompt, specs, registry, contexts,
+                                  syntax=syntax, framing=config.framing,
+                                  max_new_tokens=config.max_new_tokens)
     del lm
-    mixed = _interleave([c for c, _ in singles], with_results)
-    log.info("promptbake: %d questions and %d conversations with a tool result to bake on",
-             len(singles), len(with_results))
     described = [s.to_dict() for s in specs]
     record = {"tools": {
         "specs": described, "syntax": syntax,
         "sha256": hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest(),
-        "contexts": {"questions": len(singles), "with_results": len(with_results)}}}
+        "contexts": counts}}
     return bake(prompt, model=model_dir, contexts=mixed, config=config, out=out,
                 overwrite=overwrite, resume=resume, progress=progress, record=record)
 

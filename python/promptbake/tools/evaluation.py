@@ -44,6 +44,7 @@ import torch
 
 from promptbake.decoding import greedy, stop_token_ids
 from promptbake.framing import Framing
+from promptbake.stats import paired_difference
 from promptbake.tasks import Score, checks
 from promptbake.tools import calls as call_syntax, rendering, shipped
 from promptbake.tools.matching import OVER_CALL, match
@@ -277,11 +278,6 @@ def paired(before: Score, after: Score) -> dict[str, tuple[float, float | None, 
     out = {}
     a, b = metrics(before), metrics(after)
     for name in a.keys() & b.keys():
-        x = {i["id"]: i["score"] for i in a[name].items}
-        y = {i["id"]: i["score"] for i in b[name].items}
-        diffs = [y[k] - x[k] for k in x if k in y]
-        n = len(diffs)
-        mean = sum(diffs) / n if n else float("nan")
-        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n >= 2 else None
-        out[name] = (mean, se, n)
+        out[name] = paired_difference({i["id"]: i["score"] for i in a[name].items},
+                                      {i["id"]: i["score"] for i in b[name].items})
     return dict(sorted(out.items()))

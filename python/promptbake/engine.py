@@ -1,0 +1,601 @@
+"""The baking engine: cycles of prompt discovery and baking, switched on plateaus.
+
+A cycle is a skill to bake (tool use, a persona, anything an ``Evaluator`` scores) with a
+prompt, a dev split to choose prompts on and a held-out split to judge the model on. One round
+of a cycle:
+
+1. candidates: the incumbent prompt, rewrites proposed by a model (the current model itself, or
+   a proposer model the user names) from a meta-prompt, and programmatic edits (shorten; add,
+   drop or reorder a demonstration turn), deduplicated;
+2. each candidate scored with the current model prompted by it on the dev split;
+3. the winner (better than the incumbent by more than their paired standard error, otherwise the
+   incumbent) baked on top of the current model (``LoraStack.push``: LoRA deltas stacked), with
+   ``pursuit_rounds`` more bakes of it (Eq. 4) if asked;
+4. every cycle's held-out score measured on the model without any prompt, so each round shows
+   what it did to the other skills.
+
+A cycle whose held-out score gains less than ``threshold`` (relative) for ``patience`` of its
+rounds has plateaued and the engine switches to the next cycle; it stops when every cycle has
+plateaued or at ``max_rounds``, and keeps the best state by the objective: the minimum over
+cycles of the held-out score relative to the base model prompted with the cycle's own prompt.
+A cycle that falls below ``survive`` of its best held-out score is flagged and, with
+``rerun_fallen``, runs again. Each round's state and the history are written atomically under
+``out``; a rerun with the same cycles and settings resumes after the last finished round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from promptbake import files, models
+from promptbake.artifact import Baked, contexts_key, load_baked
+from promptbake.bake import bake
+from promptbake.config import BakeConfig
+from promptbake.decoding import stop_token_ids
+from promptbake.framing import Framing, prompt_messages
+from promptbake.orchestrate.plateau import plateaued
+from promptbake.orchestrate.stacking import LoraStack
+from promptbake.stats import paired_difference
+from promptbake.trajectories import SamplingConfig, sample
+
+log = logging.getLogger("promptbake")
+
+HISTORY = "engine.json"
+ROUNDS = "rounds"
+FINAL = "final"
+ON_ERROR = ("continue", "stop")
+# What a proposer is asked, in turn; {failures} is filled with dev items the incumbent missed.
+META_PROMPTS = {
+    "rewrite": "Rewrite these instructions for an AI assistant so they are clearer. Reply with "
+               "only the rewritten instructions.\n\nInstructions:\n{prompt}",
+    "specific": "Make these instructions for an AI assistant more specific and concrete. Reply "
+                "with only the new instructions.\n\nInstructions:\n{prompt}",
+    "example": "Add one short example of the expected behaviour to these instructions for an AI "
+               "assistant. Reply with only the new instructions.\n\nInstructions:\n{prompt}",
+    "failures": "An AI assistant followed these instructions:\n{prompt}\n\nIt got these "
+                "wrong:\n{failures}\n\nRewrite the instructions so it gets them right. Reply "
+                "with only the new instructions.",
+}
+
+
+@dataclasses.dataclass
+class Cycle:
+    """A skill the engine bakes: its starting prompt (a system text or a conversation), the
+    evaluators of its dev and held-out splits (higher is better), the contexts its bakes train
+    on (``bake``'s ``contexts``; None: the built-in ones) and demonstrations (lists of turns,
+    user first) that an edit may add to the prompt."""
+
+    name: str
+    prompt: str | list
+    dev: Callable
+    held_out: Callable
+    contexts: object = None
+    demonstrations: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"cycle name {self.name!r}: use letters, digits, '.', '_' or '-'")
+        prompt_messages(self.prompt)  # a text or a conversation, or a clear error
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """How the engine runs (bake settings are a ``BakeConfig`` beside it)."""
+
+    max_rounds: int = 6
+    threshold: float = 0.02  # relative held-out gain below which a round counts as no gain
+    patience: int = 1  # rounds without gain before a cycle has plateaued
+    proposals: int = 2  # rewrites proposed by a model per round
+    proposer: str | None = None  # a model directory; None: the current model proposes
+    edits: int = 2  # programmatic edits per round
+    pursuit_rounds: int = 0  # extra bakes of each round's winner (Eq. 4)
+    survive: float = 0.95  # a cycle below this share of its best held-out score is flagged
+    rerun_fallen: bool = True  # a flagged cycle that had plateaued runs again
+    on_error: str = "continue"  # an evaluator or bake that raises: record and go on, or stop
+    proposal_tokens: int = 160
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_rounds < 1 or self.patience < 1 or self.proposals < 0 or self.edits < 0 \
+                or self.pursuit_rounds < 0 or self.proposal_tokens < 1:
+            raise ValueError("engine: max_rounds, patience and proposal_tokens must be >= 1; "
+                             "proposals, edits and pursuit_rounds >= 0")
+        if not self.threshold >= 0 or not 0 < self.survive <= 1:  # NaN too
+            raise ValueError(f"engine: threshold={self.threshold} must be >= 0 and "
+                             f"survive={self.survive} in (0, 1]")
+        if self.proposer is not None and not Path(self.proposer).is_dir():
+            raise ValueError(f"engine: proposer model {self.proposer} is not a directory: name a "
+                             f"local transformers model directory, or leave proposer unset for "
+                             f"the current model to propose")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"engine: on_error={self.on_error!r} must be one of "
+                             f"{', '.join(ON_ERROR)}")
+
+
+@dataclasses.dataclass
+class EngineRun:
+    """What the engine did: every round, the references, why it stopped and the kept state."""
+
+    rounds: list[dict]
+    references: dict  # cycle -> {"base": score, "prompted": score} on its held-out split
+    best_round: int  # 0: no round beat the starting model
+    stopped: str
+    survival: dict  # cycle -> its held-out after its own last round, at the end, flags
+    baked: Baked | None  # the kept state (None when it is the base model)
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"rounds": self.rounds, "references": self.references,
+                "best_round": self.best_round, "stopped": self.stopped,
+                "survival": self.survival, "seconds": round(self.seconds, 2)}
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+
+def demonstrations_in(prompt) -> tuple[list[dict], list[list[dict]]]:
+    """(the messages before the first user turn, the demonstrations: each a user turn with the
+    turns that follow it up to the next user turn)."""
+    head, demos = [], []
+    for message in prompt_messages(prompt):
+        if message["role"] == "user":
+            demos.append([message])
+        elif demos:
+            demos[-1].append(message)
+        else:
+            head.append(message)
+    return head, demos
+
+
+def _joined(head: list[dict], demos: list[list[dict]]):
+    messages = head + [m for demo in demos for m in demo]
+    if not demos and len(messages) == 1 and messages[0]["role"] == "system":
+        return messages[0]["content"]  # a system text stays a text
+    return messages
+
+
+def _system_text(prompt) -> str:
+    head, _ = demonstrations_in(prompt)
+    return "\n".join(m["content"] for m in head if m["role"] == "system")
+
+
+def _with_system(prompt, text: str):
+    head, demos = demonstrations_in(prompt)
+    others = [m for m in head if m["role"] != "system"]
+    return _joined([{"role": "system", "content": text}] + others, demos)
+
+
+def _shortened(text: str) -> str | None:
+    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
+    return " ".join(sentences[:-1]) if len(sentences) > 1 else None
+
+
+def edits(prompt, demonstrations: list, limit: int, rng: random.Random) -> list[tuple[str, object]]:
+    """Up to ``limit`` programmatic edits of ``prompt``: drop or add a demonstration, move the
+    last demonstration first, drop the system text's last sentence. (source, prompt) pairs."""
+    head, demos = demonstrations_in(prompt)
+    found = []
+    for k in range(len(demos)):
+        found.append((f"edit: drop demonstration {k + 1}", _joined(head, demos[:k] + demos[k + 1:])))
+    if len(demos) > 1:
+        found.append(("edit: last demonstration first", _joined(head, demos[-1:] + demos[:-1])))
+    present = [json.dumps(d, sort_keys=True) for d in demos]
+    for demo in demonstrations:
+        if json.dumps(list(demo), sort_keys=True) not in present:
+            found.append(("edit: add a demonstration", _joined(head, demos + [list(demo)])))
+    shorter = _shortened(_system_text(prompt))
+    if shorter:
+        found.append(("edit: shorten", _with_system(prompt, shorter)))
+    found = [(s, p) for s, p in found if p and (not isinstance(p, list) or any(
+        m["role"] == "system" or m["role"] == "user" for m in p))]
+    rng.shuffle(found)
+    return found[:limit]
+
+
+def _clean(text: str) -> str:
+    text = text.strip().strip('"').strip()
+    text = re.sub(r"^(here (is|are)[^:\n]*:|instructions:|new instructions:)\s*", "", text,
+                  flags=re.IGNORECASE)
+    return text.strip()
+
+
+def proposals(model, tokenizer, prompt, count: int, *, failures: list[str], seed: int,
+              max_new_tokens: int = 160) -> list[tuple[str, object]]:
+    """Up to ``count`` rewrites of ``prompt``'s system text written by ``model`` (as it
+    stands: the caller sets its adapter) from the meta-prompts, sampled with ``seed``; kept when
+    they are a plausible instruction (some letters, not a copy, at most 4x as long)."""
+    if count < 1:
+        return []
+    text = _system_text(prompt)
+    if not text:
+        return []
+    kinds = [k for k in META_PROMPTS if k != "failures" or failures]
+    order = (["failures"] if failures else []) + [k for k in kinds if k != "failures"]
+    asked = [order[i % len(order)] for i in range(count)]
+    framing = Framing(tokenizer, "proposer", "default")
+    requests = [framing.student_ids([{"role": "user", "content": META_PROMPTS[k].format(
+        prompt=text, failures="\n".join(failures[:3]))}]) for k in asked]
+    config = SamplingConfig(1, max_new_tokens, 0.8, 0.95, len(requests))
+    with torch.no_grad():
+        found = sample(model, requests, config, stop_token_ids(tokenizer, model),
+                       torch.Generator().manual_seed(seed), cache="none",
+                       pad_id=tokenizer.pad_token_id)
+    out = []
+    for kind, response in zip(asked, found.responses):
+        rewrite = _clean(tokenizer.decode(response, skip_special_tokens=True))
+        if len(re.findall(r"[A-Za-z]", rewrite)) >= 12 and rewrite != text and \
+                len(rewrite) <= 4 * len(text) + 80:
+            out.append((f"proposed: {kind}", _with_system(prompt, rewrite)))
+    return out
+
+
+def _key(prompt) -> str:
+    """The prompt with case and runs of white space ignored."""
+    return json.dumps([(m["role"], " ".join(m["content"].split()).lower())
+                       for m in prompt_messages(prompt)])
+
+
+def unique(candidates: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    seen, out = set(), []
+    for source, prompt in candidates:
+        if _key(prompt) not in seen:
+            seen.add(_key(prompt))
+            out.append((source, prompt))
+    return out
+
+
+def failures_of(score, limit: int = 3) -> list[str]:
+    """Short descriptions of dev items the incumbent scored lowest on (question and answer)."""
+    worst = sorted((i for i in score.items if float(i["score"]) < 1.0),
+                   key=lambda i: float(i["score"]))[:limit]
+    out = []
+    for item in worst:
+        question = item.get("prompt") or item.get("question") or item.get("id")
+        out.append(f"- {str(question)[:160]} -> {str(item.get('prediction', ''))[:160]}")
+    return out
+
+
+def choose(scores: list, incumbent: int = 0) -> tuple[int, dict]:
+    """The winner among candidates' dev Scores: the best one that beats the incumbent by more
+    than their paired standard error, else the incumbent. Returns (index, its comparison)."""
+    base = {i["id"]: float(i["score"]) for i in scores[incumbent].items}
+    best, record = incumbent, {"difference": 0.0, "se": None}
+    for k, found in enumerate(scores):
+        if k == incumbent:
+            continue
+        other = {i["id"]: float(i["score"]) for i in found.items}
+        diff, se, _ = paired_difference(base, other)
+        if diff > max(se or 0.0, 0.0) and (best == incumbent or found.value > scores[best].value):
+            best, record = k, {"difference": diff, "se": se}
+    return best, record
+
+
+# -- the engine --------------------------------------------------------------------------------
+
+
+class _State:
+    """The current model: the base model until the first bake, then the stacked adapters."""
+
+    def __init__(self, lm, tokenizer, model_dir: Path):
+        self.lm, self.tokenizer, self.model_dir = lm, tokenizer, model_dir
+        self.layers: LoraStack | None = None
+
+    @property
+    def model(self):
+        return self.lm if self.layers is None else self.layers.current.model
+
+    @property
+    def deltas(self) -> int:
+        return 0 if self.layers is None else len(self.layers.deltas)
+
+    def rollback(self, count: int) -> None:
+        """Back to the state of ``count`` stacked deltas (0: the base model)."""
+        if count == self.deltas:
+            return
+        if count == 0:
+            self.layers = None
+            self.lm = models.load(self.model_dir)[0]
+            return
+        self.layers.deltas = self.layers.deltas[:count]
+        self.layers.current = self.layers.upto(count - 1)
+
+    def bake(self, prompt, contexts, config: BakeConfig) -> dict:
+        if self.layers is None:
+            first = bake(prompt, model=self.model_dir, contexts=contexts, config=config)
+            self.layers, self.lm = LoraStack(first), None  # the bake loaded its own copy
+            return first.manifest["kl"]
+        return self.layers.push(prompt, config, contexts)
+
+    def score(self, evaluator, prompt, framing: str):
+        with torch.no_grad():
+            return evaluator(self.model, self.tokenizer, prompt, framing=framing)
+
+
+def _plateau_metrics(rounds: list[dict], name: str, start: float) -> list[float]:
+    """The cycle's held-out score before its first round and after each of its rounds."""
+    values = [start]
+    for r in rounds:
+        if r["cycle"] == name:
+            values.append(r["held_out"][name]["value"] if "held_out" in r else values[-1])
+    return values
+
+
+def objective(held_out: dict, references: dict) -> float:
+    """The minimum over cycles of the held-out score relative to the prompted base model's (the
+    raw score where that reference is not positive)."""
+    return min(held_out[c]["value"] / references[c]["prompted"]["value"]
+               if references[c]["prompted"]["value"] > 0 else held_out[c]["value"]
+               for c in held_out)
+
+
+def _identity(cycles: list[Cycle], config: EngineConfig, bake_config: BakeConfig,
+              fingerprint: str) -> str:
+    described = [{"name": c.name, "prompt": c.prompt, "dev": getattr(c.dev, "name", repr(c.dev)),
+                  "held_out": getattr(c.held_out, "name", repr(c.held_out)),
+                  "contexts": contexts_key(c.contexts), "demonstrations": c.demonstrations}
+                 for c in cycles]
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "max_rounds"}
+    text = files.to_json({"cycles": described, "engine": settings,
+                          "bake": dataclasses.asdict(bake_config), "model": fingerprint},
+                         sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = None,
+               bake_config: BakeConfig | None = None, *, out=None, overwrite: bool = False,
+               say: Callable[[str], None] | None = None) -> EngineRun:
+    """Runs the engine over ``cycles`` (see the module docstring) on ``model`` (a directory or
+    None for the default model).
+
+    ``out``: where each round's state (``rounds/round-N``, loadable by ``load_baked``), the
+    history (``engine.json``) and the kept state (``final/``) go; rerun with the same cycles
+    and settings, it resumes after the last finished round (``overwrite`` starts afresh).
+    """
+    config, bake_config = config or EngineConfig(), bake_config or BakeConfig()
+    config.validate()
+    bake_config.validate()
+    if not cycles:
+        raise ValueError("the engine needs at least one cycle")
+    names = [c.name for c in cycles]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cycle names repeat: {names}; give each cycle its own name")
+    say = say or log.info
+    started = time.perf_counter()
+    lm, tokenizer, model_dir = models.load(model)
+    state = _State(lm, tokenizer, model_dir)
+    identity = _identity(cycles, config, bake_config, models.fingerprint(model_dir))
+    out = Path(out) if out is not None else None
+    saved = _resume(out, identity, overwrite)
+    framing = bake_config.framing
+    incumbents = {c.name: c.prompt for c in cycles}
+
+    if saved is None:
+        say("engine: measuring the base model on every cycle's held-out split, with and without "
+            "its prompt")
+        references = {c.name: {"base": state.score(c.held_out, None, framing).to_dict(),
+                               "prompted": state.score(c.held_out, c.prompt, framing).to_dict()}
+                      for c in cycles}
+        saved = {"identity": identity, "references": references, "rounds": [], "done": [],
+                 "active": 0, "stopped": None}
+        _write(out, saved)
+    else:
+        say(f"engine: resuming after round {len(saved['rounds'])} from {out}")
+        for r in saved["rounds"]:
+            if "winner" in r:
+                incumbents[r["cycle"]] = r["winner"]["prompt"]
+        last = _last_state(saved["rounds"])
+        if last:
+            state.layers, state.lm = LoraStack(load_baked(out / ROUNDS / f"round-{last}",
+                                                          model=model_dir)), None
+    references, rounds = saved["references"], saved["rounds"]
+    done, active = set(saved["done"]), saved["active"]
+    base_scores = {c: references[c]["base"] for c in references}
+
+    while saved["stopped"] is None:
+        if len(rounds) >= config.max_rounds:
+            saved["stopped"] = "round limit"
+            break
+        cycle = cycles[active]
+        number = len(rounds) + 1
+        say(f"engine round {number}: cycle {cycle.name}")
+        record = {"round": number, "cycle": cycle.name}
+        start, before = time.perf_counter(), state.deltas
+        try:
+            record.update(_round(state, cycle, incumbents[cycle.name], config, bake_config,
+                                 number, say))
+            record["held_out"] = {c.name: state.score(c.held_out, None, framing).to_dict()
+                                  for c in cycles}
+            record["objective"] = objective(record["held_out"], references)
+            incumbents[cycle.name] = record["winner"]["prompt"]
+        except Exception as err:  # noqa: BLE001 -- a failing evaluator or bake is recorded
+            record["failed"] = f"{type(err).__name__}: {err}"
+            say(f"engine round {number} failed: {record['failed']}")
+            state.rollback(before)  # what the round baked is not kept
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        rounds.append(record)
+        if "failed" not in record:
+            record["deltas"] = len(state.layers.deltas)
+            _save_state(out, state, number)
+            _survival_flags(record, rounds, cycles, base_scores, config, done)
+            say(f"engine round {number}: " + ", ".join(
+                f"{c} {s['value']:.3f}" for c, s in record["held_out"].items())
+                + f"; objective {record['objective']:.3f}")
+        elif config.on_error == "stop":
+            saved["stopped"] = "error"
+        metrics = _plateau_metrics(rounds, cycle.name, base_scores[cycle.name]["value"])
+        if plateaued(metrics, config.threshold, config.patience):
+            done.add(cycle.name)
+            record["plateau"] = True
+            say(f"engine: cycle {cycle.name} has plateaued")
+        waiting = [k for k in range(len(cycles)) if cycles[k].name not in done]
+        if not waiting and saved["stopped"] is None:
+            saved["stopped"] = "every cycle plateaued"
+        elif waiting:
+            active = min(waiting, key=lambda k: (k - active - 1) % len(cycles)) \
+                if cycle.name in done else active
+        saved.update(done=sorted(done), active=active)
+        _write(out, saved)
+
+    best = _best(rounds, references)
+    kept = _kept(state, out, rounds, best, model_dir)
+    survival = _survival(rounds, cycles, best)
+    result = EngineRun(rounds, references, best, saved["stopped"], survival, kept,
+                       time.perf_counter() - started)
+    if kept is not None:
+        kept.manifest = {**kept.manifest, "kind": "engine", "engine": {
+            "best_round": best, "stopped": saved["stopped"],
+            "cycles": {c.name: {"prompt": incumbents[c.name]} for c in cycles}}}
+        if out is not None:
+            files.replace_dir(out / FINAL, lambda tmp: _save(kept, tmp))
+    saved["result"] = result.to_dict()
+    _write(out, saved)
+    return result
+
+
+def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
+           bake_config: BakeConfig, number: int, say) -> dict:
+    framing = bake_config.framing
+    rng = random.Random(config.seed * 100_003 + number)  # a resumed round edits as it would have
+    candidates = [("incumbent", incumbent)] + edits(incumbent, cycle.demonstrations,
+                                                     config.edits, rng)
+    first = state.score(cycle.dev, incumbent, framing)
+    if config.proposals:
+        proposer, context = _proposer(state, config)
+        with context:
+            candidates += proposals(proposer, state.tokenizer, incumbent, config.proposals,
+                                    failures=failures_of(first), seed=config.seed + number,
+                                    max_new_tokens=config.proposal_tokens)
+    candidates = unique(candidates)
+    scores = [first] + [state.score(cycle.dev, p, framing) for _, p in candidates[1:]]
+    winner, comparison = choose(scores)
+    say(f"  {len(candidates)} candidates; winner: {candidates[winner][0]} (dev "
+        f"{scores[winner].value:.3f}, incumbent {scores[0].value:.3f})")
+    round_config = dataclasses.replace(bake_config, seed=bake_config.seed + number, merge=False)
+    kl = [state.bake(candidates[winner][1], cycle.contexts, round_config)]
+    for extra in range(config.pursuit_rounds):
+        kl.append(state.bake(candidates[winner][1], cycle.contexts, dataclasses.replace(
+            round_config, seed=round_config.seed + 1000 * (extra + 1))))
+    return {"candidates": [{"source": s, "prompt": p, "dev": sc.to_dict()}
+                           for (s, p), sc in zip(candidates, scores)],
+            "winner": {"index": winner, "source": candidates[winner][0],
+                       "prompt": candidates[winner][1], **comparison},
+            "bake_kl": kl}
+
+
+def _proposer(state: _State, config: EngineConfig):
+    if config.proposer is None:
+        return state.model, contextlib.nullcontext()
+    if getattr(state, "_proposer", None) is None:
+        state._proposer = models.load(config.proposer)
+    proposer, tokenizer, _ = state._proposer
+    if tokenizer.get_vocab() != state.tokenizer.get_vocab():
+        raise ValueError(f"proposer model {config.proposer} has another tokenizer than the "
+                         f"model being baked; use one of the same family")
+    return proposer, contextlib.nullcontext()
+
+
+def _survival_flags(record: dict, rounds: list[dict], cycles: list[Cycle], base_scores: dict,
+                    config: EngineConfig, done: set) -> None:
+    """Flags every cycle whose held-out score fell below ``survive`` of its best so far (after
+    its own rounds); with ``rerun_fallen`` a plateaued one runs again."""
+    fallen = []
+    for c in cycles:
+        own = [r["held_out"][c.name]["value"] for r in rounds
+               if r["cycle"] == c.name and "held_out" in r]
+        best = max(own, default=base_scores[c.name]["value"])
+        now = record["held_out"][c.name]["value"]
+        if own and best > 0 and now < config.survive * best:
+            fallen.append(c.name)
+            if config.rerun_fallen:
+                done.discard(c.name)
+    record["fallen"] = fallen
+
+
+def _best(rounds: list[dict], references: dict) -> int:
+    start = objective({c: references[c]["base"] for c in references}, references)
+    best, value = 0, start
+    for r in rounds:
+        if "objective" in r and r["objective"] > value:
+            best, value = r["round"], r["objective"]
+    return best
+
+
+def _survival(rounds: list[dict], cycles: list[Cycle], best: int) -> dict:
+    measured = [r for r in rounds if "held_out" in r]
+    kept = next((r for r in measured if r["round"] == best), None)
+    out = {}
+    for c in cycles:
+        own = [r for r in measured if r["cycle"] == c.name]
+        out[c.name] = {
+            "after_own_round": own[-1]["held_out"][c.name]["value"] if own else None,
+            "best": max((r["held_out"][c.name]["value"] for r in own), default=None),
+            "final": measured[-1]["held_out"][c.name]["value"] if measured else None,
+            "kept": kept["held_out"][c.name]["value"] if kept else None,
+            "flagged": any(c.name in r.get("fallen", []) for r in measured)}
+    return out
+
+
+def _last_state(rounds: list[dict]) -> int:
+    return max((r["round"] for r in rounds if "held_out" in r), default=0)
+
+
+def _kept(state: _State, out, rounds: list[dict], best: int, model_dir: Path) -> Baked | None:
+    """The state after round ``best``: read back from ``out``, or (in memory) the deltas
+    stacked up to that round's."""
+    if best == 0:
+        return None
+    if out is not None:
+        return load_baked(out / ROUNDS / f"round-{best}", model=model_dir)
+    return state.layers.upto(rounds[best - 1]["deltas"] - 1)
+
+
+def _save(baked: Baked, tmp: Path) -> None:
+    tmp.rmdir()  # Baked.save makes the directory
+    baked.save(tmp)
+
+
+def _save_state(out, state: _State, number: int) -> None:
+    if out is None:
+        return
+    current = state.layers.current
+    snapshot = Baked(current.model, current.tokenizer, current.framing,
+                     {**current.manifest, "kind": "engine-round", "round": number},
+                     None, current.held_out)
+    files.replace_dir(out / ROUNDS / f"round-{number}", lambda tmp: _save(snapshot, tmp))
+
+
+def _resume(out: Path | None, identity: str, overwrite: bool) -> dict | None:
+    if out is None:
+        return None
+    history = out / HISTORY
+    if out.exists() and overwrite:
+        for name in (HISTORY, ROUNDS, FINAL):
+            files.remove(out / name)
+    if not history.is_file():
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise ValueError(f"{out} exists and holds no engine run: choose a new directory")
+        return None
+    saved = json.loads(history.read_text(encoding="utf-8"))
+    if saved.get("identity") != identity:
+        raise ValueError(f"{out} holds an engine run with other cycles or settings: choose "
+                         f"another directory, or pass overwrite to start afresh")
+    if saved.get("stopped") in ("error", "round limit"):
+        saved["stopped"] = None  # a rerun goes on: after an error, or up to a new max_rounds
+    return saved
+
+
+def _write(out: Path | None, saved: dict) -> None:
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        files.write_text(out / HISTORY, files.to_json(saved, indent=2))

@@ -1,0 +1,394 @@
+"""One pipeline file: ``promptbake run pipeline.toml``.
+
+The file (standard-library TOML) declares the model, the engine's cycles, the bake and engine
+settings, and the stages after the engine::
+
+    model = "default"            # or a transformers model directory
+    out = "runs/example"         # every stage writes a directory under it
+
+    [bake]                       # BakeConfig fields (promptbake bake --help)
+    epochs = 4.0
+    [engine]                     # EngineConfig fields (promptbake.engine)
+    max_rounds = 6
+
+    [[cycles]]
+    name = "tools"
+    tools = "shipped:CALC,CONVERT,DAYS_BETWEEN,WEEKDAY"  # or a ToolSpec JSON file
+    dev = 24                     # items to choose prompts on; the next held_out judge the model
+    held_out = 48
+
+    [[cycles]]
+    name = "pirate"
+    persona = "pirate"           # a built-in persona or a persona JSON file
+
+    [report]                     # the engine's history, table and plot
+    [export]
+    format = "safetensors"       # or "onnx" (quantize = "int8")
+
+A cycle's evaluator comes from ``tools`` (tool use), ``persona`` (adherence) or ``task`` (a
+shipped task or a .jsonl file, with ``prompt`` or ``prompt_file``); ``prompt``/``prompt_file``
+also override a rendered tool prompt or a persona's. Relative paths are read from the pipeline
+file's directory. Each stage (engine, report, export) writes ``OUT/<stage>/`` with a
+``stage.json`` holding the hash of its settings and inputs; a rerun skips the stages whose hash
+is unchanged and finished, restarts those whose hash changed, and the engine resumes after its
+last finished round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+from promptbake import contexts as contexts_mod, files, models, tools
+from promptbake.config import BakeConfig
+from promptbake.engine import Cycle, EngineConfig, run_engine
+from promptbake.framing import read_prompt_file
+from promptbake.orchestrate.tools import bake_contexts, tool_specs
+from promptbake.persona import AdherenceEvaluator, Persona
+from promptbake.tasks import load_task
+
+TOP = ("model", "out", "bake", "engine", "cycles", "report", "export")
+CYCLE = ("name", "tools", "persona", "task", "prompt", "prompt_file", "dev", "held_out",
+         "contexts", "demonstrations")
+REPORT = ()
+EXPORT = ("format", "quantize", "strength")
+STAGES = ("engine", "report", "export")
+STAGE_FILE = "stage.json"
+
+
+class PipelineError(ValueError):
+    """A pipeline file that cannot run; the message names the file, the table and the key."""
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A parsed pipeline file."""
+
+    path: Path
+    model: str | None
+    out: Path
+    bake: BakeConfig
+    engine: EngineConfig
+    cycles: list[dict]
+    report: dict | None
+    export: dict | None
+
+    def file(self, value) -> Path:
+        """A path of the file, relative to the pipeline file's directory."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.path.parent / path
+
+    def stages(self) -> list[str]:
+        return ["engine"] + [s for s in ("report", "export") if getattr(self, s) is not None]
+
+    def keys(self) -> dict[str, str]:
+        """Each stage's hash: its settings, the contents of the files it reads, and the hash of
+        the stage before it."""
+        read = {}
+        for cycle in self.cycles:
+            for key in ("tools", "persona", "task", "prompt_file", "contexts", "demonstrations"):
+                if key in cycle and self.file(cycle[key]).is_file():
+                    read[f"{cycle['name']}.{key}"] = _sha(self.file(cycle[key]).read_bytes())
+        settings = dataclasses.asdict(self.engine)
+        settings.pop("max_rounds")  # more rounds continue a run (``plan``)
+        engine = _sha(files.to_json({
+            "model": self.model, "bake": dataclasses.asdict(self.bake), "engine": settings,
+            "cycles": self.cycles, "files": read}, sort_keys=True).encode())
+        out = {"engine": engine}
+        for stage in ("report", "export"):
+            settings = getattr(self, stage)
+            if settings is not None:
+                out[stage] = _sha(files.to_json({"after": engine, stage: settings},
+                                                sort_keys=True).encode())
+        return out
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load(path: str | Path) -> Pipeline:
+    """Reads and checks a pipeline file; every error names the table and key at fault."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise PipelineError(f"pipeline file not found: {path}") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path} is not valid TOML: {err}") from err
+    _known(path, "the top level", data, TOP)
+    if not data.get("cycles"):
+        raise PipelineError(f"{path}: no [[cycles]]: declare at least one cycle (a tool set, a "
+                            f"persona or a prompt with a task)")
+    bake = _settings(path, "bake", data.get("bake", {}), BakeConfig)
+    engine = _settings(path, "engine", data.get("engine", {}), EngineConfig)
+    model = data.get("model", "default")
+    if not isinstance(model, str):
+        raise PipelineError(f"{path}: model must be a text (\"default\" or a model directory)")
+    if "out" not in data or not isinstance(data["out"], str):
+        raise PipelineError(f"{path}: out (the directory the stages write under) is missing or "
+                            f"not a text")
+    pipeline = Pipeline(path, None if model == "default" else model, Path(), bake, engine, [],
+                        _table(path, "report", data.get("report"), REPORT),
+                        _table(path, "export", data.get("export"), EXPORT))
+    pipeline.out = pipeline.file(data["out"])
+    if pipeline.model is not None:
+        pipeline.model = str(pipeline.file(pipeline.model))
+        if not Path(pipeline.model).is_dir():
+            raise PipelineError(f"{path}: model {data['model']} is not a directory: give a "
+                                f"transformers model directory or \"default\"")
+    names = []
+    for i, cycle in enumerate(data["cycles"]):
+        where = f"[[cycles]] number {i + 1}"
+        if not isinstance(cycle, dict):
+            raise PipelineError(f"{path}: {where} is not a table")
+        _known(path, where, cycle, CYCLE)
+        pipeline.cycles.append(_cycle(pipeline, where, cycle))
+        names.append(cycle["name"])
+    if len(set(names)) != len(names):
+        raise PipelineError(f"{path}: cycle names repeat ({', '.join(names)}): give each its own")
+    if pipeline.export is not None:
+        from promptbake.export import FORMATS, QUANTIZATIONS
+
+        fmt = pipeline.export.setdefault("format", "safetensors")
+        if fmt not in FORMATS or pipeline.export.get("quantize") not in (None, *QUANTIZATIONS):
+            raise PipelineError(f"{path}: [export] format must be one of {', '.join(FORMATS)} "
+                                f"and quantize one of {', '.join(QUANTIZATIONS)}")
+    return pipeline
+
+
+def _known(path: Path, where: str, table: dict, known: tuple) -> None:
+    unknown = [k for k in table if k not in known]
+    if unknown:
+        raise PipelineError(f"{path}: unknown key {unknown[0]!r} in {where} (known keys: "
+                            f"{', '.join(known) or 'none'})")
+
+
+def _table(path: Path, name: str, value, known: tuple) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PipelineError(f"{path}: {name} must be a table ([{name}])")
+    _known(path, f"[{name}]", value, known)
+    return dict(value)
+
+
+def _settings(path: Path, name: str, table, kind):
+    """A ``kind`` dataclass from a table: unknown keys and wrong types named."""
+    if not isinstance(table, dict):
+        raise PipelineError(f"{path}: {name} must be a table ([{name}])")
+    default = kind()
+    fields = {f.name for f in dataclasses.fields(kind)}
+    _known(path, f"[{name}]", table, tuple(sorted(fields)))
+    for key, value in table.items():
+        expected = getattr(default, key)
+        ok = (isinstance(value, type(expected)) and not (isinstance(value, bool) and
+                                                          not isinstance(expected, bool))) or \
+            (isinstance(expected, float) and isinstance(value, int) and
+             not isinstance(value, bool)) or expected is None
+        if not ok:
+            raise PipelineError(f"{path}: [{name}] {key} = {value!r} must be a "
+                                f"{type(expected).__name__}")
+    made = kind(**table)
+    try:
+        made.validate()
+    except ValueError as err:
+        raise PipelineError(f"{path}: [{name}]: {err}") from err
+    return made
+
+
+def _cycle(pipeline: Pipeline, where: str, cycle: dict) -> dict:
+    path = pipeline.path
+    if not isinstance(cycle.get("name"), str):
+        raise PipelineError(f"{path}: {where} needs a name")
+    where = f"cycle {cycle['name']!r}"
+    sources = [k for k in ("tools", "persona", "task") if k in cycle]
+    if len(sources) != 1:
+        raise PipelineError(f"{path}: {where} needs exactly one of tools, persona or task (the "
+                            f"evaluator), not {', '.join(sources) or 'none'}")
+    if "task" in cycle and not ("prompt" in cycle or "prompt_file" in cycle):
+        raise PipelineError(f"{path}: {where} has a task but no prompt or prompt_file")
+    if "prompt" in cycle and "prompt_file" in cycle:
+        raise PipelineError(f"{path}: {where} has both prompt and prompt_file: keep one")
+    for key in ("dev", "held_out"):
+        if key in cycle and (not isinstance(cycle[key], int) or cycle[key] < 1):
+            raise PipelineError(f"{path}: {where}: {key} = {cycle[key]!r} must be a whole "
+                                f"number >= 1")
+    for key in ("prompt_file", "contexts", "demonstrations"):
+        if key in cycle and not pipeline.file(cycle[key]).is_file():
+            raise PipelineError(f"{path}: {where}: {key} file {cycle[key]} not found")
+    for key in ("tools", "persona", "task"):  # a file, or a shipped name checked when built
+        value = cycle.get(key)
+        if value is not None and not isinstance(value, str):
+            raise PipelineError(f"{path}: {where}: {key} must be a text")
+    return dict(cycle)
+
+
+# -- building the cycles -----------------------------------------------------------------------
+
+
+def _name_or_file(pipeline: Pipeline, value: str) -> str:
+    """A shipped name as it is; anything that names an existing file, as its path."""
+    path = pipeline.file(value)
+    return str(path) if path.is_file() else value
+
+
+def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) -> list[Cycle]:
+    """The engine's cycles from the file; a tool cycle's training conversations are written by
+    the model prompted with the tool prompt (``orchestrate.tools.bake_contexts``)."""
+    out = []
+    for spec in pipeline.cycles:
+        name, dev, held = spec["name"], spec.get("dev", 24), spec.get("held_out", 48)
+        prompt = None
+        if "prompt_file" in spec:
+            prompt = read_prompt_file(pipeline.file(spec["prompt_file"]))
+        elif "prompt" in spec:
+            prompt = spec["prompt"]
+        contexts = str(pipeline.file(spec["contexts"])) if "contexts" in spec else None
+        demonstrations = json.loads(pipeline.file(spec["demonstrations"]).read_text("utf-8")) \
+            if "demonstrations" in spec else []
+        if "tools" in spec:
+            specs = tool_specs(_name_or_file(pipeline, spec["tools"]))
+            prompt = prompt or tools.render(specs, tokenizer)
+            items = _enough(pipeline, name, tools.shipped.test_items(specs), dev + held)
+            dev_eval = tools.ToolUse(specs=specs, items=items[:dev])
+            held_eval = tools.ToolUse(specs=specs, items=items[dev:dev + held])
+            say(f"cycle {name}: conversations with executed tool results to bake on")
+            contexts, _ = bake_contexts(lm, tokenizer, prompt, specs, tools.shipped.registry(),
+                                        contexts, framing=pipeline.bake.framing,
+                                        max_new_tokens=pipeline.bake.max_new_tokens)
+        elif "persona" in spec:
+            persona = Persona.load(_name_or_file(pipeline, spec["persona"]))
+            prompt = prompt or persona.prompt
+            # never trained on: the held-out contexts (a bake measures its KL on the first ones)
+            answered = _enough(pipeline, name, contexts_mod.builtin("held_out")[::-1], dev + held)
+            dev_eval = AdherenceEvaluator(persona, answered[:dev])
+            held_eval = AdherenceEvaluator(persona, answered[dev:dev + held])
+        else:
+            task = load_task(_name_or_file(pipeline, spec["task"]))
+            items = _enough(pipeline, name, task.items, dev + held)
+            dev_eval = dataclasses.replace(task, items=items[:dev])
+            held_eval = dataclasses.replace(task, items=items[dev:dev + held])
+        dev_eval.name, held_eval.name = f"{name}:dev", f"{name}:held-out"
+        out.append(Cycle(name, prompt, dev_eval, held_eval, contexts=contexts,
+                         demonstrations=demonstrations))
+    return out
+
+
+def _enough(pipeline: Pipeline, name: str, items: list, wanted: int) -> list:
+    if len(items) < wanted:
+        raise PipelineError(f"{pipeline.path}: cycle {name!r} asks for {wanted} dev and held-out "
+                            f"items but its evaluator has {len(items)}: lower dev or held_out")
+    return list(items)
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def plan(pipeline: Pipeline) -> list[dict]:
+    """Each stage: its directory, its hash, and whether it runs ("run", "resume") or is up to
+    date ("skip")."""
+    keys, out = pipeline.keys(), []
+    for stage in pipeline.stages():
+        directory = pipeline.out / stage
+        found = _read_stage(directory) or {}
+        same = found.get("key") == keys[stage]
+        more_rounds = stage == "engine" and found.get("stopped") == "round limit" and \
+            found.get("max_rounds", 0) < pipeline.engine.max_rounds
+        if same and found.get("status") == "done" and not more_rounds and \
+                all(o["action"] == "skip" for o in out):
+            action = "skip"
+        elif same and stage == "engine":
+            action = "resume"  # after its last finished round
+        else:
+            action = "run"
+        out.append({"stage": stage, "directory": str(directory), "key": keys[stage],
+                    "action": action})
+    return out
+
+
+def _read_stage(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / STAGE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _mark(directory: Path, stage: str, key: str, status: str, **more) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    files.write_text(directory / STAGE_FILE, files.to_json(
+        {"stage": stage, "key": key, "status": status,
+         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **more}, indent=2))
+
+
+def run(pipeline: Pipeline, *, dry_run: bool = False,
+        say: Callable[[str], None] = print) -> list[dict]:
+    """Runs the stages the plan says to run (none with ``dry_run``); returns the plan."""
+    steps = plan(pipeline)
+    for step in steps:
+        say(f"{step['stage']:>7}: {step['action']:<6} {step['directory']}")
+    if dry_run:
+        for cycle in pipeline.cycles:
+            source = next(k for k in ("tools", "persona", "task") if k in cycle)
+            say(f"  cycle {cycle['name']}: {source} {cycle[source]}, dev {cycle.get('dev', 24)},"
+                f" held-out {cycle.get('held_out', 48)}")
+        return steps
+    engine_dir = pipeline.out / "engine"
+    for step in steps:
+        stage, directory = step["stage"], Path(step["directory"])
+        if step["action"] == "skip":
+            continue
+        start = time.perf_counter()
+        _mark(directory, stage, step["key"], "running")
+        if stage == "engine":
+            result = _run_engine(pipeline, directory, fresh=step["action"] == "run", say=say)
+            more = {"best_round": result.best_round, "stopped": result.stopped,
+                    "max_rounds": pipeline.engine.max_rounds}
+        elif stage == "report":
+            from promptbake.report import engine_report
+
+            more = {"wrote": engine_report(engine_dir, directory)}
+        else:
+            more = _export(pipeline, engine_dir, directory, say)
+        _mark(directory, stage, step["key"], "done",
+              seconds=round(time.perf_counter() - start, 1), **more)
+        say(f"{stage}: done in {time.perf_counter() - start:.0f} s")
+    return steps
+
+
+def _run_engine(pipeline: Pipeline, directory: Path, fresh: bool, say):
+    lm, tokenizer, _ = models.load(pipeline.model)
+    cycles = build_cycles(pipeline, lm, tokenizer, say)
+    del lm
+    return run_engine(cycles, model=pipeline.model, config=pipeline.engine,
+                      bake_config=pipeline.bake, out=directory, overwrite=fresh, say=say)
+
+
+def _export(pipeline: Pipeline, engine_dir: Path, directory: Path, say) -> dict:
+    from promptbake.export import export_baked
+
+    final = engine_dir / "final"
+    if not final.is_dir():
+        say("export: no engine round beat the starting model, so there is nothing to export")
+        return {"exported": None}
+    options = pipeline.export
+    export_baked(final, directory / "model", format=options["format"],
+                 strength=options.get("strength", 1.0), quantize=options.get("quantize"),
+                 overwrite=True)
+    return {"exported": str(directory / "model")}
+
+
+def example() -> str:
+    """The shipped example pipeline's text (the shipped tools and the pirate persona)."""
+    from importlib import resources
+
+    return resources.files("promptbake").joinpath("data/pipelines/example.toml") \
+        .read_text("utf-8")
+
+
+__all__ = ["Pipeline", "PipelineError", "build_cycles", "example", "load", "plan", "run"]

@@ -1,0 +1,232 @@
+"""The baking engine on the tiny model: a two-cycle run end to end, switching and stopping on
+scripted scores, resume after a kill, failing evaluators, and the candidate machinery."""
+
+import json
+import random
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from promptbake import engine, load_baked
+from promptbake.engine import Cycle, EngineConfig, run_engine
+from promptbake.tasks import Score
+
+SMALL = {"train_contexts": 3, "eval_contexts": 2, "probe_contexts": 0}  # bakes of a second or two
+QUESTIONS = ["How are you?", "What is the sea?", "Hello!", "Name a colour."]
+
+
+class Scripted:
+    """An evaluator whose held-out values follow a script (one value per call, the last one
+    repeating), each item scoring the value; it counts its calls and can fail on one."""
+
+    def __init__(self, name, values, fail_on=None, error=RuntimeError):
+        self.name, self.values, self.calls, self.fail_on, self.error = name, list(values), 0, \
+            fail_on, error
+
+    def __call__(self, model, tokenizer, system=None, *, framing="default"):
+        self.calls += 1
+        if self.fail_on is not None and self.calls == self.fail_on:
+            raise self.error(f"{self.name} failed on call {self.calls}")
+        value = self.values[min(self.calls, len(self.values)) - 1]
+        items = [{"id": f"i{k}", "score": value, "prediction": "", "target": ""} for k in range(4)]
+        return Score.from_items(self.name, items, chance=None, metric="scripted")
+
+
+def cycles(next_token_evaluator, a_values=None, b_values=None, **options):
+    """Two cycles on the tiny model: dev by a real next-token evaluator, held-out scripted (or
+    real when no script is given)."""
+    dev_a = next_token_evaluator(QUESTIONS[:2], 1000, name="dev-a")
+    dev_b = next_token_evaluator(QUESTIONS[2:], 2000, name="dev-b")
+    held_a = Scripted("held-a", a_values) if a_values else \
+        next_token_evaluator(QUESTIONS, 1000, name="held-a")
+    held_b = Scripted("held-b", b_values) if b_values else \
+        next_token_evaluator(QUESTIONS, 2000, name="held-b")
+    demo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr, hi."}]
+    return [Cycle("a", "You are a pirate. Speak like one. Say arr.", dev_a, held_a,
+                  demonstrations=[demo], **options),
+            Cycle("b", [{"role": "system", "content": "Answer in French."},
+                        {"role": "user", "content": "Hello"},
+                        {"role": "assistant", "content": "Bonjour"}], dev_b, held_b)]
+
+
+def test_two_cycles_end_to_end(tiny_dir, next_token_evaluator, round_config, tmp_path):
+    out = tmp_path / "engine"
+    result = run_engine(cycles(next_token_evaluator), model=tiny_dir,
+                        config=EngineConfig(max_rounds=2, proposals=1, edits=2, threshold=0.0, proposal_tokens=24,
+                                            patience=3),
+                        bake_config=round_config(steps=3, **SMALL), out=out)
+    assert [r["round"] for r in result.rounds] == [1, 2]
+    assert result.stopped == "round limit"
+    first = result.rounds[0]
+    assert first["cycle"] == "a" and "failed" not in first
+    sources = [c["source"] for c in first["candidates"]]
+    assert sources[0] == "incumbent" and len(sources) >= 2
+    assert any(s.startswith("edit:") for s in sources)
+    assert set(first["held_out"]) == {"a", "b"}  # every cycle measured after every round
+    for cycle in ("a", "b"):
+        assert set(result.references[cycle]) == {"base", "prompted"}
+    saved = json.loads((out / "engine.json").read_text())
+    assert saved["result"]["best_round"] == result.best_round and len(saved["rounds"]) == 2
+    # each round's state loads with plain PEFT, and with load_baked
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                              out / "rounds" / "round-2")
+    state = load_baked(out / "rounds" / "round-1")
+    assert state.manifest["kind"] == "engine-round"
+    if result.best_round:
+        assert result.baked is not None and (out / "final" / "adapter_model.safetensors").is_file()
+        assert load_baked(out / "final").manifest["engine"]["best_round"] == result.best_round
+    # a finished run is read back, not run again; more rounds continue it
+    again = run_engine(cycles(next_token_evaluator), model=tiny_dir,
+                       config=EngineConfig(max_rounds=2, proposals=1, edits=2, threshold=0.0, proposal_tokens=24,
+                                           patience=3),
+                       bake_config=round_config(steps=3, **SMALL), out=out)
+    assert again.rounds == result.rounds
+
+
+def test_plateau_switches_and_stops(tiny_dir, next_token_evaluator, round_config):
+    # held-out script per cycle: base, prompted, then one value per round. a gains in round 1,
+    # not in round 2 (plateau, patience 1) -> b; b gains in round 3, not in round 4 -> stop.
+    a = [0.1, 0.5, 0.3, 0.3, 0.3, 0.3]
+    b = [0.2, 0.6, 0.2, 0.2, 0.5, 0.5]
+    result = run_engine(cycles(next_token_evaluator, a, b), model=tiny_dir,
+                        config=EngineConfig(max_rounds=8, proposals=0, edits=0, patience=1,
+                                            threshold=0.05),
+                        bake_config=round_config(steps=1, **SMALL))
+    assert [r["cycle"] for r in result.rounds] == ["a", "a", "b", "b"]
+    assert [bool(r.get("plateau")) for r in result.rounds] == [False, True, False, True]
+    assert result.stopped == "every cycle plateaued"
+    # objective: min(a / 0.5, b / 0.6); round 3 and 4: min(0.6, 0.833) = 0.6, round 1: 0.333
+    assert result.best_round == 3
+    assert result.baked is not None
+    assert result.survival["a"]["after_own_round"] == pytest.approx(0.3)
+    assert result.survival["b"]["kept"] == pytest.approx(0.5)
+
+
+def test_a_fallen_cycle_is_flagged_and_runs_again(tiny_dir, next_token_evaluator, round_config):
+    # a reaches 0.4, plateaus; b's first round drops a to 0.2 (< 95% of 0.4): a runs again
+    a = [0.1, 0.5, 0.4, 0.4, 0.2, 0.4]
+    b = [0.2, 0.6, 0.2, 0.2, 0.5, 0.5]
+    result = run_engine(cycles(next_token_evaluator, a, b), model=tiny_dir,
+                        config=EngineConfig(max_rounds=4, proposals=0, edits=0),
+                        bake_config=round_config(steps=1, **SMALL))
+    assert [r["cycle"] for r in result.rounds] == ["a", "a", "b", "b"]
+    assert result.rounds[2]["fallen"] == ["a"] and result.stopped == "round limit"
+    assert result.rounds[3]["plateau"]  # b plateaus; a, flagged, would run next
+    assert result.survival["a"]["flagged"]
+
+
+def test_resume_after_a_kill(tiny_dir, next_token_evaluator, round_config, tmp_path,
+                             monkeypatch):
+    out = tmp_path / "engine"
+    settings = {"model": tiny_dir, "out": out, "bake_config": round_config(steps=1, **SMALL),
+                "config": EngineConfig(max_rounds=3, proposals=0, edits=1, patience=5)}
+    killed = cycles(next_token_evaluator, [0.1, 0.5, 0.2, 0.3, 0.4], [0.2, 0.6, 0.3, 0.3, 0.3])
+    # cycle a's 4th held-out call is round 2's measurement: the process dies there
+    killed[0].held_out.fail_on, killed[0].held_out.error = 4, KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_engine(killed, **settings)
+    saved = json.loads((out / "engine.json").read_text())
+    assert [r["round"] for r in saved["rounds"]] == [1]
+    assert sorted(p.name for p in (out / "rounds").iterdir()) == ["round-1"]
+    bakes = []
+    original = engine._State.bake
+    monkeypatch.setattr(engine._State, "bake",
+                        lambda self, *a: bakes.append(1) or original(self, *a))
+    resumed = run_engine(cycles(next_token_evaluator, [0.3, 0.4], [0.3, 0.3]), **settings)
+    assert [r["round"] for r in resumed.rounds] == [1, 2, 3]
+    assert resumed.rounds[0] == saved["rounds"][0]  # round 1 kept as it was
+    assert len(bakes) == 2  # rounds 2 and 3 only
+
+
+def test_failing_evaluator(tiny_dir, next_token_evaluator, round_config):
+    options = {"model": tiny_dir, "bake_config": round_config(steps=1, **SMALL)}
+    broken = cycles(next_token_evaluator, [0.1, 0.5, 0.2, 0.3], [0.2, 0.6, 0.3, 0.3])
+    broken[0].held_out.fail_on = 3  # round 1's measurement
+    result = run_engine(broken, config=EngineConfig(max_rounds=2, proposals=0, edits=0,
+                                                    patience=5), **options)
+    assert "RuntimeError: held-a failed" in result.rounds[0]["failed"]
+    assert "held_out" in result.rounds[1]  # it went on
+    broken = cycles(next_token_evaluator, [0.1, 0.5, 0.2, 0.3], [0.2, 0.6, 0.3, 0.3])
+    broken[0].held_out.fail_on = 3
+    stopped = run_engine(broken, config=EngineConfig(max_rounds=2, proposals=0, edits=0,
+                                                     on_error="stop"), **options)
+    assert stopped.stopped == "error" and len(stopped.rounds) == 1 and stopped.baked is None
+
+
+def test_bad_input(tiny_dir, next_token_evaluator, tmp_path):
+    two = cycles(next_token_evaluator)
+    with pytest.raises(ValueError, match="repeat"):
+        run_engine([two[0], two[0]], model=tiny_dir)
+    with pytest.raises(ValueError, match="cycle name"):
+        Cycle("a b", "x", None, None)
+    with pytest.raises(ValueError, match="prompt"):
+        Cycle("a", "", None, None)
+    with pytest.raises(ValueError, match="on_error"):
+        EngineConfig(on_error="ignore").validate()
+    with pytest.raises(ValueError, match="threshold"):
+        EngineConfig(threshold=float("nan")).validate()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no engine run"):
+        run_engine(two, model=tiny_dir, out=tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="proposer model"):
+        run_engine(two, model=tiny_dir, config=EngineConfig(max_rounds=1, proposer=str(
+            tmp_path / "missing")))
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+
+def test_demonstrations_and_edits():
+    prompt = [{"role": "system", "content": "Use tools. Be brief."},
+              {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "CALC(1+1)"},
+              {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2."},
+              {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "CALC(2+2)"}]
+    head, demos = engine.demonstrations_in(prompt)
+    assert head == prompt[:1] and [len(d) for d in demos] == [4, 2]
+    extra = [{"role": "user", "content": "3*3?"}, {"role": "assistant", "content": "CALC(3*3)"}]
+    found = dict(engine.edits(prompt, [extra, demos[0]], limit=10, rng=random.Random(0)))
+    assert found["edit: drop demonstration 1"] == prompt[:1] + prompt[5:]
+    assert found["edit: last demonstration first"] == prompt[:1] + prompt[5:] + prompt[1:5]
+    assert found["edit: add a demonstration"] == prompt + extra  # the one not present yet
+    assert found["edit: shorten"][0] == {"role": "system", "content": "Use tools."}
+    assert len(engine.edits(prompt, [], limit=2, rng=random.Random(0))) == 2
+    # a system text stays a text; one sentence cannot be shortened
+    assert engine.edits("Be a cat.", [], limit=5, rng=random.Random(0)) == []
+    assert dict(engine.edits("Be a cat. Purr.", [], 5, random.Random(0)))["edit: shorten"] == \
+        "Be a cat."
+
+
+def test_unique_and_choose():
+    same = engine.unique([("incumbent", "Be a cat."), ("proposed", " be  a CAT. "),
+                          ("edit", "Be a dog.")])
+    assert [s for s, _ in same] == ["incumbent", "edit"]
+
+    def score(values):
+        return Score.from_items("t", [{"id": k, "score": v} for k, v in enumerate(values)],
+                                chance=None)
+
+    incumbent = score([0, 0, 1, 1])
+    noisy = score([1, 0, 1, 0])  # same mean, no gain
+    better = score([1, 1, 1, 1])
+    assert engine.choose([incumbent, noisy])[0] == 0
+    winner, record = engine.choose([incumbent, noisy, better])
+    assert winner == 2 and record["difference"] == pytest.approx(0.5)
+    assert engine.choose([better, incumbent])[0] == 0  # worse candidates never win
+
+
+def test_proposals_come_from_the_model(tiny_dir):
+    from promptbake import models
+
+    lm, tokenizer, _ = models.load(tiny_dir)
+    torch.manual_seed(0)
+    found = engine.proposals(lm, tokenizer, "You are a pirate. Say arr.", 3,
+                             failures=["- Hello -> hi"], seed=0, max_new_tokens=24)
+    # a random tiny model writes noise: whatever it keeps is a plausible, new system text
+    for source, prompt in found:
+        assert source.startswith("proposed: ") and isinstance(prompt, str)
+        assert prompt != "You are a pirate. Say arr." and len(prompt) <= 4 * 26 + 80
+    assert engine.proposals(lm, tokenizer, "Be a cat.", 0, failures=[], seed=0) == []

@@ -1,0 +1,139 @@
+"""The pipeline file: parsing and its errors, the plan, and a run on the tiny model that a rerun
+skips stage by stage."""
+
+import json
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from promptbake import pipeline
+from promptbake.cli import main
+from promptbake.pipeline import PipelineError
+
+MINIMAL = """
+out = "runs/x"
+[[cycles]]
+name = "pirate"
+persona = "pirate"
+"""
+
+
+def write(tmp_path, text, name="pipeline.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_the_example_parses_and_plans(tmp_path, capsys):
+    assert main(["run", "--example"]) == 0
+    text = capsys.readouterr().out
+    loaded = pipeline.load(write(tmp_path, text))
+    assert [c["name"] for c in loaded.cycles] == ["tools", "pirate"]
+    assert loaded.model is None and loaded.out == tmp_path / "runs" / "engine-example"
+    assert loaded.engine.max_rounds == 6 and loaded.bake.epochs == 4.0
+    assert [s["action"] for s in pipeline.plan(loaded)] == ["run", "run", "run"]
+    assert main(["run", str(tmp_path / "pipeline.toml"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "engine: run" in printed and "cycle tools: tools shipped:CALC" in printed
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("text, message", [
+    ("colour = 1\n" + MINIMAL, "unknown key 'colour' in the top level"),
+    (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[engine]\nmax_round = 3'),
+     r"unknown key 'max_round' in \[engine\]"),
+    (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[bake]\nepochs = "four"'),
+     r"\[bake\] epochs = 'four' must be a float"),
+    (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[engine]\npatience = 0'),
+     r"\[engine\]: engine: max_rounds, patience"),
+    (MINIMAL + "dev = 3\nflavour = 2\n", "unknown key 'flavour' in \\[\\[cycles\\]\\] number 1"),
+    (MINIMAL + 'task = "arithmetic"\n', "exactly one of tools, persona or task"),
+    ('out = "x"\n[[cycles]]\nname = "t"\ntask = "arithmetic"\n', "task but no prompt"),
+    (MINIMAL + 'prompt_file = "missing.txt"\n', "prompt_file file missing.txt not found"),
+    (MINIMAL + "dev = 0\n", "dev = 0 must be a whole number"),
+    (MINIMAL + '[[cycles]]\nname = "pirate"\npersona = "pirate"\n', "cycle names repeat"),
+    ('out = "x"\n', r"no \[\[cycles\]\]"),
+    ("[[cycles]]\nname = 'a'\npersona = 'pirate'\n", "out .* is missing"),
+    (MINIMAL + '[export]\nformat = "gguf"\n', r"\[export\] format must be one of"),
+    ('model = "no/such/dir"\n' + MINIMAL, "model no/such/dir is not a directory"),
+    ("out = [\n", "not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path, text, message):
+    with pytest.raises(PipelineError, match=message):
+        pipeline.load(write(tmp_path, text))
+
+
+def test_a_missing_file_and_the_cli_exit(tmp_path, capsys):
+    with pytest.raises(PipelineError, match="not found"):
+        pipeline.load(tmp_path / "none.toml")
+    assert main(["run", str(write(tmp_path, MINIMAL + "colour = 1\n"))]) == 2
+    assert "unknown key 'colour'" in capsys.readouterr().err
+
+
+def test_a_run_on_the_tiny_model_and_its_rerun(tiny_dir, tmp_path, capsys):
+    (tmp_path / "questions.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"user": "What is 12 * 3?", "tool": "CALC"}, {"user": "Say hi.", "tool": None},
+        {"user": "Convert 2 km to m.", "tool": "CONVERT"}]))
+    text = f"""
+model = "{tiny_dir}"
+out = "out"
+[bake]
+train_contexts = 3
+eval_contexts = 2
+probe_contexts = 0
+samples_per_context = 1
+max_new_tokens = 6
+steps = 1
+[engine]
+max_rounds = 2
+proposals = 0
+edits = 1
+patience = 3
+[[cycles]]
+name = "tools"
+tools = "shipped:CALC,CONVERT"
+contexts = "questions.jsonl"
+dev = 2
+held_out = 2
+[[cycles]]
+name = "sense"
+task = "commonsense"
+prompt = "Pick the sensible answer. Think about everyday life."
+dev = 3
+held_out = 3
+[report]
+[export]
+format = "safetensors"
+"""
+    path = write(tmp_path, text)
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "out"
+    stages = {s: json.loads((out / s / "stage.json").read_text()) for s in pipeline.STAGES}
+    assert all(s["status"] == "done" for s in stages.values())
+    history = json.loads((out / "engine" / "engine.json").read_text())
+    assert [r["cycle"] for r in history["rounds"]] == ["tools", "tools"]
+    assert set(history["references"]) == {"tools", "sense"}
+    assert (out / "report" / "engine-report.md").read_text().startswith("# Engine run")
+    assert (out / "report" / "engine-report.png").stat().st_size > 0
+    if history["result"]["best_round"]:
+        model = AutoModelForCausalLM.from_pretrained(out / "export" / "model")
+        assert model.config.num_hidden_layers == 2
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                  out / "engine" / "final")
+    else:
+        assert stages["export"]["exported"] is None
+    capsys.readouterr()
+    # unchanged: every stage is skipped; a changed export setting reruns the export alone
+    assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["skip"] * 3
+    write(tmp_path, text.replace('format = "safetensors"',
+                                 'format = "safetensors"\nstrength = 0.5'))
+    assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["skip", "skip", "run"]
+    # more rounds continue the engine; a changed engine setting starts it afresh
+    write(tmp_path, text.replace("max_rounds = 2", "max_rounds = 3"))
+    assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["resume", "run", "run"]
+    write(tmp_path, text.replace("max_rounds = 2", "max_rounds = 2\nsurvive = 0.9"))
+    assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["run"] * 3
+    # report on the engine directory, through the CLI
+    assert main(["report", str(out / "engine")]) in (0, 1)
+    assert "tools: kept model without a prompt" in capsys.readouterr().out
