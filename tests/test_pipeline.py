@@ -44,7 +44,7 @@ def test_the_example_parses_and_plans(tmp_path, capsys):
     (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[engine]\nmax_round = 3'),
      r"unknown key 'max_round' in \[engine\]"),
     (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[bake]\nepochs = "four"'),
-     r"\[bake\] epochs = 'four' must be a float"),
+     r"\[bake\] epochs = 'four' must be a number"),
     (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[engine]\npatience = 0'),
      r"\[engine\]: engine: max_rounds, patience"),
     (MINIMAL + "dev = 3\nflavour = 2\n", "unknown key 'flavour' in \\[\\[cycles\\]\\] number 1"),
@@ -52,6 +52,9 @@ def test_the_example_parses_and_plans(tmp_path, capsys):
     ('out = "x"\n[[cycles]]\nname = "t"\ntask = "arithmetic"\n', "task but no prompt"),
     (MINIMAL + 'prompt_file = "missing.txt"\n', "prompt_file file missing.txt not found"),
     (MINIMAL + "dev = 0\n", "dev = 0 must be a whole number"),
+    (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[engine]\nproposer = 5'),
+     r"\[engine\] proposer = 5 must be a text"),
+    (MINIMAL.replace('name = "pirate"', 'name = "a pirate"'), "cycle name 'a pirate'"),
     (MINIMAL + '[[cycles]]\nname = "pirate"\npersona = "pirate"\n', "cycle names repeat"),
     ('out = "x"\n', r"no \[\[cycles\]\]"),
     ("[[cycles]]\nname = 'a'\npersona = 'pirate'\n", "out .* is missing"),
@@ -64,6 +67,15 @@ def test_errors_name_the_key(tmp_path, text, message):
         pipeline.load(write(tmp_path, text))
 
 
+def test_demonstrations_file_is_checked(tmp_path):
+    (tmp_path / "demos.json").write_text('[[{"role": "assistant", "content": "hi"}]]')
+    with pytest.raises(PipelineError, match="demonstration 0 is not a list of chat messages"):
+        pipeline.load(write(tmp_path, MINIMAL + 'demonstrations = "demos.json"\n'))
+    (tmp_path / "demos.json").write_text('[[{"role": "user", "content": "hi"}, '
+                                         '{"role": "assistant", "content": "Arr."}]]')
+    assert pipeline.load(write(tmp_path, MINIMAL + 'demonstrations = "demos.json"\n'))
+
+
 def test_a_missing_file_and_the_cli_exit(tmp_path, capsys):
     with pytest.raises(PipelineError, match="not found"):
         pipeline.load(tmp_path / "none.toml")
@@ -71,7 +83,7 @@ def test_a_missing_file_and_the_cli_exit(tmp_path, capsys):
     assert "unknown key 'colour'" in capsys.readouterr().err
 
 
-def test_a_run_on_the_tiny_model_and_its_rerun(tiny_dir, tmp_path, capsys):
+def test_a_run_on_the_tiny_model_and_its_rerun(tiny_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "questions.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"user": "What is 12 * 3?", "tool": "CALC"}, {"user": "Say hi.", "tool": None},
         {"user": "Convert 2 km to m.", "tool": "CONVERT"}]))
@@ -107,8 +119,15 @@ held_out = 3
 format = "safetensors"
 """
     path = write(tmp_path, text)
-    assert main(["run", str(path)]) == 0
     out = tmp_path / "out"
+    # killed while building the cycles, before the engine wrote anything: the rerun starts it
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "build_cycles", lambda *a: (_ for _ in ()).throw(
+            KeyboardInterrupt()))
+        assert main(["run", str(path)]) == 130
+    assert json.loads((out / "engine" / "stage.json").read_text())["status"] == "running"
+    assert [s["action"] for s in pipeline.plan(pipeline.load(path))][0] == "resume"
+    assert main(["run", str(path)]) == 0
     stages = {s: json.loads((out / s / "stage.json").read_text()) for s in pipeline.STAGES}
     assert all(s["status"] == "done" for s in stages.values())
     history = json.loads((out / "engine" / "engine.json").read_text())
@@ -134,6 +153,8 @@ format = "safetensors"
     assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["resume", "run", "run"]
     write(tmp_path, text.replace("max_rounds = 2", "max_rounds = 2\nsurvive = 0.9"))
     assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["run"] * 3
-    # report on the engine directory, through the CLI
-    assert main(["report", str(out / "engine")]) in (0, 1)
+    # report on the engine directory, through the CLI: exit 1 when a gate fails
+    status = main(["report", str(out / "engine")])
+    gates = json.loads((out / "engine" / "engine-report.json").read_text())["gates"]
+    assert status == (0 if all(g["passed"] for g in gates) else 1)
     assert "tools: kept model without a prompt" in capsys.readouterr().out

@@ -44,9 +44,10 @@ from promptbake.bake import bake
 from promptbake.config import BakeConfig
 from promptbake.decoding import stop_token_ids
 from promptbake.framing import Framing, prompt_messages
-from promptbake.orchestrate.plateau import plateaued
+from promptbake.orchestrate.plateau import gains
 from promptbake.orchestrate.stacking import LoraStack
 from promptbake.stats import paired_difference
+from promptbake.train import TrainingLog
 from promptbake.trajectories import SamplingConfig, sample
 
 log = logging.getLogger("promptbake")
@@ -84,9 +85,14 @@ class Cycle:
     demonstrations: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
-        if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise ValueError(f"cycle name {self.name!r}: use letters, digits, '.', '_' or '-'")
+        check_name(self.name)
         prompt_messages(self.prompt)  # a text or a conversation, or a clear error
+
+
+def check_name(name) -> None:
+    """A cycle's name names directories and plots: letters, digits, '.', '_' or '-'."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"cycle name {name!r}: use letters, digits, '.', '_' or '-'")
 
 
 @dataclasses.dataclass
@@ -255,13 +261,19 @@ def unique(candidates: list[tuple[str, object]]) -> list[tuple[str, object]]:
     return out
 
 
-def failures_of(score, limit: int = 3) -> list[str]:
-    """Short descriptions of dev items the incumbent scored lowest on (question and answer)."""
+def failures_of(score, evaluator, limit: int = 3) -> list[str]:
+    """Short descriptions of the dev items the incumbent scored lowest on: the question (looked
+    up in the evaluator's items or contexts by the item's id) and the answer."""
+    questions = {}
+    for item in getattr(evaluator, "items", None) or []:
+        questions[item.get("id")] = item.get("prompt")
+    for k, context in enumerate(getattr(evaluator, "contexts", None) or []):
+        questions[k] = context[-1]["content"] if isinstance(context, list) else str(context)
     worst = sorted((i for i in score.items if float(i["score"]) < 1.0),
                    key=lambda i: float(i["score"]))[:limit]
     out = []
     for item in worst:
-        question = item.get("prompt") or item.get("question") or item.get("id")
+        question = questions.get(item["id"]) or item.get("prompt") or item["id"]
         out.append(f"- {str(question)[:160]} -> {str(item.get('prediction', ''))[:160]}")
     return out
 
@@ -287,9 +299,10 @@ def choose(scores: list, incumbent: int = 0) -> tuple[int, dict]:
 class _State:
     """The current model: the base model until the first bake, then the stacked adapters."""
 
-    def __init__(self, lm, tokenizer, model_dir: Path):
+    def __init__(self, lm, tokenizer, model_dir: Path, progress: bool = False):
         self.lm, self.tokenizer, self.model_dir = lm, tokenizer, model_dir
         self.layers: LoraStack | None = None
+        self.progress = progress  # the bakes' progress bars
 
     @property
     def model(self):
@@ -312,23 +325,31 @@ class _State:
 
     def bake(self, prompt, contexts, config: BakeConfig) -> dict:
         if self.layers is None:
-            first = bake(prompt, model=self.model_dir, contexts=contexts, config=config)
+            first = bake(prompt, model=self.model_dir, contexts=contexts, config=config,
+                         progress=self.progress)
             self.layers, self.lm = LoraStack(first), None  # the bake loaded its own copy
             return first.manifest["kl"]
-        return self.layers.push(prompt, config, contexts)
+        return self.layers.push(prompt, config, contexts, progress=self.progress)
 
     def score(self, evaluator, prompt, framing: str):
         with torch.no_grad():
             return evaluator(self.model, self.tokenizer, prompt, framing=framing)
 
 
-def _plateau_metrics(rounds: list[dict], name: str, start: float) -> list[float]:
-    """The cycle's held-out score before its first round and after each of its rounds."""
-    values = [start]
+def stalled(rounds: list[dict], name: str, start: float, since: int, threshold: float,
+            patience: int) -> bool:
+    """True when each of the cycle's last ``patience`` measured rounds after round ``since``
+    gained less than ``threshold`` (relative) on its held-out score just before that round
+    (``start`` before round 1; other cycles' rounds move it too). Failed rounds do not count."""
+    previous, gained = start, []
     for r in rounds:
-        if r["cycle"] == name:
-            values.append(r["held_out"][name]["value"] if "held_out" in r else values[-1])
-    return values
+        if "held_out" not in r:
+            continue
+        value = r["held_out"][name]["value"]
+        if r["cycle"] == name and r["round"] > since:
+            gained.append(gains(value, previous, threshold))
+        previous = value
+    return len(gained) >= patience and not any(gained[-patience:])
 
 
 def objective(held_out: dict, references: dict) -> float:
@@ -339,22 +360,38 @@ def objective(held_out: dict, references: dict) -> float:
                for c in held_out)
 
 
+INERT = ("log_to", "checkpoint_every", "snapshot_every")  # bake settings that change no result
+
+
+def outcome_settings(config: BakeConfig) -> dict:
+    """The bake settings that change what a bake makes (not where it logs or checkpoints)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in INERT}
+
+
+def evaluator_key(evaluator) -> str:
+    """What identifies an evaluator for a resume: its name, and its items or contexts."""
+    held = getattr(evaluator, "items", None) or getattr(evaluator, "contexts", None) or \
+        getattr(evaluator, "questions", None)
+    text = json.dumps(held, sort_keys=True, default=str) if held is not None else ""
+    return f"{getattr(evaluator, 'name', type(evaluator).__name__)}:" + \
+        hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _identity(cycles: list[Cycle], config: EngineConfig, bake_config: BakeConfig,
               fingerprint: str) -> str:
-    described = [{"name": c.name, "prompt": c.prompt, "dev": getattr(c.dev, "name", repr(c.dev)),
-                  "held_out": getattr(c.held_out, "name", repr(c.held_out)),
-                  "contexts": contexts_key(c.contexts), "demonstrations": c.demonstrations}
-                 for c in cycles]
+    described = [{"name": c.name, "prompt": c.prompt, "dev": evaluator_key(c.dev),
+                  "held_out": evaluator_key(c.held_out), "contexts": contexts_key(c.contexts),
+                  "demonstrations": c.demonstrations} for c in cycles]
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "max_rounds"}
     text = files.to_json({"cycles": described, "engine": settings,
-                          "bake": dataclasses.asdict(bake_config), "model": fingerprint},
+                          "bake": outcome_settings(bake_config), "model": fingerprint},
                          sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = None,
                bake_config: BakeConfig | None = None, *, out=None, overwrite: bool = False,
-               say: Callable[[str], None] | None = None) -> EngineRun:
+               progress: bool = False, say: Callable[[str], None] | None = None) -> EngineRun:
     """Runs the engine over ``cycles`` (see the module docstring) on ``model`` (a directory or
     None for the default model).
 
@@ -373,7 +410,7 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
     say = say or log.info
     started = time.perf_counter()
     lm, tokenizer, model_dir = models.load(model)
-    state = _State(lm, tokenizer, model_dir)
+    state = _State(lm, tokenizer, model_dir, progress)
     identity = _identity(cycles, config, bake_config, models.fingerprint(model_dir))
     out = Path(out) if out is not None else None
     saved = _resume(out, identity, overwrite)
@@ -391,15 +428,16 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         _write(out, saved)
     else:
         say(f"engine: resuming after round {len(saved['rounds'])} from {out}")
-        for r in saved["rounds"]:
-            if "winner" in r:
-                incumbents[r["cycle"]] = r["winner"]["prompt"]
+        incumbents = _incumbents_at(saved["rounds"], cycles, len(saved["rounds"]))
         last = _last_state(saved["rounds"])
         if last:
             state.layers, state.lm = LoraStack(load_baked(out / ROUNDS / f"round-{last}",
                                                           model=model_dir)), None
     references, rounds = saved["references"], saved["rounds"]
-    done, active = set(saved["done"]), saved["active"]
+    # the rounds' scores beside the bakes' curves (TensorBoard only: a W&B run per bake)
+    board = TrainingLog(dataclasses.replace(bake_config, log_to="tensorboard"), out) \
+        if bake_config.log_to == "tensorboard" else None
+    done, active, opened = set(saved["done"]), saved["active"], saved.get("opened", {})
     base_scores = {c: references[c]["base"] for c in references}
 
     while saved["stopped"] is None:
@@ -427,14 +465,17 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         if "failed" not in record:
             record["deltas"] = len(state.layers.deltas)
             _save_state(out, state, number)
-            _survival_flags(record, rounds, cycles, base_scores, config, done)
+            _survival_flags(record, rounds, cycles, base_scores, config, done, opened)
+            if board is not None:
+                board.scalars(number, {"engine/objective": record["objective"], **{
+                    f"engine/held_out/{c}": s["value"] for c, s in record["held_out"].items()}})
             say(f"engine round {number}: " + ", ".join(
                 f"{c} {s['value']:.3f}" for c, s in record["held_out"].items())
                 + f"; objective {record['objective']:.3f}")
         elif config.on_error == "stop":
             saved["stopped"] = "error"
-        metrics = _plateau_metrics(rounds, cycle.name, base_scores[cycle.name]["value"])
-        if plateaued(metrics, config.threshold, config.patience):
+        if stalled(rounds, cycle.name, base_scores[cycle.name]["value"],
+                   opened.get(cycle.name, 0), config.threshold, config.patience):
             done.add(cycle.name)
             record["plateau"] = True
             say(f"engine: cycle {cycle.name} has plateaued")
@@ -444,9 +485,11 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         elif waiting:
             active = min(waiting, key=lambda k: (k - active - 1) % len(cycles)) \
                 if cycle.name in done else active
-        saved.update(done=sorted(done), active=active)
+        saved.update(done=sorted(done), active=active, opened=opened)
         _write(out, saved)
 
+    if board is not None:
+        board.close()
     best = _best(rounds, references)
     kept = _kept(state, out, rounds, best, model_dir)
     survival = _survival(rounds, cycles, best)
@@ -455,9 +498,10 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
     if kept is not None:
         kept.manifest = {**kept.manifest, "kind": "engine", "engine": {
             "best_round": best, "stopped": saved["stopped"],
-            "cycles": {c.name: {"prompt": incumbents[c.name]} for c in cycles}}}
+            "cycles": {c: {"prompt": p} for c, p in _incumbents_at(rounds, cycles, best).items()}}}
         if out is not None:
             files.replace_dir(out / FINAL, lambda tmp: _save(kept, tmp))
+            kept.path = out / FINAL
     saved["result"] = result.to_dict()
     _write(out, saved)
     return result
@@ -474,7 +518,8 @@ def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
         proposer, context = _proposer(state, config)
         with context:
             candidates += proposals(proposer, state.tokenizer, incumbent, config.proposals,
-                                    failures=failures_of(first), seed=config.seed + number,
+                                    failures=failures_of(first, cycle.dev),
+                                    seed=config.seed + number,
                                     max_new_tokens=config.proposal_tokens)
     candidates = unique(candidates)
     scores = [first] + [state.score(cycle.dev, p, framing) for _, p in candidates[1:]]
@@ -506,9 +551,11 @@ def _proposer(state: _State, config: EngineConfig):
 
 
 def _survival_flags(record: dict, rounds: list[dict], cycles: list[Cycle], base_scores: dict,
-                    config: EngineConfig, done: set) -> None:
+                    config: EngineConfig, done: set, opened: dict) -> None:
     """Flags every cycle whose held-out score fell below ``survive`` of its best so far (after
-    its own rounds); with ``rerun_fallen`` a plateaued one runs again."""
+    its own rounds); with ``rerun_fallen``, a plateaued one that falls now (it was not flagged
+    in the round before) runs again, its plateau history starting afresh."""
+    previous = next((r for r in reversed(rounds[:-1]) if "held_out" in r), {})
     fallen = []
     for c in cycles:
         own = [r["held_out"][c.name]["value"] for r in rounds
@@ -517,9 +564,20 @@ def _survival_flags(record: dict, rounds: list[dict], cycles: list[Cycle], base_
         now = record["held_out"][c.name]["value"]
         if own and best > 0 and now < config.survive * best:
             fallen.append(c.name)
-            if config.rerun_fallen:
+            if config.rerun_fallen and c.name in done and \
+                    c.name not in previous.get("fallen", []):
                 done.discard(c.name)
+                opened[c.name] = record["round"]
     record["fallen"] = fallen
+
+
+def _incumbents_at(rounds: list[dict], cycles: list[Cycle], upto: int) -> dict:
+    """Each cycle's prompt after round ``upto``: the winners of its measured rounds."""
+    prompts = {c.name: c.prompt for c in cycles}
+    for r in rounds:
+        if r["round"] <= upto and "failed" not in r:
+            prompts[r["cycle"]] = r["winner"]["prompt"]
+    return prompts
 
 
 def _best(rounds: list[dict], references: dict) -> int:
@@ -580,7 +638,7 @@ def _resume(out: Path | None, identity: str, overwrite: bool) -> dict | None:
         return None
     history = out / HISTORY
     if out.exists() and overwrite:
-        for name in (HISTORY, ROUNDS, FINAL):
+        for name in (HISTORY, ROUNDS, FINAL, "tensorboard"):
             files.remove(out / name)
     if not history.is_file():
         if out.exists() and any(out.iterdir()) and not overwrite:
@@ -589,7 +647,8 @@ def _resume(out: Path | None, identity: str, overwrite: bool) -> dict | None:
     saved = json.loads(history.read_text(encoding="utf-8"))
     if saved.get("identity") != identity:
         raise ValueError(f"{out} holds an engine run with other cycles or settings: choose "
-                         f"another directory, or pass overwrite to start afresh")
+                         f"another directory, or start afresh (overwrite=True; for a pipeline, "
+                         f"delete that directory)")
     if saved.get("stopped") in ("error", "round limit"):
         saved["stopped"] = None  # a rerun goes on: after an error, or up to a new max_rounds
     return saved

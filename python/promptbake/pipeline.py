@@ -46,8 +46,8 @@ from typing import Callable
 
 from promptbake import contexts as contexts_mod, files, models, tools
 from promptbake.config import BakeConfig
-from promptbake.engine import Cycle, EngineConfig, run_engine
-from promptbake.framing import read_prompt_file
+from promptbake.engine import Cycle, EngineConfig, check_name, outcome_settings, run_engine
+from promptbake.framing import prompt_messages, read_prompt_file
 from promptbake.orchestrate.tools import bake_contexts, tool_specs
 from promptbake.persona import AdherenceEvaluator, Persona
 from promptbake.tasks import load_task
@@ -97,7 +97,7 @@ class Pipeline:
         settings = dataclasses.asdict(self.engine)
         settings.pop("max_rounds")  # more rounds continue a run (``plan``)
         engine = _sha(files.to_json({
-            "model": self.model, "bake": dataclasses.asdict(self.bake), "engine": settings,
+            "model": self.model, "bake": outcome_settings(self.bake), "engine": settings,
             "cycles": self.cycles, "files": read}, sort_keys=True).encode())
         out = {"engine": engine}
         for stage in ("report", "export"):
@@ -185,27 +185,36 @@ def _settings(path: Path, name: str, table, kind):
     default = kind()
     fields = {f.name for f in dataclasses.fields(kind)}
     _known(path, f"[{name}]", table, tuple(sorted(fields)))
+    table = dict(table)
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(kind)}
     for key, value in table.items():
         expected = getattr(default, key)
-        ok = (isinstance(value, type(expected)) and not (isinstance(value, bool) and
-                                                          not isinstance(expected, bool))) or \
-            (isinstance(expected, float) and isinstance(value, int) and
-             not isinstance(value, bool)) or expected is None
-        if not ok:
-            raise PipelineError(f"{path}: [{name}] {key} = {value!r} must be a "
-                                f"{type(expected).__name__}")
-    made = kind(**table)
+        if isinstance(expected, float) and isinstance(value, int) and not isinstance(value, bool):
+            table[key] = value = float(value)  # epochs = 4 is epochs = 4.0
+        # a field that defaults to None takes what its annotation names ("int | None", ...)
+        allowed = [type(expected)] if expected is not None else \
+            [t for t in _KINDS if t.__name__ in annotations[key]]
+        if type(value) not in allowed:
+            kinds = " or ".join(_KINDS[t] for t in allowed)
+            raise PipelineError(f"{path}: [{name}] {key} = {value!r} must be a {kinds}")
     try:
+        made = kind(**table)
         made.validate()
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise PipelineError(f"{path}: [{name}]: {err}") from err
     return made
 
 
+_KINDS = {bool: "true or false", int: "whole number", float: "number", str: "text",
+          list: "list"}
+
+
 def _cycle(pipeline: Pipeline, where: str, cycle: dict) -> dict:
     path = pipeline.path
-    if not isinstance(cycle.get("name"), str):
-        raise PipelineError(f"{path}: {where} needs a name")
+    try:
+        check_name(cycle.get("name"))
+    except ValueError as err:
+        raise PipelineError(f"{path}: {where}: {err}") from err
     where = f"cycle {cycle['name']!r}"
     sources = [k for k in ("tools", "persona", "task") if k in cycle]
     if len(sources) != 1:
@@ -222,11 +231,28 @@ def _cycle(pipeline: Pipeline, where: str, cycle: dict) -> dict:
     for key in ("prompt_file", "contexts", "demonstrations"):
         if key in cycle and not pipeline.file(cycle[key]).is_file():
             raise PipelineError(f"{path}: {where}: {key} file {cycle[key]} not found")
+    if "demonstrations" in cycle:
+        _check_demonstrations(pipeline.file(cycle["demonstrations"]), f"{path}: {where}")
     for key in ("tools", "persona", "task"):  # a file, or a shipped name checked when built
         value = cycle.get(key)
         if value is not None and not isinstance(value, str):
             raise PipelineError(f"{path}: {where}: {key} must be a text")
     return dict(cycle)
+
+
+def _check_demonstrations(file: Path, where: str) -> None:
+    """A demonstrations file: a JSON list of demonstrations, each a list of chat messages that
+    starts with the user's."""
+    try:
+        demos = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(demos, list) or not demos:
+            raise ValueError("not a non-empty JSON list")
+        for k, demo in enumerate(demos):
+            if not isinstance(demo, list) or not demo or prompt_messages(demo)[0]["role"] != "user":
+                raise ValueError(f"demonstration {k} is not a list of chat messages starting "
+                                 f"with a user message")
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{where}: demonstrations file {file}: {err}") from err
 
 
 # -- building the cycles -----------------------------------------------------------------------
@@ -265,7 +291,7 @@ def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) 
         elif "persona" in spec:
             persona = Persona.load(_name_or_file(pipeline, spec["persona"]))
             prompt = prompt or persona.prompt
-            # never trained on: the held-out contexts (a bake measures its KL on the first ones)
+            # never trained on: the shipped held-out contexts, from the end of the list
             answered = _enough(pipeline, name, contexts_mod.builtin("held_out")[::-1], dev + held)
             dev_eval = AdherenceEvaluator(persona, answered[:dev])
             held_eval = AdherenceEvaluator(persona, answered[dev:dev + held])
@@ -298,8 +324,9 @@ def plan(pipeline: Pipeline) -> list[dict]:
         directory = pipeline.out / stage
         found = _read_stage(directory) or {}
         same = found.get("key") == keys[stage]
-        more_rounds = stage == "engine" and found.get("stopped") == "round limit" and \
-            found.get("max_rounds", 0) < pipeline.engine.max_rounds
+        more_rounds = stage == "engine" and (found.get("stopped") == "error" or (
+            found.get("stopped") == "round limit" and
+            found.get("max_rounds", 0) < pipeline.engine.max_rounds))
         if same and found.get("status") == "done" and not more_rounds and \
                 all(o["action"] == "skip" for o in out):
             action = "skip"
@@ -326,9 +353,10 @@ def _mark(directory: Path, stage: str, key: str, status: str, **more) -> None:
          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **more}, indent=2))
 
 
-def run(pipeline: Pipeline, *, dry_run: bool = False,
+def run(pipeline: Pipeline, *, dry_run: bool = False, progress: bool = False,
         say: Callable[[str], None] = print) -> list[dict]:
-    """Runs the stages the plan says to run (none with ``dry_run``); returns the plan."""
+    """Runs the stages the plan says to run (none with ``dry_run``; ``progress``: the bakes'
+    progress bars); returns the plan."""
     steps = plan(pipeline)
     for step in steps:
         say(f"{step['stage']:>7}: {step['action']:<6} {step['directory']}")
@@ -346,7 +374,8 @@ def run(pipeline: Pipeline, *, dry_run: bool = False,
         start = time.perf_counter()
         _mark(directory, stage, step["key"], "running")
         if stage == "engine":
-            result = _run_engine(pipeline, directory, fresh=step["action"] == "run", say=say)
+            result = _run_engine(pipeline, directory, fresh=step["action"] == "run",
+                                 progress=progress, say=say)
             more = {"best_round": result.best_round, "stopped": result.stopped,
                     "max_rounds": pipeline.engine.max_rounds}
         elif stage == "report":
@@ -361,12 +390,15 @@ def run(pipeline: Pipeline, *, dry_run: bool = False,
     return steps
 
 
-def _run_engine(pipeline: Pipeline, directory: Path, fresh: bool, say):
+def _run_engine(pipeline: Pipeline, directory: Path, fresh: bool, progress: bool, say):
+    # a stage killed before the engine wrote its history has nothing to resume
+    fresh = fresh or not (directory / "engine.json").is_file()
     lm, tokenizer, _ = models.load(pipeline.model)
     cycles = build_cycles(pipeline, lm, tokenizer, say)
     del lm
     return run_engine(cycles, model=pipeline.model, config=pipeline.engine,
-                      bake_config=pipeline.bake, out=directory, overwrite=fresh, say=say)
+                      bake_config=pipeline.bake, out=directory, overwrite=fresh,
+                      progress=progress, say=say)
 
 
 def _export(pipeline: Pipeline, engine_dir: Path, directory: Path, say) -> dict:

@@ -270,6 +270,14 @@ class TrainingLog:
         if self.run is not None:
             self.run.log({"train/kl_per_token": kl, "train/lr": lr}, step=step)
 
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Any named values at ``step`` (the engine's per-round scores)."""
+        for name, value in values.items():
+            if self.writer is not None:
+                self.writer.add_scalar(name, value, step)
+        if self.run is not None:
+            self.run.log(values, step=step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -74,9 +74,11 @@ def test_two_cycles_end_to_end(tiny_dir, next_token_evaluator, round_config, tmp
                               out / "rounds" / "round-2")
     state = load_baked(out / "rounds" / "round-1")
     assert state.manifest["kind"] == "engine-round"
+    assert (out / "final").is_dir() == bool(result.best_round) == (result.baked is not None)
     if result.best_round:
-        assert result.baked is not None and (out / "final" / "adapter_model.safetensors").is_file()
-        assert load_baked(out / "final").manifest["engine"]["best_round"] == result.best_round
+        kept = load_baked(out / "final")
+        assert kept.manifest["engine"]["best_round"] == result.best_round
+        assert result.baked.path == out / "final"
     # a finished run is read back, not run again; more rounds continue it
     again = run_engine(cycles(next_token_evaluator), model=tiny_dir,
                        config=EngineConfig(max_rounds=2, proposals=1, edits=2, threshold=0.0, proposal_tokens=24,
@@ -105,16 +107,30 @@ def test_plateau_switches_and_stops(tiny_dir, next_token_evaluator, round_config
 
 
 def test_a_fallen_cycle_is_flagged_and_runs_again(tiny_dir, next_token_evaluator, round_config):
-    # a reaches 0.4, plateaus; b's first round drops a to 0.2 (< 95% of 0.4): a runs again
-    a = [0.1, 0.5, 0.4, 0.4, 0.2, 0.4]
-    b = [0.2, 0.6, 0.2, 0.2, 0.5, 0.5]
+    # a reaches 0.4 and plateaus; b's first round drops a to 0.2 (< 95% of 0.4), so a runs again
+    # once b has plateaued: it gains in round 5 (on 0.4 just before it), not in round 6
+    a = [0.1, 0.5, 0.4, 0.4, 0.2, 0.4, 0.45, 0.45]
+    b = [0.2, 0.6, 0.2, 0.2, 0.5, 0.5, 0.5, 0.5]
     result = run_engine(cycles(next_token_evaluator, a, b), model=tiny_dir,
-                        config=EngineConfig(max_rounds=4, proposals=0, edits=0),
+                        config=EngineConfig(max_rounds=8, proposals=0, edits=0),
                         bake_config=round_config(steps=1, **SMALL))
-    assert [r["cycle"] for r in result.rounds] == ["a", "a", "b", "b"]
-    assert result.rounds[2]["fallen"] == ["a"] and result.stopped == "round limit"
-    assert result.rounds[3]["plateau"]  # b plateaus; a, flagged, would run next
-    assert result.survival["a"]["flagged"]
+    assert [r["cycle"] for r in result.rounds] == ["a", "a", "b", "b", "a", "a"]
+    assert [r["fallen"] for r in result.rounds] == [[], [], ["a"], [], [], []]
+    assert [bool(r.get("plateau")) for r in result.rounds] == [False, True, False, True, False,
+                                                                True]
+    assert result.stopped == "every cycle plateaued" and result.survival["a"]["flagged"]
+
+
+def test_a_cycle_that_stays_low_is_not_reopened_forever(tiny_dir, next_token_evaluator,
+                                                        round_config):
+    # b's rounds leave a below its best for good: a reruns once, then the engine stops
+    a = [0.1, 0.5, 0.4, 0.4, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]
+    b = [0.2, 0.6, 0.3, 0.3, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    result = run_engine(cycles(next_token_evaluator, a, b), model=tiny_dir,
+                        config=EngineConfig(max_rounds=9, proposals=0, edits=0),
+                        bake_config=round_config(steps=1, **SMALL))
+    assert [r["cycle"] for r in result.rounds] == ["a", "a", "b", "b", "a"]
+    assert result.stopped == "every cycle plateaued"
 
 
 def test_resume_after_a_kill(tiny_dir, next_token_evaluator, round_config, tmp_path,
@@ -138,6 +154,8 @@ def test_resume_after_a_kill(tiny_dir, next_token_evaluator, round_config, tmp_p
     assert [r["round"] for r in resumed.rounds] == [1, 2, 3]
     assert resumed.rounds[0] == saved["rounds"][0]  # round 1 kept as it was
     assert len(bakes) == 2  # rounds 2 and 3 only
+    assert resumed.rounds[1]["deltas"] == 2  # baked on round 1's state, read back from disk
+    assert resumed.rounds[1]["candidates"][0]["prompt"] == saved["rounds"][0]["winner"]["prompt"]
 
 
 def test_failing_evaluator(tiny_dir, next_token_evaluator, round_config):
@@ -148,6 +166,8 @@ def test_failing_evaluator(tiny_dir, next_token_evaluator, round_config):
                                                     patience=5), **options)
     assert "RuntimeError: held-a failed" in result.rounds[0]["failed"]
     assert "held_out" in result.rounds[1]  # it went on
+    assert result.rounds[1]["deltas"] == 1  # on the base model: round 1's bake was undone
+    assert not result.rounds[0].get("plateau")  # a failure is no round without gain
     broken = cycles(next_token_evaluator, [0.1, 0.5, 0.2, 0.3], [0.2, 0.6, 0.3, 0.3])
     broken[0].held_out.fail_on = 3
     stopped = run_engine(broken, config=EngineConfig(max_rounds=2, proposals=0, edits=0,

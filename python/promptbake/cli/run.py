@@ -28,6 +28,7 @@ def register(commands) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (which stages run, resume or are up to date) and stop")
     p.add_argument("--example", action="store_true", help="print the example pipeline file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run)
 
 
@@ -38,5 +39,6 @@ def _run(args) -> int:
     if args.file is None:
         raise ValueError("name a pipeline file (promptbake run --example prints one)")
     loaded = pipeline.load(args.file)
-    pipeline.run(loaded, dry_run=args.dry_run, say=lambda line: print(line, flush=True))
+    pipeline.run(loaded, dry_run=args.dry_run, progress=not args.quiet,
+                 say=lambda line: print(line, flush=True))
     return 0

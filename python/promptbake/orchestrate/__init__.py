@@ -8,10 +8,10 @@
 A new orchestration is another short loop over ``LoraStack``, ``plateau`` and the evaluators.
 """
 
-from promptbake.orchestrate.plateau import meets_target, plateau_round, plateaued, stopping
+from promptbake.orchestrate.plateau import gains, meets_target, plateau_round, plateaued, stopping
 from promptbake.orchestrate.pursuit import Pursuit, Round, Sequential, pursue, sequential
 from promptbake.orchestrate.stacking import LoraStack, bake_on_top, lora_deltas, stack
 
-__all__ = ["LoraStack", "Pursuit", "Round", "Sequential", "bake_on_top", "lora_deltas",
+__all__ = ["LoraStack", "Pursuit", "Round", "Sequential", "bake_on_top", "gains", "lora_deltas",
            "meets_target", "plateau_round", "plateaued", "pursue", "sequential", "stack",
            "stopping"]

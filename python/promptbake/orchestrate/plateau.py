@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 
-def _gains(value: float, reference: float, threshold: float) -> bool:
+def gains(value: float, reference: float, threshold: float) -> bool:
     """True when ``value`` beats ``reference`` by more than ``threshold`` of its magnitude."""
     return value - reference > threshold * max(abs(reference), 1e-12)
 
@@ -23,7 +23,7 @@ def plateaued(metrics: list[float], threshold: float, patience: int) -> bool:
     if len(metrics) <= patience:
         return False
     for i in range(len(metrics) - patience, len(metrics)):
-        if _gains(metrics[i], max(metrics[:i]), threshold):
+        if gains(metrics[i], max(metrics[:i]), threshold):
             return False
     return True
 
@@ -52,7 +52,7 @@ def plateau_round(metrics: list[float], threshold: float) -> int:
         raise ValueError("no rounds: metrics must hold at least round 0's score")
     for i in range(len(metrics)):
         best = max(metrics[:i + 1])
-        if not any(_gains(m, best, threshold) for m in metrics[i + 1:]):
+        if not any(gains(m, best, threshold) for m in metrics[i + 1:]):
             return i
     raise AssertionError("unreachable: the last round always qualifies")
 
@@ -66,7 +66,7 @@ def meets_target(metrics: list[float], stopped_at: int, threshold: float,
     are any, so that a stop before a later improvement fails."""
     if not 0 <= stopped_at < len(metrics):
         raise ValueError(f"stopped_at={stopped_at} is not a round of the {len(metrics)} measured")
-    improved = _gains(max(metrics[1:stopped_at + 1], default=-math.inf), metrics[0], threshold)
+    improved = gains(max(metrics[1:stopped_at + 1], default=-math.inf), metrics[0], threshold)
     plateau = plateau_round(metrics, threshold)
     return improved or plateau <= stopped_at <= plateau + within
 
