@@ -126,7 +126,7 @@ format = "safetensors"
             KeyboardInterrupt()))
         assert main(["run", str(path)]) == 130
     assert json.loads((out / "engine" / "stage.json").read_text())["status"] == "running"
-    assert [s["action"] for s in pipeline.plan(pipeline.load(path))][0] == "resume"
+    assert pipeline.plan(pipeline.load(path))[0]["action"] == "resume"
     assert main(["run", str(path)]) == 0
     stages = {s: json.loads((out / s / "stage.json").read_text()) for s in pipeline.STAGES}
     assert all(s["status"] == "done" for s in stages.values())
