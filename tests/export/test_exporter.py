@@ -72,9 +72,10 @@ def test_export_passes_checker_and_parity(llama_export):
     # the tied embedding is stored once: about vocab x hidden fp32, not twice that
     assert manifest["bytes"] < 1.2 * 49152 * 64 * 4
     assert (path / "tokenizer.json").is_file()
-    names = {i.name for i in OnnxLM(path).session.get_inputs()}
-    assert {"input_ids", "attention_mask", "position_ids", "logits_to_keep",
-            "past_key_values.1.value"} <= names
+    session = OnnxLM(path).session
+    names = {i.name for i in session.get_inputs()}
+    assert {"input_ids", "attention_mask", "position_ids", "past_key_values.1.value"} <= names
+    assert [i.name for i in session.get_overridable_initializers()] == ["logits_to_keep"]
 
 
 def test_gpt2_exports_and_generates_like_transformers(tokenizer, tmp_path):
@@ -105,6 +106,47 @@ def test_greedy_generation_equals_transformers(llama, tokenizer, lm, batch):
     run = lm.generate(chosen, 20, eos_token_ids=())
     assert run.tokens == [hf_greedy(llama, ids, 20) for ids in chosen]
     assert run.prefill_seconds > 0 and len(run.step_seconds) == 19
+
+
+def plain_onnxruntime_greedy(path, ids, steps):
+    """Greedy decoding as a generic consumer writes it: plain onnxruntime, the usual inputs
+    (input_ids, attention_mask, position_ids, past_key_values.N.key/value), no logits_to_keep,
+    the last position's logits read from [batch, seq, vocab]."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path / "model.onnx"))
+    inputs = {i.name: i for i in session.get_inputs()}
+    past_names = [n for n in inputs if n.startswith("past_key_values.")]
+    outputs = [o.name for o in session.get_outputs()]
+    heads, dim = inputs[past_names[0]].shape[1], inputs[past_names[0]].shape[3]
+    past = [np.zeros((1, heads, 0, dim), np.float32) for _ in past_names]
+    tokens, new, position = list(ids), list(ids), 0
+    for _ in range(steps):
+        feeds = {"input_ids": np.array([new], np.int64),
+                 "attention_mask": np.ones((1, len(tokens)), np.int64),
+                 "position_ids": np.arange(position, position + len(new), dtype=np.int64)[None]}
+        logits, *past = session.run(outputs, {**feeds, **dict(zip(past_names, past))})
+        assert logits.shape[1] == len(new)  # every position, as a generic loop expects
+        position += len(new)
+        new = [int(logits[0, -1].argmax())]
+        tokens += new
+    return tokens[len(ids):]
+
+
+def test_a_plain_onnxruntime_loop_runs_the_export(llama, tokenizer, llama_export):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(llama_export.path / "model.onnx"))
+    required = {i.name for i in session.get_inputs()}
+    assert "logits_to_keep" not in required  # optional: an overridable initializer
+    assert "logits_to_keep" in {i.name for i in session.get_overridable_initializers()}
+    for ids in prompts(tokenizer, 2):
+        assert plain_onnxruntime_greedy(llama_export.path, ids, 12) == hf_greedy(llama, ids, 12)
+
+
+def test_a_plain_onnxruntime_loop_runs_the_int8_export(int8_export, tokenizer):
+    ids = prompts(tokenizer, 1)[0]
+    assert len(plain_onnxruntime_greedy(int8_export.path, ids, 4)) == 4
 
 
 def test_logits_match_torch_at_every_position(llama, lm):

@@ -1,11 +1,13 @@
 """The ONNX graph of a causal LM with a KV cache: one graph for prefill and incremental decode.
 
 Inputs: ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, past + seq] int64,
-``position_ids`` [batch, seq] int64, ``logits_to_keep`` (int64 scalar: logits are computed for
-the last that many positions only, so a prefill pays the LM head once, not once per prompt token)
-and ``past_key_values.{i}.key`` / ``.value`` [batch, kv_heads, past, head_dim] per layer (past
-0 for a prefill). Outputs: ``logits`` [batch, logits_to_keep, vocab] and ``present.{i}.key`` /
-``.value`` [batch, kv_heads, past + seq, head_dim].
+``position_ids`` [batch, seq] int64 and ``past_key_values.{i}.key`` / ``.value`` [batch,
+kv_heads, past, head_dim] per layer (past 0 for a prefill): the names and shapes a generic
+KV-cache loop (Optimum's, or one written by hand) feeds. ``logits_to_keep`` (int64 scalar) is
+optional, an overridable initializer that defaults to 0, every position, as a generic consumer
+expects; promptbake's own loop feeds 1 so a prefill pays the LM head for its last position only.
+Outputs: ``logits`` [batch, kept, vocab] and ``present.{i}.key`` / ``.value`` [batch,
+kv_heads, past + seq, head_dim].
 
 The graph is traced by torch's TorchScript exporter through a wrapper (``_Step``) that rebuilds
 a transformers ``DynamicCache`` from the flat tensors: ~1-3 s for the tiny test models and ~1 min
@@ -25,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.onnx import operators as onnx_operators
 
 from promptbake import modeling
 
@@ -38,6 +41,7 @@ log = logging.getLogger("promptbake")
 SUPPORTED = ("llama", "gpt2")  # model_type values the exporter is tested on
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask", "position_ids", "logits_to_keep")
+KEEP = "logits_to_keep"  # optional: an initializer (0, every position) a caller may override
 TIED_HEAD = "lm_head.weight_t"  # a tied head's [hidden, vocab] weight, read by both its uses
 
 
@@ -108,7 +112,10 @@ class _Step(torch.nn.Module):
         else:
             out = self.body(input_ids=input_ids, **options)
         hidden = out.last_hidden_state
-        hidden = hidden.narrow(1, hidden.shape[1] - logits_to_keep, logits_to_keep)
+        # 0 (the default) keeps every position; traced through Shape, so it follows seq
+        length = onnx_operators.shape_as_tensor(hidden)[1]
+        keep = torch.where(logits_to_keep > 0, torch.minimum(logits_to_keep, length), length)
+        hidden = hidden.narrow(1, length - keep, keep)
         if self.tied:
             logits = hidden @ weight_t
             if getattr(self.head, "bias", None) is not None:
@@ -172,8 +179,17 @@ def trace(model, path: Path, *, opset: int = OPSET, attention: str = "sdpa") -> 
         shutil.rmtree(scratch, ignore_errors=True)
     if step.tied:
         _name_tied_head(graph)
+    _default_keep(graph)
     save(graph, path)
     log.info("traced %s (%d layers) to %s", model.config.model_type, layers, path)
+
+
+def _default_keep(graph: onnx.ModelProto) -> None:
+    """Makes ``logits_to_keep`` optional: an initializer of the same name as the input (0,
+    every position) is what onnxruntime uses when a caller does not feed it."""
+    from onnx import helper
+
+    graph.graph.initializer.append(helper.make_tensor(KEEP, onnx.TensorProto.INT64, [], [0]))
 
 
 def _name_tied_head(graph: onnx.ModelProto) -> None:

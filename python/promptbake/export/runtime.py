@@ -125,7 +125,8 @@ class OnnxLM:
             raise OnnxLoadError(f"onnxruntime cannot load {self.path} (truncated, corrupt or not "
                                 f"an ONNX model?): {err}; export it again") from err
         names = [i.name for i in self.session.get_inputs()]
-        missing = [n for n in INPUTS if n not in names]
+        overridable = [i.name for i in self.session.get_overridable_initializers()]
+        missing = [n for n in INPUTS if n not in names + overridable]
         if missing:
             raise OnnxLoadError(f"{self.path} lacks the inputs {missing}: it is not a graph "
                                 f"exported by promptbake (export it with promptbake export)")
