@@ -144,6 +144,20 @@ def test_a_plain_onnxruntime_loop_runs_the_export(llama, tokenizer, llama_export
         assert plain_onnxruntime_greedy(llama_export.path, ids, 12) == hf_greedy(llama, ids, 12)
 
 
+def test_onnxruntime_genai_runs_the_export(llama, tokenizer, llama_export):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(llama_export.path))  # reads the export's genai_config.json
+    for ids in prompts(tokenizer, 2):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 12, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+        tokens = [int(t) for t in generator.get_sequence(0)][len(ids):]
+        assert tokens == hf_greedy(llama, ids, 12)
+
+
 def test_a_plain_onnxruntime_loop_runs_the_int8_export(int8_export, tokenizer):
     ids = prompts(tokenizer, 1)[0]
     assert len(plain_onnxruntime_greedy(int8_export.path, ids, 4)) == 4

@@ -144,6 +144,9 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
             manifest["held_out_kl"] = timed("held_out_kl", lambda: _kl_record(lm, baked))
         manifest["wall_seconds"] = dict(seconds)
         tokenizer.save_pretrained(tmp)
+        genai = graph.genai_config(model.config, tokenizer)
+        if genai is not None:  # so onnxruntime-genai's og.Model(out) loads the directory
+            (tmp / "genai_config.json").write_text(files.to_json(genai, indent=2))
         (tmp / "manifest.json").write_text(files.to_json(manifest, indent=2))
         result["manifest"] = manifest
 

@@ -184,6 +184,40 @@ def trace(model, path: Path, *, opset: int = OPSET, attention: str = "sdpa") -> 
     log.info("traced %s (%d layers) to %s", model.config.model_type, layers, path)
 
 
+GENAI_TYPES = {"llama": "llama"}  # model_type -> onnxruntime-genai's model type (tested)
+
+
+def genai_config(config, tokenizer) -> dict | None:
+    """The ``genai_config.json`` with which onnxruntime-genai (``og.Model(dir)``) runs the
+    export: this graph's input and output names, cache layout and special tokens; None for an
+    architecture it is not tested on."""
+    if config.model_type not in GENAI_TYPES:
+        return None
+    layers, kv_heads, head_dim = cache_layout(config)
+
+    def token(name):
+        found = getattr(tokenizer, name, None)
+        return found if found is not None else getattr(config, name, None)
+
+    eos = token("eos_token_id")
+    return {"model": {
+        "type": GENAI_TYPES[config.model_type], "vocab_size": config.vocab_size,
+        "context_length": config.max_position_embeddings, "bos_token_id": token("bos_token_id"),
+        "eos_token_id": eos, "pad_token_id": token("pad_token_id") or eos,
+        "decoder": {
+            "filename": "model.onnx", "head_size": head_dim, "hidden_size": config.hidden_size,
+            "num_attention_heads": config.num_attention_heads, "num_hidden_layers": layers,
+            "num_key_value_heads": kv_heads,
+            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                       "position_ids": "position_ids",
+                       "past_key_names": "past_key_values.%d.key",
+                       "past_value_names": "past_key_values.%d.value"},
+            "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                        "present_value_names": "present.%d.value"}}},
+        "search": {"do_sample": False, "num_beams": 1, "max_length": config.max_position_embeddings,
+                   "past_present_share_buffer": False}}
+
+
 def _default_keep(graph: onnx.ModelProto) -> None:
     """Makes ``logits_to_keep`` optional: an initializer of the same name as the input (0,
     every position) is what onnxruntime uses when a caller does not feed it."""
