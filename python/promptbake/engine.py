@@ -25,7 +25,6 @@ A cycle that falls below ``survive`` of its best held-out score is flagged and, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,6 +45,7 @@ from promptbake.decoding import stop_token_ids
 from promptbake.framing import Framing, prompt_messages
 from promptbake.orchestrate.plateau import gains
 from promptbake.orchestrate.stacking import LoraStack
+from promptbake.reprompt import item_scores
 from promptbake.stats import paired_difference
 from promptbake.train import TrainingLog
 from promptbake.trajectories import SamplingConfig, sample
@@ -255,8 +255,9 @@ def _key(prompt) -> str:
 def unique(candidates: list[tuple[str, object]]) -> list[tuple[str, object]]:
     seen, out = set(), []
     for source, prompt in candidates:
-        if _key(prompt) not in seen:
-            seen.add(_key(prompt))
+        key = _key(prompt)
+        if key not in seen:
+            seen.add(key)
             out.append((source, prompt))
     return out
 
@@ -281,13 +282,12 @@ def failures_of(score, evaluator, limit: int = 3) -> list[str]:
 def choose(scores: list, incumbent: int = 0) -> tuple[int, dict]:
     """The winner among candidates' dev Scores: the best one that beats the incumbent by more
     than their paired standard error, else the incumbent. Returns (index, its comparison)."""
-    base = {i["id"]: float(i["score"]) for i in scores[incumbent].items}
+    base = item_scores(scores[incumbent])
     best, record = incumbent, {"difference": 0.0, "se": None}
     for k, found in enumerate(scores):
         if k == incumbent:
             continue
-        other = {i["id"]: float(i["score"]) for i in found.items}
-        diff, se, _ = paired_difference(base, other)
+        diff, se, _ = paired_difference(base, item_scores(found))
         if diff > max(se or 0.0, 0.0) and (best == incumbent or found.value > scores[best].value):
             best, record = k, {"difference": diff, "se": se}
     return best, record
@@ -303,6 +303,7 @@ class _State:
         self.lm, self.tokenizer, self.model_dir = lm, tokenizer, model_dir
         self.layers: LoraStack | None = None
         self.progress = progress  # the bakes' progress bars
+        self.proposer = None  # a named proposer model, loaded on first use
 
     @property
     def model(self):
@@ -363,6 +364,11 @@ def objective(held_out: dict, references: dict) -> float:
 INERT = ("log_to", "checkpoint_every", "snapshot_every")  # bake settings that change no result
 
 
+def resume_settings(config: EngineConfig) -> dict:
+    """The engine settings a resumed run must share (``max_rounds`` may grow: more rounds)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k != "max_rounds"}
+
+
 def outcome_settings(config: BakeConfig) -> dict:
     """The bake settings that change what a bake makes (not where it logs or checkpoints)."""
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in INERT}
@@ -382,8 +388,7 @@ def _identity(cycles: list[Cycle], config: EngineConfig, bake_config: BakeConfig
     described = [{"name": c.name, "prompt": c.prompt, "dev": evaluator_key(c.dev),
                   "held_out": evaluator_key(c.held_out), "contexts": contexts_key(c.contexts),
                   "demonstrations": c.demonstrations} for c in cycles]
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "max_rounds"}
-    text = files.to_json({"cycles": described, "engine": settings,
+    text = files.to_json({"cycles": described, "engine": resume_settings(config),
                           "bake": outcome_settings(bake_config), "model": fingerprint},
                          sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -515,12 +520,9 @@ def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
                                                      config.edits, rng)
     first = state.score(cycle.dev, incumbent, framing)
     if config.proposals:
-        proposer, context = _proposer(state, config)
-        with context:
-            candidates += proposals(proposer, state.tokenizer, incumbent, config.proposals,
-                                    failures=failures_of(first, cycle.dev),
-                                    seed=config.seed + number,
-                                    max_new_tokens=config.proposal_tokens)
+        candidates += proposals(_proposer(state, config), state.tokenizer, incumbent,
+                                config.proposals, failures=failures_of(first, cycle.dev),
+                                seed=config.seed + number, max_new_tokens=config.proposal_tokens)
     candidates = unique(candidates)
     scores = [first] + [state.score(cycle.dev, p, framing) for _, p in candidates[1:]]
     winner, comparison = choose(scores)
@@ -539,15 +541,16 @@ def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
 
 
 def _proposer(state: _State, config: EngineConfig):
+    """The model that writes rewrites: the current one (adapter on), or the named one."""
     if config.proposer is None:
-        return state.model, contextlib.nullcontext()
-    if getattr(state, "_proposer", None) is None:
-        state._proposer = models.load(config.proposer)
-    proposer, tokenizer, _ = state._proposer
+        return state.model
+    if state.proposer is None:
+        state.proposer = models.load(config.proposer)
+    proposer, tokenizer, _ = state.proposer
     if tokenizer.get_vocab() != state.tokenizer.get_vocab():
         raise ValueError(f"proposer model {config.proposer} has another tokenizer than the "
                          f"model being baked; use one of the same family")
-    return proposer, contextlib.nullcontext()
+    return proposer
 
 
 def _survival_flags(record: dict, rounds: list[dict], cycles: list[Cycle], base_scores: dict,

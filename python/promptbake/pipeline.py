@@ -46,7 +46,8 @@ from typing import Callable
 
 from promptbake import contexts as contexts_mod, files, models, tools
 from promptbake.config import BakeConfig
-from promptbake.engine import Cycle, EngineConfig, check_name, outcome_settings, run_engine
+from promptbake.engine import (Cycle, EngineConfig, check_name, outcome_settings,
+                               resume_settings, run_engine)
 from promptbake.framing import prompt_messages, read_prompt_file
 from promptbake.orchestrate.tools import bake_contexts, tool_specs
 from promptbake.persona import AdherenceEvaluator, Persona
@@ -94,10 +95,9 @@ class Pipeline:
             for key in ("tools", "persona", "task", "prompt_file", "contexts", "demonstrations"):
                 if key in cycle and self.file(cycle[key]).is_file():
                     read[f"{cycle['name']}.{key}"] = _sha(self.file(cycle[key]).read_bytes())
-        settings = dataclasses.asdict(self.engine)
-        settings.pop("max_rounds")  # more rounds continue a run (``plan``)
-        engine = _sha(files.to_json({
-            "model": self.model, "bake": outcome_settings(self.bake), "engine": settings,
+        engine = _sha(files.to_json({  # without max_rounds: more rounds continue a run (plan)
+            "model": self.model, "bake": outcome_settings(self.bake),
+            "engine": resume_settings(self.engine),
             "cycles": self.cycles, "files": read}, sort_keys=True).encode())
         out = {"engine": engine}
         for stage in ("report", "export"):
