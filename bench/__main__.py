@@ -21,6 +21,9 @@ import harness  # noqa: E402
 SUITES = {
     "divergence": "fused softmax divergence, forward + backward: promptbake vs eager torch "
                   "and torch.compile",
+    "memory": "LM head + baking loss, forward + backward, frozen head: peak extra memory and "
+              "time of eager torch, torch.compile, the unfused cpp path and linear_divergence "
+              "at N x V x H = 4096 x 49152 x 576 and 2048 x 128256 x 2048, fp32 and bf16",
     "bake": "the README's persona baked into the default model: phases, MC-KL before and "
             "after, and promptbake's loop against a reference loop on the same trajectories",
     "sparse": "SparseLinear against dense F.linear on the default model's layer shapes at 50%, "

@@ -92,6 +92,50 @@ def test_cached_and_live_teachers_give_the_same_loss(setup):
     assert float(cached) == pytest.approx(float(live), rel=2e-3)
 
 
+@pytest.mark.parametrize("teacher, cache", [("cached", "full"), ("cached", "topk"),
+                                            ("live", "full")])
+def test_fused_head_gives_the_loss_and_gradients_of_the_logits(setup, tokenizer, teacher, cache,
+                                                               monkeypatch):
+    """The frozen head applied inside the loss (ops.linear_divergence) against the head's
+    logits then the divergence: same loss, same LoRA gradients."""
+    model, prefixes, trajectories, pad = setup
+    if cache == "topk":
+        with modeling.BASE.active(model):
+            trajectories = sample_trajectories(model, tokenizer, [p[0] for p in prefixes],
+                                               config(topk=8), "topk", seed=0, samples=2)
+    cfg = config(teacher=teacher, precision="fp32")
+    batch = batch_plan(0, trajectories, cfg)[0]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    assert modeling.fused_head(model) is not None
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        loss, n = Divergence(trajectories, prefixes, cfg, pad)(model, batch)
+        return float(loss.detach()), n, torch.autograd.grad(loss, lora)
+
+    fused = loss_and_grads()
+    monkeypatch.setattr(modeling, "fused_head", lambda model: None)
+    unfused = loss_and_grads()
+    assert fused[1] == unfused[1] and fused[0] > 0
+    assert fused[0] == pytest.approx(unfused[0], rel=1e-5)
+    for a, b in zip(fused[2], unfused[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+
+
+def test_fused_head_only_where_the_head_is_used_as_is(tiny_dir):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert modeling.fused_head(attach_lora(lm, config())) is lm.lm_head.weight
+    adapted = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                          config(target_modules=["q_proj", "lm_head"]))
+    assert modeling.fused_head(adapted) is None  # the LoRA delta on the head must apply
+    capped = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    capped.config.final_logit_softcapping = 30.0
+    assert modeling.fused_head(capped) is None
+
+
 def test_optimizer_step_takes_any_objective(setup):
     """An objective with an extra term (an L2 pull of the LoRA weights) goes through the same
     step: no branch in the training step knows about it."""

@@ -97,13 +97,25 @@ def response_logits(model, prefixes: list[list[int]], responses: list[list[list[
     samples follow them (the same logits and gradients as whole sequences: tested). Only
     response positions reach the LM head. ``dtype``: autocast dtype for the matmuls (None: fp32).
     """
+    lm = inner(model)
+    rows = response_hidden(model, prefixes, responses, pad_id, dtype)
+    device = rows.device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        logits = finish_logits(lm.config, lm.get_output_embeddings()(rows))
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def response_hidden(model, prefixes: list[list[int]], responses: list[list[list[int]]],
+                    pad_id: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The final hidden states ``[tokens, H]`` that the LM head turns into ``response_logits``
+    (same rows, same arguments), for a loss that applies the head itself (``fused_head``)."""
     if len(prefixes) != len(responses) or not all(prefixes) or \
             not all(group and all(group) for group in responses):
         raise ValueError("every prefix needs at least one token and one or more non-empty "
                          "responses")
     lm = inner(model)
-    body, head = lm.base_model, lm.get_output_embeddings()
-    device = head.weight.device
+    body = lm.base_model
+    device = lm.get_output_embeddings().weight.device
     # Right padding throughout (prompts, then responses): every query row, padding included, sees
     # at least one real token, so no attention row is fully masked (NaN-prone in eager attention).
     ids, mask = right_padded(prefixes, pad_id, device)
@@ -121,10 +133,23 @@ def response_logits(model, prefixes: list[list[int]], responses: list[list[list[
             positions = ends[owner, None] + torch.arange(r_ids.shape[1], device=device)
             rest = body(input_ids=r_ids, attention_mask=torch.cat([mask[owner], r_mask], dim=1),
                         position_ids=positions, cache=cache).last_hidden_state
-        rows = torch.cat([torch.cat([first[k:k + 1], rest[k, :len(r) - 1]]) if len(r) > 1
+        return torch.cat([torch.cat([first[k:k + 1], rest[k, :len(r) - 1]]) if len(r) > 1
                           else first[k:k + 1] for k, r in enumerate(flat)])
-        logits = finish_logits(lm.config, head(rows))
-    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def fused_head(model) -> torch.Tensor | None:
+    """The LM head's weight ``[V, H]`` when a loss may apply it to ``response_hidden`` itself
+    (``ops.linear_divergence``): a frozen, plain linear head without bias whose output is the
+    model's logits as is. Otherwise (a trained or adapted head, soft-capping, scaling) None."""
+    lm = inner(model)
+    head = lm.get_output_embeddings()
+    config = lm.config
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None
+    if any(getattr(config, name, None) for name in ("final_logit_softcapping", "logits_scaling",
+                                                    "logit_scale")):
+        return None
+    return head.weight
 
 
 @torch.no_grad()

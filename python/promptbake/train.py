@@ -25,7 +25,7 @@ import torch
 from promptbake import modeling
 from promptbake.config import BakeConfig
 from promptbake.decoding import stop_token_ids
-from promptbake.ops import divergence
+from promptbake.ops import Hidden, TopK, divergence, linear_divergence
 from promptbake.ops.topk_divergence import topk_divergence
 from promptbake.trajectories import Trajectories, sample
 
@@ -151,16 +151,39 @@ class Divergence:
             groups.setdefault(trajectories.context_index[k], []).append(k)
         responses = [[trajectories.responses[k] for k in ks] for ks in groups.values()]
         rows = trajectories.rows([k for ks in groups.values() for k in ks])
-        dtype = config.autocast_dtype(next(model.parameters()).device)
-        student = modeling.response_logits(model, [self.prefixes[c][1] for c in groups],
-                                           responses, pad_id, dtype)
+        device = next(model.parameters()).device
+        dtype = config.autocast_dtype(device)
+        student_ids = [self.prefixes[c][1] for c in groups]
         options = dict(kind=config.loss, beta=config.beta, reduction="sum")
+        # A frozen LM head is applied inside the loss, a block of rows at a time: the student's
+        # N x V logits and their gradient are never held (ops.linear_divergence).
+        head = modeling.fused_head(model)
+        if head is None:
+            return self._unfused(model, student_ids, groups, responses, rows, dtype, options)
+        if config.teacher == "live":
+            with torch.no_grad(), modeling.adapter(model, enabled=False):
+                teacher = Hidden(modeling.response_hidden(
+                    model, [self.prefixes[c][0] for c in groups], responses, pad_id, dtype), head)
+        elif trajectories.cache == "full":  # recorded targets live in host memory
+            teacher = trajectories.full_logprobs[rows]
+        else:
+            teacher = TopK(trajectories.topk_ids[rows], trajectories.topk_logprobs[rows])
+        hidden = modeling.response_hidden(model, student_ids, responses, pad_id, dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = linear_divergence(hidden, head, teacher, **options,
+                                     teacher_is_logprobs=config.teacher != "live")
+        return loss, hidden.shape[0]
+
+    def _unfused(self, model, student_ids, groups, responses, rows, dtype, options):
+        """The loss on the student's logits, for heads ``fused_head`` does not take."""
+        trajectories, config, pad_id = self.trajectories, self.config, self.pad_id
+        student = modeling.response_logits(model, student_ids, responses, pad_id, dtype)
         if config.teacher == "live":
             with torch.no_grad(), modeling.adapter(model, enabled=False):
                 teacher = modeling.response_logits(model, [self.prefixes[c][0] for c in groups],
                                                    responses, pad_id, dtype)
             loss = divergence(student, teacher, **options)
-        elif trajectories.cache == "full":  # recorded targets live in host memory
+        elif trajectories.cache == "full":
             loss = divergence(student, trajectories.full_logprobs[rows].to(student.device),
                               teacher_is_logprobs=True, **options)
         else:

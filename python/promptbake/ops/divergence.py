@@ -32,7 +32,9 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class Spec:
+    """A divergence's options as the backends take them (built by ``spec_of``)."""
+
     kind: int
     beta: float
     inv_temperature: float
@@ -141,15 +143,6 @@ def _validate(s, t, kind, beta, temperature, scale_by_t2, mask, reduction, teach
                          f"{tuple(t.shape)}")
     if s.device != t.device:
         raise ValueError(f"student_logits on {s.device} but teacher_logits on {t.device}")
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind={kind!r}: choose one of {', '.join(KINDS)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction={reduction!r}: choose one of {', '.join(REDUCTIONS)}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
-        raise ValueError(f"beta={beta!r} must be in [0, 1] (JSD mixture weight of the teacher)")
     rows_shape = s.shape[:-1]
     if mask is not None:
         if not isinstance(mask, Tensor):
@@ -162,14 +155,28 @@ def _validate(s, t, kind, beta, temperature, scale_by_t2, mask, reduction, teach
         if mask.device != s.device:
             raise ValueError(f"mask on {mask.device} but logits on {s.device}")
 
+    return spec_of(kind, beta, temperature, scale_by_t2, reduction, teacher_is_logprobs), rows_shape
+
+
+def spec_of(kind: str, beta: float, temperature: float, scale_by_t2: bool, reduction: str,
+            teacher_is_logprobs: bool) -> Spec:
+    """The checked options of a divergence, as the backends take them (``rows``)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind={kind!r}: choose one of {', '.join(KINDS)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction={reduction!r}: choose one of {', '.join(REDUCTIONS)}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+        raise ValueError(f"beta={beta!r} must be in [0, 1] (JSD mixture weight of the teacher)")
     code = KINDS[kind]
     if code == KINDS["jsd"] and beta in (0.0, 1.0):
         code = KINDS["forward_kl"] if beta == 0.0 else KINDS["reverse_kl"]
     t2 = float(temperature) ** 2 if scale_by_t2 else 1.0
-    spec = _Spec(kind=code, beta=float(beta), inv_temperature=1.0 / float(temperature),
-                 loss_scale=t2, grad_scale=t2 / float(temperature), reduction=reduction,
-                 teacher_is_logprobs=bool(teacher_is_logprobs))
-    return spec, rows_shape
+    return Spec(kind=code, beta=float(beta), inv_temperature=1.0 / float(temperature),
+                loss_scale=t2, grad_scale=t2 / float(temperature), reduction=reduction,
+                teacher_is_logprobs=bool(teacher_is_logprobs))
 
 
 class _Divergence(torch.autograd.Function):
@@ -183,8 +190,8 @@ class _Divergence(torch.autograd.Function):
         # fp32 and bf16 have fp32's exponent range, and fold it in so that a plain
         # loss.backward() has nothing left to do.
         deferred = s.dtype == torch.float16 and not (isinstance(factor, float) and factor == 1.0)
-        row_loss, grad = _BACKENDS[backend](s, t, mask, spec, need_grad,
-                                            None if deferred else factor)
+        row_loss, grad = rows(s, t, mask, spec, backend, need_grad=need_grad,
+                              factor=None if deferred else factor)
         if check_nan:
             _check_rows(row_loss, mask, s, t, rows_shape)
         if grad is not None:
@@ -267,17 +274,34 @@ def _check_rows(row_loss, mask, s, t, rows_shape):
                      f"valid; please report this with the inputs")
 
 
-# Backends: (s [N, V], t [N, V], mask [N] bool | None, spec, need_grad, factor) ->
-# (row_loss [N], grad); the gradient is multiplied by spec.grad_scale and, unless it is None,
-# factor (a float, or a 0-dim tensor on the device).
+def rows(s: Tensor, t: Tensor, mask: Tensor | None, spec: Spec, backend: str, *,
+         need_grad: bool = True, factor: float | Tensor | None = None,
+         grad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(per-row loss ``[N]`` fp32, gradient w.r.t. ``s`` ``[N, V]`` or None), no autograd.
+
+    ``s``, ``t``: ``[N, V]`` with a contiguous last dimension; ``mask``: ``[N]`` bool or None.
+    The gradient is multiplied by ``spec.grad_scale`` and, unless None, ``factor`` (a float, or a
+    0-dim tensor on the device); it is written into ``grad`` (contiguous, ``s``'s dtype) when
+    given, so a caller looping over blocks of rows can reuse one buffer.
+    """
+    if grad is not None and (grad.shape != s.shape or grad.dtype != s.dtype
+                             or not grad.is_contiguous()):
+        raise ValueError(f"grad buffer {grad.dtype} {tuple(grad.shape)} must be contiguous and "
+                         f"match the student {s.dtype} {tuple(s.shape)}")
+    return _BACKENDS[backend](s, t, mask, spec, need_grad, factor, grad)
 
 
-def _cpp(s, t, mask, spec, need_grad, factor):
+# Backends: (s [N, V], t [N, V], mask [N] bool | None, spec, need_grad, factor, grad buffer or
+# None) -> (row_loss [N], grad); see ``rows``.
+
+
+def _cpp(s, t, mask, spec, need_grad, factor, out=None):
     c = _dispatch.compiled()
     grad_scale = spec.grad_scale * (1.0 if factor is None else float(factor))
     n, vocab = s.shape
     row_loss = torch.empty(n, dtype=torch.float32)
-    grad = _buffers.cpu_empty((n, vocab), s.dtype) if need_grad else None
+    grad = None if not need_grad else out if out is not None else \
+        _buffers.cpu_empty((n, vocab), s.dtype)
     if n:
         c.divergence(
             s.data_ptr(), _DTYPE_CODES[s.dtype], s.stride(0),
@@ -290,10 +314,11 @@ def _cpp(s, t, mask, spec, need_grad, factor):
     return row_loss, grad
 
 
-def _triton(s, t, mask, spec, need_grad, factor):
+def _triton(s, t, mask, spec, need_grad, factor, out=None):
     n, vocab = s.shape
     row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
-    grad = torch.empty((n, vocab), dtype=s.dtype, device=s.device) if need_grad else None
+    grad = None if not need_grad else out if out is not None else \
+        torch.empty((n, vocab), dtype=s.dtype, device=s.device)
     grad_scale, on_device = spec.grad_scale, None
     if isinstance(factor, Tensor):
         on_device = factor.to(torch.float32).reshape(1)
@@ -307,12 +332,13 @@ def _triton(s, t, mask, spec, need_grad, factor):
     return row_loss, grad
 
 
-def _torch(s, t, mask, spec, need_grad, factor):
+def _torch(s, t, mask, spec, need_grad, factor, out=None):
     """Reference: the same closed forms in plain torch, a block of rows at a time."""
     n, vocab = s.shape
     acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
     row_loss = torch.zeros(n, dtype=acc, device=s.device)
-    grad = torch.zeros((n, vocab), dtype=s.dtype, device=s.device) if need_grad else None
+    grad = None if not need_grad else out if out is not None else \
+        torch.zeros((n, vocab), dtype=s.dtype, device=s.device)
     grad_scale = spec.grad_scale if factor is None else spec.grad_scale * factor
     step = max(1, (1 << 22) // vocab)
     for start in range(0, n, step):

@@ -89,31 +89,42 @@ def _buckets(lq: Tensor, lp: Tensor, kind: int, beta: float):
     return row, torch.where(q == 0, 0.0, coef)
 
 
+def rows(student: Tensor, ids: Tensor, logprobs: Tensor, mask: Tensor | None, kind: int,
+         beta: float, *, need_grad: bool = True,
+         scale: float | Tensor = 1.0) -> tuple[Tensor, Tensor | None]:
+    """(per-row loss ``[N]`` fp64, gradient w.r.t. ``student`` ``[N, V]`` in its dtype, times
+    ``scale``, or None), no autograd; ``kind`` is a ``KINDS`` code."""
+    z = student.float()
+    lse = torch.logsumexp(z, dim=-1)
+    # Bucket log-masses in float64: the tails are 1 - (sum of top-k), which fp32 would lose.
+    lqk = (z.gather(-1, ids) - lse[:, None]).double()
+    lpk = logprobs.double()
+    lq = torch.cat([lqk, _log_tail(lqk)], dim=-1)
+    lp = torch.cat([lpk, _log_tail(lpk)], dim=-1)
+    row, coef = _buckets(lq, lp, kind, beta)
+    if mask is not None:
+        row = torch.where(mask, row, 0.0)
+    if not need_grad:
+        return row, None
+    if mask is not None:
+        coef = coef * mask.double()[:, None]
+    coef = (coef * scale).float()
+    # q_j times its bucket's coefficient: the tail's everywhere, then the top-k's.
+    grad = (z - lse[:, None]).exp_().mul_(coef[:, -1:])
+    grad.scatter_(-1, ids, (lqk.exp() * coef[:, :-1]).float())
+    return row, grad.to(student.dtype)
+
+
 class _TopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, ids, logprobs, mask, kind, beta, reduction, factor):
-        z = student.float()
-        lse = torch.logsumexp(z, dim=-1)
-        # Bucket log-masses in float64: the tails are 1 - (sum of top-k), which fp32 would lose.
-        lqk = (z.gather(-1, ids) - lse[:, None]).double()
-        lpk = logprobs.double()
-        lq = torch.cat([lqk, _log_tail(lqk)], dim=-1)
-        lp = torch.cat([lpk, _log_tail(lpk)], dim=-1)
-        row, coef = _buckets(lq, lp, kind, beta)
-        if mask is not None:
-            row = torch.where(mask, row, 0.0)
         # As in divergence: fp16 keeps the reduction's factor out of the saved gradient.
         deferred = student.dtype == torch.float16 and not (isinstance(factor, float)
                                                            and factor == 1.0)
-        if ctx.needs_input_grad[0]:
-            scale = 1.0 if deferred else factor
-            if mask is not None:
-                coef = coef * mask.double()[:, None]
-            coef = (coef * scale).float()
-            # q_j times its bucket's coefficient: the tail's everywhere, then the top-k's.
-            grad = (z - lse[:, None]).exp_().mul_(coef[:, -1:])
-            grad.scatter_(-1, ids, (lqk.exp() * coef[:, :-1]).float())
-            ctx.save_for_backward(grad.to(student.dtype))
+        row, grad = rows(student, ids, logprobs, mask, kind, beta,
+                         need_grad=ctx.needs_input_grad[0], scale=1.0 if deferred else factor)
+        if grad is not None:
+            ctx.save_for_backward(grad)
         ctx.deferred = factor if deferred else None
         out_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         if reduction == "none":
