@@ -17,7 +17,7 @@ LAYERS = [
     {"files", "formatting", "plotting", "versions", "stats"},  # writes, printing, figures, tests
     {"models", "contexts", "framing", "modeling"},  # inputs, and the model as promptbake uses it
     {"decoding"},  # sampling and generation primitives
-    {"trajectories", "config"},
+    {"trajectories", "config", "distributed"},  # distributed: ranks and their sums
     {"artifact", "train", "mc_kl"},  # a bake on disk; the training steps; Monte Carlo KL
     {"bake", "generated", "tasks", "reprompt", "forgetting", "persona", "drift", "tools",
      "lm_eval_adapter"},
@@ -25,7 +25,7 @@ LAYERS = [
     {"export", "compress"},
     {"report"},
     {"pipeline"},  # a pipeline file: the engine, then report and export stages
-    {"cli"},
+    {"cli", "__main__"},  # python -m promptbake
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from promptbake import files, modeling, models
+from promptbake.distributed import SINGLE, World
 from promptbake.framing import Framing
 from promptbake.trajectories import Trajectories
 
@@ -271,16 +272,20 @@ class RunDir:
 
     Files are written under temporary names and renamed; a marker lists what promptbake wrote,
     so ``--overwrite`` never deletes anything else and ``--resume`` knows the bake it continues.
+    In a distributed bake rank 0 writes everything but each rank's share of the trajectories
+    (``trajectories-rank{r}of{n}``), which that rank writes; every rank reads the checkpoint.
     """
 
-    def __init__(self, path: Path | None, identity: str):
+    def __init__(self, path: Path | None, identity: str, world: World = SINGLE):
         self.path = path
         self.identity = identity
         self.resume = False
+        self.world = world
+        self.writes = path is not None and world.writes
 
     @classmethod
     def prepare(cls, out, prompt, config, contexts, model, *, overwrite: bool,
-                resume: bool) -> "RunDir":
+                resume: bool, world: World = SINGLE) -> "RunDir":
         """Checks that the bake may use ``out``; writes nothing (see ``create``)."""
         identity = hashlib.sha256(json.dumps(
             [prompt, dataclasses.asdict(config), contexts_key(contexts),
@@ -289,7 +294,7 @@ class RunDir:
         if out is None:
             if resume:
                 raise ValueError("resume needs the output directory of the bake to continue")
-            return cls(None, identity)
+            return cls(None, identity, world)
         path = Path(out)
         marker = files.read_marker(path)
         if path.exists() and not path.is_dir():
@@ -304,6 +309,10 @@ class RunDir:
                                  f"start again")
             if marker.get("status") == "done":
                 raise ValueError(f"the bake in {path} already finished; --overwrite bakes again")
+            if marker.get("world_size", 1) != world.size:
+                raise ValueError(f"the bake in {path} ran on {marker.get('world_size', 1)} "
+                                 f"process(es) and this run has {world.size}: resume with the "
+                                 f"same number (its trajectories are shared that way)")
         elif populated:
             if not overwrite:
                 raise ValueError(f"output directory {path} exists and is not empty: pass "
@@ -313,14 +322,14 @@ class RunDir:
                 raise ValueError(f"{path} holds files promptbake did not write; refusing to "
                                  f"overwrite it: choose another --out")
         files.check_writable(path)  # now, not after minutes of loading and sampling
-        run = cls(path, identity)
+        run = cls(path, identity, world)
         run.resume = resume
         return run
 
     def create(self, model_sha256: str, held_out: list) -> None:
         """Makes the directory (removing what a previous bake wrote there, when replacing it), or
         checks that a resumed bake has the same base model weights."""
-        if self.path is None:
+        if not self.writes:
             return
         files.remove_temporaries(self.path)  # left by a process killed mid-write
         if self.resume:
@@ -334,7 +343,8 @@ class RunDir:
                 files.remove(self.path / name)
             files.remove(self.path / files.MARKER)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.mark(status="running", files=[HELD_OUT], model_sha256=model_sha256)
+        self.mark(status="running", files=[HELD_OUT], model_sha256=model_sha256,
+                  world_size=self.world.size)
         files.write_text(self.path / HELD_OUT, json.dumps(held_out, ensure_ascii=False))
 
     def mark(self, **changes) -> None:
@@ -348,18 +358,31 @@ class RunDir:
 
     def wrote(self, *names: str) -> None:
         """Records files promptbake writes (or is about to) in the directory."""
-        if self.path is not None:
+        if self.writes:
             self.mark(files=list(names))
 
+    def _share(self, name: str, rank: int) -> str:
+        world = self.world
+        return f"{name}-rank{rank}of{world.size}.safetensors" if world.distributed else \
+            f"{name}.safetensors"
+
     def load_trajectories(self, name: str) -> Trajectories | None:
-        if self.path is None or not (self.path / f"{name}.safetensors").is_file():
+        """This rank's trajectories ``name`` saved by an interrupted run, or None."""
+        if self.path is None or not (self.path / self._share(name, self.world.rank)).is_file():
             return None
-        return Trajectories.load(self.path / f"{name}.safetensors")
+        return Trajectories.load(self.path / self._share(name, self.world.rank))
 
     def save_trajectories(self, name: str, trajectories: Trajectories) -> None:
         if self.path is not None:
+            self.wrote(*[self._share(name, r) for r in range(self.world.size)])
+            trajectories.save(self.path / self._share(name, self.world.rank))
+
+    def save_whole(self, name: str, parts: list[Trajectories]) -> None:
+        """Every rank's share of the samples ``name`` as the one file a one-process bake leaves
+        (``HELD_OUT_SAMPLES``, ``PROBE_SAMPLES``), written by rank 0."""
+        if self.writes:
             self.wrote(f"{name}.safetensors")
-            trajectories.save(self.path / f"{name}.safetensors")
+            Trajectories.merged(parts).save(self.path / f"{name}.safetensors")
 
     def copy_in(self, source: Path, name: str) -> None:
         """Copies ``source / name`` (a file of another bake's directory) into this one."""
@@ -370,7 +393,7 @@ class RunDir:
 
     def checkpoint(self, model, optimizer, schedule, step: int, history: list) -> None:
         """What resuming needs, as safetensors (tensors) and JSON (the rest): no pickle."""
-        if self.path is None:
+        if not self.writes:  # ranks hold the same state: rank 0 saves it
             return
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
@@ -416,7 +439,7 @@ class RunDir:
         return rest["step"], rest["history"]
 
     def snapshot(self, model, step: int) -> None:
-        if self.path is None:
+        if not self.writes:
             return
         name = f"{SNAPSHOTS}/step-{step:06d}"
         self.wrote(SNAPSHOTS)
@@ -424,7 +447,7 @@ class RunDir:
 
     def finish(self, baked: Baked, merge: bool) -> None:
         """The adapter (and with ``merge`` a merged model in ``merged/``), before the manifest."""
-        if self.path is None:
+        if not self.writes:
             return
         save_adapter(baked.model, self.path, self.wrote)
         if merge:
@@ -433,10 +456,15 @@ class RunDir:
         self.wrote(MANIFEST)
 
     def write_manifest(self, manifest: dict) -> None:
+        if not self.writes:
+            return
         manifest["files"] = file_record(self.path)
         files.write_text(self.path / MANIFEST, files.to_json(manifest, indent=2))
         self.mark(status="done")
-        for name in (CHECKPOINT, "trajectories.safetensors"):
+        shares = ("trajectories", "eval_trajectories", "probe_trajectories") \
+            if self.world.distributed else ("trajectories",)
+        for name in [CHECKPOINT] + [self._share(n, r) for n in shares
+                                    for r in range(self.world.size)]:
             files.remove(self.path / name)  # only needed to resume; the adapter is saved
 
 

@@ -22,8 +22,9 @@ import torch
 from promptbake import contexts as contexts_mod, generated, modeling, models, versions
 from promptbake.artifact import HELD_OUT, Baked, RunDir
 from promptbake.config import BakeConfig
+from promptbake.distributed import World, barrier, check_same, gather, rank_zero_first
 from promptbake.framing import Framing, FramingError, prompt_messages, prompt_text
-from promptbake.mc_kl import kl_on, reduction as kl_reduction
+from promptbake.mc_kl import KL, kl_on, reduction as kl_reduction
 from promptbake.modeling import BAKED, BASE
 from promptbake.train import (Clock, Divergence, TrainingLog, attach_lora, batch_plan, for_training,
                               make_optimizer, optimizer_step, progress_bar, sample_trajectories)
@@ -51,19 +52,25 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         progress: show a progress bar (the CLI does).
         record: more entries for the manifest (e.g. the tool specs the prompt was rendered
             from), kept under their own keys.
+
+    Under ``torchrun`` (a process group initialised, ``distributed.World``) every rank runs this
+    with the same arguments: each samples and keeps its share of the contexts, the steps are
+    data parallel, held-out MC-KL is measured on shares and pooled, and rank 0 alone writes.
     """
     config = config or BakeConfig()
     config.validate()
     prompt_messages(prompt)  # a text or a conversation: refused now if it is neither
     contexts = generated.check_spec(contexts)  # pools parsed and checked before any loading
     clock = Clock()
+    world = World.current()
     run = RunDir.prepare(out, prompt, config, contexts, model, overwrite=overwrite,
-                         resume=resume)
+                         resume=resume, world=world)
+    check_same(run.identity, world, "the prompt, settings, contexts or model")
 
     with clock("load"):
         lm, tokenizer, model_dir = models.load(model)
         framing = Framing(tokenizer, prompt, config.framing)
-    with clock("generate"):  # nothing when the contexts are not generated, or were before
+    with clock("generate"), rank_zero_first(world):  # rank 0 fills the cache, the rest read it
         drawn, generation = generated.resolve(
             contexts, prompt, (lm, tokenizer), model_dir, config.seed,
             (config.train_contexts, config.eval_contexts), say=log.info)
@@ -73,59 +80,67 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         probes = contexts_mod.probe(config.probe_contexts) if config.probe_contexts else []
         _check_contexts(framing, train + held_out + probes, lm, config)
         modeling.check_logits(lm, framing.teacher_ids(train[0]))
+        _check_world(world, train, held_out, probes)
         torch.manual_seed(config.seed)
         peft_model = attach_lora(lm, config)
     run.create(models.fingerprint(model_dir), held_out)  # only now that every input checked out
+    barrier(world)  # the directory exists before any rank writes its share
     pad_id = tokenizer.pad_token_id
     prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
+    progress = progress and world.writes
 
     # Trajectories y ~ P_theta(. | u, x), teacher targets recorded as they are drawn (Eq. 3);
-    # and held-out samples to measure the bake on.
-    with clock("sample"), BASE.active(peft_model):
-        trajectories = run.load_trajectories("trajectories")
-        if trajectories is None:
-            trajectories = sample_trajectories(
-                peft_model, tokenizer, [p[0] for p in prefixes], config,
-                config.teacher_cache if config.teacher == "cached" else "none", seed=config.seed,
-                samples=config.samples_per_context, progress=progress,
-                what="sampling trajectories")
-            run.save_trajectories("trajectories", trajectories)
-        held_out_traj = run.load_trajectories("eval_trajectories")
-        if held_out_traj is None:
-            held_out_traj = sample_trajectories(
-                peft_model, tokenizer, [framing.teacher_ids(c) for c in held_out], config, "none",
-                seed=config.seed + 1, samples=1, progress=progress,
-                what="sampling held-out trajectories")
-            run.save_trajectories("eval_trajectories", held_out_traj)
-        probe_traj = run.load_trajectories("probe_trajectories") if probes else None
-        if probes and probe_traj is None:
-            probe_traj = sample_trajectories(
-                peft_model, tokenizer, [framing.teacher_ids(c) for c in probes], config, "none",
-                seed=config.seed + 2, samples=1, progress=progress,
-                what="sampling off-distribution probes")
-            run.save_trajectories("probe_trajectories", probe_traj)
+    # and held-out samples to measure the bake on. A rank draws only its share of the contexts.
+    def sampled(name, prompts, cache, seed, samples, what):
+        found = run.load_trajectories(name)
+        if found is None:
+            found = sample_trajectories(peft_model, tokenizer, prompts, config, cache,
+                                        seed=seed, samples=samples, progress=progress,
+                                        what=what, world=world)
+            run.save_trajectories(name, found)
+        return found
 
-    with clock("measure_before"):  # measured in fp32, whatever the training precision
-        before = kl_on(peft_model, framing, held_out, held_out_traj, {"base": BASE},
-                       pad_id=pad_id)["base"]
-        probe_before = kl_on(peft_model, framing, probes, probe_traj, {"base": BASE},
-                             pad_id=pad_id)["base"] if probes else None
+    with clock("sample"), BASE.active(peft_model):
+        trajectories = sampled(
+            "trajectories", [p[0] for p in prefixes],
+            config.teacher_cache if config.teacher == "cached" else "none", config.seed,
+            config.samples_per_context, "sampling trajectories")
+        held_out_traj = sampled("eval_trajectories", [framing.teacher_ids(c) for c in held_out],
+                                "none", config.seed + 1, 1, "sampling held-out trajectories")
+        probe_traj = sampled("probe_trajectories", [framing.teacher_ids(c) for c in probes],
+                             "none", config.seed + 2, 1,
+                             "sampling off-distribution probes") if probes else None
+
+    if world.distributed:  # the finished directory holds every rank's samples, as one file
+        run.save_whole("eval_trajectories", gather(held_out_traj, world))
+        if probes:
+            run.save_whole("probe_trajectories", gather(probe_traj, world))
+
+    def measured(variant, contexts, samples):  # measured in fp32, pooled over the ranks
+        return KL.merged(gather(kl_on(peft_model, framing, contexts, samples,
+                                      {"kl": variant}, pad_id=pad_id)["kl"], world))
+
+    with clock("measure_before"):
+        before = measured(BASE, held_out, held_out_traj)
+        probe_before = measured(BASE, probes, probe_traj) if probes else None
     log.info("KL(prompted || base) on held-out contexts: %s", before)
 
-    total = config.total_steps(trajectories)
+    total = config.total_steps(trajectories, len(train))
     optimizer, schedule = make_optimizer(peft_model, config, total)
     objective = Divergence(trajectories, prefixes, config, pad_id)
     step, history = run.restore(peft_model, optimizer, schedule)
-    logger = TrainingLog(config, run.path)
-    if config.log_to == "tensorboard":
+    logger = TrainingLog(config if world.writes else dataclasses.replace(config, log_to=None),
+                         run.path)
+    if config.log_to == "tensorboard" and world.writes:
         run.wrote("tensorboard")
     bar = progress_bar(progress, total, "baking", initial=step)
     dtype = config.autocast_dtype(next(peft_model.parameters()).device)
     peft_model.train()
     with clock("train"), for_training(peft_model, dtype):
         while step < total:
-            kl = optimizer_step(peft_model, objective, batch_plan(step, trajectories, config),
-                                optimizer, schedule, config.max_grad_norm)
+            kl = optimizer_step(peft_model, objective,
+                                batch_plan(step, trajectories, config, world, len(train)),
+                                optimizer, schedule, config.max_grad_norm, world)
             step += 1
             history.append([step, kl])
             logger.log(step, kl, schedule.get_last_lr()[0])
@@ -142,10 +157,8 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     peft_model.eval()
 
     with clock("measure_after"):
-        after = kl_on(peft_model, framing, held_out, held_out_traj, {"baked": BAKED},
-                      pad_id=pad_id)["baked"]
-        probe_after = kl_on(peft_model, framing, probes, probe_traj, {"baked": BAKED},
-                            pad_id=pad_id)["baked"] if probes else None
+        after = measured(BAKED, held_out, held_out_traj)
+        probe_after = measured(BAKED, probes, probe_traj) if probes else None
     reduction, reduction_se = kl_reduction(before, after)
     log.info("KL(prompted || baked): %s; reduction %.1f%%", after, 100 * reduction)
 
@@ -163,9 +176,12 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     baked = Baked(peft_model, tokenizer, framing, manifest, run.path, held_out)
     with clock("save"):
         run.finish(baked, config.merge)
+    if world.distributed:
+        manifest["distributed"] = {"world_size": world.size}
     manifest["wall_seconds"] = clock.seconds()
     if run.path is not None:
         run.write_manifest(manifest)
+    barrier(world)  # no rank returns before rank 0 has written the bake
     return baked
 
 
@@ -184,6 +200,16 @@ def _check_contexts(framing: Framing, contexts: list, lm, config: BakeConfig) ->
                                f"the model's window of {window}: shorten the prompt or the "
                                f"context, or lower --max-new-tokens")
 
+
+
+def _check_world(world: World, train: list, held_out: list, probes: list) -> None:
+    if not world.distributed:
+        return
+    fewest = min(len(train), len(held_out), *([len(probes)] if probes else []))
+    if world.size > fewest:
+        raise ValueError(f"{world.size} ranks but only {fewest} contexts in the smallest set "
+                         f"(train {len(train)}, held-out {len(held_out)}, probes {len(probes)}): "
+                         f"every rank needs a share; use at most {fewest} ranks or more contexts")
 
 
 def off_distribution_record(before, after, count: int) -> dict:

@@ -135,9 +135,12 @@ class BakeConfig:
         ``batch_size`` trajectories, rounded to whole contexts, at least one."""
         return max(1, round(self.batch_size / self.samples_per_context))
 
-    def total_steps(self, trajectories: Trajectories) -> int:
+    def total_steps(self, trajectories: Trajectories, contexts: int | None = None) -> int:
+        """``steps``, or ``epochs`` over the training contexts (``contexts``, by default those
+        of ``trajectories``; a distributed rank holds a share of them)."""
         if self.steps is not None:
             return self.steps
         per_step = self.contexts_per_batch() * self.grad_accum
-        return max(1, math.ceil(self.epochs * len(trajectories.by_context()) / per_step))
+        count = len(trajectories.by_context()) if contexts is None else contexts
+        return max(1, math.ceil(self.epochs * count / per_step))
 

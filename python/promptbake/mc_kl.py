@@ -68,6 +68,15 @@ class KL:
         return cls(mean, _finite(se_sequence), per_token, _finite(se_token), n, tokens,
                    list(values), list(lengths), clusters)
 
+    @classmethod
+    def merged(cls, parts: list[KL]) -> KL:
+        """One estimate from parts measured on disjoint contexts (a distributed bake's ranks):
+        the sequences pooled, the errors recomputed over every context."""
+        parts = [p for p in parts if p.sequences]
+        return cls.from_values([v for p in parts for v in p.values],
+                               [k for p in parts for k in p.lengths],
+                               [c for p in parts for c in p.clusters])
+
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("values", "lengths", "clusters")}

@@ -25,6 +25,7 @@ import torch
 from promptbake import modeling
 from promptbake.config import BakeConfig
 from promptbake.decoding import stop_token_ids
+from promptbake.distributed import SINGLE, World, all_sum, sum_gradients
 from promptbake.ops import Hidden, TopK, divergence, linear_divergence
 from promptbake.ops.topk_divergence import topk_divergence
 from promptbake.trajectories import Trajectories, sample
@@ -52,20 +53,28 @@ def attach_lora(lm, config: BakeConfig):
                          f"({err}); name the layers with --target-modules") from err
 
 
+RANK_SEED = 1_000_003  # rank r samples with seed + r * RANK_SEED (rank 0: a one-process bake's)
+
+
 def sample_trajectories(model, tokenizer, prefixes: list[list[int]], config: BakeConfig,
                         cache: str, *, seed: int, samples: int, progress: bool = False,
-                        what: str = "sampling") -> Trajectories:
+                        what: str = "sampling", world: World = SINGLE) -> Trajectories:
     """``samples`` responses per prefix from ``model`` as it stands (the caller chooses the
     teacher: adapter off, the prompt in ``prefixes``), with ``config``'s sampling settings and the
     teacher's distributions recorded as ``cache`` (full, topk or none): Eq. 3's y ~ P(. | u, x).
-    ``progress`` shows a bar labelled ``what``."""
+    ``progress`` shows a bar labelled ``what``. In a distributed bake a rank samples the prefixes
+    it owns (``World.owns``), with its own seed; context indices stay those of ``prefixes``."""
+    owned = [c for c in range(len(prefixes)) if world.owns(c)]
     sampling = dataclasses.replace(config.sampling(), samples_per_context=samples)
-    bar = progress_bar(progress, len(prefixes) * samples, what, unit="seq")
-    traj = sample(model, prefixes, sampling, stop_token_ids(tokenizer, model),
-                  torch.Generator().manual_seed(seed), cache=cache, topk=config.topk,
-                  pad_id=tokenizer.pad_token_id, progress=bar.update if bar is not None else None)
+    bar = progress_bar(progress, len(owned) * samples, what, unit="seq")
+    traj = sample(model, [prefixes[c] for c in owned], sampling, stop_token_ids(tokenizer, model),
+                  torch.Generator().manual_seed(seed + RANK_SEED * world.rank), cache=cache,
+                  topk=config.topk, pad_id=tokenizer.pad_token_id,
+                  progress=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
+    if world.distributed:
+        traj = dataclasses.replace(traj, context_index=[owned[i] for i in traj.context_index])
     return traj
 
 
@@ -94,26 +103,31 @@ def lr_factor(config: BakeConfig, total: int):
     return factor
 
 
-def batch_plan(step: int, trajectories: Trajectories, config: BakeConfig) -> list[list[int]]:
+def batch_plan(step: int, trajectories: Trajectories, config: BakeConfig,
+               world: World = SINGLE, contexts: int | None = None) -> list[list[int]]:
     """The trajectories of optimizer step ``step``, one list per micro-batch.
 
     A micro-batch holds whole contexts, all the samples of each, so they share one forward pass of
     their prompt (``modeling.response_logits``): ``config.contexts_per_batch()`` contexts drawn
     from a fresh permutation every epoch. A pure function of (seed, step), so a resumed run sees exactly
-    the batches an uninterrupted one would.
+    the batches an uninterrupted one would. In a distributed bake ``trajectories`` are this rank's
+    share and ``contexts`` the number of training contexts: the plan is the one-process plan over
+    contexts 0 .. contexts - 1, keeping this rank's contexts (a micro-batch may come out empty).
     """
     samples = trajectories.by_context()
-    contexts = sorted(samples)
+    order_of = sorted(samples) if contexts is None else range(contexts)
     size = config.contexts_per_batch()
     first = step * size * config.grad_accum
     out = []
     for micro in range(config.grad_accum):
         batch = []
         for k in range(first + micro * size, first + (micro + 1) * size):
-            epoch, at = divmod(k, len(contexts))
-            order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(
+            epoch, at = divmod(k, len(order_of))
+            order = torch.randperm(len(order_of), generator=torch.Generator().manual_seed(
                 config.seed * 1_000_003 + epoch))
-            batch.extend(samples[contexts[int(order[at])]])
+            context = order_of[int(order[at])]
+            if world.owns(context):
+                batch.extend(samples[context])
         out.append(batch)
     return out
 
@@ -194,18 +208,24 @@ class Divergence:
 
 
 def optimizer_step(model, objective: Objective, batches: list[list[int]], optimizer, schedule,
-                   max_grad_norm: float) -> float:
+                   max_grad_norm: float, world: World = SINGLE) -> float:
     """One optimizer step over ``batches`` (its micro-batches, from ``batch_plan``): forward and
     backward of ``objective`` on each, the loss averaged over the step's sequences, gradient
-    clipping, the update and the schedule's step. Returns the loss per response token."""
+    clipping, the update and the schedule's step. Returns the loss per response token. In a
+    distributed bake the batches are this rank's share: the sequence count, the gradients and
+    the loss are summed over the ranks, so every rank takes the one-process step."""
     optimizer.zero_grad(set_to_none=True)
-    sequences = sum(len(b) for b in batches)
+    (sequences,) = all_sum([sum(len(b) for b in batches)], world)
     total, tokens = 0.0, 0
     for batch in batches:
+        if not batch:  # none of this micro-batch's contexts is this rank's
+            continue
         loss, n = objective(model, batch)
         (loss / sequences).backward()
         total, tokens = total + float(loss.detach()), tokens + n
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    sum_gradients(params, world)
+    total, tokens = all_sum([total, tokens], world)
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     schedule.step()

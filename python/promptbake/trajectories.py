@@ -91,6 +91,36 @@ class Trajectories:
         offsets = self.offsets
         return torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
 
+    def select(self, keep) -> Trajectories:
+        """The trajectories of the contexts ``keep(c)`` is true for, with their teacher cache;
+        context indices stay as they were (a rank's share of a distributed bake)."""
+        chosen = [k for k, c in enumerate(self.context_index) if keep(c)]
+        rows = self.rows(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+        targets = [None if t is None else t[rows]
+                   for t in (self.full_logprobs, self.topk_ids, self.topk_logprobs)]
+        return Trajectories([self.context_index[k] for k in chosen],
+                            [self.responses[k] for k in chosen], self.cache, *targets)
+
+    @classmethod
+    def merged(cls, parts: list[Trajectories]) -> Trajectories:
+        """Several ranks' trajectories (disjoint contexts, one cache kind) as one, in context
+        order: what a one-process bake would hold."""
+        order = sorted(((c, p, k) for p, part in enumerate(parts)
+                        for k, c in enumerate(part.context_index)), key=lambda x: (x[0], x[1]))
+        caches = {part.cache for part in parts}
+        if len(caches) != 1:
+            raise ValueError(f"cannot merge trajectories with different caches {sorted(caches)}")
+        rows = [(parts[p], k) for _, p, k in order]
+
+        def joined(field):
+            if getattr(parts[0], field) is None:
+                return None
+            return torch.cat([getattr(part, field)[part.rows([k])] for part, k in rows])
+
+        return cls([c for c, _, _ in order], [part.responses[k] for part, k in rows],
+                   caches.pop(), joined("full_logprobs"), joined("topk_ids"),
+                   joined("topk_logprobs"))
+
     def save(self, path: Path) -> None:
         tensors = {k: v.contiguous() for k, v in (("full_logprobs", self.full_logprobs),
                                                   ("topk_ids", self.topk_ids),

@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import promptbake
 from promptbake.ops import divergence
-from promptbake.ops.linear_divergence import Hidden, TopK, linear_divergence, rows_per_block
+from promptbake.ops.linear_divergence import (MIN_ROWS, Hidden, TopK, linear_divergence,
+                                              rows_per_block)
 from promptbake.ops.topk_divergence import topk_divergence
 
 BACKENDS = [name for name, info in promptbake.backends().items() if info.available]
@@ -222,12 +223,12 @@ def test_never_holds_n_by_v(backend):
 
 
 def test_block_size_follows_the_budget():
-    assert rows_per_block(1000, torch.float32, torch.empty(0), False, 8000 * 100) == 100
-    assert rows_per_block(1000, torch.bfloat16, torch.empty(0), False, 4000 * 100) == 100
-    assert rows_per_block(10**6, torch.float32, torch.empty(0), False, 10) == 1
-    hidden, weight, teacher, _ = case(n=30, seed=10)
+    assert rows_per_block(1000, torch.float32, torch.empty(0), False, 8000 * 1000) == 1000
+    assert rows_per_block(1000, torch.bfloat16, torch.empty(0), False, 4000 * 1000) == 1000
+    assert rows_per_block(10**6, torch.float32, torch.empty(0), False, 10) == MIN_ROWS
+    hidden, weight, teacher, _ = case(n=300, seed=10)
     small = linear_divergence(hidden.float(), weight.float(), teacher.float(),
-                              memory_budget=8 * 101 * 7)  # 7 rows per block
+                              memory_budget=8 * 101 * 270)  # 270 rows per block
     whole = linear_divergence(hidden.float(), weight.float(), teacher.float())
     close(small, whole, 1e-6, 1e-7)
 

@@ -11,6 +11,7 @@ from promptbake.bake import bake
 from promptbake.cli.arguments import Help, read_prompt, split_list
 from promptbake.config import (LOGGERS, LOSSES, PRECISIONS, SCHEDULES, TEACHER_CACHES, TEACHERS,
                                BakeConfig)
+from promptbake.distributed import World
 from promptbake.formatting import pct, pm
 from promptbake.framing import STUDENT_FRAMINGS
 from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve
@@ -139,6 +140,7 @@ def _bake(args) -> int:
     if "target_modules" in options:
         options["target_modules"] = split_list(options["target_modules"])
     config = BakeConfig(**options)
+    world = World.from_env()  # under torchrun: join the other ranks (gloo on CPU, NCCL on GPU)
     run = dict(model=args.model, contexts=args.contexts, config=config, out=args.out,
                overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     if args.tools:
@@ -149,6 +151,8 @@ def _bake(args) -> int:
               f"{made['contexts']['with_results']} conversations with a result)")
     else:
         baked = bake(read_prompt(args), **run)
+    if not world.writes:
+        return 0  # rank 0 prints the summary
     kl = baked.manifest["kl"]
     before, after = kl["before"], kl["after"]
     for label, found in (("KL(prompted || base) ", before), ("KL(prompted || baked)", after)):
