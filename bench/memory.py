@@ -169,7 +169,7 @@ def _mb(x):
 
 def _tables(result) -> tuple[list[str], list[list], list[str], list[list]]:
     headers = ["device", "dtype", "N x V x H", "contender", "ms (median)", "peak extra MB",
-               "|loss diff|", "max |grad diff|"]
+               "loss diff (abs)", "max grad diff (abs)"]
     rows = [[r["device"], r["dtype"], f"{r['n']}x{r['vocab']}x{r['width']}", r["contender"],
              f"{r['seconds']['median'] * 1e3:.0f}", _mb(r["peak_extra_bytes"]),
              f"{r['loss_diff_vs_eager']:.1e}", f"{r['grad_max_diff_vs_eager']:.1e}"]
