@@ -169,42 +169,42 @@ class Divergence:
         dtype = config.autocast_dtype(device)
         student_ids = [self.prefixes[c][1] for c in groups]
         options = dict(kind=config.loss, beta=config.beta, reduction="sum")
-        # A frozen LM head is applied inside the loss, a block of rows at a time: the student's
-        # N x V logits and their gradient are never held (ops.linear_divergence).
         head = modeling.fused_head(model)
-        if head is None:
-            return self._unfused(model, student_ids, groups, responses, rows, dtype, options)
-        if config.teacher == "live":
-            with torch.no_grad(), modeling.adapter(model, enabled=False):
-                teacher = Hidden(modeling.response_hidden(
-                    model, [self.prefixes[c][0] for c in groups], responses, pad_id, dtype), head)
-        elif trajectories.cache == "full":  # recorded targets live in host memory
-            teacher = trajectories.full_logprobs[rows]
-        else:
-            teacher = TopK(trajectories.topk_ids[rows], trajectories.topk_logprobs[rows])
-        hidden = modeling.response_hidden(model, student_ids, responses, pad_id, dtype)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = linear_divergence(hidden, head, teacher, **options,
-                                     teacher_is_logprobs=config.teacher != "live")
-        return loss, hidden.shape[0]
-
-    def _unfused(self, model, student_ids, groups, responses, rows, dtype, options):
-        """The loss on the student's logits, for heads ``fused_head`` does not take."""
-        trajectories, config, pad_id = self.trajectories, self.config, self.pad_id
+        teacher = self._teacher(model, groups, responses, rows, dtype, head)
+        logprobs = config.teacher != "live"
+        if head is not None:
+            # The frozen LM head is applied inside the loss, a block of rows at a time: the
+            # student's N x V logits and their gradient are never held (ops.linear_divergence).
+            hidden = modeling.response_hidden(model, student_ids, responses, pad_id, dtype)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = linear_divergence(hidden, head, teacher, teacher_is_logprobs=logprobs,
+                                         **options)
+            return loss, hidden.shape[0]
         student = modeling.response_logits(model, student_ids, responses, pad_id, dtype)
-        if config.teacher == "live":
-            with torch.no_grad(), modeling.adapter(model, enabled=False):
-                teacher = modeling.response_logits(model, [self.prefixes[c][0] for c in groups],
-                                                   responses, pad_id, dtype)
-            loss = divergence(student, teacher, **options)
-        elif trajectories.cache == "full":
-            loss = divergence(student, trajectories.full_logprobs[rows].to(student.device),
-                              teacher_is_logprobs=True, **options)
-        else:
-            loss = topk_divergence(student, trajectories.topk_ids[rows].to(student.device),
-                                   trajectories.topk_logprobs[rows].to(student.device),
+        if isinstance(teacher, TopK):
+            loss = topk_divergence(student, teacher.ids.to(device), teacher.logprobs.to(device),
                                    **options)
+        else:
+            loss = divergence(student, teacher.to(device), teacher_is_logprobs=logprobs,
+                              **options)
         return loss, student.shape[0]
+
+    def _teacher(self, model, groups, responses, rows, dtype, head):
+        """The teacher's targets for the batch's rows: the recorded cache (full log-probs, which
+        live in host memory, or ``TopK``), or with a live teacher the model with its adapter off:
+        its hidden states for a fused ``head`` (``Hidden``), else its logits."""
+        trajectories = self.trajectories
+        if self.config.teacher == "live":
+            prefixes = [self.prefixes[c][0] for c in groups]
+            with torch.no_grad(), modeling.adapter(model, enabled=False):
+                if head is None:
+                    return modeling.response_logits(model, prefixes, responses, self.pad_id,
+                                                    dtype)
+                return Hidden(modeling.response_hidden(model, prefixes, responses, self.pad_id,
+                                                       dtype), head)
+        if trajectories.cache == "full":
+            return trajectories.full_logprobs[rows]
+        return TopK(trajectories.topk_ids[rows], trajectories.topk_logprobs[rows])
 
 
 def optimizer_step(model, objective: Objective, batches: list[list[int]], optimizer, schedule,
