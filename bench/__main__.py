@@ -26,6 +26,9 @@ SUITES = {
               "at N x V x H = 4096 x 49152 x 576 and 2048 x 128256 x 2048, fp32 and bf16",
     "bake": "the README's persona baked into the default model: phases, MC-KL before and "
             "after, and promptbake's loop against a reference loop on the same trajectories",
+    "scale": "the same bake on 1 process and on 2 gloo ranks, data parallel and FSDP2, on the "
+             "default model and a config-built 1.1B Llama: phase times, bytes per collective "
+             "per step, resident memory per rank, the 8-rank projection from those bytes",
     "sparse": "SparseLinear against dense F.linear on the default model's layer shapes at 50%, "
               "70%, 90% and 2:4 sparsity, batch 1 and 8, weights streamed from memory and in cache",
     "evaluate": "what a bake did: re-prompt matrices, forgetting across the task suite, persona "

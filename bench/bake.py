@@ -5,16 +5,19 @@
 2. Side by side on the same trajectories, LoRA initialisation, batches and hyperparameters:
    promptbake's training loop (teacher distributions cached while sampling, the fused divergence,
    each context's prompt run once for its samples, the LM head on response positions only, eager
-   attention on CPU, bf16 matmuls where the CPU has them; and the same in fp32) and a reference
-   loop in the style of the original authors' code (a live teacher forward every step, full
-   logits, eager ``log_softmax`` + ``kl_div``, fp32). Held-out KL is measured every few steps
-   (outside the training clocks); the ratio is of the training wall time each needs to reach the
-   same held-out KL.
+   attention on CPU, bf16 matmuls where the CPU has them, the LM head fused with the loss; the
+   same with the head unfused (``PROMPTBAKE_FUSED_HEAD=0``: the student's N x V logits held, as
+   before ``ops.linear_divergence``); and the same in fp32) and a reference loop in the style of
+   the original authors' code (a live teacher forward every step, full logits, eager
+   ``log_softmax`` + ``kl_div``, fp32). Held-out KL is measured every few steps (outside the
+   training clocks); the ratio is of the training wall time each needs to reach the same
+   held-out KL. Each loop's peak resident memory while training, above what was resident before
+   it, is measured too, and the whole bake's.
 3. The baked adapter measured again on every held-out context (58, fresh samples, another
    seed): the bake's own figure uses its first 24, and close calls need the smaller
    error.
 
-Targets: whole bake <= 5 minutes; held-out KL reduction >= 90%; >= 2x faster than the
+Targets: whole bake <= 5 minutes; held-out KL reduction >= 90%; >= 5x faster than the
 reference loop to the same KL.
 """
 
@@ -23,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import os
 import tempfile
 import time
 
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 import harness
 import promptbake
 from promptbake import BakeConfig, contexts as contexts_mod, mc_kl, models
+from promptbake.modeling import FUSED_HEAD_ENV
 from promptbake.framing import Framing, align
 from promptbake.modeling import BAKED, BASE
 from promptbake.persona import pirate
@@ -43,7 +49,8 @@ QUESTIONS = ["What is the capital of France?", "How do I boil an egg?",
              "Can you recommend a good book?"]
 TARGET_MINUTES = 5.0
 TARGET_REDUCTION = 0.90
-TARGET_SPEEDUP = 2.0
+TARGET_SPEEDUP = 5.0
+LOOPS = ("promptbake", "promptbake-unfused", "promptbake-fp32", "reference")
 
 
 def run(args, log) -> dict:
@@ -54,11 +61,19 @@ def run(args, log) -> dict:
               "config": dataclasses.asdict(config)}
 
     log("  the bake, as `promptbake bake` runs it")
+    measures_memory = harness.can_measure_memory()
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        baked = promptbake.bake(PROMPT, config=config, out=f"{tmp}/baked")
-        whole = time.perf_counter() - start
-        result["whole_bake_seconds"] = whole
+        made = {}
+
+        def whole_bake():
+            start = time.perf_counter()
+            made["baked"] = promptbake.bake(PROMPT, config=config, out=f"{tmp}/baked")
+            made["seconds"] = time.perf_counter() - start
+
+        result["whole_bake_peak_extra_bytes"] = harness.peak_extra_bytes(whole_bake) \
+            if measures_memory else None
+        baked = made["baked"]
+        result["whole_bake_seconds"] = made["seconds"]
         result["manifest"] = baked.manifest
         result["answers"] = [{"question": q, **{v: baked.generate(q, variant=v, max_new_tokens=48)
                                                for v in ("base", "prompted", "baked")}}
@@ -120,9 +135,22 @@ def side_by_side(config: BakeConfig, log) -> dict:
         optimizer.step()
         schedule.step()
 
+    def train_segment(name, model, objective, optimizer, schedule, setting, dtype, segment,
+                      step_seconds):
+        with contextlib.nullcontext() if name == "reference" else \
+                for_training(model, dtype), unfused(name == "promptbake-unfused"):
+            for step in segment:
+                begin = time.perf_counter()
+                if name == "reference":
+                    reference_step(model, optimizer, schedule, step)
+                else:
+                    optimizer_step(model, objective, batch_plan(step, trajectories, setting),
+                                   optimizer, schedule, setting.max_grad_norm)
+                step_seconds.append(time.perf_counter() - begin)
+
     fp32 = dataclasses.replace(config, precision="fp32")
     loops = {}
-    for name in ("promptbake", "promptbake-fp32", "reference"):
+    for name in LOOPS:
         log(f"    {name}: {total} steps")
         torch.manual_seed(config.seed)
         model = attach_lora(copy.deepcopy(lm), config)
@@ -130,28 +158,25 @@ def side_by_side(config: BakeConfig, log) -> dict:
         setting = fp32 if name == "promptbake-fp32" else config
         objective = Divergence(trajectories, prefixes, setting, pad)
         dtype = setting.autocast_dtype(torch.device("cpu"))
-        done, clock, curve, step_seconds = 0, 0.0, [], []
+        done, clock, curve, step_seconds, peak = 0, 0.0, [], [], 0
         while done < total:  # timed segments of training, each followed by an untimed check
             segment = range(done, min(done + every, total))
             model.train()
+
+            run = functools.partial(train_segment, name, model, objective, optimizer, schedule,
+                                    setting, dtype, segment, step_seconds)
             start = time.perf_counter()  # promptbake's set-up (for_training) counts too
-            with contextlib.nullcontext() if name == "reference" else \
-                    for_training(model, dtype):
-                for step in segment:
-                    begin = time.perf_counter()
-                    if name == "reference":
-                        reference_step(model, optimizer, schedule, step)
-                    else:
-                        optimizer_step(model, objective, batch_plan(step, trajectories, setting),
-                                       optimizer, schedule, setting.max_grad_norm)
-                    step_seconds.append(time.perf_counter() - begin)
+            if harness.can_measure_memory():  # the peak while training, above what was before
+                peak = max(peak, harness.peak_extra_bytes(run))
+            else:
+                run()
             clock += time.perf_counter() - start
             done = segment.stop
             model.eval()
             kl = mc_kl.kl_on(model, framing, held_out, held_traj, {"b": BAKED}, pad_id=pad)["b"]
             curve.append({"step": done, "train_seconds": clock, "kl": kl.to_dict(),
                           "reduction": mc_kl.reduction(before, kl)[0]})
-        loops[name] = {"curve": curve,
+        loops[name] = {"curve": curve, "train_peak_extra_bytes": peak,
                        "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2]}
         del model
     # The same KL for all: the worst of the final ones, which every loop reaches.
@@ -163,8 +188,24 @@ def side_by_side(config: BakeConfig, log) -> dict:
     return {"before": before.to_dict(), "steps": total, "target_kl_per_sequence": target,
             "precision": "bf16" if config.autocast_dtype(torch.device("cpu")) else "fp32",
             "speedup": reference / loops["promptbake"]["seconds_to_target"],
+            "speedup_unfused": reference / loops["promptbake-unfused"]["seconds_to_target"],
             "speedup_fp32": reference / loops["promptbake-fp32"]["seconds_to_target"],
             "loops": loops}
+
+
+@contextlib.contextmanager
+def unfused(enabled: bool):
+    """The LM head applied before the loss, its N x V logits held (as before the fused head)."""
+    saved = os.environ.get(FUSED_HEAD_ENV)
+    if enabled:
+        os.environ[FUSED_HEAD_ENV] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(FUSED_HEAD_ENV, None)
+        else:
+            os.environ[FUSED_HEAD_ENV] = saved
 
 
 def _padded(sequences, pad):
@@ -175,6 +216,10 @@ def _padded(sequences, pad):
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _mb(x) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.0f}"
 
 
 def checks(result) -> list[dict]:
@@ -191,6 +236,7 @@ def checks(result) -> list[dict]:
          "pass": every["reduction"] >= TARGET_REDUCTION},
         {"target": f">= {TARGET_SPEEDUP:g}x faster than the reference loop to the same KL",
          "measured": f"{result['loops']['speedup']:.2f}x ({result['loops']['precision']}; "
+                     f"{result['loops']['speedup_unfused']:.2f}x with the head unfused, "
                      f"{result['loops']['speedup_fp32']:.2f}x in fp32)",
          "pass": result["loops"]["speedup"] >= TARGET_SPEEDUP},
     ]
@@ -222,10 +268,15 @@ def report(result) -> str:
                          f"{100 * p['reduction']:.1f}%"])
     lines.append(f"side by side, {side['steps']} steps on the same trajectories; median step: " +
                  ", ".join(f"{n} {i['step_seconds_median']:.2f} s" for n, i in loops.items()))
+    lines.append("peak resident memory while training, above the loop's start: " + ", ".join(
+        f"{n} {_mb(i.get('train_peak_extra_bytes'))} MB" for n, i in loops.items())
+        + f"; the whole bake: {_mb(result.get('whole_bake_peak_extra_bytes'))} MB above the "
+        f"process's start")
     lines.append(harness.table(["loop", "step", "train s", "held-out KL/token", "reduction"], body))
     lines.append(f"time to the same held-out KL ({side['target_kl_per_sequence']:.2f} nats/sequence): " +
                  ", ".join(f"{n} {i['seconds_to_target']:.0f} s" for n, i in loops.items()) +
                  f" -> {side['speedup']:.2f}x ({side['precision']} matmuls), "
+                 f"{side['speedup_unfused']:.2f}x with the head unfused, "
                  f"{side['speedup_fp32']:.2f}x with fp32 matmuls")
     lines.append("")
     for a in result["answers"]:
@@ -254,7 +305,13 @@ def markdown(result) -> str:
              f"held-out samples; phases: " + ", ".join(
                  f"{k} {v:.0f} s" for k, v in result["manifest"]["wall_seconds"].items())
              + f"; median training step {loops['promptbake']['step_seconds_median']:.2f} s "
-             f"(reference {loops['reference']['step_seconds_median']:.2f} s)."]
+             f"(head unfused {loops['promptbake-unfused']['step_seconds_median']:.2f} s, "
+             f"reference {loops['reference']['step_seconds_median']:.2f} s); peak resident "
+             f"memory while training {_mb(loops['promptbake']['train_peak_extra_bytes'])} MB "
+             f"above the loop's start (head unfused "
+             f"{_mb(loops['promptbake-unfused']['train_peak_extra_bytes'])} MB, reference "
+             f"{_mb(loops['reference']['train_peak_extra_bytes'])} MB); the whole bake "
+             f"{_mb(result.get('whole_bake_peak_extra_bytes'))} MB above the process's start."]
     return "\n".join(lines)
 
 
@@ -265,7 +322,8 @@ def plot(result, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, style in (("promptbake", "o-"), ("promptbake-fp32", "^-"), ("reference", "s--")):
+    for name, style in (("promptbake", "o-"), ("promptbake-unfused", "x-"),
+                        ("promptbake-fp32", "^-"), ("reference", "s--")):
         curve = result["loops"]["loops"][name]["curve"]
         axes[0].plot([p["train_seconds"] for p in curve], [p["kl"]["per_token"] for p in curve],
                      style, label=name)

@@ -368,3 +368,24 @@ def test_bad_context_specs_are_refused_before_anything_is_written(tiny_dir, tmp_
         with pytest.raises(ContextError, match=message):
             bake(prompt, model=tiny_dir, contexts=spec, config=tiny_config(), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here: runs where CUDA exists")
+def test_bake_on_the_gpu_matches_the_cpu(tiny_dir, prompt):
+    """The default device is the GPU when there is one; the bake there follows the CPU's."""
+    cfg = tiny_config(precision="fp32")
+    on_gpu = bake(prompt, model=tiny_dir, config=cfg)
+    assert next(on_gpu.model.parameters()).device.type == "cuda"
+    on_cpu = bake(prompt, model=tiny_dir, config=cfg, device="cpu")
+    assert on_gpu.manifest["kl"]["before"]["per_token"] == pytest.approx(
+        on_cpu.manifest["kl"]["before"]["per_token"], rel=1e-3)
+    assert on_gpu.manifest["kl"]["reduction"] == pytest.approx(
+        on_cpu.manifest["kl"]["reduction"], abs=0.02)
+
+
+def test_a_gpu_that_is_not_there_is_a_clear_error(tiny_dir, prompt, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="torch sees no GPU"):
+        bake(prompt, model=tiny_dir, config=tiny_config(), out=tmp_path / "b", device="cuda")
+    assert not (tmp_path / "b").exists()

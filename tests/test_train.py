@@ -118,7 +118,8 @@ def test_fused_head_gives_the_loss_and_gradients_of_the_logits(setup, tokenizer,
         return float(loss.detach()), n, torch.autograd.grad(loss, lora)
 
     fused = loss_and_grads()
-    monkeypatch.setattr(modeling, "fused_head", lambda model: None)
+    monkeypatch.setenv(modeling.FUSED_HEAD_ENV, "0")  # the unfused path, as a user turns it on
+    assert modeling.fused_head(model) is None
     unfused = loss_and_grads()
     assert fused[1] == unfused[1] and fused[0] > 0
     # bf16: the same roundings (logits, then their gradient, each rounded once to bf16)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from promptbake import files, modeling, models
-from promptbake.distributed import SINGLE, World
+from promptbake.distributed import SINGLE, World, full, full_lora_state, like
 from promptbake.framing import Framing
 from promptbake.trajectories import Trajectories
 
@@ -392,17 +392,18 @@ class RunDir:
                              lambda tmp: tmp.write_bytes((Path(source) / name).read_bytes()))
 
     def checkpoint(self, model, optimizer, schedule, step: int, history: list) -> None:
-        """What resuming needs, as safetensors (tensors) and JSON (the rest): no pickle."""
-        if not self.writes:  # ranks hold the same state: rank 0 saves it
-            return
+        """What resuming needs, as safetensors (tensors) and JSON (the rest): no pickle. A
+        sharded model's tensors are gathered whole first (every rank takes part)."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        tensors = {f"adapter/{k}": v.contiguous() for k, v in
+        tensors = {f"adapter/{k}": full(v).contiguous() for k, v in
                    get_peft_model_state_dict(model).items()}
         optim = optimizer.state_dict()
         for index, state in optim["state"].items():
-            tensors.update({f"optimizer/{index}/{k}": v for k, v in state.items()})
+            tensors.update({f"optimizer/{index}/{k}": full(v) for k, v in state.items()})
+        if not self.writes:  # ranks hold the same state: rank 0 saves it
+            return
         tensors["rng"] = torch.get_rng_state()
         rest = {"param_groups": optim["param_groups"], "schedule": schedule.state_dict(),
                 "optimizer_state": {str(i): sorted(st) for i, st in optim["state"].items()},
@@ -420,17 +421,20 @@ class RunDir:
                              f"again with --overwrite")
         if not (self.path / CHECKPOINT).is_file():
             return 0, []
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         with safe_open(str(self.path / CHECKPOINT), framework="pt") as f:
             rest = json.loads(f.metadata()["state"])
         tensors = load_file(str(self.path / CHECKPOINT))
-        set_peft_model_state_dict(model, {k[len("adapter/"):]: v for k, v in tensors.items()
-                                          if k.startswith("adapter/")})
+        current = get_peft_model_state_dict(model)  # a sharded model's tensors are sharded back
+        set_peft_model_state_dict(model, {k[len("adapter/"):]: like(v, current[k[len("adapter/"):]])
+                                          for k, v in tensors.items() if k.startswith("adapter/")})
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.load_state_dict({
-            "state": {int(i): {k: tensors[f"optimizer/{i}/{k}"] for k in keys}
+            "state": {int(i): {k: like(tensors[f"optimizer/{i}/{k}"], params[int(i)])
+                               for k in keys}
                       for i, keys in rest["optimizer_state"].items()},
             "param_groups": rest["param_groups"]})
         schedule.load_state_dict(rest["schedule"])
@@ -439,17 +443,20 @@ class RunDir:
         return rest["step"], rest["history"]
 
     def snapshot(self, model, step: int) -> None:
+        state = full_lora_state(model)  # a sharded model's adapter, gathered on every rank
         if not self.writes:
             return
         name = f"{SNAPSHOTS}/step-{step:06d}"
         self.wrote(SNAPSHOTS)
-        files.replace_dir(self.path / name, lambda tmp: model.save_pretrained(tmp))
+        files.replace_dir(self.path / name, lambda tmp: model.save_pretrained(
+            tmp, **({} if state is None else {"state_dict": state})))
 
     def finish(self, baked: Baked, merge: bool) -> None:
         """The adapter (and with ``merge`` a merged model in ``merged/``), before the manifest."""
+        state = full_lora_state(baked.model)  # a sharded model's adapter, gathered on every rank
         if not self.writes:
             return
-        save_adapter(baked.model, self.path, self.wrote)
+        save_adapter(baked.model, self.path, self.wrote, state)
         if merge:
             self.wrote("merged")
             write_merged(baked, self.path / "merged", baked.strength)
@@ -493,10 +500,12 @@ def contexts_key(contexts) -> str:
     return json.dumps(contexts, sort_keys=True, default=str)
 
 
-def save_adapter(model, path: Path, record) -> None:
+def save_adapter(model, path: Path, record, state: dict | None = None) -> None:
     """The PEFT adapter files at the top of ``path`` (peft.PeftModel.from_pretrained loads it);
-    ``record(*names)`` hears of them before they appear."""
-    files.write_into(path, model.save_pretrained, lambda names: record(*names))
+    ``record(*names)`` hears of them before they appear. ``state``: the LoRA tensors to write
+    in place of the model's own (a sharded model's, gathered whole)."""
+    files.write_into(path, lambda tmp: model.save_pretrained(
+        tmp, **({} if state is None else {"state_dict": state})), lambda names: record(*names))
 
 
 def snapshot_steps(path) -> list[tuple[int, Path]]:

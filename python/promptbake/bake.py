@@ -22,7 +22,7 @@ import torch
 from promptbake import contexts as contexts_mod, generated, modeling, models, versions
 from promptbake.artifact import HELD_OUT, Baked, RunDir
 from promptbake.config import BakeConfig
-from promptbake.distributed import World, barrier, check_same, gather, rank_zero_first
+from promptbake.distributed import World, barrier, check_same, gather, rank_zero_first, shard
 from promptbake.framing import Framing, FramingError, prompt_messages, prompt_text
 from promptbake.mc_kl import KL, kl_on, reduction as kl_reduction
 from promptbake.modeling import BAKED, BASE
@@ -35,7 +35,7 @@ log = logging.getLogger("promptbake")
 def bake(prompt: str, model: str | Path | None = None, contexts=None,
          config: BakeConfig | None = None, *, out: str | Path | None = None,
          overwrite: bool = False, resume: bool = False, progress: bool = False,
-         record: dict | None = None) -> Baked:
+         record: dict | None = None, fsdp: bool = False, device: str | None = None) -> Baked:
     """Bakes ``prompt`` into a LoRA adapter on ``model`` (default: SmolLM2-135M-Instruct).
 
     Args:
@@ -52,6 +52,13 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         progress: show a progress bar (the CLI does).
         record: more entries for the manifest (e.g. the tool specs the prompt was rendered
             from), kept under their own keys.
+        fsdp: under torchrun, shard the decoder layers over the ranks with FSDP2
+            (``distributed.shard``) for a model one device cannot hold; the result is the same
+            as without (to floating-point tolerance). Not with ``config.merge``: merge after
+            the bake (``promptbake export``).
+        device: where to bake ("cpu", "cuda", "cuda:1"); None: this rank's GPU when there is
+            one (under torchrun, the one its LOCAL_RANK names), else the CPU. With ``fsdp``
+            each rank's shards go there.
 
     Under ``torchrun`` (a process group initialised, ``distributed.World``) every rank runs this
     with the same arguments: each samples and keeps its share of the contexts, the steps are
@@ -63,12 +70,23 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     contexts = generated.check_spec(contexts)  # pools parsed and checked before any loading
     clock = Clock()
     world = World.current()
+    if device is not None and torch.device(device).type == "cuda" and \
+            not torch.cuda.is_available():
+        raise ValueError(f"--device {device}, but torch sees no GPU (a CPU build of torch, or "
+                         f"no driver): drop --device to bake on the CPU, or install torch's "
+                         f"CUDA build")
+    if fsdp and config.merge:
+        raise ValueError("--merge needs the whole model on one rank and --fsdp shards it: bake "
+                         "with --fsdp alone, then merge with promptbake export DIR --format safetensors --out MERGED")
     run = RunDir.prepare(out, prompt, config, contexts, model, overwrite=overwrite,
                          resume=resume, world=world)
-    check_same(run.identity, world, "the prompt, settings, contexts or model")
+    check_same((run.identity, fsdp), world, "the prompt, settings, contexts, model or --fsdp")
 
+    place = torch.device(device) if device is not None else world.device
     with clock("load"):
         lm, tokenizer, model_dir = models.load(model)
+        if not fsdp:  # sharded, each rank's shards go to the device (distributed.shard)
+            lm.to(place)
         framing = Framing(tokenizer, prompt, config.framing)
     with clock("generate"), rank_zero_first(world):  # rank 0 fills the cache, the rest read it
         drawn, generation = generated.resolve(
@@ -83,6 +101,8 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         _check_world(world, train, held_out, probes)
         torch.manual_seed(config.seed)
         peft_model = attach_lora(lm, config)
+        if fsdp:
+            world = shard(peft_model, world, place)
     run.create(models.fingerprint(model_dir), held_out)  # only now that every input checked out
     barrier(world)  # the directory exists before any rank writes its share
     pad_id = tokenizer.pad_token_id
@@ -118,7 +138,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
 
     def measured(variant, contexts, samples):  # measured in fp32, pooled over the ranks
         return KL.merged(gather(kl_on(peft_model, framing, contexts, samples,
-                                      {"kl": variant}, pad_id=pad_id)["kl"], world))
+                                      {"kl": variant}, pad_id=pad_id, world=world)["kl"], world))
 
     with clock("measure_before"):
         before = measured(BASE, held_out, held_out_traj)
@@ -177,7 +197,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     with clock("save"):
         run.finish(baked, config.merge)
     if world.distributed:
-        manifest["distributed"] = {"world_size": world.size}
+        manifest["distributed"] = {"world_size": world.size, "fsdp": world.sharded}
     manifest["wall_seconds"] = clock.seconds()
     if run.path is not None:
         run.write_manifest(manifest)

@@ -8,6 +8,14 @@ cache. An optimizer step's micro-batches are the one-process plan (``train.batch
 rank computing its own contexts' share; the LoRA gradients are then summed across ranks in one
 all-reduce of a flat buffer (data parallel, as DDP does), so every rank takes the same step and
 the run equals a one-process run on the same trajectories.
+
+With ``shard`` (``--fsdp``) the decoder layers are sharded with FSDP2 (``fully_shard``): each
+rank keeps 1/N of every frozen base weight and LoRA parameter, a layer gathers its weights for
+each forward and backward pass, and the LoRA gradients come back summed and sharded. A sharded
+layer's forward is a collective, so the ranks' passes must pair up: loops over data ask ``more``
+whether any rank has work left, and a rank that has none runs ``idle`` (or a stand-in batch
+whose result it drops) until the others finish. Tensors written to disk are gathered whole
+first (``full``); read back, they are sharded like the parameter they belong to (``like``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    sharded: bool = False  # the model's layers are sharded over the ranks (FSDP2, ``shard``)
 
     @property
     def distributed(self) -> bool:
@@ -38,6 +47,14 @@ class World:
     def writes(self) -> bool:
         """Only rank 0 writes files."""
         return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank computes: its GPU when there is one (``from_env`` made torchrun's
+        ``LOCAL_RANK`` the current device), else the CPU."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def owns(self, context: int) -> bool:
         return context % self.size == self.rank
@@ -129,6 +146,94 @@ def sum_gradients(params: list[torch.Tensor], world: World) -> int:
         p.grad = flat[at:at + n].view_as(p).to(p.dtype)
         at += n
     return flat.numel() * flat.element_size()
+
+
+def shard(model, world: World, device: torch.device | None = None) -> World:
+    """Shards ``model``'s decoder layers over the ranks with FSDP2 (``fully_shard``; the layer
+    classes are the model's ``_no_split_modules``), each rank's shards on ``device`` (default
+    ``world.device``). The embeddings and the LM head stay whole on every rank (frozen, and the
+    fused head reads its weight whole), moved to ``device``. Gradients are summed, not averaged,
+    over the ranks, as ``sum_gradients`` does. Returns the world marked sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not world.distributed:
+        raise ValueError("--fsdp shards the model over torchrun's ranks, and this is one "
+                         "process: launch with torchrun --nproc-per-node N -m promptbake bake "
+                         "... --fsdp, or drop --fsdp")
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(inner, "_no_split_modules", None) or ())
+    layers = [m for m in inner.modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of this {inner.config.model_type} "
+                         f"model to shard (it names no _no_split_modules): bake it without "
+                         f"--fsdp")
+    device = device or world.device
+    inside = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
+    # The rest of the model, whole, where the shards will be, in memory of its own: weights
+    # loaded from safetensors map the whole file, and one tensor left on the mapping would keep
+    # every page the sharding touched resident (a whole copy of the model per rank).
+    with torch.no_grad():
+        for module in inner.modules():
+            for _, param in module.named_parameters(recurse=False):
+                if id(param) not in inside:
+                    param.data = param.data.to(device, copy=True)  # the same Parameter: ties hold
+            for name, buffer in module.named_buffers(recurse=False):
+                if id(buffer) not in inside:
+                    setattr(module, name, buffer.to(device, copy=True))
+    mesh = init_device_mesh(device.type, (world.size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # a layer is its own root
+        # Summed: the loss is already divided by the global sequence count. A plain SUM (no
+        # PREMUL_SUM, which gloo lacks), and no division after it.
+        layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)
+    return dataclasses.replace(world, sharded=True)
+
+
+def more(local: bool, world: World) -> bool:
+    """Whether any rank has work left (``local``: this one has). Unsharded, every rank goes at
+    its own pace and this is ``local``."""
+    if not world.sharded:
+        return local
+    return all_sum([float(local)], world)[0] > 0
+
+
+def idle(model) -> None:
+    """One forward pass of a one-token input, its result dropped: a rank's share of the
+    collectives of a sharded model's forward, when it has no work of its own."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole (a collective: every rank calls it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (whole, as read from disk) sharded as ``reference`` is; unchanged when the
+    reference is not sharded or ``tensor`` is a scalar (an optimizer's step count)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(reference, DTensor) or tensor.dim() == 0:
+        return tensor
+    return distribute_tensor(tensor.to(reference.device, reference.dtype),
+                             reference.device_mesh, reference.placements)
+
+
+def full_lora_state(model) -> dict[str, torch.Tensor] | None:
+    """The model's LoRA parameters gathered whole, by their state-dict names, for
+    ``save_pretrained(state_dict=...)``; None when nothing is sharded (it saves as usual)."""
+    from torch.distributed.tensor import DTensor
+
+    state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    if not any(isinstance(v, DTensor) for v in state.values()):
+        return None
+    return {k: full(v) for k, v in state.items()}
 
 
 def _device() -> torch.device:

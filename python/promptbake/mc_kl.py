@@ -20,6 +20,7 @@ import torch
 from promptbake import contexts as contexts_mod, formatting, modeling, plotting
 from promptbake.artifact import HELD_OUT_SAMPLES, PROBE_SAMPLES
 from promptbake.decoding import stop_token_ids
+from promptbake.distributed import SINGLE, World, more
 from promptbake.framing import Framing
 from promptbake.modeling import BASE, Variant
 from promptbake.ops import divergence
@@ -107,21 +108,26 @@ def reduction(before: KL, after: KL) -> tuple[float, float | None]:
 
 @torch.no_grad()
 def sequence_kls(trajectories: Trajectories, teacher: Callable, students: dict[str, Callable], *,
-                 batch_size: int = 8) -> dict[str, KL]:
+                 batch_size: int = 8, world: World = SINGLE) -> dict[str, KL]:
     """MC-KL of several students against one teacher on ``trajectories``: the batching both
     ``kl_on`` and ``compress.kl_to_teacher`` use.
 
     ``teacher(contexts, responses)`` and each ``students[name](contexts, responses)`` give the
     logits ``[tokens, V]`` predicting every response token (``modeling.response_logits``) for a
     batch of context indices and their samples. Teacher logits are computed once per batch and
-    shared by every student; a context's samples share its prompt's forward pass.
+    shared by every student; a context's samples share its prompt's forward pass. With a
+    sharded model (``world.sharded``) a rank whose batches ran out repeats its first one, the
+    result dropped, until every rank's have.
     """
     groups = trajectories.by_context()
     contexts_per_batch = max(1, batch_size // max(len(ks) for ks in groups.values()))
     order = list(groups)
     sums: dict[str, dict[int, float]] = {name: {} for name in students}
-    for start in range(0, len(order), contexts_per_batch):
-        chunk = order[start:start + contexts_per_batch]
+    start = 0
+    while more(start < len(order), world):
+        mine = start < len(order)
+        chunk = order[start:start + contexts_per_batch] if mine else order[:contexts_per_batch]
+        start += contexts_per_batch
         ks = [k for c in chunk for k in groups[c]]
         responses = [[trajectories.responses[k] for k in groups[c]] for c in chunk]
         target = teacher(chunk, responses)
@@ -130,8 +136,9 @@ def sequence_kls(trajectories: Trajectories, teacher: Callable, students: dict[s
             bounds.append(bounds[-1] + len(trajectories.responses[k]))
         for name, student in students.items():
             per_token = divergence(student(chunk, responses), target, reduction="none")
-            for j, k in enumerate(ks):
-                sums[name][k] = float(per_token[bounds[j]:bounds[j + 1]].sum())
+            if mine:
+                for j, k in enumerate(ks):
+                    sums[name][k] = float(per_token[bounds[j]:bounds[j + 1]].sum())
     lengths = [len(r) for r in trajectories.responses]
     return {name: KL.from_values([found[k] for k in range(len(trajectories))], lengths,
                                  trajectories.context_index) for name, found in sums.items()}
@@ -139,7 +146,7 @@ def sequence_kls(trajectories: Trajectories, teacher: Callable, students: dict[s
 
 def kl_on(model, framing: Framing, contexts, trajectories: Trajectories,
           students: dict[str, Variant], *, pad_id: int = 0, batch_size: int = 8,
-          dtype: torch.dtype | None = None) -> dict[str, KL]:
+          dtype: torch.dtype | None = None, world: World = SINGLE) -> dict[str, KL]:
     """MC-KL (Eq. 3) of several variants of ``model`` (a PeftModel) on the same trajectories.
 
     The teacher is the prompted base model (``modeling.PROMPTED``); ``students`` maps a name to
@@ -160,7 +167,7 @@ def kl_on(model, framing: Framing, contexts, trajectories: Trajectories,
 
     return sequence_kls(trajectories, logits(modeling.PROMPTED),
                         {name: logits(v) for name, v in students.items()},
-                        batch_size=batch_size)
+                        batch_size=batch_size, world=world)
 
 
 def held_out_samples(baked, contexts=None, *, samples: int = 1,

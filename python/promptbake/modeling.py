@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -137,10 +138,16 @@ def response_hidden(model, prefixes: list[list[int]], responses: list[list[list[
                           else first[k:k + 1] for k, r in enumerate(flat)])
 
 
+FUSED_HEAD_ENV = "PROMPTBAKE_FUSED_HEAD"
+
+
 def fused_head(model) -> torch.Tensor | None:
     """The LM head's weight ``[V, H]`` when a loss may apply it to ``response_hidden`` itself
     (``ops.linear_divergence``): a frozen, plain linear head without bias whose output is the
-    model's logits as is. Otherwise (a trained or adapted head, soft-capping, scaling) None."""
+    model's logits as is. Otherwise (a trained or adapted head, soft-capping, scaling), or with
+    ``PROMPTBAKE_FUSED_HEAD=0`` in the environment (the unfused path, for comparison), None."""
+    if os.environ.get(FUSED_HEAD_ENV, "1") == "0":
+        return None
     lm = inner(model)
     head = lm.get_output_embeddings()
     config = lm.config

@@ -70,7 +70,7 @@ def sample_trajectories(model, tokenizer, prefixes: list[list[int]], config: Bak
     traj = sample(model, [prefixes[c] for c in owned], sampling, stop_token_ids(tokenizer, model),
                   torch.Generator().manual_seed(seed + RANK_SEED * world.rank), cache=cache,
                   topk=config.topk, pad_id=tokenizer.pad_token_id,
-                  progress=bar.update if bar is not None else None)
+                  progress=bar.update if bar is not None else None, world=world)
     if bar is not None:
         bar.close()
     if world.distributed:
@@ -138,7 +138,8 @@ class Objective(Protocol):
     the batch's response tokens (a scalar tensor to backpropagate) and the number of those
     tokens. ``optimizer_step`` averages it over the step's sequences. An objective with more
     terms (a regulariser on other contexts, say) is another objective that adds them: the
-    training step has no branch for any of them."""
+    training step has no branch for any of them. In a sharded bake a rank with no share of a
+    micro-batch runs batch ``[0]`` (its first trajectory) and drops the result."""
 
     def __call__(self, model, batch: list[int]) -> tuple[torch.Tensor, int]: ...
 
@@ -219,12 +220,18 @@ def optimizer_step(model, objective: Objective, batches: list[list[int]], optimi
     total, tokens = 0.0, 0
     for batch in batches:
         if not batch:  # none of this micro-batch's contexts is this rank's
-            continue
-        loss, n = objective(model, batch)
+            if not world.sharded:
+                continue
+            # A sharded model's passes are collectives: run a stand-in, weighted zero.
+            loss, n = objective(model, [0])
+            loss, n = loss * 0.0, 0
+        else:
+            loss, n = objective(model, batch)
         (loss / sequences).backward()
         total, tokens = total + float(loss.detach()), tokens + n
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    sum_gradients(params, world)
+    if not world.sharded:  # FSDP2 summed the sharded gradients in the backward pass
+        sum_gradients(params, world)
     total, tokens = all_sum([total, tokens], world)
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
@@ -252,7 +259,8 @@ def for_training(model, dtype: torch.dtype | None):
         head = inner.get_output_embeddings()
         for module in inner.modules():
             if isinstance(module, torch.nn.Linear) and module is not head \
-                    and not module.weight.requires_grad and module.weight.dtype == torch.float32:
+                    and not module.weight.requires_grad and module.weight.dtype == torch.float32 \
+                    and type(module.weight.data) is torch.Tensor:  # FSDP2's shards stay fp32
                 saved.append((module.weight, module.weight.data))
                 module.weight.data = module.weight.data.to(dtype)
     try:

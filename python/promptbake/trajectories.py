@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from promptbake import files
 from promptbake.decoding import draw, next_step, preallocate, top_p_filter
+from promptbake.distributed import SINGLE, World, idle, more
 from promptbake.modeling import left_padded
 
 CACHE_KINDS = ("full", "topk", "none")
@@ -148,9 +149,12 @@ class Trajectories:
 @torch.no_grad()
 def sample(model, prefixes: list[list[int]], config: SamplingConfig, stop_ids: set[int],
            generator: torch.Generator, cache: str = "topk", topk: int = 64,
-           pad_id: int = 0, progress: Callable[[int], None] | None = None) -> Trajectories:
+           pad_id: int = 0, progress: Callable[[int], None] | None = None,
+           world: World = SINGLE) -> Trajectories:
     """Samples ``config.samples_per_context`` responses per prefix from ``model`` (the prompted
-    teacher) and records the teacher's targets; ``progress(n)`` is called as sequences finish."""
+    teacher) and records the teacher's targets; ``progress(n)`` is called as sequences finish.
+    With a sharded model (``world.sharded``) every rank runs as many forward passes as the
+    busiest one, idling when it has nothing left to sample."""
     config.validate()
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown teacher cache {cache!r}: choose one of {', '.join(CACHE_KINDS)}")
@@ -158,12 +162,14 @@ def sample(model, prefixes: list[list[int]], config: SamplingConfig, stop_ids: s
     targets = _Targets(cache, len(prefixes) * per, config.max_new_tokens, topk)
     group = max(1, config.batch_size // per)
     responses: list[list[int]] = []
-    for start in range(0, len(prefixes), group):
+    start = 0
+    while more(start < len(prefixes), world):
         chunk = prefixes[start:start + group]
         responses += _sample_group(model, chunk, config, stop_ids, generator, targets,
-                                   first=len(responses), pad_id=pad_id)
-        if progress:
+                                   first=len(responses), pad_id=pad_id, world=world)
+        if progress and chunk:
             progress(len(chunk) * per)
+        start += group
     traj = Trajectories([i for i in range(len(prefixes)) for _ in range(per)], responses, cache)
     targets.finish(traj)
     return traj
@@ -213,8 +219,17 @@ class _Targets:
 
 
 def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
-                  targets: _Targets, *, first: int, pad_id: int) -> list[list[int]]:
-    """Responses for a batch of prefixes (sequences ``first``, ``first + 1``, ... in order)."""
+                  targets: _Targets, *, first: int, pad_id: int,
+                  world: World = SINGLE) -> list[list[int]]:
+    """Responses for a batch of prefixes (sequences ``first``, ``first + 1``, ... in order).
+    No prefixes: this rank idles through the other ranks' steps (``world.sharded``)."""
+    if not prefixes:
+        idle(model)
+        for _ in range(config.max_new_tokens):
+            if not more(False, world):
+                break
+            idle(model)
+        return []
     per = config.samples_per_context
     device = next(model.parameters()).device
     ids, mask, positions = left_padded(prefixes, pad_id, device)
@@ -229,21 +244,27 @@ def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
     n = len(prefixes) * per
     alive = list(range(n))  # batch row -> sequence within the group
     tokens: list[list[int]] = [[] for _ in range(n)]
+    done = False
     for step in range(config.max_new_tokens):
-        logp = torch.log_softmax(logits, dim=-1)
-        # Eq. 3's teacher at this position: the prompted model at temperature 1, whatever the
-        # temperature and top-p the token is drawn with.
-        targets.record(logp, first + torch.tensor(alive), step)
-        probs = logp.exp() if config.temperature == 1.0 else \
-            torch.softmax(logits / config.temperature, dim=-1)
-        drawn = draw(top_p_filter(probs, config.top_p), generator).to(device)
-        still = []
-        for row, (seq, token) in enumerate(zip(alive, drawn.tolist())):
-            tokens[seq].append(token)
-            if token not in stop_ids:
-                still.append(row)
-        if not still or step + 1 == config.max_new_tokens:
+        if not done:
+            logp = torch.log_softmax(logits, dim=-1)
+            # Eq. 3's teacher at this position: the prompted model at temperature 1, whatever
+            # the temperature and top-p the token is drawn with.
+            targets.record(logp, first + torch.tensor(alive), step)
+            probs = logp.exp() if config.temperature == 1.0 else \
+                torch.softmax(logits / config.temperature, dim=-1)
+            drawn = draw(top_p_filter(probs, config.top_p), generator).to(device)
+            still = []
+            for row, (seq, token) in enumerate(zip(alive, drawn.tolist())):
+                tokens[seq].append(token)
+                if token not in stop_ids:
+                    still.append(row)
+            done = not still or step + 1 == config.max_new_tokens
+        if not more(not done, world):
             break
+        if done:  # finished here, still sampling on another rank of a sharded model
+            idle(model)
+            continue
         out, mask, position, alive = next_step(model, kv, drawn, mask, position, alive, still)
         logits = out.logits[:, -1].float()
     return tokens

@@ -64,6 +64,12 @@ def _add_bake(commands) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous bake in --out (only files promptbake wrote)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted bake in --out")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard the decoder layers over the ranks (FSDP2) for a "
+                        "model one device cannot hold; same result as without")
+    p.add_argument("--device", default=None,
+                   help="where to bake: cpu, cuda or cuda:N (default: the GPU when there is one "
+                        "-- under torchrun each rank's LOCAL_RANK GPU -- else the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("framing and trajectories")
     g.add_argument("--framing", choices=STUDENT_FRAMINGS, default=d.framing,
@@ -142,7 +148,8 @@ def _bake(args) -> int:
     config = BakeConfig(**options)
     world = World.from_env()  # under torchrun: join the other ranks (gloo on CPU, NCCL on GPU)
     run = dict(model=args.model, contexts=args.contexts, config=config, out=args.out,
-               overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+               overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+               fsdp=args.fsdp, device=args.device)
     if args.tools:
         baked = bake_tools(args.tools, syntax=args.tool_syntax, **run)
         made = baked.manifest["tools"]

@@ -78,7 +78,8 @@ def bake_contexts(model, tokenizer, prompt, specs, registry: tools.Registry, con
 def bake_tools(source=SHIPPED, model=None, contexts=None, config: BakeConfig | None = None, *,
                registry: tools.Registry | None = None,
                syntax: str = tools.rendering.DEFAULT_SYNTAX, out=None, overwrite: bool = False,
-               resume: bool = False, progress: bool = False) -> Baked:
+               resume: bool = False, progress: bool = False, fsdp: bool = False,
+               device: str | None = None) -> Baked:
     """Bakes the tool prompt rendered from ``source`` (see ``tool_specs``) into ``model``.
 
     Args:
@@ -109,7 +110,8 @@ def bake_tools(source=SHIPPED, model=None, contexts=None, config: BakeConfig | N
         "sha256": hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest(),
         "contexts": counts}}
     return bake(prompt, model=model_dir, contexts=mixed, config=config, out=out,
-                overwrite=overwrite, resume=resume, progress=progress, record=record)
+                overwrite=overwrite, resume=resume, progress=progress, record=record,
+                fsdp=fsdp, device=device)
 
 
 def _questions(contexts) -> list[tuple[list[dict], str | None]]:
