@@ -58,7 +58,9 @@ def test_the_example_parses_and_plans(tmp_path, capsys):
     (MINIMAL + '[[cycles]]\nname = "pirate"\npersona = "pirate"\n', "cycle names repeat"),
     ('out = "x"\n', r"no \[\[cycles\]\]"),
     ("[[cycles]]\nname = 'a'\npersona = 'pirate'\n", "out .* is missing"),
-    (MINIMAL + '[export]\nformat = "gguf"\n', r"\[export\] format must be one of"),
+    (MINIMAL + '[export]\nformat = "tflite"\n', r"\[export\] format='tflite': choose one of"),
+    (MINIMAL + '[export]\nformat = "gguf"\nquantize = "int8"\n',
+     r"\[export\] --quantize int8 does not apply to --format gguf"),
     ('model = "no/such/dir"\n' + MINIMAL, "model no/such/dir is not a directory"),
     ("out = [\n", "not valid TOML"),
 ])

@@ -175,7 +175,8 @@ def write_into(directory: Path, writer: Callable[[Path], None],
 # -- directories promptbake owns ---------------------------------------------------------------
 
 MARKER = ".promptbake.json"  # in every directory promptbake writes: what it is, which files
-MODEL_DIRS = ("merged", "onnx", "pruned")  # whole-directory exports, which may replace each other
+MODEL_DIRS = ("merged", "onnx", "pruned", "gguf")  # whole-directory exports, which may replace
+# each other
 
 
 def read_marker(path: Path) -> dict | None:

@@ -153,12 +153,13 @@ def load(path: str | Path) -> Pipeline:
     if len(set(names)) != len(names):
         raise PipelineError(f"{path}: cycle names repeat ({', '.join(names)}): give each its own")
     if pipeline.export is not None:
-        from promptbake.export import FORMATS, QUANTIZATIONS
+        from promptbake.export import check_quantize
 
         fmt = pipeline.export.setdefault("format", "safetensors")
-        if fmt not in FORMATS or pipeline.export.get("quantize") not in (None, *QUANTIZATIONS):
-            raise PipelineError(f"{path}: [export] format must be one of {', '.join(FORMATS)} "
-                                f"and quantize one of {', '.join(QUANTIZATIONS)}")
+        try:
+            check_quantize(fmt, pipeline.export.get("quantize"))
+        except ValueError as err:
+            raise PipelineError(f"{path}: [export] {err}") from err
     return pipeline
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from promptbake import compress, files
 from promptbake.artifact import load_baked, sources
 from promptbake.cli.arguments import Help
-from promptbake.export import FORMATS, QUANTIZATIONS
+from promptbake.export import FORMATS, GGUF_QUANTIZATIONS, QUANTIZATIONS
 
 
 def register(commands) -> None:
@@ -17,21 +17,31 @@ def register(commands) -> None:
 
 def _add_export(commands) -> None:
     p = commands.add_parser(
-        "export", help="merge a bake and export it (safetensors, or ONNX with int8 / pruning)",
+        "export", help="merge a bake and export it (safetensors, ONNX with int8 / pruning, or "
+                       "GGUF for llama.cpp and Ollama)",
         description="Merge the baked LoRA delta (at --strength) into the weights and write a "
-                    "transformers model directory (--format safetensors) or an ONNX model with a "
+                    "transformers model directory (--format safetensors), an ONNX model with a "
                     "KV cache for ONNX Runtime (--format onnx), optionally int8-quantized and "
-                    "pruned (with recovery distillation from the dense model). Every ONNX export "
-                    "is checked against torch (logits, greedy tokens) and written only if it "
-                    "passes; a failed check exits with status 1.",
+                    "pruned (with recovery distillation from the dense model), or one GGUF file "
+                    "for llama.cpp and Ollama (--format gguf, Llama-architecture models such as "
+                    "SmolLM2; f32, f16, q8_0 or q4_0), with a Modelfile for `ollama create`. "
+                    "Every ONNX and GGUF export is checked against torch (logits, top-1 "
+                    "agreement, greedy tokens; a GGUF is read back by transformers' GGUF loader, "
+                    "tokenizer included) and written only if it passes; a failed check exits "
+                    "with status 1.",
         formatter_class=Help)
     p.add_argument("dir", help="a baked directory")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True,
+                   help="output directory (for gguf: it holds model.gguf, manifest.json and an "
+                        "Ollama Modelfile)")
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="what to write")
     p.add_argument("--strength", type=float, default=1.0, help="scale of the LoRA delta merged")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
-                   help="int8 weights (blockwise, with SmoothQuant on Llama-like models)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS + GGUF_QUANTIZATIONS, default=None,
+                   metavar="{" + ",".join(QUANTIZATIONS + GGUF_QUANTIZATIONS) + "}",
+                   help="onnx: int8 weights (blockwise, with SmoothQuant on Llama-like models); "
+                        "gguf: f32 (exact; the default), f16, q8_0 or q4_0 (llama.cpp's 8- and "
+                        "4-bit blocks of 32; q4_0 keeps the embedding at q8_0)")
     p.add_argument("--prune", default=None,
                    help="sparsity of the decoder's linear layers: a ratio in (0, 1) or an N:M "
                         "pattern such as 2:4")
@@ -50,9 +60,11 @@ def _add_export(commands) -> None:
 
 def _export(args) -> int:
     # The ONNX side needs the optional onnx packages: imported when an export runs.
-    from promptbake.export import ParityError, export_baked
+    from promptbake.export import ParityError, check_quantize, export_baked, gguf
 
+    check_quantize(args.format, args.quantize, args.prune)  # before the bake is loaded
     files.check_output(Path(args.out), overwrite=args.overwrite,
+                       kinds=gguf.KINDS if args.format == "gguf" else files.MODEL_DIRS,
                        sources=sources(args.dir, args.model))
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
     prune = None
@@ -60,8 +72,6 @@ def _export(args) -> int:
         prune = compress.pruner(baked, args.prune, method=args.prune_method,
                                 recover_steps=args.recover_steps, lr=args.recover_lr,
                                 contexts=args.recover_contexts, progress=not args.quiet)
-    if args.format == "safetensors" and (args.quantize or args.prune):
-        raise ValueError("--quantize and --prune apply to --format onnx")
     try:
         done = export_baked(baked, args.out, format=args.format, strength=args.strength,
                             quantize=args.quantize, prune=prune, overwrite=args.overwrite)
@@ -70,11 +80,18 @@ def _export(args) -> int:
               file=sys.stderr)
         return 1
     manifest = done.manifest
+    from promptbake.export.parity import summary
+
+    if manifest.get("kind") == "gguf":
+        print(f"wrote {done.path / manifest['file']}: GGUF {manifest['precision']}, "
+              f"{manifest['bytes'] / 1e6:.1f} MB")
+        print(f"parity   {summary(manifest['parity'])} (read back by transformers)")
+        print(f"run it   llama-cli -m {done.path / manifest['file']}   or   "
+              f"ollama create NAME -f {done.path / 'Modelfile'}")
+        return 0
     if manifest.get("kind") != "onnx":
         print(f"wrote {done.path} (a transformers model directory, strength {args.strength:g})")
         return 0
-    from promptbake.export.parity import summary
-
     print(f"wrote {done.path}: {manifest['precision']}, {manifest['bytes'] / 1e6:.1f} MB")
     print(f"parity   {summary(manifest['parity'])}")
     kl = manifest.get("held_out_kl")

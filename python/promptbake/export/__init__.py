@@ -1,26 +1,31 @@
-"""Serving a baked model: merge, ONNX export with a KV cache, int8, packed pruned weights.
+"""Serving a baked model: merge, ONNX export with a KV cache, int8, packed pruned weights, GGUF.
 
 * ``merge(baked, strength)`` / ``save_merged(baked, out, strength)``: the LoRA delta merged into
   plain transformers weights (``merging.py``).
 * ``export_onnx(model, tokenizer, out)``: one ONNX graph for prefill and cached decode
   (``graph.py``), optionally int8 (``quantize.py``) and with pruned weights packed
   (``sparse.py``), written only after it passed the parity check against torch (``parity.py``).
-* ``export_baked(dir, out, format=..., strength=..., quantize=..., prune=...)``: both, from a
-  bake's directory (what ``promptbake export`` runs).
+* ``export_gguf(model, tokenizer, out, quantize=...)``: one GGUF file for llama.cpp and Ollama
+  (f32, f16, q8_0 or q4_0), written only after transformers' GGUF loader read it back and it
+  passed the parity check (``gguf.py``).
+* ``export_baked(dir, out, format=..., strength=..., quantize=..., prune=...)``: any of these,
+  from a bake's directory (what ``promptbake export`` runs).
 * ``OnnxLM(path)``: onnxruntime generation (greedy, sampling, batches) with timings
   (``runtime.py``).
 """
 
 import importlib
 
-FORMATS = ("onnx", "safetensors")  # what ``export_baked`` writes
+FORMATS = ("onnx", "safetensors", "gguf")  # what ``export_baked`` writes
 QUANTIZATIONS = ("int8",)  # weight quantizations of the ONNX export
+GGUF_QUANTIZATIONS = ("f32", "f16", "q8_0", "q4_0")  # precisions of the GGUF export
 
 # Where each public name lives. Loaded on first use: merging needs only torch and peft, while the
 # ONNX side needs the optional onnx and onnxruntime packages (pip install "promptbake[onnx]").
 _NAMES = {
-    "Export": "exporter", "export_baked": "exporter", "export_model": "exporter",
-    "export_onnx": "exporter",
+    "Export": "exporter", "check_quantize": "exporter", "export_baked": "exporter",
+    "export_model": "exporter",
+    "export_onnx": "exporter", "GgufExport": "gguf", "export_gguf": "gguf",
     "model_bytes": "exporter", "SUPPORTED": "graph", "UnsupportedArchitecture": "graph",
     "merge": "merging", "save_merged": "merging", "ParityError": "parity",
     "Tolerances": "parity", "held_out_kl": "parity", "Int8Options": "quantize",
@@ -28,17 +33,21 @@ _NAMES = {
 }
 __all__ = [
     "FORMATS",
+    "GGUF_QUANTIZATIONS",
     "QUANTIZATIONS",
     "SUPPORTED",
     "Export",
     "Generation",
+    "GgufExport",
     "Int8Options",
     "OnnxLM",
     "OnnxLoadError",
     "ParityError",
     "Tolerances",
     "UnsupportedArchitecture",
+    "check_quantize",
     "export_baked",
+    "export_gguf",
     "export_model",
     "export_onnx",
     "held_out_kl",

@@ -25,8 +25,9 @@ import torch
 from promptbake import contexts, files, models, versions
 from promptbake.artifact import MANIFEST, Baked, load_baked, source_record, sources
 from promptbake.decoding import stop_token_ids
-from promptbake.export import (FORMATS, QUANTIZATIONS, graph, merging as merge_mod, parity,
-                               quantize as quantize_mod, smooth, sparse as packing)
+from promptbake.export import (FORMATS, GGUF_QUANTIZATIONS, QUANTIZATIONS, gguf, graph,
+                               merging as merge_mod, parity, quantize as quantize_mod, smooth,
+                               sparse as packing)
 from promptbake.export.runtime import OnnxLM
 
 log = logging.getLogger("promptbake")
@@ -245,28 +246,32 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
                  quantize: str | None = None, prune: Callable | None = None,
                  sparse: bool | None = None, overwrite: bool = False,
                  int8: quantize_mod.Int8Options | None = None,
-                 tolerances: parity.Tolerances | None = None) -> Export:
+                 tolerances: parity.Tolerances | None = None) -> Export | gguf.GgufExport:
     """What ``promptbake export DIR`` does: merge the bake at ``strength`` and write it as a
-    safetensors model directory or an ONNX export.
+    safetensors model directory, an ONNX export or a GGUF file.
 
-    ``baked``: a ``Baked`` or a bake's directory. ``prune``: called with the merged model before
-    the ONNX export (e.g. ``lambda m: compress.prune(m, 0.5)``); what it returns is recorded
-    when it has ``to_dict()``; the pruned weights are then stored packed unless
+    ``baked``: a ``Baked`` or a bake's directory. ``quantize``: the ONNX export's "int8", or
+    the GGUF export's "f32", "f16", "q8_0" or "q4_0". ``prune``: called with the merged model
+    before the ONNX export (e.g. ``lambda m: compress.prune(m, 0.5)``); what it returns is
+    recorded when it has ``to_dict()``; the pruned weights are then stored packed unless
     ``sparse=False``.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
+    check_quantize(format, quantize, prune)
     if format == "safetensors":
-        if quantize is not None or prune is not None:
-            raise ValueError("--quantize and --prune apply to the ONNX export: use --format onnx")
         path = merge_mod.save_merged(baked, out, strength, overwrite=overwrite)
         return Export(path, json.loads((path / MANIFEST).read_text()))
     files.check_output(Path(out), overwrite=overwrite,  # before the minutes of work below
+                        kinds=gguf.KINDS if format == "gguf" else files.MODEL_DIRS,
                         sources=sources(baked))
     if not isinstance(baked, Baked):
         baked = load_baked(baked, strength=strength)
     source = {**source_record(baked), "strength": float(strength)}
     model = merge_mod.merge(baked, strength)
+    if format == "gguf":
+        return gguf.export_gguf(model, baked.tokenizer, out, quantize=quantize,
+                                framing=baked.framing, overwrite=overwrite, source=source,
+                                name=Path(baked.path).name if baked.path else None,
+                                tolerances=tolerances, source_dirs=sources(baked))
     if prune is not None:
         report = prune(model)
         source["pruning"] = report.to_dict() if hasattr(report, "to_dict") else None
@@ -280,6 +285,28 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
                            overwrite=overwrite, source=source)
     finally:
         baked.strength = saved
+
+
+def check_quantize(format: str, quantize: str | None, prune=None) -> None:
+    """Raises a ValueError for an unknown ``format``, or a quantization (or pruning) it does not
+    have, naming the format that has it; checked before any work."""
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
+    if format == "safetensors" and (quantize or prune):
+        raise ValueError("--quantize and --prune apply to the ONNX and GGUF exports: use "
+                         "--format onnx or --format gguf")
+    if format == "gguf" and prune:
+        raise ValueError("--prune applies to the ONNX export: use --format onnx")
+    if format == "safetensors":
+        return
+    accepted = GGUF_QUANTIZATIONS if format == "gguf" else QUANTIZATIONS
+    if quantize is None or quantize in accepted:
+        return
+    other = "gguf" if quantize in GGUF_QUANTIZATIONS else "onnx" if quantize in QUANTIZATIONS \
+        else None
+    hint = f"; {quantize} is the {other.upper()} export's: use --format {other}" if other else ""
+    raise ValueError(f"--quantize {quantize} does not apply to --format {format}, which takes "
+                     f"{', '.join(accepted)}{hint}")
 
 
 def export_model(model_dir: str | Path, out: str | Path, *, quantize: str | None = None,
