@@ -153,7 +153,13 @@ def shard(model, world: World, device: torch.device | None = None) -> World:
     classes are the model's ``_no_split_modules``), each rank's shards on ``device`` (default
     ``world.device``). The embeddings and the LM head stay whole on every rank (frozen, and the
     fused head reads its weight whole), moved to ``device``. Gradients are summed, not averaged,
-    over the ranks, as ``sum_gradients`` does. Returns the world marked sharded."""
+    over the ranks, as ``sum_gradients`` does. Returns the world marked sharded.
+
+    Under bf16 autocast each gathered fp32 weight is cast to bf16 and autograd keeps that copy
+    for the backward pass, so a training step's peak holds a bf16 copy of every layer (a 1.1B
+    model on 2 ranks: 6.7 GiB per rank at the peak against 3.5 in fp32). FSDP2's own mixed
+    precision (gathering in bf16) would avoid it, but in torch 2.13 on CPU its backward fails
+    ("a gradient with dtype BFloat16 to a tensor with grad_dtype Float"): not used."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -183,11 +189,17 @@ def shard(model, world: World, device: torch.device | None = None) -> World:
                     setattr(module, name, buffer.to(device, copy=True))
     mesh = init_device_mesh(device.type, (world.size,))
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # a layer is its own root
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    # The model itself is the root, owning none of its weights: FSDP2 does not free a root's
+    # gathered weights after its forward (they would be needed again at once for backward), so
+    # the layers must not be roots.
+    whole = {p for p in inner.parameters() if id(p) not in inside}
+    fully_shard(inner, mesh=mesh, ignored_params=whole)
+    for module in (*layers, inner):
         # Summed: the loss is already divided by the global sequence count. A plain SUM (no
         # PREMUL_SUM, which gloo lacks), and no division after it.
-        layer.set_gradient_divide_factor(1.0)
-        layer.set_force_sum_reduction_for_comms(True)
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
     return dataclasses.replace(world, sharded=True)
 
 
