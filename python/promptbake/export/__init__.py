@@ -1,9 +1,10 @@
-"""Serving a baked model: merge, ONNX export with a KV cache, int8, packed pruned weights, GGUF.
+"""Serving a baked model: merge, ONNX export with a KV cache, int8 / int4, packed pruned weights,
+GGUF.
 
 * ``merge(baked, strength)`` / ``save_merged(baked, out, strength)``: the LoRA delta merged into
   plain transformers weights (``merging.py``).
 * ``export_onnx(model, tokenizer, out)``: one ONNX graph for prefill and cached decode
-  (``graph.py``), optionally int8 (``quantize.py``) and with pruned weights packed
+  (``graph.py``), optionally int8 or int4 (``quantize.py``) and with pruned weights packed
   (``sparse.py``), written only after it passed the parity check against torch (``parity.py``).
 * ``export_gguf(model, tokenizer, out, quantize=...)``: one GGUF file for llama.cpp and Ollama
   (f32, f16, q8_0 or q4_0), written only after transformers' GGUF loader read it back and it
@@ -17,7 +18,8 @@
 import importlib
 
 FORMATS = ("onnx", "safetensors", "gguf")  # what ``export_baked`` writes
-QUANTIZATIONS = ("int8",)  # weight quantizations of the ONNX export
+QUANTIZATIONS = ("int8", "int4")  # weight quantizations of the ONNX export
+INT4_METHODS = ("hqq", "rtn")  # how int4 chooses its codes (``quantize.Int4Options``)
 GGUF_QUANTIZATIONS = ("f32", "f16", "q8_0", "q4_0")  # precisions of the GGUF export
 
 # Where each public name lives. Loaded on first use: merging needs only torch and peft, while the
@@ -29,16 +31,19 @@ _NAMES = {
     "model_bytes": "exporter", "SUPPORTED": "graph", "UnsupportedArchitecture": "graph",
     "merge": "merging", "save_merged": "merging", "ParityError": "parity",
     "Tolerances": "parity", "held_out_kl": "parity", "Int8Options": "quantize",
+    "Int4Options": "quantize",
     "Generation": "runtime", "OnnxLM": "runtime", "OnnxLoadError": "runtime",
 }
 __all__ = [
     "FORMATS",
     "GGUF_QUANTIZATIONS",
+    "INT4_METHODS",
     "QUANTIZATIONS",
     "SUPPORTED",
     "Export",
     "Generation",
     "GgufExport",
+    "Int4Options",
     "Int8Options",
     "OnnxLM",
     "OnnxLoadError",

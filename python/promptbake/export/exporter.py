@@ -1,10 +1,10 @@
 """Exporting a (baked, merged, possibly pruned) model to ONNX, checked before it is presented.
 
-``export_onnx`` writes into a temporary directory: the graph (``graph.trace``), int8 weights
-(``smooth.smoothed``, then ``quantize.int8``) and packed pruned weights (``sparse.pack``) if
-asked, ``onnx.checker``, the
-parity check against torch (``parity.check``), the tokenizer and ``manifest.json``. Only then is
-the directory renamed to its name; a failed check raises ``ParityError`` and leaves nothing
+``export_onnx`` writes into a temporary directory: the graph (``graph.trace``), int8 or int4
+weights (``smooth.smoothed``, then ``quantize.int8`` or ``quantize.int4``) and packed pruned
+weights (``sparse.pack``) if asked, ``onnx.checker``, the parity check against torch
+(``parity.check``), the tokenizer and ``manifest.json``. Only then is the directory renamed to
+its name; a failed check raises ``ParityError`` and leaves nothing
 behind (an earlier export at that path is kept as it was).
 """
 
@@ -65,16 +65,18 @@ def _check_model(model) -> None:
 
 def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None = None,
                 sparse: bool = False, int8: quantize_mod.Int8Options | None = None,
-                parity_contexts=None, framing=None, baked=None,
+                int4: quantize_mod.Int4Options | None = None, parity_contexts=None,
+                framing=None, baked=None,
                 tolerances: parity.Tolerances | None = None, overwrite: bool = False,
                 source: dict | None = None, source_dirs: tuple = ()) -> Export:
     """Exports ``model`` (a transformers causal LM, fp32 on CPU) to ``out_dir`` with a KV cache.
 
     Args:
-        quantize: None (fp32) or "int8" (8-bit weights, see ``quantize.py``).
+        quantize: None (fp32), "int8" or "int4" (8- or 4-bit weights, see ``quantize.py``).
         sparse: store weights with enough pruned elements (a pruned model's) packed: a bitmask
             and the kept values, expanded by the graph at session creation (see ``sparse.py``).
-        int8: how to quantise (method, block size, exclusions; ``quantize.Int8Options``).
+        int8, int4: how to quantise (method, block size, exclusions; ``quantize.Int8Options``,
+            ``quantize.Int4Options``).
         parity_contexts: contexts (user messages or message lists) or token-id lists for the
             parity check; None: the first ``tolerances.contexts`` built-in held-out contexts.
         framing: the bake's ``Framing``, so contexts are templated as the baked model sees them.
@@ -90,8 +92,11 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
     ``ParityError`` when the export does not match torch (nothing is left at ``out_dir``).
     """
     if quantize not in QUANTIZE:
-        raise ValueError(f"quantize={quantize!r}: choose None (fp32) or 'int8'")
+        raise ValueError(f"quantize={quantize!r}: choose None (fp32), 'int8' or 'int4'")
     _check_model(model)
+    options = (int4 or quantize_mod.Int4Options()) if quantize == "int4" else \
+        (int8 or quantize_mod.Int8Options())
+    options.validate()
     out = Path(out_dir)
     protected = tuple(source_dirs or ()) + (sources(baked) if baked is not None else ())
     files.check_output(out, overwrite=overwrite, sources=protected)
@@ -103,7 +108,7 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
         prompts = [list(c) for c in parity_contexts]
     else:
         prompts = parity.framed(tokenizer, parity_contexts, framing)
-    int8 = int8 or quantize_mod.Int8Options()
+    top1 = tolerances.int4_top1 if quantize == "int4" else tolerances.int8_top1
     seconds: dict[str, float] = {}
     result: dict = {}
 
@@ -121,11 +126,13 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
         else:
             scratch = tmp / ".fp32"
             scratch.mkdir()
-            traced = timed("smooth", lambda: _smoothed(model, tokenizer, framing, int8))
+            traced = timed("smooth", lambda: _smoothed(model, tokenizer, framing, options))
             timed("trace", lambda: graph.trace(traced or model, scratch / "model.onnx"))
             del traced
-            details["int8"] = {**int8.to_dict(), **timed(
-                "quantize", lambda: quantize_mod.int8(scratch / "model.onnx", target, int8))}
+            run = quantize_mod.int4 if quantize == "int4" else quantize_mod.int8
+            details[quantize] = {**options.to_dict(), **timed(
+                "quantize", lambda: run(scratch / "model.onnx", target, options))}
+            details[quantize]["fp32_bytes"] = model_bytes(scratch)
             shutil.rmtree(scratch)
         if sparse:
             details["sparse"] = timed("pack", lambda: _pack(target))
@@ -134,7 +141,7 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
         lm = OnnxLM(tmp, threads=torch.get_num_threads())
         report = timed("parity", lambda: parity.check(model, lm, prompts,
                                                       quantized=quantize is not None,
-                                                      tolerances=tolerances))
+                                                      tolerances=tolerances, top1_floor=top1))
         manifest = _manifest(model, tokenizer, tmp, quantize, details, report, tolerances,
                              source)
         if not report["passed"]:
@@ -159,14 +166,14 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
     return Export(out, manifest)
 
 
-def _smoothed(model, tokenizer, framing, int8: quantize_mod.Int8Options):
+def _smoothed(model, tokenizer, framing,
+              options: quantize_mod.Int8Options | quantize_mod.Int4Options):
     """The model with SmoothQuant's scales folded in (a copy), calibrated on built-in training
     contexts (never the held-out ones the export is measured on); None without smoothing."""
-    if int8.smooth is None:
+    if options.smooth is None:
         return None
-    int8.validate()
-    prompts = parity.framed(tokenizer, contexts.builtin("train")[:int8.calibration], framing)
-    return smooth.smoothed(model, prompts, int8.smooth)
+    prompts = parity.framed(tokenizer, contexts.builtin("train")[:options.calibration], framing)
+    return smooth.smoothed(model, prompts, options.smooth)
 
 
 def _remove_stale(out: Path) -> None:
@@ -246,12 +253,14 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
                  quantize: str | None = None, prune: Callable | None = None,
                  sparse: bool | None = None, overwrite: bool = False,
                  int8: quantize_mod.Int8Options | None = None,
+                 int4: quantize_mod.Int4Options | None = None,
                  tolerances: parity.Tolerances | None = None) -> Export | gguf.GgufExport:
     """What ``promptbake export DIR`` does: merge the bake at ``strength`` and write it as a
     safetensors model directory, an ONNX export or a GGUF file.
 
-    ``baked``: a ``Baked`` or a bake's directory. ``quantize``: the ONNX export's "int8", or
-    the GGUF export's "f32", "f16", "q8_0" or "q4_0". ``prune``: called with the merged model
+    ``baked``: a ``Baked`` or a bake's directory. ``quantize``: the ONNX export's "int8" or
+    "int4" (options in ``int8`` / ``int4``), or the GGUF export's "f32", "f16", "q8_0" or
+    "q4_0". ``prune``: called with the merged model
     before the ONNX export (e.g. ``lambda m: compress.prune(m, 0.5)``); what it returns is
     recorded when it has ``to_dict()``; the pruned weights are then stored packed unless
     ``sparse=False``.
@@ -281,8 +290,8 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
     baked.strength = strength  # held_out_kl compares with the bake at this strength
     try:
         return export_onnx(model, baked.tokenizer, out, quantize=quantize, sparse=sparse,
-                           int8=int8, framing=baked.framing, baked=baked, tolerances=tolerances,
-                           overwrite=overwrite, source=source)
+                           int8=int8, int4=int4, framing=baked.framing, baked=baked,
+                           tolerances=tolerances, overwrite=overwrite, source=source)
     finally:
         baked.strength = saved
 
@@ -305,6 +314,9 @@ def check_quantize(format: str, quantize: str | None, prune=None) -> None:
     other = "gguf" if quantize in GGUF_QUANTIZATIONS else "onnx" if quantize in QUANTIZATIONS \
         else None
     hint = f"; {quantize} is the {other.upper()} export's: use --format {other}" if other else ""
+    if quantize in ("int4", "q4_0"):  # the other format's 4-bit precision
+        hint += f" (4 bits in the {format.upper()} export: --quantize " \
+                f"{'q4_0' if format == 'gguf' else 'int4'})"
     raise ValueError(f"--quantize {quantize} does not apply to --format {format}, which takes "
                      f"{', '.join(accepted)}{hint}")
 
@@ -312,11 +324,12 @@ def check_quantize(format: str, quantize: str | None, prune=None) -> None:
 def export_model(model_dir: str | Path, out: str | Path, *, quantize: str | None = None,
                  sparse: bool = False, overwrite: bool = False,
                  int8: quantize_mod.Int8Options | None = None,
+                 int4: quantize_mod.Int4Options | None = None,
                  tolerances: parity.Tolerances | None = None) -> Export:
     """Exports a plain transformers model directory (a merged or pruned model, or any local
     causal LM) to ONNX; ``models.ModelError`` names what is missing from it."""
     files.check_output(Path(out), overwrite=overwrite, sources=(model_dir,))
     model, tokenizer, path = models.load(model_dir)
     return export_onnx(model, tokenizer, out, quantize=quantize, sparse=sparse,
-                       int8=int8, tolerances=tolerances, overwrite=overwrite,
+                       int8=int8, int4=int4, tolerances=tolerances, overwrite=overwrite,
                        source={"model": str(Path(path).resolve())}, source_dirs=(path,))

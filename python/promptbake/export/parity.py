@@ -22,6 +22,14 @@ agreement and KL(torch fp32 || int8) per token. It fails when top-1 agreement fa
 ``int8_top1`` (default 0.9), which rejects a quantisation that broke the model while accepting
 rounding noise: on the pirate bake the default int8 agrees on 98.8% of positions, onnxruntime's
 ``quantize_dynamic`` on 69% (see ``quantize.py``).
+
+int4 export: the same report; the floor is ``int4_top1`` (default 0.6). 4-bit weights move a
+135M model's choices far more than int8: on the pirate bake of SmolLM2-135M every int4 variant
+measured agrees with torch on 73-78% of positions (the default, HQQ in blocks of 32: 77.0%,
+KL 0.26 nats/token), as llama.cpp's q4_0 does (77.3%, ``gguf.py``), while a broken export
+(GGUF with the rope rows in the wrong order) agrees on ~30%. 0.6 sits between the two: it
+rejects a broken graph, not the coarseness 4 bits bring, which the KL and the bake's retention
+record (see ``quantize.py``: no int4 variant keeps the bake).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class Tolerances:
 
     fp32_logit: float = 1e-3  # max |logit difference| of an fp32 export, nats
     int8_top1: float = 0.9  # min top-1 agreement of an int8 export with torch fp32
+    int4_top1: float = 0.6  # min top-1 agreement of an int4 export with torch fp32
     steps: int = 32  # greedy steps compared per context
     contexts: int = 8  # held-out contexts used when none are given
 
@@ -104,9 +113,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def check(model, lm, prompts: list[list[int]], *, quantized: bool,
-          tolerances: Tolerances | None = None) -> dict:
+          tolerances: Tolerances | None = None, top1_floor: float | None = None) -> dict:
     """Compares the export ``lm`` (an ``OnnxLM``) with the torch ``model`` on ``prompts``.
 
+    ``top1_floor``: a quantized export's minimum top-1 agreement (None: ``int8_top1``).
     Returns the report (``passed`` says whether it met the criteria); the caller decides what
     a failure does (``export_onnx`` raises ``ParityError``).
     """
@@ -158,8 +168,9 @@ def check(model, lm, prompts: list[list[int]], *, quantized: bool,
         "quantized": quantized,
     }
     if quantized:
-        report["criterion"] = f"top-1 agreement with torch fp32 >= {tol.int8_top1}"
-        report["passed"] = report["top1_agreement"] >= tol.int8_top1
+        floor = tol.int8_top1 if top1_floor is None else top1_floor
+        report["criterion"] = f"top-1 agreement with torch fp32 >= {floor}"
+        report["passed"] = report["top1_agreement"] >= floor
     else:
         report["criterion"] = (f"max |logit difference| <= {tol.fp32_logit} and identical greedy "
                                f"tokens for {tol.steps} steps (near-ties within "

@@ -1,4 +1,4 @@
-"""int8 weights for an exported graph, with onnxruntime's quantizers.
+"""int8 and int4 weights for an exported graph, with onnxruntime's quantizers.
 
 Two methods, both from ``onnxruntime.quantization``:
 
@@ -18,10 +18,38 @@ Measured on the README's pirate bake of SmolLM2-135M (held-out KL to the prompte
 the bake's KL reduction kept; the export report has the commands): blockwise with SmoothQuant
 keeps 99.1%, blockwise alone 97.8%, dynamic -169% (worse than the unbaked model).
 
+int4 (``Int4Options``) is ``MatMulNBitsQuantizer`` with 4 bits, every MatMul weight (the LM head
+included) a ``MatMulNBits`` node with two codes per byte (element 2i in the low nibble), one fp32
+scale per block of ``block_size`` input rows, by one of two methods:
+
+* ``rtn``: symmetric round to nearest (onnxruntime's default 4-bit quantizer): code =
+  round(w / scale) + 8, scale from the block's largest magnitude; no zero points stored.
+* ``hqq``: Half-Quadratic Quantization (Badri & Shaji 2023), asymmetric: codes 0..15 and a float
+  zero point per block, both chosen by a few proximal iterations that minimise the l_0.7 norm of
+  the weight error, so the outliers of a block do not set its step alone; no calibration data.
+  The zero points cost another 32 bits per block, and onnxruntime's CPU kernels compute nodes
+  with float zero points in fp32 whatever ``accuracy_level`` says (levels 4 and 0 gave the same
+  parity and retention on SmolLM2), ~3x slower than symmetric int8 compute (the parity check
+  took 109-163 s instead of 31-37 s).
+
+Measured on the same pirate bake (``promptbake export bench/.cache/panel-pirate --out DIR
+--quantize int4 --int4-method M --block-size B``; fp32 539.3 MB, base model's held-out KL 0.315,
+baked 0.0305 nats/token): 4 bits cost more than the bake gains. HQQ in blocks of 32 (the
+default) is 81.0% smaller, agrees with torch on 77.0% of top-1 choices (KL 0.26) and keeps 21%
+of the bake's KL reduction; every smaller variant is worse than the unbaked model on the bake's
+own measure: HQQ 64 84.1% smaller, -48%; RTN 32 84.2%, -67%; RTN 64 85.7%, -116%; HQQ 128 (576
+rows padded to 640) 84.5%, -106%; RTN 128 fails the parity floor (top-1 59.4%). int8 for
+comparison: 71.7% smaller, 98.4% top-1, 98.8% kept. The merged bake is harder to quantise than
+the model it was baked from: SmolLM2-135M itself keeps 90.2% top-1 agreement (KL 0.053) with
+HQQ in blocks of 32, 73.0% (KL 0.34) with RTN.
+
 A tied LM head is one matrix used twice: by the head's MatMul and by the embedding lookup. The
 quantizers quantise the MatMul's use and leave the lookup reading the fp32 matrix, which would
 keep the largest matrix of a small model (28 M of SmolLM2's 135 M weights) in fp32. The lookup
-is rewired to dequantise rows of the int8 matrix instead, so the matrix is stored once, in int8.
+is rewired to dequantise rows of the int8 matrix instead, so the matrix is stored once, in int8;
+at 4 bits the graph unpacks the two nibbles of each byte with ``BitShift`` (onnxruntime's
+``GatherBlockQuantized`` would do the lookup in one node, but takes no float zero points, which
+HQQ's are), so the embedding too is stored once, at 4 bits.
 """
 
 from __future__ import annotations
@@ -30,12 +58,14 @@ import contextlib
 import dataclasses
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from promptbake.export import INT4_METHODS
 from promptbake.export.graph import TIED_HEAD, save
 
 log = logging.getLogger("promptbake")
@@ -54,8 +84,8 @@ class Int8Options:
     MatMul node names kept in fp32 (node names follow the module path, e.g.
     ``/model/layers.11/mlp/down_proj/MatMul``); ``keep_head_fp32`` keeps the LM head (and with a
     tied head, the embedding) in fp32. ``smooth``: SmoothQuant's migration strength
-    (``smooth.py``; applied to Llama models), None to skip it; ``calibration``: how many built-in training contexts
-    measure the activation ranges it needs.
+    (``smooth.py``; applied to Llama models), None to skip it; ``calibration``: how many
+    built-in training contexts measure the activation ranges it needs.
     """
 
     method: str = "blockwise"
@@ -83,7 +113,46 @@ class Int8Options:
                              f"0 / 1 (fp32 compute)")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON reads it
+
+
+@dataclasses.dataclass
+class Int4Options:
+    """How the weights are quantised to 4 bits (see the module docstring for the methods).
+
+    ``block_size``: input rows per scale (a power of 2, at least 16); smaller blocks follow the
+    weights more closely and store more scales (32 bits each, and for ``hqq`` as many zero
+    points). ``accuracy_level`` 4: activations quantised to int8 per block on the fly (int8
+    compute); 0 / 1: fp32 compute with dequantised weights. ``smooth``, ``calibration``,
+    ``exclude`` and ``keep_head_fp32`` as in ``Int8Options``; SmoothQuant is off by default, as
+    it moves activation range into the weights that 4 bits must then hold.
+    """
+
+    method: str = "hqq"
+    block_size: int = 32  # the most accurate of 32 / 64 / 128 on SmolLM2 (module docstring)
+    accuracy_level: int = 4
+    smooth: float | None = None
+    calibration: int = 32
+    exclude: tuple[str, ...] = ()
+    keep_head_fp32: bool = False
+
+    def validate(self) -> None:
+        if self.method not in INT4_METHODS:
+            raise ValueError(f"int4 method {self.method!r}: choose {' or '.join(INT4_METHODS)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of 2, at least 16 "
+                             f"(e.g. 32, 64 or 128)")
+        if self.smooth is not None and not 0 <= self.smooth <= 1:
+            raise ValueError(f"smooth={self.smooth}: SmoothQuant's migration strength must be in "
+                             f"[0, 1]")
+        if self.calibration < 1:
+            raise ValueError(f"calibration={self.calibration} must be >= 1")
+        if self.accuracy_level not in (0, 1, 4):
+            raise ValueError(f"accuracy_level={self.accuracy_level}: choose 4 (int8 compute) or "
+                             f"0 / 1 (fp32 compute)")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON reads it
 
 
 @contextlib.contextmanager
@@ -112,7 +181,7 @@ def _quiet_quantizers():
         root.removeHandler(placeholder)
 
 
-def _excluded(model: onnx.ModelProto, options: Int8Options) -> list[str]:
+def _excluded(model: onnx.ModelProto, options: Int8Options | Int4Options) -> list[str]:
     # quantize_dynamic rewrites a Gemm (GPT-2's Conv1D layers) as MatMul + Add before it
     # quantises MatMuls, so both kinds can be excluded by name.
     names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
@@ -162,6 +231,44 @@ def int8(source: Path, target: Path, options: Int8Options | None = None) -> dict
     save(model, target)
     return {"excluded_nodes": excluded, "tied_head_shared": shared,
             "quantized_matmuls": sum(n.op_type == kind for n in model.graph.node)}
+
+
+def int4(source: Path, target: Path, options: Int4Options | None = None) -> dict:
+    """Quantises the fp32 graph at ``source`` into ``target`` with 4-bit weights; returns what
+    was quantised and the bytes of codes, scales, zero points and weights left in fp32."""
+    options = options or Int4Options()
+    options.validate()
+    model = onnx.load(str(source))
+    excluded = _excluded(model, options)
+    with _quiet_quantizers(), warnings.catch_warnings():
+        # HQQ hands torch a read-only numpy view of each weight; it only reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            HQQWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+
+        _gemm_to_matmul(model)
+        algo = HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4) \
+            if options.method == "hqq" else None
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size,
+                                         is_symmetric=True, accuracy_level=options.accuracy_level,
+                                         nodes_to_exclude=excluded,
+                                         op_types_to_quantize=("MatMul",), algo_config=algo)
+        quantizer.process()
+        model = quantizer.model.model
+    for node in model.graph.node:
+        # the HQQ quantizer does not set it (its nodes would compute in fp32)
+        if node.op_type == "MatMulNBits" and options.accuracy_level and \
+                not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("accuracy_level",
+                                                        options.accuracy_level))
+    shared = _share_4bit_head(model)
+    _drop_unused(model)
+    save(model, target)
+    return {"excluded_nodes": excluded, "tied_head_shared": shared,
+            "quantized_matmuls": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
+            "weight_bytes": _weight_bytes(model)}
 
 
 def _gemm_to_matmul(model: onnx.ModelProto) -> None:
@@ -290,3 +397,107 @@ def _share_dynamic_head(model: onnx.ModelProto) -> bool:
             node.name = node.output[0] if node.output[0] != out else t + "column"
         _replace(graph, [lookup], nodes)
     return True
+
+
+def _weight_bytes(model: onnx.ModelProto) -> dict:
+    """Bytes of the stored weights by kind: 4-bit codes, scales, zero points, and the rest."""
+    kinds = {"codes": 0, "scales": 0, "zero_points": 0, "other": 0}
+    for init in model.graph.initializer:
+        size = len(init.raw_data) or numpy_helper.to_array(init).nbytes
+        kind = next((k for k, end in (("codes", "_Q4"), ("scales", "_scales"),
+                                      ("zero_points", "_zero_points")) if init.name.endswith(end)),
+                    "other")
+        kinds[kind] += size
+    return kinds
+
+
+def _share_4bit_head(model: onnx.ModelProto) -> bool:
+    """Embedding rows from the head's 4-bit MatMulNBits codes: row v of the embedding is column
+    v of the head, stored as ``codes[v]`` ([blocks, block / 2] uint8, element 2i in the low
+    nibble) with one of ``scales[v]`` per block, dequantised as MatMulNBits does, to the bit:
+    (code - 8) * scale when symmetric, code * scale - zero * scale with HQQ's float
+    ``zero_points[v]``."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    codes, scales, zeros = TIED_HEAD + "_Q4", TIED_HEAD + "_scales", TIED_HEAD + "_zero_points"
+    if codes not in inits:
+        return False  # no tied head, or it was kept in fp32
+    vocab, blocks, blob = (int(d) for d in inits[codes].dims)
+    # MatMulNBits reads scales and zero points flat ([vocab * blocks]); the lookup gathers rows
+    for name in (scales, zeros):
+        if name in inits:
+            if inits[name].data_type != onnx.TensorProto.FLOAT:
+                raise AssertionError(f"{name}: expected fp32 (HQQ's) zero points and scales")
+            del inits[name].dims[:]
+            inits[name].dims.extend([vocab, blocks])
+    hidden = int(inits[TIED_HEAD].dims[0]) if TIED_HEAD in inits else None
+    if hidden is None:
+        raise AssertionError("the tied head's fp32 matrix is gone before the lookup was rewired")
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(4, dtype=np.uint8), TIED_HEAD + "_nibble"),
+        numpy_helper.from_array(np.array(8, dtype=np.float32), TIED_HEAD + "_zero"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), TIED_HEAD + "_last_axis"),
+        numpy_helper.from_array(np.array([0, 0, 0, 2 * blob], dtype=np.int64),
+                                TIED_HEAD + "_block"),
+        numpy_helper.from_array(np.array([0, 0, blocks * 2 * blob], dtype=np.int64),
+                                TIED_HEAD + "_row"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), TIED_HEAD + "_start"),
+        numpy_helper.from_array(np.array([hidden], dtype=np.int64), TIED_HEAD + "_stop"),
+    ])
+    last = TIED_HEAD + "_last_axis"
+    for lookup, transpose in _lookups(graph):
+        ids, out, t = lookup.input[1], transpose.output[0], lookup.name + "_q4/"
+        nodes = [
+            # [b, s, blocks, block / 2] bytes of the tokens' columns -> their two nibbles
+            helper.make_node("Gather", [codes, ids], [t + "bytes"], axis=0),
+            helper.make_node("BitShift", [t + "bytes", TIED_HEAD + "_nibble"], [t + "high"],
+                             direction="RIGHT"),
+            helper.make_node("BitShift", [t + "bytes", TIED_HEAD + "_nibble"], [t + "shifted"],
+                             direction="LEFT"),  # uint8: the high nibble falls off
+            helper.make_node("BitShift", [t + "shifted", TIED_HEAD + "_nibble"], [t + "low"],
+                             direction="RIGHT"),
+            helper.make_node("Unsqueeze", [t + "low", last], [t + "even"]),
+            helper.make_node("Unsqueeze", [t + "high", last], [t + "odd"]),
+            helper.make_node("Concat", [t + "even", t + "odd"], [t + "pairs"], axis=-1),
+            helper.make_node("Reshape", [t + "pairs", TIED_HEAD + "_block"], [t + "codes"]),
+            helper.make_node("Cast", [t + "codes"], [t + "float"], to=onnx.TensorProto.FLOAT),
+        ]
+        nodes += [helper.make_node("Gather", [scales, ids], [t + "scales"], axis=0),
+                  helper.make_node("Unsqueeze", [t + "scales", last], [t + "block_scales"])]
+        if zeros in inits:
+            nodes += [helper.make_node("Gather", [zeros, ids], [t + "zeros"], axis=0),
+                      helper.make_node("Unsqueeze", [t + "zeros", last], [t + "block_zeros"]),
+                      helper.make_node("Mul", [t + "float", t + "block_scales"], [t + "scaled"]),
+                      helper.make_node("Mul", [t + "block_zeros", t + "block_scales"],
+                                       [t + "offsets"]),
+                      helper.make_node("Sub", [t + "scaled", t + "offsets"], [t + "blocks"])]
+        else:
+            nodes += [helper.make_node("Sub", [t + "float", TIED_HEAD + "_zero"],
+                                       [t + "centred"]),
+                      helper.make_node("Mul", [t + "centred", t + "block_scales"],
+                                       [t + "blocks"])]
+        nodes += [
+            helper.make_node("Reshape", [t + "blocks", TIED_HEAD + "_row"], [t + "padded"]),
+            helper.make_node("Slice", [t + "padded", TIED_HEAD + "_start", TIED_HEAD + "_stop",
+                                       last], [out]),
+        ]
+        for node in nodes:
+            node.name = node.output[0] if node.output[0] != out else t + "row"
+        _replace(graph, [lookup, transpose], nodes)
+    return True
+
+
+def dequantize_4bit(codes: np.ndarray, scales: np.ndarray,
+                    zero_points: np.ndarray | None = None) -> np.ndarray:
+    """The [K, N] fp32 matrix a 4-bit ``MatMulNBits`` computes with, from its initializers:
+    ``codes`` [N, blocks, block / 2] uint8 (element 2i in the low nibble), ``scales`` and float
+    ``zero_points`` (None: symmetric, zero 8) [N * blocks]; padding rows past K are kept. The
+    arithmetic is MatMulNBits' own, so the result is bit for bit the matrix it uses."""
+    n, blocks, blob = codes.shape
+    values = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(n, blocks, 2 * blob)
+    values, scales = values.astype(np.float32), scales.reshape(n, blocks, 1)
+    if zero_points is None:
+        weight = (values - np.float32(8)) * scales
+    else:
+        weight = values * scales - zero_points.reshape(n, blocks, 1) * scales
+    return weight.reshape(n, blocks * 2 * blob).T

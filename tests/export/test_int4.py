@@ -1,0 +1,208 @@
+"""int4 ONNX export: the 4-bit embedding lookup of a tied head dequantises exactly what
+MatMulNBits multiplies with, tiny-model exports (rtn and hqq) pass their parity check and run in
+plain onnxruntime, the CLI writes one, and bad options are refused before any work."""
+
+import functools
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from transformers import AutoModelForCausalLM
+
+from promptbake import cli
+from promptbake.export import (
+    Int4Options,
+    OnnxLM,
+    ParityError,
+    Tolerances,
+    check_quantize,
+    export_onnx,
+    graph,
+    parity,
+    quantize,
+)
+
+# A randomly initialised model's next token is a near-tie almost everywhere, so 4-bit weights
+# change most choices (top-1 agreement 0.1-0.2 here; 0.8-0.9 on SmolLM2-135M, see quantize.py):
+# no floor on the tiny model; the weights themselves are checked exactly below.
+TINY_INT4 = Tolerances(int4_top1=0.0, contexts=2, steps=8)
+
+
+def tied_graph(path, hidden, vocab, seed=0):
+    """The two uses of a tied head as graph.py traces them: logits = x @ W ([hidden, vocab]) and
+    the embedding lookup Gather(W, ids, axis=1) -> Transpose(1, 2, 0)."""
+    weight = np.random.default_rng(seed).standard_normal((hidden, vocab)).astype(np.float32)
+    weight[:, 3] *= 40  # an outlier column: its blocks get a larger step
+    nodes = [helper.make_node("MatMul", ["x", graph.TIED_HEAD], ["logits"], name="/lm_head/MatMul"),
+             helper.make_node("Gather", [graph.TIED_HEAD, "input_ids"], ["columns"], axis=1,
+                              name="/embed/Gather"),
+             helper.make_node("Transpose", ["columns"], ["embeds"], perm=[1, 2, 0],
+                              name="/embed/Transpose")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "tied",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", hidden]),
+                           helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                         ["b", "s"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                         ["n", vocab]),
+                           helper.make_tensor_value_info("embeds", TensorProto.FLOAT,
+                                                         ["b", "s", hidden])],
+                          [numpy_helper.from_array(weight, graph.TIED_HEAD)]),
+        opset_imports=[helper.make_opsetid("", graph.OPSET)])
+    onnx.save(model, str(path))
+    return weight
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+@pytest.mark.parametrize("hidden,block", [(64, 32), (48, 32), (64, 16)])
+def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, method, hidden, block):
+    vocab = 40
+    weight = tied_graph(tmp_path / "fp32.onnx", hidden, vocab)
+    # accuracy level 0: MatMulNBits multiplies in fp32, so one-hot rows read its matrix exactly
+    options = Int4Options(method=method, block_size=block, accuracy_level=0)
+    record = quantize.int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", options)
+    assert record["tied_head_shared"] and record["quantized_matmuls"] == 1
+    model = onnx.load(str(tmp_path / "int4.onnx"))
+    onnx.checker.check_model(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert graph.TIED_HEAD not in inits  # the fp32 matrix is gone: stored once, at 4 bits
+    codes = inits[graph.TIED_HEAD + "_Q4"]
+    assert codes.dtype == np.uint8 and codes.shape == (vocab, -(-hidden // block), block // 2)
+    zeros = inits.get(graph.TIED_HEAD + "_zero_points")
+    assert (zeros is not None) == (method == "hqq")
+    want = quantize.dequantize_4bit(codes, inits[graph.TIED_HEAD + "_scales"], zeros)[:hidden]
+    assert np.abs(want - weight).max() < np.abs(weight).max() / 7  # it is a 4-bit copy of it
+
+    session = ort.InferenceSession(str(tmp_path / "int4.onnx"))
+    ids = np.array([[0, 3, 39, 3], [7, 1, 2, 20]], dtype=np.int64)
+    logits, embeds = session.run(["logits", "embeds"],
+                                 {"x": np.eye(hidden, dtype=np.float32), "input_ids": ids})
+    assert np.array_equal(logits, want)  # numpy reads the codes as MatMulNBits does
+    assert np.array_equal(embeds, want.T[ids])  # and the lookup dequantises the same numbers
+
+
+def test_nibble_order_is_low_first():
+    codes = np.array([[[0x21, 0xF0]]], dtype=np.uint8)  # elements 1, 2, 0, 15
+    weight = quantize.dequantize_4bit(codes, np.array([2.0], np.float32))
+    assert weight[:, 0].tolist() == [-14.0, -12.0, -16.0, 14.0]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", params=["rtn", "hqq"])
+def int4_export(request, llama, tokenizer, tmp_path_factory):
+    return export_onnx(llama, tokenizer, tmp_path_factory.mktemp("int4") / request.param,
+                       quantize="int4", int4=Int4Options(method=request.param, block_size=32),
+                       tolerances=TINY_INT4)
+
+
+def test_int4_export_passes_parity_and_runs_in_plain_onnxruntime(int4_export, tokenizer):
+    manifest = int4_export.manifest
+    record, method = manifest["int4"], manifest["int4"]["method"]
+    assert manifest["precision"] == "int4" and record["block_size"] == 32
+    assert record["tied_head_shared"] and record["quantized_matmuls"] == 2 * 7 + 1
+    report = manifest["parity"]
+    assert report["passed"] and report["quantized"]
+    assert report["criterion"] == "top-1 agreement with torch fp32 >= 0.0"
+    assert 0 < report["kl_per_token"] < 2 and report["max_abs_logit_diff"] > 0
+    assert json.loads((int4_export.path / "manifest.json").read_text()) == manifest
+    # 4 bits and a 32-bit scale per 32 weights (rtn) or a scale and a zero point (hqq)
+    kept = {"rtn": 5 / 32, "hqq": 6 / 32}[method]
+    assert manifest["bytes"] < (kept + 0.01) * record["fp32_bytes"]
+    assert record["weight_bytes"]["zero_points"] > 0 if method == "hqq" else \
+        record["weight_bytes"]["zero_points"] == 0
+    model = onnx.load(str(int4_export.path / "model.onnx"))
+    assert all(i.data_type != TensorProto.FLOAT or np.prod(i.dims) < 10_000
+               or i.name.endswith(("_scales", "_zero_points"))
+               for i in model.graph.initializer)  # no fp32 matrix, the embedding included
+    session = ort.InferenceSession(str(int4_export.path / "model.onnx"))  # plain onnxruntime
+    ids = parity.default_prompts(tokenizer, count=1)[0]
+    feeds = {"input_ids": np.array([ids], np.int64),
+             "attention_mask": np.ones((1, len(ids)), np.int64),
+             "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    feeds.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past})
+    logits = session.run(["logits"], feeds)[0]
+    assert logits.shape == (1, len(ids), len(tokenizer)) and np.isfinite(logits).all()
+    np.testing.assert_allclose(logits, OnnxLM(int4_export.path).logits(ids)[None], atol=1e-5)
+
+
+def test_gpt2_exports_in_int4(tokenizer, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=1, n_head=4,
+                                       n_positions=512, initializer_range=0.2)).eval()
+    found = export_onnx(model, tokenizer, tmp_path / "gpt2", quantize="int4",
+                        int4=Int4Options(method="hqq", block_size=32), tolerances=TINY_INT4)
+    # Conv1D layers trace to Gemm, rewritten as MatMul to be quantised: 4 per layer and the head
+    assert found.manifest["int4"]["quantized_matmuls"] == 4 + 1
+    assert found.manifest["int4"]["tied_head_shared"] and found.manifest["parity"]["passed"]
+
+
+def test_a_failed_int4_parity_check_writes_nothing(llama, tokenizer, tmp_path):
+    with pytest.raises(ParityError, match=r">= 1.01"):
+        export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
+                    int4=Int4Options(method="rtn"),
+                    tolerances=Tolerances(int4_top1=1.01, contexts=1, steps=4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_bake_as_int4(baked_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(parity, "Tolerances", functools.partial(
+        parity.Tolerances, int4_top1=0.0, contexts=2, steps=8))
+    out = tmp_path / "int4"
+    assert cli.main(["export", str(baked_dir), "--out", str(out), "--quantize", "int4",
+                     "--int4-method", "rtn", "--block-size", "32", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "int4" in printed and "smaller than fp32" in printed and "keeps" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["int4"]["method"] == "rtn" and manifest["int4"]["block_size"] == 32
+    kl = manifest["held_out_kl"]  # the bake's retention, as int8 records it
+    assert {"onnx", "baked", "base", "retention"} <= kl.keys()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int4", "--block-size", "48"], "block_size=48 must be a power of 2"),
+    (["--quantize", "int8", "--block-size", "8"], "block_size=8 must be a power of 2"),
+    (["--int4-method", "hqq"], "--int4-method applies to --quantize int4"),
+    (["--format", "gguf", "--quantize", "q4_0", "--block-size", "64"],
+     "--block-size applies to --quantize int8 or int4"),
+    (["--format", "gguf", "--quantize", "int4"],
+     "int4 is the ONNX export's: use --format onnx (4 bits in the GGUF export: --quantize q4_0)"),
+    (["--format", "onnx", "--quantize", "q4_0"], "--quantize int4"),
+])
+def test_cli_refuses_bad_int4_options(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["export", str(tmp_path / "no-bake"), "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_names_the_int4_methods(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(tmp_path), "--out", str(tmp_path / "out"), "--quantize", "int4",
+                  "--int4-method", "gptq"])
+    assert "invalid choice: 'gptq' (choose from 'hqq', 'rtn')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "int4" in text and "--int4-method" in text and "--block-size" in text
+
+
+def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="int4 method 'gptq': choose hqq or rtn"):
+        export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
+                    int4=Int4Options(method="gptq"))
+    with pytest.raises(ValueError, match="block_size=100 must be a power of 2"):
+        export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
+                    int4=Int4Options(block_size=100))
+    with pytest.raises(ValueError, match="use --format onnx"):
+        check_quantize("gguf", "int4")
+    assert list(tmp_path.iterdir()) == []
