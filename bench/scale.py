@@ -20,6 +20,7 @@ which communication would take more than a tenth of the step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -99,6 +100,9 @@ class Counter:
         self._stop = False
         threading.Thread(target=self._sample, daemon=True).start()
 
+    def stop(self) -> None:
+        self._stop = True
+
     def install(self) -> None:
         import importlib
 
@@ -173,15 +177,13 @@ def _worker(rank: int, size: int, init: str, model: str, config: dict, fsdp: boo
                  # a sharded parameter's numel is its whole size
                  "parameters": sum(p.numel() for p in baked.model.parameters())}
     finally:
-        counter._stop = True
+        counter.stop()
         if size > 1:
             dist.destroy_process_group()
     Path(results.format(rank=rank)).write_text(json.dumps(found))
 
 
 def measure(label: str, model: str, config: BakeConfig, size: int, fsdp: bool, log) -> dict:
-    import dataclasses
-
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:

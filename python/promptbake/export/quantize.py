@@ -101,16 +101,7 @@ class Int8Options:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"int8 method {self.method!r}: choose blockwise or dynamic")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size={self.block_size} must be a power of 2, at least 16")
-        if self.smooth is not None and not 0 <= self.smooth <= 1:
-            raise ValueError(f"smooth={self.smooth}: SmoothQuant's migration strength must be in "
-                             f"[0, 1]")
-        if self.calibration < 1:
-            raise ValueError(f"calibration={self.calibration} must be >= 1")
-        if self.accuracy_level not in (0, 1, 4):
-            raise ValueError(f"accuracy_level={self.accuracy_level}: choose 4 (int8 compute) or "
-                             f"0 / 1 (fp32 compute)")
+        _check_blockwise(self)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON reads it
@@ -139,20 +130,25 @@ class Int4Options:
     def validate(self) -> None:
         if self.method not in INT4_METHODS:
             raise ValueError(f"int4 method {self.method!r}: choose {' or '.join(INT4_METHODS)}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size={self.block_size} must be a power of 2, at least 16 "
-                             f"(e.g. 32, 64 or 128)")
-        if self.smooth is not None and not 0 <= self.smooth <= 1:
-            raise ValueError(f"smooth={self.smooth}: SmoothQuant's migration strength must be in "
-                             f"[0, 1]")
-        if self.calibration < 1:
-            raise ValueError(f"calibration={self.calibration} must be >= 1")
-        if self.accuracy_level not in (0, 1, 4):
-            raise ValueError(f"accuracy_level={self.accuracy_level}: choose 4 (int8 compute) or "
-                             f"0 / 1 (fp32 compute)")
+        _check_blockwise(self)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON reads it
+
+
+def _check_blockwise(options: Int8Options | Int4Options) -> None:
+    """The settings int8 and int4 share: block size, SmoothQuant, calibration, accuracy level."""
+    if options.block_size < 16 or options.block_size & (options.block_size - 1):
+        raise ValueError(f"block_size={options.block_size} must be a power of 2, at least 16 "
+                         f"(e.g. 32, 64 or 128)")
+    if options.smooth is not None and not 0 <= options.smooth <= 1:
+        raise ValueError(f"smooth={options.smooth}: SmoothQuant's migration strength must be in "
+                         f"[0, 1]")
+    if options.calibration < 1:
+        raise ValueError(f"calibration={options.calibration} must be >= 1")
+    if options.accuracy_level not in (0, 1, 4):
+        raise ValueError(f"accuracy_level={options.accuracy_level}: choose 4 (int8 compute) or "
+                         f"0 / 1 (fp32 compute)")
 
 
 @contextlib.contextmanager
