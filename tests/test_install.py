@@ -1,9 +1,13 @@
-"""The package builds into a wheel with the compiled module and the Triton kernels, and installs
-as pure Python (torch backend) where no C++ compiler works."""
+"""The package builds into a wheel with the compiled module and the Triton kernels; the wheel
+installs and runs in a fresh environment with no compiler; and the package installs as pure
+Python (torch backend) where no C++ compiler works."""
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+import venv
 import zipfile
 from pathlib import Path
 
@@ -26,11 +30,55 @@ def build_wheel(tmp_path, **env):
     return wheel
 
 
-def test_wheel_holds_the_compiled_module_and_kernels(tmp_path):
-    names = zipfile.ZipFile(build_wheel(tmp_path)).namelist()
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    return build_wheel(tmp_path_factory.mktemp("compiled"))
+
+
+def test_wheel_holds_the_compiled_module_and_kernels(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("promptbake/_C.") and n.endswith((".so", ".pyd")) for n in names)
     assert "promptbake/kernels/divergence.py" in names
     assert "promptbake/ops/divergence.py" in names
+
+
+def test_the_wheel_runs_in_a_fresh_environment_without_a_compiler(wheel, tmp_path):
+    # A fresh virtual environment; the wheel is installed into it with pip. Its dependencies
+    # (torch, transformers, ...) are this environment's, reached through a path file rather than
+    # installed again, so nothing is downloaded; promptbake itself comes from the wheel only.
+    fresh = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(fresh)
+    python = fresh / "bin" / "python"
+    paths = subprocess.run([python, "-c", "import sysconfig; p = sysconfig.get_paths(); "
+                            "print(p['purelib']); print(p['platlib'])"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    fresh_libs = [Path(p).resolve() for p in paths]
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (fresh_libs[0] / "dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
+    # --ignore-installed: this environment's promptbake is visible through the path file
+    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
+                           "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    path = str(fresh / "bin")  # no gcc, cc, c++, clang or cmake on it
+    assert not [c for c in ("gcc", "g++", "cc", "c++", "clang", "cmake")
+                if shutil.which(c, path=path)]
+    env = {"PATH": path, "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    probe = ("import promptbake, promptbake._C as c; "
+             "print(promptbake.__file__); print(c.__file__)")
+    done = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    package, compiled = (Path(line).resolve() for line in done.stdout.split())
+    assert any(package.is_relative_to(lib) for lib in fresh_libs), package
+    assert any(compiled.is_relative_to(lib) for lib in fresh_libs), compiled
+    done = subprocess.run([fresh / "bin" / "promptbake", "backends"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()}
+    assert rows["cpp"] == "available" and rows["torch"] == "available", done.stdout
+    assert "compiled kernels unavailable" not in done.stderr
 
 
 def test_without_a_compiler_installs_pure_python(tmp_path):
