@@ -45,7 +45,7 @@ log = logging.getLogger("promptbake")
 METHODS = ("magnitude", "wanda")
 LAYER_TYPES = ("attention", "mlp", "lm_head")
 COMPARE = ("layer", "row")
-TRAIN = ("pruned", "all")
+TRAIN = ("pruned", "all", "adapter", "adapter+scales")
 MANIFEST = "pruning.json"
 MASKS = "masks.safetensors"
 # A linear layer's type is read off the names of the modules that hold it: Llama's
@@ -482,14 +482,15 @@ def kl_to_teacher(student, teacher, prefixes: list[list[int]], trajectories: Tra
                               batch_size=batch_size)["student"]
 
 
-def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=None,
+def recover(student, teacher, tokenizer, *, masks=None, trajectories=None, contexts=None,
             held_out=None, framing: Framing | None = None, steps: int = 60, lr: float = 1e-4,
             batch_size: int = 8, train_contexts: int = 48, samples_per_context: int = 2,
             max_new_tokens: int = 64, eval_contexts: int = 24, train: str = "pruned",
             weight_decay: float = 0.0, warmup: float = 0.1, schedule: str = "cosine",
             max_grad_norm: float = 1.0, teacher_cache: str = "full", precision: str = "auto",
             seed: int = 0, progress: bool | Callable[[int, int, float], None] = False) -> dict:
-    """Recovery distillation: trains the pruned ``student`` to match the dense ``teacher``.
+    """Recovery distillation: trains the pruned (or quantised) ``student`` to match the dense
+    ``teacher``.
 
     The teacher (the dense baked model, e.g. the merged one; no prompt) samples responses on
     training contexts, its distributions recorded as they are drawn; the student's unpruned
@@ -498,20 +499,28 @@ def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=N
     every step, so they stay exactly zero (and AdamW's state for them stays zero).
 
     Args:
-        masks: ``prune(...).masks`` or the PruneReport.
+        masks: ``prune(...).masks`` or the PruneReport; None for a student that was not pruned
+            (``train="adapter"`` or ``"all"``).
         trajectories: ``(Trajectories, prefixes)`` from ``sample_responses`` with a ``full`` or
             ``topk`` cache, to reuse; otherwise ``train_contexts`` of ``contexts`` are sampled.
         held_out: contexts to measure KL(teacher || student) on before and after, one response
             each (a list: all of it; None: the first ``eval_contexts`` built-in held-out ones),
             or ``(Trajectories, prefixes)`` sampled from the teacher on them, to reuse.
-        train: ``pruned`` trains only the masked layers' weights, ``all`` every parameter.
+        train: ``pruned`` trains only the masked layers' weights, ``all`` every parameter,
+            ``adapter`` only the LoRA parameters of a PEFT ``student`` (the export that keeps
+            the LoRA beside 4-bit base weights recovers the bake this way), ``adapter+scales``
+            those and the 4-bit blocks' scales and zero points (``export.beside.learn_scales``).
         progress: True for a progress bar, or ``progress(step, steps, kl_per_token)``.
 
     Returns a dict: ``kl_before`` / ``kl_after`` (``KL.to_dict()``), ``kl_reduction`` and its
     standard error, ``train_kl_per_token`` ([step, KL]), ``seconds`` per phase, and the settings.
     """
     if train not in TRAIN:
-        raise ValueError(f"train={train!r}: choose 'pruned' (the masked layers' weights) or 'all'")
+        raise ValueError(f"train={train!r}: choose 'pruned' (the masked layers' weights), "
+                         f"'adapter' (the LoRA parameters), 'adapter+scales' (and the 4-bit "
+                         f"scales) or 'all'")
+    if masks is None and train == "pruned":
+        raise ValueError("train='pruned' needs the masks: pass masks=prune(...).masks")
     if teacher is student:
         raise ValueError("the teacher is the student itself: pass the dense model as teacher and "
                          "a pruned copy (copy.deepcopy) as student")
@@ -523,10 +532,20 @@ def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=N
                         teacher_cache=teacher_cache, precision=precision, seed=seed,
                         train_contexts=train_contexts, eval_contexts=eval_contexts)
     config.validate()
-    masked = _masked_modules(student, masks)
-    check_masks(student, masks)
-    trainable = [m.weight for m, _ in masked.values()] if train == "pruned" else \
-        [p for p in student.parameters() if p.is_floating_point()]
+    masked = _masked_modules(student, masks) if masks is not None else {}
+    if masks is not None:
+        check_masks(student, masks)
+    if train == "pruned":
+        trainable = [m.weight for m, _ in masked.values()]
+    elif train in ("adapter", "adapter+scales"):
+        kinds = ("lora_",) if train == "adapter" else ("lora_", "scale_change", "zero_change")
+        trainable = [p for name, p in student.named_parameters()
+                     if any(kind in name for kind in kinds)]
+        if not trainable:
+            raise ValueError("train='adapter' but the student has no LoRA parameters: pass the "
+                             "PEFT model (a Baked's .model, copied)")
+    else:
+        trainable = [p for p in student.parameters() if p.is_floating_point()]
     shared = {p.data_ptr() for p in trainable} & {p.data_ptr() for p in teacher.parameters()}
     if shared:
         raise ValueError("the teacher shares weights with the student, so pruning the student "
@@ -560,7 +579,7 @@ def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=N
                 framing=framing, seed=seed + 1)
     with clock("measure_before"):
         before = kl_to_teacher(student, teacher, eval_prefixes, eval_traj, pad_id=pad_id)
-    log.info("KL(dense || pruned) on held-out contexts before recovery: %s", before)
+    log.info("KL(dense || student) on held-out contexts before recovery: %s", before)
 
     flags = {p: p.requires_grad for p in student.parameters()}
     for p in student.parameters():
@@ -602,12 +621,13 @@ def recover(student, teacher, tokenizer, *, masks, trajectories=None, contexts=N
             p.requires_grad_(flag)
         optimizer.zero_grad(set_to_none=True)
         student.eval()
-    check_masks(student, masks)
+    if masks is not None:
+        check_masks(student, masks)
 
     with clock("measure_after"):
         after = kl_to_teacher(student, teacher, eval_prefixes, eval_traj, pad_id=pad_id)
     reduction, reduction_se = mc_kl.reduction(before, after)
-    log.info("KL(dense || pruned) after %d recovery steps: %s (%.1f%% lower)", steps, after,
+    log.info("KL(dense || student) after %d recovery steps: %s (%.1f%% lower)", steps, after,
              100 * reduction)
     return {"kl_before": before.to_dict(), "kl_after": after.to_dict(),
             "kl_reduction": reduction if math.isfinite(reduction) else None,

@@ -307,3 +307,17 @@ def test_evaluate_scores_tool_use_as_a_task(bake_copy, capsys):
     assert cli.main(["evaluate", str(bake_copy), "--tasks", "tool_use", "--limit", "2"]) == 0
     printed = capsys.readouterr().out
     assert "tool_use" in printed and "forgetting gate" in printed
+
+
+@pytest.mark.parametrize("retention, warned", [(0.95, False), (0.21, True), (-1.25, True)])
+def test_an_export_that_loses_the_bake_says_so(capsys, retention, warned):
+    from promptbake.cli import export
+
+    kl = {"onnx": {"per_token": 0.2}, "baked": {"per_token": 0.03},
+          "base": {"per_token": 0.31}, "retention": retention}
+    export._print_retention({"held_out_kl": kl}, "onnx")
+    out = capsys.readouterr().out
+    assert f"keeps {100 * retention:.1f}% of the bake's KL reduction" in out
+    assert ("warning" in out) == warned
+    if warned:
+        assert f"keeps only {100 * retention:.0f}% of the bake" in out

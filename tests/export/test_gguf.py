@@ -119,11 +119,15 @@ def test_cli_exports_a_bake_as_q8_0(baked_dir, tmp_path, capsys, monkeypatch):
                      "--quantize", "q8_0", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "GGUF q8_0" in printed and "parity" in printed and "ollama create" in printed
+    assert "of the bake's KL reduction" in printed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "q8_0" and manifest["tensor_types"]["Q8_0"] == 15
     assert manifest["source"]["bake"] == str(baked_dir.resolve())
     assert manifest["source"]["strength"] == 1.0
     assert 0.5 <= manifest["parity"]["top1_agreement"] <= 1.0
+    kept = manifest["held_out_kl"]  # measured on the model read back from the file
+    assert kept["gguf"]["per_token"] >= 0 and kept["base"]["per_token"] > 0
+    assert set(kept["reduction"]) == {"gguf", "baked"} and np.isfinite(kept["retention"])
     assert sorted(p.name for p in out.iterdir()) == [
         files.MARKER, "Modelfile", "manifest.json", "model.gguf"]
     assert cli.main(["export", str(baked_dir), "--out", str(out), "--format", "gguf"]) == 2

@@ -13,13 +13,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import AutoModelForCausalLM
 
-from promptbake import cli
+from promptbake import cli, load_baked
 from promptbake.export import (
     Int4Options,
     OnnxLM,
     ParityError,
     Tolerances,
+    beside,
     check_quantize,
+    export_baked,
     export_onnx,
     graph,
     parity,
@@ -178,11 +180,40 @@ def test_cli_exports_a_bake_as_int4(baked_dir, tmp_path, capsys, monkeypatch):
     (["--format", "gguf", "--quantize", "int4"],
      "int4 is the ONNX export's: use --format onnx (4 bits in the GGUF export: --quantize q4_0)"),
     (["--format", "onnx", "--quantize", "q4_0"], "--quantize int4"),
+    (["--int4-lora", "beside"], "--int4-lora applies to --quantize int4"),
+    (["--quantize", "int4", "--recover-steps", "5"],
+     "--recover-steps and --recover-lr apply to --prune, or to --quantize int4 --int4-lora beside"),
+    (["--quantize", "int4", "--int4-lora", "beside", "--prune", "0.5"], "choose one"),
+    (["--quantize", "int4", "--int4-lora", "beside", "--recover-steps", "-1"],
+     "recover_steps=-1 must be a whole number >= 0"),
 ])
 def test_cli_refuses_bad_int4_options(args, message, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["export", str(tmp_path / "no-bake"), "--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_a_runtime_without_the_operator_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                   quantization):
+    class NoMatMulNBits:  # what an onnxruntime without the contrib operator says
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an "
+                               "implementation for MatMulNBits(1) node with name ''")
+
+    quantize.require_matmul_nbits.cache_clear()
+    monkeypatch.setattr(ort, "InferenceSession", NoMatMulNBits)
+    out = tmp_path / "out"
+    try:
+        assert cli.main(["export", str(tmp_path / "no-bake"), "--out", str(out),
+                         "--quantize", quantization]) == 2
+    finally:
+        quantize.require_matmul_nbits.cache_clear()
+    err = capsys.readouterr().err
+    bits = quantization[3:]
+    assert f"cannot run the {bits}-bit MatMulNBits operator the {quantization} export" in err
+    assert "Could not find an implementation" in err and "pip install -U onnxruntime" in err
+    assert not out.exists()
 
 
 def test_cli_names_the_int4_methods(tmp_path, capsys):
@@ -205,4 +236,117 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
                     int4=Int4Options(block_size=100))
     with pytest.raises(ValueError, match="use --format onnx"):
         check_quantize("gguf", "int4")
+    with pytest.raises(ValueError, match="export the bake with export_baked"):
+        export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
+                    int4=Int4Options(lora="beside"))
+    with pytest.raises(ValueError, match="set lora='beside'"):
+        Int4Options(recover_steps=3).validate()
+    with pytest.raises(ValueError, match="choose 'merge'"):
+        Int4Options(lora="sideways").validate()
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the LoRA kept beside a 4-bit base ----------------------------------------------------------
+
+
+def onnx_logits(path, ids):
+    return OnnxLM(path).logits(ids)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, tmp_path, method):
+    # accuracy level 0: fp32 compute, so the graph must equal torch on the same weights
+    options = Int4Options(method=method, lora="beside", accuracy_level=0)
+    found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", int4=options,
+                         tolerances=TINY_INT4)
+    record = found.manifest["int4"]["beside"]
+    # r=4 on q, k, v, o of 2 layers: (64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) inputs and
+    # outputs per layer
+    assert record["branches"] == 8 and record["parameters"] == 2 * 4 * (128 + 96 + 96 + 128)
+    model = onnx.load(str(found.path / "model.onnx"))
+    adds = [n for n in model.graph.node if n.op_type == "Add" and n.name.endswith("lora/add")]
+    assert len(adds) == 8
+    weights = quantize.weights_4bit(model)
+    assert {"lm_head", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"} \
+        <= weights.keys()
+    baked = load_baked(baked_dir)
+    base = dict(baked.model.named_parameters())
+    # the graph's base weights are a 4-bit copy of the base model's, not of the merged ones
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        fp32 = base[f"base_model.model.{name}.base_layer.weight"
+                    if "self_attn" in name else f"base_model.model.{name}.weight"]
+        step = fp32.detach().abs().max().item() / 7
+        assert np.abs(weights[name] - fp32.detach().numpy()).max() < step
+    student = beside.on_quantized_base(baked.model, weights, 1.0)
+    ids = parity.default_prompts(tokenizer, count=1)[0]
+    with torch.no_grad():
+        want = student(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(onnx_logits(found.path, ids), want, atol=2e-4, rtol=1e-4)
+    # the LoRA factors stored are the bake's own, unchanged
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+              if i.name.endswith(("lora_A", "lora_B"))}
+    for name, (a, b) in beside.factors(baked.model, 1.0).items():
+        np.testing.assert_array_equal(stored[f"{name}.lora_A"], a)
+        np.testing.assert_array_equal(stored[f"{name}.lora_B"], b)
+
+
+def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tmp_path, capsys,
+                                                                  monkeypatch, file_hashes):
+    monkeypatch.setattr(parity, "Tolerances", functools.partial(
+        parity.Tolerances, int4_top1=0.0, contexts=2, steps=8))
+    before = file_hashes(baked_dir)
+    out = tmp_path / "int4"
+    assert cli.main(["export", str(baked_dir), "--out", str(out), "--quantize", "int4",
+                     "--int4-lora", "beside", "--recover-steps", "3", "--quiet"]) == 0
+    assert "keeps" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["int4"]
+    assert record["lora"] == "beside" and record["recover_steps"] == 3
+    recovery = record["beside"]["recovery"]
+    assert [s for s, _ in recovery["train_kl_per_token"]] == [1, 2, 3]
+    model = onnx.load(str(out / "model.onnx"))
+    blocks = quantize.blocks_4bit(model)
+    assert record["beside"]["scales_learned"] == len(blocks)  # every 4-bit weight, head included
+    # the LoRA and each block's scale and (HQQ's) zero point were trained
+    assert recovery["trainable_parameters"] == record["beside"]["parameters"] + sum(
+        2 * b.scales.size for b in blocks.values())
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    trained = beside.factors(load_baked(baked_dir).model, 1.0)
+    assert any(not np.array_equal(stored[f"{name}.lora_B"], b)
+               for name, (_, b) in trained.items())  # the factors were trained
+    assert file_hashes(baked_dir) == before
+
+
+def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokenizer, tmp_path):
+    found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", tolerances=TINY_INT4,
+                         int4=Int4Options(lora="beside", accuracy_level=0))
+    model = onnx.load(str(found.path / "model.onnx"))
+    blocks = quantize.blocks_4bit(model)
+    baked = load_baked(baked_dir)
+    student = beside.on_quantized_base(baked.model, {n: b.weight() for n, b in blocks.items()},
+                                       1.0)
+    ids = torch.tensor([parity.default_prompts(tokenizer, count=1)[0]])
+    with torch.no_grad():
+        plain = student(input_ids=ids).logits
+    learned = beside.learn_scales(student, blocks)
+    with torch.no_grad():  # unchanged scales: the same weights as the graph's
+        torch.testing.assert_close(student(input_ids=ids).logits, plain, atol=1e-5, rtol=1e-5)
+        for name, scales in learned.items():  # move every grid, the tied head's included
+            gen = torch.Generator().manual_seed(len(name))
+            scales.scale_change.copy_(0.05 * torch.randn(scales.scale_change.shape, generator=gen))
+            scales.zero_change.copy_(0.3 * torch.randn(scales.zero_change.shape, generator=gen))
+        moved = student(input_ids=ids).logits
+    assert (moved - plain).abs().max() > 1e-2
+    embed = student.get_base_model().model.embed_tokens
+    head = student.get_base_model().lm_head
+    torch.testing.assert_close(embed.weight, head.weight)  # still tied through one grid
+    for name, scales in learned.items():
+        quantize.set_scales_4bit(model, name, blocks[name], *scales.scales())
+    back = quantize.blocks_4bit(model)
+    for name, scales in learned.items():
+        np.testing.assert_array_equal(back[name].scales, scales.scales()[0])
+        np.testing.assert_array_equal(back[name].codes, blocks[name].codes)
+    graph.save(model, found.path / "model.onnx")
+    # the graph with the learned scales computes what torch trained (fp32 compute)
+    np.testing.assert_allclose(onnx_logits(found.path, ids[0].tolist()), moved[0].numpy(),
+                               atol=2e-4, rtol=1e-4)

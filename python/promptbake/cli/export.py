@@ -8,7 +8,9 @@ from pathlib import Path
 from promptbake import compress, files
 from promptbake.artifact import load_baked, sources
 from promptbake.cli.arguments import Help
-from promptbake.export import FORMATS, GGUF_QUANTIZATIONS, INT4_METHODS, QUANTIZATIONS
+from promptbake.export import FORMATS, GGUF_QUANTIZATIONS, INT4_LORA, INT4_METHODS, QUANTIZATIONS
+
+LOW_RETENTION = 0.9  # an export that keeps less of the bake's KL reduction gets a warning
 
 
 def register(commands) -> None:
@@ -49,6 +51,11 @@ def _add_export(commands) -> None:
                    help="with --quantize int4: hqq (Half-Quadratic Quantization: a step and a "
                         "float zero point per block fitted to the weights; the default) or rtn "
                         "(symmetric round to nearest, no zero points: smaller, less accurate)")
+    p.add_argument("--int4-lora", choices=INT4_LORA, default=None,
+                   help="with --quantize int4: merge (quantise the merged bake; the default) or "
+                        "beside (quantise the base weights alone and keep the bake's LoRA beside "
+                        "them in fp32, so 4-bit rounding cannot erase it; with --recover-steps "
+                        "the LoRA is then trained on the 4-bit base toward the fp32 bake)")
     p.add_argument("--block-size", type=int, default=None,
                    help="with --quantize int8 or int4: weights per scale (a power of 2, at "
                         "least 16; default 32). Smaller blocks are more accurate and store more "
@@ -56,12 +63,16 @@ def _add_export(commands) -> None:
                         "at 64, 84%% and 86%%")
     p.add_argument("--prune", default=None,
                    help="sparsity of the decoder's linear layers: a ratio in (0, 1) or an N:M "
-                        "pattern such as 2:4")
+                        "pattern such as 2:4. Experimental, not a serving option: on the default "
+                        "model pruning loses most of the bake (README: what each setting keeps)")
     p.add_argument("--prune-method", choices=compress.METHODS, default="wanda",
                    help="wanda: |weight| x input-activation norm, calibrated on responses")
-    p.add_argument("--recover-steps", type=int, default=60,
-                   help="recovery distillation steps after pruning (0: none)")
-    p.add_argument("--recover-lr", type=float, default=1e-4, help="recovery learning rate")
+    p.add_argument("--recover-steps", type=int, default=None,
+                   help="recovery distillation steps after pruning (default 60; 0: none), or of "
+                        "the LoRA kept beside a 4-bit base (--int4-lora beside; default 0)")
+    p.add_argument("--recover-lr", type=float, default=None,
+                   help="recovery learning rate (default 1e-4 after pruning, 1e-3 for the LoRA "
+                        "beside a 4-bit base)")
     p.add_argument("--recover-contexts", type=int, default=48,
                    help="training contexts for calibration and recovery")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
@@ -83,12 +94,14 @@ def _export(args) -> int:
     prune = None
     if args.prune:
         prune = compress.pruner(baked, args.prune, method=args.prune_method,
-                                recover_steps=args.recover_steps, lr=args.recover_lr,
+                                recover_steps=60 if args.recover_steps is None
+                                else args.recover_steps,
+                                lr=1e-4 if args.recover_lr is None else args.recover_lr,
                                 contexts=args.recover_contexts, progress=not args.quiet)
     try:
         done = export_baked(baked, args.out, format=args.format, strength=args.strength,
                             quantize=args.quantize, prune=prune, overwrite=args.overwrite,
-                            int8=int8, int4=int4)
+                            int8=int8, int4=int4, progress=not args.quiet)
     except ParityError as err:
         print(f"promptbake: the export failed its parity check and was not written:\n{err}",
               file=sys.stderr)
@@ -100,6 +113,7 @@ def _export(args) -> int:
         print(f"wrote {done.path / manifest['file']}: GGUF {manifest['precision']}, "
               f"{manifest['bytes'] / 1e6:.1f} MB")
         print(f"parity   {summary(manifest['parity'])} (read back by transformers)")
+        _print_retention(manifest, "gguf")
         print(f"run it   llama-cli -m {done.path / manifest['file']}   or   "
               f"ollama create NAME -f {done.path / 'Modelfile'}")
         return 0
@@ -112,12 +126,21 @@ def _export(args) -> int:
         print(f"size     {100 * (1 - manifest['bytes'] / quantized['fp32_bytes']):.1f}% smaller "
               f"than fp32 ({quantized['fp32_bytes'] / 1e6:.1f} MB)")
     print(f"parity   {summary(manifest['parity'])}")
+    _print_retention(manifest, "onnx")
+    return 0
+
+
+def _print_retention(manifest: dict, name: str) -> None:
     kl = manifest.get("held_out_kl")
     if kl:
-        print(f"held-out KL(prompted || export) {kl['onnx']['per_token']:.4f} nats/token "
+        print(f"held-out KL(prompted || export) {kl[name]['per_token']:.4f} nats/token "
               f"(baked {kl['baked']['per_token']:.4f}, base {kl['base']['per_token']:.4f}); "
               f"keeps {100 * kl['retention']:.1f}% of the bake's KL reduction")
-    return 0
+        if kl["retention"] < LOW_RETENTION:
+            print(f"warning  this export keeps only {100 * kl['retention']:.0f}% of the bake: "
+                  f"served as it is, it answers much as the unbaked model does. int8 without "
+                  f"pruning kept 99% on the default model; README 'Serving a baked model' "
+                  f"lists what each option keeps")
 
 
 def _options(args):
@@ -131,10 +154,23 @@ def _options(args):
     if args.block_size is not None and args.quantize not in ("int8", "int4"):
         raise ValueError(f"--block-size applies to --quantize int8 or int4, not "
                          f"{args.quantize or 'an unquantized export'}")
+    if args.int4_lora is not None and args.quantize != "int4":
+        raise ValueError(f"--int4-lora applies to --quantize int4, not "
+                         f"{args.quantize or 'an unquantized export'}: add --quantize int4")
+    beside = args.int4_lora == "beside"
+    if (args.recover_steps is not None or args.recover_lr is not None) and not args.prune \
+            and not beside:
+        raise ValueError("--recover-steps and --recover-lr apply to --prune, or to --quantize "
+                         "int4 --int4-lora beside")
+    if beside and args.prune:
+        raise ValueError("--int4-lora beside and --prune: pruning works on the merged weights; "
+                         "choose one")
     size = {} if args.block_size is None else {"block_size": args.block_size}
     if args.quantize == "int4":
-        options = Int4Options(**size, **({} if args.int4_method is None
-                                         else {"method": args.int4_method}))
+        chosen = {"method": args.int4_method, "lora": args.int4_lora}
+        if beside:
+            chosen.update(recover_steps=args.recover_steps, recover_lr=args.recover_lr)
+        options = Int4Options(**size, **{k: v for k, v in chosen.items() if v is not None})
         options.validate()
         return None, options
     if args.quantize == "int8" and size:

@@ -28,6 +28,7 @@ from promptbake.decoding import stop_token_ids
 from promptbake.export import (FORMATS, GGUF_QUANTIZATIONS, QUANTIZATIONS, gguf, graph,
                                merging as merge_mod, parity, quantize as quantize_mod, smooth,
                                sparse as packing)
+from promptbake.export.beside import Beside
 from promptbake.export.runtime import OnnxLM
 
 log = logging.getLogger("promptbake")
@@ -68,7 +69,8 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
                 int4: quantize_mod.Int4Options | None = None, parity_contexts=None,
                 framing=None, baked=None,
                 tolerances: parity.Tolerances | None = None, overwrite: bool = False,
-                source: dict | None = None, source_dirs: tuple = ()) -> Export:
+                source: dict | None = None, source_dirs: tuple = (),
+                beside: Beside | None = None) -> Export:
     """Exports ``model`` (a transformers causal LM, fp32 on CPU) to ``out_dir`` with a KV cache.
 
     Args:
@@ -87,6 +89,9 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
         overwrite: replace an earlier export at ``out_dir`` that holds nothing else
             (``files.check_output``); ``source_dirs`` (and the bake's directory) may not be,
             hold or contain ``out_dir``.
+        beside: for ``Int4Options(lora="beside")`` (``export_baked`` makes it): the base model
+            is traced and quantised, and the bake's LoRA added beside it; ``model``, the merged
+            bake, stays the reference of the parity check.
 
     Raises ``UnsupportedArchitecture`` (a ValueError) before writing anything, and
     ``ParityError`` when the export does not match torch (nothing is left at ``out_dir``).
@@ -97,6 +102,13 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
     options = (int4 or quantize_mod.Int4Options()) if quantize == "int4" else \
         (int8 or quantize_mod.Int8Options())
     options.validate()
+    if (getattr(options, "lora", "merge") == "beside") != (beside is not None):
+        raise ValueError("Int4Options(lora='beside') keeps a bake's LoRA beside its 4-bit base: "
+                         "export the bake with export_baked (promptbake export BAKE_DIR "
+                         "--quantize int4 --int4-lora beside)")
+    if beside is not None and options.smooth:
+        raise ValueError("lora='beside' with SmoothQuant: smoothing rescales the base weights "
+                         "the LoRA was trained on; leave smooth unset")
     out = Path(out_dir)
     protected = tuple(source_dirs or ()) + (sources(baked) if baked is not None else ())
     files.check_output(out, overwrite=overwrite, sources=protected)
@@ -127,13 +139,18 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
             scratch = tmp / ".fp32"
             scratch.mkdir()
             traced = timed("smooth", lambda: _smoothed(model, tokenizer, framing, options))
-            timed("trace", lambda: graph.trace(traced or model, scratch / "model.onnx"))
+            traced = beside.base if beside is not None else traced or model
+            timed("trace", lambda: graph.trace(traced, scratch / "model.onnx"))
             del traced
+            if beside is not None:
+                beside.base = None  # traced: a whole model's memory back before recovery
             run = quantize_mod.int4 if quantize == "int4" else quantize_mod.int8
             details[quantize] = {**options.to_dict(), **timed(
                 "quantize", lambda: run(scratch / "model.onnx", target, options))}
             details[quantize]["fp32_bytes"] = model_bytes(scratch)
             shutil.rmtree(scratch)
+            if beside is not None:
+                details[quantize]["beside"] = timed("lora", lambda: beside.attach(target, model))
         if sparse:
             details["sparse"] = timed("pack", lambda: _pack(target))
         timed("check", lambda: _checker(target))
@@ -149,7 +166,7 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
                               f"{parity.summary(report)}; criterion: {report['criterion']}. "
                               f"Nothing was written (an earlier export there is unchanged)", report)
         if baked is not None:
-            manifest["held_out_kl"] = timed("held_out_kl", lambda: _kl_record(lm, baked))
+            manifest["held_out_kl"] = timed("held_out_kl", lambda: parity.kl_record(lm, baked))
         manifest["wall_seconds"] = dict(seconds)
         tokenizer.save_pretrained(tmp)
         genai = graph.genai_config(model.config, tokenizer)
@@ -217,14 +234,6 @@ def _pack(path: Path) -> dict:
             "weights": records}
 
 
-def _kl_record(lm: OnnxLM, baked) -> dict:
-    found = parity.held_out_kl(lm, baked)
-    return {"onnx": found["onnx"].to_dict(), "baked": found["baked"].to_dict(),
-            "base": found["base"].to_dict(), "reduction": found["reduction"],
-            "retention": found["retention"],
-            "measured_on": "the bake's held-out contexts and samples from the prompted model"}
-
-
 def _manifest(model, tokenizer, tmp: Path, quantize, details, report, tolerances,
               source) -> dict:
     layers, kv_heads, head_dim = graph.cache_layout(model.config)
@@ -254,7 +263,8 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
                  sparse: bool | None = None, overwrite: bool = False,
                  int8: quantize_mod.Int8Options | None = None,
                  int4: quantize_mod.Int4Options | None = None,
-                 tolerances: parity.Tolerances | None = None) -> Export | gguf.GgufExport:
+                 tolerances: parity.Tolerances | None = None,
+                 progress: bool = False) -> Export | gguf.GgufExport:
     """What ``promptbake export DIR`` does: merge the bake at ``strength`` and write it as a
     safetensors model directory, an ONNX export or a GGUF file.
 
@@ -263,9 +273,14 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
     "q4_0". ``prune``: called with the merged model
     before the ONNX export (e.g. ``lambda m: compress.prune(m, 0.5)``); what it returns is
     recorded when it has ``to_dict()``; the pruned weights are then stored packed unless
-    ``sparse=False``.
+    ``sparse=False``. ``int4=Int4Options(lora="beside", recover_steps=N)`` quantises the base
+    and keeps the LoRA beside it, recovered for N steps (``beside.py``); ``progress``: a bar
+    for that recovery.
     """
     check_quantize(format, quantize, prune)
+    if int4 is not None and int4.lora == "beside" and (quantize != "int4" or prune is not None):
+        raise ValueError("Int4Options(lora='beside') applies to quantize='int4' without pruning "
+                         "(pruning works on the merged weights)")
     if format == "safetensors":
         path = merge_mod.save_merged(baked, out, strength, overwrite=overwrite)
         return Export(path, json.loads((path / MANIFEST).read_text()))
@@ -276,29 +291,38 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
         baked = load_baked(baked, strength=strength)
     source = {**source_record(baked), "strength": float(strength)}
     model = merge_mod.merge(baked, strength)
-    if format == "gguf":
-        return gguf.export_gguf(model, baked.tokenizer, out, quantize=quantize,
-                                framing=baked.framing, overwrite=overwrite, source=source,
-                                name=Path(baked.path).name if baked.path else None,
-                                tolerances=tolerances, source_dirs=sources(baked))
-    if prune is not None:
-        report = prune(model)
-        source["pruning"] = report.to_dict() if hasattr(report, "to_dict") else None
-    if sparse is None:
-        sparse = prune is not None
     saved = baked.strength
     baked.strength = strength  # held_out_kl compares with the bake at this strength
     try:
+        if format == "gguf":
+            return gguf.export_gguf(model, baked.tokenizer, out, quantize=quantize,
+                                    framing=baked.framing, overwrite=overwrite, source=source,
+                                    name=Path(baked.path).name if baked.path else None,
+                                    tolerances=tolerances, source_dirs=sources(baked),
+                                    baked=baked)
+        if prune is not None:
+            report = prune(model)
+            source["pruning"] = report.to_dict() if hasattr(report, "to_dict") else None
+        if sparse is None:
+            sparse = prune is not None
+        beside = None
+        if quantize == "int4" and int4 is not None and int4.lora == "beside":
+            int4.validate()
+            beside = Beside(merge_mod.merge(baked, 0.0), baked, float(strength),
+                            int4.recover_steps, int4.recover_lr, int4.recover_scales,
+                            progress=progress)
         return export_onnx(model, baked.tokenizer, out, quantize=quantize, sparse=sparse,
                            int8=int8, int4=int4, framing=baked.framing, baked=baked,
-                           tolerances=tolerances, overwrite=overwrite, source=source)
+                           tolerances=tolerances, overwrite=overwrite, source=source,
+                           beside=beside)
     finally:
         baked.strength = saved
 
 
 def check_quantize(format: str, quantize: str | None, prune=None) -> None:
     """Raises a ValueError for an unknown ``format``, or a quantization (or pruning) it does not
-    have, naming the format that has it; checked before any work."""
+    have, naming the format that has it, or one the installed onnxruntime cannot run; checked
+    before any work."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
     if format == "safetensors" and (quantize or prune):
@@ -309,6 +333,8 @@ def check_quantize(format: str, quantize: str | None, prune=None) -> None:
     if format == "safetensors":
         return
     accepted = GGUF_QUANTIZATIONS if format == "gguf" else QUANTIZATIONS
+    if format == "onnx" and quantize in ("int8", "int4"):
+        quantize_mod.require_matmul_nbits(int(quantize[3:]))
     if quantize is None or quantize in accepted:
         return
     other = "gguf" if quantize in GGUF_QUANTIZATIONS else "onnx" if quantize in QUANTIZATIONS \

@@ -369,7 +369,8 @@ def _tokenizer_report(original, reloaded, prompts: list[list[int]]) -> dict:
 def export_gguf(model, tokenizer, out: str | Path, *, quantize: str | None = None,
                 overwrite: bool = False, source: dict | None = None, framing=None,
                 name: str | None = None, tolerances: parity.Tolerances | None = None,
-                top1_floor: float | None = None, source_dirs: tuple = ()) -> GgufExport:
+                top1_floor: float | None = None, source_dirs: tuple = (),
+                baked=None) -> GgufExport:
     """Writes ``model`` (a transformers Llama causal LM) and ``tokenizer`` as ``out/model.gguf``,
     checked by loading it back with transformers, with ``manifest.json`` and a ``Modelfile``.
 
@@ -384,6 +385,9 @@ def export_gguf(model, tokenizer, out: str | Path, *, quantize: str | None = Non
             near-tie, needs a lower one).
         overwrite: replace an earlier export at ``out`` that holds nothing else
             (``files.check_output``); ``source_dirs`` may not be, hold or contain ``out``.
+        baked: the ``Baked`` that ``model`` merges: the manifest then records the file's
+            held-out KL to the prompted model and the share of the bake it retains
+            (``parity.held_out_kl``, on the model read back from the file).
 
     Raises ``UnsupportedArchitecture`` (a ValueError) before writing anything, and
     ``ParityError`` when the file does not match the model (nothing is left at ``out``).
@@ -429,12 +433,17 @@ def export_gguf(model, tokenizer, out: str | Path, *, quantize: str | None = Non
         report = parity.check(model, _Reloaded(reloaded), prompts, quantized=lossy,
                               tolerances=tolerances)
         seconds["parity"] = round(time.perf_counter() - start, 2)
-        del reloaded
         if not report["passed"]:
             raise ParityError(f"the GGUF export to {out} ({precision}) does not match the torch "
                               f"model: {parity.summary(report)}; criterion: "
                               f"{report['criterion']}. Nothing was written (an earlier export "
                               f"there is unchanged)", report)
+        kept = {}
+        if baked is not None:
+            start = time.perf_counter()
+            kept["held_out_kl"] = parity.kl_record(_Reloaded(reloaded), baked, name="gguf")
+            seconds["held_out_kl"] = round(time.perf_counter() - start, 2)
+        del reloaded
         size = (tmp / FILE).stat().st_size
         manifest = {
             "format": 1, "kind": KIND, "promptbake": versions.promptbake_version(),
@@ -444,7 +453,7 @@ def export_gguf(model, tokenizer, out: str | Path, *, quantize: str | None = Non
                              "layers": model.config.num_hidden_layers,
                              "vocab": model.config.vocab_size,
                              "max_positions": model.config.max_position_embeddings},
-            "parity": report, "tokenizer_parity": words,
+            "parity": report, "tokenizer_parity": words, **kept,
             "tolerances": {"steps": tolerances.steps, "contexts": tolerances.contexts,
                            **({"top1_floor": tolerances.int8_top1} if lossy else
                               {"fp32_logit": tolerances.fp32_logit})},

@@ -224,3 +224,13 @@ def held_out_kl(lm, baked, *, contexts=None, samples: int = 1, max_new_tokens: i
     return {"onnx": onnx_kl, "baked": found["baked"], "base": found["base"],
             "reduction": {k: {"value": v, "se": se} for k, (v, se) in reduction.items()},
             "retention": retention}
+
+
+def kl_record(lm, baked, name: str = "onnx") -> dict:
+    """``held_out_kl`` as an export's manifest records it, the export's KL under ``name``."""
+    found = held_out_kl(lm, baked)
+    return {name: found["onnx"].to_dict(), "baked": found["baked"].to_dict(),
+            "base": found["base"].to_dict(),
+            "reduction": {(name if k == "onnx" else k): v for k, v in found["reduction"].items()},
+            "retention": found["retention"],
+            "measured_on": "the bake's held-out contexts and samples from the prompted model"}
