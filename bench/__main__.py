@@ -33,8 +33,9 @@ SUITES = {
               "70%, 90% and 2:4 sparsity, batch 1 and 8, weights streamed from memory and in cache",
     "evaluate": "what a bake did: re-prompt matrices, forgetting across the task suite, persona "
                 "drift over 30 turns, an arithmetic recipe's recovered gain, prompt pursuit",
-    "infer": "the baked persona served five ways: torch with the prompt, torch baked, ONNX "
-             "Runtime fp32, int8, pruned + int8; latency, size, held-out accuracy",
+    "infer": "the baked persona served every way promptbake exports it: torch with the prompt, "
+             "torch baked, ONNX Runtime fp32, int8, int4 (merged, LoRA beside, recovered), "
+             "pruned + int8 at three settings, GGUF q8_0 / q4_0; latency, size, retention",
     "coverage": "the persona bake off its contexts: arithmetic answered like the prompt? baked "
                 "on the general contexts alone against the shipped ones (general + short)",
     "tools": "the shipped computing tools baked: the tool prompt's own effect, the re-prompt "

@@ -1,11 +1,18 @@
-"""Infer suite: the baked persona served five ways, side by side.
+"""Infer suite: the baked persona served every way promptbake exports it, side by side.
 
 The README's pirate bake on the default model, batch 1, greedy, prompts from the held-out
 contexts. Contenders:
 
 * torch eager fp32 *with the system prompt*: what a user runs without baking;
 * torch eager fp32 baked (merged, no prompt);
-* ONNX Runtime fp32 baked, ONNX Runtime int8 baked, and pruned (Wanda 50%, recovered) + int8.
+* ONNX Runtime fp32 baked, int8 baked, int4 baked (``MatMulNBits``, HQQ, block 32: the merged
+  bake quantised), int4 with the bake's LoRA beside the 4-bit base (fp32 factors), the same with
+  the LoRA recovered on the 4-bit base, and pruned + int8 at each pruning setting the README
+  shows (Wanda 25%, 50% and 2:4, each recovered);
+* GGUF q8_0 and q4_0 (llama.cpp's formats): size, parity and retention, measured on the file as
+  transformers' GGUF loader reads it back; decode latency with llama.cpp where
+  ``llama-cpp-python`` is installed (not a dependency: it compiles llama.cpp on install,
+  ``pip install llama-cpp-python``, ~8 minutes on 2 cores), otherwise none.
 
 For each: time to first token (the prompt's forward pass), per-token decode latency (p50 and p95
 over every decode step of every prompt, at least 200), size on disk, and accuracy: held-out
@@ -16,8 +23,10 @@ steps; contenders take turns on each prompt. The SparseLinear kernel's own table
 ``sparse`` suite (``python bench/ --only sparse``).
 
 Targets on the 2-core CPU: ONNX Runtime int8 decode p95 < 50 ms per token; >= 3x faster decode
-than torch eager fp32 with the prompt; >= 75% smaller on disk with int8 and >= 78% with pruning;
-int8 keeps >= 99% of the baked fp32 model's accuracy (reported for pruning).
+than torch eager fp32 with the prompt; >= 75% smaller on disk with int8;
+int8 keeps >= 99% of the baked fp32 model's accuracy (reported for pruning); int4 >= 85% smaller
+with >= 97% retention and a decode p50 <= 0.8x int8's; pruning >= 80% smaller with >= 95%
+retention (or off the documented serving path); every export passes its parity check.
 """
 
 from __future__ import annotations
@@ -33,14 +42,55 @@ import torch
 import harness
 from common import CACHE, PIRATE, cached_bake, pirate_config
 from promptbake import compress, contexts as contexts_mod, load_baked
-from promptbake.export import OnnxLM, export_baked, held_out_kl, merge
+from promptbake.export import Int4Options, OnnxLM, ParityError, export_baked, merge
 
 TARGET_P95_MS = 50.0
 TARGET_SPEEDUP = 3.0
 TARGET_SMALLER_INT8 = 0.75
-TARGET_SMALLER_PRUNED = 0.78
+TARGET_SMALLER_PRUNED = 0.80  # with TARGET_RETENTION_PRUNED, or pruning leaves the README
 TARGET_RETENTION = 0.99
-SPARSITY = 0.5
+TARGET_SMALLER_INT4 = 0.85
+TARGET_RETENTION_INT4 = 0.97
+TARGET_INT4_DECODE = 0.8  # int4 decode p50 / int8's
+TARGET_RETENTION_PRUNED = 0.95
+PRUNINGS = {"onnx pruned 25% + int8": ("pruned25-int8", 0.25),  # the settings the README shows
+            "onnx pruned 50% + int8": ("pruned-int8", 0.5),
+            "onnx pruned 2:4 + int8": ("pruned24-int8", "2:4")}
+INT4_RECOVER_STEPS = 60
+ONNX = {"onnx fp32 baked": "onnx-fp32", "onnx int8 baked": "onnx-int8",
+        "onnx int4 baked": "onnx-int4", "onnx int4 + LoRA beside": "int4-beside",
+        "onnx int4 + LoRA recovered": "int4-recovered",
+        **{name: key for name, (key, _) in PRUNINGS.items()}}
+GGUF = {"gguf q8_0": "q8_0", "gguf q4_0": "q4_0"}  # size and accuracy only: no runtime here
+
+
+def llama_cpp_decoder(path: Path, threads: int, new_tokens: int):
+    """``decode(ids) -> (time to first token, decode step times)`` of greedy decoding of the GGUF
+    file at ``path`` with llama.cpp (``llama-cpp-python``), or None when it is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+
+    def decode(ids: list[int]) -> tuple[float, list[float]]:
+        llm.reset()  # no prefix reuse from the previous prompt: every prompt is a cold prefill
+        steps, first = [], None
+        last = start = time.perf_counter()
+        for count, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1), start=1):
+            now = time.perf_counter()
+            if first is None:
+                first = now - start
+            else:
+                steps.append(now - last)
+            last = now
+            if count == new_tokens:
+                break
+        return first, steps
+
+    decode.close = llm.close  # before the interpreter exits, or llama-cpp-python's __del__ fails
+    return decode
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -69,23 +119,40 @@ def run(args, log) -> dict:
     quick = args.quick
     prompts_n, new_tokens = (3, 24) if quick else (6, 48)
     recover_steps = 4 if quick else 60
+    recover_steps_int4 = 4 if quick else INT4_RECOVER_STEPS
     config = pirate_config(quick)
     result = {"suite": "infer", "machine": harness.machine(), "quick": quick,
               "threads": torch.get_num_threads(), "new_tokens": new_tokens,
-              "prompts": prompts_n, "sparsity": SPARSITY, "recover_steps": recover_steps}
+              "prompts": prompts_n, "recover_steps": recover_steps,
+              "prunings": {key: str(amount) for key, amount in PRUNINGS.values()}}
     made = cached_bake("pirate-quick" if quick else "pirate", PIRATE, config, log=log)
     baked = load_baked(made["path"])
     exports = CACHE / ("infer-quick" if quick else "infer")
     exports.mkdir(parents=True, exist_ok=True)
 
-    log("  exports: fp32, int8, pruned + int8 (each checked against torch)")
-    built = {}
+    log("  exports: ONNX fp32, int8, int4 (3 ways), pruned + int8 (3 settings); GGUF q8_0, "
+        "q4_0 (each checked "
+        "against torch, each measured on the bake's held-out samples)")
+    built, failed = {}, {}
     for name, options in (("onnx-fp32", {}), ("onnx-int8", {"quantize": "int8"}),
-                          ("pruned-int8", {"quantize": "int8",
-                                           "prune": compress.pruner(baked, SPARSITY,
-                                                                    recover_steps=recover_steps)})):
+                          ("onnx-int4", {"quantize": "int4"}),
+                          ("int4-beside", {"quantize": "int4",
+                                           "int4": Int4Options(lora="beside")}),
+                          ("int4-recovered", {"quantize": "int4", "int4": Int4Options(
+                              lora="beside", recover_steps=recover_steps_int4)}),
+                          *((key, {"quantize": "int8",
+                                   "prune": compress.pruner(baked, amount,
+                                                            recover_steps=recover_steps)})
+                            for key, amount in PRUNINGS.values()),
+                          *((f"gguf-{q}", {"format": "gguf", "quantize": q})
+                            for q in GGUF.values())):
         start = time.perf_counter()
-        done = export_baked(baked, exports / name, overwrite=True, **options)
+        try:
+            done = export_baked(baked, exports / name, overwrite=True, **options)
+        except ParityError as err:  # recorded; the suite goes on without this contender
+            failed[name] = err.report
+            log(f"    {name}: FAILED its parity check: {err}")
+            continue
         built[name] = {"path": done.path, "manifest": done.manifest,
                        "seconds": time.perf_counter() - start}
         log(f"    {name}: {done.manifest['bytes'] / 1e6:.1f} MB in {built[name]['seconds']:.0f} s")
@@ -93,7 +160,8 @@ def run(args, log) -> dict:
     merged = merge(baked, 1.0).eval()
     base = baked.model.get_base_model()  # the adapter's layers pass through when disabled
     threads = torch.get_num_threads()
-    sessions = {name: OnnxLM(info["path"], threads=threads) for name, info in built.items()}
+    sessions = {key: OnnxLM(built[key]["path"], threads=threads) for key in ONNX.values()
+                if key in built}
     held_out = contexts_mod.builtin("held_out")[:prompts_n]
     teacher_ids = [baked.framing.teacher_ids(c) for c in held_out]
     student_ids = [baked.framing.student_ids(c) for c in held_out]
@@ -112,9 +180,17 @@ def run(args, log) -> dict:
         "torch fp32 + prompt": lambda k: run_torch(base, teacher_ids[k]),
         "torch fp32 baked": lambda k: run_torch(merged, student_ids[k]),
         "onnx fp32 baked": lambda k: run_onnx("onnx-fp32", student_ids[k]),
-        "onnx int8 baked": lambda k: run_onnx("onnx-int8", student_ids[k]),
-        "onnx pruned+int8": lambda k: run_onnx("pruned-int8", student_ids[k]),
+        **{name: (lambda k, key=key: run_onnx(key, student_ids[k]))
+           for name, key in ONNX.items() if key != "onnx-fp32" and key in built},
     }
+    decoders = []
+    for name, q in GGUF.items():  # llama.cpp, where llama-cpp-python is installed
+        if f"gguf-{q}" in built:
+            decode = llama_cpp_decoder(built[f"gguf-{q}"]["path"] / "model.gguf", threads,
+                                       new_tokens)
+            if decode is not None:
+                decoders.append(decode)
+                contenders[name] = lambda k, decode=decode: decode(student_ids[k])
     log(f"  latency: {prompts_n} held-out prompts x {new_tokens} tokens, contenders in turns")
     for fn in contenders.values():  # warm-up
         fn(0)
@@ -124,43 +200,52 @@ def run(args, log) -> dict:
             first, steps = fn(k)
             timings[name]["ttft"].append(first)
             timings[name]["steps"].extend(steps)
+    for decode in decoders:
+        decode.close()
 
-    log("  accuracy: held-out KL to the prompted model")
-    accuracy = {name: held_out_kl(sessions[name], baked) for name in sessions}
+    # Accuracy: each export's manifest holds its held-out KL to the prompted model, measured at
+    # export on the bake's held-out samples (the same samples for every export).
+    accuracy = {key: info["manifest"]["held_out_kl"] for key, info in built.items()}
     bake_kl = accuracy["onnx-fp32"]
     fp32_bytes = built["onnx-fp32"]["manifest"]["bytes"]
     rows = {}
-    for name, t in timings.items():
-        row = {"ttft_ms": 1e3 * statistics.median(t["ttft"]),
-               "decode_p50_ms": 1e3 * _percentile(t["steps"], 50),
-               "decode_p95_ms": 1e3 * _percentile(t["steps"], 95),
-               "decode_steps": len(t["steps"])}
-        key = {"onnx fp32 baked": "onnx-fp32", "onnx int8 baked": "onnx-int8",
-               "onnx pruned+int8": "pruned-int8"}.get(name)
+    for name in [*timings, *(n for n, q in GGUF.items() if f"gguf-{q}" in built
+                             and n not in timings)]:
+        t = timings.get(name)
+        row = {"ttft_ms": None, "decode_p50_ms": None, "decode_p95_ms": None, "decode_steps": 0}
+        if t is not None:
+            row = {"ttft_ms": 1e3 * statistics.median(t["ttft"]),
+                   "decode_p50_ms": 1e3 * _percentile(t["steps"], 50),
+                   "decode_p95_ms": 1e3 * _percentile(t["steps"], 95),
+                   "decode_steps": len(t["steps"])}
+        key = ONNX.get(name) or (f"gguf-{GGUF[name]}" if name in GGUF else None)
         if key is not None:
             kl = accuracy[key]
-            row.update(bytes=built[key]["manifest"]["bytes"],
-                       kl_per_token=kl["onnx"].per_token, kl_se=kl["onnx"].per_token_se,
-                       retention=kl["retention"])
+            own = kl["gguf" if key.startswith("gguf") else "onnx"]
+            row.update(bytes=built[key]["manifest"]["bytes"], kl_per_token=own["per_token"],
+                       kl_se=own["per_token_se"], retention=kl["retention"])
         elif name == "torch fp32 baked":
             row.update(bytes=_weights_bytes(baked),  # merged: the base model's size
-                       kl_per_token=bake_kl["baked"].per_token,
-                       kl_se=bake_kl["baked"].per_token_se, retention=1.0)
+                       kl_per_token=bake_kl["baked"]["per_token"],
+                       kl_se=bake_kl["baked"]["per_token_se"], retention=1.0)
         else:
             row.update(bytes=_weights_bytes(baked), kl_per_token=0.0, kl_se=0.0,
                        retention=None)
         row["smaller_than_fp32"] = 1 - row["bytes"] / fp32_bytes
         rows[name] = row
     result["rows"] = rows
-    result["base_kl_per_token"] = bake_kl["base"].per_token
+    result["base_kl_per_token"] = bake_kl["base"]["per_token"]
     result["exports"] = {name: {"seconds": info["seconds"], "parity": info["manifest"]["parity"],
-                                "pruning": info["manifest"].get("source", {}).get("pruning")}
+                                "pruning": info["manifest"].get("source", {}).get("pruning"),
+                                "int4": info["manifest"].get("int4")}
                          for name, info in built.items()}
+    result["exports"].update({name: {"parity": report, "failed": True}
+                              for name, report in failed.items()})
     result["ttft_ratio_baked_vs_prompted"] = \
         rows["torch fp32 baked"]["ttft_ms"] / rows["torch fp32 + prompt"]["ttft_ms"]
     result["checks"] = checks(result)
     if not quick:
-        shutil.rmtree(exports, ignore_errors=True)  # ~0.8 GB of exports
+        shutil.rmtree(exports, ignore_errors=True)  # ~1.3 GB of exports
     return result
 
 
@@ -172,8 +257,21 @@ def _weights_bytes(baked) -> int:
 
 def checks(result) -> list[dict]:
     r = result["rows"]
-    int8, pruned, prompted = r["onnx int8 baked"], r["onnx pruned+int8"], r["torch fp32 + prompt"]
+    int8, prompted = r["onnx int8 baked"], r["torch fp32 + prompt"]
+    # an export that failed its parity check has no row: it keeps nothing of the bake
+    missing = {"smaller_than_fp32": 0.0, "retention": float("-inf"), "bytes": 0.0,
+               "decode_p50_ms": float("inf")}
+    # the pruning setting that keeps the most of the bake answers for pruning
+    pruned_name = max((n for n in PRUNINGS if n in r), default="no pruned export",
+                      key=lambda n: r[n]["retention"])
+    pruned = r.get(pruned_name, missing)
+    # the int4 option that keeps the most of the bake answers for int4
+    best = max((n for n in r if n.startswith("onnx int4")), default="no int4 export",
+               key=lambda n: r[n]["retention"])
+    int4 = r.get(best, missing)
     speedup = prompted["decode_p50_ms"] / int8["decode_p50_ms"]
+    int4_decode = int4["decode_p50_ms"] / int8["decode_p50_ms"]
+    failed = [name for name, e in result["exports"].items() if not e["parity"]["passed"]]
     return [
         {"target": f"ONNX Runtime int8 decode p95 < {TARGET_P95_MS:g} ms/token",
          "measured": f"{int8['decode_p95_ms']:.1f} ms (p50 {int8['decode_p50_ms']:.1f})",
@@ -184,14 +282,30 @@ def checks(result) -> list[dict]:
         {"target": f">= {100 * TARGET_SMALLER_INT8:.0f}% smaller on disk with int8",
          "measured": f"{100 * int8['smaller_than_fp32']:.1f}% ({int8['bytes'] / 1e6:.1f} MB)",
          "pass": int8["smaller_than_fp32"] >= TARGET_SMALLER_INT8},
-        {"target": f">= {100 * TARGET_SMALLER_PRUNED:.0f}% smaller with pruning + int8",
-         "measured": f"{100 * pruned['smaller_than_fp32']:.1f}% ({pruned['bytes'] / 1e6:.1f} MB)",
-         "pass": pruned["smaller_than_fp32"] >= TARGET_SMALLER_PRUNED},
         {"target": f"int8 keeps >= {100 * TARGET_RETENTION:.0f}% of the baked fp32 accuracy",
-         "measured": f"{100 * int8['retention']:.2f}% of the KL reduction (pruned + int8: "
-                     f"{100 * pruned['retention']:.1f}%)",
+         "measured": f"{100 * int8['retention']:.2f}% of the KL reduction",
          "pass": int8["retention"] >= TARGET_RETENTION},
+        _smaller_and_kept("int4", best, int4, TARGET_SMALLER_INT4, TARGET_RETENTION_INT4),
+        {"target": f"int4 decode p50 <= {TARGET_INT4_DECODE:g}x int8's",
+         "measured": f"{best}: {int4_decode:.2f}x ({int4['decode_p50_ms']:.1f} vs "
+                     f"{int8['decode_p50_ms']:.1f} ms)", "pass": int4_decode <= TARGET_INT4_DECODE},
+        _smaller_and_kept("pruning", pruned_name, pruned, TARGET_SMALLER_PRUNED,
+                          TARGET_RETENTION_PRUNED, " (or off the serving path)"),
+        {"target": "every export passes its parity check",
+         "measured": f"{len(result['exports']) - len(failed)} of {len(result['exports'])}"
+                     + (f" (failed: {', '.join(failed)})" if failed else ""),
+         "pass": not failed},
     ]
+
+
+def _smaller_and_kept(what: str, name: str, row: dict, smaller: float, kept: float,
+                      note: str = "") -> dict:
+    """The check that the export ``name`` (the best of ``what``) is small and keeps the bake."""
+    return {"target": f"{what} >= {100 * smaller:.0f}% smaller with >= {100 * kept:.0f}% "
+                      f"retention{note}",
+            "measured": f"{name}: {100 * row['smaller_than_fp32']:.1f}% smaller "
+                        f"({row['bytes'] / 1e6:.1f} MB), {100 * row['retention']:.1f}% kept",
+            "pass": row["smaller_than_fp32"] >= smaller and row["retention"] >= kept}
 
 
 HEADERS = ["contender", "TTFT ms", "decode p50 ms", "decode p95 ms", "MB on disk", "smaller",
@@ -200,8 +314,12 @@ HEADERS = ["contender", "TTFT ms", "decode p50 ms", "decode p95 ms", "MB on disk
 
 def _cells(name: str, row: dict) -> list[str]:
     retention = "—" if row["retention"] is None else f"{100 * row['retention']:.1f}%"
-    return [name, f"{row['ttft_ms']:.0f}", f"{row['decode_p50_ms']:.1f}",
-            f"{row['decode_p95_ms']:.1f}", f"{row['bytes'] / 1e6:.0f}",
+    if row["decode_p50_ms"] is None:  # GGUF: no llama.cpp runtime here
+        times = ["—", "—", "—"]
+    else:
+        times = [f"{row['ttft_ms']:.0f}", f"{row['decode_p50_ms']:.1f}",
+                 f"{row['decode_p95_ms']:.1f}"]
+    return [name, *times, f"{row['bytes'] / 1e6:.0f}",
             f"{100 * row['smaller_than_fp32']:.1f}%",
             f"{row['kl_per_token']:.4f} ± {row['kl_se'] or 0:.4f}", retention]
 
@@ -243,8 +361,8 @@ def plot(result, path) -> None:
     rows = [result["rows"][n] for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     x = np.arange(len(names))
-    axes[0].bar(x - 0.2, [r["decode_p50_ms"] for r in rows], 0.4, label="p50")
-    axes[0].bar(x + 0.2, [r["decode_p95_ms"] for r in rows], 0.4, label="p95")
+    axes[0].bar(x - 0.2, [r["decode_p50_ms"] or 0 for r in rows], 0.4, label="p50")
+    axes[0].bar(x + 0.2, [r["decode_p95_ms"] or 0 for r in rows], 0.4, label="p95")
     axes[0].axhline(TARGET_P95_MS, color="grey", ls="--", label="target p95")
     axes[0].set(ylabel="ms per token", title="decode latency, batch 1")
     axes[0].legend()
