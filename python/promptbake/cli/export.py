@@ -55,7 +55,8 @@ def _add_export(commands) -> None:
                    help="with --quantize int4: merge (quantise the merged bake; the default) or "
                         "beside (quantise the base weights alone and keep the bake's LoRA beside "
                         "them in fp32, so 4-bit rounding cannot erase it; with --recover-steps "
-                        "the LoRA is then trained on the 4-bit base toward the fp32 bake)")
+                        "the LoRA and the 4-bit scales are then trained on the 4-bit base toward "
+                        "the fp32 bake)")
     p.add_argument("--block-size", type=int, default=None,
                    help="with --quantize int8 or int4: weights per scale (a power of 2, at "
                         "least 16; default 32). Smaller blocks are more accurate and store more "
@@ -69,7 +70,9 @@ def _add_export(commands) -> None:
                    help="wanda: |weight| x input-activation norm, calibrated on responses")
     p.add_argument("--recover-steps", type=int, default=None,
                    help="recovery distillation steps after pruning (default 60; 0: none), or of "
-                        "the LoRA kept beside a 4-bit base (--int4-lora beside; default 0)")
+                        "the LoRA kept beside a 4-bit base and the 4-bit scales (--int4-lora "
+                        "beside; default 0; 60 kept 86%% of the pirate bake, against 70%% "
+                        "without)")
     p.add_argument("--recover-lr", type=float, default=None,
                    help="recovery learning rate (default 1e-4 after pruning, 1e-3 for the LoRA "
                         "beside a 4-bit base)")
