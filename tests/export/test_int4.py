@@ -105,6 +105,18 @@ def int4_export(request, llama, tokenizer, tmp_path_factory):
                        tolerances=TINY_INT4)
 
 
+def plain_logits(path, ids):
+    """[positions, vocab] logits of the export at ``path`` from a plain onnxruntime session fed
+    the usual causal-LM inputs and an empty KV cache, as a generic consumer runs it."""
+    session = ort.InferenceSession(str(path / "model.onnx"))
+    feeds = {"input_ids": np.array([ids], np.int64),
+             "attention_mask": np.ones((1, len(ids)), np.int64),
+             "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    feeds.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past})
+    return session.run(["logits"], feeds)[0][0]
+
+
 def test_int4_export_passes_parity_and_runs_in_plain_onnxruntime(int4_export, tokenizer):
     manifest = int4_export.manifest
     record, method = manifest["int4"], manifest["int4"]["method"]
@@ -124,14 +136,8 @@ def test_int4_export_passes_parity_and_runs_in_plain_onnxruntime(int4_export, to
     assert all(i.data_type != TensorProto.FLOAT or np.prod(i.dims) < 10_000
                or i.name.endswith(("_scales", "_zero_points"))
                for i in model.graph.initializer)  # no fp32 matrix, the embedding included
-    session = ort.InferenceSession(str(int4_export.path / "model.onnx"))  # plain onnxruntime
     ids = parity.default_prompts(tokenizer, count=1)[0]
-    feeds = {"input_ids": np.array([ids], np.int64),
-             "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
-    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    feeds.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past})
-    logits = session.run(["logits"], feeds)[0]
+    logits = plain_logits(int4_export.path, ids)[None]
     assert logits.shape == (1, len(ids), len(tokenizer)) and np.isfinite(logits).all()
     np.testing.assert_allclose(logits, OnnxLM(int4_export.path).logits(ids)[None], atol=1e-5)
 
@@ -249,10 +255,6 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
 # -- the LoRA kept beside a 4-bit base ----------------------------------------------------------
 
 
-def onnx_logits(path, ids):
-    return OnnxLM(path).logits(ids)
-
-
 @pytest.mark.parametrize("method", ["rtn", "hqq"])
 def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, tmp_path, method):
     # accuracy level 0: fp32 compute, so the graph must equal torch on the same weights
@@ -281,7 +283,7 @@ def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, 
     ids = parity.default_prompts(tokenizer, count=1)[0]
     with torch.no_grad():
         want = student(input_ids=torch.tensor([ids])).logits[0].numpy()
-    np.testing.assert_allclose(onnx_logits(found.path, ids), want, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(plain_logits(found.path, ids), want, atol=2e-4, rtol=1e-4)
     # the LoRA factors stored are the bake's own, unchanged
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
               if i.name.endswith(("lora_A", "lora_B"))}
@@ -348,5 +350,5 @@ def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokeni
         np.testing.assert_array_equal(back[name].codes, blocks[name].codes)
     graph.save(model, found.path / "model.onnx")
     # the graph with the learned scales computes what torch trained (fp32 compute)
-    np.testing.assert_allclose(onnx_logits(found.path, ids[0].tolist()), moved[0].numpy(),
+    np.testing.assert_allclose(plain_logits(found.path, ids[0].tolist()), moved[0].numpy(),
                                atol=2e-4, rtol=1e-4)

@@ -96,11 +96,10 @@ def _export(args) -> int:
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
     prune = None
     if args.prune:
+        given = {"recover_steps": args.recover_steps, "lr": args.recover_lr}  # else pruner's
         prune = compress.pruner(baked, args.prune, method=args.prune_method,
-                                recover_steps=60 if args.recover_steps is None
-                                else args.recover_steps,
-                                lr=1e-4 if args.recover_lr is None else args.recover_lr,
-                                contexts=args.recover_contexts, progress=not args.quiet)
+                                contexts=args.recover_contexts, progress=not args.quiet,
+                                **{k: v for k, v in given.items() if v is not None})
     try:
         done = export_baked(baked, args.out, format=args.format, strength=args.strength,
                             quantize=args.quantize, prune=prune, overwrite=args.overwrite,

@@ -160,14 +160,14 @@ class Beside:
         model = onnx.load(str(graph_path))
         record: dict = {"strength": self.strength, "recover_steps": self.recover_steps}
         adapter = self.baked.model
-        quantized = set(quantize_mod.weights_4bit(model))
-        missing = sorted(set(factors(adapter, self.strength)) - quantized)
+        blocks = quantize_mod.blocks_4bit(model)
+        found = factors(adapter, self.strength)
+        missing = sorted(set(found) - set(blocks))
         if missing:  # before the minutes of recovery
             raise ValueError(f"lora='beside' puts the LoRA beside 4-bit weights, but {missing[0]}"
                              f" (and {len(missing) - 1} more) stayed in fp32: do not exclude "
                              f"adapted layers from int4, or use lora='merge'")
         if self.recover_steps:
-            blocks = quantize_mod.blocks_4bit(model)
             adapter = on_quantized_base(adapter, {n: b.weight() for n, b in blocks.items()},
                                         self.strength)
             learned = learn_scales(adapter, blocks) if self.recover_scales else {}
@@ -179,7 +179,7 @@ class Beside:
             for name, scales in learned.items():
                 quantize_mod.set_scales_4bit(model, name, blocks[name], *scales.scales())
             record["scales_learned"] = len(learned)
-        found = factors(adapter, self.strength)
+            found = factors(adapter, self.strength)  # the recovered LoRA
         record["branches"] = quantize_mod.add_adapters(model, found)
         record["parameters"] = int(sum(a.size + b.size for a, b in found.values()))
         save(model, graph_path)
