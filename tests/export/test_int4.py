@@ -59,8 +59,8 @@ def tied_graph(path, hidden, vocab, seed=0):
     return weight
 
 
-@pytest.mark.parametrize("method", ["rtn", "hqq"])
-@pytest.mark.parametrize("hidden,block", [(64, 32), (48, 32), (64, 16)])
+@pytest.mark.parametrize("method", ["rtn", "hqq", "hqq-int"])
+@pytest.mark.parametrize("hidden,block", [(64, 32), (48, 32), (64, 16), (96, 32)])
 def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, method, hidden, block):
     vocab = 40
     weight = tied_graph(tmp_path / "fp32.onnx", hidden, vocab)
@@ -75,7 +75,10 @@ def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, method, hidden, b
     codes = inits[graph.TIED_HEAD + "_Q4"]
     assert codes.dtype == np.uint8 and codes.shape == (vocab, -(-hidden // block), block // 2)
     zeros = inits.get(graph.TIED_HEAD + "_zero_points")
-    assert (zeros is not None) == (method == "hqq")
+    assert (zeros is not None) == (method != "rtn")
+    if method == "hqq-int":  # whole zero points, 4 bits each, two per byte (3 blocks: 2 bytes)
+        assert zeros.dtype == np.uint8 and zeros.shape == (vocab, -(-hidden // block // 2))
+        zeros = zeros.reshape(-1)
     want = quantize.dequantize_4bit(codes, inits[graph.TIED_HEAD + "_scales"], zeros)[:hidden]
     assert np.abs(want - weight).max() < np.abs(weight).max() / 7  # it is a 4-bit copy of it
 
@@ -85,6 +88,33 @@ def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, method, hidden, b
                                  {"x": np.eye(hidden, dtype=np.float32), "input_ids": ids})
     assert np.array_equal(logits, want)  # numpy reads the codes as MatMulNBits does
     assert np.array_equal(embeds, want.T[ids])  # and the lookup dequantises the same numbers
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_integer_zero_points_fit_the_weights_as_well_as_hqqs_float_ones(tmp_path, block):
+    # the rounded zero costs little once the codes and scale are refitted to it
+    weight = tied_graph(tmp_path / "fp32.onnx", 64, 40, seed=1)
+    errors = {}
+    for method in ("hqq", "hqq-int", "rtn"):
+        quantize.int4(tmp_path / "fp32.onnx", tmp_path / f"{method}.onnx",
+                      Int4Options(method=method, block_size=block, accuracy_level=0))
+        inits = {i.name: numpy_helper.to_array(i)
+                 for i in onnx.load(str(tmp_path / f"{method}.onnx")).graph.initializer}
+        zeros = inits.get(graph.TIED_HEAD + "_zero_points")
+        got = quantize.dequantize_4bit(inits[graph.TIED_HEAD + "_Q4"],
+                                       inits[graph.TIED_HEAD + "_scales"],
+                                       None if zeros is None else zeros.reshape(-1))
+        errors[method] = float(np.square(got - weight).mean())
+    assert errors["hqq-int"] < 1.15 * errors["hqq"] and errors["hqq-int"] < errors["rtn"]
+
+
+def test_unpacked_integer_zero_points_round_trip():
+    zeros = np.array([[3, 15, 0], [7, 1, 9]], np.float32)  # 3 blocks: the last byte half used
+    blocks = quantize.Blocks4(np.zeros((2, 3, 16), np.uint8), np.ones((2, 3), np.float32), zeros,
+                              48, "s", "z", integer_zeros=True)
+    assert np.array_equal(blocks.weight(), -np.repeat(zeros, 16, axis=1))
+    packed = np.array([0xF3, 0x00, 0x17, 0x09], np.uint8)
+    assert np.array_equal(quantize.unpack_zeros(packed, 2, 3), zeros)
 
 
 def test_nibble_order_is_low_first():
@@ -98,7 +128,7 @@ def llama(tiny_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module", params=["rtn", "hqq"])
+@pytest.fixture(scope="module", params=["rtn", "hqq", "hqq-int"])
 def int4_export(request, llama, tokenizer, tmp_path_factory):
     return export_onnx(llama, tokenizer, tmp_path_factory.mktemp("int4") / request.param,
                        quantize="int4", int4=Int4Options(method=request.param, block_size=32),
@@ -127,10 +157,11 @@ def test_int4_export_passes_parity_and_runs_in_plain_onnxruntime(int4_export, to
     assert report["criterion"] == "top-1 agreement with torch fp32 >= 0.0"
     assert 0 < report["kl_per_token"] < 2 and report["max_abs_logit_diff"] > 0
     assert json.loads((int4_export.path / "manifest.json").read_text()) == manifest
-    # 4 bits and a 32-bit scale per 32 weights (rtn) or a scale and a zero point (hqq)
-    kept = {"rtn": 5 / 32, "hqq": 6 / 32}[method]
+    # 4 bits and a 32-bit scale per 32 weights (rtn), and a 32-bit (hqq) or 4-bit (hqq-int)
+    # zero point
+    kept = {"rtn": 5 / 32, "hqq": 6 / 32, "hqq-int": (5 + 1 / 8) / 32}[method]
     assert manifest["bytes"] < (kept + 0.01) * record["fp32_bytes"]
-    assert record["weight_bytes"]["zero_points"] > 0 if method == "hqq" else \
+    assert record["weight_bytes"]["zero_points"] > 0 if method != "rtn" else \
         record["weight_bytes"]["zero_points"] == 0
     model = onnx.load(str(int4_export.path / "model.onnx"))
     assert all(i.data_type != TensorProto.FLOAT or np.prod(i.dims) < 10_000
@@ -226,7 +257,7 @@ def test_cli_names_the_int4_methods(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["export", str(tmp_path), "--out", str(tmp_path / "out"), "--quantize", "int4",
                   "--int4-method", "gptq"])
-    assert "invalid choice: 'gptq' (choose from 'hqq', 'rtn')" in capsys.readouterr().err
+    assert "invalid choice: 'gptq' (choose from 'hqq', 'hqq-int', 'rtn')" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["export", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -234,7 +265,7 @@ def test_cli_names_the_int4_methods(tmp_path, capsys):
 
 
 def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="int4 method 'gptq': choose hqq or rtn"):
+    with pytest.raises(ValueError, match="int4 method 'gptq': choose hqq, hqq-int, rtn"):
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
                     int4=Int4Options(method="gptq"))
     with pytest.raises(ValueError, match="block_size=100 must be a power of 2"):
@@ -255,7 +286,7 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
 # -- the LoRA kept beside a 4-bit base ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["rtn", "hqq"])
+@pytest.mark.parametrize("method", ["rtn", "hqq", "hqq-int"])
 def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, tmp_path, method):
     # accuracy level 0: fp32 compute, so the graph must equal torch on the same weights
     options = Int4Options(method=method, lora="beside", accuracy_level=0)
@@ -319,9 +350,11 @@ def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tm
     assert file_hashes(baked_dir) == before
 
 
-def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("method", ["hqq", "hqq-int"])
+def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokenizer, tmp_path,
+                                                               method):
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", tolerances=TINY_INT4,
-                         int4=Int4Options(lora="beside", accuracy_level=0))
+                         int4=Int4Options(method=method, lora="beside", accuracy_level=0))
     model = onnx.load(str(found.path / "model.onnx"))
     blocks = quantize.blocks_4bit(model)
     baked = load_baked(baked_dir)
@@ -336,7 +369,11 @@ def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokeni
         for name, scales in learned.items():  # move every grid, the tied head's included
             gen = torch.Generator().manual_seed(len(name))
             scales.scale_change.copy_(0.05 * torch.randn(scales.scale_change.shape, generator=gen))
-            scales.zero_change.copy_(0.3 * torch.randn(scales.zero_change.shape, generator=gen))
+            # HQQ's float zero points train too; integer ones stay what the graph stores
+            assert isinstance(scales.zero_change, torch.nn.Parameter) == (method == "hqq")
+            if method == "hqq":
+                scales.zero_change.copy_(0.3 * torch.randn(scales.zero_change.shape,
+                                                           generator=gen))
         moved = student(input_ids=ids).logits
     assert (moved - plain).abs().max() > 1e-2
     embed = student.get_base_model().model.embed_tokens
@@ -348,6 +385,8 @@ def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokeni
     for name, scales in learned.items():
         np.testing.assert_array_equal(back[name].scales, scales.scales()[0])
         np.testing.assert_array_equal(back[name].codes, blocks[name].codes)
+        np.testing.assert_array_equal(back[name].zeros, blocks[name].zeros if method == "hqq-int"
+                                      else scales.scales()[1])
     graph.save(model, found.path / "model.onnx")
     # the graph with the learned scales computes what torch trained (fp32 compute)
     np.testing.assert_allclose(plain_logits(found.path, ids[0].tolist()), moved[0].numpy(),

@@ -91,7 +91,9 @@ class LearnedScales(torch.nn.Module):
     def __init__(self, blocks: quantize_mod.Blocks4, transposed: bool = False):
         super().__init__()
         n, count, _ = blocks.codes.shape
-        self.k, self.transposed, self.symmetric = blocks.k, transposed, blocks.zeros is None
+        # symmetric (zero 8) or integer zero points: the zeros stay, in MatMulNBits' arithmetic
+        self.k, self.transposed = blocks.k, transposed
+        self.fixed_zero = blocks.zeros is None or blocks.integer_zeros
         self.register_buffer("codes", torch.from_numpy(blocks.codes.copy()), persistent=False)
         self.register_buffer("scale", torch.from_numpy(blocks.scales.copy()).unsqueeze(-1),
                              persistent=False)
@@ -99,7 +101,7 @@ class LearnedScales(torch.nn.Module):
         self.register_buffer("zero", torch.from_numpy(zeros.copy()).unsqueeze(-1),
                              persistent=False)
         self.scale_change = torch.nn.Parameter(torch.zeros(n, count, 1))
-        if blocks.zeros is None:  # symmetric (rtn): the zero stays 8, MatMulNBits stores none
+        if self.fixed_zero:
             self.register_buffer("zero_change", torch.zeros(n, count, 1), persistent=False)
         else:
             self.zero_change = torch.nn.Parameter(torch.zeros(n, count, 1))
@@ -115,7 +117,7 @@ class LearnedScales(torch.nn.Module):
         scale = self.scale * (1 + self.rate * self.scale_change)
         # MatMulNBits' own arithmetic, so unchanged scales give the graph's weights to the bit
         codes = self.codes.to(scale.dtype)
-        if self.symmetric:
+        if self.fixed_zero:
             weight = (codes - self.zero) * scale
         else:
             weight = codes * scale - (self.zero + self.rate * self.zero_change) * scale

@@ -31,6 +31,10 @@ scale per block of ``block_size`` input rows, by one of two methods:
   with float zero points in fp32 whatever ``accuracy_level`` says (levels 4 and 0 gave the same
   parity and retention on SmolLM2), ~3x slower than symmetric int8 compute (the parity check
   took 109-163 s instead of 31-37 s).
+* ``hqq-int``: HQQ's grid with integer zero points, which onnxruntime runs on its int8 compute
+  path like ``rtn``: each block's float zero point rounded to the nearest of 0..15, then the codes
+  and the scale refitted to it (``_integer_zeros``: a few alternating least-squares rounds). The
+  zero points are stored as 4-bit integers, two per byte (4 bits per block instead of 32).
 
 Measured on the same pirate bake (``promptbake export bench/.cache/panel-pirate --out DIR
 --quantize int4 --int4-method M --block-size B``; fp32 539.3 MB, base model's held-out KL 0.315,
@@ -142,7 +146,7 @@ class Int4Options:
 
     def validate(self) -> None:
         if self.method not in INT4_METHODS:
-            raise ValueError(f"int4 method {self.method!r}: choose {' or '.join(INT4_METHODS)}")
+            raise ValueError(f"int4 method {self.method!r}: choose {', '.join(INT4_METHODS)}")
         if self.lora not in INT4_LORA:
             raise ValueError(f"int4 lora={self.lora!r}: choose 'merge' (quantise the merged "
                              f"bake) or 'beside' (4-bit base, the LoRA kept in fp32)")
@@ -303,14 +307,20 @@ def int4(source: Path, target: Path, options: Int4Options | None = None) -> dict
         )
 
         _gemm_to_matmul(model)
+        weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+        originals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+                     if i.name in weights} if options.method == "hqq-int" else {}
         algo = HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4) \
-            if options.method == "hqq" else None
+            if options.method.startswith("hqq") else None
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size,
                                          is_symmetric=True, accuracy_level=options.accuracy_level,
                                          nodes_to_exclude=excluded,
                                          op_types_to_quantize=("MatMul",), algo_config=algo)
         quantizer.process()
         model = quantizer.model.model
+    if originals:
+        _integer_zeros(model, originals)
+        del originals
     for node in model.graph.node:
         # the HQQ quantizer does not set it (its nodes would compute in fp32)
         if node.op_type == "MatMulNBits" and options.accuracy_level and \
@@ -323,6 +333,53 @@ def int4(source: Path, target: Path, options: Int4Options | None = None) -> dict
     return {"excluded_nodes": excluded, "tied_head_shared": shared,
             "quantized_matmuls": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
             "weight_bytes": _weight_bytes(model)}
+
+
+REFITS = 4  # alternating least-squares rounds of ``_integer_zeros`` (codes, then scales)
+
+
+def _integer_zeros(model: onnx.ModelProto, originals: dict[str, np.ndarray]) -> None:
+    """HQQ's float zero points made 4-bit integers, in place: for each 4-bit ``MatMulNBits``
+    node with float zero points, the zero of each block is rounded to the nearest of 0..15; then
+    ``REFITS`` rounds of codes = round(w / scale + zero) clipped to 0..15, and the scale that
+    minimises the block's squared error for those codes, sum(w (q - z)) / sum((q - z)^2).
+    ``originals``: the fp32 weights [K, N] by initializer name, from before quantization. The
+    zero points are packed two per byte (block 2i in the low nibble), as ``MatMulNBits`` reads
+    uint8 zero points, and the node then runs on onnxruntime's int8 compute path."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) < 4 or not node.input[3]:
+            continue
+        zeros_init = inits[node.input[3]]
+        if zeros_init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        source = node.input[1].removesuffix("_Q4")
+        weight = originals[source].astype(np.float32).T  # [N, K]
+        n, blocks, blob = (int(d) for d in inits[node.input[1]].dims)
+        block = 2 * blob
+        padded = np.zeros((n, blocks * block), np.float32)
+        padded[:, :weight.shape[1]] = weight
+        w = padded.reshape(n, blocks, block)
+        scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks, 1).copy()
+        zero = np.clip(np.round(numpy_helper.to_array(zeros_init).reshape(n, blocks, 1)), 0, 15)
+        for _ in range(REFITS):
+            safe = np.where(scale == 0, 1, scale)
+            codes = np.clip(np.round(w / safe + zero), 0, 15)
+            centred = codes - zero
+            norm = (centred * centred).sum(-1, keepdims=True)
+            fitted = (w * centred).sum(-1, keepdims=True) / np.where(norm == 0, 1, norm)
+            scale = np.where(norm == 0, scale, fitted).astype(np.float32)
+        safe = np.where(scale == 0, 1, scale)
+        codes = np.clip(np.round(w / safe + zero), 0, 15).astype(np.uint8)
+        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        half = (blocks + 1) // 2
+        nibbles = np.zeros((n, 2 * half), np.uint8)
+        nibbles[:, :blocks] = zero.reshape(n, blocks)
+        zeros = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
+        for init, value in ((inits[node.input[1]], packed.astype(np.uint8)),
+                            (inits[node.input[2]], scale.reshape(-1)),
+                            (zeros_init, zeros.reshape(-1))):
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), init.name))
 
 
 def _gemm_to_matmul(model: onnx.ModelProto) -> None:
@@ -403,6 +460,9 @@ def _share_blockwise_head(model: onnx.ModelProto) -> bool:
         numpy_helper.from_array(np.array([0, 0, padded], dtype=np.int64), TIED_HEAD + "_row"),
         numpy_helper.from_array(np.array([0], dtype=np.int64), TIED_HEAD + "_start"),
         numpy_helper.from_array(np.array([hidden], dtype=np.int64), TIED_HEAD + "_stop"),
+        numpy_helper.from_array(np.array([0, 0, 2 * ((blocks + 1) // 2)], dtype=np.int64),
+                                TIED_HEAD + "_zero_pairs"),
+        numpy_helper.from_array(np.array([blocks], dtype=np.int64), TIED_HEAD + "_blocks"),
     ])
     for lookup, transpose in _lookups(graph):
         ids, out, t = lookup.input[1], transpose.output[0], lookup.name + "_q8/"
@@ -470,7 +530,7 @@ def _share_4bit_head(model: onnx.ModelProto) -> bool:
     v of the head, stored as ``codes[v]`` ([blocks, block / 2] uint8, element 2i in the low
     nibble) with one of ``scales[v]`` per block, dequantised as MatMulNBits does, to the bit:
     (code - 8) * scale when symmetric, code * scale - zero * scale with HQQ's float
-    ``zero_points[v]``."""
+    ``zero_points[v]``, (code - zero) * scale with integer ones (4 bits, two per byte)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     codes, scales, zeros = TIED_HEAD + "_Q4", TIED_HEAD + "_scales", TIED_HEAD + "_zero_points"
@@ -478,12 +538,14 @@ def _share_4bit_head(model: onnx.ModelProto) -> bool:
         return False  # no tied head, or it was kept in fp32
     vocab, blocks, blob = (int(d) for d in inits[codes].dims)
     # MatMulNBits reads scales and zero points flat ([vocab * blocks]); the lookup gathers rows
+    integer = zeros in inits and inits[zeros].data_type == onnx.TensorProto.UINT8
     for name in (scales, zeros):
         if name in inits:
-            if inits[name].data_type != onnx.TensorProto.FLOAT:
-                raise AssertionError(f"{name}: expected fp32 (HQQ's) zero points and scales")
+            if inits[name].data_type != onnx.TensorProto.FLOAT and not (name == zeros and integer):
+                raise AssertionError(f"{name}: expected fp32 scales and fp32 or uint8 zero points")
             del inits[name].dims[:]
-            inits[name].dims.extend([vocab, blocks])
+            inits[name].dims.extend([vocab, (blocks + 1) // 2 if name == zeros and integer
+                                     else blocks])
     hidden = int(inits[TIED_HEAD].dims[0]) if TIED_HEAD in inits else None
     if hidden is None:
         raise AssertionError("the tied head's fp32 matrix is gone before the lookup was rewired")
@@ -497,28 +559,31 @@ def _share_4bit_head(model: onnx.ModelProto) -> bool:
                                 TIED_HEAD + "_row"),
         numpy_helper.from_array(np.array([0], dtype=np.int64), TIED_HEAD + "_start"),
         numpy_helper.from_array(np.array([hidden], dtype=np.int64), TIED_HEAD + "_stop"),
+        numpy_helper.from_array(np.array([0, 0, 2 * ((blocks + 1) // 2)], dtype=np.int64),
+                                TIED_HEAD + "_zero_pairs"),
+        numpy_helper.from_array(np.array([blocks], dtype=np.int64), TIED_HEAD + "_blocks"),
     ])
     last = TIED_HEAD + "_last_axis"
     for lookup, transpose in _lookups(graph):
         ids, out, t = lookup.input[1], transpose.output[0], lookup.name + "_q4/"
-        nodes = [
-            # [b, s, blocks, block / 2] bytes of the tokens' columns -> their two nibbles
-            helper.make_node("Gather", [codes, ids], [t + "bytes"], axis=0),
-            helper.make_node("BitShift", [t + "bytes", TIED_HEAD + "_nibble"], [t + "high"],
-                             direction="RIGHT"),
-            helper.make_node("BitShift", [t + "bytes", TIED_HEAD + "_nibble"], [t + "shifted"],
-                             direction="LEFT"),  # uint8: the high nibble falls off
-            helper.make_node("BitShift", [t + "shifted", TIED_HEAD + "_nibble"], [t + "low"],
-                             direction="RIGHT"),
-            helper.make_node("Unsqueeze", [t + "low", last], [t + "even"]),
-            helper.make_node("Unsqueeze", [t + "high", last], [t + "odd"]),
-            helper.make_node("Concat", [t + "even", t + "odd"], [t + "pairs"], axis=-1),
-            helper.make_node("Reshape", [t + "pairs", TIED_HEAD + "_block"], [t + "codes"]),
+        # [b, s, blocks, block / 2] bytes of the tokens' columns -> their two nibbles
+        nodes = _nibbles(codes, ids, t, TIED_HEAD + "_block")
+        nodes += [
             helper.make_node("Cast", [t + "codes"], [t + "float"], to=onnx.TensorProto.FLOAT),
-        ]
-        nodes += [helper.make_node("Gather", [scales, ids], [t + "scales"], axis=0),
-                  helper.make_node("Unsqueeze", [t + "scales", last], [t + "block_scales"])]
-        if zeros in inits:
+            helper.make_node("Gather", [scales, ids], [t + "scales"], axis=0),
+            helper.make_node("Unsqueeze", [t + "scales", last], [t + "block_scales"])]
+        if integer:  # [b, s, blocks / 2] bytes -> [b, s, blocks] zero points
+            z = t + "zero_"
+            nodes += _nibbles(zeros, ids, z, TIED_HEAD + "_zero_pairs")
+            nodes += [
+                helper.make_node("Slice", [z + "codes", TIED_HEAD + "_start",
+                                           TIED_HEAD + "_blocks", last], [z + "blocks"]),
+                helper.make_node("Cast", [z + "blocks"], [z + "float"],
+                                 to=onnx.TensorProto.FLOAT),
+                helper.make_node("Unsqueeze", [z + "float", last], [t + "block_zeros"]),
+                helper.make_node("Sub", [t + "float", t + "block_zeros"], [t + "centred"]),
+                helper.make_node("Mul", [t + "centred", t + "block_scales"], [t + "blocks"])]
+        elif zeros in inits:
             nodes += [helper.make_node("Gather", [zeros, ids], [t + "zeros"], axis=0),
                       helper.make_node("Unsqueeze", [t + "zeros", last], [t + "block_zeros"]),
                       helper.make_node("Mul", [t + "float", t + "block_scales"], [t + "scaled"]),
@@ -541,20 +606,48 @@ def _share_4bit_head(model: onnx.ModelProto) -> bool:
     return True
 
 
+def _nibbles(packed: str, ids: str, t: str, shape: str) -> list[onnx.NodeProto]:
+    """Nodes gathering rows ``ids`` of the uint8 initializer ``packed`` and unpacking each
+    byte into its two 4-bit values (low nibble first), reshaped to ``shape``: ``t + "codes"``."""
+    nibble, last = TIED_HEAD + "_nibble", TIED_HEAD + "_last_axis"
+    return [
+        helper.make_node("Gather", [packed, ids], [t + "bytes"], axis=0),
+        helper.make_node("BitShift", [t + "bytes", nibble], [t + "high"], direction="RIGHT"),
+        helper.make_node("BitShift", [t + "bytes", nibble], [t + "shifted"],
+                         direction="LEFT"),  # uint8: the high nibble falls off
+        helper.make_node("BitShift", [t + "shifted", nibble], [t + "low"], direction="RIGHT"),
+        helper.make_node("Unsqueeze", [t + "low", last], [t + "even"]),
+        helper.make_node("Unsqueeze", [t + "high", last], [t + "odd"]),
+        helper.make_node("Concat", [t + "even", t + "odd"], [t + "pairs"], axis=-1),
+        helper.make_node("Reshape", [t + "pairs", shape], [t + "codes"]),
+    ]
+
+
 def dequantize_4bit(codes: np.ndarray, scales: np.ndarray,
                     zero_points: np.ndarray | None = None) -> np.ndarray:
     """The [K, N] fp32 matrix a 4-bit ``MatMulNBits`` computes with, from its initializers:
     ``codes`` [N, blocks, block / 2] uint8 (element 2i in the low nibble), ``scales`` and float
-    ``zero_points`` (None: symmetric, zero 8) [N * blocks]; padding rows past K are kept. The
-    arithmetic is MatMulNBits' own, so the result is bit for bit the matrix it uses."""
+    ``zero_points`` (None: symmetric, zero 8) [N * blocks], or uint8 integer zero points packed
+    two per byte [N * ceil(blocks / 2)]; padding rows past K are kept. The arithmetic is
+    MatMulNBits' own, so the result is bit for bit the matrix it uses."""
     n, blocks, blob = codes.shape
     values = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(n, blocks, 2 * blob)
     values, scales = values.astype(np.float32), scales.reshape(n, blocks, 1)
-    if zero_points is None:
+    if zero_points is not None and zero_points.dtype == np.uint8:
+        zero_points = unpack_zeros(zero_points, n, blocks)
+        weight = (values - zero_points.reshape(n, blocks, 1)) * scales
+    elif zero_points is None:
         weight = (values - np.float32(8)) * scales
     else:
         weight = values * scales - zero_points.reshape(n, blocks, 1) * scales
     return weight.reshape(n, blocks * 2 * blob).T
+
+
+def unpack_zeros(packed: np.ndarray, n: int, blocks: int) -> np.ndarray:
+    """[N, blocks] fp32 from uint8 zero points packed two per byte (block 2i low)."""
+    packed = packed.reshape(n, -1)
+    both = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
+    return both[:, :blocks].astype(np.float32)
 
 
 def _module_name(node: onnx.NodeProto) -> str:
@@ -568,8 +661,9 @@ def _module_name(node: onnx.NodeProto) -> str:
 @dataclasses.dataclass
 class Blocks4:
     """One 4-bit ``MatMulNBits`` weight as its initializers hold it: ``codes`` [N, blocks, block]
-    (uint8 values 0..15, unpacked), ``scales`` [N, blocks], float ``zeros`` [N, blocks] (None:
-    symmetric, zero 8), ``k`` input rows (the rest is padding), and the initializers' names."""
+    (uint8 values 0..15, unpacked), ``scales`` [N, blocks], ``zeros`` [N, blocks] fp32 (None:
+    symmetric, zero 8; ``integer_zeros``: whole numbers stored as 4-bit integers, which stay as
+    they are), ``k`` input rows (the rest is padding), and the initializers' names."""
 
     codes: np.ndarray
     scales: np.ndarray
@@ -577,13 +671,18 @@ class Blocks4:
     k: int
     scales_name: str
     zeros_name: str | None
+    integer_zeros: bool = False
 
     def weight(self) -> np.ndarray:
         """[N, K] fp32, as the node computes with it, in torch's ``Linear.weight`` layout."""
         n, blocks, block = self.codes.shape
         packed = (self.codes[..., 0::2] | (self.codes[..., 1::2] << 4)).astype(np.uint8)
-        full = dequantize_4bit(packed, self.scales.reshape(-1),
-                               None if self.zeros is None else self.zeros.reshape(-1))
+        zeros = None if self.zeros is None else self.zeros.reshape(-1)
+        if self.integer_zeros:
+            nibbles = np.zeros((n, 2 * ((blocks + 1) // 2)), np.uint8)
+            nibbles[:, :blocks] = self.zeros
+            zeros = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).reshape(-1)
+        full = dequantize_4bit(packed, self.scales.reshape(-1), zeros)
         return np.ascontiguousarray(full[:self.k].T)
 
 
@@ -606,12 +705,14 @@ def blocks_4bit(model: onnx.ModelProto, graph_dir: Path | None = None) -> dict[s
         codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, packed.shape[1], -1)
         zeros_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
         zeros = array(zeros_name) if zeros_name else None
-        if zeros is not None and zeros.dtype != np.float32:
-            raise AssertionError(f"{node.name}: packed integer zero points are not read here")
         blocks = codes.shape[1]
+        integer = zeros is not None and zeros.dtype == np.uint8
+        if integer:
+            zeros = unpack_zeros(zeros, n, blocks)
         out[_module_name(node)] = Blocks4(
             codes, array(node.input[2]).reshape(n, blocks),
-            None if zeros is None else zeros.reshape(n, blocks), k, node.input[2], zeros_name)
+            None if zeros is None else zeros.reshape(n, blocks), k, node.input[2], zeros_name,
+            integer)
     return out
 
 
@@ -625,10 +726,10 @@ def set_scales_4bit(model: onnx.ModelProto, name: str, blocks: Blocks4, scales: 
                     zeros: np.ndarray | None) -> None:
     """Replaces the scales (and float zero points) of module ``name``'s 4-bit weight in
     ``model`` with ``scales`` / ``zeros`` ([N, blocks] fp32), keeping each initializer's shape
-    (the tied head's lookup reads them as [vocab, blocks])."""
+    (the tied head's lookup reads them as [vocab, blocks]). Integer zero points stay."""
     inits = {i.name: i for i in model.graph.initializer}
     for init_name, value in ((blocks.scales_name, scales), (blocks.zeros_name, zeros)):
-        if init_name is None:
+        if init_name is None or (init_name == blocks.zeros_name and blocks.integer_zeros):
             continue
         old = inits[init_name]
         value = np.ascontiguousarray(value, dtype=np.float32).reshape(tuple(old.dims))
