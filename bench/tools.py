@@ -22,6 +22,7 @@ the prompt's own effect; time to first token baked <= 0.6 x prompted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -66,8 +67,8 @@ def run(args, log) -> dict:
         (out / "bench-seconds.json").write_text(json.dumps(time.perf_counter() - start))
 
     log(f"  the tool bake ({BAKED_TOOLS})")
-    made = cached_bake("tools-quick" if quick else "tools", f"tools:{BAKED_TOOLS}", config,
-                       log=log, make=make)
+    made = cached_bake("tools-quick" if quick else "tools", bake_key(), config, log=log,
+                       make=make)
     baked = load_baked(made["path"])
     bake_seconds = json.loads((Path(made["path"]) / "bench-seconds.json").read_text())
     parts = Parts(baked, {"quick": quick, "suite": "tools", "limit": limit}, log)
@@ -120,6 +121,14 @@ def run(args, log) -> dict:
               "suite_limit": suite_limit, "serving": serving, "parts_seconds": parts.seconds}
     result["checks"] = checks(result)
     return result
+
+
+def bake_key() -> str:
+    """What identifies the tool bake for the cache: the tools, their specs and the shipped
+    training questions (a change to either is a different bake)."""
+    data = json.dumps([[s.to_dict() for s in tool_specs(BAKED_TOOLS)],
+                       tools.shipped.train_rows()], sort_keys=True)
+    return f"tools:{BAKED_TOOLS}:{hashlib.sha256(data.encode()).hexdigest()[:16]}"
 
 
 def _score_base(baked, evaluator, rendered):

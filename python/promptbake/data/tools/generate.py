@@ -28,7 +28,7 @@ from promptbake.tools.spec import Example, ToolSpec, specs_from
 
 HERE = Path(__file__).parent
 COUNTS = {"CALC": 60, "CONVERT": 45, "DAYS_BETWEEN": 30, "WEEKDAY": 25, "LOOKUP": 50}
-TRAIN_COUNTS = {"CALC": 40, "CONVERT": 30, "DAYS_BETWEEN": 20, "WEEKDAY": 20, "LOOKUP": 30}
+TRAIN_COUNTS = {"CALC": 84, "CONVERT": 60, "DAYS_BETWEEN": 40, "WEEKDAY": 40, "LOOKUP": 60}
 
 # -- the specs --------------------------------------------------------------------------------
 
@@ -231,24 +231,63 @@ TEST_CALC = {
     "mixed": ["What is {a} * {b} + {c}?", "Compute {a} * {b} + {c}."],
     "grouped": ["What is ({a} + {b}) * {c}?", "Work out ({a} + {b}) * {c}."],
 }
+# Training wordings: several per kind, question-style ones among them ("What is {a} multiplied
+# by {b}?"), none a test template. With two or three terse wordings per kind ("Find {a} * {b}.")
+# the prompted model called on 9 of 60 training questions against 28 of 60 held-out ones, and
+# the bake copied it where it trained (first-token P(call) 0.115, the prompted model's 0.130)
+# but not on the held-out questions (0.072 against 0.206): it learned the wordings, not the kind.
 TRAIN_CALC = {
-    "product": ["Find {a} * {b}.", "I need {a} times {b}, please.", "Quick: {a} * {b}?"],
-    "sum": ["Add {a} and {b}.", "Find the total of {a} and {b}."],
-    "difference": ["Take {b} away from {a}.", "Find {a} - {b}."],
-    "quotient": ["Split {a} into {b} equal parts: how big is each?", "Find {a} / {b}."],
-    "power": ["Raise {a} to the {b}th power.", "Find {a} ^ {b}."],
-    "mixed": ["Evaluate {a} * {b} + {c} for me.", "Find {a} * {b} + {c}."],
-    "grouped": ["Evaluate ({a} + {b}) * {c} for me.", "Find ({a} + {b}) * {c}."],
+    "product": ["Find {a} * {b}.", "I need {a} times {b}, please.", "Quick: {a} * {b}?",
+                "How much is {a} multiplied by {b}?", "Can you work out {a} × {b}?",
+                "What do you get when you multiply {a} and {b}?", "Please compute {a} * {b}.",
+                "What is {a} multiplied by {b}?", "What is {a} × {b} exactly?"],
+    "sum": ["Add {a} and {b}.", "Find the total of {a} and {b}.", "How much is {a} + {b}?",
+            "What do {a} and {b} add up to?", "Can you add {a} to {b}?",
+            "Please compute {a} + {b}.",
+            "What is {a} added to {b}?", "What is the total of {a} + {b}?"],
+    "difference": ["Take {b} away from {a}.", "Find {a} - {b}.", "How much is {a} take away {b}?",
+                   "What is left if you subtract {b} from {a}?", "Can you work out {a} - {b}?",
+                   "Please compute {a} - {b}.",
+                   "What is {b} subtracted from {a}?", "What is {a} - {b} exactly?"],
+    "quotient": ["Split {a} into {b} equal parts: how big is each?", "Find {a} / {b}.",
+                 "How much is {a} over {b}?", "What do you get when you divide {a} by {b}?",
+                 "Can you work out {a} ÷ {b}?",
+                 "If {a} is shared equally among {b} people, how much does each get?",
+                 "What is {a} over {b}?", "What is {a} ÷ {b} exactly?"],
+    "power": ["Raise {a} to the {b}th power.", "Find {a} ^ {b}.", "How much is {a} raised to {b}?",
+              "Can you compute {a} ** {b}?", "Please work out {a} ^ {b} for me.",
+              "What is {a} raised to the {b}th power?", "What is {a} ** {b}?"],
+    "mixed": ["Evaluate {a} * {b} + {c} for me.", "Find {a} * {b} + {c}.",
+              "How much is {a} times {b} plus {c}?", "Can you work out {a} * {b} + {c}?",
+              "Please compute {c} + {a} * {b}.",
+              "What is {a} times {b}, plus {c}?", "What is {c} + {a} * {b}?"],
+    "grouped": ["Evaluate ({a} + {b}) * {c} for me.", "Find ({a} + {b}) * {c}.",
+                "How much is ({a} + {b}) * {c}?", "Can you work out ({a} + {b}) × {c}?",
+                "Please compute {c} * ({a} + {b}).",
+                "What is {c} times the sum of {a} and {b}?", "What is {c} * ({a} + {b})?"],
 }
 TEST_CONVERT = ["Convert {v} {a} to {b}.", "How many {b} are in {v} {a}?", "What is {v} {a} in {b}?"]
 TRAIN_CONVERT = ["Express {v} {a} in {b}.", "Turn {v} {a} into {b}, please.",
-                 "I have {v} {a}; how much is that in {b}?"]
+                 "I have {v} {a}; how much is that in {b}?",
+                 "How much is {v} {a} when measured in {b}?", "Can you change {v} {a} to {b}?",
+                 "Please restate {v} {a} as {b}.", "Please give {v} {a} in {b}.",
+                 "If something measures {v} {a}, what is that in {b}?",
+                 "What is the equivalent of {v} {a} in {b}?", "What are {v} {a} when written in {b}?"]
 TEST_DAYS = ["How many days are there between {a} and {b}?", "How many days is it from {a} to {b}?"]
 TRAIN_DAYS = ["Count the days from {a} until {b}.",
-              "Find the length in days of the stretch starting {a} and ending {b}."]
+              "Find the length in days of the stretch starting {a} and ending {b}.",
+              "Can you tell me how many days separate {a} and {b}?",
+              "What is the gap in days between {a} and {b}?",
+              "Please count the days between {a} and {b}.",
+              "I started on {a} and finished on {b}. How long was that in days?",
+              "What is the count of days from {a} to {b}?",
+              "What is the number of days separating {a} and {b}?"]
 TEST_WEEKDAY = ["What day of the week was {d}?", "On what day of the week did {d} fall?",
                 "What day of the week is {d}?"]
-TRAIN_WEEKDAY = ["Which weekday is {d}?", "Tell me the weekday for {d}.", "{d}: weekday?"]
+TRAIN_WEEKDAY = ["Which weekday is {d}?", "Tell me the weekday for {d}.", "{d}: weekday?",
+                 "Can you tell me what weekday {d} was?", "I was born on {d}. Which weekday was it?",
+                 "Do you know the weekday of {d}?", "Was {d} a Monday, a Friday or another day?",
+                 "What weekday was {d}?", "What weekday will {d} be?"]
 TEST_LOOKUP = {
     "capital": ["What is the capital of {x}?", "Which city is the capital of {x}?"],
     "currency": ["What currency is used in {x}?", "What is the currency of {x}?"],
@@ -257,10 +296,15 @@ TEST_LOOKUP = {
                      "What is the phone country code of {x}?"],
 }
 TRAIN_LOOKUP = {
-    "capital": ["Name the seat of government of {x}.", "{x}: capital?"],
-    "currency": ["Tell me the money people pay with in {x}.", "{x}: currency?"],
-    "continent": ["Tell me where in the world {x} lies, by continent.", "{x}: continent?"],
-    "calling_code": ["Tell me the dialing prefix for phoning {x}.", "{x}: calling code?"],
+    "capital": ["Name the seat of government of {x}.", "{x}: capital?",
+                "Where is the government of {x} based?", "Where do the leaders of {x} govern from?"],
+    "currency": ["Tell me the money people pay with in {x}.", "{x}: currency?",
+                 "Which money do they use in {x}?", "If I travel to {x}, what money will I need?"],
+    "continent": ["Tell me where in the world {x} lies, by continent.", "{x}: continent?",
+                  "Can you tell me the continent of {x}?", "Where in the world is {x}, by continent?"],
+    "calling_code": ["Tell me the dialing prefix for phoning {x}.", "{x}: calling code?",
+                     "If I phone {x} from abroad, what prefix do I dial first?",
+                     "Can you tell me the dialing prefix of {x}?"],
 }
 
 NO_TOOL_TEST = [
@@ -350,6 +394,22 @@ NO_TOOL_TRAIN = [
     "How do I write a polite email?", "What does a librarian do?",
     "Tell me a fun fact about elephants.", "What is the meaning of the word 'serene'?",
     "Suggest a game to play with friends outdoors.",
+    "Write a short poem about autumn leaves.", "How do birds know where to migrate?", "Give me a tip for learning a new language.",
+    "What does a carpenter build?", "Describe the sound of a thunderstorm.",
+    "What is photosynthesis?",
+    "Suggest a name for a coffee shop.", "Who wrote Don Quixote?",
+    "What is the difference between a lake and a sea?", "How can I make my handwriting neater?",
+    "What does a compass show?", "Write a short apology for being late.",
+    "What is a haiku?", "Why do cats purr?", "Name a vegetable that grows underground.",
+    "What does an architect do?", "Tell me something interesting about the Moon.",
+    "How do I start a vegetable garden?", "Which sport uses a shuttlecock?", "What is an antonym of 'happy'?",
+    "Explain what gravity is in simple words.", "Write a slogan for a bicycle shop.", "Who was Marie Curie?",
+    "What do you call a young dog?", "Why should we recycle?",
+    "What is the role of a referee?", "Describe a forest in the morning.",
+    "Which fruit is known for keeping the doctor away?", "What is a metaphor?",
+    "Give me an idea for a weekend hobby.", "What is the job of the heart's valves?",
+    "How do rainbows form?",
+    "Suggest a theme for a costume party.",
 ]
 
 
@@ -411,7 +471,7 @@ def no_tool_items() -> list[dict]:
 
 
 def train_contexts(rng, taken: set, countries: list[str], avoid: list[str]) -> list[dict]:
-    """User messages to bake on; ``avoid``: the test items' prompts."""
+    """User messages to bake on; ``avoid``: the test items' and the task suite's prompts."""
     found = []
     for prompt, *_ in calc_items(rng, TRAIN_COUNTS["CALC"], TRAIN_CALC, taken):
         found.append({"user": prompt, "tool": "CALC"})
@@ -430,6 +490,8 @@ def train_contexts(rng, taken: set, countries: list[str], avoid: list[str]) -> l
     for prompt, *_ in lookup_items(rng, TRAIN_COUNTS["LOOKUP"], countries, TRAIN_LOOKUP):
         found.append({"user": prompt, "tool": "LOOKUP"})
     found += [{"user": prompt, "tool": None} for prompt in NO_TOOL_TRAIN]
+    # a random sum or wording can land on a test item or a task of the suite: drop those
+    found = [c for c in found if not near_duplicates([c["user"]], avoid)]
     rng.shuffle(found)
     return found
 
@@ -444,11 +506,11 @@ def build() -> dict[str, str]:
     no_tool = no_tool_items()
     prompts = [i["prompt"] for group in tests.values() for i in group] + \
         [i["prompt"] for i in no_tool]
-    train = train_contexts(random.Random(2), taken, train_countries, prompts)
+    task_items = [i["prompt"] for task in TASKS.values() for i in task.items]
+    train = train_contexts(random.Random(2), taken, train_countries, prompts + task_items)
 
     train_text = [c["user"] for c in train]
     demonstrations = [e.user for s in specs for e in s.examples]
-    task_items = [i["prompt"] for task in TASKS.values() for i in task.items]
     for name, pairs in (("training contexts vs test items", near_duplicates(train_text, prompts)),
                         ("demonstrations vs test items", near_duplicates(demonstrations, prompts)),
                         ("training contexts vs the task suite",
