@@ -460,9 +460,6 @@ def _share_blockwise_head(model: onnx.ModelProto) -> bool:
         numpy_helper.from_array(np.array([0, 0, padded], dtype=np.int64), TIED_HEAD + "_row"),
         numpy_helper.from_array(np.array([0], dtype=np.int64), TIED_HEAD + "_start"),
         numpy_helper.from_array(np.array([hidden], dtype=np.int64), TIED_HEAD + "_stop"),
-        numpy_helper.from_array(np.array([0, 0, 2 * ((blocks + 1) // 2)], dtype=np.int64),
-                                TIED_HEAD + "_zero_pairs"),
-        numpy_helper.from_array(np.array([blocks], dtype=np.int64), TIED_HEAD + "_blocks"),
     ])
     for lookup, transpose in _lookups(graph):
         ids, out, t = lookup.input[1], transpose.output[0], lookup.name + "_q8/"
