@@ -35,6 +35,8 @@ scale per block of ``block_size`` input rows, by one of two methods:
   path like ``rtn``: each block's float zero point rounded to the nearest of 0..15, then the codes
   and the scale refitted to it (``_integer_zeros``: a few alternating least-squares rounds). The
   zero points are stored as 4-bit integers, two per byte (4 bits per block instead of 32).
+  On the pirate bake with the LoRA beside and 60 steps of recovery: decode p50 13.7 ms (int8
+  13.5, ``hqq`` 169), 83.1% smaller, 38% of the bake kept (``hqq`` 86%, ``rtn`` 19%).
 
 Measured on the same pirate bake (``promptbake export bench/.cache/panel-pirate --out DIR
 --quantize int4 --int4-method M --block-size B``; fp32 539.3 MB, base model's held-out KL 0.315,
