@@ -509,7 +509,8 @@ def recover(student, teacher, tokenizer, *, masks=None, trajectories=None, conte
         train: ``pruned`` trains only the masked layers' weights, ``all`` every parameter,
             ``adapter`` only the LoRA parameters of a PEFT ``student`` (the export that keeps
             the LoRA beside 4-bit base weights recovers the bake this way), ``adapter+scales``
-            those and the 4-bit blocks' scales and zero points (``export.beside.learn_scales``).
+            those and the 4-bit blocks' scales and float zero points
+            (``export.beside.learn_scales``).
         progress: True for a progress bar, or ``progress(step, steps, kl_per_token)``.
 
     Returns a dict: ``kl_before`` / ``kl_after`` (``KL.to_dict()``), ``kl_reduction`` and its

@@ -11,8 +11,8 @@ the base's own rounding remains.
 ``recover_steps`` then trains those factors on the 4-bit base, read back from the graph to the
 bit (``quantize.blocks_4bit``), toward the fp32 baked model with the bake's own loss
 (``compress.recover``): the LoRA learns to undo part of the rounding too. With
-``recover_scales`` the blocks' scales and zero points train with it (``LearnedScales``: the
-4-bit codes stay, the grid they sit on moves), and are written back into the graph, so the
+``recover_scales`` the blocks' scales and (float) zero points train with it (``LearnedScales``:
+the 4-bit codes stay, the grid they sit on moves), and are written back into the graph, so the
 export's size and speed do not change. On the pirate bake (hqq, block 32, 60 steps): the LoRA
 beside alone keeps 70% of the bake, recovered 80% (82% after 200 steps), with the scales 85%.
 """
@@ -80,8 +80,9 @@ def on_quantized_base(peft_model, weights: dict[str, np.ndarray], strength: floa
 
 class LearnedScales(torch.nn.Module):
     """A 4-bit weight as the graph computes it, ``(code - zero) * scale`` per block, with the
-    blocks' scales and zero points trainable (the codes fixed): a parametrization of a torch
-    layer's weight (``torch.nn.utils.parametrize``), so recovery can move the rounding grid the
+    blocks' scales and float zero points trainable (the codes and integer zero points fixed): a
+    parametrization of a torch layer's weight (``torch.nn.utils.parametrize``), so recovery can
+    move the rounding grid the
     4-bit weights sit on. Trained as relative changes, ``scale * (1 + scale_change)`` and ``zero +
     zero_change`` (in code units), both starting at 0: one learning rate suits every layer."""
 

@@ -20,7 +20,7 @@ keeps 99.1%, blockwise alone 97.8%, dynamic -169% (worse than the unbaked model)
 
 int4 (``Int4Options``) is ``MatMulNBitsQuantizer`` with 4 bits, every MatMul weight (the LM head
 included) a ``MatMulNBits`` node with two codes per byte (element 2i in the low nibble), one fp32
-scale per block of ``block_size`` input rows, by one of two methods:
+scale per block of ``block_size`` input rows, by one of three methods:
 
 * ``rtn``: symmetric round to nearest (onnxruntime's default 4-bit quantizer): code =
   round(w / scale) + 8, scale from the block's largest magnitude; no zero points stored.
@@ -129,7 +129,8 @@ class Int4Options:
     and keeps the bake's LoRA beside them in fp32 (``beside.py``; a bake's export only).
     ``recover_steps`` (with ``beside``): that many steps of recovery distillation of the LoRA on
     the 4-bit base toward the fp32 bake, at ``recover_lr``; with ``recover_scales`` (the
-    default) the 4-bit blocks' scales and zero points are trained with it (``beside.py``), which
+    default) the 4-bit blocks' scales and (HQQ's float) zero points are trained with it
+    (``beside.py``), which
     costs nothing in size or latency and kept more of the pirate bake (85% against 80% in 60
     steps).
     """

@@ -236,43 +236,41 @@ TEST_CALC = {
 # the prompted model called on 9 of 60 training questions against 28 of 60 held-out ones, and
 # the bake copied it where it trained (first-token P(call) 0.115, the prompted model's 0.130)
 # but not on the held-out questions (0.072 against 0.206): it learned the wordings, not the kind.
+# No training wording may contain a test wording or only reorder its terms (tested).
 TRAIN_CALC = {
     "product": ["Find {a} * {b}.", "I need {a} times {b}, please.", "Quick: {a} * {b}?",
                 "How much is {a} multiplied by {b}?", "Can you work out {a} × {b}?",
                 "What do you get when you multiply {a} and {b}?", "Please compute {a} * {b}.",
-                "What is {a} multiplied by {b}?", "What is {a} × {b} exactly?"],
+                "What is {a} multiplied by {b}?"],
     "sum": ["Add {a} and {b}.", "Find the total of {a} and {b}.", "How much is {a} + {b}?",
             "What do {a} and {b} add up to?", "Can you add {a} to {b}?",
             "Please compute {a} + {b}.",
-            "What is {a} added to {b}?", "What is the total of {a} + {b}?"],
+            "What is {a} added to {b}?"],
     "difference": ["Take {b} away from {a}.", "Find {a} - {b}.", "How much is {a} take away {b}?",
                    "What is left if you subtract {b} from {a}?", "Can you work out {a} - {b}?",
                    "Please compute {a} - {b}.",
-                   "What is {b} subtracted from {a}?", "What is {a} - {b} exactly?"],
+                   "What is {b} subtracted from {a}?"],
     "quotient": ["Split {a} into {b} equal parts: how big is each?", "Find {a} / {b}.",
                  "How much is {a} over {b}?", "What do you get when you divide {a} by {b}?",
                  "Can you work out {a} ÷ {b}?",
                  "If {a} is shared equally among {b} people, how much does each get?",
-                 "What is {a} over {b}?", "What is {a} ÷ {b} exactly?"],
+                 "What is {a} over {b}?"],
     "power": ["Raise {a} to the {b}th power.", "Find {a} ^ {b}.", "How much is {a} raised to {b}?",
               "Can you compute {a} ** {b}?", "Please work out {a} ^ {b} for me.",
-              "What is {a} raised to the {b}th power?", "What is {a} ** {b}?"],
+              "What is {a} raised to the {b}th power?"],
     "mixed": ["Evaluate {a} * {b} + {c} for me.", "Find {a} * {b} + {c}.",
               "How much is {a} times {b} plus {c}?", "Can you work out {a} * {b} + {c}?",
-              "Please compute {c} + {a} * {b}.",
-              "What is {a} times {b}, plus {c}?", "What is {c} + {a} * {b}?"],
+              "What is {a} times {b}, plus {c}?"],
     "grouped": ["Evaluate ({a} + {b}) * {c} for me.", "Find ({a} + {b}) * {c}.",
                 "How much is ({a} + {b}) * {c}?", "Can you work out ({a} + {b}) × {c}?",
-                "Please compute {c} * ({a} + {b}).",
-                "What is {c} times the sum of {a} and {b}?", "What is {c} * ({a} + {b})?"],
+                "What is {c} times the sum of {a} and {b}?"],
 }
 TEST_CONVERT = ["Convert {v} {a} to {b}.", "How many {b} are in {v} {a}?", "What is {v} {a} in {b}?"]
 TRAIN_CONVERT = ["Express {v} {a} in {b}.", "Turn {v} {a} into {b}, please.",
                  "I have {v} {a}; how much is that in {b}?",
                  "How much is {v} {a} when measured in {b}?", "Can you change {v} {a} to {b}?",
-                 "Please restate {v} {a} as {b}.", "Please give {v} {a} in {b}.",
-                 "If something measures {v} {a}, what is that in {b}?",
-                 "What is the equivalent of {v} {a} in {b}?", "What are {v} {a} when written in {b}?"]
+                 "Please restate {v} {a} as {b}.",
+                 "If something measures {v} {a}, what is that in {b}?", "What are {v} {a} when written in {b}?"]
 TEST_DAYS = ["How many days are there between {a} and {b}?", "How many days is it from {a} to {b}?"]
 TRAIN_DAYS = ["Count the days from {a} until {b}.",
               "Find the length in days of the stretch starting {a} and ending {b}.",
@@ -286,8 +284,7 @@ TEST_WEEKDAY = ["What day of the week was {d}?", "On what day of the week did {d
                 "What day of the week is {d}?"]
 TRAIN_WEEKDAY = ["Which weekday is {d}?", "Tell me the weekday for {d}.", "{d}: weekday?",
                  "Can you tell me what weekday {d} was?", "I was born on {d}. Which weekday was it?",
-                 "Do you know the weekday of {d}?", "Was {d} a Monday, a Friday or another day?",
-                 "What weekday was {d}?", "What weekday will {d} be?"]
+                 "Do you know the weekday of {d}?", "Was {d} a Monday, a Friday or another day?"]
 TEST_LOOKUP = {
     "capital": ["What is the capital of {x}?", "Which city is the capital of {x}?"],
     "currency": ["What currency is used in {x}?", "What is the currency of {x}?"],
@@ -492,6 +489,7 @@ def train_contexts(rng, taken: set, countries: list[str], avoid: list[str]) -> l
     found += [{"user": prompt, "tool": None} for prompt in NO_TOOL_TRAIN]
     # a random sum or wording can land on a test item or a task of the suite: drop those
     found = [c for c in found if not near_duplicates([c["user"]], avoid)]
+    found = list({c["user"].lower(): c for c in found}.values())  # a wording drawn twice
     rng.shuffle(found)
     return found
 
