@@ -374,12 +374,9 @@ def _integer_zeros(model: onnx.ModelProto, originals: dict[str, np.ndarray]) -> 
             scale = np.where(norm == 0, scale, fitted).astype(np.float32)
         safe = np.where(scale == 0, 1, scale)
         codes = np.clip(np.round(w / safe + zero), 0, 15).astype(np.uint8)
-        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-        half = (blocks + 1) // 2
-        nibbles = np.zeros((n, 2 * half), np.uint8)
-        nibbles[:, :blocks] = zero.reshape(n, blocks)
-        zeros = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
-        for init, value in ((inits[node.input[1]], packed.astype(np.uint8)),
+        packed = pack_nibbles(codes)
+        zeros = pack_nibbles(zero.reshape(n, blocks).astype(np.uint8))
+        for init, value in ((inits[node.input[1]], packed),
                             (inits[node.input[2]], scale.reshape(-1)),
                             (zeros_init, zeros.reshape(-1))):
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), init.name))
@@ -631,8 +628,8 @@ def dequantize_4bit(codes: np.ndarray, scales: np.ndarray,
     two per byte [N * ceil(blocks / 2)]; padding rows past K are kept. The arithmetic is
     MatMulNBits' own, so the result is bit for bit the matrix it uses."""
     n, blocks, blob = codes.shape
-    values = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(n, blocks, 2 * blob)
-    values, scales = values.astype(np.float32), scales.reshape(n, blocks, 1)
+    values = unpack_nibbles(codes).astype(np.float32)
+    scales = scales.reshape(n, blocks, 1)
     if zero_points is not None and zero_points.dtype == np.uint8:
         zero_points = unpack_zeros(zero_points, n, blocks)
         weight = (values - zero_points.reshape(n, blocks, 1)) * scales
@@ -643,11 +640,22 @@ def dequantize_4bit(codes: np.ndarray, scales: np.ndarray,
     return weight.reshape(n, blocks * 2 * blob).T
 
 
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """uint8 values 0..15 two per byte along the last axis, element 2i in the low nibble (an
+    odd count padded with 0), as ``MatMulNBits`` stores 4-bit codes and zero points."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], -1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The inverse of ``pack_nibbles``: two uint8 values per byte, the last axis doubled."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
 def unpack_zeros(packed: np.ndarray, n: int, blocks: int) -> np.ndarray:
     """[N, blocks] fp32 from uint8 zero points packed two per byte (block 2i low)."""
-    packed = packed.reshape(n, -1)
-    both = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
-    return both[:, :blocks].astype(np.float32)
+    return unpack_nibbles(packed.reshape(n, -1))[:, :blocks].astype(np.float32)
 
 
 def _module_name(node: onnx.NodeProto) -> str:
@@ -675,14 +683,10 @@ class Blocks4:
 
     def weight(self) -> np.ndarray:
         """[N, K] fp32, as the node computes with it, in torch's ``Linear.weight`` layout."""
-        n, blocks, block = self.codes.shape
-        packed = (self.codes[..., 0::2] | (self.codes[..., 1::2] << 4)).astype(np.uint8)
         zeros = None if self.zeros is None else self.zeros.reshape(-1)
         if self.integer_zeros:
-            nibbles = np.zeros((n, 2 * ((blocks + 1) // 2)), np.uint8)
-            nibbles[:, :blocks] = self.zeros
-            zeros = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).reshape(-1)
-        full = dequantize_4bit(packed, self.scales.reshape(-1), zeros)
+            zeros = pack_nibbles(self.zeros.astype(np.uint8)).reshape(-1)
+        full = dequantize_4bit(pack_nibbles(self.codes), self.scales.reshape(-1), zeros)
         return np.ascontiguousarray(full[:self.k].T)
 
 
@@ -702,7 +706,7 @@ def blocks_4bit(model: onnx.ModelProto, graph_dir: Path | None = None) -> dict[s
         n, k = attrs["N"], attrs["K"]
         packed = array(node.input[1])
         packed = packed.reshape(n, -1, packed.shape[-1])
-        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, packed.shape[1], -1)
+        codes = unpack_nibbles(packed)
         zeros_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
         zeros = array(zeros_name) if zeros_name else None
         blocks = codes.shape[1]
