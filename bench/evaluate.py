@@ -271,14 +271,17 @@ class Parts:
     def __init__(self, baked, settings: dict, log, seconds: dict | None = None):
         adapter = hashlib.sha256(Path(baked.path, "adapter_model.safetensors").read_bytes())
         self.key = {**settings, "bake": str(baked.path), "adapter": adapter.hexdigest()}
+        self.base_key = {**settings, "base_model": baked.manifest["base_model"]["sha256"]}
         self.log = log
         self.seconds: dict[str, float] = {} if seconds is None else seconds  # part -> wall s
 
-    def get(self, name: str, measure, task=None, **also):
+    def get(self, name: str, measure, task=None, *, base_only: bool = False, **also):
         """``measure()``'s JSON-able result, from the cache when the key matches. The key holds
-        the run's settings and the adapter's bytes, the definition of ``task`` (its items, budget
-        and stop strings) and whatever else the part depends on (``also``, JSON-able)."""
-        key = {**self.key, **also}
+        the run's settings and the adapter's bytes (only the base model's weights for a part
+        measured on the base model alone, ``base_only``: a rebake reuses it), the definition of
+        ``task`` (its items, budget and stop strings) and whatever else the part depends on
+        (``also``, JSON-able)."""
+        key = {**(self.base_key if base_only else self.key), **also}
         if task is not None:
             key["task"] = _task_key(task)
         prefix = "quick-" if self.key["quick"] else ""

@@ -88,7 +88,7 @@ def run(args, log) -> dict:
             f"tools-effect-{name}-{cell}", lambda cell=cell, evaluator=evaluator,
             rendered=rendered: _score_base(baked, evaluator, rendered if cell == "prompted"
                                            else None).to_dict(items=True),
-            items=items, prompt=rendered if cell == "prompted" else None))
+            base_only=True, items=items, prompt=rendered if cell == "prompted" else None))
             for cell in ("base", "prompted")}
         effect[name] = {"items": len(items), **_compare(cells["base"], cells["prompted"])}
 

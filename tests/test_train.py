@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from promptbake import BakeConfig, modeling
 from promptbake.framing import Framing
-from promptbake.train import (Clock, Divergence, attach_lora, batch_plan, lr_factor,
-                              make_optimizer, optimizer_step, sample_trajectories)
+from promptbake.trajectories import Trajectories
+from promptbake.train import (Clock, Divergence, attach_lora, batch_plan, first_token_weights,
+                              lr_factor, make_optimizer, optimizer_step, sample_trajectories)
 
 CONTEXTS = [[{"role": "user", "content": q}] for q in
             ("What is the capital of France?", "How do I boil an egg?", "Hi!", "Name a river.")]
@@ -21,6 +22,14 @@ def config(**changes) -> BakeConfig:
     base = dict(samples_per_context=2, max_new_tokens=6, sample_batch=8, batch_size=4, steps=4,
                 lr=2e-2, warmup=0.0)
     return BakeConfig(**{**base, **changes})
+
+
+def moved(model) -> None:
+    """Make the student differ from the teacher (LoRA B starts at 0), so losses are not zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
 
 
 @pytest.fixture
@@ -79,11 +88,8 @@ def test_lr_schedule_warms_up_then_decays():
 def test_cached_and_live_teachers_give_the_same_loss(setup):
     model, prefixes, trajectories, pad = setup
     batch = batch_plan(0, trajectories, config())[0]
+    moved(model)
     with torch.no_grad():
-        # make the student differ from the teacher so the loss is not zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
         cached, n = Divergence(trajectories, prefixes, config(), pad)(model, batch)
         live, m = Divergence(trajectories, prefixes, config(teacher="live"), pad)(model, batch)
     assert n == m == sum(len(trajectories.responses[k]) for k in batch)
@@ -106,10 +112,7 @@ def test_fused_head_gives_the_loss_and_gradients_of_the_logits(setup, tokenizer,
                                                config(topk=8), "topk", seed=0, samples=2)
     cfg = config(teacher=teacher, precision=precision)
     batch = batch_plan(0, trajectories, cfg)[0]
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    moved(model)
     assert modeling.fused_head(model) is not None
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
 
@@ -127,6 +130,44 @@ def test_fused_head_gives_the_loss_and_gradients_of_the_logits(setup, tokenizer,
     assert fused[0] == pytest.approx(unfused[0], rel=rtol)
     for a, b in zip(fused[2], unfused[2]):
         torch.testing.assert_close(a, b, rtol=rtol * 10, atol=rtol * float(b.abs().max()))
+
+
+def test_first_token_weights_mark_each_responses_first_row():
+    assert first_token_weights([[[1, 2, 3]], [[4], [5, 6]]], 1.0) is None
+    assert first_token_weights([[[1, 2, 3]], [[4], [5, 6]]], 8.0).tolist() == \
+        [8.0, 1.0, 1.0, 8.0, 8.0, 1.0]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_first_token_weight_adds_the_first_rows_again(setup, fused, monkeypatch):
+    """Weight w on the first token = the unweighted loss plus (w - 1) x the first rows' loss,
+    on the fused and the unfused path; weight 1 is the unweighted loss exactly."""
+    model, prefixes, trajectories, pad = setup
+    if not fused:
+        monkeypatch.setenv(modeling.FUSED_HEAD_ENV, "0")
+    assert (modeling.fused_head(model) is not None) == fused
+    batch = batch_plan(0, trajectories, config())[0]
+    moved(model)
+    with torch.no_grad():
+        plain, n = Divergence(trajectories, prefixes, config(), pad)(model, batch)
+        one, _ = Divergence(trajectories, prefixes, config(first_token_weight=1.0), pad)(
+            model, batch)
+        heavy, m = Divergence(trajectories, prefixes, config(first_token_weight=5.0), pad)(
+            model, batch)
+        # the first rows' loss: the same trajectories cut to their first token
+        starts = torch.tensor(trajectories.offsets[:-1])
+        first_only = Trajectories(trajectories.context_index,
+                                  [r[:1] for r in trajectories.responses], "full",
+                                  trajectories.full_logprobs[starts])
+        firsts, _ = Divergence(first_only, prefixes, config(), pad)(model, batch)
+    assert n == m and float(one) == float(plain)
+    assert float(heavy) == pytest.approx(float(plain) + 4.0 * float(firsts), rel=1e-4)
+    assert float(heavy) > float(plain) > 0
+
+
+def test_first_token_weight_must_be_positive():
+    with pytest.raises(ValueError, match="first_token_weight=0"):
+        config(first_token_weight=0.0).validate()
 
 
 def test_fused_head_only_where_the_head_is_used_as_is(tiny_dir):

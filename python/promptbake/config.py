@@ -48,6 +48,10 @@ class BakeConfig:
     # Training
     loss: str = "forward_kl"
     beta: float = 0.5
+    # Weight of each response's first token in the loss, the others weighing 1: the token a
+    # decision turns on (call a tool or answer). None: 1 for a prompt, TOOL_FIRST_TOKEN_WEIGHT
+    # for a tool bake (``orchestrate.tools``).
+    first_token_weight: float | None = None
     steps: int | None = None  # None: epochs over the trajectories
     epochs: float = 4.0
     batch_size: int = 8  # trajectories per micro-batch (rounded to whole contexts)
@@ -92,6 +96,8 @@ class BakeConfig:
             (self.lr > 0, f"lr={self.lr} must be > 0"),
             (0 <= self.warmup < 1, f"warmup={self.warmup} must be a fraction in [0, 1)"),
             (0 <= self.beta <= 1, f"beta={self.beta} must be in [0, 1]"),
+            (self.first_token_weight is None or self.first_token_weight > 0,
+             f"first_token_weight={self.first_token_weight} must be > 0"),
             (self.topk >= 1, f"topk={self.topk} must be >= 1"),
             (self.snapshot_every >= 0 and self.checkpoint_every >= 1,
              "snapshot_every must be >= 0 and checkpoint_every >= 1"),

@@ -169,7 +169,9 @@ class Divergence:
         device = next(model.parameters()).device
         dtype = config.autocast_dtype(device)
         student_ids = [self.prefixes[c][1] for c in groups]
-        options = dict(kind=config.loss, beta=config.beta, reduction="sum")
+        weights = first_token_weights(responses, config.first_token_weight or 1.0)
+        options = dict(kind=config.loss, beta=config.beta,
+                       reduction="sum" if weights is None else "none")
         head = modeling.fused_head(model)
         teacher = self._teacher(model, groups, responses, rows, dtype, head)
         logprobs = config.teacher != "live"
@@ -180,15 +182,17 @@ class Divergence:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = linear_divergence(hidden, head, teacher, teacher_is_logprobs=logprobs,
                                          **options)
-            return loss, hidden.shape[0]
-        student = modeling.response_logits(model, student_ids, responses, pad_id, dtype)
-        if isinstance(teacher, TopK):
-            loss = topk_divergence(student, teacher.ids.to(device), teacher.logprobs.to(device),
-                                   **options)
         else:
-            loss = divergence(student, teacher.to(device), teacher_is_logprobs=logprobs,
-                              **options)
-        return loss, student.shape[0]
+            student = modeling.response_logits(model, student_ids, responses, pad_id, dtype)
+            if isinstance(teacher, TopK):
+                loss = topk_divergence(student, teacher.ids.to(device),
+                                       teacher.logprobs.to(device), **options)
+            else:
+                loss = divergence(student, teacher.to(device), teacher_is_logprobs=logprobs,
+                                  **options)
+        if weights is not None:
+            loss = (loss * weights.to(loss.device)).sum()
+        return loss, len(rows)
 
     def _teacher(self, model, groups, responses, rows, dtype, head):
         """The teacher's targets for the batch's rows: the recorded cache (full log-probs, which
@@ -206,6 +210,19 @@ class Divergence:
         if trajectories.cache == "full":
             return trajectories.full_logprobs[rows]
         return TopK(trajectories.topk_ids[rows], trajectories.topk_logprobs[rows])
+
+
+def first_token_weights(responses: list[list[list[int]]], weight: float) -> torch.Tensor | None:
+    """Per response row (in ``Divergence``'s order: groups, their responses, their tokens), the
+    loss weight: ``weight`` on each response's first token, 1 on the rest; None when all are 1."""
+    if weight == 1.0:
+        return None
+    out = torch.ones(sum(len(r) for group in responses for r in group))
+    at = 0
+    for response in (r for group in responses for r in group):
+        out[at] = weight
+        at += len(response)
+    return out
 
 
 def optimizer_step(model, objective: Objective, batches: list[list[int]], optimizer, schedule,

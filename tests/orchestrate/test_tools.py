@@ -60,6 +60,8 @@ def test_a_tool_bake_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch):
     record = manifest["tools"]
     assert [s["name"] for s in record["specs"]] == ["CALC"] and len(record["sha256"]) == 64
     assert record["contexts"]["with_results"] > 0
+    # the call-or-answer token weighs more in a tool bake, unless the user sets it
+    assert manifest["config"]["first_token_weight"] == tool_bake.TOOL_FIRST_TOKEN_WEIGHT
     messages = manifest["prompt"]["messages"]
     assert messages[0]["role"] == "system" and "CALC(" in messages[0]["content"]
     assert any(m["role"] == "tool" for m in messages)  # a demonstration with its result

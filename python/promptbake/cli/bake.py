@@ -16,7 +16,7 @@ from promptbake.formatting import pct, pm
 from promptbake.framing import STUDENT_FRAMINGS
 from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve
 from promptbake.modeling import variant
-from promptbake.orchestrate.tools import bake_tools, tool_specs
+from promptbake.orchestrate.tools import TOOL_FIRST_TOKEN_WEIGHT, bake_tools, tool_specs
 
 
 def register(commands) -> None:
@@ -108,6 +108,10 @@ def _add_bake(commands) -> None:
     g.add_argument("--loss", choices=LOSSES, default=d.loss,
                    help="forward_kl = KL(prompted || student), the paper's")
     g.add_argument("--beta", type=float, default=d.beta, help="JSD mixture weight")
+    g.add_argument("--first-token-weight", type=float, default=None,
+                   help="loss weight of each response's first token, the others weighing 1 "
+                        f"(default: 1; {TOOL_FIRST_TOKEN_WEIGHT:g} with --tools, where the first "
+                        "token decides between calling a tool and answering)")
     g.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: --epochs over the trajectories)")
     g.add_argument("--epochs", type=float, default=d.epochs,

@@ -13,6 +13,7 @@ the error, a real system would give).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +28,10 @@ from promptbake.tools.spec import check_set
 log = logging.getLogger("promptbake")
 
 SHIPPED = "shipped"
+# The loss weight of a response's first token in a tool bake (BakeConfig.first_token_weight),
+# where the call-or-answer decision is made: weighing 1, like every other token, the baked model
+# learned the teacher's wording and rarely called on held-out questions (README, "Baking a tool").
+TOOL_FIRST_TOKEN_WEIGHT = 8.0
 
 
 def tool_specs(source) -> list[tools.ToolSpec]:
@@ -92,6 +97,8 @@ def bake_tools(source=SHIPPED, model=None, contexts=None, config: BakeConfig | N
     """
     config = config or BakeConfig()
     config.validate()
+    if config.first_token_weight is None:
+        config = dataclasses.replace(config, first_token_weight=TOOL_FIRST_TOKEN_WEIGHT)
     specs = tool_specs(source)
     registry = registry or tools.shipped.registry()
     unregistered = [s.name for s in specs if s.name not in registry]
