@@ -44,13 +44,20 @@ SUITES = {
     "prompts": "the defaults on a panel of seven prompts of different kinds: held-out and "
                "off-distribution KL reduction, drift, the task suite against the prompted "
                "model; a domain and a persona prompt baked on generated contexts alone",
+    "engine": "the example pipeline's engine (the computing tools and the pirate) on the "
+              "default model against the user's own prompts baked the same way and against "
+              "sequential baking at equal wall time: held-out scores against the prompted base "
+              "model, the plateau rule, wall time by phase",
     "bake-sweep": "how the bake's defaults were chosen: one setting changed at a time, held-out "
                   "KL reduction and time of each",
+    "tool-sweep": "how the tool bake's first-token weight was chosen: the four computing "
+                  "tools baked with one setting changed at a time, held-out KL reduction and "
+                  "the first answer token's call probability on held-out tool items",
     "prompt-sweep": "changes to the defaults measured on several prompts: sampling temperature, "
                     "more samples on short contexts, an L2 term in the objective; held-out and "
                     "off-distribution KL reduction",
 }
-ON_DEMAND = ("bake-sweep", "prompt-sweep")  # long: run with --only
+ON_DEMAND = ("engine", "bake-sweep", "prompt-sweep", "tool-sweep")  # long: run with --only
 
 
 def main(argv=None) -> int:
@@ -59,7 +66,8 @@ def main(argv=None) -> int:
             f"{name}: {text}" for name, text in SUITES.items()))
     parser.add_argument("--only", metavar="NAME", action="append", choices=sorted(SUITES),
                         help="run only this suite (repeatable); default: all but the sweeps, "
-                             "bake-sweep (~2 h on 2 cores) and prompt-sweep (~2 h)")
+                             "bake-sweep (~2 h on 2 cores), prompt-sweep (~2 h) and tool-sweep "
+                             "(~1 h), and engine (hours)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and repeats: a smoke run in about a minute or two")
     parser.add_argument("--repeats", type=int, metavar="R",

@@ -7,8 +7,9 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from promptbake import pipeline
+from promptbake import models, pipeline
 from promptbake.cli import main
+from promptbake.orchestrate.tools import TOOL_FIRST_TOKEN_WEIGHT
 from promptbake.pipeline import PipelineError
 
 MINIMAL = """
@@ -160,3 +161,10 @@ format = "safetensors"
     gates = json.loads((out / "engine" / "engine-report.json").read_text())["gates"]
     assert status == (0 if all(g["passed"] for g in gates) else 1)
     assert "tools: kept model without a prompt" in capsys.readouterr().out
+    # a tool cycle's bakes weigh the first token as a tool bake does, unless [bake] sets it
+    lm, tokenizer, _ = models.load(tiny_dir)
+    built = pipeline.build_cycles(pipeline.load(path), lm, tokenizer, lambda _: None)
+    assert [c.bake for c in built] == [{"first_token_weight": TOOL_FIRST_TOKEN_WEIGHT}, {}]
+    write(tmp_path, text.replace("steps = 1", "steps = 1\nfirst_token_weight = 2.0"))
+    built = pipeline.build_cycles(pipeline.load(path), lm, tokenizer, lambda _: None)
+    assert [c.bake for c in built] == [{}, {}]

@@ -47,7 +47,7 @@ from promptbake.orchestrate.plateau import gains
 from promptbake.orchestrate.stacking import LoraStack
 from promptbake.reprompt import item_scores
 from promptbake.stats import paired_difference
-from promptbake.train import TrainingLog
+from promptbake.train import Clock, TrainingLog
 from promptbake.trajectories import SamplingConfig, sample
 
 log = logging.getLogger("promptbake")
@@ -74,8 +74,10 @@ META_PROMPTS = {
 class Cycle:
     """A skill the engine bakes: its starting prompt (a system text or a conversation), the
     evaluators of its dev and held-out splits (higher is better), the contexts its bakes train
-    on (``bake``'s ``contexts``; None: the built-in ones) and demonstrations (lists of turns,
-    user first) that an edit may add to the prompt."""
+    on (``bake``'s ``contexts``; None: the built-in ones), demonstrations (lists of turns,
+    user first) that an edit may add to the prompt, and ``BakeConfig`` fields its bakes set
+    over the engine's bake settings (``bake``; a pipeline's tool cycle weighs the first token
+    as a tool bake does)."""
 
     name: str
     prompt: str | list
@@ -83,10 +85,16 @@ class Cycle:
     held_out: Callable
     contexts: object = None
     demonstrations: list = dataclasses.field(default_factory=list)
+    bake: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         check_name(self.name)
         prompt_messages(self.prompt)  # a text or a conversation, or a clear error
+        fields = {f.name for f in dataclasses.fields(BakeConfig)}
+        unknown = sorted(set(self.bake) - fields)
+        if unknown:
+            raise ValueError(f"cycle {self.name}: bake settings {', '.join(unknown)} are not "
+                             f"BakeConfig fields (see promptbake bake --help)")
 
 
 def check_name(name) -> None:
@@ -387,7 +395,7 @@ def _identity(cycles: list[Cycle], config: EngineConfig, bake_config: BakeConfig
               fingerprint: str) -> str:
     described = [{"name": c.name, "prompt": c.prompt, "dev": evaluator_key(c.dev),
                   "held_out": evaluator_key(c.held_out), "contexts": contexts_key(c.contexts),
-                  "demonstrations": c.demonstrations} for c in cycles]
+                  "demonstrations": c.demonstrations, "bake": c.bake} for c in cycles]
     text = files.to_json({"cycles": described, "engine": resume_settings(config),
                           "bake": outcome_settings(bake_config), "model": fingerprint},
                          sort_keys=True)
@@ -457,8 +465,10 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         try:
             record.update(_round(state, cycle, incumbents[cycle.name], config, bake_config,
                                  number, say))
+            measuring = time.perf_counter()
             record["held_out"] = {c.name: state.score(c.held_out, None, framing).to_dict()
                                   for c in cycles}
+            record["phases"]["held-out"] = round(time.perf_counter() - measuring, 2)
             record["objective"] = objective(record["held_out"], references)
             incumbents[cycle.name] = record["winner"]["prompt"]
         except Exception as err:  # noqa: BLE001 -- a failing evaluator or bake is recorded
@@ -515,29 +525,36 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
 def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
            bake_config: BakeConfig, number: int, say) -> dict:
     framing = bake_config.framing
+    clock = Clock()  # the round's phases, for the engine's wall-time split
     rng = random.Random(config.seed * 100_003 + number)  # a resumed round edits as it would have
     candidates = [("incumbent", incumbent)] + edits(incumbent, cycle.demonstrations,
                                                      config.edits, rng)
-    first = state.score(cycle.dev, incumbent, framing)
+    with clock("scoring"):
+        first = state.score(cycle.dev, incumbent, framing)
     if config.proposals:
-        candidates += proposals(_proposer(state, config), state.tokenizer, incumbent,
-                                config.proposals, failures=failures_of(first, cycle.dev),
-                                seed=config.seed + number, max_new_tokens=config.proposal_tokens)
+        with clock("proposing"):
+            candidates += proposals(_proposer(state, config), state.tokenizer, incumbent,
+                                    config.proposals, failures=failures_of(first, cycle.dev),
+                                    seed=config.seed + number,
+                                    max_new_tokens=config.proposal_tokens)
     candidates = unique(candidates)
-    scores = [first] + [state.score(cycle.dev, p, framing) for _, p in candidates[1:]]
+    with clock("scoring"):
+        scores = [first] + [state.score(cycle.dev, p, framing) for _, p in candidates[1:]]
     winner, comparison = choose(scores)
     say(f"  {len(candidates)} candidates; winner: {candidates[winner][0]} (dev "
         f"{scores[winner].value:.3f}, incumbent {scores[0].value:.3f})")
-    round_config = dataclasses.replace(bake_config, seed=bake_config.seed + number, merge=False)
-    kl = [state.bake(candidates[winner][1], cycle.contexts, round_config)]
-    for extra in range(config.pursuit_rounds):
-        kl.append(state.bake(candidates[winner][1], cycle.contexts, dataclasses.replace(
-            round_config, seed=round_config.seed + 1000 * (extra + 1))))
+    round_config = dataclasses.replace(bake_config, **cycle.bake, seed=bake_config.seed + number,
+                                       merge=False)
+    with clock("baking"):
+        kl = [state.bake(candidates[winner][1], cycle.contexts, round_config)]
+        for extra in range(config.pursuit_rounds):
+            kl.append(state.bake(candidates[winner][1], cycle.contexts, dataclasses.replace(
+                round_config, seed=round_config.seed + 1000 * (extra + 1))))
     return {"candidates": [{"source": s, "prompt": p, "dev": sc.to_dict()}
                            for (s, p), sc in zip(candidates, scores)],
             "winner": {"index": winner, "source": candidates[winner][0],
                        "prompt": candidates[winner][1], **comparison},
-            "bake_kl": kl}
+            "bake_kl": kl, "phases": clock.seconds()}
 
 
 def _proposer(state: _State, config: EngineConfig):

@@ -49,7 +49,7 @@ from promptbake.config import BakeConfig
 from promptbake.engine import (Cycle, EngineConfig, check_name, outcome_settings,
                                resume_settings, run_engine)
 from promptbake.framing import prompt_messages, read_prompt_file
-from promptbake.orchestrate.tools import bake_contexts, tool_specs
+from promptbake.orchestrate.tools import TOOL_FIRST_TOKEN_WEIGHT, bake_contexts, tool_specs
 from promptbake.persona import AdherenceEvaluator, Persona
 from promptbake.tasks import load_task
 
@@ -302,8 +302,10 @@ def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) 
             dev_eval = dataclasses.replace(task, items=items[:dev])
             held_eval = dataclasses.replace(task, items=items[dev:dev + held])
         dev_eval.name, held_eval.name = f"{name}:dev", f"{name}:held-out"
+        bake = {"first_token_weight": TOOL_FIRST_TOKEN_WEIGHT} if "tools" in spec and \
+            pipeline.bake.first_token_weight is None else {}
         out.append(Cycle(name, prompt, dev_eval, held_eval, contexts=contexts,
-                         demonstrations=demonstrations))
+                         demonstrations=demonstrations, bake=bake))
     return out
 
 

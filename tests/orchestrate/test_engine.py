@@ -65,6 +65,7 @@ def test_two_cycles_end_to_end(tiny_dir, next_token_evaluator, round_config, tmp
     assert sources[0] == "incumbent" and len(sources) >= 2
     assert any(s.startswith("edit:") for s in sources)
     assert set(first["held_out"]) == {"a", "b"}  # every cycle measured after every round
+    assert {"scoring", "proposing", "baking", "held-out"} <= set(first["phases"])  # wall time
     for cycle in ("a", "b"):
         assert set(result.references[cycle]) == {"base", "prompted"}
     saved = json.loads((out / "engine.json").read_text())
@@ -104,6 +105,20 @@ def test_plateau_switches_and_stops(tiny_dir, next_token_evaluator, round_config
     assert result.baked is not None
     assert result.survival["a"]["after_own_round"] == pytest.approx(0.3)
     assert result.survival["b"]["kept"] == pytest.approx(0.5)
+
+
+def test_a_cycles_bake_settings_apply_to_its_own_bakes(tiny_dir, next_token_evaluator,
+                                                       round_config, monkeypatch):
+    used = []
+    real = engine._State.bake
+    monkeypatch.setattr(engine._State, "bake", lambda self, prompt, contexts, config: (
+        used.append(config), real(self, prompt, contexts, config))[1])
+    run_engine(cycles(next_token_evaluator, [0.1, 0.5, 0.4, 0.4], [0.2, 0.6, 0.3, 0.3],
+                      bake={"first_token_weight": 4.0}), model=tiny_dir,
+               config=EngineConfig(max_rounds=3, proposals=0, edits=0, patience=1,
+                                   threshold=0.05),
+               bake_config=round_config(steps=1, **SMALL))
+    assert [c.first_token_weight for c in used] == [4.0, 4.0, None]  # a, a, then b
 
 
 def test_a_fallen_cycle_is_flagged_and_runs_again(tiny_dir, next_token_evaluator, round_config):
@@ -183,6 +198,8 @@ def test_bad_input(tiny_dir, next_token_evaluator, tmp_path):
         Cycle("a b", "x", None, None)
     with pytest.raises(ValueError, match="prompt"):
         Cycle("a", "", None, None)
+    with pytest.raises(ValueError, match="not BakeConfig fields"):
+        Cycle("a", "x", None, None, bake={"first_token_wieght": 8.0})
     with pytest.raises(ValueError, match="on_error"):
         EngineConfig(on_error="ignore").validate()
     with pytest.raises(ValueError, match="threshold"):
