@@ -35,7 +35,7 @@ import harness
 from common import CACHE
 from promptbake import bake, files, load_baked, models, pipeline as pipeline_mod, tools
 from promptbake.config import BakeConfig
-from promptbake.engine import Cycle, run_engine
+from promptbake.engine import HISTORY, Cycle, run_engine
 from promptbake.orchestrate.stacking import LoraStack
 from promptbake.reprompt import item_scores
 from promptbake.stats import paired_difference
@@ -77,7 +77,11 @@ def run(args, log) -> dict:
         out = CACHE / f"{'engine' if name == 'engine' else 'engine-own'}{suffix}"
         made = run_engine(cycles, model=pipeline.model, config=config,
                           bake_config=pipeline.bake, out=out, say=lambda m: log(f"    {m}"))
-        results[name] = made.to_dict()
+        # its work over every call (a rerun reads a finished run back in seconds): the
+        # references (not recorded by runs before 2026-12-04: 0), then each round
+        references = json.loads((out / HISTORY).read_text()).get("references_seconds", 0.0)
+        results[name] = {**made.to_dict(), "references_seconds": references,
+                         "seconds": references + sum(r["seconds"] for r in made.rounds)}
         finals[name] = made.baked
     budget = results["engine"]["seconds"]
     log(f"  sequential baking of the user's prompts for the engine's wall time ({budget:.0f} s)")
@@ -203,7 +207,7 @@ def plateaus(cycles: list[Cycle], engine_rounds: list[dict], sequential_rounds: 
 def phases(run: dict) -> dict:
     """The engine's wall time by phase: references (the base model with and without each
     prompt), then the rounds' scoring, proposing, baking and held-out measuring."""
-    total = {"references": run["seconds"] - sum(r["seconds"] for r in run["rounds"])}
+    total = {"references": run["references_seconds"]}
     for r in run["rounds"]:
         for phase, seconds in r.get("phases", {}).items():
             if phase != "total":

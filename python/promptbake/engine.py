@@ -433,11 +433,13 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
     if saved is None:
         say("engine: measuring the base model on every cycle's held-out split, with and without "
             "its prompt")
+        measuring = time.perf_counter()
         references = {c.name: {"base": state.score(c.held_out, None, framing).to_dict(),
                                "prompted": state.score(c.held_out, c.prompt, framing).to_dict()}
                       for c in cycles}
         saved = {"identity": identity, "references": references, "rounds": [], "done": [],
-                 "active": 0, "stopped": None}
+                 "active": 0, "stopped": None,
+                 "references_seconds": round(time.perf_counter() - measuring, 2)}
         _write(out, saved)
     else:
         say(f"engine: resuming after round {len(saved['rounds'])} from {out}")

@@ -70,6 +70,7 @@ def test_two_cycles_end_to_end(tiny_dir, next_token_evaluator, round_config, tmp
         assert set(result.references[cycle]) == {"base", "prompted"}
     saved = json.loads((out / "engine.json").read_text())
     assert saved["result"]["best_round"] == result.best_round and len(saved["rounds"]) == 2
+    assert saved["references_seconds"] > 0  # the references' time, kept across resumes
     # each round's state loads with plain PEFT, and with load_baked
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
                               out / "rounds" / "round-2")
