@@ -54,28 +54,36 @@ def run(args, log) -> dict:
         config = dataclasses.replace(base, **VARIANTS[name])
         log(f"  {name}")
         drawn = contexts_mod.for_bake(None, "train", config.train_contexts, config.seed)
-        prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in drawn]
-        key = (config.train_contexts, config.samples_per_context)
-        start = time.perf_counter()
-        if key not in cache:
-            cache[key] = sample_trajectories(lm, tokenizer, [p[0] for p in prefixes], config,
-                                             "full", seed=config.seed,
-                                             samples=config.samples_per_context)
-        sample_seconds = time.perf_counter() - start
-        trajectories = cache[key]
-        total = config.total_steps(trajectories)
-        model, train_seconds = train(lm, config, Divergence(trajectories, prefixes, config,
-                                                            tokenizer.pad_token_id), trajectories)
-        after = mc_kl.kl_on(model, framing, held_out, held_traj, {"b": BAKED},
-                            pad_id=tokenizer.pad_token_id)["b"]
-        reduction, se = mc_kl.reduction(before, after)
-        rows.append({"variant": name, "changes": VARIANTS[name], "trajectories": len(trajectories),
-                     "steps": total, "sample_seconds": sample_seconds,
-                     "train_seconds": train_seconds, "kl_after": after.to_dict(),
-                     "reduction": reduction, "reduction_se": se})
+        model, row = variant(lm, tokenizer, framing, drawn, config, cache,
+                             (held_out, held_traj, before))
+        rows.append({"variant": name, "changes": VARIANTS[name], **row})
         del model
     return {"suite": "bake-sweep", "machine": harness.machine(), "prompt": PROMPT,
             "defaults": dataclasses.asdict(base), "before": before.to_dict(), "rows": rows}
+
+
+def variant(lm, tokenizer, framing, drawn: list, config: BakeConfig, cache: dict, measured_on):
+    """One variant of a sweep: trajectories on the ``drawn`` training contexts (sampled once per
+    (contexts, samples) setting and kept in ``cache``), a LoRA trained on them as ``bake``
+    trains, and its held-out KL reduction on ``measured_on`` = (contexts, samples, KL before).
+    Returns (the trained model, its row: trajectories, steps, times, KL after, reduction)."""
+    held_out, held_traj, before = measured_on
+    prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in drawn]
+    key = (config.train_contexts, config.samples_per_context)
+    start = time.perf_counter()
+    if key not in cache:
+        cache[key] = sample_trajectories(lm, tokenizer, [p[0] for p in prefixes], config, "full",
+                                         seed=config.seed, samples=config.samples_per_context)
+    sample_seconds = time.perf_counter() - start
+    trajectories = cache[key]
+    model, train_seconds = train(lm, config, Divergence(trajectories, prefixes, config,
+                                                        tokenizer.pad_token_id), trajectories)
+    after = mc_kl.kl_on(model, framing, held_out, held_traj, {"b": BAKED},
+                        pad_id=tokenizer.pad_token_id)["b"]
+    reduction, se = mc_kl.reduction(before, after)
+    return model, {"trajectories": len(trajectories), "steps": config.total_steps(trajectories),
+                   "sample_seconds": sample_seconds, "train_seconds": train_seconds,
+                   "kl_after": after.to_dict(), "reduction": reduction, "reduction_se": se}
 
 
 def train(lm, config: BakeConfig, objective, trajectories):

@@ -21,12 +21,12 @@ import time
 import torch
 
 import harness
-from bake_sweep import train
+from bake_sweep import variant
 from promptbake import BakeConfig, contexts as contexts_mod, mc_kl, models, tools
 from promptbake.framing import Framing
-from promptbake.modeling import BAKED, BASE
+from promptbake.modeling import BASE
 from promptbake.orchestrate.tools import bake_contexts, tool_specs
-from promptbake.train import Divergence, attach_lora, sample_trajectories
+from promptbake.train import attach_lora, sample_trajectories
 
 BAKED_TOOLS = "shipped:CALC,CONVERT,DAYS_BETWEEN,WEEKDAY"
 VARIANTS = {
@@ -77,27 +77,13 @@ def run(args, log) -> dict:
                                      changes.pop("contexts", 1), **changes)
         log(f"  {name}")
         drawn = contexts_mod.for_bake(mixed, "train", config.train_contexts, config.seed)
-        prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in drawn]
-        key = (config.train_contexts, config.samples_per_context)
-        start = time.perf_counter()
-        if key not in cache:
-            cache[key] = sample_trajectories(lm, tokenizer, [p[0] for p in prefixes], config,
-                                             "full", seed=config.seed,
-                                             samples=config.samples_per_context)
-        sample_seconds = time.perf_counter() - start
-        trajectories = cache[key]
-        model, train_seconds = train(lm, config, Divergence(trajectories, prefixes, config,
-                                                            tokenizer.pad_token_id), trajectories)
-        after = mc_kl.kl_on(model, framing, held_out, held_traj, {"b": BAKED},
-                            pad_id=tokenizer.pad_token_id)["b"]
-        reduction, se = mc_kl.reduction(before, after)
+        model, row = variant(lm, tokenizer, framing, drawn, config, cache,
+                             (held_out, held_traj, before))
         calls = {kind: call_probability(model, framing.student_ids, qs, firsts)
                  for kind, qs in questions.items()}
         rows.append({"variant": name, "changes": VARIANTS[name],
-                     "contexts": config.train_contexts, "trajectories": len(trajectories),
-                     "steps": config.total_steps(trajectories), "sample_seconds": sample_seconds,
-                     "train_seconds": train_seconds, "kl_after": after.to_dict(),
-                     "reduction": reduction, "reduction_se": se, "calls": calls})
+                     "contexts": config.train_contexts, **row, "calls": calls})
+        reduction, se = row["reduction"], row["reduction_se"]
         log(f"    KL reduction {100 * reduction:.1f}% ± {100 * se:.1f}%; tool items P(call) "
             f"{calls['tool']['p']:.3f}, greedy calls {calls['tool']['calls']}/"
             f"{calls['tool']['items']}")
