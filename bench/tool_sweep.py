@@ -13,7 +13,6 @@ The prompted base model (the teacher) gives the reference.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import statistics
 import time
@@ -26,7 +25,7 @@ from promptbake import BakeConfig, contexts as contexts_mod, mc_kl, models, tool
 from promptbake.framing import Framing
 from promptbake.modeling import BASE
 from promptbake.orchestrate.tools import bake_contexts, tool_specs
-from promptbake.train import attach_lora, sample_trajectories
+from promptbake.train import sample_trajectories
 
 BAKED_TOOLS = "shipped:CALC,CONVERT,DAYS_BETWEEN,WEEKDAY"
 VARIANTS = {
@@ -58,8 +57,7 @@ def run(args, log) -> dict:
     held_out = contexts_mod.for_bake(mixed, "held_out", base.eval_contexts)
     held_traj = sample_trajectories(lm, tokenizer, [framing.teacher_ids(c) for c in held_out],
                                     base, "none", seed=base.seed + 1, samples=1)
-    student = attach_off(lm, base)
-    before = mc_kl.kl_on(student, framing, held_out, held_traj, {"b": BASE},
+    before = mc_kl.kl_on(lm, framing, held_out, held_traj, {"b": BASE},
                          pad_id=tokenizer.pad_token_id)["b"]
     items = tools.shipped.test_items(specs)
     scale = 4 if quick else 1
@@ -67,9 +65,8 @@ def run(args, log) -> dict:
                  "no tool": [i["prompt"] for i in items
                              if not i.get("expected")][:PLAIN_ITEMS // scale]}
     firsts = sorted({tokenizer(s.name, add_special_tokens=False).input_ids[0] for s in specs})
-    with BASE.active(student):
-        teacher = {kind: call_probability(student, framing.teacher_ids, qs, firsts)
-                   for kind, qs in questions.items()}
+    teacher = {kind: call_probability(lm, framing.teacher_ids, qs, firsts)
+               for kind, qs in questions.items()}
     rows, cache = [], {}
     for name in (QUICK if quick else VARIANTS):
         changes = dict(VARIANTS[name])
@@ -92,11 +89,6 @@ def run(args, log) -> dict:
             "defaults": dataclasses.asdict(base), "contexts": counts,
             "context_seconds": context_seconds, "before": before.to_dict(), "teacher": teacher,
             "rows": rows}
-
-
-def attach_off(lm, config: BakeConfig):
-    """A LoRA-adapted copy of ``lm``, at the base (B = 0): the base and teacher cells."""
-    return attach_lora(copy.deepcopy(lm), config).eval()
 
 
 def call_probability(model, ids_of, questions: list[str], firsts: list[int]) -> dict:
