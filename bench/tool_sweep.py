@@ -1,9 +1,11 @@
-"""Tool-sweep suite: how the tool bake's first-token weight was chosen.
+"""Tool-sweep suite: how the tool bake's defaults (``orchestrate.tools.TOOL_DEFAULTS``) were
+chosen.
 
 The four computing tools' prompt on the default model, baked as ``bake_tools`` bakes it (the
 same contexts: the shipped questions and the prompted model's own conversations with a result),
-one setting changed at a time: the loss weight of each response's first token (where the model
-decides between calling a tool and answering) and more training contexts with one sample each.
+from a prompt bake's defaults (144 contexts x 2 samples), one setting changed at a time: the loss
+weight of each response's first token (where the model decides between calling a tool and
+answering) and more training contexts with one sample each.
 Every variant trains on the same trajectories where its sampling settings agree and is measured
 on the same held-out samples. Per variant: the held-out KL reduction, and on the first 60
 held-out tool items and 30 no-tool items (``tools.ToolUse``'s, never trained on) the probability
@@ -30,10 +32,10 @@ from promptbake.train import sample_trajectories
 BAKED_TOOLS = "shipped:CALC,CONVERT,DAYS_BETWEEN,WEEKDAY"
 VARIANTS = {
     "first token x1 (a prompt bake's default)": {"first_token_weight": 1.0},
-    "first token x8 (the tool bake's default)": {"first_token_weight": 8.0},
+    "first token x8": {"first_token_weight": 8.0},
     "first token x32": {"first_token_weight": 32.0},
-    "2x contexts, 1 sample each, first token x8": {"first_token_weight": 8.0, "contexts": 2,
-                                                   "samples_per_context": 1},
+    "2x contexts, 1 sample each, first token x8 (the tool bake's defaults)": {
+        "first_token_weight": 8.0, "contexts": 2, "samples_per_context": 1},
 }
 QUICK = list(VARIANTS)[:2]
 TOOL_ITEMS, PLAIN_ITEMS = 60, 30

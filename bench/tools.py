@@ -33,12 +33,12 @@ import torch
 import harness
 from common import cached_bake
 from evaluate import Parts
-from promptbake import BakeConfig, load_baked, reprompt, tools
+from promptbake import load_baked, reprompt, tools
 from promptbake.export import merge
 from promptbake.forgetting import check_suite
 from promptbake.framing import Framing
 from promptbake.modeling import BASE
-from promptbake.orchestrate.tools import bake_tools, tool_specs
+from promptbake.orchestrate.tools import bake_tools, tool_config, tool_specs
 from promptbake.stats import paired_test
 from promptbake.tasks import Score, load_task, shipped
 
@@ -53,8 +53,8 @@ MEASURES = ("end_to_end", "call_accuracy", "over_calling")
 def run(args, log) -> dict:
     torch.set_num_threads(2)
     quick = args.quick
-    config = BakeConfig(train_contexts=16, eval_contexts=8, epochs=1.0) if quick else \
-        BakeConfig()
+    config = tool_config(train_contexts=16, eval_contexts=8, epochs=1.0) if quick else \
+        tool_config()
     # Held-out items scored: the first 96 of the interleaved tool and no-tool items (192 for the
     # prompt's own effect), 30 per task of the suite: a full run in about an hour on 2 cores.
     limit = 24 if quick else 96

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from promptbake import models, pipeline
 from promptbake.cli import main
-from promptbake.orchestrate.tools import TOOL_FIRST_TOKEN_WEIGHT
+from promptbake.orchestrate.tools import TOOL_DEFAULTS, TOOL_FIRST_TOKEN_WEIGHT
 from promptbake.pipeline import PipelineError
 
 MINIMAL = """
@@ -161,10 +161,13 @@ format = "safetensors"
     gates = json.loads((out / "engine" / "engine-report.json").read_text())["gates"]
     assert status == (0 if all(g["passed"] for g in gates) else 1)
     assert "tools: kept model without a prompt" in capsys.readouterr().out
-    # a tool cycle's bakes weigh the first token as a tool bake does, unless [bake] sets it
+    # a tool cycle bakes with a tool bake's defaults, except the fields [bake] sets (this
+    # file sets train_contexts and samples_per_context)
+    assert {"train_contexts", "samples_per_context"} < set(TOOL_DEFAULTS)
     lm, tokenizer, _ = models.load(tiny_dir)
     built = pipeline.build_cycles(pipeline.load(path), lm, tokenizer, lambda _: None)
     assert [c.bake for c in built] == [{"first_token_weight": TOOL_FIRST_TOKEN_WEIGHT}, {}]
-    write(tmp_path, text.replace("steps = 1", "steps = 1\nfirst_token_weight = 2.0"))
+    write(tmp_path, text.replace("steps = 1", "steps = 1\nfirst_token_weight = 2.0")
+          .replace("train_contexts = 3\n", ""))
     built = pipeline.build_cycles(pipeline.load(path), lm, tokenizer, lambda _: None)
-    assert [c.bake for c in built] == [{}, {}]
+    assert [c.bake for c in built] == [{"train_contexts": TOOL_DEFAULTS["train_contexts"]}, {}]

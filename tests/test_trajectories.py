@@ -95,3 +95,34 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_bad_sampling_settings(bad, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**bad).validate()
+
+
+def test_a_long_shared_prompt_is_encoded_once_and_changes_nothing(tiny64, tokenizer,
+                                                                  monkeypatch):
+    from promptbake import decoding
+
+    prompt = tokenizer.encode("You are a careful assistant. " * 12, add_special_tokens=False)
+    prefixes = [prompt + tokenizer.encode(q, add_special_tokens=False)
+                for q in ("What is two plus two?", "Hi", "Why is the sea salty, and how?")]
+    config = SamplingConfig(samples_per_context=2, max_new_tokens=8, batch_size=4)
+    calls = []
+    real = tiny64.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return real(*args, **kwargs)
+
+    def run_once():
+        return sample(tiny64, prefixes, config, stop_token_ids(tokenizer, tiny64),
+                      torch.Generator().manual_seed(3), cache="topk", topk=8,
+                      pad_id=tokenizer.pad_token_id)
+
+    monkeypatch.setattr(tiny64, "forward", counting)
+    shared = run_once()
+    assert calls[0] == (1, len(prompt))  # the shared start, once for every batch
+    assert all(shape[1] < len(prompt) for shape in calls[1:])
+    monkeypatch.setattr(decoding, "SHARED_PREFIX", 10 ** 9)  # every prefix whole
+    whole = run_once()
+    assert shared.responses == whole.responses and any(len(r) > 1 for r in whole.responses)
+    assert torch.equal(shared.topk_ids, whole.topk_ids)
+    torch.testing.assert_close(shared.topk_logprobs, whole.topk_logprobs, rtol=0, atol=1e-9)

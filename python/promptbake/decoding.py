@@ -138,7 +138,7 @@ def greedy(model, prefixes: list[list[int]], *, max_new_tokens: int, stop_ids: s
     """
     order = sorted(range(len(prefixes)), key=lambda i: (-len(prefixes[i]), i))
     results: list[list[int]] = [[] for _ in prefixes]
-    shared = _shared_prefix(model, prefixes)
+    shared = shared_prefix(model, prefixes)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         for i, tokens in zip(rows, _greedy_batch(model, [prefixes[i] for i in rows],
@@ -149,7 +149,7 @@ def greedy(model, prefixes: list[list[int]], *, max_new_tokens: int, stop_ids: s
     return results
 
 
-def _shared_prefix(model, prefixes: list[list[int]]):
+def shared_prefix(model, prefixes: list[list[int]]):
     """(length, KV cache) of the start every prefix shares, or None when it is short. At least
     one token of each prefix is left out of it, so every row has tokens of its own to feed."""
     if len(prefixes) < 2:
@@ -168,24 +168,31 @@ def _shared_prefix(model, prefixes: list[list[int]]):
     return length, out.cache
 
 
-def _greedy_batch(model, prefixes, max_new_tokens, stop_ids, pad_id, stop, shared=None):
-    """``greedy`` on one left-padded batch (after a shared start, when ``shared`` holds one)."""
+def prefill(model, prefixes: list[list[int]], pad_id: int, shared=None):
+    """(model output with its cache, mask, positions) of one left-padded batch of prefixes,
+    the next token's logits at the last column; after ``shared`` (``shared_prefix``), when it
+    holds the start every prefix shares, only each prefix's own tokens go through the model."""
     device = next(model.parameters()).device
     if shared is None:
         ids, mask, positions = left_padded(prefixes, pad_id, device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
-    else:
-        length, common = shared
-        cache = copy.deepcopy(common)
-        cache.batch_repeat_interleave(len(prefixes))
-        ids, own_mask, own_positions = left_padded([p[length:] for p in prefixes], pad_id,
-                                                   device)
-        mask = torch.cat([torch.ones(len(prefixes), length, dtype=own_mask.dtype,
-                                     device=device), own_mask], dim=1)
-        positions = own_positions + length
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True, logits_to_keep=1)
+        return out, mask, positions
+    length, common = shared
+    cache = copy.deepcopy(common)
+    cache.batch_repeat_interleave(len(prefixes))
+    ids, own_mask, own_positions = left_padded([p[length:] for p in prefixes], pad_id, device)
+    mask = torch.cat([torch.ones(len(prefixes), length, dtype=own_mask.dtype, device=device),
+                      own_mask], dim=1)
+    positions = own_positions + length
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    return out, mask, positions
+
+
+def _greedy_batch(model, prefixes, max_new_tokens, stop_ids, pad_id, stop, shared=None):
+    """``greedy`` on one left-padded batch (after a shared start, when ``shared`` holds one)."""
+    out, mask, positions = prefill(model, prefixes, pad_id, shared)
     cache = out.cache
     position = positions[:, -1:]
     alive = list(range(len(prefixes)))  # batch row -> prefix

@@ -49,7 +49,7 @@ from promptbake.config import BakeConfig
 from promptbake.engine import (Cycle, EngineConfig, check_name, outcome_settings,
                                resume_settings, run_engine)
 from promptbake.framing import prompt_messages, read_prompt_file
-from promptbake.orchestrate.tools import TOOL_FIRST_TOKEN_WEIGHT, bake_contexts, tool_specs
+from promptbake.orchestrate.tools import TOOL_DEFAULTS, bake_contexts, tool_specs
 from promptbake.persona import AdherenceEvaluator, Persona
 from promptbake.tasks import load_task
 
@@ -78,6 +78,7 @@ class Pipeline:
     cycles: list[dict]
     report: dict | None
     export: dict | None
+    bake_given: frozenset = frozenset()  # the [bake] keys the file sets
 
     def file(self, value) -> Path:
         """A path of the file, relative to the pipeline file's directory."""
@@ -135,7 +136,8 @@ def load(path: str | Path) -> Pipeline:
                             f"not a text")
     pipeline = Pipeline(path, None if model == "default" else model, Path(), bake, engine, [],
                         _table(path, "report", data.get("report"), REPORT),
-                        _table(path, "export", data.get("export"), EXPORT))
+                        _table(path, "export", data.get("export"), EXPORT),
+                        frozenset(data.get("bake", {})))
     pipeline.out = pipeline.file(data["out"])
     if pipeline.model is not None:
         pipeline.model = str(pipeline.file(pipeline.model))
@@ -302,8 +304,9 @@ def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) 
             dev_eval = dataclasses.replace(task, items=items[:dev])
             held_eval = dataclasses.replace(task, items=items[dev:dev + held])
         dev_eval.name, held_eval.name = f"{name}:dev", f"{name}:held-out"
-        bake = {"first_token_weight": TOOL_FIRST_TOKEN_WEIGHT} if "tools" in spec and \
-            pipeline.bake.first_token_weight is None else {}
+        # a tool cycle bakes with a tool bake's defaults, except where [bake] sets a field
+        bake = {k: v for k, v in TOOL_DEFAULTS.items() if k not in pipeline.bake_given} \
+            if "tools" in spec else {}
         out.append(Cycle(name, prompt, dev_eval, held_eval, contexts=contexts,
                          demonstrations=demonstrations, bake=bake))
     return out

@@ -1,7 +1,8 @@
 """Trajectories y ~ P_theta(. | u, x): sampled from the prompted model, teacher targets recorded.
 
 Each context's prompted prefix is encoded once; its KV cache is copied to the context's samples,
-and contexts are decoded together in batches (left-padded). Eq. 3's teacher at every response
+and contexts are decoded together in batches (left-padded). A long start that every prefix
+shares (the prompt u) is encoded once for all of them. Eq. 3's teacher at every response
 position is the prompted model's next-token distribution at temperature 1, which the sampler
 computes anyway, so it is recorded while sampling: training then needs no teacher forward pass.
 It is kept either in full (fp16 log-probabilities over the vocabulary) or as the top-k
@@ -23,9 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from promptbake import files
-from promptbake.decoding import draw, next_step, preallocate, top_p_filter
+from promptbake.decoding import draw, next_step, prefill, preallocate, shared_prefix, top_p_filter
 from promptbake.distributed import SINGLE, World, idle, more
-from promptbake.modeling import left_padded
 
 CACHE_KINDS = ("full", "topk", "none")
 
@@ -154,19 +154,24 @@ def sample(model, prefixes: list[list[int]], config: SamplingConfig, stop_ids: s
     """Samples ``config.samples_per_context`` responses per prefix from ``model`` (the prompted
     teacher) and records the teacher's targets; ``progress(n)`` is called as sequences finish.
     With a sharded model (``world.sharded``) every rank runs as many forward passes as the
-    busiest one, idling when it has nothing left to sample."""
+    busiest one, idling when it has nothing left to sample. When every prefix starts with the
+    same long run of tokens (a long prompt u before each context), that start is encoded once
+    and its cache serves every batch (``decoding.shared_prefix``; not on a sharded model, whose
+    ranks hold different prefixes)."""
     config.validate()
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown teacher cache {cache!r}: choose one of {', '.join(CACHE_KINDS)}")
     per = config.samples_per_context
     targets = _Targets(cache, len(prefixes) * per, config.max_new_tokens, topk)
     group = max(1, config.batch_size // per)
+    shared = None if world.sharded else shared_prefix(model, prefixes)
     responses: list[list[int]] = []
     start = 0
     while more(start < len(prefixes), world):
         chunk = prefixes[start:start + group]
         responses += _sample_group(model, chunk, config, stop_ids, generator, targets,
-                                   first=len(responses), pad_id=pad_id, world=world)
+                                   first=len(responses), pad_id=pad_id, world=world,
+                                   shared=shared)
         if progress and chunk:
             progress(len(chunk) * per)
         start += group
@@ -220,9 +225,10 @@ class _Targets:
 
 def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
                   targets: _Targets, *, first: int, pad_id: int,
-                  world: World = SINGLE) -> list[list[int]]:
-    """Responses for a batch of prefixes (sequences ``first``, ``first + 1``, ... in order).
-    No prefixes: this rank idles through the other ranks' steps (``world.sharded``)."""
+                  world: World = SINGLE, shared=None) -> list[list[int]]:
+    """Responses for a batch of prefixes (sequences ``first``, ``first + 1``, ... in order),
+    after their ``shared`` start when there is one (see ``sample``). No prefixes: this rank
+    idles through the other ranks' steps (``world.sharded``)."""
     if not prefixes:
         idle(model)
         for _ in range(config.max_new_tokens):
@@ -232,9 +238,7 @@ def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
         return []
     per = config.samples_per_context
     device = next(model.parameters()).device
-    ids, mask, positions = left_padded(prefixes, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    out, mask, positions = prefill(model, prefixes, pad_id, shared)
     # The prefix is encoded once per context; its cache serves every sample of that context.
     kv = preallocate(out.cache, per, config.max_new_tokens)
     logits = out.logits[:, -1].float().repeat_interleave(per, 0)

@@ -17,6 +17,15 @@ def test_tool_specs_by_name():
         tool_bake.tool_specs("shipped:CALC,NOPE")
 
 
+def test_tool_config_has_the_tool_defaults_and_what_is_given():
+    config = tool_bake.tool_config(epochs=2.0)
+    assert (config.train_contexts, config.samples_per_context, config.first_token_weight,
+            config.epochs) == (288, 1, tool_bake.TOOL_FIRST_TOKEN_WEIGHT, 2.0)
+    assert tool_bake.tool_config(train_contexts=50).train_contexts == 50
+    with pytest.raises(ValueError, match="samples_per_context"):
+        tool_bake.tool_config(samples_per_context=0)
+
+
 def test_conversations_with_results_come_from_the_prompted_models_own_calls(monkeypatch,
                                                                             tokenizer, tiny64):
     """Where the prompted model calls, the call runs and the conversation up to the result is a
@@ -60,8 +69,11 @@ def test_a_tool_bake_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch):
     record = manifest["tools"]
     assert [s["name"] for s in record["specs"]] == ["CALC"] and len(record["sha256"]) == 64
     assert record["contexts"]["with_results"] > 0
-    # the call-or-answer token weighs more in a tool bake, unless the user sets it
+    # a tool bake's defaults (the call-or-answer token weighing more, one sample per
+    # question), except what the user sets
     assert manifest["config"]["first_token_weight"] == tool_bake.TOOL_FIRST_TOKEN_WEIGHT
+    assert manifest["config"]["samples_per_context"] == 1
+    assert manifest["config"]["train_contexts"] == 6
     messages = manifest["prompt"]["messages"]
     assert messages[0]["role"] == "system" and "CALC(" in messages[0]["content"]
     assert any(m["role"] == "tool" for m in messages)  # a demonstration with its result

@@ -16,7 +16,7 @@ from promptbake.formatting import pct, pm
 from promptbake.framing import STUDENT_FRAMINGS
 from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve
 from promptbake.modeling import variant
-from promptbake.orchestrate.tools import TOOL_FIRST_TOKEN_WEIGHT, bake_tools, tool_specs
+from promptbake.orchestrate.tools import TOOL_DEFAULTS, bake_tools, tool_config, tool_specs
 
 
 def register(commands) -> None:
@@ -76,15 +76,18 @@ def _add_bake(commands) -> None:
                    help="student input without the prompt: default = no system message (the "
                         "template's default system turn, if any), empty = empty system "
                         "message, none = no system turn at all")
-    g.add_argument("--train-contexts", type=int, default=d.train_contexts,
-                   help="training contexts to sample from")
+    g.add_argument("--train-contexts", type=int, default=None,
+                   help=f"training contexts to sample from (default: {d.train_contexts}; "
+                        f"{TOOL_DEFAULTS['train_contexts']} with --tools)")
     g.add_argument("--eval-contexts", type=int, default=d.eval_contexts,
                    help="held-out contexts for the KL before and after")
     g.add_argument("--probe-contexts", type=int, default=d.probe_contexts,
                    help="off-distribution probes (kinds the shipped contexts lack) for a second "
                         "KL before and after; 0: none")
-    g.add_argument("--samples-per-context", type=int, default=d.samples_per_context,
-                   help="responses sampled per training context")
+    g.add_argument("--samples-per-context", type=int, default=None,
+                   help=f"responses sampled per training context (default: "
+                        f"{d.samples_per_context}; {TOOL_DEFAULTS['samples_per_context']} with "
+                        f"--tools)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                    help="response length sampled from the prompted model")
     g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
@@ -110,8 +113,8 @@ def _add_bake(commands) -> None:
     g.add_argument("--beta", type=float, default=d.beta, help="JSD mixture weight")
     g.add_argument("--first-token-weight", type=float, default=None,
                    help="loss weight of each response's first token, the others weighing 1 "
-                        f"(default: 1; {TOOL_FIRST_TOKEN_WEIGHT:g} with --tools, where the first "
-                        "token decides between calling a tool and answering)")
+                        f"(default: 1; {TOOL_DEFAULTS['first_token_weight']:g} with --tools, "
+                        "where the first token decides between calling a tool and answering)")
     g.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: --epochs over the trajectories)")
     g.add_argument("--epochs", type=float, default=d.epochs,
@@ -149,7 +152,7 @@ def _bake(args) -> int:
     options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if "target_modules" in options:
         options["target_modules"] = split_list(options["target_modules"])
-    config = BakeConfig(**options)
+    config = tool_config(**options) if args.tools else BakeConfig(**options)
     world = World.from_env()  # under torchrun: join the other ranks (gloo on CPU, NCCL on GPU)
     run = dict(model=args.model, contexts=args.contexts, config=config, out=args.out,
                overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
