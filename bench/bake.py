@@ -284,18 +284,14 @@ def report(result) -> str:
         for mode in ("base", "prompted", "baked"):
             lines.append(f"  {mode:>8}: {a[mode][:160]!r}")
     lines.append("")
-    lines.append(harness.table(["target", "measured", "result"],
-                               [[c["target"], c["measured"], harness.verdict(c["pass"])]
-                                for c in result["checks"]]))
+    lines.append(harness.checks_table(result["checks"]))
     return "\n".join(lines)
 
 
 def markdown(result) -> str:
     kl = result["manifest"]["kl"]
     loops = result["loops"]["loops"]
-    rows = ["| target | measured | result |", "|---|---|---|"] + [
-        f"| {c['target']} | {c['measured']} | {harness.verdict(c['pass'])} |"
-        for c in result["checks"]]
+    rows = harness.checks_markdown(result["checks"])
     lines = [f"`{result['command']}` — {result['machine']['cpu']}, "
              f"{result['machine']['torch_threads']} threads, {result['machine']['date'][:10]}",
              "", *rows, "",

@@ -256,9 +256,7 @@ def report(result) -> str:
         f"{runs[name]['seconds']:.0f} s)" for name in RUNS))
     lines.append("engine wall time by phase: " + ", ".join(
         f"{k} {v:.0f} s" for k, v in result["phases"].items()))
-    lines += ["", harness.table(["target", "measured", "result"],
-                                [[c["target"], c["measured"], harness.verdict(c["pass"])]
-                                 for c in result["checks"]])]
+    lines += ["", harness.checks_table(result["checks"])]
     return "\n".join(lines)
 
 
@@ -266,9 +264,7 @@ def markdown(result) -> str:
     mach = result["machine"]
     cycles = list(result["shares"])
     lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
-             f"{mach['date'][:10]}", "", "| target | measured | result |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {c['measured']} | {harness.verdict(c['pass'])} |"
-              for c in result["checks"]]
+             f"{mach['date'][:10]}", "", *harness.checks_markdown(result["checks"])]
     lines += ["", "| model (held-out) | " + " | ".join(cycles) + " |",
               "|---|" + "---:|" * len(cycles)]
     for name, by in result["scores"].items():

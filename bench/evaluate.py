@@ -420,9 +420,7 @@ def report(result) -> str:
     lines.append("  every round, no plateau stop: " + ", ".join(
         f"{r['metric']:.3f} ± {r['score']['se'] or 0:.3f}" for r in curve))
     lines.append("")
-    lines.append(harness.table(["target", "measured", "result"],
-                               [[c["target"], c["measured"], harness.verdict(c["pass"])]
-                                for c in result["checks"]]))
+    lines.append(harness.checks_table(result["checks"]))
     return "\n".join(lines)
 
 
@@ -452,9 +450,7 @@ def _gate_text(gate: dict) -> str:
 def markdown(result) -> str:
     mach = result["machine"]
     lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
-             f"{mach['date'][:10]}", "", "| target | measured | result |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {c['measured']} | {harness.verdict(c['pass'])} |"
-              for c in result["checks"]]
+             f"{mach['date'][:10]}", "", *harness.checks_markdown(result["checks"])]
     for title, key in (("Pirate persona: adherence", "persona"),
                        ("Arithmetic recipe: accuracy", "recipe")):
         c = result[key]["reprompt"]["cells"]

@@ -131,6 +131,18 @@ def verdict(passed: bool | None) -> str:
     return "info" if passed is None else "pass" if passed else "MISS"
 
 
+def checks_table(checks: list[dict]) -> str:
+    """A suite's checks (``target``, ``measured``, ``pass``) as a console table."""
+    return table(["target", "measured", "result"],
+                 [[c["target"], c["measured"], verdict(c["pass"])] for c in checks])
+
+
+def checks_markdown(checks: list[dict]) -> list[str]:
+    """A suite's checks as the lines of a markdown table."""
+    return ["| target | measured | result |", "|---|---|---|"] + [
+        f"| {c['target']} | {c['measured']} | {verdict(c['pass'])} |" for c in checks]
+
+
 def table(headers: list[str], rows: list[list[object]]) -> str:
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]

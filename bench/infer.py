@@ -330,9 +330,7 @@ def report(result) -> str:
              f"KL(prompted || base) {result['base_kl_per_token']:.4f} nats/token; "
              f"time to first token, baked / prompted (torch): "
              f"{result['ttft_ratio_baked_vs_prompted']:.2f}", "",
-             harness.table(["target", "measured", "result"],
-                           [[c["target"], c["measured"], harness.verdict(c["pass"])]
-                            for c in result["checks"]])]
+             harness.checks_table(result["checks"])]
     return "\n".join(lines)
 
 
@@ -345,9 +343,7 @@ def markdown(result) -> str:
     lines += ["", f"Time to first token, baked / prompted (torch eager): "
                   f"{result['ttft_ratio_baked_vs_prompted']:.2f}. Sizes: smaller than the fp32 "
                   f"ONNX export; retention: the share of the bake's held-out KL reduction kept.",
-              "", "| target | measured | result |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {c['measured']} | {harness.verdict(c['pass'])} |"
-              for c in result["checks"]]
+              "", *harness.checks_markdown(result["checks"])]
     return "\n".join(lines)
 
 

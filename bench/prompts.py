@@ -237,9 +237,7 @@ def report(result) -> str:
         lines.append(f"{name} on {g['generation']['contexts']} generated contexts: own "
                      f"{pct(g['own'])}, shipped held-out {pct(g['shipped'])}, off "
                      f"{pct(g['off'])}; generation {g['generate_seconds']:.0f} s")
-    lines += ["", harness.table(["target", "measured", "result"],
-                                [[c["target"], c["measured"], harness.verdict(c["pass"])]
-                                 for c in result["checks"]])]
+    lines += ["", harness.checks_table(result["checks"])]
     return "\n".join(lines)
 
 
@@ -249,9 +247,7 @@ def markdown(result) -> str:
              f"{mach['date'][:10]}; default settings; task suite {result['task_limit']} items "
              f"per task; drift over {result['drift']['turns']} turns x "
              f"{result['drift']['conversations']} conversations (first 3 turns minus the last)",
-             "", "| target | measured | result |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {c['measured']} | {harness.verdict(c['pass'])} |"
-              for c in result["checks"]]
+             "", *harness.checks_markdown(result["checks"])]
     lines += ["", "| " + " | ".join(HEADERS) + " |", "|---" + "|---:" * (len(HEADERS) - 1) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
     lines += ["", "| baked on generated contexts alone | contexts (written, dropped) | own "

@@ -248,9 +248,7 @@ def report(result) -> str:
     lines += ["", f"forgetting ({result['suite_limit']} items per task): gate "
               f"{'pass' if gate['passed'] else 'FAIL'}; damaged beyond the prompt: "
               f"{', '.join(result['forgetting_vs_prompted']['damaged']) or 'none'}", ""]
-    lines.append(harness.table(["target", "measured", "result"],
-                               [[c["target"], c["measured"], harness.verdict(c["pass"])]
-                                for c in result["checks"]]))
+    lines.append(harness.checks_table(result["checks"]))
     return "\n".join(lines)
 
 
@@ -258,9 +256,7 @@ def markdown(result) -> str:
     mach = result["machine"]
     lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
              f"{mach['date'][:10]}; baked: {result['tools']}", "",
-             "| target | measured | result |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {c['measured']} | {harness.verdict(c['pass'])} |"
-              for c in result["checks"]]
+             *harness.checks_markdown(result["checks"])]
     lines += ["", "| the prompt on the base model | items | end to end | call accuracy | "
                   "over-calling |", "|---|---:|---:|---:|---:|"]
     for name, e in result["prompt_effect"].items():
