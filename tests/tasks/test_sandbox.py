@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import sys
 import tempfile
 
 import pytest
@@ -64,6 +65,17 @@ def test_pass_and_fail():
     assert failed.status == "failed" and "AssertionError" in failed.output
     broken = sandbox.run_python("def double(x:\n", "assert double(2) == 4\n")
     assert broken.status == "failed" and "SyntaxError" in broken.output
+
+
+@pytest.mark.parametrize("layer", ALL)
+def test_python_named_by_a_path_through_dotdot(layer, tmp_path, monkeypatch):
+    """``python bench/`` run from bench/ as ../.venv/bin/python: the directory before ".." is
+    not in the jail, so the path must be normalised before it goes in."""
+    python = os.path.abspath(sys.executable)
+    through = str(tmp_path) + "/.." * (len(tmp_path.parts) - 1) + python
+    assert os.path.samefile(through, python) and ".." in through
+    monkeypatch.setattr(sys, "executable", through)
+    assert run(layer, "def double(x):\n    return 2 * x\n", "assert double(2) == 4\n").passed
 
 
 @pytest.mark.parametrize("layer", ALL)

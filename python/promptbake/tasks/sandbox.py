@@ -455,7 +455,10 @@ def _run(code: str, tests: str, *, timeout: float, memory: int, jail: bool,
         (home / "answer.py").write_text(code, encoding="utf-8")
         (home / "tests.py").write_text(tests, encoding="utf-8")
         (home / "runner.py").write_text(_RUNNER, encoding="utf-8")
-        runner = [sys.executable, "-I", "-B", "runner.py", str(int(timeout) + 1), str(memory),
+        # Its path without "..": inside the jail the directories on the way to ".." are gone
+        # (python bench/ run from bench/ as ../.venv/bin/python).
+        python = os.path.abspath(sys.executable)
+        runner = [python, "-I", "-B", "runner.py", str(int(timeout) + 1), str(memory),
                   str(FILE_BYTES), "hook" if hook else "no-hook"]
         env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(home),
                "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
@@ -470,7 +473,7 @@ def _run(code: str, tests: str, *, timeout: float, memory: int, jail: bool,
                       "processes": PROCESSES, "home": str(home), "size": DIRECTORY_BYTES,
                       "root": str(workdir / "root"),
                       "python": _python_paths(), "runner": runner}
-            command += [sys.executable, "-I", "-B", "-S", str(workdir / "jail.py"),
+            command += [python, "-I", "-B", "-S", str(workdir / "jail.py"),
                         json.dumps(config)]
         else:
             command = runner
