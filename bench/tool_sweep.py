@@ -5,7 +5,7 @@ The four computing tools' prompt on the default model, baked as ``bake_tools`` b
 same contexts: the shipped questions and the prompted model's own conversations with a result),
 from a prompt bake's defaults (144 contexts x 2 samples), one setting changed at a time: the loss
 weight of each response's first token (where the model decides between calling a tool and
-answering) and more training contexts with one sample each.
+answering), more training contexts with one sample each, and more epochs.
 Every variant trains on the same trajectories where its sampling settings agree and is measured
 on the same held-out samples. Per variant: the held-out KL reduction, and on the first 60
 held-out tool items and 30 no-tool items (``tools.ToolUse``'s, never trained on) the probability
@@ -34,8 +34,10 @@ VARIANTS = {
     "first token x1 (a prompt bake's default)": {"first_token_weight": 1.0},
     "first token x8": {"first_token_weight": 8.0},
     "first token x32": {"first_token_weight": 32.0},
-    "2x contexts, 1 sample each, first token x8 (the tool bake's defaults)": {
+    "2x contexts, 1 sample each, first token x8": {
         "first_token_weight": 8.0, "contexts": 2, "samples_per_context": 1},
+    "the same, 8 epochs (the tool bake's defaults)": {
+        "first_token_weight": 8.0, "contexts": 2, "samples_per_context": 1, "epochs": 8.0},
 }
 QUICK = list(VARIANTS)[:2]
 TOOL_ITEMS, PLAIN_ITEMS = 60, 30

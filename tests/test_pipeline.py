@@ -166,8 +166,10 @@ format = "safetensors"
     assert {"train_contexts", "samples_per_context"} < set(TOOL_DEFAULTS)
     lm, tokenizer, _ = models.load(tiny_dir)
     built = pipeline.build_cycles(pipeline.load(path), lm, tokenizer, lambda _: None)
-    assert [c.bake for c in built] == [{"first_token_weight": TOOL_FIRST_TOKEN_WEIGHT}, {}]
+    assert [c.bake for c in built] == [{"first_token_weight": TOOL_FIRST_TOKEN_WEIGHT,
+                                        "epochs": TOOL_DEFAULTS["epochs"]}, {}]
     write(tmp_path, text.replace("steps = 1", "steps = 1\nfirst_token_weight = 2.0")
           .replace("train_contexts = 3\n", ""))
     built = pipeline.build_cycles(pipeline.load(path), lm, tokenizer, lambda _: None)
-    assert [c.bake for c in built] == [{"train_contexts": TOOL_DEFAULTS["train_contexts"]}, {}]
+    assert [c.bake for c in built] == [{"train_contexts": TOOL_DEFAULTS["train_contexts"],
+                                        "epochs": TOOL_DEFAULTS["epochs"]}, {}]

@@ -22,6 +22,7 @@ def test_tool_config_has_the_tool_defaults_and_what_is_given():
     assert (config.train_contexts, config.samples_per_context, config.first_token_weight,
             config.epochs) == (288, 1, tool_bake.TOOL_FIRST_TOKEN_WEIGHT, 2.0)
     assert tool_bake.tool_config(train_contexts=50).train_contexts == 50
+    assert tool_bake.tool_config().epochs == tool_bake.TOOL_DEFAULTS["epochs"] == 8.0
     with pytest.raises(ValueError, match="samples_per_context"):
         tool_bake.tool_config(samples_per_context=0)
 
@@ -73,6 +74,7 @@ def test_a_tool_bake_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch):
     # question), except what the user sets
     assert manifest["config"]["first_token_weight"] == tool_bake.TOOL_FIRST_TOKEN_WEIGHT
     assert manifest["config"]["samples_per_context"] == 1
+    assert manifest["config"]["epochs"] == tool_bake.TOOL_DEFAULTS["epochs"]
     assert manifest["config"]["train_contexts"] == 6
     messages = manifest["prompt"]["messages"]
     assert messages[0]["role"] == "system" and "CALC(" in messages[0]["content"]

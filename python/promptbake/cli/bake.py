@@ -117,8 +117,9 @@ def _add_bake(commands) -> None:
                         "where the first token decides between calling a tool and answering)")
     g.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: --epochs over the trajectories)")
-    g.add_argument("--epochs", type=float, default=d.epochs,
-                   help="passes over the training contexts (when --steps is not given)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help=f"passes over the training contexts when --steps is not given "
+                        f"(default: {d.epochs:g}; {TOOL_DEFAULTS['epochs']:g} with --tools)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="trajectories per micro-batch, rounded to whole contexts (a context's "
                         "samples share one forward pass of its prompt)")
