@@ -472,7 +472,7 @@ def _run(code: str, tests: str, *, timeout: float, memory: int, jail: bool,
             config = {"user": str(NOBODY) if os.geteuid() == 0 else "capabilities",
                       "processes": PROCESSES, "home": str(home), "size": DIRECTORY_BYTES,
                       "root": str(workdir / "root"),
-                      "python": _python_paths(), "runner": runner}
+                      "python": _python_paths(python), "runner": runner}
             command += [python, "-I", "-B", "-S", str(workdir / "jail.py"),
                         json.dumps(config)]
         else:
@@ -497,10 +497,10 @@ def _run(code: str, tests: str, *, timeout: float, memory: int, jail: bool,
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _python_paths() -> list[str]:
+def _python_paths(executable: str) -> list[str]:
     """The directories the answer's Python needs besides the system's: its prefixes (a venv's
-    and the installation's) and its executable's, before and after symlinks."""
-    executable = os.path.abspath(sys.executable)
+    and the installation's) and its ``executable``'s (a normalised path), before and after
+    symlinks."""
     return list(dict.fromkeys([sys.prefix, sys.exec_prefix, sys.base_prefix,
                                sys.base_exec_prefix, os.path.dirname(executable),
                                os.path.dirname(os.path.realpath(executable))]))
