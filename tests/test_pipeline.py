@@ -148,6 +148,13 @@ format = "safetensors"
     capsys.readouterr()
     # unchanged: every stage is skipped; a changed export setting reruns the export alone
     assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["skip"] * 3
+    # a release with other tool-bake defaults starts the engine afresh (its rounds were baked
+    # with the old ones), unless [bake] sets that field (this file sets train_contexts)
+    with monkeypatch.context() as patch:
+        patch.setitem(TOOL_DEFAULTS, "train_contexts", TOOL_DEFAULTS["train_contexts"] + 1)
+        assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["skip"] * 3
+        patch.setitem(TOOL_DEFAULTS, "epochs", TOOL_DEFAULTS["epochs"] * 2)
+        assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["run"] * 3
     write(tmp_path, text.replace('format = "safetensors"',
                                  'format = "safetensors"\nstrength = 0.5'))
     assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["skip", "skip", "run"]

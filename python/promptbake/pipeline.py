@@ -88,6 +88,13 @@ class Pipeline:
     def stages(self) -> list[str]:
         return ["engine"] + [s for s in ("report", "export") if getattr(self, s) is not None]
 
+    def cycle_bake(self, cycle: dict) -> dict:
+        """What a cycle's bakes change from ``[bake]``: a tool cycle bakes with a tool bake's
+        defaults (``TOOL_DEFAULTS``), except where ``[bake]`` sets a field. Part of the engine
+        stage's hash, so a new release's tool defaults start the stage afresh."""
+        return {k: v for k, v in TOOL_DEFAULTS.items() if k not in self.bake_given} \
+            if "tools" in cycle else {}
+
     def keys(self) -> dict[str, str]:
         """Each stage's hash: its settings, the contents of the files it reads, and the hash of
         the stage before it."""
@@ -98,8 +105,9 @@ class Pipeline:
                     read[f"{cycle['name']}.{key}"] = _sha(self.file(cycle[key]).read_bytes())
         engine = _sha(files.to_json({  # without max_rounds: more rounds continue a run (plan)
             "model": self.model, "bake": outcome_settings(self.bake),
-            "engine": resume_settings(self.engine),
-            "cycles": self.cycles, "files": read}, sort_keys=True).encode())
+            "engine": resume_settings(self.engine), "cycles": self.cycles, "files": read,
+            "cycle_bake": {c["name"]: self.cycle_bake(c) for c in self.cycles}},
+            sort_keys=True).encode())
         out = {"engine": engine}
         for stage in ("report", "export"):
             settings = getattr(self, stage)
@@ -304,11 +312,8 @@ def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) 
             dev_eval = dataclasses.replace(task, items=items[:dev])
             held_eval = dataclasses.replace(task, items=items[dev:dev + held])
         dev_eval.name, held_eval.name = f"{name}:dev", f"{name}:held-out"
-        # a tool cycle bakes with a tool bake's defaults, except where [bake] sets a field
-        bake = {k: v for k, v in TOOL_DEFAULTS.items() if k not in pipeline.bake_given} \
-            if "tools" in spec else {}
         out.append(Cycle(name, prompt, dev_eval, held_eval, contexts=contexts,
-                         demonstrations=demonstrations, bake=bake))
+                         demonstrations=demonstrations, bake=pipeline.cycle_bake(spec)))
     return out
 
 
