@@ -53,9 +53,8 @@ SUITES = {
     "tool-sweep": "how the tool bake's first-token weight was chosen: the four computing "
                   "tools baked with one setting changed at a time, held-out KL reduction and "
                   "the first answer token's call probability on held-out tool items",
-    "prompt-sweep": "changes to the defaults measured on several prompts: sampling temperature, "
-                    "more samples on short contexts, an L2 term in the objective; held-out and "
-                    "off-distribution KL reduction",
+    "prompt-sweep": "changes to the defaults measured on several prompts: twice the training (8 "
+                    "epochs, or 288 contexts); held-out and off-distribution KL reduction",
 }
 ON_DEMAND = ("engine", "bake-sweep", "prompt-sweep", "tool-sweep")  # long: run with --only
 
@@ -66,8 +65,8 @@ def main(argv=None) -> int:
             f"{name}: {text}" for name, text in SUITES.items()))
     parser.add_argument("--only", metavar="NAME", action="append", choices=sorted(SUITES),
                         help="run only this suite (repeatable); default: all but the sweeps, "
-                             "bake-sweep (~2 h on 2 cores), prompt-sweep (~2 h) and tool-sweep "
-                             "(~1 h), and engine (hours)")
+                             "bake-sweep (~2 h on 2 cores), prompt-sweep (~1 h) and tool-sweep "
+                             "(~1.25 h), and engine (hours)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and repeats: a smoke run in about a minute or two")
     parser.add_argument("--repeats", type=int, metavar="R",
@@ -77,11 +76,18 @@ def main(argv=None) -> int:
                         help="evaluate only: measure just this part (persona, recipe or pursuit; "
                              "repeatable) and save it for the next whole run, which reuses it; "
                              "two processes with one section each finish sooner on 2 cores")
+    parser.add_argument("--variant", metavar="NAME", action="append",
+                        help="prompt-sweep only: measure just this variant (repeatable; the names "
+                             "of bench/prompt_sweep.py's VARIANTS, e.g. 'defaults'); default: "
+                             "its SWEEP")
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="directory for the JSON and PNG results (default: bench/results)")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.variant and args.only != ["prompt-sweep"]:
+        parser.error("--variant applies to the prompt-sweep suite: use it with --only "
+                     "prompt-sweep")
     if args.section and args.only != ["evaluate"]:
         parser.error("--section applies to the evaluate suite: use it with --only evaluate")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)

@@ -5,10 +5,12 @@ off-distribution KL reduction of each prompt of a panel (``prompts.PANEL``, the 
 ``PROMPTS``), with the change and without it, on the same held-out and probe samples. The
 changes are those the prompts benchmark suggested when a prompt missed its target: sampling the
 trajectories at another temperature, more samples on the short task-like contexts (whose
-responses are short, so they hold few of a bake's tokens), and a regularisation term added to
+responses are short, so they hold few of a bake's tokens), a regularisation term added to
 Eq. 3 through the training objective (an L2 pull on the LoRA update, ``sum ||B A||^2``, so the
-update stays small where the data do not ask for it). Run on demand
-(``python bench/ --only prompt-sweep``): an hour or more on a 2-core CPU.
+update stays small where the data do not ask for it) — those three measured and dropped — and
+twice the training, spent two ways: the same contexts for 8 epochs, or 288 contexts for 4
+(``SWEEP`` names the variants a run measures). Run on demand
+(``python bench/ --only prompt-sweep``): about an hour on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -26,13 +28,20 @@ from promptbake.framing import Framing
 from promptbake.modeling import BAKED, BASE
 from promptbake.train import Divergence, sample_trajectories
 
-PROMPTS = ["cat (persona)", "JSON (output format)"]  # the two furthest below target
+PROMPTS = ["cat (persona)", "terse (style)"]  # a persona, and the style furthest below target
 VARIANTS = {
     "defaults": {},
     "L2 on the LoRA update, 1/4 of Eq. 3 at the end": {"l2": 0.25},  # the defaults' samples
     "temperature 0.7": {"config": {"temperature": 0.7}},
     "4 samples on short contexts (same steps)": {"short_samples": 4},
+    # Twice the training, two ways: the same contexts twice as often, or twice the contexts.
+    "8 epochs (twice the steps)": {"config": {"epochs": 8.0}},
+    "288 contexts (twice the steps)": {"config": {"train_contexts": 288}},
+    "288 contexts, 8 epochs (4x the steps)": {"config": {"train_contexts": 288, "epochs": 8.0}},
 }
+# The variants this run measures (the first three were measured on 2026-12-03 on the cat and
+# JSON prompts and dropped: the README keeps their table).
+SWEEP = ["defaults", "8 epochs (twice the steps)", "288 contexts (twice the steps)"]
 QUICK = {"prompts": ["cat (persona)"], "variants": ["defaults", "temperature 0.7"]}
 
 
@@ -62,7 +71,15 @@ def run(args, log) -> dict:
     base = BakeConfig()
     pad = tokenizer.pad_token_id
     names = QUICK["prompts"] if args.quick else PROMPTS
-    variants = QUICK["variants"] if args.quick else list(VARIANTS)
+    variants = args.variant or (QUICK["variants"] if args.quick else SWEEP)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"prompt-sweep: no variant {unknown[0]!r}; choose from "
+                         + ", ".join(repr(v) for v in VARIANTS))
+    if variants[0] != "defaults" and any({"l2", "short_samples"} & VARIANTS[v].keys()
+                                         for v in variants):
+        raise SystemExit("prompt-sweep: the L2 and short-sample variants are sized from the "
+                         "defaults' bake: put --variant defaults first")
     if args.quick:
         base = dataclasses.replace(base, train_contexts=16, eval_contexts=8, probe_contexts=8,
                                    epochs=1.0)
@@ -79,11 +96,11 @@ def run(args, log) -> dict:
                                           base, "none", seed=seed, samples=1)
             before = mc_kl.kl_on(lm, framing, contexts, samples, {"base": BASE}, pad_id=pad)
             measured[what] = (contexts, samples, before["base"])
-        drawn = contexts_mod.for_bake(None, "train", base.train_contexts, base.seed)
         rows, default_steps, scale, sampled = [], None, None, {}
         for variant in variants:
             change = VARIANTS[variant]
             config = dataclasses.replace(base, **change.get("config", {}))
+            drawn = contexts_mod.for_bake(None, "train", config.train_contexts, base.seed)
             if "short_samples" in change:  # a short context twice: its own draws, 2 x 2 samples
                 config = dataclasses.replace(config, steps=default_steps)
                 extra = change["short_samples"] // base.samples_per_context - 1
@@ -149,12 +166,13 @@ def markdown(result) -> str:
     lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
              f"{mach['date'][:10]}; the same held-out and probe samples for every variant of a "
              f"prompt", "",
-             "| prompt | variant | trajectories | steps | held-out KL reduction | "
-             "off-distribution |", "|---|---|---:|---:|---:|---:|"]
+             "| prompt | variant | trajectories | steps | training s | held-out KL reduction | "
+             "off-distribution |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, found in result["panel"].items():
         for r in found:
             lines.append(f"| {name} | {r['variant']} | {r['trajectories']} | {r['steps']} | "
-                         f"{pct(r['held-out'])} | {pct(r['off-distribution'])} |")
+                         f"{r['train_seconds']:.0f} | {pct(r['held-out'])} | "
+                         f"{pct(r['off-distribution'])} |")
     return "\n".join(lines)
 
 
