@@ -66,10 +66,6 @@ class WithL2:
 
 
 def run(args, log) -> dict:
-    torch.set_num_threads(2)
-    lm, tokenizer, _ = models.load(None)
-    base = BakeConfig()
-    pad = tokenizer.pad_token_id
     names = QUICK["prompts"] if args.quick else PROMPTS
     variants = args.variant or (QUICK["variants"] if args.quick else SWEEP)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -80,6 +76,10 @@ def run(args, log) -> dict:
                                          for v in variants):
         raise SystemExit("prompt-sweep: the L2 and short-sample variants are sized from the "
                          "defaults' bake: put --variant defaults first")
+    torch.set_num_threads(2)
+    lm, tokenizer, _ = models.load(None)
+    base = BakeConfig()
+    pad = tokenizer.pad_token_id
     if args.quick:
         base = dataclasses.replace(base, train_contexts=16, eval_contexts=8, probe_contexts=8,
                                    epochs=1.0)
