@@ -1,7 +1,9 @@
 """Persona drift: the multi-turn loop, cache reuse, self-play, drift arithmetic, the modes."""
 
 import json
+import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -196,7 +198,7 @@ def test_plot_drift_writes_a_png(tmp_path):
         drift_mod.plot_drift({}, tmp_path / "empty.png")
 
 
-def test_drift_modes_of_a_baked_model(tiny_dir, tokenizer, pirate, stub_scorer):
+def test_drift_modes_of_a_baked_model(tiny_dir, tokenizer, pirate, stub_scorer, caplog):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -208,9 +210,13 @@ def test_drift_modes_of_a_baked_model(tiny_dir, tokenizer, pirate, stub_scorer):
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
                                             init_lora_weights=False)).eval()
     baked = Baked(model, tokenizer, Framing(tokenizer, pirate.prompt, "empty"), manifest={})
-    results = drift_mod.drift_modes(baked, turns=2, conversations=2, max_new_tokens=4,
-                                    temperature=0.0, semantic=stub_scorer)
+    with caplog.at_level(logging.INFO, logger="promptbake"):
+        results = drift_mod.drift_modes(baked, turns=2, conversations=2, max_new_tokens=4,
+                                        temperature=0.0, semantic=stub_scorer)
     assert list(results) == ["prompted", "baked", "base"]
+    said = [r.getMessage() for r in caplog.records if "drift of the" in r.getMessage()]
+    assert len(said) == 3 and all(re.fullmatch(r"promptbake: drift of the \w+ model: -?\d+\.\d{3} "
+                                               r"± \d+\.\d{3}", line) for line in said), said
     assert results["prompted"].system == pirate.prompt and results["baked"].system is None
     assert all(r.settings["framing"] == "empty" for r in results.values())
     users = [[t["user"] for t in c] for c in results["base"].transcripts]

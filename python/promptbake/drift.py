@@ -398,8 +398,9 @@ def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MO
         with variant.active(baked.model):
             results[mode] = drift(baked.model, baked.tokenizer, persona, system=system, **options)
         summary = results[mode].drift(k=min(3, results[mode].turns))
-        log.info("promptbake: drift of the %s model: %.3f ± %s", mode, summary["drift"],
-                 summary["drift_se"])
+        se = summary["drift_se"]  # None from one conversation
+        log.info("promptbake: drift of the %s model: %.3f%s", mode, summary["drift"],
+                 "" if se is None else f" ± {se:.3f}")
     return results
 
 
