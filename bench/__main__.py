@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,9 @@ SUITES = {
                   "tools baked with one setting changed at a time, held-out KL reduction and "
                   "the first answer token's call probability on held-out tool items",
     "prompt-sweep": "changes to the defaults measured on several prompts: twice the training (8 "
-                    "epochs, or 288 contexts); held-out and off-distribution KL reduction",
+                    "epochs, or 288 contexts), or the default budget in twice the steps or at "
+                    "another learning rate (--variant); held-out and off-distribution KL "
+                    "reduction",
 }
 ON_DEMAND = ("engine", "bake-sweep", "prompt-sweep", "tool-sweep")  # long: run with --only
 
@@ -80,14 +83,19 @@ def main(argv=None) -> int:
                         help="prompt-sweep only: measure just this variant (repeatable; the names "
                              "of bench/prompt_sweep.py's VARIANTS, e.g. 'defaults'); default: "
                              "its SWEEP")
+    parser.add_argument("--prompt", metavar="NAME", action="append",
+                        help="prompt-sweep only: measure on just this prompt of the panel "
+                             "(repeatable; the names of bench/prompts.py's PANEL, e.g. "
+                             "'SQL (narrow domain)'); default: prompt_sweep.PROMPTS")
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="directory for the JSON and PNG results (default: bench/results)")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if args.variant and args.only != ["prompt-sweep"]:
-        parser.error("--variant applies to the prompt-sweep suite: use it with --only "
-                     "prompt-sweep")
+    for given, flag in ((args.variant, "--variant"), (args.prompt, "--prompt")):
+        if given and args.only != ["prompt-sweep"]:
+            parser.error(f"{flag} applies to the prompt-sweep suite: use it with --only "
+                         "prompt-sweep")
     if args.section and args.only != ["evaluate"]:
         parser.error("--section applies to the evaluate suite: use it with --only evaluate")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -104,7 +112,8 @@ def main(argv=None) -> int:
             continue
         result["quick"] = args.quick
         result["wall_seconds"] = time.perf_counter() - start
-        result["command"] = "python bench/ " + " ".join(sys.argv[1:] if argv is None else argv)
+        # quoted as a shell needs it, so the command a table prints can be pasted back
+        result["command"] = "python bench/ " + shlex.join(sys.argv[1:] if argv is None else argv)
         json_path = args.out / f"{name}.json"
         harness.write_json(json_path, result)
         png = args.out / f"{name}.png"

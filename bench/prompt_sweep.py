@@ -8,9 +8,10 @@ trajectories at another temperature, more samples on the short task-like context
 responses are short, so they hold few of a bake's tokens), a regularisation term added to
 Eq. 3 through the training objective (an L2 pull on the LoRA update, ``sum ||B A||^2``, so the
 update stays small where the data do not ask for it) — those three measured and dropped — and
-twice the training, spent two ways: the same contexts for 8 epochs, or 288 contexts for 4
-(``SWEEP`` names the variants a run measures). Run on demand
-(``python bench/ --only prompt-sweep``): about an hour on a 2-core CPU.
+twice the training, spent two ways: the same contexts for 8 epochs, or 288 contexts for 4; and
+the default budget spent otherwise: twice the steps of half the batch, or the learning rate
+doubled or halved (``SWEEP`` names the variants a run measures; ``--variant`` picks others).
+Run on demand (``python bench/ --only prompt-sweep``): about an hour on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ VARIANTS = {
     "8 epochs (twice the steps)": {"config": {"epochs": 8.0}},
     "288 contexts (twice the steps)": {"config": {"train_contexts": 288}},
     "288 contexts, 8 epochs (4x the steps)": {"config": {"train_contexts": 288, "epochs": 8.0}},
+    # The default budget spent otherwise: twice the optimizer steps of half the size (the same
+    # sequences and compute), or the learning rate doubled or halved.
+    "batch 4 (twice the steps, same compute)": {"config": {"batch_size": 4}},
+    "lr 6e-3 (twice the default)": {"config": {"lr": 6e-3}},
+    "lr 1.5e-3 (half the default)": {"config": {"lr": 1.5e-3}},
 }
 # The variants this run measures (the first three were measured on 2026-12-03 on the cat and
 # JSON prompts and dropped: the README keeps their table).
@@ -66,8 +72,12 @@ class WithL2:
 
 
 def run(args, log) -> dict:
-    names = QUICK["prompts"] if args.quick else PROMPTS
+    names = args.prompt or (QUICK["prompts"] if args.quick else PROMPTS)
     variants = args.variant or (QUICK["variants"] if args.quick else SWEEP)
+    unknown = [n for n in names if n not in PANEL]
+    if unknown:
+        raise SystemExit(f"prompt-sweep: no prompt {unknown[0]!r} in the panel; choose from "
+                         + ", ".join(repr(n) for n in PANEL))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"prompt-sweep: no variant {unknown[0]!r}; choose from "
@@ -99,7 +109,7 @@ def run(args, log) -> dict:
         rows, default_steps, scale, sampled = [], None, None, {}
         for variant in variants:
             change = VARIANTS[variant]
-            config = dataclasses.replace(base, **change.get("config", {}))
+            config = variant_config(base, change, args.quick)
             drawn = contexts_mod.for_bake(None, "train", config.train_contexts, base.seed)
             if "short_samples" in change:  # a short context twice: its own draws, 2 x 2 samples
                 config = dataclasses.replace(config, steps=default_steps)
@@ -148,6 +158,20 @@ def run(args, log) -> dict:
     return {"suite": "prompt-sweep", "machine": harness.machine(),
             "defaults": dataclasses.asdict(base), "variants": {v: VARIANTS[v] for v in variants},
             "panel": panel}
+
+
+def variant_config(base: BakeConfig, change: dict, quick: bool) -> BakeConfig:
+    """``base`` with the variant's settings. Under ``--quick`` a change of the training budget
+    (contexts, epochs) scales the quick budget by the factor it scales the defaults' by, so a
+    quick run of "288 contexts" trains on twice the quick 16, not on 288."""
+    values = dict(change.get("config", {}))
+    if quick:
+        defaults = BakeConfig()
+        for field in ("train_contexts", "epochs"):
+            if field in values:
+                factor = values[field] / getattr(defaults, field)
+                values[field] = type(values[field])(getattr(base, field) * factor)
+    return dataclasses.replace(base, **values)
 
 
 def report(result) -> str:
