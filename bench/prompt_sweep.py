@@ -10,7 +10,8 @@ Eq. 3 through the training objective (an L2 pull on the LoRA update, ``sum ||B A
 update stays small where the data do not ask for it) — those three measured and dropped — and
 twice the training, spent two ways: the same contexts for 8 epochs, or 288 contexts for 4; and
 the default budget spent otherwise: twice the steps of half the batch, or the learning rate
-doubled or halved (``SWEEP`` names the variants a run measures; ``--variant`` picks others).
+doubled or halved (``SWEEP`` names the variants a run measures, ``PROMPTS`` the
+prompts; ``--variant`` and ``--prompt`` pick others).
 Run on demand (``python bench/ --only prompt-sweep``): about an hour on a 2-core CPU.
 """
 
