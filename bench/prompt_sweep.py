@@ -75,14 +75,8 @@ class WithL2:
 def run(args, log) -> dict:
     names = args.prompt or (QUICK["prompts"] if args.quick else PROMPTS)
     variants = args.variant or (QUICK["variants"] if args.quick else SWEEP)
-    unknown = [n for n in names if n not in PANEL]
-    if unknown:
-        raise SystemExit(f"prompt-sweep: no prompt {unknown[0]!r} in the panel; choose from "
-                         + ", ".join(repr(n) for n in PANEL))
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"prompt-sweep: no variant {unknown[0]!r}; choose from "
-                         + ", ".join(repr(v) for v in VARIANTS))
+    _refuse_unknown(names, PANEL, "prompt {!r} in the panel")
+    _refuse_unknown(variants, VARIANTS, "variant {!r}")
     if variants[0] != "defaults" and any({"l2", "short_samples"} & VARIANTS[v].keys()
                                          for v in variants):
         raise SystemExit("prompt-sweep: the L2 and short-sample variants are sized from the "
@@ -159,6 +153,14 @@ def run(args, log) -> dict:
     return {"suite": "prompt-sweep", "machine": harness.machine(),
             "defaults": dataclasses.asdict(base), "variants": {v: VARIANTS[v] for v in variants},
             "panel": panel}
+
+
+def _refuse_unknown(given: list[str], known: dict, what: str) -> None:
+    """Stop, before the model loads, at the first of ``given`` not in ``known``, listing them."""
+    for name in given:
+        if name not in known:
+            raise SystemExit(f"prompt-sweep: no {what.format(name)}; choose from "
+                             + ", ".join(repr(k) for k in known))
 
 
 def variant_config(base: BakeConfig, change: dict, quick: bool) -> BakeConfig:
