@@ -7,6 +7,19 @@ from promptbake import decoding
 from promptbake.decoding import greedy, stop_token_ids
 
 
+def _counted(model, monkeypatch) -> list:
+    """The input shapes of every forward pass of ``model`` from now on."""
+    calls = []
+    real = model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    return calls
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_a_shared_prompt_is_encoded_once_and_changes_nothing(tiny64, tokenizer, monkeypatch,
                                                              batch_size):
@@ -16,17 +29,23 @@ def test_a_shared_prompt_is_encoded_once_and_changes_nothing(tiny64, tokenizer, 
     prefixes = [prompt + tokenizer.encode(q, add_special_tokens=False) for q in questions]
     options = dict(max_new_tokens=12, stop_ids=stop_token_ids(tokenizer, tiny64), pad_id=0,
                    batch_size=batch_size)
-    calls = []
-    real = tiny64.forward
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tiny64, "forward", counting)
+    calls = _counted(tiny64, monkeypatch)
     shared = greedy(tiny64, prefixes, **options)
     assert calls[0] == (1, len(prompt))  # the shared start, once
     assert all(shape[1] < len(prompt) for shape in calls[1:])  # never again
     monkeypatch.setattr(decoding, "SHARED_PREFIX", 10 ** 9)  # every prefix whole
     assert greedy(tiny64, prefixes, **options) == shared
     assert any(len(answer) > 0 for answer in shared)
+
+
+def test_a_prefix_given_twice_is_encoded_once_and_answers_alike(tiny64, tokenizer, monkeypatch):
+    questions = ["What is two plus two?", "Name a colour.", "What is two plus two?", "Hi",
+                 "Name a colour.", "What is two plus two?"]
+    prefixes = [tokenizer.encode(q, add_special_tokens=False) for q in questions]
+    options = dict(max_new_tokens=8, stop_ids=stop_token_ids(tokenizer, tiny64), pad_id=0,
+                   batch_size=8)
+    alone = [greedy(tiny64, [p], **options)[0] for p in prefixes[:2] + prefixes[3:4]]
+    calls = _counted(tiny64, monkeypatch)
+    answers = greedy(tiny64, prefixes, **options)
+    assert calls[0][0] == 3  # three distinct prefixes go through the model
+    assert answers == [alone[0], alone[1], alone[0], alone[2], alone[1], alone[0]]

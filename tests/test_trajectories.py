@@ -70,6 +70,28 @@ def test_stop_tokens_end_a_response(tiny):
     assert traj.full_logprobs.shape[0] == 3
 
 
+def test_stop_when_ends_a_response_and_leaves_the_others_as_they_were(tiny):
+    """A row the callback stops keeps its tokens up to that step, and the rows go on; until
+    then every row is what it is without the callback (afterwards the draws shift, one uniform
+    per row still alive)."""
+    lm, tok, f = tiny
+    free = run(tiny, "none", max_new_tokens=8, batch_size=6)  # one group: one stream of draws
+    seen = []
+
+    def stop_when(tokens):
+        seen.append(len(tokens))
+        return len(tokens) == 3 and tokens[0] == free.responses[0][0]
+
+    stopped = sample(lm, [f.teacher_ids(c) for c in CONTEXTS],
+                     SamplingConfig(2, 8, batch_size=6), stop_token_ids(tok, lm),
+                     torch.Generator().manual_seed(0), cache="none", pad_id=tok.pad_token_id,
+                     stop_when=stop_when)
+    assert stopped.responses[0] == free.responses[0][:3]
+    assert 1 in seen and max(seen) <= 8
+    for before, after in zip(free.responses, stopped.responses):
+        assert after[:3] == before[:3]
+    assert max(len(r) for r in stopped.responses) > 3
+
 def test_save_and_load_round_trip(tiny, tmp_path):
     for cache in ("full", "topk", "none"):
         traj = run(tiny, cache)
@@ -86,6 +108,22 @@ def test_top_p_keeps_the_smallest_nucleus():
     torch.testing.assert_close(top_p_filter(probs, 0.7), torch.tensor([[0.5, 0.3, 0.0, 0.0]]))
     torch.testing.assert_close(top_p_filter(probs, 0.1), torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
     assert torch.equal(top_p_filter(probs, 1.0), probs)
+
+
+def test_top_p_matches_a_full_sort_on_peaked_and_flat_rows():
+    """The nucleus is searched among the top k, k growing: rows whose nucleus is a handful of
+    tokens, thousands of them, or the whole vocabulary in one batch give what a full sort does."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = 5000
+    scales = torch.tensor([[8.0], [3.0], [1.0], [0.01]])  # from peaked to nearly uniform
+    probs = torch.softmax(torch.randn(4, vocab, generator=generator) * scales, dim=-1)
+    for top_p in (0.5, 0.95, 0.999):
+        ordered, order = probs.sort(dim=-1, descending=True)
+        ordered[ordered.cumsum(-1) - ordered >= top_p] = 0.0
+        expected = torch.zeros_like(probs).scatter_(-1, order, ordered)
+        kept = top_p_filter(probs, top_p)
+        assert torch.equal(kept, expected)
+        assert (kept[0] > 0).sum() < 64 < (kept[3] > 0).sum()  # the search had to grow
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -55,10 +55,19 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     renormalised: ``draw`` does not need it)."""
     if top_p >= 1.0:
         return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
-    sorted_probs[before >= top_p] = 0.0  # the first token always survives
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # The nucleus is found among the k most likely tokens, k growing fourfold until their mass
+    # reaches top_p in every row (then no token past them can be in it): sorting SmolLM2's 49k
+    # vocabulary for 32 rows took 57 ms on 2 cores, the top 256 of it 2.8 ms, and a nucleus
+    # is usually far smaller than the vocabulary.
+    k, vocab = min(64, probs.shape[-1]), probs.shape[-1]
+    while True:
+        top, order = probs.topk(k, dim=-1) if k < vocab else probs.sort(dim=-1, descending=True)
+        if k == vocab or bool((top.sum(-1) >= top_p).all()):
+            break
+        k = min(4 * k, vocab)
+    before = top.cumsum(-1) - top  # mass strictly above each token
+    top[before >= top_p] = 0.0  # the first token always survives
+    return torch.zeros_like(probs).scatter_(-1, order, top)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -171,8 +180,17 @@ def shared_prefix(model, prefixes: list[list[int]]):
 def prefill(model, prefixes: list[list[int]], pad_id: int, shared=None):
     """(model output with its cache, mask, positions) of one left-padded batch of prefixes,
     the next token's logits at the last column; after ``shared`` (``shared_prefix``), when it
-    holds the start every prefix shares, only each prefix's own tokens go through the model."""
+    holds the start every prefix shares, only each prefix's own tokens go through the model.
+    A prefix given more than once (the same request sampled several times) is encoded once."""
     device = next(model.parameters()).device
+    first_of = {}
+    where = [first_of.setdefault(tuple(p), len(first_of)) for p in prefixes]
+    if len(first_of) < len(prefixes):
+        out, mask, positions = prefill(model, [list(p) for p in first_of], pad_id, shared)
+        rows = torch.tensor(where, device=device)
+        out.cache.batch_select_indices(rows)
+        out.logits = out.logits[rows]
+        return out, mask[rows], positions[rows]
     if shared is None:
         ids, mask, positions = left_padded(prefixes, pad_id, device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,

@@ -24,6 +24,7 @@ generator's weights, the prompt and the settings, so a second bake generates not
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -42,7 +43,11 @@ from promptbake.framing import Framing, prompt_messages
 from promptbake.tasks import TASKS, load_task
 from promptbake.trajectories import SamplingConfig, sample
 
-RECIPE = 1  # bump when the requests or filters change: cached generations are then remade
+RECIPE = 2  # bump when the requests or filters change: cached generations are then remade
+# Every answer is begun with the list's first number, so that a small model writes the list at
+# once rather than a preamble or prose that holds no list, and a row stops once five items are
+# written.
+LIST_START = "1."
 DOMAIN, AGAINST, FOLLOW_UP = "domain", "against", "follow-up"
 
 # kind -> what the generator is asked to list (a topic is appended)
@@ -76,7 +81,9 @@ _ENGLISH = frozenset("the a an is are what how why do does can you i my to of in
                      "me your it this that which who when where please".split())
 _VOICE = re.compile(r"^(sure|certainly|of course|here (is|are)|here's|as an ai|i am an ai|"
                     r"i'm an ai|the (user|assistant)|a user|users? (might|may|would|could)|"
-                    r"answer:|response:|assistant:)\b|numbered list|\bthe ai\b", re.IGNORECASE)
+                    r"answer:|response:|assistant:|the (first|second|third|next) message|"
+                    r"this message (is|could|would|was))\b|numbered list|\bthe ai\b",
+                    re.IGNORECASE)
 _LEAK = re.compile(r"\b(system prompt|these instructions|your instructions|was given)\b",
                    re.IGNORECASE)
 _ITEM = re.compile(r"^\s*(\d{1,2})[.)]\s+(.+?)\s*$")
@@ -222,7 +229,7 @@ def _request(kind: str, prompt: str, topic: str) -> str:
 def generate(model, tokenizer, prompt, n: int, *, kinds: tuple[str, ...] = KINDS,
              domain_share: float = 0.5, seed: int = 0, temperature: float = 0.8,
              top_p: float = 0.95, max_new_tokens: int = 128, language: str | None = "en",
-             rounds: int = 4, batch_size: int = 32, say=None) -> Generated:
+             rounds: int = 4, batch_size: int = 64, say=None) -> Generated:
     """``n`` user messages written by ``model`` (used as it stands: pass a baked model with its
     adapter off) for ``prompt``, in ``quotas(n, kinds, domain_share)``. Each round asks for
     lists of the kinds still short, with fresh topics; after ``rounds`` rounds what was found is
@@ -271,13 +278,25 @@ def generate(model, tokenizer, prompt, n: int, *, kinds: tuple[str, ...] = KINDS
                 examples[reason].append(message)
         return out
 
+    start_ids = tokenizer.encode(LIST_START, add_special_tokens=False)
+    newline = functools.lru_cache(maxsize=None)(lambda token: "\n" in tokenizer.decode([token]))
+
+    def listed(tokens: list[int]) -> bool:  # five items written: what follows is not used
+        return newline(tokens[-1]) and len(candidates(
+            LIST_START + tokenizer.decode(tokens, skip_special_tokens=True))) == 5
+
     def write(requests: list[str]) -> list[str]:
         if not requests:
             return []
-        found = sample(model, [render(r) for r in requests], sampling, stops, generator,
-                       cache="none", pad_id=pad_id)
-        return [tokenizer.decode(r, skip_special_tokens=True) for r in found.responses]
+        found = sample(model, [render(r) + start_ids for r in requests], sampling, stops,
+                       generator, cache="none", pad_id=pad_id, stop_when=listed)
+        texts = [LIST_START + tokenizer.decode(r, skip_special_tokens=True)
+                 for r in found.responses]
+        # a list cut off by max_new_tokens ends inside a message: its last line is dropped
+        return [t.rpartition("\n")[0] if len(r) == max_new_tokens and r[-1] not in stops
+                and not listed(r) else t for t, r in zip(texts, found.responses)]
 
+    pending: list[tuple[str, str, str]] = []  # follow-ups asked in the next round's batch
     for round_ in range(rounds):
         short = {k: want[k] - len(taken[k]) for k in want if len(taken[k]) < want[k]}
         if not short:
@@ -285,17 +304,27 @@ def generate(model, tokenizer, prompt, n: int, *, kinds: tuple[str, ...] = KINDS
         if say:
             say(f"generating contexts, round {round_ + 1}: "
                 f"{sum(short.values())} still wanted")
-        firsts = {k: m for k, m in short.items() if k != FOLLOW_UP}
+        # A list of five gives about two usable messages; after the first round the few lists
+        # still needed cost about as much as twice as many (a small batch is bound by its
+        # steps, not its rows), so they are asked for twice over, to make another round rare.
         requests = [(k, _request(k, text, rng.choice(TOPICS)))
-                    for k, m in firsts.items() for _ in range(max(1, math.ceil(m / 2)))]
-        for (kind, _), answer in zip(requests, write([r for _, r in requests])):
+                    for k, m in short.items() if k != FOLLOW_UP
+                    for _ in range(math.ceil(m / 2) if round_ == 0 else m)]
+        written_now = write([r for _, r in requests] + [r for _, _, r in pending])
+        for (kind, _), answer in zip(requests, written_now):
             for message in keep(candidates(answer)):
                 if len(taken[kind]) < want[kind]:
                     taken[kind].append([{"role": "user", "content": message}])
                     accepted.append(message)
-        if FOLLOW_UP in short:
-            taken[FOLLOW_UP] += _follow_ups(model, tokenizer, render, write, keep, accepted,
-                                            short[FOLLOW_UP], rng, stops, pad_id)[:short[FOLLOW_UP]]
+        for (first, reply, _), answer in zip(pending, written_now[len(requests):]):
+            for follow in keep(candidates(answer, limit=3))[:2]:
+                if len(taken[FOLLOW_UP]) < want[FOLLOW_UP]:
+                    taken[FOLLOW_UP].append([{"role": "user", "content": first},
+                                             {"role": "assistant", "content": reply},
+                                             {"role": "user", "content": follow}])
+        missing = want.get(FOLLOW_UP, 0) - len(taken.get(FOLLOW_UP, ()))
+        pending = _follow_up_requests(model, tokenizer, render, accepted, missing, rng, stops,
+                                      pad_id) if missing > 0 and round_ + 1 < rounds else []
     contexts = [c for k in want for c in taken[k]]
     result = Generated(contexts, [k for k in want for _ in taken[k]], written, dropped, examples,
                        settings, time.perf_counter() - start)
@@ -313,26 +342,19 @@ def _examples(examples: dict[str, list[str]]) -> str:
     return "; for example " + "; ".join(shown[:3]) if shown else ""
 
 
-def _follow_ups(model, tokenizer, render, write, keep, accepted, count, rng, stops, pad_id):
-    """Three-turn contexts: an accepted first message, the generator's own unprompted answer,
-    and a follow-up it lists for the user."""
-    firsts = rng.sample(accepted, min(len(accepted), max(1, math.ceil(count / 2))))
+def _follow_up_requests(model, tokenizer, render, accepted, count, rng, stops, pad_id):
+    """Requests for three-turn contexts, as (first, answer, request): an accepted first
+    message, the generator's own unprompted answer, and the request to list what the user
+    would say next (asked in the next round's batch; each list gives up to two)."""
+    firsts = rng.sample(accepted, min(len(accepted), count))
     if not firsts:
         return []
     answers = greedy(model, [render(f) for f in firsts], max_new_tokens=48, stop_ids=stops,
                      pad_id=pad_id)
     answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
-    requests = [f"Here is the start of a conversation.\nUser: {f}\nAssistant: {a}\nWrite a "
-                f"numbered list of 3 different follow-up messages the user might send next. "
-                f"Write only the messages." for f, a in zip(firsts, answers)]
-    out = []
-    for first, answer, reply in zip(firsts, answers, write(requests)):
-        for follow in keep(candidates(reply, limit=3))[:2]:
-            if answer:
-                out.append([{"role": "user", "content": first},
-                            {"role": "assistant", "content": answer},
-                            {"role": "user", "content": follow}])
-    return out
+    return [(f, a, f"Here is the start of a conversation.\nUser: {f}\nAssistant: {a}\nWrite a "
+                   f"numbered list of 3 different follow-up messages the user might send next. "
+                   f"Write only the messages.") for f, a in zip(firsts, answers) if a]
 
 
 def cache_key(fingerprint: str, prompt, settings: dict) -> str:

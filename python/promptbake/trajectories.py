@@ -150,9 +150,12 @@ class Trajectories:
 def sample(model, prefixes: list[list[int]], config: SamplingConfig, stop_ids: set[int],
            generator: torch.Generator, cache: str = "topk", topk: int = 64,
            pad_id: int = 0, progress: Callable[[int], None] | None = None,
-           world: World = SINGLE) -> Trajectories:
+           world: World = SINGLE,
+           stop_when: Callable[[list[int]], bool] | None = None) -> Trajectories:
     """Samples ``config.samples_per_context`` responses per prefix from ``model`` (the prompted
     teacher) and records the teacher's targets; ``progress(n)`` is called as sequences finish.
+    ``stop_when(tokens)``, called with a sequence's tokens after each step, ends it when true
+    (as a stop token would, the last token kept).
     With a sharded model (``world.sharded``) every rank runs as many forward passes as the
     busiest one, idling when it has nothing left to sample. When every prefix starts with the
     same long run of tokens (a long prompt u before each context), that start is encoded once
@@ -171,7 +174,7 @@ def sample(model, prefixes: list[list[int]], config: SamplingConfig, stop_ids: s
         chunk = prefixes[start:start + group]
         responses += _sample_group(model, chunk, config, stop_ids, generator, targets,
                                    first=len(responses), pad_id=pad_id, world=world,
-                                   shared=shared)
+                                   shared=shared, stop_when=stop_when)
         if progress and chunk:
             progress(len(chunk) * per)
         start += group
@@ -225,7 +228,7 @@ class _Targets:
 
 def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
                   targets: _Targets, *, first: int, pad_id: int,
-                  world: World = SINGLE, shared=None) -> list[list[int]]:
+                  world: World = SINGLE, shared=None, stop_when=None) -> list[list[int]]:
     """Responses for a batch of prefixes (sequences ``first``, ``first + 1``, ... in order),
     after their ``shared`` start when there is one (see ``sample``). No prefixes: this rank
     idles through the other ranks' steps (``world.sharded``)."""
@@ -261,7 +264,7 @@ def _sample_group(model, prefixes, config: SamplingConfig, stop_ids, generator,
             still = []
             for row, (seq, token) in enumerate(zip(alive, drawn.tolist())):
                 tokens[seq].append(token)
-                if token not in stop_ids:
+                if token not in stop_ids and not (stop_when and stop_when(tokens[seq])):
                     still.append(row)
             done = not still or step + 1 == config.max_new_tokens
         if not more(not done, world):
