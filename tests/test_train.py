@@ -85,6 +85,22 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(config(warmup=0.0, schedule="constant"), 4)(3) == 1.0
 
 
+def test_lora_plus_gives_the_b_factors_their_own_learning_rate(setup):
+    model = setup[0]
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer, schedule = make_optimizer(model, config(lr=1e-3, lr_b_ratio=16.0, warmup=0.5), 4)
+    a, b = optimizer.param_groups
+    assert {id(p) for p in b["params"]} == {id(p) for n, p in lora.items() if "lora_B" in n}
+    assert len(a["params"]) == len(b["params"]) == len(lora) // 2
+    assert a["lr"] == pytest.approx(0.5e-3) and b["lr"] == pytest.approx(8e-3)  # warm-up step 0
+    schedule.step()
+    assert b["lr"] / a["lr"] == pytest.approx(16.0)
+    only, _ = make_optimizer(model, config(), 4)
+    assert len(only.param_groups) == 1  # the default: one group, as before the ratio
+    with pytest.raises(ValueError, match="lr_b_ratio=0.0 must be > 0"):
+        config(lr_b_ratio=0.0).validate()
+
+
 def test_cached_and_live_teachers_give_the_same_loss(setup):
     model, prefixes, trajectories, pad = setup
     batch = batch_plan(0, trajectories, config())[0]

@@ -57,6 +57,8 @@ class BakeConfig:
     batch_size: int = 8  # trajectories per micro-batch (rounded to whole contexts)
     grad_accum: int = 1
     lr: float = 3e-3
+    # LoRA+ (Hayou et al., 2024): the B factors learn at this multiple of lr, the A factors at lr
+    lr_b_ratio: float = 1.0
     weight_decay: float = 0.0
     schedule: str = "cosine"
     warmup: float = 0.1  # fraction of steps
@@ -94,6 +96,7 @@ class BakeConfig:
             (self.batch_size >= 1 and self.grad_accum >= 1,
              "batch_size and grad_accum must be >= 1"),
             (self.lr > 0, f"lr={self.lr} must be > 0"),
+            (self.lr_b_ratio > 0, f"lr_b_ratio={self.lr_b_ratio} must be > 0"),
             (0 <= self.warmup < 1, f"warmup={self.warmup} must be a fraction in [0, 1)"),
             (0 <= self.beta <= 1, f"beta={self.beta} must be in [0, 1]"),
             (self.first_token_weight is None or self.first_token_weight > 0,

@@ -125,6 +125,9 @@ def _add_bake(commands) -> None:
                         "samples share one forward pass of its prompt)")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    g.add_argument("--lr-b-ratio", type=float, default=d.lr_b_ratio,
+                   help="LoRA+: the learning rate of the LoRA B factors as a multiple of --lr "
+                        "(default 1: the same as the A factors)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW weight decay on the LoRA parameters")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
