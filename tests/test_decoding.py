@@ -38,14 +38,19 @@ def test_a_shared_prompt_is_encoded_once_and_changes_nothing(tiny64, tokenizer, 
     assert any(len(answer) > 0 for answer in shared)
 
 
-def test_a_prefix_given_twice_is_encoded_once_and_answers_alike(tiny64, tokenizer, monkeypatch):
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_prefix_given_twice_is_encoded_once_and_answers_alike(tiny64, tokenizer, monkeypatch,
+                                                                shared):
+    """Alone or after a long shared start (encoded once itself), a repeated prefix goes through
+    the model once and every copy gets the answer it gets alone."""
     questions = ["What is two plus two?", "Name a colour.", "What is two plus two?", "Hi",
                  "Name a colour.", "What is two plus two?"]
-    prefixes = [tokenizer.encode(q, add_special_tokens=False) for q in questions]
+    start = "You are a careful assistant. " * 12 if shared else ""
+    prefixes = [tokenizer.encode(start + q, add_special_tokens=False) for q in questions]
     options = dict(max_new_tokens=8, stop_ids=stop_token_ids(tokenizer, tiny64), pad_id=0,
                    batch_size=8)
     alone = [greedy(tiny64, [p], **options)[0] for p in prefixes[:2] + prefixes[3:4]]
     calls = _counted(tiny64, monkeypatch)
     answers = greedy(tiny64, prefixes, **options)
-    assert calls[0][0] == 3  # three distinct prefixes go through the model
+    assert calls[int(shared)][0] == 3  # three distinct prefixes go through the model
     assert answers == [alone[0], alone[1], alone[0], alone[2], alone[1], alone[0]]

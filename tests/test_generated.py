@@ -176,3 +176,65 @@ def test_a_list_cut_off_by_the_token_limit_loses_its_unfinished_message(tiny_dir
         assert [c[0]["content"] for c in found.contexts][:2] == [
             "How do I join the orders and users tables?", "Count the orders of every customer please."]
         assert len(found.contexts) == kept
+
+
+class _LeadingSpaceDropped:
+    """A tokenizer whose decoder drops the leading space of the first token, as the
+    sentencepiece ones of Llama 2, Mistral or TinyLlama do: '▁How' alone decodes to 'How'."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, **options):
+        return self.tokenizer(*args, **options)
+
+    def decode(self, ids, **options):
+        return self.tokenizer.decode(ids, **options).removeprefix(" ")
+
+
+def test_lists_parse_when_the_decoder_drops_a_leading_space(tiny_dir, monkeypatch):
+    from promptbake import models
+
+    lm, tok, _ = models.load(tiny_dir)
+    lists = ["1. How do I join the orders and users tables?\n2. Count the orders of every "
+             "customer please.\n3. Which index would speed up my slow report query?"]
+    monkeypatch.setattr(generated, "sample", _canned(tok, lists))
+    found = generated.generate(lm, _LeadingSpaceDropped(tok), SQL, 3, kinds=("domain",),
+                               rounds=1)
+    assert len(found.contexts) == 3
+
+
+def test_follow_ups_are_written_after_a_single_round_and_never_twice(tiny_dir, monkeypatch):
+    from promptbake import models
+
+    lm, tok, _ = models.load(tiny_dir)
+    firsts = "1. How do I join the orders and users tables?\n2. Count the orders of every " \
+             "customer please.\n3. Which index would speed up my slow report query?"
+    again = "1. And what about the orders from last year?\n2. Can you sort them by date too?"
+    monkeypatch.setattr(generated, "sample", _canned(tok, [firsts, again, again]))
+    monkeypatch.setattr(generated, "greedy", lambda model, prefixes, **o: [
+        tok.encode("Use SELECT with ORDER BY.", add_special_tokens=False)] * len(prefixes))
+    found = generated.generate(lm, tok, SQL, 4, kinds=("domain", "follow-up"),
+                               domain_share=0.5, rounds=1)
+    follow = [c[-1]["content"] for c, k in zip(found.contexts, found.kinds) if k == "follow-up"]
+    assert follow == ["And what about the orders from last year?", "Can you sort them by date too?"]
+    assert found.dropped["duplicate"] == 2  # the second list repeats the first
+
+
+def test_a_new_recipe_is_not_served_from_the_cache(tiny_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMPTBAKE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake(model, tokenizer, prompt, n, say=None, **settings):
+        calls.append(settings)
+        return Generated([[{"role": "user", "content": f"message {i}"}] for i in range(n)],
+                         ["domain"] * n, n, {}, {}, settings)
+
+    monkeypatch.setattr(generated, "generate", fake)
+    generated.generated_contexts("u", 2, model=tiny_dir)
+    monkeypatch.setattr(generated, "RECIPE", generated.RECIPE + 1)
+    assert not generated.generated_contexts("u", 2, model=tiny_dir).cached
+    assert len(calls) == 2

@@ -62,10 +62,11 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     k, vocab = min(64, probs.shape[-1]), probs.shape[-1]
     while True:
         top, order = probs.topk(k, dim=-1) if k < vocab else probs.sort(dim=-1, descending=True)
-        if k == vocab or bool((top.sum(-1) >= top_p).all()):
+        mass = top.cumsum(-1)  # the sums a full sort's cumsum gives over these first k tokens
+        if k == vocab or bool((mass[:, -1] >= top_p).all()):
             break
         k = min(4 * k, vocab)
-    before = top.cumsum(-1) - top  # mass strictly above each token
+    before = mass - top  # mass strictly above each token
     top[before >= top_p] = 0.0  # the first token always survives
     return torch.zeros_like(probs).scatter_(-1, order, top)
 

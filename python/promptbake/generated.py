@@ -43,7 +43,7 @@ from promptbake.framing import Framing, prompt_messages
 from promptbake.tasks import TASKS, load_task
 from promptbake.trajectories import SamplingConfig, sample
 
-RECIPE = 2  # bump when the requests or filters change: cached generations are then remade
+RECIPE = 3  # bump when the requests or filters change: cached generations are then remade
 # Every answer is begun with the list's first number, so that a small model writes the list at
 # once rather than a preamble or prose that holds no list, and a row stops once five items are
 # written.
@@ -79,11 +79,11 @@ REASONS = {
 }
 _ENGLISH = frozenset("the a an is are what how why do does can you i my to of in for and with "
                      "me your it this that which who when where please".split())
-_VOICE = re.compile(r"^(sure|certainly|of course|here (is|are)|here's|as an ai|i am an ai|"
+_VOICE = re.compile(r"^((sure|certainly|of course|here (is|are)|here's|as an ai|i am an ai|"
                     r"i'm an ai|the (user|assistant)|a user|users? (might|may|would|could)|"
-                    r"answer:|response:|assistant:|the (first|second|third|next) message|"
-                    r"this message (is|could|would|was))\b|numbered list|\bthe ai\b",
-                    re.IGNORECASE)
+                    r"this message (is a continuation|could be a|would be a))\b|"
+                    r"(answer|response|assistant|the (first|second|third|next) message):)|"
+                    r"numbered list|\bthe ai\b", re.IGNORECASE)
 _LEAK = re.compile(r"\b(system prompt|these instructions|your instructions|was given)\b",
                    re.IGNORECASE)
 _ITEM = re.compile(r"^\s*(\d{1,2})[.)]\s+(.+?)\s*$")
@@ -254,7 +254,8 @@ def generate(model, tokenizer, prompt, n: int, *, kinds: tuple[str, ...] = KINDS
     taken: dict[str, list[Context]] = {k: [] for k in want}
     dropped = {r: 0 for r in REASONS}
     examples: dict[str, list[str]] = {r: [] for r in REASONS}
-    accepted: list[str] = []
+    accepted: list[str] = []  # first messages: what follow-ups start from
+    seen: list[str] = []  # every message taken, first or follow-up: what a new one must not repeat
     against = reserved()
     written = 0
 
@@ -268,7 +269,7 @@ def generate(model, tokenizer, prompt, n: int, *, kinds: tuple[str, ...] = KINDS
         out = []
         for message in messages:
             reason = reasons[message]
-            if reason is None and contexts_mod.near_duplicates([message], accepted + out):
+            if reason is None and contexts_mod.near_duplicates([message], seen + out):
                 reason = "duplicate"
             if reason is None:
                 out.append(message)
@@ -281,20 +282,29 @@ def generate(model, tokenizer, prompt, n: int, *, kinds: tuple[str, ...] = KINDS
     start_ids = tokenizer.encode(LIST_START, add_special_tokens=False)
     newline = functools.lru_cache(maxsize=None)(lambda token: "\n" in tokenizer.decode([token]))
 
+    def decoded(tokens: list[int]) -> str:  # with the list's start: decoded together, as a
+        return tokenizer.decode(start_ids + tokens, skip_special_tokens=True)  # space may hang on it
+
     def listed(tokens: list[int]) -> bool:  # five items written: what follows is not used
-        return newline(tokens[-1]) and len(candidates(
-            LIST_START + tokenizer.decode(tokens, skip_special_tokens=True))) == 5
+        return newline(tokens[-1]) and len(candidates(decoded(tokens))) == 5
 
     def write(requests: list[str]) -> list[str]:
         if not requests:
             return []
         found = sample(model, [render(r) + start_ids for r in requests], sampling, stops,
                        generator, cache="none", pad_id=pad_id, stop_when=listed)
-        texts = [LIST_START + tokenizer.decode(r, skip_special_tokens=True)
-                 for r in found.responses]
         # a list cut off by max_new_tokens ends inside a message: its last line is dropped
-        return [t.rpartition("\n")[0] if len(r) == max_new_tokens and r[-1] not in stops
-                and not listed(r) else t for t, r in zip(texts, found.responses)]
+        return [decoded(r).rpartition("\n")[0] if len(r) == max_new_tokens and r[-1] not in stops
+                and not listed(r) else decoded(r) for r in found.responses]
+
+    def take_follow_ups(pending, lists: list[str]) -> None:
+        for (first, reply, _), answer in zip(pending, lists):
+            for follow in keep(candidates(answer))[:2]:
+                if len(taken[FOLLOW_UP]) < want[FOLLOW_UP]:
+                    taken[FOLLOW_UP].append([{"role": "user", "content": first},
+                                             {"role": "assistant", "content": reply},
+                                             {"role": "user", "content": follow}])
+                    seen.append(follow)
 
     pending: list[tuple[str, str, str]] = []  # follow-ups asked in the next round's batch
     for round_ in range(rounds):
@@ -316,15 +326,13 @@ def generate(model, tokenizer, prompt, n: int, *, kinds: tuple[str, ...] = KINDS
                 if len(taken[kind]) < want[kind]:
                     taken[kind].append([{"role": "user", "content": message}])
                     accepted.append(message)
-        for (first, reply, _), answer in zip(pending, written_now[len(requests):]):
-            for follow in keep(candidates(answer, limit=3))[:2]:
-                if len(taken[FOLLOW_UP]) < want[FOLLOW_UP]:
-                    taken[FOLLOW_UP].append([{"role": "user", "content": first},
-                                             {"role": "assistant", "content": reply},
-                                             {"role": "user", "content": follow}])
+                    seen.append(message)
+        take_follow_ups(pending, written_now[len(requests):])
         missing = want.get(FOLLOW_UP, 0) - len(taken.get(FOLLOW_UP, ()))
         pending = _follow_up_requests(model, tokenizer, render, accepted, missing, rng, stops,
-                                      pad_id) if missing > 0 and round_ + 1 < rounds else []
+                                      pad_id) if missing > 0 else []
+    if pending:  # asked for after the last round: written on their own
+        take_follow_ups(pending, write([r for _, _, r in pending]))
     contexts = [c for k in want for c in taken[k]]
     result = Generated(contexts, [k for k in want for _ in taken[k]], written, dropped, examples,
                        settings, time.perf_counter() - start)
@@ -345,7 +353,8 @@ def _examples(examples: dict[str, list[str]]) -> str:
 def _follow_up_requests(model, tokenizer, render, accepted, count, rng, stops, pad_id):
     """Requests for three-turn contexts, as (first, answer, request): an accepted first
     message, the generator's own unprompted answer, and the request to list what the user
-    would say next (asked in the next round's batch; each list gives up to two)."""
+    would say next (asked in the next round's batch, or after the last round on their own; each
+    list of five gives up to two)."""
     firsts = rng.sample(accepted, min(len(accepted), count))
     if not firsts:
         return []
@@ -353,7 +362,7 @@ def _follow_up_requests(model, tokenizer, render, accepted, count, rng, stops, p
                      pad_id=pad_id)
     answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
     return [(f, a, f"Here is the start of a conversation.\nUser: {f}\nAssistant: {a}\nWrite a "
-                   f"numbered list of 3 different follow-up messages the user might send next. "
+                   f"numbered list of 5 different follow-up messages the user might send next. "
                    f"Write only the messages.") for f, a in zip(firsts, answers) if a]
 
 
@@ -375,7 +384,7 @@ def generated_contexts(prompt, n: int, *, model: str | Path | None = None,
                               f"or leave --generator out to let the baked model write contexts")
     directory = models.resolve(source)
     defaults = {p: v.default for p, v in _GENERATE_DEFAULTS.items()}
-    full = {**defaults, **settings, "n": n}
+    full = {**defaults, **settings, "n": n, "recipe": RECIPE}
     key = cache_key(models.fingerprint(directory), prompt, full)
     path = models.cache_root() / "contexts" / f"{key}.json"
     if cache and path.is_file():
