@@ -282,8 +282,10 @@ def generate(model, tokenizer, prompt, n: int, *, kinds: tuple[str, ...] = KINDS
     start_ids = tokenizer.encode(LIST_START, add_special_tokens=False)
     newline = functools.lru_cache(maxsize=None)(lambda token: "\n" in tokenizer.decode([token]))
 
-    def decoded(tokens: list[int]) -> str:  # with the list's start: decoded together, as a
-        return tokenizer.decode(start_ids + tokens, skip_special_tokens=True)  # space may hang on it
+    # An answer is decoded with the list's start in front: a sentencepiece decoder drops the
+    # leading space of the first token it is given, which would make "1.How ..." of "1. How".
+    def decoded(tokens: list[int]) -> str:
+        return tokenizer.decode(start_ids + tokens, skip_special_tokens=True)
 
     def listed(tokens: list[int]) -> bool:  # five items written: what follows is not used
         return newline(tokens[-1]) and len(candidates(decoded(tokens))) == 5

@@ -82,10 +82,12 @@ def make_optimizer(model, config: BakeConfig, total: int):
     """AdamW on the LoRA parameters (the B factors at ``config.lr_b_ratio`` times the learning
     rate of the rest), and the learning-rate schedule over ``total`` steps."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if "lora_B" not in n]},
-              {"params": [p for n, p in named if "lora_B" in n], "lr": config.lr * config.lr_b_ratio}]
     if config.lr_b_ratio == 1.0:  # one group, as checkpoints written before the ratio hold
         groups = [{"params": [p for _, p in named]}]
+    else:
+        groups = [{"params": [p for n, p in named if "lora_B" not in n]},
+                  {"params": [p for n, p in named if "lora_B" in n],
+                   "lr": config.lr * config.lr_b_ratio}]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
 
