@@ -10,9 +10,9 @@ Eq. 3 through the training objective (an L2 pull on the LoRA update, ``sum ||B A
 update stays small where the data do not ask for it) — those three measured and dropped — and
 twice the training, spent two ways: the same contexts for 8 epochs, or 288 contexts for 4; and
 the default budget spent otherwise: twice the steps of half the batch, the learning rate
-doubled or halved, or LoRA+ (the B factors at 4 or 16 times the learning rate of the A factors;
-Hayou et al., 2024) (``SWEEP`` names the variants a run measures, ``PROMPTS`` the
-prompts; ``--variant`` and ``--prompt`` pick others).
+doubled, halved or cut to a third, or LoRA+ (the B factors at 4 or 16 times the learning rate
+of the A factors; Hayou et al., 2024) (``SWEEP`` names the variants a run measures,
+``PROMPTS`` the prompts; ``--variant`` and ``--prompt`` pick others).
 Run on demand (``python bench/ --only prompt-sweep``): about an hour on a 2-core CPU.
 """
 
@@ -46,6 +46,7 @@ VARIANTS = {
     "batch 4 (twice the steps, same compute)": {"config": {"batch_size": 4}},
     "lr 6e-3 (twice the default)": {"config": {"lr": 6e-3}},
     "lr 1.5e-3 (half the default)": {"config": {"lr": 1.5e-3}},
+    "lr 1e-3 (a third of the default)": {"config": {"lr": 1e-3}},
     "LoRA+ (B at 4x the lr)": {"config": {"lr_b_ratio": 4.0}},
     "LoRA+ (B at 16x the lr)": {"config": {"lr_b_ratio": 16.0}},
 }
