@@ -86,6 +86,18 @@ def test_a_missing_file_and_the_cli_exit(tmp_path, capsys):
     assert "unknown key 'colour'" in capsys.readouterr().err
 
 
+def test_an_export_with_nothing_to_export_removes_the_earlier_one(tmp_path):
+    loaded = pipeline.load(write(tmp_path, MINIMAL + "[export]\n"))
+    earlier = loaded.out / "export" / "model"
+    earlier.mkdir(parents=True)
+    (earlier / "model.safetensors").write_text("an earlier run's")
+    (loaded.out / "engine").mkdir()  # a run whose rounds all lost: no final state
+    said = []
+    assert pipeline._export(loaded, loaded.out / "engine", loaded.out / "export",
+                            said.append) == {"exported": None}
+    assert not earlier.exists() and "nothing to export" in said[0]
+
+
 def test_a_run_on_the_tiny_model_and_its_rerun(tiny_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "questions.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"user": "What is 12 * 3?", "tool": "CALC"}, {"user": "Say hi.", "tool": None},
@@ -163,6 +175,16 @@ format = "safetensors"
     assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["resume", "run", "run"]
     write(tmp_path, text.replace("max_rounds = 2", "max_rounds = 2\nsurvive = 0.9"))
     assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["run"] * 3
+    # killed before the new engine wrote anything: the old run is gone with the old key, so
+    # the rerun starts afresh instead of refusing the old run's history
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "build_cycles", lambda *a: (_ for _ in ()).throw(
+            KeyboardInterrupt()))
+        assert main(["run", str(path)]) == 130
+    assert not (out / "engine" / "engine.json").exists()
+    assert not (out / "engine" / "rounds").exists()
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert json.loads((out / "engine" / "stage.json").read_text())["status"] == "done"
     # report on the engine directory, through the CLI: exit 1 when a gate fails
     status = main(["report", str(out / "engine")])
     gates = json.loads((out / "engine" / "engine-report.json").read_text())["gates"]

@@ -95,6 +95,11 @@ class Cycle:
         if unknown:
             raise ValueError(f"cycle {self.name}: bake settings {', '.join(unknown)} are not "
                              f"BakeConfig fields (see promptbake bake --help)")
+        reserved = sorted({"seed", "merge"} & set(self.bake))
+        if reserved:
+            raise ValueError(f"cycle {self.name}: the engine sets {' and '.join(reserved)} for "
+                             f"every bake itself (EngineConfig.seed; rounds stack unmerged): "
+                             f"drop them from the cycle's bake settings")
 
 
 def check_name(name) -> None:
@@ -147,7 +152,7 @@ class EngineRun:
     stopped: str
     survival: dict  # cycle -> its held-out after its own last round, at the end, flags
     baked: Baked | None  # the kept state (None when it is the base model)
-    seconds: float
+    seconds: float  # the references and every round, over every call that worked on the run
 
     def to_dict(self) -> dict:
         return {"rounds": self.rounds, "references": self.references,
@@ -421,7 +426,6 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
     if len(set(names)) != len(names):
         raise ValueError(f"cycle names repeat: {names}; give each cycle its own name")
     say = say or log.info
-    started = time.perf_counter()
     lm, tokenizer, model_dir = models.load(model)
     state = _State(lm, tokenizer, model_dir, progress)
     identity = _identity(cycles, config, bake_config, models.fingerprint(model_dir))
@@ -511,7 +515,8 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
     kept = _kept(state, out, rounds, best, model_dir)
     survival = _survival(rounds, cycles, best)
     result = EngineRun(rounds, references, best, saved["stopped"], survival, kept,
-                       time.perf_counter() - started)
+                       saved.get("references_seconds", 0.0)
+                       + sum(r.get("seconds", 0.0) for r in rounds))
     if kept is not None:
         kept.manifest = {**kept.manifest, "kind": "engine", "engine": {
             "best_round": best, "stopped": saved["stopped"],
@@ -660,8 +665,7 @@ def _resume(out: Path | None, identity: str, overwrite: bool) -> dict | None:
         return None
     history = out / HISTORY
     if out.exists() and overwrite:
-        for name in (HISTORY, ROUNDS, FINAL, "tensorboard"):
-            files.remove(out / name)
+        clear(out)
     if not history.is_file():
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise ValueError(f"{out} exists and holds no engine run: choose a new directory")
@@ -673,7 +677,14 @@ def _resume(out: Path | None, identity: str, overwrite: bool) -> dict | None:
                          f"delete that directory)")
     if saved.get("stopped") in ("error", "round limit"):
         saved["stopped"] = None  # a rerun goes on: after an error, or up to a new max_rounds
+    saved.pop("result", None)  # an earlier call's; written again when this one ends
     return saved
+
+
+def clear(out: Path) -> None:
+    """Removes an engine run from ``out`` (its history, rounds, kept state and logs)."""
+    for name in (HISTORY, ROUNDS, FINAL, "tensorboard"):
+        files.remove(Path(out) / name)
 
 
 def _write(out: Path | None, saved: dict) -> None:

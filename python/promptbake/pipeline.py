@@ -46,8 +46,8 @@ from typing import Callable
 
 from promptbake import contexts as contexts_mod, files, models, tools
 from promptbake.config import BakeConfig
-from promptbake.engine import (Cycle, EngineConfig, check_name, outcome_settings,
-                               resume_settings, run_engine)
+from promptbake.engine import (Cycle, EngineConfig, check_name, clear as clear_engine,
+                               outcome_settings, resume_settings, run_engine)
 from promptbake.framing import prompt_messages, read_prompt_file
 from promptbake.orchestrate.tools import TOOL_DEFAULTS, bake_contexts, tool_specs
 from promptbake.persona import AdherenceEvaluator, Persona
@@ -383,6 +383,10 @@ def run(pipeline: Pipeline, *, dry_run: bool = False, progress: bool = False,
         if step["action"] == "skip":
             continue
         start = time.perf_counter()
+        if stage == "engine" and step["action"] == "run":
+            # before the new key is marked: a kill from here on must not leave the old run
+            # under the new key, where a rerun would try to resume it
+            clear_engine(directory)
         _mark(directory, stage, step["key"], "running")
         if stage == "engine":
             result = _run_engine(pipeline, directory, fresh=step["action"] == "run",
@@ -418,6 +422,7 @@ def _export(pipeline: Pipeline, engine_dir: Path, directory: Path, say) -> dict:
     final = engine_dir / "final"
     if not final.is_dir():
         say("export: no engine round beat the starting model, so there is nothing to export")
+        files.remove(directory / "model")  # an earlier run's export is not this run's
         return {"exported": None}
     options = pipeline.export
     export_baked(final, directory / "model", format=options["format"],
