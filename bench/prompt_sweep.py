@@ -49,6 +49,11 @@ VARIANTS = {
     "lr 1e-3 (a third of the default)": {"config": {"lr": 1e-3}},
     "LoRA+ (B at 4x the lr)": {"config": {"lr_b_ratio": 4.0}},
     "LoRA+ (B at 16x the lr)": {"config": {"lr_b_ratio": 16.0}},
+    # More adapter: four times the rank at the default's alpha / rank, or every linear layer
+    # (the MLP too) at half the lr (rank 32 on every layer diverged at the default lr on tools).
+    "rank 32 (alpha 64)": {"config": {"rank": 32, "alpha": 64.0}},
+    "every linear layer, lr 1.5e-3": {"config": {"lr": 1.5e-3, "target_modules": [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}},
 }
 # The variants this run measures (the first three were measured on 2026-12-03 on the cat and
 # JSON prompts and dropped: the README keeps their table).
