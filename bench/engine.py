@@ -36,7 +36,9 @@ import harness
 from common import CACHE
 from promptbake import bake, files, load_baked, models, pipeline as pipeline_mod, tools
 from promptbake.config import BakeConfig
-from promptbake.engine import HISTORY, Cycle, run_engine
+from promptbake.artifact import contexts_key
+from promptbake.engine import (HISTORY, Cycle, evaluator_key, outcome_settings,
+                               run_engine)
 from promptbake.orchestrate.stacking import LoraStack
 from promptbake.reprompt import item_scores
 from promptbake.stats import paired_difference
@@ -80,11 +82,10 @@ def run(args, log) -> dict:
         out = CACHE / f"{'engine' if name == 'engine' else 'engine-own'}{suffix}"
         made = run_engine(cycles, model=pipeline.model, config=config,
                           bake_config=pipeline.bake, out=out, say=lambda m: log(f"    {m}"))
-        # its work over every call (a rerun reads a finished run back in seconds): the
-        # references (not recorded by runs before 2026-12-04: 0), then each round
+        # seconds: its work over every call (a rerun reads a finished run back in seconds),
+        # the references (not recorded by runs before 2026-12-04: 0), then each round
         references = json.loads((out / HISTORY).read_text()).get("references_seconds", 0.0)
-        results[name] = {**made.to_dict(), "references_seconds": references,
-                         "seconds": references + sum(r["seconds"] for r in made.rounds)}
+        results[name] = {**made.to_dict(), "references_seconds": references}
         finals[name] = made.baked
     budget = results["engine"]["seconds"]
     log(f"  sequential baking of the user's prompts for the engine's wall time ({budget:.0f} s)")
@@ -112,7 +113,7 @@ def run(args, log) -> dict:
                                                    scores["engine"][c.name]) for c in cycles},
               "plateau": plateaus(cycles, results["own prompts"]["rounds"],
                                   results["sequential"]["rounds"], pipeline.engine.threshold,
-                                  pipeline.engine.patience),
+                                  pipeline.engine.patience, results["own prompts"]["references"]),
               "phases": phases(results["engine"])}
     result["checks"] = checks(result)
     return result
@@ -149,7 +150,7 @@ def sequential(cycles: list[Cycle], model_dir, bake_config: BakeConfig, budget: 
         saved = {"identity": identity, "rounds": []}
     rounds = saved["rounds"]
     stack = LoraStack(load_baked(out / rounds[-1]["state"], model=model_dir)) if rounds else None
-    while len(rounds) < len(cycles) or _next_fits(rounds, cycles, budget):
+    while len(rounds) < len(cycles) or _next_ends_nearer(rounds, cycles, budget):
         number = len(rounds) + 1
         cycle = cycles[(number - 1) % len(cycles)]
         log(f"    sequential bake {number}: {cycle.name}")
@@ -176,7 +177,7 @@ def sequential(cycles: list[Cycle], model_dir, bake_config: BakeConfig, budget: 
     return saved, stack.current
 
 
-def _next_fits(rounds: list[dict], cycles: list[Cycle], budget: float) -> bool:
+def _next_ends_nearer(rounds: list[dict], cycles: list[Cycle], budget: float) -> bool:
     """Whether the next sequential bake ends nearer ``budget`` than stopping now does."""
     used = sum(r["seconds"] for r in rounds)
     cycle = cycles[len(rounds) % len(cycles)].name
@@ -185,13 +186,12 @@ def _next_fits(rounds: list[dict], cycles: list[Cycle], budget: float) -> bool:
 
 
 def _identity(cycles: list[Cycle], model_dir, bake_config: BakeConfig) -> str:
-    """What sequential baking's results depend on: the cycles' prompts, contexts and bake
-    settings, the bake settings and the model."""
-    described = {"cycles": [[c.name, c.prompt, c.contexts, c.bake] for c in cycles],
-                 "bake": dataclasses.asdict(bake_config),
-                 "model": models.fingerprint(model_dir)}
-    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()) \
-        .hexdigest()
+    """What sequential baking's results depend on: the cycles' prompts, contexts (a file by
+    its contents), bake settings and held-out splits, the bake settings and the model."""
+    described = {"cycles": [[c.name, c.prompt, contexts_key(c.contexts), c.bake,
+                             evaluator_key(c.held_out)] for c in cycles],
+                 "bake": outcome_settings(bake_config), "model": models.fingerprint(model_dir)}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
 def share(final, prompted) -> dict:
@@ -208,28 +208,36 @@ def paired(before, after) -> dict:
             "n": n}
 
 
-def curve_plateau(values: list[float], threshold: float, patience: int = 1) -> int | None:
+def curve_plateau(values: list[float], threshold: float, patience: int = 1,
+                  start: float | None = None) -> int | None:
     """The bake (1-based) at which a rule with ``patience`` sees the curve's plateau: the
-    ``patience``-th bake after the last one that gained more than ``threshold`` (relative) on
-    the best before it; None when the last bake still gains (no plateau seen)."""
-    for at in range(1, len(values)):
-        best = max(values[:at])
-        if all(v <= best * (1 + threshold) for v in values[at:]):
-            return at + patience
+    ``patience``-th bake that gains no more than ``threshold`` (relative) on the best before
+    it, with no later bake gaining either. ``start`` is the score before bake 1 (the engine
+    judges its first round against the base model's). None when no such bake is on the curve
+    yet (the last bakes still gain, or too few follow the last gain)."""
+    series = ([start] if start is not None else []) + list(values)
+    first = 1 if start is not None else 0  # series[first] is bake 1
+    for at in range(1, len(series)):
+        best = max(series[:at])
+        if all(v <= best * (1 + threshold) for v in series[at:]):
+            seen = at - first + patience  # bake number of the patience-th bake without gain
+            return seen if seen <= len(values) else None
     return None
 
 
 def plateaus(cycles: list[Cycle], engine_rounds: list[dict], sequential_rounds: list[dict],
-             threshold: float, patience: int = 1) -> dict:
-    """Per cycle: the held-out curve over sequential baking's bakes of it, the bake at which
-    it shows its plateau, and the own round (failed rounds not counted, as the engine does
-    not count them) at which the engine, on the same prompts, declared one."""
+             threshold: float, patience: int = 1, references: dict | None = None) -> dict:
+    """Per cycle: the held-out curve over sequential baking's bakes of it (after the base
+    model's score in ``references``), the bake at which a rule with ``patience`` sees its
+    plateau, and the own round (failed rounds not counted, as the engine does not count them)
+    at which the engine, on the same prompts, declared one."""
     out = {}
     for c in cycles:
         curve = [r["held_out"][c.name]["value"] for r in sequential_rounds if r["cycle"] == c.name]
         own = [r for r in engine_rounds if r["cycle"] == c.name and "held_out" in r]
         declared = next((k + 1 for k, r in enumerate(own) if r.get("plateau")), None)
-        found = curve_plateau(curve, threshold, patience)
+        base = references[c.name]["base"]["value"] if references else None
+        found = curve_plateau(curve, threshold, patience, base)
         out[c.name] = {"curve": curve, "curve_plateau": found, "declared": declared,
                        "within": None if found is None or declared is None
                        else abs(declared - found) <= TARGET_PLATEAU_ROUNDS}
@@ -261,7 +269,7 @@ def checks(result) -> list[dict]:
         {"target": f"the plateau rule stops within {TARGET_PLATEAU_ROUNDS} rounds of the "
                    f"curve's plateau",
          "measured": ", ".join(f"{c}: declared at own round {p['declared'] or '-'}, the "
-                               f"curve's at bake {p['curve_plateau'] or '- (still rising)'}"
+                               f"curve's at bake {p['curve_plateau'] or '- (not seen)'}"
                                for c, p in plateau.items()) +
                      ("" if judged else " (no cycle has both: not shown)"),
          "pass": bool(judged) and all(judged)},

@@ -384,8 +384,10 @@ def run(pipeline: Pipeline, *, dry_run: bool = False, progress: bool = False,
             continue
         start = time.perf_counter()
         if stage == "engine" and step["action"] == "run":
-            # before the new key is marked: a kill from here on must not leave the old run
-            # under the new key, where a rerun would try to resume it
+            # before the new key is marked: a kill from here on must leave neither the old run
+            # under the new key (a rerun would try to resume it) nor the old key without its
+            # run (a rerun with the old settings would skip to a missing engine)
+            files.remove(directory / STAGE_FILE)
             clear_engine(directory)
         _mark(directory, stage, step["key"], "running")
         if stage == "engine":

@@ -161,6 +161,8 @@ def test_resume_after_a_kill(tiny_dir, next_token_evaluator, round_config, tmp_p
         run_engine(killed, **settings)
     saved = json.loads((out / "engine.json").read_text())
     assert [r["round"] for r in saved["rounds"]] == [1]
+    saved["rounds"][0]["seconds"] = 1000.0  # as if round 1 had taken that long
+    (out / "engine.json").write_text(json.dumps(saved))
     assert sorted(p.name for p in (out / "rounds").iterdir()) == ["round-1"]
     bakes = []
     original = engine._State.bake
@@ -173,8 +175,7 @@ def test_resume_after_a_kill(tiny_dir, next_token_evaluator, round_config, tmp_p
     assert resumed.rounds[1]["deltas"] == 2  # baked on round 1's state, read back from disk
     assert resumed.rounds[1]["candidates"][0]["prompt"] == saved["rounds"][0]["winner"]["prompt"]
     # its time is the whole run's, the killed call's round included, not this call's alone
-    assert resumed.seconds == pytest.approx(saved["references_seconds"] + sum(
-        r["seconds"] for r in resumed.rounds), abs=0.05)
+    assert resumed.seconds >= 1000.0
 
 
 def test_failing_evaluator(tiny_dir, next_token_evaluator, round_config):
@@ -204,8 +205,9 @@ def test_bad_input(tiny_dir, next_token_evaluator, tmp_path):
         Cycle("a", "", None, None)
     with pytest.raises(ValueError, match="not BakeConfig fields"):
         Cycle("a", "x", None, None, bake={"first_token_wieght": 8.0})
-    with pytest.raises(ValueError, match="engine sets seed for every bake"):
-        Cycle("a", "x", None, None, bake={"seed": 3})  # it would break every round's bake
+    for reserved in ("seed", "merge"):  # each would break every round's bake
+        with pytest.raises(ValueError, match=f"engine sets {reserved} for every bake"):
+            Cycle("a", "x", None, None, bake={reserved: 3})
     with pytest.raises(ValueError, match="on_error"):
         EngineConfig(on_error="ignore").validate()
     with pytest.raises(ValueError, match="threshold"):
