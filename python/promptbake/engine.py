@@ -463,6 +463,15 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         if len(rounds) >= config.max_rounds:
             saved["stopped"] = "round limit"
             break
+        # A cycle that keeps gaining keeps its turn, but not past the last rounds a cycle that
+        # has had none needs: every cycle gets a round before the limit.
+        unvisited = [k for k, c in enumerate(cycles)
+                     if c.name not in done and all(r["cycle"] != c.name for r in rounds)]
+        if unvisited and active not in unvisited and \
+                config.max_rounds - len(rounds) <= len(unvisited):
+            say(f"engine: {config.max_rounds - len(rounds)} rounds left and cycle "
+                f"{cycles[unvisited[0]].name} has had none: its turn")
+            active = unvisited[0]
         cycle = cycles[active]
         number = len(rounds) + 1
         say(f"engine round {number}: cycle {cycle.name}")

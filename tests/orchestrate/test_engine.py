@@ -108,6 +108,18 @@ def test_plateau_switches_and_stops(tiny_dir, next_token_evaluator, round_config
     assert result.survival["b"]["kept"] == pytest.approx(0.5)
 
 
+def test_every_cycle_gets_a_round_before_the_limit(tiny_dir, next_token_evaluator,
+                                                   round_config):
+    # a gains every round, so it never plateaus; with three rounds, b still gets the last one
+    a = [0.1, 0.5, 0.2, 0.3, 0.4, 0.5]
+    b = [0.2, 0.6, 0.2, 0.2, 0.2, 0.5]
+    result = run_engine(cycles(next_token_evaluator, a, b), model=tiny_dir,
+                        config=EngineConfig(max_rounds=3, proposals=0, edits=0, patience=1),
+                        bake_config=round_config(steps=1, **SMALL))
+    assert [r["cycle"] for r in result.rounds] == ["a", "a", "b"]
+    assert result.stopped == "round limit"
+
+
 def test_a_cycles_bake_settings_apply_to_its_own_bakes(tiny_dir, next_token_evaluator,
                                                        round_config, monkeypatch):
     used = []
