@@ -366,6 +366,21 @@ def stalled(rounds: list[dict], name: str, start: float, since: int, threshold: 
     return len(gained) >= patience and not any(gained[-patience:])
 
 
+WEAK_TEACHER = 0.5  # share of the prompt's gain on the base model below which a teacher is weak
+
+
+def weak_teacher(prompted_now: float, reference: dict) -> float | None:
+    """The share of the prompt's gain over the base model (held-out ``reference``: base and
+    prompted) that the current model prompted with it keeps (``prompted_now``, on the dev
+    split), when it is below ``WEAK_TEACHER``; None when the teacher is not weak or the prompt
+    gains nothing on the base model."""
+    gain = reference["prompted"]["value"] - reference["base"]["value"]
+    if gain <= 0:
+        return None
+    share = (prompted_now - reference["base"]["value"]) / gain
+    return share if share < WEAK_TEACHER else None
+
+
 def objective(held_out: dict, references: dict) -> float:
     """The minimum over cycles of the held-out score relative to the prompted base model's (the
     raw score where that reference is not positive)."""
@@ -480,6 +495,14 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         try:
             record.update(_round(state, cycle, incumbents[cycle.name], config, bake_config,
                                  number, say))
+            teacher = weak_teacher(record["candidates"][0]["dev"]["value"],
+                                   references[cycle.name])
+            if teacher is not None:
+                record["weak_teacher"] = teacher
+                say(f"engine: the current model, prompted with cycle {cycle.name}'s prompt, "
+                    f"gets {100 * teacher:.0f}% of the gain over the base model that the base "
+                    f"model prompted with it gets: this round's teacher is weak (an earlier "
+                    f"bake may have taken its system prompt's place)")
             measuring = time.perf_counter()
             record["held_out"] = {c.name: state.score(c.held_out, None, framing).to_dict()
                                   for c in cycles}

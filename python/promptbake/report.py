@@ -386,7 +386,10 @@ def engine_report(run_dir: str | Path, out: str | Path | None = None) -> list[st
                 "—" for _ in cycles) + f" | | failed: {short(r['failed'], 60)} |")
             continue
         w = r["winner"]
-        notes = [n for n, on in (("plateau", r.get("plateau")),
+        notes = [n for n, on in (("weak teacher: the prompt keeps "
+                                  f"{100 * r.get('weak_teacher', 0):.0f}% of its gain",
+                                  "weak_teacher" in r),
+                                 ("plateau", r.get("plateau")),
                                  ("fallen: " + ", ".join(r.get("fallen", [])), r.get("fallen")),
                                  ("kept", r["round"] == best)) if on]
         lines.append(f"| {r['round']} | {r['cycle']} | {w['source']} | "

@@ -120,6 +120,26 @@ def test_every_cycle_gets_a_round_before_the_limit(tiny_dir, next_token_evaluato
     assert result.stopped == "round limit"
 
 
+def test_a_weak_teacher_is_flagged(tiny_dir, next_token_evaluator, round_config):
+    reference = {"base": {"value": 0.1}, "prompted": {"value": 0.5}}
+    assert engine.weak_teacher(0.1, reference) == pytest.approx(0.0)
+    assert engine.weak_teacher(0.25, reference) == pytest.approx(0.375)
+    assert engine.weak_teacher(0.35, reference) is None  # over half the gain: not weak
+    assert engine.weak_teacher(0.0, {"base": {"value": 0.5}, "prompted": {"value": 0.4}}) is None
+    # cycle a's prompt does on the current model (dev 0.1) what nothing does on the base
+    # model (held-out 0.1, prompted 0.5): its round is flagged; b's (dev 0.6) is not
+    two = cycles(next_token_evaluator, [0.1, 0.5, 0.3, 0.3], [0.2, 0.6, 0.2, 0.5])
+    two[0].dev, two[1].dev = Scripted("dev-a", [0.1]), Scripted("dev-b", [0.6])
+    said = []
+    result = run_engine(two, model=tiny_dir, say=said.append,
+                        config=EngineConfig(max_rounds=2, proposals=0, edits=0, patience=1),
+                        bake_config=round_config(steps=1, **SMALL))
+    assert [r["cycle"] for r in result.rounds] == ["a", "b"]
+    assert result.rounds[0]["weak_teacher"] == pytest.approx(0.0)
+    assert "weak_teacher" not in result.rounds[1]
+    assert any("cycle a's prompt" in m and "teacher is weak" in m for m in said)
+
+
 def test_a_cycles_bake_settings_apply_to_its_own_bakes(tiny_dir, next_token_evaluator,
                                                        round_config, monkeypatch):
     used = []
