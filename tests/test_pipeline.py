@@ -146,7 +146,8 @@ format = "safetensors"
     stages = {s: json.loads((out / s / "stage.json").read_text()) for s in pipeline.STAGES}
     assert all(s["status"] == "done" for s in stages.values())
     history = json.loads((out / "engine" / "engine.json").read_text())
-    assert [r["cycle"] for r in history["rounds"]] == ["tools", "tools"]
+    # two rounds: the second goes to the cycle that has had none
+    assert [r["cycle"] for r in history["rounds"]] == ["tools", "sense"]
     assert set(history["references"]) == {"tools", "sense"}
     assert (out / "report" / "engine-report.md").read_text().startswith("# Engine run")
     assert (out / "report" / "engine-report.png").stat().st_size > 0
