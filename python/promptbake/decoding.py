@@ -70,7 +70,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
         mass = top.cumsum(-1)  # the sums a full sort's cumsum gives over these first k tokens
         done = mass[:, -1] >= top_p if k < vocab else torch.ones_like(rows, dtype=torch.bool)
         top[mass - top >= top_p] = 0.0  # mass strictly above a token; the first always stays
-        if part is probs and bool(done.all()):  # the usual case: every row at the first k
+        if part is probs and bool(done.all()):  # the usual case: every row done at once
             return out.scatter_(-1, order, top)
         out[rows[done]] = out.new_zeros(int(done.sum()), vocab).scatter_(-1, order[done],
                                                                          top[done])
