@@ -389,3 +389,76 @@ def test_a_gpu_that_is_not_there_is_a_clear_error(tiny_dir, prompt, tmp_path):
     with pytest.raises(ValueError, match="torch sees no GPU"):
         bake(prompt, model=tiny_dir, config=tiny_config(), out=tmp_path / "b", device="cuda")
     assert not (tmp_path / "b").exists()
+
+
+def _tiny_variant(tiny_dir, path, seed: int, extra_vocab: int = 0):
+    """Another tiny Llama beside ``tiny_dir`` (same tokenizer), with other random weights."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_dir)
+    config.vocab_size += extra_vocab
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    return path
+
+
+def test_a_teacher_model_that_is_the_same_weights_gives_the_same_bake(tiny_dir, tmp_path,
+                                                                        prompt):
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_dir, twin)
+    config = tiny_config(steps=3)
+    own = bake(prompt, model=tiny_dir, config=config)
+    taught = bake(prompt, model=tiny_dir, config=config, teacher_model=twin)
+    # The same trajectories and targets from a separate copy of the weights: the same adapter.
+    for name, value in own.model.state_dict().items():
+        torch.testing.assert_close(taught.model.state_dict()[name], value)
+    for when in ("before", "after"):
+        assert taught.manifest["kl"][when]["per_sequence"] == pytest.approx(
+            own.manifest["kl"][when]["per_sequence"], rel=1e-5)
+    assert taught.manifest["teacher_model"]["path"] == str(twin.resolve())
+    assert "teacher_model" not in own.manifest
+
+
+def test_a_student_learns_another_models_prompted_distributions(tiny_dir, tmp_path, prompt):
+    from promptbake import models
+    from promptbake.artifact import RunDir
+    from promptbake.framing import Framing
+    from promptbake.mc_kl import kl_on
+    from promptbake.modeling import BAKED, BASE
+
+    teacher_dir = _tiny_variant(tiny_dir, tmp_path / "teacher", seed=7)
+    baked = bake(prompt, model=tiny_dir, config=tiny_config(steps=8, lr=3e-2),
+                 teacher_model=teacher_dir, out=tmp_path / "out")
+    kl = baked.manifest["kl"]
+    assert kl["after"]["per_sequence"] < kl["before"]["per_sequence"]  # it learns
+    assert kl["measured_on"].endswith("the teacher is teacher with the prompt, not the base "
+                                      "model")
+    assert baked.manifest["teacher_model"]["sha256"] == models.fingerprint(teacher_dir)
+    # The manifest's figures are KL(teacher with u || student) on the bake's held-out samples,
+    # measured again here with the teacher loaded apart.
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    framing = Framing(baked.tokenizer, prompt, baked.manifest["framing"]["student"])
+    trajectories = RunDir(tmp_path / "out", identity="").load_trajectories("eval_trajectories")
+    found = kl_on(baked.model, framing, baked.held_out, trajectories,
+                  {"base": BASE, "baked": BAKED}, pad_id=baked.tokenizer.pad_token_id,
+                  teacher=(teacher, framing))
+    assert found["base"].per_sequence == pytest.approx(kl["before"]["per_sequence"], rel=1e-4)
+    assert found["baked"].per_sequence == pytest.approx(kl["after"]["per_sequence"], rel=1e-4)
+    # ... which are not the student's own prompted model's
+    own = kl_on(baked.model, framing, baked.held_out, trajectories, {"base": BASE},
+                pad_id=baked.tokenizer.pad_token_id)["base"]
+    assert abs(own.per_sequence - kl["before"]["per_sequence"]) > 0.1 * own.per_sequence
+
+
+def test_a_teacher_model_is_refused_when_it_cannot_teach(tiny_dir, tmp_path, prompt):
+    other = _tiny_variant(tiny_dir, tmp_path / "wide", seed=1, extra_vocab=8)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        bake(prompt, model=tiny_dir, config=tiny_config(steps=1), teacher_model=other)
+    with pytest.raises(ValueError, match="not live"):
+        bake(prompt, model=tiny_dir, config=tiny_config(steps=1, teacher="live"),
+             teacher_model=tiny_dir)

@@ -285,12 +285,14 @@ class RunDir:
 
     @classmethod
     def prepare(cls, out, prompt, config, contexts, model, *, overwrite: bool,
-                resume: bool, world: World = SINGLE) -> "RunDir":
+                resume: bool, world: World = SINGLE, teacher_model=None) -> "RunDir":
         """Checks that the bake may use ``out``; writes nothing (see ``create``)."""
-        identity = hashlib.sha256(json.dumps(
-            [prompt, dataclasses.asdict(config), contexts_key(contexts),
-             str(Path(model).expanduser().resolve()) if model is not None else models.DEFAULT],
-            sort_keys=True, default=str).encode()).hexdigest()
+        inputs = [prompt, dataclasses.asdict(config), contexts_key(contexts),
+                  str(Path(model).expanduser().resolve()) if model is not None else models.DEFAULT]
+        if teacher_model is not None:
+            inputs.append(str(Path(teacher_model).expanduser().resolve()))
+        identity = hashlib.sha256(json.dumps(inputs, sort_keys=True,
+                                             default=str).encode()).hexdigest()
         if out is None:
             if resume:
                 raise ValueError("resume needs the output directory of the bake to continue")

@@ -35,7 +35,8 @@ log = logging.getLogger("promptbake")
 def bake(prompt: str, model: str | Path | None = None, contexts=None,
          config: BakeConfig | None = None, *, out: str | Path | None = None,
          overwrite: bool = False, resume: bool = False, progress: bool = False,
-         record: dict | None = None, fsdp: bool = False, device: str | None = None) -> Baked:
+         record: dict | None = None, fsdp: bool = False, device: str | None = None,
+         teacher_model: str | Path | None = None) -> Baked:
     """Bakes ``prompt`` into a LoRA adapter on ``model`` (default: SmolLM2-135M-Instruct).
 
     Args:
@@ -59,6 +60,12 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         device: where to bake ("cpu", "cuda", "cuda:1"); None: this rank's GPU when there is
             one (under torchrun, the one its LOCAL_RANK names), else the CPU. With ``fsdp``
             each rank's shards go there.
+        teacher_model: another model, with the same vocabulary, whose prompted distributions
+            the student learns (None: ``model`` itself with ``prompt``, the paper's bake). The
+            engine uses it to bake a prompt into an already baked model from the base model's
+            reading of the prompt; it also distils one model's prompted behaviour into another.
+            Needs a cached teacher (not ``teacher="live"``) and no ``fsdp``. The manifest's KL
+            is then KL(teacher with u || student), before and after.
 
     Under ``torchrun`` (a process group initialised, ``distributed.World``) every rank runs this
     with the same arguments: each samples and keeps its share of the contexts, the steps are
@@ -75,11 +82,14 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         raise ValueError(f"--device {device}, but torch sees no GPU (a CPU build of torch, or "
                          f"no driver): drop --device to bake on the CPU, or install torch's "
                          f"CUDA build")
+    if teacher_model is not None and (config.teacher == "live" or fsdp):
+        raise ValueError("--teacher-model records the teacher's distributions while sampling: "
+                         "use --teacher cached (not live), without --fsdp")
     if fsdp and config.merge:
         raise ValueError("--merge needs the whole model on one rank and --fsdp shards it: bake "
                          "with --fsdp alone, then merge with promptbake export DIR --format safetensors --out MERGED")
     run = RunDir.prepare(out, prompt, config, contexts, model, overwrite=overwrite,
-                         resume=resume, world=world)
+                         resume=resume, world=world, teacher_model=teacher_model)
     check_same((run.identity, fsdp), world, "the prompt, settings, contexts, model or --fsdp")
 
     place = torch.device(device) if device is not None else world.device
@@ -88,6 +98,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         if not fsdp:  # sharded, each rank's shards go to the device (distributed.shard)
             lm.to(place)
         framing = Framing(tokenizer, prompt, config.framing)
+        teacher = _Teacher.load(teacher_model, lm, framing, place)
     with clock("generate"), rank_zero_first(world):  # rank 0 fills the cache, the rest read it
         drawn, generation = generated.resolve(
             contexts, prompt, (lm, tokenizer), model_dir, config.seed,
@@ -97,7 +108,9 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         held_out = contexts_mod.for_bake(drawn, "held_out", config.eval_contexts)
         probes = contexts_mod.probe(config.probe_contexts) if config.probe_contexts else []
         _check_contexts(framing, train + held_out + probes, lm, config)
-        modeling.check_logits(lm, framing.teacher_ids(train[0]))
+        if teacher.lm is not None:
+            _check_contexts(teacher.framing, train + held_out + probes, teacher.lm, config)
+        modeling.check_logits(teacher.lm or lm, teacher.framing.teacher_ids(train[0]))
         _check_world(world, train, held_out, probes)
         torch.manual_seed(config.seed)
         peft_model = attach_lora(lm, config)
@@ -106,7 +119,9 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     run.create(models.fingerprint(model_dir), held_out)  # only now that every input checked out
     barrier(world)  # the directory exists before any rank writes its share
     pad_id = tokenizer.pad_token_id
-    prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
+    if teacher.lm is None:
+        teacher = dataclasses.replace(teacher, lm=peft_model)  # the same weights, adapter off
+    prefixes = [(teacher.framing.teacher_ids(c), framing.student_ids(c)) for c in train]
     progress = progress and world.writes
 
     # Trajectories y ~ P_theta(. | u, x), teacher targets recorded as they are drawn (Eq. 3);
@@ -114,7 +129,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     def sampled(name, prompts, cache, seed, samples, what):
         found = run.load_trajectories(name)
         if found is None:
-            found = sample_trajectories(peft_model, tokenizer, prompts, config, cache,
+            found = sample_trajectories(teacher.lm, tokenizer, prompts, config, cache,
                                         seed=seed, samples=samples, progress=progress,
                                         what=what, world=world)
             run.save_trajectories(name, found)
@@ -125,9 +140,11 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
             "trajectories", [p[0] for p in prefixes],
             config.teacher_cache if config.teacher == "cached" else "none", config.seed,
             config.samples_per_context, "sampling trajectories")
-        held_out_traj = sampled("eval_trajectories", [framing.teacher_ids(c) for c in held_out],
+        held_out_traj = sampled("eval_trajectories",
+                                [teacher.framing.teacher_ids(c) for c in held_out],
                                 "none", config.seed + 1, 1, "sampling held-out trajectories")
-        probe_traj = sampled("probe_trajectories", [framing.teacher_ids(c) for c in probes],
+        probe_traj = sampled("probe_trajectories",
+                             [teacher.framing.teacher_ids(c) for c in probes],
                              "none", config.seed + 2, 1,
                              "sampling off-distribution probes") if probes else None
 
@@ -138,7 +155,8 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
 
     def measured(variant, contexts, samples):  # measured in fp32, pooled over the ranks
         return KL.merged(gather(kl_on(peft_model, framing, contexts, samples,
-                                      {"kl": variant}, pad_id=pad_id, world=world)["kl"], world))
+                                      {"kl": variant}, pad_id=pad_id, world=world,
+                                      teacher=teacher.pair())["kl"], world))
 
     with clock("measure_before"):
         before = measured(BASE, held_out, held_out_traj)
@@ -188,6 +206,10 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     if probes:
         manifest["kl_off_distribution"] = off_distribution_record(probe_before, probe_after,
                                                                   len(probes))
+    if teacher_model is not None:
+        manifest["teacher_model"] = _model_record(teacher.path)
+        manifest["kl"]["measured_on"] += (f"; the teacher is {manifest['teacher_model']['name']} "
+                                          f"with the prompt, not the base model")
     if generation is not None:
         manifest["contexts"]["generated"] = generation
     if isinstance(drawn, contexts_mod.Pools):
@@ -220,6 +242,40 @@ def _check_contexts(framing: Framing, contexts: list, lm, config: BakeConfig) ->
                                f"the model's window of {window}: shorten the prompt or the "
                                f"context, or lower --max-new-tokens")
 
+
+
+def _model_record(model_dir) -> dict:
+    return {"path": str(Path(model_dir).resolve()), "sha256": models.fingerprint(model_dir),
+            "name": models.DEFAULT if Path(model_dir) == models.default_dir()
+            else Path(model_dir).name}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Teacher:
+    """Who reads the prompt: ``lm`` with ``framing`` (lm None until the student exists: the
+    student's own weights with the adapter off), loaded from ``path`` for a separate teacher."""
+
+    lm: object | None
+    framing: Framing
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, teacher_model, student, framing: Framing, place) -> "_Teacher":
+        if teacher_model is None:
+            return cls(None, framing)
+        lm, their_tokenizer, path = models.load(teacher_model)
+        if their_tokenizer.get_vocab() != framing.tokenizer.get_vocab() or \
+                lm.get_output_embeddings().weight.shape[0] != \
+                student.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"--teacher-model {teacher_model} has another vocabulary than the "
+                             f"model baked into: the student learns the teacher's next-token "
+                             f"distributions, so both need the same tokenizer and LM head size")
+        lm.to(place).eval().requires_grad_(False)
+        return cls(lm, Framing(their_tokenizer, framing.prompt, framing.student), path)
+
+    def pair(self):
+        """``kl_on``'s teacher: None for the student's own weights, else (model, framing)."""
+        return None if self.path is None else (self.lm, self.framing)
 
 
 def _check_world(world: World, train: list, held_out: list, probes: list) -> None:
@@ -259,10 +315,7 @@ def _manifest(prompt, model_dir, framing, contexts, train, held_out, config, tra
         "prompt": {"text": prompt_text(prompt),
                    "sha256": hashlib.sha256(prompt_text(prompt).encode()).hexdigest(),
                    **({} if isinstance(prompt, str) else {"messages": prompt_messages(prompt)})},
-        "base_model": {"path": str(Path(model_dir).resolve()),
-                       "sha256": models.fingerprint(model_dir),
-                       "name": models.DEFAULT if Path(model_dir) == models.default_dir()
-                       else Path(model_dir).name},
+        "base_model": _model_record(model_dir),
         "framing": {"student": framing.student, "chat_template": framing.templated,
                     "default_system_prompt": framing.default_system},
         "contexts": {"source": source, "train": len(train), "held_out": len(held_out),

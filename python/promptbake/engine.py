@@ -10,7 +10,11 @@ of a cycle:
 2. each candidate scored with the current model prompted by it on the dev split;
 3. the winner (better than the incumbent by more than their paired standard error, otherwise the
    incumbent) baked on top of the current model (``LoraStack.push``: LoRA deltas stacked), with
-   ``pursuit_rounds`` more bakes of it (Eq. 4) if asked;
+   ``pursuit_rounds`` more bakes of it (Eq. 4) if asked. The teacher (``teacher``) is the
+   current model with the winner, as sequential baking does ("current"), or the base model
+   with it ("base"): a bake can stop a small model following other system prompts, and then
+   the current model with the next cycle's prompt no longer shows that cycle's skill. With
+   "base", step 2 scores the candidates on the base model too (the model that reads them);
 4. every cycle's held-out score measured on the model without any prompt, so each round shows
    what it did to the other skills.
 
@@ -25,6 +29,7 @@ A cycle that falls below ``survive`` of its best held-out score is flagged and, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from promptbake import files, models
+from promptbake import files, modeling, models
 from promptbake.artifact import Baked, contexts_key, load_baked
 from promptbake.bake import bake
 from promptbake.config import BakeConfig
@@ -56,6 +61,7 @@ HISTORY = "engine.json"
 ROUNDS = "rounds"
 FINAL = "final"
 ON_ERROR = ("continue", "stop")
+TEACHERS = ("current", "base")  # EngineConfig.teacher
 # What a proposer is asked, in turn; {failures} is filled with dev items the incumbent missed.
 META_PROMPTS = {
     "rewrite": "Rewrite these instructions for an AI assistant so they are clearer. Reply with "
@@ -122,6 +128,7 @@ class EngineConfig:
     survive: float = 0.95  # a cycle below this share of its best held-out score is flagged
     rerun_fallen: bool = True  # a flagged cycle that had plateaued runs again
     on_error: str = "continue"  # an evaluator or bake that raises: record and go on, or stop
+    teacher: str = "current"  # who reads a round's prompt when it is baked: current or base
     proposal_tokens: int = 160
     seed: int = 0
 
@@ -137,6 +144,9 @@ class EngineConfig:
             raise ValueError(f"engine: proposer model {self.proposer} is not a directory: name a "
                              f"local transformers model directory, or leave proposer unset for "
                              f"the current model to propose")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"engine: teacher={self.teacher!r}: choose one of "
+                             f"{', '.join(TEACHERS)}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"engine: on_error={self.on_error!r} must be one of "
                              f"{', '.join(ON_ERROR)}")
@@ -312,8 +322,10 @@ def choose(scores: list, incumbent: int = 0) -> tuple[int, dict]:
 class _State:
     """The current model: the base model until the first bake, then the stacked adapters."""
 
-    def __init__(self, lm, tokenizer, model_dir: Path, progress: bool = False):
+    def __init__(self, lm, tokenizer, model_dir: Path, progress: bool = False,
+                 teacher: str = "current"):
         self.lm, self.tokenizer, self.model_dir = lm, tokenizer, model_dir
+        self.teacher = teacher  # "base": bakes learn from, and candidates are scored on, the base
         self.layers: LoraStack | None = None
         self.progress = progress  # the bakes' progress bars
         self.proposer = None  # a named proposer model, loaded on first use
@@ -343,10 +355,16 @@ class _State:
                          progress=self.progress)
             self.layers, self.lm = LoraStack(first), None  # the bake loaded its own copy
             return first.manifest["kl"]
-        return self.layers.push(prompt, config, contexts, progress=self.progress)
+        return self.layers.push(prompt, config, contexts, progress=self.progress,
+                                teacher_model=None if self.teacher == "current" else
+                                self.model_dir)
 
-    def score(self, evaluator, prompt, framing: str):
-        with torch.no_grad():
+    def score(self, evaluator, prompt, framing: str, *, teacher: bool = False):
+        """``evaluator``'s score of the current model with ``prompt``; with ``teacher``, of the
+        model that teaches a bake of it (the base model under ``teacher = "base"``)."""
+        base = teacher and self.teacher != "current" and self.layers is not None
+        with torch.no_grad(), modeling.adapter(self.model, enabled=False) if base \
+                else contextlib.nullcontext():
             return evaluator(self.model, self.tokenizer, prompt, framing=framing)
 
 
@@ -442,7 +460,7 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         raise ValueError(f"cycle names repeat: {names}; give each cycle its own name")
     say = say or log.info
     lm, tokenizer, model_dir = models.load(model)
-    state = _State(lm, tokenizer, model_dir, progress)
+    state = _State(lm, tokenizer, model_dir, progress, config.teacher)
     identity = _identity(cycles, config, bake_config, models.fingerprint(model_dir))
     out = Path(out) if out is not None else None
     saved = _resume(out, identity, overwrite)
@@ -569,7 +587,7 @@ def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
     candidates = [("incumbent", incumbent)] + edits(incumbent, cycle.demonstrations,
                                                      config.edits, rng)
     with clock("scoring"):
-        first = state.score(cycle.dev, incumbent, framing)
+        first = state.score(cycle.dev, incumbent, framing, teacher=True)
     if config.proposals:
         with clock("proposing"):
             candidates += proposals(_proposer(state, config), state.tokenizer, incumbent,
@@ -578,7 +596,8 @@ def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
                                     max_new_tokens=config.proposal_tokens)
     candidates = unique(candidates)
     with clock("scoring"):
-        scores = [first] + [state.score(cycle.dev, p, framing) for _, p in candidates[1:]]
+        scores = [first] + [state.score(cycle.dev, p, framing, teacher=True)
+                            for _, p in candidates[1:]]
     winner, comparison = choose(scores)
     say(f"  {len(candidates)} candidates; winner: {candidates[winner][0]} (dev "
         f"{scores[winner].value:.3f}, incumbent {scores[0].value:.3f})")

@@ -146,11 +146,13 @@ def sequence_kls(trajectories: Trajectories, teacher: Callable, students: dict[s
 
 def kl_on(model, framing: Framing, contexts, trajectories: Trajectories,
           students: dict[str, Variant], *, pad_id: int = 0, batch_size: int = 8,
-          dtype: torch.dtype | None = None, world: World = SINGLE) -> dict[str, KL]:
+          dtype: torch.dtype | None = None, world: World = SINGLE,
+          teacher: tuple | None = None) -> dict[str, KL]:
     """MC-KL (Eq. 3) of several variants of ``model`` (a PeftModel) on the same trajectories.
 
-    The teacher is the prompted base model (``modeling.PROMPTED``); ``students`` maps a name to
-    a variant without the prompt (base, or baked at some strength).
+    The teacher is the prompted base model (``modeling.PROMPTED``), or ``teacher`` = (another
+    model, its framing) with the prompt; ``students`` maps a name to a variant without the
+    prompt (base, or baked at some strength).
     """
     prompted = [name for name, v in students.items() if v.prompted]
     if prompted:
@@ -165,7 +167,12 @@ def kl_on(model, framing: Framing, contexts, trajectories: Trajectories,
                     pad_id, dtype)
         return run
 
-    return sequence_kls(trajectories, logits(modeling.PROMPTED),
+    def other(chunk, responses):
+        lm, their_framing = teacher
+        return modeling.response_logits(lm, [their_framing.teacher_ids(contexts[c])
+                                             for c in chunk], responses, pad_id, dtype)
+
+    return sequence_kls(trajectories, logits(modeling.PROMPTED) if teacher is None else other,
                         {name: logits(v) for name, v in students.items()},
                         batch_size=batch_size, world=world)
 

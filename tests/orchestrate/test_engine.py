@@ -1,6 +1,7 @@
 """The baking engine on the tiny model: a two-cycle run end to end, switching and stopping on
 scripted scores, resume after a kill, failing evaluators, and the candidate machinery."""
 
+import dataclasses
 import json
 import random
 
@@ -138,6 +139,34 @@ def test_a_weak_teacher_is_flagged(tiny_dir, next_token_evaluator, round_config)
     assert result.rounds[0]["weak_teacher"] == pytest.approx(0.0)
     assert "weak_teacher" not in result.rounds[1]
     assert any("cycle a's prompt" in m and "teacher is weak" in m for m in said)
+
+
+def test_the_base_model_can_teach_every_round(tiny_dir, next_token_evaluator, round_config):
+    from transformers import AutoTokenizer
+
+    two = cycles(next_token_evaluator)
+    config = EngineConfig(max_rounds=2, proposals=0, edits=0, patience=3, threshold=0.0,
+                          teacher="base")
+    bake_config = round_config(steps=2, **SMALL)
+    result = run_engine(two, model=tiny_dir, config=config, bake_config=bake_config)
+    first, second = result.rounds
+    assert second["cycle"] == "b"
+    # The second round's bake learns from the base model with its prompt, and its candidates
+    # are scored on the base model: the model that reads the winner.
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    expected = two[1].dev(base, AutoTokenizer.from_pretrained(tiny_dir), two[1].prompt,
+                          framing=bake_config.framing)
+    assert second["candidates"][0]["dev"]["value"] == pytest.approx(expected.value, rel=1e-5)
+    assert "the teacher is" in second["bake_kl"][0]["measured_on"]
+    assert "the teacher is" not in first["bake_kl"][0]["measured_on"]  # the base model anyway
+    # With the current model as teacher (the default), the same round scores on that model.
+    current = run_engine(cycles(next_token_evaluator), model=tiny_dir,
+                         config=dataclasses.replace(config, teacher="current"),
+                         bake_config=bake_config)
+    assert current.rounds[1]["candidates"][0]["dev"]["value"] != pytest.approx(expected.value,
+                                                                               rel=1e-5)
+    with pytest.raises(ValueError, match="teacher='teachers'"):
+        EngineConfig(teacher="teachers").validate()
 
 
 def test_a_cycles_bake_settings_apply_to_its_own_bakes(tiny_dir, next_token_evaluator,

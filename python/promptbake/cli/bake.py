@@ -70,6 +70,11 @@ def _add_bake(commands) -> None:
     p.add_argument("--device", default=None,
                    help="where to bake: cpu, cuda or cuda:N (default: the GPU when there is one "
                         "-- under torchrun each rank's LOCAL_RANK GPU -- else the CPU)")
+    p.add_argument("--teacher-model", default=None,
+                   help="another local model directory, with the same vocabulary, whose "
+                        "prompted distributions the student learns (default: --model itself "
+                        "with the prompt). E.g. distil a bigger model's prompted behaviour "
+                        "into a small one, or bake into a fine-tuned model from its base")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("framing and trajectories")
     g.add_argument("--framing", choices=STUDENT_FRAMINGS, default=d.framing,
@@ -161,6 +166,11 @@ def _bake(args) -> int:
     run = dict(model=args.model, contexts=args.contexts, config=config, out=args.out,
                overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
                fsdp=args.fsdp, device=args.device)
+    if args.teacher_model is not None:
+        if args.tools:
+            raise ValueError("--teacher-model is not offered with --tools: the tool "
+                             "conversations are written by the model baked into")
+        run["teacher_model"] = args.teacher_model
     if args.tools:
         baked = bake_tools(args.tools, syntax=args.tool_syntax, **run)
         made = baked.manifest["tools"]

@@ -21,7 +21,8 @@ def register(commands) -> None:
                     "resumes after its last finished round. Engine settings ([engine]): "
                     "max_rounds, threshold, patience, proposals, proposer (a model directory), "
                     "edits, pursuit_rounds, survive, rerun_fallen, on_error (continue|stop), "
-                    "proposal_tokens, seed. `promptbake run --example` prints the shipped "
+                    "teacher (current|base: the model that reads a round's prompt when it is "
+                    "baked), proposal_tokens, seed. `promptbake run --example` prints the shipped "
                     "example (the shipped tools and the pirate persona on the default model).",
         formatter_class=Help)
     p.add_argument("file", nargs="?", help="the pipeline file (TOML)")
