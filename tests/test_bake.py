@@ -462,3 +462,40 @@ def test_a_teacher_model_is_refused_when_it_cannot_teach(tiny_dir, tmp_path, pro
     with pytest.raises(ValueError, match="not live"):
         bake(prompt, model=tiny_dir, config=tiny_config(steps=1, teacher="live"),
              teacher_model=tiny_dir)
+
+
+def test_rehearsed_contexts_are_taught_by_their_own_prompt(tiny_dir, prompt, monkeypatch):
+    import sys
+
+    from promptbake.bake import Rehearsal
+    from promptbake.framing import Framing
+
+    bake_mod = sys.modules["promptbake.bake"]  # the package's ``bake`` is the function
+    seen = []
+    real = bake_mod.sample_trajectories
+
+    def spy(model, tokenizer, prefixes, *args, **kwargs):
+        seen.append(list(prefixes))
+        return real(model, tokenizer, prefixes, *args, **kwargs)
+
+    monkeypatch.setattr(bake_mod, "sample_trajectories", spy)
+    other = "Answer in French."
+    extra = ["Where is the station?", "What time is it?", "Name a fruit."]
+    config = tiny_config(steps=None, epochs=1.0, train_contexts=4)
+    baked = bake(prompt, model=tiny_dir, config=config, rehearse=[Rehearsal(other, extra, 2)])
+    training = seen[0]  # the training trajectories' prefixes: the bake's own, then rehearsed
+    assert len(training) == 6
+    own = Framing(baked.tokenizer, prompt, config.framing)
+    theirs = Framing(baked.tokenizer, other, config.framing)
+    asked = [[{"role": "user", "content": c}] for c in extra]
+    rehearsed = training[4:]
+    assert all(any(ids == theirs.teacher_ids(c) for c in asked) for ids in rehearsed)
+    assert not any(ids == own.teacher_ids(c) for ids in rehearsed for c in asked)
+    assert baked.manifest["rehearsal"] == [{"prompt": other, "contexts": 2, "source": "list"}]
+    assert baked.manifest["contexts"]["train"] == 4
+    # epochs count every training context, rehearsed ones too: 6 contexts, 2 per step
+    assert len(baked.manifest["train_kl_per_token"]) == 3
+    with pytest.raises(ValueError, match="count >= 1"):
+        bake(prompt, model=tiny_dir, config=config, rehearse=[(other, extra, 0)])
+    with pytest.raises(ValueError, match="not rehearsed"):
+        bake(prompt, model=tiny_dir, config=config, rehearse=[(other, "generated:8", 2)])

@@ -285,12 +285,15 @@ class RunDir:
 
     @classmethod
     def prepare(cls, out, prompt, config, contexts, model, *, overwrite: bool,
-                resume: bool, world: World = SINGLE, teacher_model=None) -> "RunDir":
+                resume: bool, world: World = SINGLE, teacher_model=None,
+                rehearse=()) -> "RunDir":
         """Checks that the bake may use ``out``; writes nothing (see ``create``)."""
         inputs = [prompt, dataclasses.asdict(config), contexts_key(contexts),
                   str(Path(model).expanduser().resolve()) if model is not None else models.DEFAULT]
         if teacher_model is not None:
             inputs.append(str(Path(teacher_model).expanduser().resolve()))
+        if rehearse:
+            inputs.append([list(r) for r in rehearse])
         identity = hashlib.sha256(json.dumps(inputs, sort_keys=True,
                                              default=str).encode()).hexdigest()
         if out is None:

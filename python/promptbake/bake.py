@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from promptbake import contexts as contexts_mod, generated, modeling, models, versions
-from promptbake.artifact import HELD_OUT, Baked, RunDir
+from promptbake.artifact import HELD_OUT, Baked, RunDir, contexts_key
 from promptbake.config import BakeConfig
 from promptbake.distributed import World, barrier, check_same, gather, rank_zero_first, shard
 from promptbake.framing import Framing, FramingError, prompt_messages, prompt_text
@@ -36,7 +36,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
          config: BakeConfig | None = None, *, out: str | Path | None = None,
          overwrite: bool = False, resume: bool = False, progress: bool = False,
          record: dict | None = None, fsdp: bool = False, device: str | None = None,
-         teacher_model: str | Path | None = None) -> Baked:
+         teacher_model: str | Path | None = None, rehearse=()) -> Baked:
     """Bakes ``prompt`` into a LoRA adapter on ``model`` (default: SmolLM2-135M-Instruct).
 
     Args:
@@ -66,6 +66,9 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
             reading of the prompt; it also distils one model's prompted behaviour into another.
             Needs a cached teacher (not ``teacher="live"``) and no ``fsdp``. The manifest's KL
             is then KL(teacher with u || student), before and after.
+        rehearse: ``Rehearsal``s: more training contexts on which the teacher reads another
+            prompt, so that what a model baked earlier is kept while ``prompt`` is baked into
+            it (the engine's rehearsal). The KL before and after is ``prompt``'s only.
 
     Under ``torchrun`` (a process group initialised, ``distributed.World``) every rank runs this
     with the same arguments: each samples and keeps its share of the contexts, the steps are
@@ -74,6 +77,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     config = config or BakeConfig()
     config.validate()
     prompt_messages(prompt)  # a text or a conversation: refused now if it is neither
+    rehearse = [Rehearsal.checked(r) for r in rehearse]
     contexts = generated.check_spec(contexts)  # pools parsed and checked before any loading
     clock = Clock()
     world = World.current()
@@ -89,7 +93,9 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         raise ValueError("--merge needs the whole model on one rank and --fsdp shards it: bake "
                          "with --fsdp alone, then merge with promptbake export DIR --format safetensors --out MERGED")
     run = RunDir.prepare(out, prompt, config, contexts, model, overwrite=overwrite,
-                         resume=resume, world=world, teacher_model=teacher_model)
+                         resume=resume, world=world, teacher_model=teacher_model,
+                         rehearse=[(r.prompt, contexts_key(r.contexts), r.count)
+                                   for r in rehearse])
     check_same((run.identity, fsdp), world, "the prompt, settings, contexts, model or --fsdp")
 
     place = torch.device(device) if device is not None else world.device
@@ -111,6 +117,11 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         if teacher.lm is not None:
             _check_contexts(teacher.framing, train + held_out + probes, teacher.lm, config)
         modeling.check_logits(teacher.lm or lm, teacher.framing.teacher_ids(train[0]))
+        rehearsed = [(Framing(teacher.framing.tokenizer, r.prompt, config.framing),
+                      contexts_mod.for_bake(r.contexts, "train", r.count, config.seed))
+                     for r in rehearse]
+        for their, found in rehearsed:
+            _check_contexts(their, found, teacher.lm or lm, config)
         _check_world(world, train, held_out, probes)
         torch.manual_seed(config.seed)
         peft_model = attach_lora(lm, config)
@@ -121,7 +132,8 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     pad_id = tokenizer.pad_token_id
     if teacher.lm is None:
         teacher = dataclasses.replace(teacher, lm=peft_model)  # the same weights, adapter off
-    prefixes = [(teacher.framing.teacher_ids(c), framing.student_ids(c)) for c in train]
+    prefixes = [(teacher.framing.teacher_ids(c), framing.student_ids(c)) for c in train] + \
+        [(their.teacher_ids(c), their.student_ids(c)) for their, found in rehearsed for c in found]
     progress = progress and world.writes
 
     # Trajectories y ~ P_theta(. | u, x), teacher targets recorded as they are drawn (Eq. 3);
@@ -163,7 +175,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         probe_before = measured(BASE, probes, probe_traj) if probes else None
     log.info("KL(prompted || base) on held-out contexts: %s", before)
 
-    total = config.total_steps(trajectories, len(train))
+    total = config.total_steps(trajectories, len(prefixes))
     optimizer, schedule = make_optimizer(peft_model, config, total)
     objective = Divergence(trajectories, prefixes, config, pad_id)
     step, history = run.restore(peft_model, optimizer, schedule)
@@ -177,7 +189,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     with clock("train"), for_training(peft_model, dtype):
         while step < total:
             kl = optimizer_step(peft_model, objective,
-                                batch_plan(step, trajectories, config, world, len(train)),
+                                batch_plan(step, trajectories, config, world, len(prefixes)),
                                 optimizer, schedule, config.max_grad_norm, world)
             step += 1
             history.append([step, kl])
@@ -206,6 +218,11 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     if probes:
         manifest["kl_off_distribution"] = off_distribution_record(probe_before, probe_after,
                                                                   len(probes))
+    if rehearse:
+        manifest["rehearsal"] = [{"prompt": prompt_text(r.prompt), "contexts": len(found),
+                                  "source": "list" if isinstance(r.contexts, list)
+                                  else str(r.contexts or contexts_mod.BUILTIN)}
+                                 for r, (_, found) in zip(rehearse, rehearsed)]
     if teacher_model is not None:
         manifest["teacher_model"] = _model_record(teacher.path)
         manifest["kl"]["measured_on"] += (f"; the teacher is {manifest['teacher_model']['name']} "
@@ -242,6 +259,32 @@ def _check_contexts(framing: Framing, contexts: list, lm, config: BakeConfig) ->
                                f"the model's window of {window}: shorten the prompt or the "
                                f"context, or lower --max-new-tokens")
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Rehearsal:
+    """Training contexts a bake adds on which the teacher reads another ``prompt``: ``count``
+    drawn from ``contexts`` (a list of messages, a contexts file, None or "builtin": the shipped
+    set) as a bake of them would draw them. Baking u2 into a model that has u1 baked in, with
+    u1's contexts rehearsed, trains the student on both: u2's teacher on u2's contexts, u1's on
+    u1's, instead of u2's everywhere."""
+
+    prompt: str | list
+    contexts: object
+    count: int
+
+    @classmethod
+    def checked(cls, rehearsal) -> "Rehearsal":
+        rehearsal = rehearsal if isinstance(rehearsal, cls) else cls(*rehearsal)
+        prompt_messages(rehearsal.prompt)
+        if not isinstance(rehearsal.count, int) or rehearsal.count < 1:
+            raise ValueError(f"a rehearsal needs count >= 1 contexts, not {rehearsal.count!r}")
+        spec = rehearsal.contexts
+        if spec == contexts_mod.UNCONDITIONAL or contexts_mod.is_pools(spec) or \
+                (isinstance(spec, str) and spec.startswith(generated.GENERATED)):
+            raise ValueError(f"rehearsal contexts {spec!r}: give a list of messages, a contexts "
+                             f"file or 'builtin' (generated contexts and pools are not rehearsed)")
+        return rehearsal
 
 
 def _model_record(model_dir) -> dict:

@@ -44,7 +44,7 @@ import torch
 
 from promptbake import files, modeling, models
 from promptbake.artifact import Baked, contexts_key, load_baked
-from promptbake.bake import bake
+from promptbake.bake import Rehearsal, bake
 from promptbake.config import BakeConfig
 from promptbake.decoding import stop_token_ids
 from promptbake.framing import Framing, prompt_messages
@@ -129,6 +129,7 @@ class EngineConfig:
     rerun_fallen: bool = True  # a flagged cycle that had plateaued runs again
     on_error: str = "continue"  # an evaluator or bake that raises: record and go on, or stop
     teacher: str = "current"  # who reads a round's prompt when it is baked: current or base
+    rehearse: float = 0.0  # per earlier-baked cycle, its contexts added to a bake (share of it)
     proposal_tokens: int = 160
     seed: int = 0
 
@@ -144,6 +145,9 @@ class EngineConfig:
             raise ValueError(f"engine: proposer model {self.proposer} is not a directory: name a "
                              f"local transformers model directory, or leave proposer unset for "
                              f"the current model to propose")
+        if not 0 <= self.rehearse <= 4:  # NaN too
+            raise ValueError(f"engine: rehearse={self.rehearse} must be in [0, 4] (a share of "
+                             f"a bake's training contexts per earlier-baked cycle)")
         if self.teacher not in TEACHERS:
             raise ValueError(f"engine: teacher={self.teacher!r}: choose one of "
                              f"{', '.join(TEACHERS)}")
@@ -349,15 +353,15 @@ class _State:
         self.layers.deltas = self.layers.deltas[:count]
         self.layers.current = self.layers.upto(count - 1)
 
-    def bake(self, prompt, contexts, config: BakeConfig) -> dict:
+    def bake(self, prompt, contexts, config: BakeConfig, rehearse=()) -> dict:
         if self.layers is None:
             first = bake(prompt, model=self.model_dir, contexts=contexts, config=config,
-                         progress=self.progress)
+                         progress=self.progress, rehearse=rehearse)
             self.layers, self.lm = LoraStack(first), None  # the bake loaded its own copy
             return first.manifest["kl"]
         return self.layers.push(prompt, config, contexts, progress=self.progress,
                                 teacher_model=None if self.teacher == "current" else
-                                self.model_dir)
+                                self.model_dir, rehearse=rehearse)
 
     def score(self, evaluator, prompt, framing: str, *, teacher: bool = False):
         """``evaluator``'s score of the current model with ``prompt``; with ``teacher``, of the
@@ -512,7 +516,7 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         start, before = time.perf_counter(), state.deltas
         try:
             record.update(_round(state, cycle, incumbents[cycle.name], config, bake_config,
-                                 number, say))
+                                 number, say, _rehearsed(cycles, rounds, incumbents, cycle)))
             teacher = weak_teacher(record["candidates"][0]["dev"]["value"],
                                    references[cycle.name])
             if teacher is not None:
@@ -579,8 +583,16 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
     return result
 
 
+def _rehearsed(cycles: list[Cycle], rounds: list[dict], incumbents: dict, cycle: Cycle) -> list:
+    """(name, incumbent prompt, contexts) of every other cycle with a finished round: what a
+    bake of ``cycle`` rehearses (``EngineConfig.rehearse``)."""
+    baked = {r["cycle"] for r in rounds if "failed" not in r}
+    return [(c.name, incumbents[c.name], c.contexts) for c in cycles
+            if c.name != cycle.name and c.name in baked]
+
+
 def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
-           bake_config: BakeConfig, number: int, say) -> dict:
+           bake_config: BakeConfig, number: int, say, earlier=()) -> dict:
     framing = bake_config.framing
     clock = Clock()  # the round's phases, for the engine's wall-time split
     rng = random.Random(config.seed * 100_003 + number)  # a resumed round edits as it would have
@@ -603,16 +615,19 @@ def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
         f"{scores[winner].value:.3f}, incumbent {scores[0].value:.3f})")
     round_config = dataclasses.replace(bake_config, **cycle.bake, seed=bake_config.seed + number,
                                        merge=False)
+    count = round(config.rehearse * round_config.train_contexts)
+    rehearse = [Rehearsal(p, c, count) for _, p, c in earlier] if count else []
     with clock("baking"):
-        kl = [state.bake(candidates[winner][1], cycle.contexts, round_config)]
+        kl = [state.bake(candidates[winner][1], cycle.contexts, round_config, rehearse)]
         for extra in range(config.pursuit_rounds):
             kl.append(state.bake(candidates[winner][1], cycle.contexts, dataclasses.replace(
-                round_config, seed=round_config.seed + 1000 * (extra + 1))))
+                round_config, seed=round_config.seed + 1000 * (extra + 1)), rehearse))
     return {"candidates": [{"source": s, "prompt": p, "dev": sc.to_dict()}
                            for (s, p), sc in zip(candidates, scores)],
             "winner": {"index": winner, "source": candidates[winner][0],
                        "prompt": candidates[winner][1], **comparison},
-            "bake_kl": kl, "phases": clock.seconds()}
+            "bake_kl": kl, "phases": clock.seconds(),
+            **({"rehearsed": {name: count for name, _, _ in earlier}} if rehearse else {})}
 
 
 def _proposer(state: _State, config: EngineConfig):

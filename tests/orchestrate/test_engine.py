@@ -169,6 +169,32 @@ def test_the_base_model_can_teach_every_round(tiny_dir, next_token_evaluator, ro
         EngineConfig(teacher="teachers").validate()
 
 
+def test_rehearsal_adds_earlier_cycles_contexts_to_a_bake(tiny_dir, next_token_evaluator,
+                                                          round_config, monkeypatch):
+    from promptbake.orchestrate import stacking
+
+    told = []
+    real = engine.bake
+
+    def spy(prompt, *args, rehearse=(), **kwargs):
+        told.append([(r.prompt, r.count) for r in rehearse])
+        return real(prompt, *args, rehearse=rehearse, **kwargs)
+
+    monkeypatch.setattr(stacking, "bake", spy)  # bakes on top of the first
+    monkeypatch.setattr(engine, "bake", spy)  # the first
+    two = cycles(next_token_evaluator)
+    two[0].contexts = QUESTIONS * 3
+    result = run_engine(two, model=tiny_dir,
+                        config=EngineConfig(max_rounds=2, proposals=0, edits=0, patience=3,
+                                            threshold=0.0, rehearse=0.5, teacher="base"),
+                        bake_config=round_config(steps=1, **SMALL))
+    first, second = result.rounds
+    assert "rehearsed" not in first and second["rehearsed"] == {"a": 2}  # 0.5 x 3, rounded
+    assert told == [[], [(two[0].prompt, 2)]]  # a's incumbent teaches a's contexts
+    with pytest.raises(ValueError, match="rehearse=-1"):
+        EngineConfig(rehearse=-1).validate()
+
+
 def test_a_cycles_bake_settings_apply_to_its_own_bakes(tiny_dir, next_token_evaluator,
                                                        round_config, monkeypatch):
     used = []

@@ -84,9 +84,10 @@ def merged_dir(baked: Baked, where: Path) -> Path:
 
 
 def bake_on_top(baked: Baked, prompt: str, config: BakeConfig, contexts=None, *,
-                progress: bool = False, teacher_model=None) -> tuple[Baked, dict]:
+                progress: bool = False, teacher_model=None, rehearse=()) -> tuple[Baked, dict]:
     """Bakes ``prompt`` into the baked model (teacher: it with ``prompt``, or ``teacher_model``
-    with ``prompt`` when given, e.g. the base model; student: the baked model without it).
+    with ``prompt`` when given, e.g. the base model; student: the baked model without it), with
+    ``rehearse`` (``bake.Rehearsal``s: earlier prompts' contexts, taught by them) if given.
 
     Returns (the new bake, on the merged weights, whose manifest holds the round's KL before and
     after; the new adapter's deltas, to stack on ``baked``'s).
@@ -94,7 +95,7 @@ def bake_on_top(baked: Baked, prompt: str, config: BakeConfig, contexts=None, *,
     with tempfile.TemporaryDirectory(prefix="promptbake-on-top-") as tmp:
         merged = merged_dir(baked, Path(tmp))
         top = bake(prompt, model=merged, contexts=contexts, config=config, progress=progress,
-                   teacher_model=teacher_model)
+                   teacher_model=teacher_model, rehearse=rehearse)
         deltas = lora_deltas(top.model)
     return top, deltas
 
@@ -109,12 +110,12 @@ class LoraStack:
         self.current = stack(first, self.deltas)
 
     def push(self, prompt: str, config: BakeConfig, contexts=None, *,
-             progress: bool = False, teacher_model=None) -> dict:
-        """Bakes ``prompt`` on top of ``current`` (``bake_on_top``, ``teacher_model`` its
-        teacher when given) and stacks its delta. Returns the new bake's KL record (its
+             progress: bool = False, teacher_model=None, rehearse=()) -> dict:
+        """Bakes ``prompt`` on top of ``current`` (``bake_on_top``, with its ``teacher_model``
+        and ``rehearse``) and stacks its delta. Returns the new bake's KL record (its
         manifest's ``kl``: before and after, held out)."""
         top, deltas = bake_on_top(self.current, prompt, config, contexts, progress=progress,
-                                  teacher_model=teacher_model)
+                                  teacher_model=teacher_model, rehearse=rehearse)
         kl = top.manifest["kl"]
         del top  # its model: the merged weights of the previous state
         self.deltas.append(deltas)
