@@ -489,6 +489,7 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         if last:
             state.layers, state.lm = LoraStack(load_baked(out / ROUNDS / f"round-{last}",
                                                           model=model_dir)), None
+    saved["settings"] = dataclasses.asdict(config)  # this call's (max_rounds may have grown)
     references, rounds = saved["references"], saved["rounds"]
     # the rounds' scores beside the bakes' curves (TensorBoard only: a W&B run per bake)
     board = TrainingLog(dataclasses.replace(bake_config, log_to="tensorboard"), out) \

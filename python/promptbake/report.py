@@ -370,6 +370,10 @@ def engine_report(run_dir: str | Path, out: str | Path | None = None) -> list[st
     lines = [f"# Engine run: {run_dir}", "",
              (f"Stopped: {result.get('stopped', 'still running')}; kept round: {best} "
               f"(0 is the base model); {len(rounds)} rounds in {seconds:.0f} s."), "",
+             *([f"Bakes taught by the {saved['settings']['teacher']} model"
+                + (f", rehearsing {saved['settings']['rehearse']:g}× a bake's contexts from each "
+                   f"cycle baked before" if saved["settings"].get("rehearse") else "")
+                + ".", ""] if saved.get("settings", {}).get("teacher") else []),
              "## Gates", "", "| target | measured | result |", "|---|---|---|"]
     lines += [f"| {g['target']} | {g['measured']} | {'pass' if g['passed'] else 'FAIL'} |"
               for g in gates]
@@ -389,6 +393,10 @@ def engine_report(run_dir: str | Path, out: str | Path | None = None) -> list[st
         notes = [n for n, on in (("weak teacher: the prompt keeps "
                                   f"{100 * r.get('weak_teacher', 0):.0f}% of its gain",
                                   "weak_teacher" in r),
+                                 ("rehearsed " + ", ".join(
+                                     f"{c} ({n} contexts)"
+                                     for c, n in r.get("rehearsed", {}).items()),
+                                  r.get("rehearsed")),
                                  ("plateau", r.get("plateau")),
                                  ("fallen: " + ", ".join(r.get("fallen", [])), r.get("fallen")),
                                  ("kept", r["round"] == best)) if on]

@@ -170,7 +170,8 @@ def test_the_base_model_can_teach_every_round(tiny_dir, next_token_evaluator, ro
 
 
 def test_rehearsal_adds_earlier_cycles_contexts_to_a_bake(tiny_dir, next_token_evaluator,
-                                                          round_config, monkeypatch):
+                                                          round_config, monkeypatch, tmp_path):
+    from promptbake.report import engine_report
     from promptbake.orchestrate import stacking
 
     told = []
@@ -187,10 +188,14 @@ def test_rehearsal_adds_earlier_cycles_contexts_to_a_bake(tiny_dir, next_token_e
     result = run_engine(two, model=tiny_dir,
                         config=EngineConfig(max_rounds=2, proposals=0, edits=0, patience=3,
                                             threshold=0.0, rehearse=0.5, teacher="base"),
-                        bake_config=round_config(steps=1, **SMALL))
+                        bake_config=round_config(steps=1, **SMALL), out=tmp_path / "run")
     first, second = result.rounds
     assert "rehearsed" not in first and second["rehearsed"] == {"a": 2}  # 0.5 x 3, rounded
     assert told == [[], [(two[0].prompt, 2)]]  # a's incumbent teaches a's contexts
+    engine_report(tmp_path / "run")
+    written = (tmp_path / "run" / "engine-report.md").read_text()
+    assert "rehearsed a (2 contexts)" in written
+    assert "Bakes taught by the base model, rehearsing 0.5× a bake's contexts" in written
     with pytest.raises(ValueError, match="rehearse=-1"):
         EngineConfig(rehearse=-1).validate()
 

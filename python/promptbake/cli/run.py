@@ -22,7 +22,9 @@ def register(commands) -> None:
                     "max_rounds, threshold, patience, proposals, proposer (a model directory), "
                     "edits, pursuit_rounds, survive, rerun_fallen, on_error (continue|stop), "
                     "teacher (current|base: the model that reads a round's prompt when it is "
-                    "baked), proposal_tokens, seed. `promptbake run --example` prints the shipped "
+                    "baked), rehearse (per earlier-baked cycle, its contexts added to a bake "
+                    "as a share of the bake's, taught by its own prompt), proposal_tokens, "
+                    "seed. `promptbake run --example` prints the shipped "
                     "example (the shipped tools and the pirate persona on the default model).",
         formatter_class=Help)
     p.add_argument("file", nargs="?", help="the pipeline file (TOML)")
