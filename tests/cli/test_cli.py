@@ -75,6 +75,10 @@ def test_bad_input_exits_with_one_clear_line(tiny_dir, tmp_path, capsys, prompt)
         (["bake", "--prompt", prompt, "--model", str(tiny_dir), "--out", str(tmp_path / "x"),
           "--contexts", str(tmp_path / "missing.jsonl")], "contexts file not found"),
         (["kl", str(tmp_path)], "no finished bake"),
+        (["bake", "--tools", "shipped", "--teacher-model", str(tiny_dir), "--model",
+          str(tiny_dir), "--out", str(tmp_path / "x")], "--teacher-model is not offered with"),
+        (["bake", "--prompt", prompt, "--model", str(tiny_dir), "--teacher-model",
+          str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "model directory not found"),
     ]
     for argv, message in cases:
         code = None
