@@ -453,12 +453,23 @@ def test_a_student_learns_another_models_prompted_distributions(tiny_dir, tmp_pa
     own = kl_on(baked.model, framing, baked.held_out, trajectories, {"base": BASE},
                 pad_id=baked.tokenizer.pad_token_id)["base"]
     assert abs(own.per_sequence - kl["before"]["per_sequence"]) > 0.1 * own.per_sequence
+    # measuring it later against its own base model would be another quantity: refused
+    with pytest.raises(ValueError, match="prompted distributions of another model"):
+        mc_kl(load_baked(tmp_path / "out"))
 
 
 def test_a_teacher_model_is_refused_when_it_cannot_teach(tiny_dir, tmp_path, prompt):
     other = _tiny_variant(tiny_dir, tmp_path / "wide", seed=1, extra_vocab=8)
     with pytest.raises(ValueError, match="another vocabulary"):
         bake(prompt, model=tiny_dir, config=tiny_config(steps=1), teacher_model=other)
+    from transformers import AutoTokenizer
+
+    templated = _tiny_variant(tiny_dir, tmp_path / "templated", seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(templated)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(templated)
+    with pytest.raises(ValueError, match="another chat template"):
+        bake(prompt, model=tiny_dir, config=tiny_config(steps=1), teacher_model=templated)
     with pytest.raises(ValueError, match="not live"):
         bake(prompt, model=tiny_dir, config=tiny_config(steps=1, teacher="live"),
              teacher_model=tiny_dir)
@@ -479,6 +490,13 @@ def test_rehearsed_contexts_are_taught_by_their_own_prompt(tiny_dir, prompt, mon
         return real(model, tokenizer, prefixes, *args, **kwargs)
 
     monkeypatch.setattr(bake_mod, "sample_trajectories", spy)
+    objectives = []
+
+    def divergence(trajectories, prefixes, *args):
+        objectives.append(prefixes)
+        return Divergence(trajectories, prefixes, *args)
+
+    monkeypatch.setattr(bake_mod, "Divergence", divergence)
     other = "Answer in French."
     extra = ["Where is the station?", "What time is it?", "Name a fruit."]
     config = tiny_config(steps=None, epochs=1.0, train_contexts=4)
@@ -491,6 +509,9 @@ def test_rehearsed_contexts_are_taught_by_their_own_prompt(tiny_dir, prompt, mon
     rehearsed = training[4:]
     assert all(any(ids == theirs.teacher_ids(c) for c in asked) for ids in rehearsed)
     assert not any(ids == own.teacher_ids(c) for ids in rehearsed for c in asked)
+    # the student reads every context as it will be used: without any prompt
+    students = [p[1] for p in objectives[0][4:]]
+    assert all(any(ids == own.student_ids(c) for c in asked) for ids in students)
     assert baked.manifest["rehearsal"] == [{"prompt": other, "contexts": 2, "source": "list"}]
     assert baked.manifest["contexts"]["train"] == 4
     # epochs count every training context, rehearsed ones too: 6 contexts, 2 per step

@@ -290,8 +290,8 @@ class RunDir:
         """Checks that the bake may use ``out``; writes nothing (see ``create``)."""
         inputs = [prompt, dataclasses.asdict(config), contexts_key(contexts),
                   str(Path(model).expanduser().resolve()) if model is not None else models.DEFAULT]
-        if teacher_model is not None:
-            inputs.append(str(Path(teacher_model).expanduser().resolve()))
+        if teacher_model is not None:  # by its weights: one retrained in place is another
+            inputs.append(models.fingerprint(models.resolve(teacher_model)))
         if rehearse:
             inputs.append([list(r) for r in rehearse])
         identity = hashlib.sha256(json.dumps(inputs, sort_keys=True,

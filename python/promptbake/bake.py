@@ -96,7 +96,8 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
                          resume=resume, world=world, teacher_model=teacher_model,
                          rehearse=[(r.prompt, contexts_key(r.contexts), r.count)
                                    for r in rehearse])
-    check_same((run.identity, fsdp), world, "the prompt, settings, contexts, model or --fsdp")
+    check_same((run.identity, fsdp), world, "the prompt, settings, contexts, model, teacher "
+               "model, rehearsal or --fsdp")
 
     place = torch.device(device) if device is not None else world.device
     with clock("load"):
@@ -133,7 +134,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
     if teacher.lm is None:
         teacher = dataclasses.replace(teacher, lm=peft_model)  # the same weights, adapter off
     prefixes = [(teacher.framing.teacher_ids(c), framing.student_ids(c)) for c in train] + \
-        [(their.teacher_ids(c), their.student_ids(c)) for their, found in rehearsed for c in found]
+        [(their.teacher_ids(c), framing.student_ids(c)) for their, found in rehearsed for c in found]
     progress = progress and world.writes
 
     # Trajectories y ~ P_theta(. | u, x), teacher targets recorded as they are drawn (Eq. 3);
@@ -220,8 +221,7 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
                                                                   len(probes))
     if rehearse:
         manifest["rehearsal"] = [{"prompt": prompt_text(r.prompt), "contexts": len(found),
-                                  "source": "list" if isinstance(r.contexts, list)
-                                  else str(r.contexts or contexts_mod.BUILTIN)}
+                                  "source": _source(r.contexts)}
                                  for r, (_, found) in zip(rehearse, rehearsed)]
     if teacher_model is not None:
         manifest["teacher_model"] = _model_record(teacher.path)
@@ -313,6 +313,12 @@ class _Teacher:
             raise ValueError(f"--teacher-model {teacher_model} has another vocabulary than the "
                              f"model baked into: the student learns the teacher's next-token "
                              f"distributions, so both need the same tokenizer and LM head size")
+        if getattr(their_tokenizer, "chat_template", None) != \
+                getattr(framing.tokenizer, "chat_template", None):
+            raise ValueError(f"--teacher-model {teacher_model} has another chat template than "
+                             f"the model baked into: a response must follow the same assistant "
+                             f"header on both sides; give both models one template (copy the "
+                             f"student's tokenizer files into the teacher's directory)")
         lm.to(place).eval().requires_grad_(False)
         return cls(lm, Framing(their_tokenizer, framing.prompt, framing.student), path)
 
@@ -341,16 +347,20 @@ def off_distribution_record(before, after, count: int) -> dict:
             "measured_on": "the off-distribution probe set (contexts.probe), never trained on"}
 
 
+def _source(contexts) -> str:
+    """How the manifest names a contexts spec: builtin, none, list, pools, generated or a path."""
+    if contexts is None or contexts in (contexts_mod.BUILTIN, contexts_mod.UNCONDITIONAL):
+        return contexts or contexts_mod.BUILTIN
+    if isinstance(contexts, list):
+        return "list"
+    if contexts_mod.is_pools(contexts) or str(contexts).startswith(generated.GENERATED):
+        return str(contexts if not isinstance(contexts, dict) else contexts_mod.Pools(contexts))
+    return str(Path(contexts).resolve())
+
+
 def _manifest(prompt, model_dir, framing, contexts, train, held_out, config, trajectories,
               before, after, reduction, history, clock, precision) -> dict:
-    if contexts is None or contexts in (contexts_mod.BUILTIN, contexts_mod.UNCONDITIONAL):
-        source = contexts or contexts_mod.BUILTIN
-    elif isinstance(contexts, list):
-        source = "list"
-    elif contexts_mod.is_pools(contexts) or str(contexts).startswith(generated.GENERATED):
-        source = str(contexts if not isinstance(contexts, dict) else contexts_mod.Pools(contexts))
-    else:
-        source = str(Path(contexts).resolve())
+    source = _source(contexts)
     return {
         "format": 1,
         "promptbake": versions.promptbake_version(),

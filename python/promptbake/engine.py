@@ -14,7 +14,10 @@ of a cycle:
    current model with the winner, as sequential baking does ("current"), or the base model
    with it ("base"): a bake can stop a small model following other system prompts, and then
    the current model with the next cycle's prompt no longer shows that cycle's skill. With
-   "base", step 2 scores the candidates on the base model too (the model that reads them);
+   "base", step 2 scores the candidates on the base model too (the model that reads them),
+   and ``pursuit_rounds`` bake the same base-model target again rather than Eq. 4's moving one.
+   With ``rehearse``, a bake also trains on the contexts of every cycle baked before, taught by
+   that cycle's incumbent prompt (``bake.Rehearsal``), so one skill is not taught over another;
 4. every cycle's held-out score measured on the model without any prompt, so each round shows
    what it did to the other skills.
 
@@ -34,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -414,9 +418,15 @@ def objective(held_out: dict, references: dict) -> float:
 INERT = ("log_to", "checkpoint_every", "snapshot_every")  # bake settings that change no result
 
 
+# Settings added after runs were made with the engine: at these defaults they are left out of
+# the identity, so those runs (and their pipelines' stages) still resume.
+LATER_SETTINGS = {"teacher": "current", "rehearse": 0.0}
+
+
 def resume_settings(config: EngineConfig) -> dict:
     """The engine settings a resumed run must share (``max_rounds`` may grow: more rounds)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k != "max_rounds"}
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k != "max_rounds" and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
 def outcome_settings(config: BakeConfig) -> dict:
@@ -462,6 +472,12 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
     names = [c.name for c in cycles]
     if len(set(names)) != len(names):
         raise ValueError(f"cycle names repeat: {names}; give each cycle its own name")
+    if config.rehearse:  # a cycle's contexts are rehearsed in later bakes: checked now
+        for c in cycles:
+            try:
+                Rehearsal.checked((c.prompt, c.contexts, 1))
+            except ValueError as err:
+                raise ValueError(f"cycle {c.name}: {err}; or set rehearse = 0") from err
     say = say or log.info
     lm, tokenizer, model_dir = models.load(model)
     state = _State(lm, tokenizer, model_dir, progress, config.teacher)
@@ -519,7 +535,8 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
             record.update(_round(state, cycle, incumbents[cycle.name], config, bake_config,
                                  number, say, _rehearsed(cycles, rounds, incumbents, cycle)))
             teacher = weak_teacher(record["candidates"][0]["dev"]["value"],
-                                   references[cycle.name])
+                                   references[cycle.name]) if config.teacher == "current" \
+                else None  # a base-model teacher is the reference itself
             if teacher is not None:
                 record["weak_teacher"] = teacher
                 say(f"engine: the current model, prompted with cycle {cycle.name}'s prompt, "
@@ -616,7 +633,7 @@ def _round(state: _State, cycle: Cycle, incumbent, config: EngineConfig,
         f"{scores[winner].value:.3f}, incumbent {scores[0].value:.3f})")
     round_config = dataclasses.replace(bake_config, **cycle.bake, seed=bake_config.seed + number,
                                        merge=False)
-    count = round(config.rehearse * round_config.train_contexts)
+    count = math.ceil(config.rehearse * round_config.train_contexts)
     rehearse = [Rehearsal(p, c, count) for _, p, c in earlier] if count else []
     with clock("baking"):
         kl = [state.bake(candidates[winner][1], cycle.contexts, round_config, rehearse)]

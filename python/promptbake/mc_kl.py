@@ -187,6 +187,7 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
     Otherwise every context ``contexts`` names (see ``contexts.for_measuring``). ``seed`` None:
     the bake's held-out seed.
     """
+    _check_own_teacher(baked)
     config = baked.manifest.get("config", {})
     own_seed = config.get("seed", 0) + 1  # what bake() sampled its held-out contexts with
     defaults = (samples, max_new_tokens, seed) == (1, None, None)
@@ -210,12 +211,25 @@ def probe_samples(baked):
     """(the off-distribution probes a bake measured, its samples on them): read from its
     directory, or drawn again with its settings (seed + 2); a bake from before the probe set
     (or with ``probe_contexts=0``) gets the first 24 probes."""
+    _check_own_teacher(baked)
     config = baked.manifest.get("config", {})
     probes = contexts_mod.probe(config.get("probe_contexts") or 24)
     saved = baked.path / PROBE_SAMPLES if baked.path else None
     if saved and saved.is_file():
         return probes, Trajectories.load(saved)
     return probes, _sample_prompted(baked, probes, 1, None, config.get("seed", 0) + 2)
+
+
+def _check_own_teacher(baked) -> None:
+    """MC-KL here compares with the bake's own base model prompted: refused for a bake that
+    learned another model's prompted distributions (``bake(teacher_model=...)``)."""
+    teacher = baked.manifest.get("teacher_model")
+    if teacher:
+        raise ValueError(f"this bake learned the prompted distributions of another model "
+                         f"({teacher['name']}, {teacher['path']}); MC-KL here measures against "
+                         f"the baked model's own base model with the prompt, which is not what "
+                         f"it learned. Its manifest's kl holds the KL against its teacher, "
+                         f"measured by the bake")
 
 
 def _sample_prompted(baked, contexts, samples: int, max_new_tokens: int | None, seed: int):

@@ -198,6 +198,14 @@ def test_rehearsal_adds_earlier_cycles_contexts_to_a_bake(tiny_dir, next_token_e
     assert "Bakes taught by the base model, rehearsing 0.5× a bake's contexts" in written
     with pytest.raises(ValueError, match="rehearse=-1"):
         EngineConfig(rehearse=-1).validate()
+    two[1].contexts = "generated:8"  # not rehearsable: refused before any work
+    with pytest.raises(ValueError, match="cycle b: rehearsal contexts 'generated:8'"):
+        run_engine(two, model=tiny_dir, config=EngineConfig(rehearse=0.5),
+                   bake_config=round_config(steps=1, **SMALL))
+    # runs made before these settings existed keep their identity at the defaults
+    assert not {"teacher", "rehearse"} & set(engine.resume_settings(EngineConfig()))
+    assert {"teacher", "rehearse"} <= set(engine.resume_settings(
+        EngineConfig(teacher="base", rehearse=0.5)))
 
 
 def test_a_cycles_bake_settings_apply_to_its_own_bakes(tiny_dir, next_token_evaluator,
