@@ -49,6 +49,10 @@ SUITES = {
               "default model against the user's own prompts baked the same way and against "
               "sequential baking at equal wall time: held-out scores against the prompted base "
               "model, the plateau rule, wall time by phase",
+    "engine-teachers": "who teaches a bake on top of a bake: the pirate baked on the tool-baked "
+                       "default model, taught by the current model, by the base model, and by "
+                       "the base model with the tool contexts rehearsed; both cycles' held-out "
+                       "scores against the prompted base model",
     "bake-sweep": "how the bake's defaults were chosen: one setting changed at a time, held-out "
                   "KL reduction and time of each",
     "tool-sweep": "how the tool bake's first-token weight was chosen: the four computing "
@@ -59,7 +63,7 @@ SUITES = {
                     "another learning rate (--variant); held-out and off-distribution KL "
                     "reduction",
 }
-ON_DEMAND = ("engine", "bake-sweep", "prompt-sweep", "tool-sweep")  # long: run with --only
+ON_DEMAND = ("engine", "engine-teachers", "bake-sweep", "prompt-sweep", "tool-sweep")  # long: run with --only
 
 
 def main(argv=None) -> int:
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", metavar="NAME", action="append", choices=sorted(SUITES),
                         help="run only this suite (repeatable); default: all but the sweeps, "
                              "bake-sweep (~2 h on 2 cores), prompt-sweep (~1 h) and tool-sweep "
-                             "(~1.25 h), and engine (hours)")
+                             "(~1.25 h), engine (hours) and engine-teachers (~1 h)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and repeats: a smoke run in about a minute or two")
     parser.add_argument("--repeats", type=int, metavar="R",
