@@ -212,8 +212,8 @@ def test_a_cycles_bake_settings_apply_to_its_own_bakes(tiny_dir, next_token_eval
                                                        round_config, monkeypatch):
     used = []
     real = engine._State.bake
-    monkeypatch.setattr(engine._State, "bake", lambda self, prompt, contexts, config: (
-        used.append(config), real(self, prompt, contexts, config))[1])
+    monkeypatch.setattr(engine._State, "bake", lambda self, prompt, contexts, config, *rest: (
+        used.append(config), real(self, prompt, contexts, config, *rest))[1])
     run_engine(cycles(next_token_evaluator, [0.1, 0.5, 0.4, 0.4], [0.2, 0.6, 0.3, 0.3],
                       bake={"first_token_weight": 4.0}), model=tiny_dir,
                config=EngineConfig(max_rounds=3, proposals=0, edits=0, patience=1,
