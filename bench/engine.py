@@ -55,19 +55,9 @@ def run(args, log) -> dict:
     suffix = "-quick" if quick else ""
     pipeline = pipeline_mod.load(EXAMPLE)
     if quick:  # a smoke run: small bakes, two rounds, few items and tool questions
-        small = {"train_contexts": 8, "eval_contexts": 4, "probe_contexts": 0, "epochs": 1.0,
-                 "max_new_tokens": 32}
-        pipeline.bake = BakeConfig(**small)
-        pipeline.bake_given = frozenset(small)  # over a tool cycle's defaults too
+        shrink(pipeline, "engine", dev=4, held_out=8)
         pipeline.engine = dataclasses.replace(pipeline.engine, max_rounds=2, proposals=1,
                                               edits=1, proposal_tokens=48)
-        questions = CACHE / "engine-quick-questions.jsonl"
-        questions.parent.mkdir(parents=True, exist_ok=True)
-        files.write_text(questions, "\n".join(json.dumps(r)
-                                              for r in tools.shipped.train_rows()[::12][:16]))
-        pipeline.cycles = [{**c, "dev": 4, "held_out": 8,
-                            **({"contexts": str(questions)} if "tools" in c else {})}
-                           for c in pipeline.cycles]
     lm, tokenizer, model_dir = models.load(pipeline.model)
     log("  the example pipeline's cycles (the tool cycle's conversations are written by the "
         "prompted model)")
@@ -117,6 +107,22 @@ def run(args, log) -> dict:
               "phases": phases(results["engine"])}
     result["checks"] = checks(result)
     return result
+
+
+def shrink(pipeline, name: str, dev: int, held_out: int) -> None:
+    """A --quick run's pipeline: small bakes (over a tool cycle's defaults too), ``dev`` and
+    ``held_out`` items a cycle, and 16 tool questions (cached as ``<name>-quick-questions``)."""
+    small = {"train_contexts": 8, "eval_contexts": 4, "probe_contexts": 0, "epochs": 1.0,
+             "max_new_tokens": 32}
+    pipeline.bake = BakeConfig(**small)
+    pipeline.bake_given = frozenset(small)
+    questions = CACHE / f"{name}-quick-questions.jsonl"
+    questions.parent.mkdir(parents=True, exist_ok=True)
+    files.write_text(questions, "\n".join(json.dumps(r)
+                                          for r in tools.shipped.train_rows()[::12][:16]))
+    pipeline.cycles = [{**c, "dev": dev, "held_out": held_out,
+                        **({"contexts": str(questions)} if "tools" in c else {})}
+                       for c in pipeline.cycles]
 
 
 def measure(cycle: Cycle, score):

@@ -26,10 +26,9 @@ import torch
 
 import harness
 from common import CACHE
-from engine import EXAMPLE, TARGET_SHARE, _identity
+from engine import EXAMPLE, TARGET_SHARE, _identity, shrink
 from promptbake import bake, files, load_baked, models, pipeline as pipeline_mod, tools
 from promptbake.bake import Rehearsal
-from promptbake.config import BakeConfig
 from promptbake.orchestrate.stacking import LoraStack
 
 WAYS = ("current", "base", "base + rehearsal")
@@ -40,17 +39,7 @@ def run(args, log) -> dict:
     torch.set_num_threads(2)
     pipeline = pipeline_mod.load(EXAMPLE)
     if args.quick:  # a smoke run: small bakes, few items and tool questions
-        small = {"train_contexts": 8, "eval_contexts": 4, "probe_contexts": 0, "epochs": 1.0,
-                 "max_new_tokens": 32}
-        pipeline.bake = BakeConfig(**small)
-        pipeline.bake_given = frozenset(small)  # over the tool cycle's defaults too
-        questions = CACHE / "engine-teachers-quick-questions.jsonl"
-        questions.parent.mkdir(parents=True, exist_ok=True)
-        files.write_text(questions, "\n".join(json.dumps(r)
-                                              for r in tools.shipped.train_rows()[::12][:16]))
-        pipeline.cycles = [{**c, "dev": 2, "held_out": 6,
-                            **({"contexts": str(questions)} if "tools" in c else {})}
-                           for c in pipeline.cycles]
+        shrink(pipeline, "engine-teachers", dev=2, held_out=6)
     lm, tokenizer, model_dir = models.load(pipeline.model)
     log("  the example pipeline's cycles (the tool cycle's conversations are written by the "
         "prompted model)")
