@@ -40,6 +40,7 @@ from promptbake.artifact import contexts_key
 from promptbake.engine import (HISTORY, Cycle, evaluator_key, outcome_settings,
                                run_engine)
 from promptbake.orchestrate.stacking import LoraStack
+from promptbake.report import candidate_sources
 from promptbake.reprompt import item_scores
 from promptbake.stats import paired_difference
 
@@ -104,6 +105,7 @@ def run(args, log) -> dict:
               "plateau": plateaus(cycles, results["own prompts"]["rounds"],
                                   results["sequential"]["rounds"], pipeline.engine.threshold,
                                   pipeline.engine.patience, results["own prompts"]["references"]),
+              "sources": candidate_sources(results["engine"]["rounds"]),
               "phases": phases(results["engine"])}
     result["checks"] = checks(result)
     return result
@@ -300,6 +302,8 @@ def report(result) -> str:
     lines.append("rounds: " + ", ".join(
         f"{name} {len(runs[name]['rounds'])} ({runs[name].get('stopped', 'time budget')}, "
         f"{runs[name]['seconds']:.0f} s)" for name in RUNS))
+    lines.append("candidates by source (engine run): " + ", ".join(
+        f"{s['source']} won {s['won']} of {s['candidates']}" for s in result["sources"]))
     lines.append("engine wall time by phase: " + ", ".join(
         f"{k} {v:.0f} s" for k, v in result["phases"].items()))
     lines += ["", harness.checks_table(result["checks"])]
@@ -322,6 +326,12 @@ def markdown(result) -> str:
                        ("engine - sequential, equal wall time", "versus_sequential")):
         lines.append(f"| {label} | " + " | ".join(
             _pm(result[key][c]["difference"], result[key][c]["se"]) for c in cycles) + " |")
+    lines += ["", "| candidates of the engine run, by source | scored | above the incumbent (dev) "
+              "| won | dev − incumbent |", "|---|---:|---:|---:|---:|"]
+    for s in result["sources"]:
+        mean = "—" if s["mean_difference"] is None else _pm(s["mean_difference"], s["se"])
+        lines.append(f"| {s['source']} | {s['candidates']} | "
+                     f"{'—' if s['source'] == 'incumbent' else s['above']} | {s['won']} | {mean} |")
     return "\n".join(lines)
 
 

@@ -118,3 +118,30 @@ def test_a_bake_from_before_the_probe_set_is_measured_off_distribution(bake_copy
     off = record["kl_off_distribution"]
     assert off["contexts"] == 24 and off["before"]["sequences"] == 24
     assert any(g["target"].startswith("off-distribution") for g in record["gates"])
+
+
+def test_candidate_sources_count_each_kind_against_its_rounds_incumbent():
+    from promptbake.report import candidate_sources
+
+    def dev(value):
+        return {"dev": {"value": value, "se": 0.1}}
+
+    rounds = [{"candidates": [{"source": "incumbent", **dev(0.5)},
+                              {"source": "edit: drop demonstration 2", **dev(0.25)},
+                              {"source": "proposed: rewrite", **dev(0.75)}],
+               "winner": {"index": 2}},
+              {"candidates": [{"source": "incumbent", **dev(0.25)},
+                              {"source": "edit: drop demonstration 1", **dev(0.5)},
+                              {"source": "proposed: rewrite", **dev(0.0)}],
+               "winner": {"index": 0}},
+              {"failed": "an evaluator raised"}]  # no candidates: not counted
+    found = {s["source"]: s for s in candidate_sources(rounds)}
+    assert list(found) == ["incumbent", "edit: drop demonstration", "proposed: rewrite"]
+    assert found["incumbent"] == {"source": "incumbent", "candidates": 2, "above": 0, "won": 1,
+                                  "mean_difference": None, "se": None}
+    drop, rewrite = found["edit: drop demonstration"], found["proposed: rewrite"]
+    assert (drop["candidates"], drop["above"], drop["won"]) == (2, 1, 0)
+    assert drop["mean_difference"] == pytest.approx(0.0)  # -0.25 and +0.25
+    assert drop["se"] == pytest.approx(0.25)  # sd 0.354 over sqrt(2)
+    assert (rewrite["above"], rewrite["won"]) == (1, 1)
+    assert rewrite["mean_difference"] == pytest.approx(0.0)  # +0.25 and -0.25

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -404,6 +405,13 @@ def engine_report(run_dir: str | Path, out: str | Path | None = None) -> list[st
                      f"{pm(w.get('difference', 0.0), w.get('se'), '+.3f')} | " + " | ".join(
                          f"{r['held_out'][c]['value']:.3f}" for c in cycles) +
                      f" | {r['objective']:.3f} | {'; '.join(notes)} |")
+    lines += ["", "## Candidate sources", "",
+              "| source | candidates | above the incumbent (dev) | won | dev − incumbent |",
+              "|---|---:|---:|---:|---:|"]
+    for s in candidate_sources(rounds):
+        lines.append(f"| {s['source']} | {s['candidates']} | "
+                     f"{'—' if s['source'] == 'incumbent' else s['above']} | {s['won']} | "
+                     f"{'—' if s['mean_difference'] is None else pm(s['mean_difference'], s['se'], '+.3f')} |")
     lines += ["", "## Candidates", "", "| round | source | dev score | prompt |",
               "|---:|---|---:|---|"]
     for r in rounds:
@@ -417,6 +425,36 @@ def engine_report(run_dir: str | Path, out: str | Path | None = None) -> list[st
         {"run": str(run_dir.resolve()), "gates": gates, "history": saved}, indent=2))
     _plot_engine(refs, rounds, out / "engine-report.png")
     return ["engine-report.md", "engine-report.json", "engine-report.png"]
+
+
+def candidate_sources(rounds: list[dict]) -> list[dict]:
+    """Which kinds of candidate won an engine run's rounds (``engine.json``'s ``rounds``): per
+    kind (the incumbent, each meta-prompt's rewrites, each kind of edit; demonstration numbers
+    dropped), how many were scored, how many scored above their round's incumbent on the dev
+    split, how many won a round, and their mean dev score minus the incumbent's with its
+    standard error over the candidates (None for fewer than two)."""
+    kinds: dict[str, dict] = {}
+    for r in rounds:
+        found, winner = r.get("candidates") or [], (r.get("winner") or {}).get("index")
+        if not found:
+            continue
+        incumbent = found[0]["dev"]["value"]  # a round scores its incumbent first
+        for k, c in enumerate(found):
+            kind = kinds.setdefault(re.sub(r"\s+\d+$", "", c["source"]),
+                                    {"candidates": 0, "above": 0, "won": 0, "differences": []})
+            kind["candidates"] += 1
+            kind["won"] += k == winner
+            if k:
+                kind["differences"].append(c["dev"]["value"] - incumbent)
+                kind["above"] += c["dev"]["value"] > incumbent
+    out = []
+    for source, kind in kinds.items():
+        d = kind.pop("differences")
+        mean = sum(d) / len(d) if d else None
+        se = (math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+              if len(d) > 1 else None)
+        out.append({"source": source, **kind, "mean_difference": mean, "se": se})
+    return out
 
 
 def _plot_engine(refs: dict, rounds: list[dict], path: Path) -> None:

@@ -196,6 +196,7 @@ def test_rehearsal_adds_earlier_cycles_contexts_to_a_bake(tiny_dir, next_token_e
     written = (tmp_path / "run" / "engine-report.md").read_text()
     assert "rehearsed a (2 contexts)" in written
     assert "Bakes taught by the base model, rehearsing 0.5× a bake's contexts" in written
+    assert "| incumbent | 2 | — | 2 | — |" in written  # candidate sources: the only kind here
     with pytest.raises(ValueError, match="rehearse=-1"):
         EngineConfig(rehearse=-1).validate()
     two[1].contexts = "generated:8"  # not rehearsable: refused before any work
