@@ -2,6 +2,8 @@
 skips stage by stage."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from peft import PeftModel
@@ -47,12 +49,18 @@ def test_the_example_parses_and_plans(tmp_path, capsys):
     (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[bake]\nepochs = "four"'),
      r"\[bake\] epochs = 'four' must be a number"),
     (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[engine]\npatience = 0'),
-     r"\[engine\]: engine: max_rounds, patience"),
+     r"\[engine\]: engine: patience=0 \(at least 1\)"),
     (MINIMAL + "dev = 3\nflavour = 2\n", "unknown key 'flavour' in \\[\\[cycles\\]\\] number 1"),
     (MINIMAL + 'task = "arithmetic"\n', "exactly one of tools, persona or task"),
     ('out = "x"\n[[cycles]]\nname = "t"\ntask = "arithmetic"\n', "task but no prompt"),
     (MINIMAL + 'prompt_file = "missing.txt"\n', "prompt_file file missing.txt not found"),
     (MINIMAL + "dev = 0\n", "dev = 0 must be a whole number"),
+    # checked when the file is read (and by --dry-run), not after the model has loaded
+    (MINIMAL.replace('persona = "pirate"', 'persona = "pirat"'),
+     "cycle 'pirate': persona = 'pirat': cannot read the persona file pirat"),
+    (MINIMAL + "held_out = 5000\n", "cycle 'pirate' asks for 5024 dev and held-out items"),
+    ('out = "x"\n[[cycles]]\nname = "t"\ntools = "shipped:CALK"\n',
+     "cycle 't': tools = 'shipped:CALK': no shipped tool named CALK"),
     (MINIMAL.replace('out = "runs/x"', 'out = "runs/x"\n[engine]\nproposer = 5'),
      r"\[engine\] proposer = 5 must be a text"),
     (MINIMAL.replace('name = "pirate"', 'name = "a pirate"'), "cycle name 'a pirate'"),
@@ -176,16 +184,18 @@ format = "safetensors"
     assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["resume", "run", "run"]
     write(tmp_path, text.replace("max_rounds = 2", "max_rounds = 2\nsurvive = 0.9"))
     assert [s["action"] for s in pipeline.plan(pipeline.load(path))] == ["run"] * 3
-    # killed before the new engine wrote anything: the old run is gone with the old key, so
-    # the rerun starts afresh instead of refusing the old run's history
+    # killed before the new engine started: the old run stays until the engine, on the rerun,
+    # finds it was made with other settings and replaces it (a run it can resume, it resumes)
+    old_identity = json.loads((out / "engine" / "engine.json").read_text())["identity"]
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "build_cycles", lambda *a: (_ for _ in ()).throw(
             KeyboardInterrupt()))
         assert main(["run", str(path)]) == 130
-    assert not (out / "engine" / "engine.json").exists()
-    assert not (out / "engine" / "rounds").exists()
+    assert (out / "engine" / "engine.json").exists()
     assert main(["run", str(path), "--quiet"]) == 0
     assert json.loads((out / "engine" / "stage.json").read_text())["status"] == "done"
+    replaced = json.loads((out / "engine" / "engine.json").read_text())
+    assert replaced["identity"] != old_identity and replaced["settings"]["survive"] == 0.9
     # report on the engine directory, through the CLI: exit 1 when a gate fails
     status = main(["report", str(out / "engine")])
     gates = json.loads((out / "engine" / "engine-report.json").read_text())["gates"]
@@ -203,3 +213,25 @@ format = "safetensors"
     built = pipeline.build_cycles(pipeline.load(path), lm, tokenizer, lambda _: None)
     assert [c.bake for c in built] == [{"train_contexts": TOOL_DEFAULTS["train_contexts"],
                                         "epochs": TOOL_DEFAULTS["epochs"]}, {}]
+
+
+def test_a_model_path_is_keyed_by_its_weights_not_by_how_it_was_typed(tiny_dir, tmp_path,
+                                                                     monkeypatch):
+    (tmp_path / "proj").mkdir()
+    shutil.copytree(tiny_dir, tmp_path / "proj" / "model")
+    path = write(tmp_path / "proj", 'model = "model"\n' + MINIMAL +
+                 '[engine]\nproposer = "model"\n')
+    absolute = pipeline.load(path)
+    monkeypatch.chdir(tmp_path)
+    relative = pipeline.load(Path("proj") / path.name)
+    assert relative.model == absolute.model == str((tmp_path / "proj" / "model").absolute())
+    keys = absolute.keys()
+    assert relative.keys() == keys
+    weights = next((tmp_path / "proj" / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"!")  # replaced in place: not up to date
+    assert pipeline.load(path).keys()["engine"] != keys["engine"]
+    # a relative proposer is read beside the pipeline file too, not from the working directory
+    assert Path(relative.engine.proposer).resolve() == (tmp_path / "proj" / "model").resolve()
+    # first_token_weight (None by default, a float when set) takes a whole number
+    text = 'model = "model"\n' + MINIMAL + "[bake]\nfirst_token_weight = 2\n"
+    assert pipeline.load(write(tmp_path / "proj", text)).bake.first_token_weight == 2.0

@@ -138,10 +138,12 @@ class EngineConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.max_rounds < 1 or self.patience < 1 or self.proposals < 0 or self.edits < 0 \
-                or self.pursuit_rounds < 0 or self.proposal_tokens < 1:
-            raise ValueError("engine: max_rounds, patience and proposal_tokens must be >= 1; "
-                             "proposals, edits and pursuit_rounds >= 0")
+        counts = {"max_rounds": 1, "patience": 1, "proposal_tokens": 1, "proposals": 0,
+                  "edits": 0, "pursuit_rounds": 0}  # each with its least value
+        wrong = [f"{k}={getattr(self, k)} (at least {least})" for k, least in counts.items()
+                 if getattr(self, k) < least]
+        if wrong:
+            raise ValueError(f"engine: {', '.join(wrong)}")
         if not self.threshold >= 0 or not 0 < self.survive <= 1:  # NaN too
             raise ValueError(f"engine: threshold={self.threshold} must be >= 0 and "
                              f"survive={self.survive} in (0, 1]")
@@ -444,25 +446,44 @@ def evaluator_key(evaluator) -> str:
 
 
 def _identity(cycles: list[Cycle], config: EngineConfig, bake_config: BakeConfig,
-              fingerprint: str) -> str:
+              fingerprint: str) -> tuple[str, dict]:
+    """(what a resumed run must share: one hash, the parts' hashes: to say what changed)."""
     described = [{"name": c.name, "prompt": c.prompt, "dev": evaluator_key(c.dev),
                   "held_out": evaluator_key(c.held_out), "contexts": contexts_key(c.contexts),
                   "demonstrations": c.demonstrations, "bake": c.bake} for c in cycles]
-    text = files.to_json({"cycles": described, "engine": resume_settings(config),
-                          "bake": outcome_settings(bake_config), "model": fingerprint},
-                         sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    whole = {"cycles": described, "engine": resume_settings(config),
+             "bake": outcome_settings(bake_config), "model": fingerprint}
+
+    def sha(value) -> str:
+        return hashlib.sha256(files.to_json(value, sort_keys=True).encode()).hexdigest()
+
+    parts = {"model": sha(fingerprint), "engine settings": sha(whole["engine"]),
+             "bake settings": sha(whole["bake"]),
+             **{f"cycle {c['name']}": sha(c) for c in described}}
+    return sha(whole), parts
+
+
+def _changed(saved: dict, parts: dict) -> str:
+    """What differs between a saved run and this call, as far as the run recorded it."""
+    before = saved.get("parts")
+    if not before:
+        return "cycles, settings or model"
+    names = [k for k in {**before, **parts} if before.get(k) != parts.get(k)]
+    return ", ".join(names) or "the cycles' order"
 
 
 def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = None,
                bake_config: BakeConfig | None = None, *, out=None, overwrite: bool = False,
-               progress: bool = False, say: Callable[[str], None] | None = None) -> EngineRun:
+               replace_changed: bool = False, progress: bool = False,
+               say: Callable[[str], None] | None = None) -> EngineRun:
     """Runs the engine over ``cycles`` (see the module docstring) on ``model`` (a directory or
     None for the default model).
 
     ``out``: where each round's state (``rounds/round-N``, loadable by ``load_baked``), the
     history (``engine.json``) and the kept state (``final/``) go; rerun with the same cycles
-    and settings, it resumes after the last finished round (``overwrite`` starts afresh).
+    and settings, it resumes after the last finished round (``overwrite`` starts afresh). A run
+    in ``out`` made with other cycles, settings or model is refused, or with
+    ``replace_changed`` removed and started afresh (a pipeline's engine stage does that).
     """
     config, bake_config = config or EngineConfig(), bake_config or BakeConfig()
     config.validate()
@@ -472,6 +493,11 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
     names = [c.name for c in cycles]
     if len(set(names)) != len(names):
         raise ValueError(f"cycle names repeat: {names}; give each cycle its own name")
+    for c in cycles:  # a cycle's own bake settings, checked before any work
+        try:
+            dataclasses.replace(bake_config, **c.bake).validate()
+        except ValueError as err:
+            raise ValueError(f"cycle {c.name}: its bake settings: {err}") from err
     if config.rehearse:  # a cycle's contexts are rehearsed in later bakes: checked now
         for c in cycles:
             try:
@@ -481,9 +507,9 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
     say = say or log.info
     lm, tokenizer, model_dir = models.load(model)
     state = _State(lm, tokenizer, model_dir, progress, config.teacher)
-    identity = _identity(cycles, config, bake_config, models.fingerprint(model_dir))
+    identity, parts = _identity(cycles, config, bake_config, models.fingerprint(model_dir))
     out = Path(out) if out is not None else None
-    saved = _resume(out, identity, overwrite)
+    saved = _resume(out, identity, parts, overwrite, replace_changed, say)
     framing = bake_config.framing
     incumbents = {c.name: c.prompt for c in cycles}
 
@@ -494,12 +520,14 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         references = {c.name: {"base": state.score(c.held_out, None, framing).to_dict(),
                                "prompted": state.score(c.held_out, c.prompt, framing).to_dict()}
                       for c in cycles}
-        saved = {"identity": identity, "references": references, "rounds": [], "done": [],
+        saved = {"identity": identity, "parts": parts, "references": references, "rounds": [],
+                 "done": [],
                  "active": 0, "stopped": None,
                  "references_seconds": round(time.perf_counter() - measuring, 2)}
         _write(out, saved)
     else:
         say(f"engine: resuming after round {len(saved['rounds'])} from {out}")
+        saved["parts"] = parts  # a run from before they were recorded gets them now
         incumbents = _incumbents_at(saved["rounds"], cycles, len(saved["rounds"]))
         last = _last_state(saved["rounds"])
         if last:
@@ -534,9 +562,11 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         try:
             record.update(_round(state, cycle, incumbents[cycle.name], config, bake_config,
                                  number, say, _rehearsed(cycles, rounds, incumbents, cycle)))
+            # a base-model teacher, as the current model is before the first bake, is the
+            # reference itself
             teacher = weak_teacher(record["candidates"][0]["dev"]["value"],
-                                   references[cycle.name]) if config.teacher == "current" \
-                else None  # a base-model teacher is the reference itself
+                                   references[cycle.name]) \
+                if config.teacher == "current" and before else None
             if teacher is not None:
                 record["weak_teacher"] = teacher
                 say(f"engine: the current model, prompted with cycle {cycle.name}'s prompt, "
@@ -575,9 +605,9 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
         waiting = [k for k in range(len(cycles)) if cycles[k].name not in done]
         if not waiting and saved["stopped"] is None:
             saved["stopped"] = "every cycle plateaued"
-        elif waiting:
-            active = min(waiting, key=lambda k: (k - active - 1) % len(cycles)) \
-                if cycle.name in done else active
+        elif waiting and (cycle.name in done or "failed" in record):
+            # the next cycle waiting: after a plateau, or a failure that may repeat
+            active = min(waiting, key=lambda k: (k - active - 1) % len(cycles))
         saved.update(done=sorted(done), active=active, opened=opened)
         _write(out, saved)
 
@@ -744,7 +774,8 @@ def _save_state(out, state: _State, number: int) -> None:
     files.replace_dir(out / ROUNDS / f"round-{number}", lambda tmp: _save(snapshot, tmp))
 
 
-def _resume(out: Path | None, identity: str, overwrite: bool) -> dict | None:
+def _resume(out: Path | None, identity: str, parts: dict, overwrite: bool,
+            replace_changed: bool, say) -> dict | None:
     if out is None:
         return None
     history = out / HISTORY
@@ -752,13 +783,18 @@ def _resume(out: Path | None, identity: str, overwrite: bool) -> dict | None:
         clear(out)
     if not history.is_file():
         if out.exists() and any(out.iterdir()) and not overwrite:
-            raise ValueError(f"{out} exists and holds no engine run: choose a new directory")
+            raise ValueError(f"{out} exists and holds no engine run: choose a new directory, "
+                             f"or overwrite=True to use it anyway")
         return None
     saved = json.loads(history.read_text(encoding="utf-8"))
+    if saved.get("identity") != identity and replace_changed:
+        say(f"engine: the run in {out} was made with other {_changed(saved, parts)}: starting "
+            f"afresh")
+        clear(out)
+        return None
     if saved.get("identity") != identity:
-        raise ValueError(f"{out} holds an engine run with other cycles or settings: choose "
-                         f"another directory, or start afresh (overwrite=True; for a pipeline, "
-                         f"delete that directory)")
+        raise ValueError(f"{out} holds an engine run made with other {_changed(saved, parts)}: "
+                         f"choose another directory, or start afresh (overwrite=True)")
     if saved.get("stopped") in ("error", "round limit"):
         saved["stopped"] = None  # a rerun goes on: after an error, or up to a new max_rounds
     saved.pop("result", None)  # an earlier call's; written again when this one ends

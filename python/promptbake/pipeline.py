@@ -46,8 +46,8 @@ from typing import Callable
 
 from promptbake import contexts as contexts_mod, files, models, tools
 from promptbake.config import BakeConfig
-from promptbake.engine import (Cycle, EngineConfig, check_name, clear as clear_engine,
-                               outcome_settings, resume_settings, run_engine)
+from promptbake.engine import (Cycle, EngineConfig, check_name, outcome_settings,
+                               resume_settings, run_engine)
 from promptbake.framing import prompt_messages, read_prompt_file
 from promptbake.orchestrate.tools import TOOL_DEFAULTS, bake_contexts, tool_specs
 from promptbake.persona import AdherenceEvaluator, Persona
@@ -82,8 +82,7 @@ class Pipeline:
 
     def file(self, value) -> Path:
         """A path of the file, relative to the pipeline file's directory."""
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else self.path.parent / path
+        return _beside(self.path, value)
 
     def stages(self) -> list[str]:
         return ["engine"] + [s for s in ("report", "export") if getattr(self, s) is not None]
@@ -103,8 +102,11 @@ class Pipeline:
             for key in ("tools", "persona", "task", "prompt_file", "contexts", "demonstrations"):
                 if key in cycle and self.file(cycle[key]).is_file():
                     read[f"{cycle['name']}.{key}"] = _sha(self.file(cycle[key]).read_bytes())
-        engine = _sha(files.to_json({  # without max_rounds: more rounds continue a run (plan)
-            "model": self.model, "bake": outcome_settings(self.bake),
+        # a model directory by its weights, not by the path typed (which depends on where the
+        # pipeline was started from); without max_rounds: more rounds continue a run (plan)
+        model = None if self.model is None else models.fingerprint(Path(self.model))
+        engine = _sha(files.to_json({
+            "model": model, "bake": outcome_settings(self.bake),
             "engine": resume_settings(self.engine), "cycles": self.cycles, "files": read,
             "cycle_bake": {c["name"]: self.cycle_bake(c) for c in self.cycles}},
             sort_keys=True).encode())
@@ -115,6 +117,12 @@ class Pipeline:
                 out[stage] = _sha(files.to_json({"after": engine, stage: settings},
                                                 sort_keys=True).encode())
         return out
+
+
+def _beside(pipeline_file: Path, value) -> Path:
+    """``value`` as an absolute path, a relative one read from the pipeline file's directory
+    (so that what is recorded does not depend on where the pipeline was started from)."""
+    return (pipeline_file.parent / Path(value).expanduser()).absolute()
 
 
 def _sha(data: bytes) -> str:
@@ -135,7 +143,10 @@ def load(path: str | Path) -> Pipeline:
         raise PipelineError(f"{path}: no [[cycles]]: declare at least one cycle (a tool set, a "
                             f"persona or a prompt with a task)")
     bake = _settings(path, "bake", data.get("bake", {}), BakeConfig)
-    engine = _settings(path, "engine", data.get("engine", {}), EngineConfig)
+    engine_table = data.get("engine", {})
+    if isinstance(engine_table, dict) and isinstance(engine_table.get("proposer"), str):
+        engine_table = {**engine_table, "proposer": str(_beside(path, engine_table["proposer"]))}
+    engine = _settings(path, "engine", engine_table, EngineConfig)
     model = data.get("model", "default")
     if not isinstance(model, str):
         raise PipelineError(f"{path}: model must be a text (\"default\" or a model directory)")
@@ -200,7 +211,9 @@ def _settings(path: Path, name: str, table, kind):
     annotations = {f.name: str(f.type) for f in dataclasses.fields(kind)}
     for key, value in table.items():
         expected = getattr(default, key)
-        if isinstance(expected, float) and isinstance(value, int) and not isinstance(value, bool):
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if whole and (isinstance(expected, float) or expected is None and
+                      "float" in annotations[key] and "int" not in annotations[key]):
             table[key] = value = float(value)  # epochs = 4 is epochs = 4.0
         # a field that defaults to None takes what its annotation names ("int | None", ...)
         allowed = [type(expected)] if expected is not None else \
@@ -244,10 +257,11 @@ def _cycle(pipeline: Pipeline, where: str, cycle: dict) -> dict:
             raise PipelineError(f"{path}: {where}: {key} file {cycle[key]} not found")
     if "demonstrations" in cycle:
         _check_demonstrations(pipeline.file(cycle["demonstrations"]), f"{path}: {where}")
-    for key in ("tools", "persona", "task"):  # a file, or a shipped name checked when built
+    for key in ("tools", "persona", "task"):  # a file or a shipped name
         value = cycle.get(key)
         if value is not None and not isinstance(value, str):
             raise PipelineError(f"{path}: {where}: {key} must be a text")
+    _source(pipeline, cycle)  # loads, with enough items: now, not after the model has loaded
     return dict(cycle)
 
 
@@ -275,6 +289,31 @@ def _name_or_file(pipeline: Pipeline, value: str) -> str:
     return str(path) if path.is_file() else value
 
 
+def _source(pipeline: Pipeline, spec: dict) -> tuple[object, list]:
+    """A cycle's evaluator source (its tool specs, Persona or Task) and the items its dev and
+    held-out splits are cut from (a persona's: the shipped held-out contexts, from the end of
+    the list, never trained on); an error names the cycle."""
+    name, wanted = spec["name"], spec.get("dev", 24) + spec.get("held_out", 48)
+    kind = next(k for k in ("tools", "persona", "task") if k in spec)
+    try:
+        if kind == "tools":
+            specs = tool_specs(_name_or_file(pipeline, spec["tools"]))
+            loaded, items = specs, tools.shipped.test_items(specs)
+        elif kind == "persona":
+            loaded = Persona.load(_name_or_file(pipeline, spec["persona"]))
+            items = contexts_mod.builtin("held_out")[::-1]
+        else:
+            loaded = load_task(_name_or_file(pipeline, spec["task"]))
+            items = loaded.items
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{pipeline.path}: cycle {name!r}: {kind} = {spec[kind]!r}: "
+                            f"{err}") from err
+    if len(items) < wanted:
+        raise PipelineError(f"{pipeline.path}: cycle {name!r} asks for {wanted} dev and held-out "
+                            f"items but its evaluator has {len(items)}: lower dev or held_out")
+    return loaded, list(items)
+
+
 def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) -> list[Cycle]:
     """The engine's cycles from the file; a tool cycle's training conversations are written by
     the model prompted with the tool prompt (``orchestrate.tools.bake_contexts``)."""
@@ -289,10 +328,10 @@ def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) 
         contexts = str(pipeline.file(spec["contexts"])) if "contexts" in spec else None
         demonstrations = json.loads(pipeline.file(spec["demonstrations"]).read_text("utf-8")) \
             if "demonstrations" in spec else []
+        loaded, items = _source(pipeline, spec)
         if "tools" in spec:
-            specs = tool_specs(_name_or_file(pipeline, spec["tools"]))
+            specs = loaded
             prompt = prompt or tools.render(specs, tokenizer)
-            items = _enough(pipeline, name, tools.shipped.test_items(specs), dev + held)
             dev_eval = tools.ToolUse(specs=specs, items=items[:dev])
             held_eval = tools.ToolUse(specs=specs, items=items[dev:dev + held])
             say(f"cycle {name}: conversations with executed tool results to bake on")
@@ -300,28 +339,18 @@ def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) 
                                         contexts, framing=pipeline.bake.framing,
                                         max_new_tokens=pipeline.bake.max_new_tokens)
         elif "persona" in spec:
-            persona = Persona.load(_name_or_file(pipeline, spec["persona"]))
+            persona = loaded
             prompt = prompt or persona.prompt
-            # never trained on: the shipped held-out contexts, from the end of the list
-            answered = _enough(pipeline, name, contexts_mod.builtin("held_out")[::-1], dev + held)
-            dev_eval = AdherenceEvaluator(persona, answered[:dev])
-            held_eval = AdherenceEvaluator(persona, answered[dev:dev + held])
+            dev_eval = AdherenceEvaluator(persona, items[:dev])
+            held_eval = AdherenceEvaluator(persona, items[dev:dev + held])
         else:
-            task = load_task(_name_or_file(pipeline, spec["task"]))
-            items = _enough(pipeline, name, task.items, dev + held)
+            task = loaded
             dev_eval = dataclasses.replace(task, items=items[:dev])
             held_eval = dataclasses.replace(task, items=items[dev:dev + held])
         dev_eval.name, held_eval.name = f"{name}:dev", f"{name}:held-out"
         out.append(Cycle(name, prompt, dev_eval, held_eval, contexts=contexts,
                          demonstrations=demonstrations, bake=pipeline.cycle_bake(spec)))
     return out
-
-
-def _enough(pipeline: Pipeline, name: str, items: list, wanted: int) -> list:
-    if len(items) < wanted:
-        raise PipelineError(f"{pipeline.path}: cycle {name!r} asks for {wanted} dev and held-out "
-                            f"items but its evaluator has {len(items)}: lower dev or held_out")
-    return list(items)
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -384,15 +413,12 @@ def run(pipeline: Pipeline, *, dry_run: bool = False, progress: bool = False,
             continue
         start = time.perf_counter()
         if stage == "engine" and step["action"] == "run":
-            # before the new key is marked: a kill from here on must leave neither the old run
-            # under the new key (a rerun would try to resume it) nor the old key without its
-            # run (a rerun with the old settings would skip to a missing engine)
+            # the engine keeps a run made with these cycles and settings (a kill left it, or a
+            # key changed by what does not touch it) and replaces any other: see _run_engine
             files.remove(directory / STAGE_FILE)
-            clear_engine(directory)
         _mark(directory, stage, step["key"], "running")
         if stage == "engine":
-            result = _run_engine(pipeline, directory, fresh=step["action"] == "run",
-                                 progress=progress, say=say)
+            result = _run_engine(pipeline, directory, progress=progress, say=say)
             more = {"best_round": result.best_round, "stopped": result.stopped,
                     "max_rounds": pipeline.engine.max_rounds}
         elif stage == "report":
@@ -407,15 +433,15 @@ def run(pipeline: Pipeline, *, dry_run: bool = False, progress: bool = False,
     return steps
 
 
-def _run_engine(pipeline: Pipeline, directory: Path, fresh: bool, progress: bool, say):
+def _run_engine(pipeline: Pipeline, directory: Path, progress: bool, say):
     # a stage killed before the engine wrote its history has nothing to resume
-    fresh = fresh or not (directory / "engine.json").is_file()
+    fresh = not (directory / "engine.json").is_file()
     lm, tokenizer, _ = models.load(pipeline.model)
     cycles = build_cycles(pipeline, lm, tokenizer, say)
     del lm
     return run_engine(cycles, model=pipeline.model, config=pipeline.engine,
                       bake_config=pipeline.bake, out=directory, overwrite=fresh,
-                      progress=progress, say=say)
+                      replace_changed=True, progress=progress, say=say)
 
 
 def _export(pipeline: Pipeline, engine_dir: Path, directory: Path, say) -> dict:

@@ -436,7 +436,7 @@ def candidate_sources(rounds: list[dict]) -> list[dict]:
     kinds: dict[str, dict] = {}
     for r in rounds:
         found, winner = r.get("candidates") or [], (r.get("winner") or {}).get("index")
-        if not found:
+        if not found or "failed" in r:  # a failed round's winner was not kept
             continue
         incumbent = found[0]["dev"]["value"]  # a round scores its incumbent first
         for k, c in enumerate(found):

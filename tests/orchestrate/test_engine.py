@@ -127,18 +127,20 @@ def test_a_weak_teacher_is_flagged(tiny_dir, next_token_evaluator, round_config)
     assert engine.weak_teacher(0.25, reference) == pytest.approx(0.375)
     assert engine.weak_teacher(0.35, reference) is None  # over half the gain: not weak
     assert engine.weak_teacher(0.0, {"base": {"value": 0.5}, "prompted": {"value": 0.4}}) is None
-    # cycle a's prompt does on the current model (dev 0.1) what nothing does on the base
-    # model (held-out 0.1, prompted 0.5): its round is flagged; b's (dev 0.6) is not
+    # after round 1's bake, cycle b's prompt does on the current model (dev 0.2) what nothing
+    # does on the base model (held-out 0.2, prompted 0.6): its round is flagged. Round 1's
+    # dev 0.1 is as low against a's references, but before the first bake the current model
+    # is the base model, whose reading of the prompt the references are: not flagged.
     two = cycles(next_token_evaluator, [0.1, 0.5, 0.3, 0.3], [0.2, 0.6, 0.2, 0.5])
-    two[0].dev, two[1].dev = Scripted("dev-a", [0.1]), Scripted("dev-b", [0.6])
+    two[0].dev, two[1].dev = Scripted("dev-a", [0.1]), Scripted("dev-b", [0.2])
     said = []
     result = run_engine(two, model=tiny_dir, say=said.append,
                         config=EngineConfig(max_rounds=2, proposals=0, edits=0, patience=1),
                         bake_config=round_config(steps=1, **SMALL))
     assert [r["cycle"] for r in result.rounds] == ["a", "b"]
-    assert result.rounds[0]["weak_teacher"] == pytest.approx(0.0)
-    assert "weak_teacher" not in result.rounds[1]
-    assert any("cycle a's prompt" in m and "teacher is weak" in m for m in said)
+    assert "weak_teacher" not in result.rounds[0]
+    assert result.rounds[1]["weak_teacher"] == pytest.approx(0.0)
+    assert any("cycle b's prompt" in m and "teacher is weak" in m for m in said)
 
 
 def test_the_base_model_can_teach_every_round(tiny_dir, next_token_evaluator, round_config):
@@ -277,6 +279,16 @@ def test_resume_after_a_kill(tiny_dir, next_token_evaluator, round_config, tmp_p
     assert resumed.rounds[1]["candidates"][0]["prompt"] == saved["rounds"][0]["winner"]["prompt"]
     # its time is the whole run's, the killed call's round included, not this call's alone
     assert resumed.seconds >= 1000.0
+    # a run made with other settings is refused, or replaced when asked (a pipeline's stage)
+    other = {**settings, "config": EngineConfig(max_rounds=1, proposals=0, edits=0)}
+    with pytest.raises(ValueError, match="made with other engine settings: choose another"):
+        run_engine(cycles(next_token_evaluator, [0.3], [0.3]), **other)
+    said = []
+    fresh = run_engine(cycles(next_token_evaluator, [0.3], [0.3]), replace_changed=True,
+                       say=said.append, **other)
+    assert [r["round"] for r in fresh.rounds] == [1]
+    assert any("starting afresh" in m for m in said)
+    assert sorted(p.name for p in (out / "rounds").iterdir()) == ["round-1"]
 
 
 def test_failing_evaluator(tiny_dir, next_token_evaluator, round_config):
@@ -286,7 +298,8 @@ def test_failing_evaluator(tiny_dir, next_token_evaluator, round_config):
     result = run_engine(broken, config=EngineConfig(max_rounds=2, proposals=0, edits=0,
                                                     patience=5), **options)
     assert "RuntimeError: held-a failed" in result.rounds[0]["failed"]
-    assert "held_out" in result.rounds[1]  # it went on
+    assert "held_out" in result.rounds[1]  # it went on, with the next cycle (a failure may
+    assert result.rounds[1]["cycle"] == "b"  # repeat: it does not keep its cycle's turn)
     assert result.rounds[1]["deltas"] == 1  # on the base model: round 1's bake was undone
     assert not result.rounds[0].get("plateau")  # a failure is no round without gain
     broken = cycles(next_token_evaluator, [0.1, 0.5, 0.2, 0.3], [0.2, 0.6, 0.3, 0.3])
@@ -311,6 +324,12 @@ def test_bad_input(tiny_dir, next_token_evaluator, tmp_path):
             Cycle("a", "x", None, None, bake={reserved: 3})
     with pytest.raises(ValueError, match="on_error"):
         EngineConfig(on_error="ignore").validate()
+    with pytest.raises(ValueError, match=r"max_rounds=0 \(at least 1\), edits=-1 \(at least 0\)"):
+        EngineConfig(edits=-1, max_rounds=0).validate()
+    bad = cycles(next_token_evaluator)
+    bad[1].bake = {"epochs": -1.0}  # refused before the model loads, naming the cycle
+    with pytest.raises(ValueError, match="cycle b: its bake settings: epochs=-1.0"):
+        run_engine(bad, model=tmp_path / "no-model-here")
     with pytest.raises(ValueError, match="threshold"):
         EngineConfig(threshold=float("nan")).validate()
     (tmp_path / "busy").mkdir()
