@@ -38,6 +38,10 @@ STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
 MIN_REDUCTION = 0.90  # the held-out KL reduction a default bake reaches (python bench/ --only bake)
 MAX_OFF_GAP = 0.10  # off-distribution reduction this far below held-out flags the bake
 PROBES = 24  # probes measured for a bake from before the probe set
+# manifest kinds of states that stack several bakes in one adapter, whose manifest is the first
+# bake's (with the kind's own record beside it)
+STACKED = {"engine": "an engine run's kept state", "engine-round": "an engine round's state",
+           "sequential": "sequential baking's last state"}
 
 
 @dataclasses.dataclass
@@ -76,9 +80,17 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
     gates: list[Gate] = []
     wrote: list[str] = ["report.md", "report.json"]
     clock = time.perf_counter()
+    kind = baked.manifest.get("kind")
+    if kind in STACKED:  # its manifest's KL is not this model's: no gate on it
+        record["stacked"] = (
+            f"{STACKED[kind]}: several bakes stacked in one adapter. The prompt measured here "
+            f"is its first bake's, and the KL the manifest records is that bake's alone"
+            + ("; promptbake report on the engine directory reports every cycle"
+               if kind.startswith("engine") else ""))
+        say(f"note: {record['stacked']}")
 
     kl = baked.manifest["kl"]
-    if kl.get("reduction") is not None:
+    if kl.get("reduction") is not None and kind not in STACKED:
         gates.append(Gate(f"held-out KL reduction >= {MIN_REDUCTION:.0%}",
                           pct(kl["reduction"], kl.get("reduction_se")),
                           kl["reduction"] >= MIN_REDUCTION, f"promptbake kl {path}"))
@@ -89,7 +101,8 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         off = off_distribution_record(found["base"], found["1"],
                                       len(contexts_mod.probe(PROBES)))
     record["kl_off_distribution"] = off
-    if off.get("reduction") is not None and kl.get("reduction") is not None:
+    if off.get("reduction") is not None and kl.get("reduction") is not None and \
+            kind not in STACKED:
         gates.append(off_distribution_gate(kl, off, f"promptbake kl {path}"))
 
     say("half-baking curve: MC-KL at each strength")
@@ -230,15 +243,18 @@ def _relative(change: dict) -> str:
 
 def _markdown(record: dict, gates: list[Gate], wrote: list[str]) -> str:
     kl = record["manifest_kl"]
+    stacked = record.get("stacked")
     lines = [f"# Bake report: {record['directory']}", "",
              f"Prompt: {record['prompt']!r}", "",
+             *([f"**Note**: {stacked}.", ""] if stacked else []),
              f"Made by `{record['command']}` on {record['created']} ({record['seconds']:.0f} s).",
              "", "## Gates", "", "| target | measured | result | reproduce |", "|---|---|---|---|"]
     for g in gates:
         lines.append(f"| {g.target} | {g.measured} | {'pass' if g.passed else 'FAIL'} | "
                      f"`{g.command}` |")
     before, after = kl["before"], kl["after"]
-    lines += ["", "## KL to the prompted model (held-out contexts, measured by the bake)", "",
+    lines += ["", "## KL to the prompted model (held-out contexts, measured by the "
+              + ("first bake, before the others stacked on it)" if stacked else "bake)"), "",
               f"KL(prompted ‖ base) {pm(before['per_token'], before['per_token_se'], '.4f')} → "
               f"KL(prompted ‖ baked) {pm(after['per_token'], after['per_token_se'], '.4f')} "
               f"nats/token on {before['sequences']} samples; reduction "
@@ -246,7 +262,8 @@ def _markdown(record: dict, gates: list[Gate], wrote: list[str]) -> str:
     off = record.get("kl_off_distribution")
     if off:
         b, a = off["before"], off["after"]
-        lines += ["## Off-distribution KL (probe set: kinds of input the bake did not train on)",
+        lines += ["## Off-distribution KL (probe set: kinds of input the bake did not train on"
+                  + ("; the first bake's" if stacked else "") + ")",
                   "", f"KL(prompted ‖ base) {pm(b['per_token'], b['per_token_se'], '.4f')} → "
                   f"KL(prompted ‖ baked) {pm(a['per_token'], a['per_token_se'], '.4f')} "
                   f"nats/token on {b['sequences']} samples; reduction "

@@ -82,6 +82,14 @@ def test_two_cycles_end_to_end(tiny_dir, next_token_evaluator, round_config, tmp
         kept = load_baked(out / "final")
         assert kept.manifest["engine"]["best_round"] == result.best_round
         assert result.baked.path == out / "final"
+    # a bake report on a round's state says whose KL its manifest holds, with no gate on it
+    from promptbake.report import report
+
+    record = report(out / "rounds" / "round-2", tasks=[], persona="", strengths=(1.0,))
+    assert "first bake" in record["stacked"] and "engine directory" in record["stacked"]
+    assert not any("held-out KL reduction" in g["target"] for g in record["gates"])
+    assert "**Note**: an engine round's state" in (out / "rounds" / "round-2" /
+                                                   "report.md").read_text()
     # a finished run is read back, not run again; more rounds continue it
     again = run_engine(cycles(next_token_evaluator), model=tiny_dir,
                        config=EngineConfig(max_rounds=2, proposals=1, edits=2, threshold=0.0, proposal_tokens=24,
