@@ -8,7 +8,8 @@ resumes where it stopped:
    current model proposes and programmatic edits, scored on the dev split, the winner baked on
    top of the current model;
 2. the same engine on the user's own prompts only (no proposals, no edits): what self-guided
-   discovery adds is the paired difference of 1 and 2 on the held-out items;
+   discovery adds is the paired difference of 1 and 2 on the held-out items (when your prompt
+   won every round of 1, run 2 would make the same bakes and choices: it is taken from 1);
 3. sequential baking of the user's prompts without the engine (tools, pirate, tools, ... each
    baked on top of the last, every cycle measured after every bake) for the engine's wall
    time: the last bake is the one that ends nearest it.
@@ -68,6 +69,11 @@ def run(args, log) -> dict:
     for name, config in (("engine", pipeline.engine),
                          ("own prompts", dataclasses.replace(pipeline.engine, proposals=0,
                                                              edits=0))):
+        if name == "own prompts" and won_by_your_prompts(results["engine"]["rounds"]):
+            log("  own prompts: your prompt won every round of the engine run, so this run "
+                "would make the same bakes and choices: taken from it, not run again")
+            results[name], finals[name] = own_prompts_of(results["engine"]), finals["engine"]
+            continue
         log(f"  {name}: the engine, {config.proposals} proposals and {config.edits} edits a "
             f"round, at most {config.max_rounds} rounds")
         out = CACHE / f"{'engine' if name == 'engine' else 'engine-own'}{suffix}"
@@ -87,7 +93,9 @@ def run(args, log) -> dict:
         "the held-out splits")
     scores = {name: held_out(cycles, (baked.model, baked.tokenizer) if baked is not None
                              else (lm, tokenizer), None, framing)
-              for name, baked in finals.items()}
+              for name, baked in finals.items() if not results[name].get("derived")}
+    if results["own prompts"].get("derived"):  # the same model: the same scores
+        scores["own prompts"] = scores["engine"]
     scores["prompted base"] = {c.name: measure(c, c.held_out(lm, tokenizer, c.prompt,
                                                              framing=framing)) for c in cycles}
     scores["base"] = held_out(cycles, (lm, tokenizer), None, framing)
@@ -109,6 +117,20 @@ def run(args, log) -> dict:
               "phases": phases(results["engine"])}
     result["checks"] = checks(result)
     return result
+
+
+def won_by_your_prompts(rounds: list[dict]) -> bool:
+    """Whether every round was won by the incumbent prompt with none failed: then the engine on
+    your own prompts alone (no proposals, no edits) makes the same bakes and choices (the
+    bakes are seeded by round; tests/orchestrate/test_engine.py checks it on the tiny model)."""
+    return bool(rounds) and all("failed" not in r and r["winner"]["index"] == 0 for r in rounds)
+
+
+def own_prompts_of(run: dict) -> dict:
+    """The own-prompts run as the engine run's rounds with the incumbent its only candidate;
+    its wall time was not measured (the engine's includes scoring the other candidates)."""
+    rounds = [{**r, "candidates": r["candidates"][:1]} for r in run["rounds"]]
+    return {**run, "rounds": rounds, "seconds": None, "derived": "engine"}
 
 
 def shrink(pipeline, name: str, dev: int, held_out: int) -> None:
@@ -300,8 +322,9 @@ def report(result) -> str:
                                               f"(n {d['n']})" for c, d in result[key].items()))
     runs = result["runs"]
     lines.append("rounds: " + ", ".join(
-        f"{name} {len(runs[name]['rounds'])} ({runs[name].get('stopped', 'time budget')}, "
-        f"{runs[name]['seconds']:.0f} s)" for name in RUNS))
+        f"{name} {len(runs[name]['rounds'])} ({runs[name].get('stopped', 'time budget')}, " +
+        ("taken from the engine run: your prompt won every round" if runs[name].get("derived")
+         else f"{runs[name]['seconds']:.0f} s") + ")" for name in RUNS))
     lines.append("candidates by source (engine run): " + ", ".join(
         f"{s['source']} won {s['won']} of {s['candidates']}" for s in result["sources"]))
     lines.append("engine wall time by phase: " + ", ".join(
@@ -326,6 +349,9 @@ def markdown(result) -> str:
                        ("engine - sequential, equal wall time", "versus_sequential")):
         lines.append(f"| {label} | " + " | ".join(
             _pm(result[key][c]["difference"], result[key][c]["se"]) for c in cycles) + " |")
+    if result["runs"]["own prompts"].get("derived"):
+        lines += ["", "Your prompt won every round of the engine run, so the own-prompts run "
+                  "(the same bakes and choices) was taken from it: discovery added nothing."]
     lines += ["", "| candidates of the engine run, by source | scored | above the incumbent (dev) "
               "| won | dev − incumbent |", "|---|---:|---:|---:|---:|"]
     for s in result["sources"]:

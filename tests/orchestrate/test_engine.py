@@ -98,6 +98,26 @@ def test_two_cycles_end_to_end(tiny_dir, next_token_evaluator, round_config, tmp
     assert again.rounds == result.rounds
 
 
+def test_rounds_your_prompt_wins_bake_as_the_own_prompts_run_does(tiny_dir,
+                                                                   next_token_evaluator,
+                                                                   round_config):
+    # every candidate ties on dev, so your prompt wins each round: the proposals and edits
+    # scored beside it change nothing, and the run makes the own-prompts run's bakes exactly
+    # (what lets the engine suite take that run from this one, python bench/ --only engine)
+    def run(proposals, edits):
+        two = cycles(next_token_evaluator)
+        two[0].dev, two[1].dev = Scripted("dev-a", [0.5]), Scripted("dev-b", [0.5])
+        return run_engine(two, model=tiny_dir, bake_config=round_config(steps=2, **SMALL),
+                          config=EngineConfig(max_rounds=2, proposals=proposals, edits=edits,
+                                              proposal_tokens=16, patience=3))
+
+    engine_run, own = run(1, 2), run(0, 0)
+    assert all(len(r["candidates"]) > 1 and r["winner"]["source"] == "incumbent"
+               for r in engine_run.rounds)
+    assert [r["held_out"] for r in engine_run.rounds] == [r["held_out"] for r in own.rounds]
+    assert [r["bake_kl"] for r in engine_run.rounds] == [r["bake_kl"] for r in own.rounds]
+
+
 def test_plateau_switches_and_stops(tiny_dir, next_token_evaluator, round_config):
     # held-out script per cycle: base, prompted, then one value per round. a gains in round 1,
     # not in round 2 (plateau, patience 1) -> b; b gains in round 3, not in round 4 -> stop.
