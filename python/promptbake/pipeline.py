@@ -30,8 +30,9 @@ shipped task or a .jsonl file, with ``prompt`` or ``prompt_file``); ``prompt``/`
 also override a rendered tool prompt or a persona's. Relative paths are read from the pipeline
 file's directory. Each stage (engine, report, export) writes ``OUT/<stage>/`` with a
 ``stage.json`` holding the hash of its settings and inputs; a rerun skips the stages whose hash
-is unchanged and finished, restarts those whose hash changed, and the engine resumes after its
-last finished round.
+is unchanged and finished, runs again those whose hash changed (the engine keeps a run made
+with the same cycles, settings and model, and replaces any other), and the engine resumes after
+its last finished round.
 """
 
 from __future__ import annotations
