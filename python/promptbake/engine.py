@@ -521,8 +521,7 @@ def run_engine(cycles: list[Cycle], model=None, config: EngineConfig | None = No
                                "prompted": state.score(c.held_out, c.prompt, framing).to_dict()}
                       for c in cycles}
         saved = {"identity": identity, "parts": parts, "references": references, "rounds": [],
-                 "done": [],
-                 "active": 0, "stopped": None,
+                 "done": [], "active": 0, "stopped": None,
                  "references_seconds": round(time.perf_counter() - measuring, 2)}
         _write(out, saved)
     else:
