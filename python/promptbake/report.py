@@ -425,10 +425,11 @@ def engine_report(run_dir: str | Path, out: str | Path | None = None) -> list[st
     lines += ["", "## Candidate sources", "",
               "| source | candidates | above the incumbent (dev) | won | dev − incumbent |",
               "|---|---:|---:|---:|---:|"]
-    for s in candidate_sources(rounds):
-        lines.append(f"| {s['source']} | {s['candidates']} | "
-                     f"{'—' if s['source'] == 'incumbent' else s['above']} | {s['won']} | "
-                     f"{'—' if s['mean_difference'] is None else pm(s['mean_difference'], s['se'], '+.3f')} |")
+    for kind in candidate_sources(rounds):
+        mean = kind["mean_difference"]
+        lines.append(f"| {kind['source']} | {kind['candidates']} | "
+                     f"{'—' if kind['source'] == 'incumbent' else kind['above']} | "
+                     f"{kind['won']} | {'—' if mean is None else pm(mean, kind['se'], '+.3f')} |")
     lines += ["", "## Candidates", "", "| round | source | dev score | prompt |",
               "|---:|---|---:|---|"]
     for r in rounds:
