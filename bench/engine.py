@@ -41,7 +41,7 @@ from promptbake.artifact import contexts_key
 from promptbake.engine import (HISTORY, Cycle, evaluator_key, outcome_settings,
                                run_engine)
 from promptbake.orchestrate.stacking import LoraStack
-from promptbake.report import candidate_sources
+from promptbake.report import candidate_sources, sources_table
 from promptbake.reprompt import item_scores
 from promptbake.stats import paired_difference
 
@@ -352,12 +352,8 @@ def markdown(result) -> str:
     if result["runs"]["own prompts"].get("derived"):
         lines += ["", "Your prompt won every round of the engine run, so the own-prompts run "
                   "(the same bakes and choices) was taken from it: discovery added nothing."]
-    lines += ["", "| candidates of the engine run, by source | scored | above the incumbent (dev) "
-              "| won | dev − incumbent |", "|---|---:|---:|---:|---:|"]
-    for s in result["sources"]:
-        mean = "—" if s["mean_difference"] is None else _pm(s["mean_difference"], s["se"])
-        lines.append(f"| {s['source']} | {s['candidates']} | "
-                     f"{'—' if s['source'] == 'incumbent' else s['above']} | {s['won']} | {mean} |")
+    lines += ["", "Candidates of the engine run, by source:", "",
+              *sources_table(result["sources"])]
     return "\n".join(lines)
 
 

@@ -81,7 +81,8 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
     wrote: list[str] = ["report.md", "report.json"]
     clock = time.perf_counter()
     kind = baked.manifest.get("kind")
-    if kind in STACKED:  # its manifest's KL is not this model's: no gate on it
+    own_kl = kind not in STACKED  # a stacked state's manifest KL is its first bake's: no gate
+    if not own_kl:
         record["stacked"] = (
             f"{STACKED[kind]}: several bakes stacked in one adapter. The prompt measured here "
             f"is its first bake's, and the KL the manifest records is that bake's alone"
@@ -90,7 +91,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         say(f"note: {record['stacked']}")
 
     kl = baked.manifest["kl"]
-    if kl.get("reduction") is not None and kind not in STACKED:
+    if kl.get("reduction") is not None and own_kl:
         gates.append(Gate(f"held-out KL reduction >= {MIN_REDUCTION:.0%}",
                           pct(kl["reduction"], kl.get("reduction_se")),
                           kl["reduction"] >= MIN_REDUCTION, f"promptbake kl {path}"))
@@ -101,8 +102,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         off = off_distribution_record(found["base"], found["1"],
                                       len(contexts_mod.probe(PROBES)))
     record["kl_off_distribution"] = off
-    if off.get("reduction") is not None and kl.get("reduction") is not None and \
-            kind not in STACKED:
+    if off.get("reduction") is not None and kl.get("reduction") is not None and own_kl:
         gates.append(off_distribution_gate(kl, off, f"promptbake kl {path}"))
 
     say("half-baking curve: MC-KL at each strength")
@@ -422,14 +422,7 @@ def engine_report(run_dir: str | Path, out: str | Path | None = None) -> list[st
                      f"{pm(w.get('difference', 0.0), w.get('se'), '+.3f')} | " + " | ".join(
                          f"{r['held_out'][c]['value']:.3f}" for c in cycles) +
                      f" | {r['objective']:.3f} | {'; '.join(notes)} |")
-    lines += ["", "## Candidate sources", "",
-              "| source | candidates | above the incumbent (dev) | won | dev − incumbent |",
-              "|---|---:|---:|---:|---:|"]
-    for kind in candidate_sources(rounds):
-        mean = kind["mean_difference"]
-        lines.append(f"| {kind['source']} | {kind['candidates']} | "
-                     f"{'—' if kind['source'] == 'incumbent' else kind['above']} | "
-                     f"{kind['won']} | {'—' if mean is None else pm(mean, kind['se'], '+.3f')} |")
+    lines += ["", "## Candidate sources", "", *sources_table(candidate_sources(rounds))]
     lines += ["", "## Candidates", "", "| round | source | dev score | prompt |",
               "|---:|---|---:|---|"]
     for r in rounds:
@@ -473,6 +466,18 @@ def candidate_sources(rounds: list[dict]) -> list[dict]:
               if len(d) > 1 else None)
         out.append({"source": source, **kind, "mean_difference": mean, "se": se})
     return out
+
+
+def sources_table(sources: list[dict]) -> list[str]:
+    """``candidate_sources`` as the lines of a markdown table."""
+    lines = ["| source | candidates | above the incumbent (dev) | won | dev − incumbent |",
+             "|---|---:|---:|---:|---:|"]
+    for kind in sources:
+        mean = kind["mean_difference"]
+        lines.append(f"| {kind['source']} | {kind['candidates']} | "
+                     f"{'—' if kind['source'] == 'incumbent' else kind['above']} | "
+                     f"{kind['won']} | {'—' if mean is None else pm(mean, kind['se'], '+.3f')} |")
+    return lines
 
 
 def _plot_engine(refs: dict, rounds: list[dict], path: Path) -> None:
