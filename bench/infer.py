@@ -8,7 +8,8 @@ contexts. Contenders:
 * ONNX Runtime fp32 baked, int8 baked, int4 baked (``MatMulNBits``, HQQ, block 32: the merged
   bake quantised), int4 with the bake's LoRA beside the 4-bit base (fp32 factors), the same with
   the LoRA recovered on the 4-bit base, the same with HQQ's zero points rounded to integers
-  (``hqq-int``, which onnxruntime runs on its int8 compute path), and pruned + int8 at each
+  (``hqq-int``, which onnxruntime runs on its int8 compute path), the same with onnxruntime's
+  GPTQ (calibrated, integer zero points, int8 compute), and pruned + int8 at each
   pruning setting the README shows (Wanda 25%, 50% and 2:4, each recovered);
 * GGUF q8_0 and q4_0 (llama.cpp's formats): size, parity and retention, measured on the file as
   transformers' GGUF loader reads it back; decode latency with llama.cpp where
@@ -62,6 +63,7 @@ ONNX = {"onnx fp32 baked": "onnx-fp32", "onnx int8 baked": "onnx-int8",
         "onnx int4 baked": "onnx-int4", "onnx int4 + LoRA beside": "int4-beside",
         "onnx int4 + LoRA recovered": "int4-recovered",
         "onnx int4 hqq-int + LoRA recovered": "int4-int-recovered",
+        "onnx int4 gptq + LoRA recovered": "int4-gptq-recovered",
         **{name: key for name, (key, _) in PRUNINGS.items()}}
 GGUF = {"gguf q8_0": "q8_0", "gguf q4_0": "q4_0"}  # size and accuracy only: no runtime here
 
@@ -132,7 +134,7 @@ def run(args, log) -> dict:
     exports = CACHE / ("infer-quick" if quick else "infer")
     exports.mkdir(parents=True, exist_ok=True)
 
-    log("  exports: ONNX fp32, int8, int4 (4 ways), pruned + int8 (3 settings); GGUF q8_0, "
+    log("  exports: ONNX fp32, int8, int4 (5 ways), pruned + int8 (3 settings); GGUF q8_0, "
         "q4_0 (each checked "
         "against torch, each measured on the bake's held-out samples)")
     built, failed = {}, {}
@@ -144,6 +146,9 @@ def run(args, log) -> dict:
                               lora="beside", recover_steps=recover_steps_int4)}),
                           ("int4-int-recovered", {"quantize": "int4", "int4": Int4Options(
                               method="hqq-int", lora="beside",
+                              recover_steps=recover_steps_int4)}),
+                          ("int4-gptq-recovered", {"quantize": "int4", "int4": Int4Options(
+                              method="gptq", lora="beside",
                               recover_steps=recover_steps_int4)}),
                           *((key, {"quantize": "int8",
                                    "prune": compress.pruner(baked, amount,

@@ -59,14 +59,40 @@ def tied_graph(path, hidden, vocab, seed=0):
     return weight
 
 
-@pytest.mark.parametrize("method", ["rtn", "hqq", "hqq-int"])
+def tied_feeds(hidden, count=8, seed=2):
+    """Calibration feeds of ``tied_graph``: inputs x [n, hidden] with most of their energy in a
+    few directions, as a model's hidden states have."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((4, hidden)) * 3 + 0.1 * rng.standard_normal((hidden, hidden))[:4]
+    return [{"x": (rng.standard_normal((16, 4)) @ mix
+                   + 0.1 * rng.standard_normal((16, hidden))).astype(np.float32),
+             "input_ids": np.zeros((1, 1), np.int64)} for _ in range(count)]
+
+
+def int4_of_tied(tmp_path, monkeypatch, hidden, options):
+    """``quantize.int4`` of ``tied_graph``; GPTQ calibrated on ``tied_feeds`` (the graph has
+    no token inputs for ``quantize._feeds`` to build)."""
+    monkeypatch.setattr(quantize, "_feeds", lambda model, prompts: tied_feeds(hidden))
+    return quantize.int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", options,
+                         calibration=[[0]] if options.method == "gptq" else None)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq", "hqq-int", "gptq"])
 @pytest.mark.parametrize("hidden,block", [(64, 32), (48, 32), (64, 16), (96, 32)])
-def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, method, hidden, block):
+def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, monkeypatch, method, hidden,
+                                                      block):
     vocab = 40
     weight = tied_graph(tmp_path / "fp32.onnx", hidden, vocab)
     # accuracy level 0: MatMulNBits multiplies in fp32, so one-hot rows read its matrix exactly
     options = Int4Options(method=method, block_size=block, accuracy_level=0)
-    record = quantize.int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", options)
+    if method == "gptq" and -(-hidden // block) % 2:
+        with pytest.raises(ValueError, match=r"even number of blocks per column: /lm_head/MatMul "
+                                             r"has 96 input rows, 3 blocks of 32; use another "
+                                             r"method or --block-size 64"):
+            int4_of_tied(tmp_path, monkeypatch, hidden, options)
+        assert not (tmp_path / "int4.onnx").exists()
+        return
+    record = int4_of_tied(tmp_path, monkeypatch, hidden, options)
     assert record["tied_head_shared"] and record["quantized_matmuls"] == 1
     model = onnx.load(str(tmp_path / "int4.onnx"))
     onnx.checker.check_model(model)
@@ -76,7 +102,7 @@ def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, method, hidden, b
     assert codes.dtype == np.uint8 and codes.shape == (vocab, -(-hidden // block), block // 2)
     zeros = inits.get(graph.TIED_HEAD + "_zero_points")
     assert (zeros is not None) == (method != "rtn")
-    if method == "hqq-int":  # whole zero points, 4 bits each, two per byte (3 blocks: 2 bytes)
+    if method in ("hqq-int", "gptq"):  # whole zero points, 4 bits each, two per byte
         assert zeros.dtype == np.uint8 and zeros.shape == (vocab, -(-hidden // block // 2))
         zeros = zeros.reshape(-1)
     want = quantize.dequantize_4bit(codes, inits[graph.TIED_HEAD + "_scales"], zeros)[:hidden]
@@ -108,6 +134,22 @@ def test_integer_zero_points_fit_the_weights_as_well_as_hqqs_float_ones(tmp_path
     assert errors["hqq-int"] < 1.15 * errors["hqq"] and errors["hqq-int"] < errors["rtn"]
 
 
+def test_gptq_fits_the_outputs_on_inputs_like_its_calibration(tmp_path, monkeypatch):
+    # GPTQ minimises the error of x @ W on the calibration inputs, not of W: on inputs from the
+    # same distribution it beats HQQ's weight fit with the same integer zero points
+    hidden = 64
+    weight = tied_graph(tmp_path / "fp32.onnx", hidden, 40, seed=3)
+    x = np.concatenate([f["x"] for f in tied_feeds(hidden, seed=4)])  # not the calibration's
+    errors = {}
+    for method in ("hqq-int", "gptq"):
+        int4_of_tied(tmp_path, monkeypatch, hidden,
+                     Int4Options(method=method, block_size=32, accuracy_level=0))
+        session = ort.InferenceSession(str(tmp_path / "int4.onnx"))
+        got = session.run(["logits"], {"x": x, "input_ids": np.zeros((1, 1), np.int64)})[0]
+        errors[method] = float(np.square(got - x @ weight).mean())
+    assert errors["gptq"] < 0.8 * errors["hqq-int"], errors  # 0.63 here
+
+
 def test_unpacked_integer_zero_points_round_trip():
     zeros = np.array([[3, 15, 0], [7, 1, 9]], np.float32)  # 3 blocks: the last byte half used
     blocks = quantize.Blocks4(np.zeros((2, 3, 16), np.uint8), np.ones((2, 3), np.float32), zeros,
@@ -128,7 +170,7 @@ def llama(tiny_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module", params=["rtn", "hqq", "hqq-int"])
+@pytest.fixture(scope="module", params=["rtn", "hqq", "hqq-int", "gptq"])
 def int4_export(request, llama, tokenizer, tmp_path_factory):
     return export_onnx(llama, tokenizer, tmp_path_factory.mktemp("int4") / request.param,
                        quantize="int4", int4=Int4Options(method=request.param, block_size=32),
@@ -157,9 +199,10 @@ def test_int4_export_passes_parity_and_runs_in_plain_onnxruntime(int4_export, to
     assert report["criterion"] == "top-1 agreement with torch fp32 >= 0.0"
     assert 0 < report["kl_per_token"] < 2 and report["max_abs_logit_diff"] > 0
     assert json.loads((int4_export.path / "manifest.json").read_text()) == manifest
-    # 4 bits and a 32-bit scale per 32 weights (rtn), and a 32-bit (hqq) or 4-bit (hqq-int)
-    # zero point
-    kept = {"rtn": 5 / 32, "hqq": 6 / 32, "hqq-int": (5 + 1 / 8) / 32}[method]
+    # 4 bits and a 32-bit scale per 32 weights (rtn), and a 32-bit (hqq) or 4-bit (hqq-int,
+    # gptq) zero point
+    kept = {"rtn": 5 / 32, "hqq": 6 / 32, "hqq-int": (5 + 1 / 8) / 32,
+            "gptq": (5 + 1 / 8) / 32}[method]
     assert manifest["bytes"] < (kept + 0.01) * record["fp32_bytes"]
     assert record["weight_bytes"]["zero_points"] > 0 if method != "rtn" else \
         record["weight_bytes"]["zero_points"] == 0
@@ -256,8 +299,9 @@ def test_a_runtime_without_the_operator_is_refused_before_any_work(tmp_path, cap
 def test_cli_names_the_int4_methods(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["export", str(tmp_path), "--out", str(tmp_path / "out"), "--quantize", "int4",
-                  "--int4-method", "gptq"])
-    assert "invalid choice: 'gptq' (choose from 'hqq', 'hqq-int', 'rtn')" in capsys.readouterr().err
+                  "--int4-method", "awq"])
+    assert "invalid choice: 'awq' (choose from 'hqq', 'hqq-int', 'rtn', 'gptq')" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["export", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -265,9 +309,16 @@ def test_cli_names_the_int4_methods(tmp_path, capsys):
 
 
 def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="int4 method 'gptq': choose hqq, hqq-int, rtn"):
+    with pytest.raises(ValueError, match="int4 method 'awq': choose hqq, hqq-int, rtn, gptq"):
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
-                    int4=Int4Options(method="gptq"))
+                    int4=Int4Options(method="awq"))
+    with pytest.raises(ValueError, match="'gptq' quantises every MatMul: exclude and "
+                                         "keep_head_fp32 apply to hqq, hqq-int and rtn"):
+        export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
+                    int4=Int4Options(method="gptq", keep_head_fp32=True))
+    with pytest.raises(ValueError, match="needs an even number of blocks per column"):
+        export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",  # 64 rows: 1 block
+                    int4=Int4Options(method="gptq", block_size=64), tolerances=TINY_INT4)
     with pytest.raises(ValueError, match="block_size=100 must be a power of 2"):
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
                     int4=Int4Options(block_size=100))
@@ -286,7 +337,7 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
 # -- the LoRA kept beside a 4-bit base ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["rtn", "hqq", "hqq-int"])
+@pytest.mark.parametrize("method", ["rtn", "hqq", "hqq-int", "gptq"])
 def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, tmp_path, method):
     # accuracy level 0: fp32 compute, so the graph must equal torch on the same weights
     options = Int4Options(method=method, lora="beside", accuracy_level=0)
@@ -350,7 +401,7 @@ def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tm
     assert file_hashes(baked_dir) == before
 
 
-@pytest.mark.parametrize("method", ["hqq", "hqq-int"])
+@pytest.mark.parametrize("method", ["hqq", "hqq-int", "gptq"])
 def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokenizer, tmp_path,
                                                                method):
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", tolerances=TINY_INT4,
@@ -385,8 +436,8 @@ def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokeni
     for name, scales in learned.items():
         np.testing.assert_array_equal(back[name].scales, scales.scales()[0])
         np.testing.assert_array_equal(back[name].codes, blocks[name].codes)
-        np.testing.assert_array_equal(back[name].zeros, blocks[name].zeros if method == "hqq-int"
-                                      else scales.scales()[1])
+        np.testing.assert_array_equal(back[name].zeros, scales.scales()[1] if method == "hqq"
+                                      else blocks[name].zeros)
     graph.save(model, found.path / "model.onnx")
     # the graph with the learned scales computes what torch trained (fp32 compute)
     np.testing.assert_allclose(plain_logits(found.path, ids[0].tolist()), moved[0].numpy(),

@@ -52,9 +52,11 @@ def _add_export(commands) -> None:
                         "float zero point per block fitted to the weights; the default; "
                         "onnxruntime computes it in fp32: 12x slower decoding than int8 on "
                         "the pirate bake), hqq-int (HQQ with 4-bit integer zero points, "
-                        "refitted: int8 compute, as fast as int8 there, keeps less of the bake) "
-                        "or rtn (symmetric round to nearest, no zero points: smaller, less "
-                        "accurate)")
+                        "refitted: int8 compute, as fast as int8 there, keeps less of the bake), "
+                        "rtn (symmetric round to nearest, no zero points: smaller, less "
+                        "accurate) or gptq (onnxruntime's GPTQ: codes chosen column by column to "
+                        "keep the layer's outputs on calibration prompts, 4-bit integer zero "
+                        "points, int8 compute; needs an even number of blocks per column)")
     p.add_argument("--int4-lora", choices=INT4_LORA, default=None,
                    help="with --quantize int4: merge (quantise the merged bake; the default) or "
                         "beside (quantise the base weights alone and keep the bake's LoRA beside "

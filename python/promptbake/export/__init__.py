@@ -19,7 +19,7 @@ import importlib
 
 FORMATS = ("onnx", "safetensors", "gguf")  # what ``export_baked`` writes
 QUANTIZATIONS = ("int8", "int4")  # weight quantizations of the ONNX export
-INT4_METHODS = ("hqq", "hqq-int", "rtn")  # how int4 chooses its codes (``quantize.Int4Options``)
+INT4_METHODS = ("hqq", "hqq-int", "rtn", "gptq")  # how int4 chooses its codes (``quantize.Int4Options``)
 INT4_LORA = ("merge", "beside")  # int4 of the merged bake, or of the base with the LoRA beside
 GGUF_QUANTIZATIONS = ("f32", "f16", "q8_0", "q4_0")  # precisions of the GGUF export
 

@@ -11,6 +11,7 @@ behind (an earlier export at that path is kept as it was).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -144,9 +145,15 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
             del traced
             if beside is not None:
                 beside.base = None  # traced: a whole model's memory back before recovery
-            run = quantize_mod.int4 if quantize == "int4" else quantize_mod.int8
+            if quantize == "int8":
+                run = functools.partial(quantize_mod.int8, options=options)
+            else:
+                calibration = _calibration(tokenizer, framing, options) \
+                    if options.method == "gptq" else None
+                run = functools.partial(quantize_mod.int4, options=options,
+                                        calibration=calibration)
             details[quantize] = {**options.to_dict(), **timed(
-                "quantize", lambda: run(scratch / "model.onnx", target, options))}
+                "quantize", lambda: run(scratch / "model.onnx", target))}
             details[quantize]["fp32_bytes"] = model_bytes(scratch)
             shutil.rmtree(scratch)
             if beside is not None:
@@ -189,8 +196,15 @@ def _smoothed(model, tokenizer, framing,
     contexts (never the held-out ones the export is measured on); None without smoothing."""
     if options.smooth is None:
         return None
-    prompts = parity.framed(tokenizer, contexts.builtin("train")[:options.calibration], framing)
-    return smooth.smoothed(model, prompts, options.smooth)
+    return smooth.smoothed(model, _calibration(tokenizer, framing, options), options.smooth)
+
+
+def _calibration(tokenizer, framing,
+                 options: quantize_mod.Int8Options | quantize_mod.Int4Options) -> list[list[int]]:
+    """``options.calibration`` built-in training contexts, framed as the bake's prompts are:
+    what SmoothQuant's ranges and GPTQ's Hessians are measured on (never the held-out contexts
+    the export is measured on)."""
+    return parity.framed(tokenizer, contexts.builtin("train")[:options.calibration], framing)
 
 
 def _remove_stale(out: Path) -> None:

@@ -20,7 +20,7 @@ keeps 99.1%, blockwise alone 97.8%, dynamic -169% (worse than the unbaked model)
 
 int4 (``Int4Options``) is ``MatMulNBitsQuantizer`` with 4 bits, every MatMul weight (the LM head
 included) a ``MatMulNBits`` node with two codes per byte (element 2i in the low nibble), one fp32
-scale per block of ``block_size`` input rows, by one of three methods:
+scale per block of ``block_size`` input rows, by one of four methods:
 
 * ``rtn``: symmetric round to nearest (onnxruntime's default 4-bit quantizer): code =
   round(w / scale) + 8, scale from the block's largest magnitude; no zero points stored.
@@ -37,6 +37,16 @@ scale per block of ``block_size`` input rows, by one of three methods:
   zero points are stored as 4-bit integers, two per byte (4 bits per block instead of 32).
   On the pirate bake with the LoRA beside and 60 steps of recovery: decode p50 13.7 ms (int8
   13.5, ``hqq`` 169), 83.1% smaller, 38% of the bake kept (``hqq`` 86%, ``rtn`` 19%).
+* ``gptq``: onnxruntime's GPTQ (Frantar et al. 2022; ``GPTQWeightOnlyQuantConfig``, vendored
+  from Intel Neural Compressor): the codes of each column are chosen one input row at a time
+  and the rounding error of a row is spread over the rows not yet rounded, weighted by the
+  inverse Hessian of the layer's inputs, so the layer's *outputs* on calibration prompts are
+  kept rather than its weights. Asymmetric, integer zero points (4 bits each, the int8 compute
+  path, like ``hqq-int``). Calibration: ``calibration`` built-in training contexts framed as
+  the bake's prompts, fed as a generic consumer's prefill (``_feeds``); every MatMul is
+  quantised (it ignores exclusions, so ``exclude`` / ``keep_head_fp32`` are refused), and its
+  zero points are packed across columns, which only works for an even number of blocks per
+  column (SmolLM2: blocks of 32 or 16; 64 and 128 are refused before any work).
 
 Measured on the same pirate bake (``promptbake export bench/.cache/panel-pirate --out DIR
 --quantize int4 --int4-method M --block-size B``; fp32 539.3 MB, base model's held-out KL 0.315,
@@ -123,7 +133,8 @@ class Int4Options:
     points). ``accuracy_level`` 4: activations quantised to int8 per block on the fly (int8
     compute); 0 / 1: fp32 compute with dequantised weights. ``smooth``, ``calibration``,
     ``exclude`` and ``keep_head_fp32`` as in ``Int8Options``; SmoothQuant is off by default, as
-    it moves activation range into the weights that 4 bits must then hold.
+    it moves activation range into the weights that 4 bits must then hold. ``calibration`` is
+    also how many prompts GPTQ's Hessians are measured on.
 
     ``lora``: ``merge`` quantises the merged bake; ``beside`` quantises the base weights alone
     and keeps the bake's LoRA beside them in fp32 (``beside.py``; a bake's export only).
@@ -160,6 +171,10 @@ class Int4Options:
                              "set lora='beside' (--int4-lora beside) too")
         if not self.recover_lr > 0:
             raise ValueError(f"recover_lr={self.recover_lr} must be > 0")
+        if self.method == "gptq" and (self.exclude or self.keep_head_fp32):
+            # onnxruntime's GPTQ quantises every MatMul whatever nodes_to_exclude says
+            raise ValueError("int4 method 'gptq' quantises every MatMul: exclude and "
+                             "keep_head_fp32 apply to hqq, hqq-int and rtn")
         _check_blockwise(self)
 
     def to_dict(self) -> dict:
@@ -294,33 +309,56 @@ def int8(source: Path, target: Path, options: Int8Options | None = None) -> dict
             "quantized_matmuls": sum(n.op_type == kind for n in model.graph.node)}
 
 
-def int4(source: Path, target: Path, options: Int4Options | None = None) -> dict:
+def int4(source: Path, target: Path, options: Int4Options | None = None,
+         calibration: list[list[int]] | None = None) -> dict:
     """Quantises the fp32 graph at ``source`` into ``target`` with 4-bit weights; returns what
-    was quantised and the bytes of codes, scales, zero points and weights left in fp32."""
+    was quantised and the bytes of codes, scales, zero points and weights left in fp32.
+    ``calibration``: token-id prompts whose activations GPTQ's Hessians come from (``gptq``
+    only)."""
     options = options or Int4Options()
     options.validate()
+    if options.method == "gptq" and not calibration:
+        raise ValueError("int4 method 'gptq' calibrates on prompts: pass calibration (lists "
+                         "of token ids; export_onnx frames built-in training contexts)")
     model = onnx.load(str(source))
     excluded = _excluded(model, options)
     with _quiet_quantizers(), warnings.catch_warnings():
         # HQQ hands torch a read-only numpy view of each weight; it only reads it
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         from onnxruntime.quantization.matmul_nbits_quantizer import (
+            GPTQWeightOnlyQuantConfig,
             HQQWeightOnlyQuantConfig,
             MatMulNBitsQuantizer,
         )
 
         _gemm_to_matmul(model)
+        if options.method == "gptq":
+            _check_gptq_blocks(model, options.block_size)
         weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
         originals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
                      if i.name in weights} if options.method == "hqq-int" else {}
         algo = HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4) \
             if options.method.startswith("hqq") else None
+        if options.method == "gptq":
+            import onnxruntime as ort
+
+            # its calibration sessions warn that logits_to_keep is an overridable initializer
+            ort.set_default_logger_severity(3)  # (set back to onnxruntime's default below)
+            algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=_feeds(model, calibration),
+                                             block_size=GPTQ_COLUMNS)
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size,
-                                         is_symmetric=True, accuracy_level=options.accuracy_level,
+                                         is_symmetric=options.method != "gptq",
+                                         accuracy_level=options.accuracy_level,
                                          nodes_to_exclude=excluded,
                                          op_types_to_quantize=("MatMul",), algo_config=algo)
-        quantizer.process()
+        try:
+            quantizer.process()
+        finally:
+            if options.method == "gptq":
+                ort.set_default_logger_severity(2)
         model = quantizer.model.model
+    if options.method == "gptq":
+        _gptq_graph(model)
     if originals:
         _integer_zeros(model, originals)
         del originals
@@ -336,6 +374,64 @@ def int4(source: Path, target: Path, options: Int4Options | None = None) -> dict
     return {"excluded_nodes": excluded, "tied_head_shared": shared,
             "quantized_matmuls": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
             "weight_bytes": _weight_bytes(model)}
+
+
+GPTQ_COLUMNS = 128  # input rows GPTQ quantises before it spreads their error to the next ones
+
+
+def _feeds(model: onnx.ModelProto, prompts: list[list[int]]) -> list[dict[str, np.ndarray]]:
+    """One onnxruntime feed per prompt, as a generic consumer's prefill sends it: the ids, a
+    mask of ones, positions 0.. and an empty KV cache (what GPTQ's calibration runs)."""
+    past = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in model.graph.input if i.name.startswith("past_key_values.")}
+    feeds = []
+    for ids in prompts:
+        feed = {"input_ids": np.array([ids], np.int64),
+                "attention_mask": np.ones((1, len(ids)), np.int64),
+                "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+        feed.update({name: np.zeros((1, shape[1], 0, shape[3]), np.float32)
+                     for name, shape in past.items()})
+        feeds.append(feed)
+    return feeds
+
+
+def _check_gptq_blocks(model: onnx.ModelProto, block: int) -> None:
+    """onnxruntime's GPTQ packs zero points two per byte across output columns, which
+    ``MatMulNBits`` reads the same way only when each column has an even number of blocks; with
+    an odd one it fails deep inside (a reshape). Refused here, with a block size that works."""
+    inits = {i.name: i for i in model.graph.initializer}
+    rows = {n.name: int(inits[n.input[1]].dims[0]) for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits}
+
+    def odd(size: int) -> list[str]:
+        return [name for name, k in rows.items() if -(-k // size) % 2]
+
+    if odd(block):
+        name = odd(block)[0]
+        works = [b for b in (128, 64, 32, 16) if not odd(b)]
+        fix = f"--block-size {works[0]}" if works else "no block size of 16-128 does"
+        raise ValueError(f"int4 method 'gptq' needs an even number of blocks per column: "
+                         f"{name} has {rows[name]} input rows, {-(-rows[name] // block)} blocks "
+                         f"of {block}; use another method or {fix}")
+
+
+def _gptq_graph(model: onnx.ModelProto) -> None:
+    """onnxruntime's GPTQ output as its other 4-bit quantizers write theirs, in place: a
+    weight's codes, scales and zero points (``W_Q4G{block}``, ``W_scale``, ``W_zp``) renamed
+    ``W_Q4``, ``W_scales`` and ``W_zero_points`` (the tied head's lookup, the size report and
+    ``blocks_4bit`` read these names), and the ``com.microsoft`` opset that its MatMulNBits
+    nodes belong to imported (GPTQ leaves it out, which the ONNX checker refuses)."""
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        weight = re.sub(r"_Q4G\d+$", "", node.input[1])
+        for slot, suffix in ((1, "_Q4"), (2, "_scales"), (3, "_zero_points")):
+            if slot < len(node.input) and node.input[slot]:
+                inits[node.input[slot]].name = weight + suffix
+                node.input[slot] = weight + suffix
 
 
 REFITS = 4  # alternating least-squares rounds of ``_integer_zeros`` (codes, then scales)
