@@ -88,7 +88,7 @@ def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, monkeypatch, meth
     if method == "gptq" and -(-hidden // block) % 2:
         with pytest.raises(ValueError, match=r"even number of blocks per column: /lm_head/MatMul "
                                              r"has 96 input rows, 3 blocks of 32; use another "
-                                             r"method or --block-size 64"):
+                                             r"method or --block-size 16"):
             int4_of_tied(tmp_path, monkeypatch, hidden, options)
         assert not (tmp_path / "int4.onnx").exists()
         return
@@ -308,7 +308,7 @@ def test_cli_names_the_int4_methods(tmp_path, capsys):
     assert "int4" in text and "--int4-method" in text and "--block-size" in text
 
 
-def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
+def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="int4 method 'awq': choose hqq, hqq-int, rtn, gptq"):
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
                     int4=Int4Options(method="awq"))
@@ -316,9 +316,16 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
                                          "keep_head_fp32 apply to hqq, hqq-int and rtn"):
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
                     int4=Int4Options(method="gptq", keep_head_fp32=True))
-    with pytest.raises(ValueError, match="needs an even number of blocks per column"):
-        export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",  # 64 rows: 1 block
-                    int4=Int4Options(method="gptq", block_size=64), tolerances=TINY_INT4)
+    with monkeypatch.context() as patch:  # refused before the trace
+        patch.setattr(graph, "trace", lambda *a, **k: pytest.fail("traced"))
+        with pytest.raises(ValueError, match=r"needs an even number of blocks per column: "
+                                             r"model.layers.0.self_attn.q_proj has 64 input rows, "
+                                             r"1 blocks of 64; use another method or "
+                                             r"--block-size 32"):
+            export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
+                        int4=Int4Options(method="gptq", block_size=64), tolerances=TINY_INT4)
+    with pytest.raises(ValueError, match="'gptq' calibrates on prompts: pass calibration"):
+        quantize.int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", Int4Options(method="gptq"))
     with pytest.raises(ValueError, match="block_size=100 must be a power of 2"):
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
                     int4=Int4Options(block_size=100))
@@ -332,6 +339,20 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="choose 'merge'"):
         Int4Options(lora="sideways").validate()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gptq_refuses_what_onnxruntimes_gptq_cannot_quantise():
+    rows = {"q": 576, "down": 1536}
+    assert quantize.gptq_problem(rows, 32, 10**9) is None  # 18 and 48 blocks
+    odd = quantize.gptq_problem(rows, 64, 10**9)  # 9 blocks of 64 in 576 rows
+    assert odd.endswith("q has 576 input rows, 9 blocks of 64; use another method or "
+                        "--block-size 32")  # the nearest size below that fits
+    assert quantize.gptq_problem({"x": 96}, 128, 10**9).endswith("--block-size 64")
+    assert "no block size of 16-128 fits" in quantize.gptq_problem({"x": 16}, 16, 10**9)
+    big = quantize.gptq_problem(rows, 32, 7 * 2**30)  # SmolLM2-1.7B's fp32 weights
+    assert "under 2 GiB of fp32 weights" in big and "7.0 GiB" in big and "hqq" in big
+    with pytest.raises(ValueError, match="exclude and keep_head_fp32 apply to hqq"):
+        Int4Options(method="gptq", exclude=("down_proj",)).validate()
 
 
 # -- the LoRA kept beside a 4-bit base ----------------------------------------------------------

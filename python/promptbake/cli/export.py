@@ -54,9 +54,10 @@ def _add_export(commands) -> None:
                         "the pirate bake), hqq-int (HQQ with 4-bit integer zero points, "
                         "refitted: int8 compute, as fast as int8 there, keeps less of the bake), "
                         "rtn (symmetric round to nearest, no zero points: smaller, less "
-                        "accurate) or gptq (onnxruntime's GPTQ: codes chosen column by column to "
-                        "keep the layer's outputs on calibration prompts, 4-bit integer zero "
-                        "points, int8 compute; needs an even number of blocks per column)")
+                        "accurate) or gptq (onnxruntime's GPTQ: codes chosen one input row at a "
+                        "time to keep the layer's outputs on calibration prompts, 4-bit integer "
+                        "zero points, int8 compute; needs an even number of blocks per column "
+                        "and under 2 GiB of fp32 weights)")
     p.add_argument("--int4-lora", choices=INT4_LORA, default=None,
                    help="with --quantize int4: merge (quantise the merged bake; the default) or "
                         "beside (quantise the base weights alone and keep the bake's LoRA beside "
@@ -67,7 +68,8 @@ def _add_export(commands) -> None:
                    help="with --quantize int8 or int4: weights per scale (a power of 2, at "
                         "least 16; default 32). Smaller blocks are more accurate and store more "
                         "scales: int4 at 32 is 81%% smaller than fp32 with hqq, 84%% with rtn; "
-                        "at 64, 84%% and 86%%")
+                        "at 64, 84%% and 86%%. gptq takes only sizes that cut every layer's "
+                        "inputs into an even number of blocks (SmolLM2: 16 or 32)")
     p.add_argument("--prune", default=None,
                    help="sparsity of the decoder's linear layers: a ratio in (0, 1) or an N:M "
                         "pattern such as 2:4. Experimental, not a serving option: on the default "

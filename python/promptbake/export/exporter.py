@@ -65,6 +65,18 @@ def _check_model(model) -> None:
         raise ValueError("export_onnx needs an fp32 model on the CPU: pass model.float().cpu()")
 
 
+def _input_rows(model) -> dict[str, int]:
+    """Input rows of each weight the graph multiplies by (a Linear's in_features; GPT-2's Conv1D
+    stores its weight [in, out]), by module name."""
+    rows = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            rows[name] = module.in_features
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+            rows[name] = int(module.weight.shape[0])
+    return rows
+
+
 def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None = None,
                 sparse: bool = False, int8: quantize_mod.Int8Options | None = None,
                 int4: quantize_mod.Int4Options | None = None, parity_contexts=None,
@@ -107,6 +119,12 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
         raise ValueError("Int4Options(lora='beside') keeps a bake's LoRA beside its 4-bit base: "
                          "export the bake with export_baked (promptbake export BAKE_DIR "
                          "--quantize int4 --int4-lora beside)")
+    if quantize == "int4" and options.method == "gptq":  # before the trace, not after it
+        problem = quantize_mod.gptq_problem(
+            _input_rows(model), options.block_size,
+            sum(4 * w.numel() for w in model.parameters()))
+        if problem:
+            raise ValueError(problem)
     if beside is not None and options.smooth:
         raise ValueError("lora='beside' with SmoothQuant: smoothing rescales the base weights "
                          "the LoRA was trained on; leave smooth unset")

@@ -71,6 +71,7 @@ HQQ's are), so the embedding too is stored once, at 4 bits.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -333,17 +334,19 @@ def int4(source: Path, target: Path, options: Int4Options | None = None,
 
         _gemm_to_matmul(model)
         if options.method == "gptq":
-            _check_gptq_blocks(model, options.block_size)
+            _check_gptq(model, options.block_size)
         weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
         originals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
                      if i.name in weights} if options.method == "hqq-int" else {}
         algo = HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4) \
             if options.method.startswith("hqq") else None
+        inputs = [copy.deepcopy(i) for i in model.graph.input]
         if options.method == "gptq":
-            import onnxruntime as ort
-
-            # its calibration sessions warn that logits_to_keep is an overridable initializer
-            ort.set_default_logger_severity(3)  # (set back to onnxruntime's default below)
+            # its calibration sessions would warn at each overridable initializer (an input with
+            # a default: logits_to_keep); they are constants there, and inputs again below
+            constants = {i.name for i in model.graph.initializer}
+            del model.graph.input[:]
+            model.graph.input.extend(i for i in inputs if i.name not in constants)
             algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=_feeds(model, calibration),
                                              block_size=GPTQ_COLUMNS)
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size,
@@ -351,12 +354,10 @@ def int4(source: Path, target: Path, options: Int4Options | None = None,
                                          accuracy_level=options.accuracy_level,
                                          nodes_to_exclude=excluded,
                                          op_types_to_quantize=("MatMul",), algo_config=algo)
-        try:
-            quantizer.process()
-        finally:
-            if options.method == "gptq":
-                ort.set_default_logger_severity(2)
+        quantizer.process()
         model = quantizer.model.model
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
     if options.method == "gptq":
         _gptq_graph(model)
     if originals:
@@ -395,24 +396,45 @@ def _feeds(model: onnx.ModelProto, prompts: list[list[int]]) -> list[dict[str, n
     return feeds
 
 
-def _check_gptq_blocks(model: onnx.ModelProto, block: int) -> None:
-    """onnxruntime's GPTQ packs zero points two per byte across output columns, which
-    ``MatMulNBits`` reads the same way only when each column has an even number of blocks; with
-    an odd one it fails deep inside (a reshape). Refused here, with a block size that works."""
-    inits = {i.name: i for i in model.graph.initializer}
-    rows = {n.name: int(inits[n.input[1]].dims[0]) for n in model.graph.node
-            if n.op_type == "MatMul" and n.input[1] in inits}
+GPTQ_MAX_BYTES = 2**31  # onnxruntime's GPTQ holds the graph as one protobuf, capped at 2 GiB
+
+
+def gptq_problem(rows: dict[str, int], block: int, weight_bytes: int) -> str | None:
+    """Why onnxruntime's GPTQ cannot quantise a model, or None: ``rows`` is each quantised
+    weight's input rows by layer name, ``weight_bytes`` the fp32 weights' size.
+
+    It packs zero points two per byte across output columns, which ``MatMulNBits`` reads the
+    same way only when a column has an even number of blocks (with an odd one it fails deep
+    inside, in a reshape); and it serialises the whole graph, which protobuf caps at 2 GiB
+    (above, it needs a file path it was not written to take)."""
+    if weight_bytes >= GPTQ_MAX_BYTES:
+        return (f"int4 method 'gptq' takes models under 2 GiB of fp32 weights (onnxruntime's "
+                f"GPTQ holds the graph as one protobuf); this one has "
+                f"{weight_bytes / 2**30:.1f} GiB: use --int4-method hqq or hqq-int")
 
     def odd(size: int) -> list[str]:
         return [name for name, k in rows.items() if -(-k // size) % 2]
 
-    if odd(block):
-        name = odd(block)[0]
-        works = [b for b in (128, 64, 32, 16) if not odd(b)]
-        fix = f"--block-size {works[0]}" if works else "no block size of 16-128 does"
-        raise ValueError(f"int4 method 'gptq' needs an even number of blocks per column: "
-                         f"{name} has {rows[name]} input rows, {-(-rows[name] // block)} blocks "
-                         f"of {block}; use another method or {fix}")
+    if not odd(block):
+        return None
+    name = odd(block)[0]
+    sizes = (16, 32, 64, 128)
+    works = [b for b in sorted(sizes, key=lambda b: (b > block, abs(b - block))) if not odd(b)]
+    fix = f"--block-size {works[0]}" if works else "(no block size of 16-128 fits)"
+    return (f"int4 method 'gptq' needs an even number of blocks per column: {name} has "
+            f"{rows[name]} input rows, {-(-rows[name] // block)} blocks of {block}; use another "
+            f"method or {fix}")
+
+
+def _check_gptq(model: onnx.ModelProto, block: int) -> None:
+    """``gptq_problem`` of an fp32 graph, raised."""
+    inits = {i.name: i for i in model.graph.initializer}
+    rows = {n.name: int(inits[n.input[1]].dims[0]) for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2}
+    size = sum(len(i.raw_data) or numpy_helper.to_array(i).nbytes for i in inits.values())
+    problem = gptq_problem(rows, block, size)
+    if problem:
+        raise ValueError(problem)
 
 
 def _gptq_graph(model: onnx.ModelProto) -> None:
