@@ -46,7 +46,9 @@ scale per block of ``block_size`` input rows, by one of four methods:
   the bake's prompts, fed as a generic consumer's prefill (``_feeds``); every MatMul is
   quantised (it ignores exclusions, so ``exclude`` / ``keep_head_fp32`` are refused), and its
   zero points are packed across columns, which only works for an even number of blocks per
-  column (SmolLM2: blocks of 32 or 16; 64 and 128 are refused before any work).
+  column (SmolLM2: blocks of 32 or 16; 64 and 128 are refused before any work). On the pirate
+  bake with the LoRA beside and 60 steps of recovery: decode p50 15.3 ms (int8 15.6), 83.1%
+  smaller, 28.4% of the bake kept, 577 s to quantise (32 calibration prompts).
 
 Measured on the same pirate bake (``promptbake export bench/.cache/panel-pirate --out DIR
 --quantize int4 --int4-method M --block-size B``; fp32 539.3 MB, base model's held-out KL 0.315,
