@@ -56,8 +56,9 @@ def _add_export(commands) -> None:
                         "rtn (symmetric round to nearest, no zero points: smaller, less "
                         "accurate) or gptq (onnxruntime's GPTQ: codes chosen one input row at a "
                         "time to keep the layer's outputs on calibration prompts, 4-bit integer "
-                        "zero points, int8 compute; needs an even number of blocks per column "
-                        "and under 2 GiB of fp32 weights)")
+                        "zero points, int8 compute; on SmolLM2 its codes did not depend on the "
+                        "calibration and it kept 28%% of the pirate bake; needs an even number of "
+                        "blocks per column and under 2 GiB of fp32 weights)")
     p.add_argument("--int4-lora", choices=INT4_LORA, default=None,
                    help="with --quantize int4: merge (quantise the merged bake; the default) or "
                         "beside (quantise the base weights alone and keep the bake's LoRA beside "
