@@ -134,20 +134,27 @@ def test_integer_zero_points_fit_the_weights_as_well_as_hqqs_float_ones(tmp_path
     assert errors["hqq-int"] < 1.15 * errors["hqq"] and errors["hqq-int"] < errors["rtn"]
 
 
-def test_gptq_fits_the_outputs_on_inputs_like_its_calibration(tmp_path, monkeypatch):
-    # GPTQ minimises the error of x @ W on the calibration inputs, not of W: on inputs from the
-    # same distribution it beats HQQ's weight fit with the same integer zero points
+def test_onnxruntimes_gptq_spreads_no_error_so_its_calibration_changes_nothing(tmp_path,
+                                                                              monkeypatch):
+    # onnxruntime 1.32's GPTQ port spreads a row's rounding error with the column of its upper
+    # triangular inverse-Hessian factor below the diagonal, which is zero: nothing is spread,
+    # and the codes are asymmetric min-max rounding whatever the calibration. Documented in
+    # quantize.py and the README; this fails when onnxruntime fixes it, to be measured again.
     hidden = 64
-    weight = tied_graph(tmp_path / "fp32.onnx", hidden, 40, seed=3)
-    x = np.concatenate([f["x"] for f in tied_feeds(hidden, seed=4)])  # not the calibration's
-    errors = {}
-    for method in ("hqq-int", "gptq"):
-        int4_of_tied(tmp_path, monkeypatch, hidden,
-                     Int4Options(method=method, block_size=32, accuracy_level=0))
-        session = ort.InferenceSession(str(tmp_path / "int4.onnx"))
-        got = session.run(["logits"], {"x": x, "input_ids": np.zeros((1, 1), np.int64)})[0]
-        errors[method] = float(np.square(got - x @ weight).mean())
-    assert errors["gptq"] < 0.8 * errors["hqq-int"], errors  # 0.63 here
+    tied_graph(tmp_path / "fp32.onnx", hidden, 40, seed=3)
+    codes = []
+    for seed in (2, 9):
+        monkeypatch.setattr(quantize, "_feeds", lambda model, prompts, seed=seed:
+                            tied_feeds(hidden, seed=seed) if seed == 2 else
+                            [{**f, "x": f["x"] * np.linspace(0.1, 10, hidden, dtype=np.float32)}
+                             for f in tied_feeds(hidden, seed=seed)])
+        quantize.int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx",
+                      Int4Options(method="gptq", block_size=32, accuracy_level=0),
+                      calibration=[[0]])
+        inits = {i.name: numpy_helper.to_array(i)
+                 for i in onnx.load(str(tmp_path / "int4.onnx")).graph.initializer}
+        codes.append(inits[graph.TIED_HEAD + "_Q4"])
+    np.testing.assert_array_equal(codes[0], codes[1])
 
 
 def test_unpacked_integer_zero_points_round_trip():

@@ -50,8 +50,11 @@ scale per block of ``block_size`` input rows, by one of four methods:
   bake with the LoRA beside and 60 steps of recovery: decode p50 15.3 ms (int8 15.6), 83.1%
   smaller, 28.4% of the bake kept, 577 s to quantise (32 calibration prompts). Measured: its
   codes do not depend on the calibration prompts on these graphs (64 prompts gave the same
-  export bit for bit; on a tiny Llama, 0 of 1.6 M codes differ between 4 and 32 prompts), so
-  here it acts as asymmetric round-to-nearest; the cause is not established.
+  export bit for bit; on a tiny Llama, 0 of 1.6 M codes differ between 4 and 32 prompts):
+  onnxruntime 1.32's port spreads a row's rounding error with the column of the upper
+  triangular inverse-Hessian factor below the diagonal, which is zero, so nothing is spread and
+  it is asymmetric min-max rounding (its output with the real Hessian equals that with a scaled
+  identity; the tests fail when that changes).
 
 Measured on the same pirate bake (``promptbake export bench/.cache/panel-pirate --out DIR
 --quantize int4 --int4-method M --block-size B``; fp32 539.3 MB, base model's held-out KL 0.315,
