@@ -348,10 +348,10 @@ def int4(source: Path, target: Path, options: Int4Options | None = None,
                      if i.name in weights} if options.method == "hqq-int" else {}
         algo = HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4) \
             if options.method.startswith("hqq") else None
-        inputs = [copy.deepcopy(i) for i in model.graph.input]
         if options.method == "gptq":
             # its calibration sessions would warn at each overridable initializer (an input with
             # a default: logits_to_keep); they are constants there, and inputs again below
+            inputs = [copy.deepcopy(i) for i in model.graph.input]
             constants = {i.name for i in model.graph.initializer}
             del model.graph.input[:]
             model.graph.input.extend(i for i in inputs if i.name not in constants)
@@ -364,8 +364,9 @@ def int4(source: Path, target: Path, options: Int4Options | None = None,
                                          op_types_to_quantize=("MatMul",), algo_config=algo)
         quantizer.process()
         model = quantizer.model.model
-        del model.graph.input[:]
-        model.graph.input.extend(inputs)
+        if options.method == "gptq":
+            del model.graph.input[:]
+            model.graph.input.extend(inputs)
     if options.method == "gptq":
         _gptq_graph(model)
     if originals:
