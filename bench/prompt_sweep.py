@@ -52,8 +52,14 @@ VARIANTS = {
     # More adapter: four times the rank at the default's alpha / rank, or every linear layer
     # (the MLP too) at half the lr (rank 32 on every layer diverged at the default lr on tools).
     "rank 32 (alpha 64)": {"config": {"rank": 32, "alpha": 64.0}},
+    # ... and at a quarter of the learning rate, for four times the trainable numbers.
+    "rank 32 (alpha 64), lr 7.5e-4": {"config": {"rank": 32, "alpha": 64.0, "lr": 7.5e-4}},
     "every linear layer, lr 1.5e-3": {"config": {"lr": 1.5e-3, "target_modules": [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}},
+    # The teacher sampling the training trajectories (and its recorded targets) in fp32 or bf16:
+    # held-out and probe samples, and every measurement, stay fp32.
+    "fp32 teacher sampling": {"config": {"sample_precision": "fp32"}},
+    "bf16 teacher sampling": {"config": {"sample_precision": "bf16"}},
 }
 # The variants this run measures (the first three were measured on 2026-12-03 on the cat and
 # JSON prompts and dropped: the README keeps their table).
@@ -124,12 +130,14 @@ def run(args, log) -> dict:
             prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in contexts]
             log(f"    {variant}: {len(contexts)} contexts")
             start = time.perf_counter()
-            key = (config.temperature, len(contexts))  # the L2 variant trains on the defaults'
+            dtype = config.sampling_dtype(torch.device("cpu"))
+            key = (config.temperature, len(contexts), dtype)  # L2 trains on the defaults'
             if key not in sampled:
                 sampled.clear()  # 1.5 GB each: keep one
                 sampled[key] = sample_trajectories(lm, tokenizer, [p[0] for p in prefixes],
                                                    config, "full", seed=config.seed,
-                                                   samples=config.samples_per_context)
+                                                   samples=config.samples_per_context,
+                                                   dtype=dtype)
             trajectories = sampled[key]
             sample_seconds = time.perf_counter() - start
             objective = Divergence(trajectories, prefixes, config, pad)
@@ -191,10 +199,10 @@ def report(result) -> str:
     for name, found in result["panel"].items():
         for r in found:
             rows.append([name, r["variant"], r["trajectories"], r["steps"],
-                         f"{r['train_seconds']:.0f}", pct(r["held-out"]),
-                         pct(r["off-distribution"])])
-    return harness.table(["prompt", "variant", "traj", "steps", "train s", "held-out",
-                          "off-distribution"], rows)
+                         f"{r['sample_seconds']:.0f}", f"{r['train_seconds']:.0f}",
+                         pct(r["held-out"]), pct(r["off-distribution"])])
+    return harness.table(["prompt", "variant", "traj", "steps", "sample s", "train s",
+                          "held-out", "off-distribution"], rows)
 
 
 def markdown(result) -> str:
@@ -202,12 +210,13 @@ def markdown(result) -> str:
     lines = [f"`{result['command']}` — {mach['cpu']}, {mach['torch_threads']} threads, "
              f"{mach['date'][:10]}; the same held-out and probe samples for every variant of a "
              f"prompt", "",
-             "| prompt | variant | trajectories | steps | training s | held-out KL reduction | "
-             "off-distribution |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| prompt | variant | trajectories | steps | sampling s | training s | "
+             "held-out KL reduction | off-distribution |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, found in result["panel"].items():
         for r in found:
             lines.append(f"| {name} | {r['variant']} | {r['trajectories']} | {r['steps']} | "
-                         f"{r['train_seconds']:.0f} | {pct(r['held-out'])} | "
+                         f"{r['sample_seconds']:.0f} | {r['train_seconds']:.0f} | "
+                         f"{pct(r['held-out'])} | "
                          f"{pct(r['off-distribution'])} |")
     return "\n".join(lines)
 

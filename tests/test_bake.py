@@ -520,3 +520,27 @@ def test_rehearsed_contexts_are_taught_by_their_own_prompt(tiny_dir, prompt, mon
         bake(prompt, model=tiny_dir, config=config, rehearse=[(other, extra, 0)])
     with pytest.raises(ValueError, match="not rehearsed"):
         bake(prompt, model=tiny_dir, config=config, rehearse=[(other, "generated:8", 2)])
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"precision": "bf16"}, None), ({"precision": "bf16", "sample_precision": "auto"},
+                                    torch.bfloat16),
+    ({"precision": "fp32", "sample_precision": "bf16"}, torch.bfloat16)])
+def test_training_trajectories_are_sampled_at_the_sample_precision(tiny_dir, prompt, monkeypatch,
+                                                                    changes, expected):
+    """The teacher samples the training trajectories at ``sample_precision`` (fp32 by default,
+    auto: ``precision``'s); held-out and probe samples, which measure the bake, always in fp32."""
+    import sys
+
+    bake_mod = sys.modules["promptbake.bake"]  # the package's ``bake`` is the function
+    dtypes = []
+    real = bake_mod.sample_trajectories
+
+    def spy(*args, dtype=None, **kwargs):
+        dtypes.append(dtype)
+        return real(*args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(bake_mod, "sample_trajectories", spy)
+    baked = bake(prompt, model=tiny_dir, config=tiny_config(steps=1, **changes))
+    assert dtypes == [expected, None, None]  # training, held-out, probes
+    assert baked.manifest["config"]["sample_precision"] == changes.get("sample_precision", "fp32")

@@ -229,3 +229,41 @@ def test_clock_adds_up_phases():
             pass
     seconds = clock.seconds()
     assert set(seconds) == {"train", "total"} and seconds["train"] <= seconds["total"]
+
+
+def test_sample_precision_is_fp32_unless_asked():
+    cpu = torch.device("cpu")
+    assert BakeConfig(precision="bf16").sampling_dtype(cpu) is None  # fp32 unless asked
+    assert BakeConfig(precision="fp32", sample_precision="bf16").sampling_dtype(cpu) \
+        is torch.bfloat16
+    assert BakeConfig(precision="bf16", sample_precision="auto").sampling_dtype(cpu) \
+        is torch.bfloat16
+    assert BakeConfig(precision="fp32", sample_precision="auto").sampling_dtype(cpu) is None
+    assert BakeConfig(sample_precision="auto").sampling_dtype(cpu) is \
+        BakeConfig().autocast_dtype(cpu)
+    with pytest.raises(ValueError, match="sample_precision='fp16': choose one of auto, fp32"):
+        BakeConfig(sample_precision="fp16").validate()
+
+
+def test_bf16_sampling_records_the_bf16_teachers_targets(setup, tokenizer):
+    """Sampled under bf16 autocast, the recorded targets are the bf16 teacher's distributions
+    (recomputed here on the same tokens, whole sequences at once), not the fp32 teacher's."""
+    model, prefixes, _, pad = setup
+    with modeling.BASE.active(model):
+        drawn = sample_trajectories(model, tokenizer, [p[0] for p in prefixes], config(),
+                                    "full", seed=0, samples=2, dtype=torch.bfloat16)
+        groups = drawn.by_context()
+        responses = [[drawn.responses[k] for k in groups[c]] for c in sorted(groups)]
+        teacher = [prefixes[c][0] for c in sorted(groups)]
+        with torch.no_grad():
+            recomputed = {dtype: torch.log_softmax(modeling.response_logits(
+                model, teacher, responses, pad, dtype), dim=-1)
+                for dtype in (None, torch.bfloat16)}
+    recorded = drawn.full_logprobs.float()
+    assert recorded.shape == recomputed[None].shape
+
+    def kl(other):  # mean KL(recorded || other) per token
+        return float((recorded.exp() * (recorded - other)).sum(-1).mean())
+
+    to_bf16, to_fp32 = kl(recomputed[torch.bfloat16]), kl(recomputed[None])
+    assert to_bf16 < to_fp32 / 4, (to_bf16, to_fp32)

@@ -139,12 +139,12 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
 
     # Trajectories y ~ P_theta(. | u, x), teacher targets recorded as they are drawn (Eq. 3);
     # and held-out samples to measure the bake on. A rank draws only its share of the contexts.
-    def sampled(name, prompts, cache, seed, samples, what):
+    def sampled(name, prompts, cache, seed, samples, what, dtype=None):
         found = run.load_trajectories(name)
         if found is None:
             found = sample_trajectories(teacher.lm, tokenizer, prompts, config, cache,
                                         seed=seed, samples=samples, progress=progress,
-                                        what=what, world=world)
+                                        what=what, world=world, dtype=dtype)
             run.save_trajectories(name, found)
         return found
 
@@ -152,7 +152,8 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         trajectories = sampled(
             "trajectories", [p[0] for p in prefixes],
             config.teacher_cache if config.teacher == "cached" else "none", config.seed,
-            config.samples_per_context, "sampling trajectories")
+            config.samples_per_context, "sampling trajectories",
+            config.sampling_dtype(next(teacher.lm.parameters()).device))
         held_out_traj = sampled("eval_trajectories",
                                 [teacher.framing.teacher_ids(c) for c in held_out],
                                 "none", config.seed + 1, 1, "sampling held-out trajectories")

@@ -423,6 +423,7 @@ INERT = ("log_to", "checkpoint_every", "snapshot_every")  # bake settings that c
 # Settings added after runs were made with the engine: at these defaults they are left out of
 # the identity, so those runs (and their pipelines' stages) still resume.
 LATER_SETTINGS = {"teacher": "current", "rehearse": 0.0}
+LATER_BAKE_SETTINGS = {"sample_precision": "fp32"}  # the same, for bake settings
 
 
 def resume_settings(config: EngineConfig) -> dict:
@@ -433,7 +434,8 @@ def resume_settings(config: EngineConfig) -> dict:
 
 def outcome_settings(config: BakeConfig) -> dict:
     """The bake settings that change what a bake makes (not where it logs or checkpoints)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in INERT}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in INERT
+            and not (k in LATER_BAKE_SETTINGS and v == LATER_BAKE_SETTINGS[k])}
 
 
 def evaluator_key(evaluator) -> str:

@@ -58,19 +58,24 @@ RANK_SEED = 1_000_003  # rank r samples with seed + r * RANK_SEED (rank 0: a one
 
 def sample_trajectories(model, tokenizer, prefixes: list[list[int]], config: BakeConfig,
                         cache: str, *, seed: int, samples: int, progress: bool = False,
-                        what: str = "sampling", world: World = SINGLE) -> Trajectories:
+                        what: str = "sampling", world: World = SINGLE,
+                        dtype: torch.dtype | None = None) -> Trajectories:
     """``samples`` responses per prefix from ``model`` as it stands (the caller chooses the
     teacher: adapter off, the prompt in ``prefixes``), with ``config``'s sampling settings and the
     teacher's distributions recorded as ``cache`` (full, topk or none): Eq. 3's y ~ P(. | u, x).
     ``progress`` shows a bar labelled ``what``. In a distributed bake a rank samples the prefixes
-    it owns (``World.owns``), with its own seed; context indices stay those of ``prefixes``."""
+    it owns (``World.owns``), with its own seed; context indices stay those of ``prefixes``.
+    ``dtype``: the autocast dtype of the model's matmuls while sampling (None: its own)."""
     owned = [c for c in range(len(prefixes)) if world.owns(c)]
     sampling = dataclasses.replace(config.sampling(), samples_per_context=samples)
     bar = progress_bar(progress, len(owned) * samples, what, unit="seq")
-    traj = sample(model, [prefixes[c] for c in owned], sampling, stop_token_ids(tokenizer, model),
-                  torch.Generator().manual_seed(seed + RANK_SEED * world.rank), cache=cache,
-                  topk=config.topk, pad_id=tokenizer.pad_token_id,
-                  progress=bar.update if bar is not None else None, world=world)
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        traj = sample(model, [prefixes[c] for c in owned], sampling,
+                      stop_token_ids(tokenizer, model),
+                      torch.Generator().manual_seed(seed + RANK_SEED * world.rank), cache=cache,
+                      topk=config.topk, pad_id=tokenizer.pad_token_id,
+                      progress=bar.update if bar is not None else None, world=world)
     if bar is not None:
         bar.close()
     if world.distributed:

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from promptbake import engine, load_baked
+from promptbake import BakeConfig, engine, load_baked
 from promptbake.engine import Cycle, EngineConfig, run_engine
 from promptbake.tasks import Score
 
@@ -237,6 +237,9 @@ def test_rehearsal_adds_earlier_cycles_contexts_to_a_bake(tiny_dir, next_token_e
     assert not {"teacher", "rehearse"} & set(engine.resume_settings(EngineConfig()))
     assert {"teacher", "rehearse"} <= set(engine.resume_settings(
         EngineConfig(teacher="base", rehearse=0.5)))
+    assert "sample_precision" not in engine.outcome_settings(BakeConfig())
+    assert engine.outcome_settings(BakeConfig(sample_precision="bf16"))["sample_precision"] \
+        == "bf16"
 
 
 def test_a_cycles_bake_settings_apply_to_its_own_bakes(tiny_dir, next_token_evaluator,
