@@ -71,11 +71,55 @@ def test_the_example_parses_and_plans(tmp_path, capsys):
     (MINIMAL + '[export]\nformat = "gguf"\nquantize = "int8"\n',
      r"\[export\] --quantize int8 does not apply to --format gguf"),
     ('model = "no/such/dir"\n' + MINIMAL, "model no/such/dir is not a directory"),
+    (MINIMAL + 'metric = "end_to_end"\n', "metric = 'end_to_end': a tools cycle may choose"),
+    ('out = "x"\n[[cycles]]\nname = "t"\ntools = "shipped:CALC"\nmetric = "accuracy"\n',
+     "metric = 'accuracy'.*one of tool_use, call, end_to_end"),
     ("out = [\n", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(PipelineError, match=message):
         pipeline.load(write(tmp_path, text))
+
+
+def test_a_tools_cycle_is_scored_by_its_metric(tiny_dir, tmp_path, capsys, monkeypatch):
+    text = ('out = "x"\n[[cycles]]\nname = "t"\ntools = "shipped:CALC,CONVERT"\ndev = 2\n'
+            'held_out = 2\n')
+    default = pipeline.load(write(tmp_path, text))
+    chosen = pipeline.load(write(tmp_path, text + 'metric = "end_to_end"\n', "chosen.toml"))
+    assert chosen.keys()["engine"] != default.keys()["engine"]
+    assert main(["run", str(tmp_path / "chosen.toml"), "--dry-run"]) == 0
+    assert "dev 2, held-out 2, scored by end_to_end" in capsys.readouterr().out
+    monkeypatch.setattr(pipeline, "bake_contexts", lambda *a, **k: (None, None))
+    lm, tokenizer, _ = models.load(tiny_dir)
+    (cycle,) = pipeline.build_cycles(chosen, lm, tokenizer, lambda _: None)
+    assert cycle.dev.metric == cycle.held_out.metric == "end_to_end"
+    (cycle,) = pipeline.build_cycles(default, lm, tokenizer, lambda _: None)
+    assert cycle.dev.metric == "tool_use"
+
+
+def test_tool_conversations_are_kept_for_a_rerun(tiny_dir, tmp_path, monkeypatch):
+    (tmp_path / "questions.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"user": "What is 12 * 3?", "tool": "CALC"}, {"user": "Say hi.", "tool": None}]))
+    text = ('out = "x"\n[bake]\nmax_new_tokens = 6\n[[cycles]]\nname = "t"\n'
+            'tools = "shipped:CALC,CONVERT"\ncontexts = "questions.jsonl"\ndev = 2\n'
+            'held_out = 2\n')
+    lm, tokenizer, _ = models.load(tiny_dir)
+    cache = tmp_path / "cache"
+    (made,) = pipeline.build_cycles(pipeline.load(write(tmp_path, text)), lm, tokenizer,
+                                    lambda _: None, cache=cache, model_dir=tiny_dir)
+    (kept,) = cache.iterdir()
+    assert kept.name.startswith("t-") and json.loads(kept.read_text()) == made.contexts
+    said = []
+    with monkeypatch.context() as patch:  # read back, not written again
+        patch.setattr(pipeline, "bake_contexts", lambda *a, **k: pytest.fail("written again"))
+        (again,) = pipeline.build_cycles(pipeline.load(write(tmp_path, text)), lm, tokenizer,
+                                         said.append, cache=cache, model_dir=tiny_dir)
+    assert again.contexts == made.contexts and str(kept) in said[0]
+    # another token budget writes them again, in place of the old file
+    pipeline.build_cycles(pipeline.load(write(tmp_path, text.replace("= 6", "= 5"))), lm,
+                          tokenizer, lambda _: None, cache=cache, model_dir=tiny_dir)
+    (other,) = cache.iterdir()
+    assert other.name != kept.name
 
 
 def test_demonstrations_file_is_checked(tmp_path):
@@ -145,7 +189,7 @@ format = "safetensors"
     out = tmp_path / "out"
     # killed while building the cycles, before the engine wrote anything: the rerun starts it
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "build_cycles", lambda *a: (_ for _ in ()).throw(
+        patch.setattr(pipeline, "build_cycles", lambda *a, **k: (_ for _ in ()).throw(
             KeyboardInterrupt()))
         assert main(["run", str(path)]) == 130
     assert json.loads((out / "engine" / "stage.json").read_text())["status"] == "running"
@@ -188,7 +232,7 @@ format = "safetensors"
     # finds it was made with other settings and replaces it (a run it can resume, it resumes)
     old_identity = json.loads((out / "engine" / "engine.json").read_text())["identity"]
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "build_cycles", lambda *a: (_ for _ in ()).throw(
+        patch.setattr(pipeline, "build_cycles", lambda *a, **k: (_ for _ in ()).throw(
             KeyboardInterrupt()))
         assert main(["run", str(path)]) == 130
     assert (out / "engine" / "engine.json").exists()

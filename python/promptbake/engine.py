@@ -438,13 +438,45 @@ def outcome_settings(config: BakeConfig) -> dict:
             and not (k in LATER_BAKE_SETTINGS and v == LATER_BAKE_SETTINGS[k])}
 
 
+# Evaluator settings that change how fast it scores, not what: left out of its identity.
+SPEED_SETTINGS = ("batch_size",)
+_OPAQUE = object()  # what _plain makes of a value that is not data (a function, a scorer, ...)
+
+
 def evaluator_key(evaluator) -> str:
-    """What identifies an evaluator for a resume: its name, and its items or contexts."""
+    """What identifies an evaluator for a resume: its name, its items or contexts, and its
+    settings — a dataclass evaluator's other fields (``ToolUse``'s metric, token budget, call
+    syntax and tool specs; a task's), or what an evaluator's ``settings()`` returns
+    (``AdherenceEvaluator``: its persona and token budget) — as data: not its speed settings
+    (``SPEED_SETTINGS``) or what is not data (a registry of functions). A run whose evaluator
+    scored by another metric or budget is another run."""
     held = getattr(evaluator, "items", None) or getattr(evaluator, "contexts", None) or \
         getattr(evaluator, "questions", None)
+    if dataclasses.is_dataclass(evaluator):
+        settings = {f.name: getattr(evaluator, f.name) for f in dataclasses.fields(evaluator)
+                    if f.name not in ("items", "name", *SPEED_SETTINGS)}
+    else:
+        settings = evaluator.settings() if hasattr(evaluator, "settings") else {}
     text = json.dumps(held, sort_keys=True, default=str) if held is not None else ""
+    if settings:
+        text += files.to_json(_plain(settings), sort_keys=True)
     return f"{getattr(evaluator, 'name', type(evaluator).__name__)}:" + \
         hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value):
+    """``value`` as JSON data (a dataclass by its fields), or ``_OPAQUE``; the opaque parts of
+    a dict or list are dropped."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        out = {str(k): _plain(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v is not _OPAQUE}
+    if isinstance(value, (list, tuple)):
+        return [v for v in map(_plain, value) if v is not _OPAQUE]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return _OPAQUE
 
 
 def _identity(cycles: list[Cycle], config: EngineConfig, bake_config: BakeConfig,

@@ -556,6 +556,10 @@ class AdherenceEvaluator:
         self._semantic = semantic
         self.name = f"adherence:{persona.name}"
 
+    def settings(self) -> dict:
+        """What else than its contexts decides its scores (``engine.evaluator_key``)."""
+        return {"persona": self.persona, "max_new_tokens": self.max_new_tokens}
+
     @property
     def semantic(self) -> SemanticScorer:
         if self._semantic is None:  # built on first use: loading the embedder takes seconds

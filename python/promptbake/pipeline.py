@@ -16,6 +16,7 @@ settings, and the stages after the engine::
     tools = "shipped:CALC,CONVERT,DAYS_BETWEEN,WEEKDAY"  # or a ToolSpec JSON file
     dev = 24                     # items to choose prompts on; the next held_out judge the model
     held_out = 48
+    metric = "tool_use"          # what the cycle is scored by (tools.METRICS)
 
     [[cycles]]
     name = "pirate"
@@ -53,14 +54,16 @@ from promptbake.framing import prompt_messages, read_prompt_file
 from promptbake.orchestrate.tools import TOOL_DEFAULTS, bake_contexts, tool_specs
 from promptbake.persona import AdherenceEvaluator, Persona
 from promptbake.tasks import load_task
+from promptbake.versions import promptbake_version
 
 TOP = ("model", "out", "bake", "engine", "cycles", "report", "export")
 CYCLE = ("name", "tools", "persona", "task", "prompt", "prompt_file", "dev", "held_out",
-         "contexts", "demonstrations")
+         "contexts", "demonstrations", "metric")
 REPORT = ()
 EXPORT = ("format", "quantize", "strength")
 STAGES = ("engine", "report", "export")
 STAGE_FILE = "stage.json"
+TOOL_CONTEXTS = "tool-contexts"  # in the engine stage's directory: see build_cycles
 
 
 class PipelineError(ValueError):
@@ -249,6 +252,10 @@ def _cycle(pipeline: Pipeline, where: str, cycle: dict) -> dict:
         raise PipelineError(f"{path}: {where} has a task but no prompt or prompt_file")
     if "prompt" in cycle and "prompt_file" in cycle:
         raise PipelineError(f"{path}: {where} has both prompt and prompt_file: keep one")
+    if "metric" in cycle and ("tools" not in cycle or cycle["metric"] not in tools.METRICS):
+        raise PipelineError(f"{path}: {where}: metric = {cycle['metric']!r}: a tools cycle may "
+                            f"choose what it is scored by, one of {', '.join(tools.METRICS)} "
+                            f"(a persona cycle scores adherence, a task cycle its task's metric)")
     for key in ("dev", "held_out"):
         if key in cycle and (not isinstance(cycle[key], int) or cycle[key] < 1):
             raise PipelineError(f"{path}: {where}: {key} = {cycle[key]!r} must be a whole "
@@ -315,9 +322,14 @@ def _source(pipeline: Pipeline, spec: dict) -> tuple[object, list]:
     return loaded, list(items)
 
 
-def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) -> list[Cycle]:
+def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None], *,
+                 cache: Path | None = None, model_dir: Path | None = None) -> list[Cycle]:
     """The engine's cycles from the file; a tool cycle's training conversations are written by
-    the model prompted with the tool prompt (``orchestrate.tools.bake_contexts``)."""
+    the model prompted with the tool prompt (``orchestrate.tools.bake_contexts``). With
+    ``cache`` (a directory) and ``model_dir`` (the weights of ``lm``), they are kept there and
+    read back by a rerun with the same model, prompt, tools, questions and settings: a resumed
+    run bakes on the very contexts it started with (greedy decoding on other threads or library
+    versions may write other ones) and does not spend minutes writing them again."""
     out = []
     for spec in pipeline.cycles:
         name, dev, held = spec["name"], spec.get("dev", 24), spec.get("held_out", 48)
@@ -333,12 +345,11 @@ def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) 
         if "tools" in spec:
             specs = loaded
             prompt = prompt or tools.render(specs, tokenizer)
-            dev_eval = tools.ToolUse(specs=specs, items=items[:dev])
-            held_eval = tools.ToolUse(specs=specs, items=items[dev:dev + held])
-            say(f"cycle {name}: conversations with executed tool results to bake on")
-            contexts, _ = bake_contexts(lm, tokenizer, prompt, specs, tools.shipped.registry(),
-                                        contexts, framing=pipeline.bake.framing,
-                                        max_new_tokens=pipeline.bake.max_new_tokens)
+            metric = spec.get("metric", "tool_use")
+            dev_eval = tools.ToolUse(specs=specs, items=items[:dev], metric=metric)
+            held_eval = tools.ToolUse(specs=specs, items=items[dev:dev + held], metric=metric)
+            contexts = _tool_contexts(pipeline, name, lm, tokenizer, prompt, specs, contexts,
+                                      cache, model_dir, say)
         elif "persona" in spec:
             persona = loaded
             prompt = prompt or persona.prompt
@@ -352,6 +363,35 @@ def build_cycles(pipeline: Pipeline, lm, tokenizer, say: Callable[[str], None]) 
         out.append(Cycle(name, prompt, dev_eval, held_eval, contexts=contexts,
                          demonstrations=demonstrations, bake=pipeline.cycle_bake(spec)))
     return out
+
+
+def _tool_contexts(pipeline: Pipeline, name: str, lm, tokenizer, prompt, specs, contexts,
+                   cache: Path | None, model_dir: Path | None, say) -> list:
+    """A tool cycle's training contexts (``bake_contexts``), kept in ``cache`` (see
+    ``build_cycles``) under a hash of everything that writes them."""
+    settings = {"framing": pipeline.bake.framing, "max_new_tokens": pipeline.bake.max_new_tokens}
+    path = None
+    if cache is not None and model_dir is not None:
+        questions = Path(contexts).read_text("utf-8") if contexts is not None else \
+            files.to_json(tools.shipped.train_rows())
+        key = _sha(files.to_json({
+            "model": models.fingerprint(model_dir), "prompt": prompt, "questions": questions,
+            "specs": [s.to_dict() for s in specs], "version": promptbake_version(),
+            **settings}, sort_keys=True).encode())
+        path = Path(cache) / f"{name}-{key[:16]}.json"
+        if path.is_file():
+            say(f"cycle {name}: the conversations with executed tool results from {path}")
+            return json.loads(path.read_text(encoding="utf-8"))
+    say(f"cycle {name}: conversations with executed tool results to bake on")
+    made, _ = bake_contexts(lm, tokenizer, prompt, specs, tools.shipped.registry(), contexts,
+                            **settings)
+    if path is not None:
+        for old in path.parent.glob(f"{name}-*.json"):  # another model's, prompt's, release's
+            if len(old.name) == len(path.name):  # not another cycle's, named "{name}-..."
+                files.remove(old)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_text(path, files.to_json(made))
+    return made
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -404,8 +444,9 @@ def run(pipeline: Pipeline, *, dry_run: bool = False, progress: bool = False,
     if dry_run:
         for cycle in pipeline.cycles:
             source = next(k for k in ("tools", "persona", "task") if k in cycle)
+            scored = f", scored by {cycle.get('metric', 'tool_use')}" if source == "tools" else ""
             say(f"  cycle {cycle['name']}: {source} {cycle[source]}, dev {cycle.get('dev', 24)},"
-                f" held-out {cycle.get('held_out', 48)}")
+                f" held-out {cycle.get('held_out', 48)}{scored}")
         return steps
     engine_dir = pipeline.out / "engine"
     for step in steps:
@@ -437,8 +478,9 @@ def run(pipeline: Pipeline, *, dry_run: bool = False, progress: bool = False,
 def _run_engine(pipeline: Pipeline, directory: Path, progress: bool, say):
     # a stage killed before the engine wrote its history has nothing to resume
     fresh = not (directory / "engine.json").is_file()
-    lm, tokenizer, _ = models.load(pipeline.model)
-    cycles = build_cycles(pipeline, lm, tokenizer, say)
+    lm, tokenizer, model_dir = models.load(pipeline.model)
+    cycles = build_cycles(pipeline, lm, tokenizer, say, cache=directory / TOOL_CONTEXTS,
+                          model_dir=model_dir)
     del lm
     return run_engine(cycles, model=pipeline.model, config=pipeline.engine,
                       bake_config=pipeline.bake, out=directory, overwrite=fresh,

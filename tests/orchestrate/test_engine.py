@@ -376,6 +376,27 @@ def test_bad_input(tiny_dir, next_token_evaluator, tmp_path):
 # -- candidates --------------------------------------------------------------------------------
 
 
+def test_an_evaluator_is_identified_by_its_settings_too(pirate):
+    from promptbake import tools
+    from promptbake.persona import AdherenceEvaluator
+
+    specs = tools.shipped.specs()[:2]
+    items = tools.shipped.test_items(specs)[:4]
+    key = engine.evaluator_key(tools.ToolUse(specs=specs, items=items))
+    assert engine.evaluator_key(tools.ToolUse(specs=specs, items=items, batch_size=2)) == key
+    reworded = [dataclasses.replace(specs[0], description="Does sums."), specs[1]]
+    for other in ({"metric": "end_to_end"}, {"max_new_tokens": 32}, {"items": items[:3]},
+                  {"specs": reworded}):
+        assert engine.evaluator_key(tools.ToolUse(**{"specs": specs, "items": items,
+                                                     **other})) != key, other
+    contexts = ["Hello!", "What is the sea?"]
+    key = engine.evaluator_key(AdherenceEvaluator(pirate, contexts))
+    assert engine.evaluator_key(AdherenceEvaluator(pirate, contexts, batch_size=1)) == key
+    assert engine.evaluator_key(AdherenceEvaluator(pirate, contexts, max_new_tokens=8)) != key
+    louder = dataclasses.replace(pirate, saturation=pirate.saturation * 2)
+    assert engine.evaluator_key(AdherenceEvaluator(louder, contexts)) != key
+
+
 def test_demonstrations_and_edits():
     prompt = [{"role": "system", "content": "Use tools. Be brief."},
               {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "CALC(1+1)"},

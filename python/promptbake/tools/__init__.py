@@ -10,7 +10,8 @@
 * ``calculator``, ``units``, ``dates``, ``lookup``: the shipped offline tools; ``shipped``:
   their specs, registry, held-out test items and training contexts.
 * ``matching``: calls scored as the Berkeley Function Calling Leaderboard's AST checker does.
-* ``evaluation``: ``ToolUse``, the tool-use Evaluator, and ``metrics`` / ``paired``.
+* ``evaluation``: ``ToolUse``, the tool-use Evaluator (scored by one of ``METRICS``), and
+  ``metrics`` / ``paired``.
 
 ::
 
@@ -34,8 +35,8 @@ from promptbake.tools.calls import (
     format_call,
     parse,
 )
-from promptbake.tools.evaluation import (Exchange, ToolUse, answer_passes, converse, metrics,
-                                         paired)
+from promptbake.tools.evaluation import (METRICS, Exchange, ToolUse, answer_passes, converse,
+                                         metrics, paired)
 from promptbake.tools.matching import Match, match
 from promptbake.tools.registry import Registry, ToolError, ToolResult
 from promptbake.tools.rendering import render, result_role, supports_tools, tool_turns
@@ -45,6 +46,7 @@ from promptbake.tools.spec import Example, SpecError, ToolSpec, load_specs, save
 __all__ = [
     "COMPACT",
     "JSON",
+    "METRICS",
     "SYNTAXES",
     "Attempt",
     "Call",
