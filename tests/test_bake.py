@@ -453,9 +453,38 @@ def test_a_student_learns_another_models_prompted_distributions(tiny_dir, tmp_pa
     own = kl_on(baked.model, framing, baked.held_out, trajectories, {"base": BASE},
                 pad_id=baked.tokenizer.pad_token_id)["base"]
     assert abs(own.per_sequence - kl["before"]["per_sequence"]) > 0.1 * own.per_sequence
-    # measuring it later against its own base model would be another quantity: refused
+    # measured later, it is measured against that teacher (found where the manifest says)
+    out = tmp_path / "out"
+    again = mc_kl(load_baked(out))
+    assert again["base"].per_sequence == pytest.approx(kl["before"]["per_sequence"], rel=1e-4)
+    assert again["1"].per_sequence == pytest.approx(kl["after"]["per_sequence"], rel=1e-4)
+    # where no teacher is given, its own base model with the prompt is refused as the reference
+    from promptbake.mc_kl import held_out_samples, teacher_of
+
     with pytest.raises(ValueError, match="prompted distributions of another model"):
-        mc_kl(load_baked(tmp_path / "out"))
+        held_out_samples(load_baked(out))
+    # a teacher that moved is given by its directory; other weights are refused
+    moved = tmp_path / "moved"
+    teacher_dir.rename(moved)
+    with pytest.raises(ValueError, match="is not a directory: give the teacher's directory"):
+        mc_kl(load_baked(out))
+    with pytest.raises(ValueError, match="is not the teacher this bake learned from"):
+        teacher_of(load_baked(out), tiny_dir)
+    from promptbake.cli import main
+
+    assert main(["kl", str(out), "--teacher-model", str(moved), "--strength", "0,1"]) == 0
+    measured = json.loads((out / "strength.json").read_text())
+    assert measured["points"]["1"]["per_sequence"] == pytest.approx(
+        kl["after"]["per_sequence"], rel=1e-4)
+    # an export measures what it keeps against that teacher too
+    from promptbake.export import export_baked
+
+    moved.rename(teacher_dir)
+    exported = export_baked(out, tmp_path / "onnx").manifest["held_out_kl"]
+    assert exported["base"]["per_sequence"] == pytest.approx(kl["before"]["per_sequence"],
+                                                             rel=1e-4)
+    assert exported["onnx"]["per_token"] == pytest.approx(kl["after"]["per_token"], rel=1e-3,
+                                                          abs=1e-5)
 
 
 def test_a_teacher_model_is_refused_when_it_cannot_teach(tiny_dir, tmp_path, prompt):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from promptbake import contexts as contexts_mod, formatting, modeling, plotting
+from promptbake import contexts as contexts_mod, formatting, modeling, models, plotting
 from promptbake.artifact import HELD_OUT_SAMPLES, PROBE_SAMPLES
 from promptbake.decoding import stop_token_ids
 from promptbake.distributed import SINGLE, World, more
@@ -178,21 +179,24 @@ def kl_on(model, framing: Framing, contexts, trajectories: Trajectories,
 
 
 def held_out_samples(baked, contexts=None, *, samples: int = 1,
-                     max_new_tokens: int | None = None, seed: int | None = None):
+                     max_new_tokens: int | None = None, seed: int | None = None,
+                     teacher: tuple | None = None):
     """(held-out contexts, samples from the prompted model on them) for a ``Baked`` model.
 
     ``contexts`` None: the bake's own held-out contexts, and with the other defaults its own
     samples (read from its directory, or drawn again with its seed and settings, which gives the
     same tokens). ``"probe"``: the off-distribution probes the bake measured (``probe_samples``).
     Otherwise every context ``contexts`` names (see ``contexts.for_measuring``). ``seed`` None:
-    the bake's held-out seed.
+    the bake's held-out seed. ``teacher``: a bake's separate teacher (``teacher_of``), which
+    the samples are drawn from; without it, a bake that had one is refused.
     """
-    _check_own_teacher(baked)
+    if teacher is None:
+        _check_own_teacher(baked)
     config = baked.manifest.get("config", {})
     own_seed = config.get("seed", 0) + 1  # what bake() sampled its held-out contexts with
     defaults = (samples, max_new_tokens, seed) == (1, None, None)
     if contexts == contexts_mod.PROBE_NAME and defaults:
-        return probe_samples(baked)
+        return probe_samples(baked, teacher)
     count = config.get("eval_contexts", 24)
     if contexts is not None:
         held_out = contexts_mod.for_measuring(contexts, count)
@@ -204,35 +208,62 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
     if contexts is None and defaults and saved and saved.is_file():
         return held_out, Trajectories.load(saved)
     return held_out, _sample_prompted(baked, held_out, samples, max_new_tokens,
-                                      own_seed if seed is None else seed)
+                                      own_seed if seed is None else seed, teacher)
 
 
-def probe_samples(baked):
+def probe_samples(baked, teacher: tuple | None = None):
     """(the off-distribution probes a bake measured, its samples on them): read from its
     directory, or drawn again with its settings (seed + 2); a bake from before the probe set
-    (or with ``probe_contexts=0``) gets the first 24 probes."""
-    _check_own_teacher(baked)
+    (or with ``probe_contexts=0``) gets the first 24 probes. ``teacher``: as in
+    ``held_out_samples``."""
+    if teacher is None:
+        _check_own_teacher(baked)
     config = baked.manifest.get("config", {})
     probes = contexts_mod.probe(config.get("probe_contexts") or 24)
     saved = baked.path / PROBE_SAMPLES if baked.path else None
     if saved and saved.is_file():
         return probes, Trajectories.load(saved)
-    return probes, _sample_prompted(baked, probes, 1, None, config.get("seed", 0) + 2)
+    return probes, _sample_prompted(baked, probes, 1, None, config.get("seed", 0) + 2, teacher)
 
 
 def _check_own_teacher(baked) -> None:
-    """MC-KL here compares with the bake's own base model prompted: refused for a bake that
-    learned another model's prompted distributions (``bake(teacher_model=...)``)."""
+    """Measuring against the bake's own base model prompted is refused for a bake that learned
+    another model's prompted distributions (``bake(teacher_model=...)``): not what it learned."""
     teacher = baked.manifest.get("teacher_model")
     if teacher:
         raise ValueError(f"this bake learned the prompted distributions of another model "
-                         f"({teacher['name']}, {teacher['path']}); MC-KL here measures against "
-                         f"the baked model's own base model with the prompt, which is not what "
-                         f"it learned. Its manifest's kl holds the KL against its teacher, "
-                         f"measured by the bake")
+                         f"({teacher['name']}, {teacher['path']}), not of its own base model "
+                         f"with the prompt: measure it against that teacher (promptbake kl "
+                         f"DIR, or mc_kl(baked), which load it; teacher=teacher_of(baked) "
+                         f"where a function takes one)")
 
 
-def _sample_prompted(baked, contexts, samples: int, max_new_tokens: int | None, seed: int):
+def teacher_of(baked, model=None) -> tuple | None:
+    """``kl_on``'s teacher for a ``Baked`` model: None when it learned its own base model's
+    prompted distributions; for a bake with a separate teacher (``bake(teacher_model=...)``),
+    that model with the bake's prompt, as (model, framing). ``model``: the teacher's directory
+    if it moved (default: where the manifest says it was); its weights must be the ones the
+    bake learned from (the manifest's sha256)."""
+    record = baked.manifest.get("teacher_model")
+    if not record:
+        return None
+    path = Path(model if model is not None else record["path"])
+    if not path.is_dir():
+        raise ValueError(f"this bake learned from the teacher model {record['name']} at "
+                         f"{record['path']}, and {path} is not a directory: give the teacher's "
+                         f"directory (promptbake kl --teacher-model DIR)")
+    if models.fingerprint(path) != record["sha256"]:
+        raise ValueError(f"the model in {path} is not the teacher this bake learned from (its "
+                         f"weights differ from the sha256 in the manifest): give that teacher's "
+                         f"directory (promptbake kl --teacher-model DIR)")
+    lm, tokenizer, _ = models.load(path)
+    lm.to(next(baked.model.parameters()).device).eval().requires_grad_(False)
+    return lm, Framing(tokenizer, baked.framing.prompt, baked.framing.student)
+
+
+def _sample_prompted(baked, contexts, samples: int, max_new_tokens: int | None, seed: int,
+                     teacher: tuple | None = None):
+    """Samples of the prompted model (the bake's own base model, or ``teacher``)."""
     config = baked.manifest.get("config", {})
     sampling = SamplingConfig(samples_per_context=samples,
                               max_new_tokens=max_new_tokens or config.get("max_new_tokens", 64),
@@ -240,6 +271,11 @@ def _sample_prompted(baked, contexts, samples: int, max_new_tokens: int | None, 
                               top_p=config.get("top_p", 1.0),
                               batch_size=config.get("sample_batch", 64))
     model, tokenizer = baked.model, baked.tokenizer
+    if teacher is not None:
+        lm, framing = teacher
+        return sample(lm, [framing.teacher_ids(c) for c in contexts], sampling,
+                      stop_token_ids(tokenizer, lm), torch.Generator().manual_seed(seed),
+                      cache="none", pad_id=tokenizer.pad_token_id)
     with BASE.active(model):
         return sample(model, [baked.framing.teacher_ids(c) for c in contexts], sampling,
                       stop_token_ids(tokenizer, model), torch.Generator().manual_seed(seed),
@@ -248,28 +284,35 @@ def _sample_prompted(baked, contexts, samples: int, max_new_tokens: int | None, 
 
 def mc_kl(baked, contexts=None, *, samples: int = 1, max_new_tokens: int | None = None,
           seed: int | None = None, strengths: Iterable[float] = (1.0,),
-          batch_size: int = 8) -> dict:
-    """MC-KL (Eq. 3) of a ``Baked`` model on held-out contexts, sampled from the prompted model.
+          batch_size: int = 8, teacher: tuple | None = None) -> dict:
+    """MC-KL (Eq. 3) of a ``Baked`` model on held-out contexts, sampled from the prompted model
+    (for a bake with a separate teacher, that teacher with the prompt: ``teacher``, or loaded
+    by ``teacher_of``).
 
     Returns ``{"base": KL, "1": KL, ...}``: the base model and the baked one at each strength,
     all on the same samples (see ``held_out_samples``).
     """
+    teacher = teacher or teacher_of(baked)
     held_out, trajectories = held_out_samples(baked, contexts, samples=samples,
-                                              max_new_tokens=max_new_tokens, seed=seed)
+                                              max_new_tokens=max_new_tokens, seed=seed,
+                                              teacher=teacher)
     students = {"base": BASE, **{f"{a:g}": modeling.BAKED.at(a) for a in strengths}}
     return kl_on(baked.model, baked.framing, held_out, trajectories, students,
-                 pad_id=baked.tokenizer.pad_token_id, batch_size=batch_size)
+                 pad_id=baked.tokenizer.pad_token_id, batch_size=batch_size, teacher=teacher)
 
 
-def snapshot_curve(baked, snapshots: list, contexts=None, **sampling) -> dict[int, KL]:
+def snapshot_curve(baked, snapshots: list, contexts=None, *, teacher: tuple | None = None,
+                   **sampling) -> dict[int, KL]:
     """MC-KL of each half-baked snapshot (``snapshots/step-N``) and of the final adapter, on the
-    same held-out samples. The final adapter is back in place afterwards."""
-    held_out, trajectories = held_out_samples(baked, contexts, **sampling)
+    same held-out samples (``teacher``: as in ``mc_kl``). The final adapter is back in place
+    afterwards."""
+    teacher = teacher or teacher_of(baked)
+    held_out, trajectories = held_out_samples(baked, contexts, teacher=teacher, **sampling)
     model = baked.model
 
     def measure() -> KL:
         return kl_on(model, baked.framing, held_out, trajectories, {"s": modeling.BAKED},
-                     pad_id=baked.tokenizer.pad_token_id)["s"]
+                     pad_id=baked.tokenizer.pad_token_id, teacher=teacher)["s"]
 
     steps = {}
     for path in snapshots:

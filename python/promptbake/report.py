@@ -95,10 +95,11 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         gates.append(Gate(f"held-out KL reduction >= {MIN_REDUCTION:.0%}",
                           pct(kl["reduction"], kl.get("reduction_se")),
                           kl["reduction"] >= MIN_REDUCTION, f"promptbake kl {path}"))
+    teacher = mc_kl.teacher_of(baked)  # a separate teacher the bake learned from, or None
     off = baked.manifest.get("kl_off_distribution")
     if off is None:  # a bake from before the probe set: measure it now
         say("off-distribution KL on the probe set")
-        found = mc_kl.mc_kl(baked, contexts_mod.PROBE_NAME)
+        found = mc_kl.mc_kl(baked, contexts_mod.PROBE_NAME, teacher=teacher)
         off = off_distribution_record(found["base"], found["1"],
                                       len(contexts_mod.probe(PROBES)))
     record["kl_off_distribution"] = off
@@ -106,7 +107,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         gates.append(off_distribution_gate(kl, off, f"promptbake kl {path}"))
 
     say("half-baking curve: MC-KL at each strength")
-    found = mc_kl.mc_kl(baked, strengths=strengths)
+    found = mc_kl.mc_kl(baked, strengths=strengths, teacher=teacher)
     base = found.pop("base")
     points = {float(a): k for a, k in found.items()}
     record["strength"] = {"base": base.to_dict(),
@@ -119,7 +120,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
     snapshots = snapshot_steps(path)
     if snapshots:
         say(f"baking progress: MC-KL at {len(snapshots)} snapshots")
-        steps = mc_kl.snapshot_curve(baked, [d for _, d in snapshots])
+        steps = mc_kl.snapshot_curve(baked, [d for _, d in snapshots], teacher=teacher)
         record["snapshots"] = {str(s): k.to_dict() for s, k in steps.items()}
         mc_kl.plot_curve({float(s): k for s, k in steps.items()},
                             path / "report-snapshots.png", "optimizer step",

@@ -14,7 +14,7 @@ from promptbake.config import (LOGGERS, LOSSES, PRECISIONS, SCHEDULES, TEACHER_C
 from promptbake.distributed import World
 from promptbake.formatting import pct, pm
 from promptbake.framing import STUDENT_FRAMINGS
-from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve
+from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve, teacher_of
 from promptbake.modeling import variant
 from promptbake.orchestrate.tools import TOOL_DEFAULTS, bake_tools, tool_config, tool_specs
 
@@ -287,13 +287,25 @@ def _add_kl(commands) -> None:
     p.add_argument("--snapshots", action="store_true",
                    help="also measure every snapshot (--snapshot-every) against its step")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
+    p.add_argument("--teacher-model", default=None,
+                   help="for a bake made with --teacher-model: that teacher's directory, if it "
+                        "moved (the KL is measured against the teacher the bake learned from, "
+                        "with the prompt; its weights must match the manifest's sha256)")
     p.set_defaults(run=_kl)
 
 
 def _kl(args) -> int:
     strengths = [float(x) for x in split_list(args.strength)]
     baked = load_baked(args.dir, model=args.model)
-    sampling = dict(samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.teacher_model is not None and "teacher_model" not in baked.manifest:
+        raise ValueError(f"--teacher-model: {args.dir} was baked from its own base model with "
+                         f"the prompt, not from a separate teacher; drop --teacher-model")
+    teacher = teacher_of(baked, args.teacher_model)
+    if teacher is not None:
+        print(f"teacher: {baked.manifest['teacher_model']['name']} with the prompt (the model "
+              f"this bake learned from)")
+    sampling = dict(samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                    teacher=teacher)
     found = mc_kl(baked, args.contexts, strengths=strengths, **sampling)
     base = found.pop("base")
     out = Path(args.dir)

@@ -190,25 +190,33 @@ def summary(report: dict) -> str:
 @torch.no_grad()
 def held_out_kl(lm, baked, *, contexts=None, samples: int = 1, max_new_tokens: int | None = None,
                 seed: int | None = None) -> dict:
-    """MC-KL (Eq. 3) of the export ``lm`` against the prompted model, next to the torch baked
-    and base models, on the same held-out samples (``promptbake.mc_kl.held_out_samples``).
+    """MC-KL (Eq. 3) of the export ``lm`` against the prompted model (for a bake from a separate
+    teacher, that teacher with the prompt: ``mc_kl.teacher_of``), next to the torch baked and
+    base models, on the same held-out samples (``promptbake.mc_kl.held_out_samples``).
 
     Returns ``{"onnx": KL, "baked": KL, "base": KL, "reduction": {...}, "retention": r}``:
     reduction = 1 - KL(prompted || m) / KL(prompted || base) for m in onnx and baked, and the
     retention ``reduction_onnx / reduction_baked``, the share of what the bake achieved that the
     export keeps. ``baked`` is used at its current strength.
     """
+    other = mc_kl.teacher_of(baked)  # a bake from a separate teacher is measured against it
     held_out, trajectories = mc_kl.held_out_samples(
-        baked, contexts, samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+        baked, contexts, samples=samples, max_new_tokens=max_new_tokens, seed=seed,
+        teacher=other)
     model, framing, pad = baked.model, baked.framing, baked.tokenizer.pad_token_id
     found = mc_kl.kl_on(model, framing, held_out, trajectories,
-                        {"base": BASE, "baked": BAKED.at(baked.strength)}, pad_id=pad)
+                        {"base": BASE, "baked": BAKED.at(baked.strength)}, pad_id=pad,
+                        teacher=other)
     values = []
     for k, response in enumerate(trajectories.responses):
         context = held_out[trajectories.context_index[k]]
-        with PROMPTED.active(model):
-            teacher = modeling.response_logits(model, [PROMPTED.input_ids(framing, context)],
+        if other is not None:
+            teacher = modeling.response_logits(other[0], [other[1].teacher_ids(context)],
                                                [[response]], pad)
+        else:
+            with PROMPTED.active(model):
+                teacher = modeling.response_logits(model, [PROMPTED.input_ids(framing, context)],
+                                                   [[response]], pad)
         prefix = framing.student_ids(context)
         student = lm.logits(prefix + response[:-1])[len(prefix) - 1:]
         per_token = divergence(torch.from_numpy(np.ascontiguousarray(student)), teacher,
