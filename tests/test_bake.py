@@ -420,6 +420,9 @@ def test_a_teacher_model_that_is_the_same_weights_gives_the_same_bake(tiny_dir, 
             own.manifest["kl"][when]["per_sequence"], rel=1e-5)
     assert taught.manifest["teacher_model"]["path"] == str(twin.resolve())
     assert "teacher_model" not in own.manifest
+    # a teacher with the base model's weights is the base model: measured later against it
+    assert mc_kl(taught)["1"].per_sequence == pytest.approx(
+        taught.manifest["kl"]["after"]["per_sequence"], rel=1e-4)
 
 
 def test_a_student_learns_another_models_prompted_distributions(tiny_dir, tmp_path, prompt):

@@ -229,7 +229,7 @@ def probe_samples(baked, teacher: tuple | None = None):
 def _check_own_teacher(baked) -> None:
     """Measuring against the bake's own base model prompted is refused for a bake that learned
     another model's prompted distributions (``bake(teacher_model=...)``): not what it learned."""
-    teacher = baked.manifest.get("teacher_model")
+    teacher = _separate_teacher(baked)
     if teacher:
         raise ValueError(f"this bake learned the prompted distributions of another model "
                          f"({teacher['name']}, {teacher['path']}), not of its own base model "
@@ -238,13 +238,22 @@ def _check_own_teacher(baked) -> None:
                          f"where a function takes one)")
 
 
+def _separate_teacher(baked) -> dict | None:
+    """The manifest's record of the teacher a bake learned from, when it is another model than
+    its own base model (a teacher with the base model's weights, as the engine's ``teacher =
+    "base"`` gives its first bake, is the base model: None)."""
+    record = baked.manifest.get("teacher_model")
+    base = baked.manifest.get("base_model", {}).get("sha256")
+    return record if record and record.get("sha256") != base else None
+
+
 def teacher_of(baked, model=None) -> tuple | None:
     """``kl_on``'s teacher for a ``Baked`` model: None when it learned its own base model's
     prompted distributions; for a bake with a separate teacher (``bake(teacher_model=...)``),
     that model with the bake's prompt, as (model, framing). ``model``: the teacher's directory
     if it moved (default: where the manifest says it was); its weights must be the ones the
     bake learned from (the manifest's sha256)."""
-    record = baked.manifest.get("teacher_model")
+    record = _separate_teacher(baked)
     if not record:
         return None
     path = Path(model if model is not None else record["path"])
