@@ -11,6 +11,7 @@ kinds it did not train on), which shows a bake that holds only where it was trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -270,24 +271,30 @@ def teacher_of(baked, model=None) -> tuple | None:
     return lm, Framing(tokenizer, baked.framing.prompt, baked.framing.student)
 
 
+@contextlib.contextmanager
+def prompted_model(baked, teacher: tuple | None = None):
+    """The model that reads the prompt, as (model, framing): ``teacher`` (``teacher_of``), or
+    the bake's own model with its adapter off for the duration."""
+    if teacher is not None:
+        yield teacher
+        return
+    with modeling.PROMPTED.active(baked.model):
+        yield baked.model, baked.framing
+
+
 def _sample_prompted(baked, contexts, samples: int, max_new_tokens: int | None, seed: int,
                      teacher: tuple | None = None):
-    """Samples of the prompted model (the bake's own base model, or ``teacher``)."""
+    """Samples of the prompted model (``prompted_model``)."""
     config = baked.manifest.get("config", {})
     sampling = SamplingConfig(samples_per_context=samples,
                               max_new_tokens=max_new_tokens or config.get("max_new_tokens", 64),
                               temperature=config.get("temperature", 1.0),
                               top_p=config.get("top_p", 1.0),
                               batch_size=config.get("sample_batch", 64))
-    model, tokenizer = baked.model, baked.tokenizer
-    if teacher is not None:
-        lm, framing = teacher
+    tokenizer = baked.tokenizer
+    with prompted_model(baked, teacher) as (lm, framing):
         return sample(lm, [framing.teacher_ids(c) for c in contexts], sampling,
                       stop_token_ids(tokenizer, lm), torch.Generator().manual_seed(seed),
-                      cache="none", pad_id=tokenizer.pad_token_id)
-    with BASE.active(model):
-        return sample(model, [baked.framing.teacher_ids(c) for c in contexts], sampling,
-                      stop_token_ids(tokenizer, model), torch.Generator().manual_seed(seed),
                       cache="none", pad_id=tokenizer.pad_token_id)
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from promptbake import contexts as contexts_mod, mc_kl, modeling
-from promptbake.modeling import BAKED, BASE, PROMPTED
+from promptbake.modeling import BAKED, BASE
 from promptbake.ops import divergence
 
 log = logging.getLogger("promptbake")
@@ -210,13 +210,9 @@ def held_out_kl(lm, baked, *, contexts=None, samples: int = 1, max_new_tokens: i
     values = []
     for k, response in enumerate(trajectories.responses):
         context = held_out[trajectories.context_index[k]]
-        if other is not None:
-            teacher = modeling.response_logits(other[0], [other[1].teacher_ids(context)],
+        with mc_kl.prompted_model(baked, other) as (reader, frame):
+            teacher = modeling.response_logits(reader, [frame.teacher_ids(context)],
                                                [[response]], pad)
-        else:
-            with PROMPTED.active(model):
-                teacher = modeling.response_logits(model, [PROMPTED.input_ids(framing, context)],
-                                                   [[response]], pad)
         prefix = framing.student_ids(context)
         student = lm.logits(prefix + response[:-1])[len(prefix) - 1:]
         per_token = divergence(torch.from_numpy(np.ascontiguousarray(student)), teacher,
