@@ -15,14 +15,23 @@ def tiny(tiny_framed):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tiny, attention):
+@pytest.mark.parametrize("shared_start", [False, True])
+def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tiny, attention,
+                                                                   shared_start, monkeypatch):
     # Several responses after one prompt: the prompt runs once, its cache (with its autograd
     # history) serves them all; logits and gradients equal separate whole-sequence forwards.
+    # With shared_start the prompts' common start (the template's system turn) also runs once.
     # (Llama's RMSNorm computes in fp32 even in a fp64 model: agreement is to fp32 rounding.)
     lm, tok, _ = models.load(tiny_dir)
     lm.set_attn_implementation(attention)
     f = tiny[2]
     prefixes = [f.student_ids(c) for c in CONTEXTS]  # of different lengths
+    start = modeling.common_start(prefixes)
+    assert 4 <= start < min(len(p) for p in prefixes)
+    monkeypatch.setattr(modeling, "SHARED_START", 4 if shared_start else 10**6)
+    passes = []
+    lm.model.register_forward_hook(lambda module, args, kwargs, out: passes.append(
+        kwargs["input_ids"].shape), with_kwargs=True)
     responses = [[[11, 12, 13, 14], [15]], [[16, 17]], [[18], [19, 20, 21]]]
     weight = lm.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
     probe = torch.randn(11, len(tok), generator=torch.Generator().manual_seed(0))
@@ -38,6 +47,7 @@ def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tin
     full = torch.cat(full)
     (full * probe).sum().backward()
 
+    assert passes[0] == ((1, start) if shared_start else (3, max(len(p) for p in prefixes)))
     assert shared.shape == (4 + 1 + 2 + 1 + 3, len(tok)) and torch.isfinite(shared).all()
     torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
     assert float((grad_shared - weight.grad).norm() / weight.grad.norm()) < 1e-5
@@ -77,3 +87,10 @@ def test_unknown_logit_post_processing_is_refused(tiny_dir, monkeypatch):
     monkeypatch.setattr(modeling, "finish_logits", lambda config, logits: logits * 2.0)
     with pytest.raises(ValueError, match="cannot compute its logits"):
         modeling.check_logits(lm, [1, 2, 3, 4])
+
+
+def test_common_start_leaves_each_prefix_a_token_of_its_own():
+    assert modeling.common_start([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 5]]) == 2
+    assert modeling.common_start([[1, 2, 3], [1, 2, 3]]) == 2  # the same prefix twice
+    assert modeling.common_start([[7, 8], [1, 2]]) == 0
+    assert modeling.common_start([[1, 2, 3]]) == 0  # nothing to share with

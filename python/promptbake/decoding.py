@@ -169,14 +169,8 @@ def greedy(model, prefixes: list[list[int]], *, max_new_tokens: int, stop_ids: s
 def shared_prefix(model, prefixes: list[list[int]]):
     """(length, KV cache) of the start every prefix shares, or None when it is short. At least
     one token of each prefix is left out of it, so every row has tokens of its own to feed."""
-    if len(prefixes) < 2:
-        return None
-    first, length = prefixes[0], min(len(p) for p in prefixes) - 1
-    for p in prefixes[1:]:
-        common = 0
-        while common < length and p[common] == first[common]:
-            common += 1
-        length = common
+    length = modeling.common_start(prefixes)
+    first = prefixes[0]
     if length < SHARED_PREFIX:
         return None
     device = next(model.parameters()).device
