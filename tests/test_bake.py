@@ -490,6 +490,64 @@ def test_a_student_learns_another_models_prompted_distributions(tiny_dir, tmp_pa
                                                           abs=1e-5)
 
 
+def test_a_teacher_bake_is_evaluated_against_its_teacher(tiny_dir, tmp_path, plain_prompt,
+                                                         derived_answers, monkeypatch):
+    # Every "prompted" reference of a bake from a separate teacher is that teacher with u: the
+    # re-prompt matrix's prompted cell, the derived persona's prompted exemplars, drift's
+    # prompted mode; the report says so. The student's base model is the "base" side.
+    from transformers import AutoModelForCausalLM
+
+    from promptbake import drift as drift_mod, modeling, persona as persona_mod
+    from promptbake.forgetting import check_suite
+    from promptbake.mc_kl import teacher_of
+    from promptbake.report import report
+    from promptbake.tasks import Score
+
+    teacher_dir = _tiny_variant(tiny_dir, tmp_path / "teacher", seed=7)
+    out = tmp_path / "out"
+    bake(plain_prompt, model=tiny_dir, config=tiny_config(steps=1), teacher_model=teacher_dir,
+         out=out)
+    theirs = AutoModelForCausalLM.from_pretrained(teacher_dir).get_input_embeddings().weight
+
+    def who(model) -> str:
+        weight = modeling.inner(model).get_input_embeddings().weight
+        return "teacher" if torch.equal(weight, theirs) else "student"
+
+    answered, conversed = [], []  # (which model, with the prompt?) per call
+    canned, run = persona_mod.greedy, drift_mod.drift
+
+    def greedy(model, prefixes, **options):
+        answered.append(who(model))
+        return canned(model, prefixes, **options)
+
+    def drift(model, *args, **options):
+        conversed.append((who(model), options.get("system") is not None))
+        return run(model, *args, **options)
+
+    monkeypatch.setattr(persona_mod, "greedy", greedy)
+    monkeypatch.setattr(drift_mod, "drift", drift)
+    record = report(out, tasks=[], turns=1, conversations=1, strengths=(1,), drift_tokens=3)
+    assert record["teacher_model"]["path"] == str(teacher_dir.resolve())
+    # derived_answers saw the prompted answers asked first, then the base ones
+    assert [prompted for prompted, _, _ in derived_answers] == [True, False]
+    assert answered == ["teacher", "student"]
+    assert conversed == [("teacher", True), ("student", False)]
+    text = (out / "report.md").read_text()
+    assert "learned the prompted behaviour of the teacher model teacher" in text
+    baked = load_baked(out)
+
+    def evaluator(model, tokenizer, system, framing="default"):
+        items = [{"id": f"i{i}", "score": float(who(model) == "teacher")} for i in range(4)]
+        return Score.from_items("who", items, None)
+
+    suite = check_suite(baked, [evaluator], teacher=teacher_of(baked))
+    cells = suite.matrices["evaluator"].cells
+    assert {name: cell.value for name, cell in cells.items()} == {
+        "base": 0.0, "prompted": 1.0, "baked": 0.0, "baked+prompt": 0.0}
+    with pytest.raises(ValueError, match="use scripted user turns"):
+        drift_mod.drift_modes(baked, teacher=teacher_of(baked), user="self")
+
+
 def test_a_teacher_model_is_refused_when_it_cannot_teach(tiny_dir, tmp_path, prompt):
     other = _tiny_variant(tiny_dir, tmp_path / "wide", seed=1, extra_vocab=8)
     with pytest.raises(ValueError, match="another vocabulary"):

@@ -373,7 +373,7 @@ def check_modes(modes: Sequence[str]) -> None:
 
 
 def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MODES,
-                **options) -> dict[str, DriftResult]:
+                teacher: tuple | None = None, **options) -> dict[str, DriftResult]:
     """``drift`` of a ``promptbake.Baked`` model as each variant in ``modes`` (names of
     ``promptbake.modeling.VARIANTS``): ``prompted`` (base model with the baked prompt as system
     prompt), ``baked`` (adapter on at the bake's strength, no prompt), ``base`` (adapter off, no
@@ -382,11 +382,18 @@ def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MO
 
     ``persona``: default the built-in one whose prompt is the baked prompt, else one derived from
     the prompt (``persona.persona_of``). In self-play the user side is the base model (adapter
-    off) in every mode, so every mode talks to the same user. ``options``: the other arguments of
-    ``drift``.
+    off) in every mode, so every mode talks to the same user. ``teacher``: for a bake that learned
+    another model's prompted behaviour (``mc_kl.teacher_of``), the prompted mode is that model
+    with u (scripted users only: a self-play user must be one model in every mode). ``options``:
+    the other arguments of ``drift``.
     """
-    persona = persona or persona_of(baked, max_new_tokens=options.get("max_new_tokens", 48))
     check_modes(modes)
+    if teacher is not None and "prompted" in modes and options.get("user") == "self":
+        raise ValueError("this bake learned from a separate teacher model, whose prompted "
+                         "conversations cannot share a self-play user with the baked model: "
+                         "use scripted user turns (--user scripted)")
+    persona = persona or persona_of(baked, max_new_tokens=options.get("max_new_tokens", 48),
+                                    teacher=teacher)
     options.setdefault("framing", baked.framing.student)
     if options.get("semantic") is None:
         options["semantic"] = SemanticScorer(persona)
@@ -395,8 +402,12 @@ def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MO
     for mode in modes:
         variant = modeling.variant(mode, baked.strength)
         system = baked.prompt if variant.prompted else None
-        with variant.active(baked.model):
-            results[mode] = drift(baked.model, baked.tokenizer, persona, system=system, **options)
+        if teacher is not None and mode == "prompted":
+            results[mode] = drift(teacher[0], baked.tokenizer, persona, system=system, **options)
+        else:
+            with variant.active(baked.model):
+                results[mode] = drift(baked.model, baked.tokenizer, persona, system=system,
+                                      **options)
         summary = results[mode].drift(k=min(3, results[mode].turns))
         se = summary["drift_se"]  # None from one conversation
         log.info("promptbake: drift of the %s model: %.3f%s", mode, summary["drift"],

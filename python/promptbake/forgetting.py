@@ -178,10 +178,11 @@ class SuiteCheck:
 
 
 def check_suite(baked, evaluators: Iterable, *, say: Callable[[str], None] | None = None,
-                **gate) -> SuiteCheck:
+                teacher: tuple | None = None, **gate) -> SuiteCheck:
     """The re-prompt matrix of every evaluator on ``baked`` and both forgetting gates: what
     ``promptbake evaluate``, ``promptbake report`` and the evaluate benchmark run. ``say`` hears
-    of each task before it is scored."""
+    of each task before it is scored. ``teacher``: the separate model a bake learned from
+    (``mc_kl.teacher_of``): the prompted cells, and the second gate's reference, are it with u."""
     evaluators = list(evaluators)
     for evaluator in evaluators:  # a task that cannot run here fails now, not after the others
         getattr(evaluator, "check_ready", lambda: None)()
@@ -190,7 +191,7 @@ def check_suite(baked, evaluators: Iterable, *, say: Callable[[str], None] | Non
         name = getattr(evaluator, "name", "evaluator")
         if say is not None:
             say(f"task {name}: base, base + u, baked, baked + u")
-        matrix = reprompt_matrix(baked, evaluator)
+        matrix = reprompt_matrix(baked, evaluator, teacher=teacher)
         matrices[matrix.evaluator] = matrix
     return SuiteCheck.from_matrices(matrices, **gate)
 

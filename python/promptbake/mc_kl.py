@@ -256,6 +256,10 @@ def teacher_of(baked, model=None) -> tuple | None:
     bake learned from (the manifest's sha256)."""
     record = _separate_teacher(baked)
     if not record:
+        if model is not None:
+            raise ValueError(f"--teacher-model {model}: {baked.path or 'this bake'} learned its "
+                             f"own base model's prompted distributions, not a separate "
+                             f"teacher's; drop --teacher-model")
         return None
     path = Path(model if model is not None else record["path"])
     if not path.is_dir():

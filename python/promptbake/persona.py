@@ -281,7 +281,7 @@ def default_contexts(n: int) -> list[list[dict]]:
 @torch.no_grad()
 def from_prompt(model, tokenizer, prompt, contexts: Sequence | None = None, *, n: int = 16,
                 max_new_tokens: int = 48, framing: str = "default", name: str | None = None,
-                batch_size: int = 16) -> DerivedPersona:
+                batch_size: int = 16, teacher=None) -> DerivedPersona:
     """A persona derived from ``prompt`` itself, for a prompt without a persona file.
 
     The model answers each context greedily (``max_new_tokens``) with the prompt (the teacher's
@@ -294,7 +294,8 @@ def from_prompt(model, tokenizer, prompt, contexts: Sequence | None = None, *, n
     ``model``: the base model (a PeftModel runs with its adapter off). ``prompt``: a system text
     or a conversation (``framing.prompt_messages``). ``contexts``: user messages or conversations
     (default: ``n`` shipped training contexts, ``default_contexts``). ``name``: default "derived
-    from the prompt, N exemplar pairs" (the report's and drift's label).
+    from the prompt, N exemplar pairs" (the report's and drift's label). ``teacher``: another
+    model (same tokenizer) that gives the prompted answers, for a bake that learned from it.
     """
     contexts = default_contexts(n) if contexts is None else \
         [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in contexts]
@@ -303,13 +304,14 @@ def from_prompt(model, tokenizer, prompt, contexts: Sequence | None = None, *, n
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
 
-    def answers(render) -> list[str]:
-        out = greedy(model, [render(c) for c in contexts], max_new_tokens=max_new_tokens,
+    def answers(lm, render) -> list[str]:
+        out = greedy(lm, [render(c) for c in contexts], max_new_tokens=max_new_tokens,
                      stop_ids=stops, pad_id=pad_id, batch_size=batch_size)
         return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in out]
 
     with modeling.BASE.active(model):
-        prompted, base = answers(framer.teacher_ids), answers(framer.student_ids)
+        prompted = answers(teacher or model, framer.teacher_ids)
+        base = answers(model, framer.student_ids)
     empty = sum(not (p and b) for p, b in zip(prompted, base))
     same = sum(bool(p) and p == b for p, b in zip(prompted, base))
     pairs = [(p, b) for p, b in zip(prompted, base) if p and b and p != b]
@@ -329,22 +331,28 @@ def from_prompt(model, tokenizer, prompt, contexts: Sequence | None = None, *, n
 _DERIVED: dict[str, DerivedPersona] = {}  # this process's derived personas, by cache key
 
 
-def persona_of(baked, *, n: int = 16, max_new_tokens: int = 48) -> Persona:
+def persona_of(baked, *, n: int = 16, max_new_tokens: int = 48,
+               teacher: tuple | None = None) -> Persona:
     """The persona of a ``promptbake.Baked`` model: the built-in one whose prompt was baked,
     else one derived from the prompt (``from_prompt`` on the bake's base model, with its
-    framing). A derived persona is computed once and kept in memory and in
-    ``<cache>/personas/`` (``models.cache_root``), keyed by the base model's hash, the prompt,
+    framing; the prompted answers a separate ``teacher``'s, ``mc_kl.teacher_of``, when the bake
+    learned from one). A derived persona is computed once and kept in memory and in
+    ``<cache>/personas/`` (``models.cache_root``), keyed by the models' hashes, the prompt,
     the framing, the contexts and the settings; never in the bake's directory."""
     found = find_persona(baked.prompt)
     if found is not None:
         return found
     fingerprint = (baked.manifest.get("base_model") or {}).get("sha256")
     derive = functools.partial(from_prompt, baked.model, baked.tokenizer, baked.prompt, n=n,
-                               max_new_tokens=max_new_tokens, framing=baked.framing.student)
+                               max_new_tokens=max_new_tokens, framing=baked.framing.student,
+                               teacher=None if teacher is None else teacher[0])
     if not fingerprint:  # a bake kept in memory: no hash to key a cache on
         return derive()
+    taught_by = [] if teacher is None else [(baked.manifest.get("teacher_model") or {}).get(
+        "sha256") or id(teacher[0])]  # a teacher with no record: this process only
     key = hashlib.sha256(json.dumps([fingerprint, prompt_text(baked.prompt), baked.framing.student,
-                                     default_contexts(n), max_new_tokens]).encode()).hexdigest()
+                                     default_contexts(n), max_new_tokens, *taught_by]
+                                    ).encode()).hexdigest()
     if key not in _DERIVED:
         path = models.cache_root() / "personas" / f"{key}.json"
         try:

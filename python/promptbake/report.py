@@ -58,6 +58,7 @@ class Gate:
 def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | None = 50,
            persona: str | Path | None = None, turns: int = 30, conversations: int = 3,
            strengths=STRENGTHS, model: str | Path | None = None, drift_tokens: int = 48,
+           teacher_model: str | Path | None = None,
            say: Callable[[str], None] | None = None) -> dict:
     """Measures a baked directory and writes its report there; returns the report's record.
 
@@ -68,12 +69,16 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
             the built-in persona whose prompt is the baked prompt, else a scorer derived from the
             prompt (``persona.persona_of``; drift is skipped, with the reason, when the prompt
             changes the answers too little to derive one); "" skips drift.
+        teacher_model: for a bake from a separate teacher (``bake(teacher_model=...)``), that
+            teacher's directory if it moved. Every comparison with "prompted" is then with the
+            teacher reading the prompt: KL, the re-prompt matrix, the gates and drift.
         say: called with a line before each section (the CLI prints it).
     """
     say = say or log.info
     path = Path(path)
     baked = load_baked(path, model=model)
-    command = _command(path, tasks, limit, persona, turns, conversations, strengths)
+    command = _command(path, tasks, limit, persona, turns, conversations, strengths,
+                       teacher_model)
     record: dict = {"directory": str(path.resolve()), "prompt": prompt_text(baked.prompt),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "command": command, "manifest_kl": baked.manifest["kl"]}
@@ -95,7 +100,12 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         gates.append(Gate(f"held-out KL reduction >= {MIN_REDUCTION:.0%}",
                           pct(kl["reduction"], kl.get("reduction_se")),
                           kl["reduction"] >= MIN_REDUCTION, f"promptbake kl {path}"))
-    teacher = mc_kl.teacher_of(baked)  # a separate teacher the bake learned from, or None
+    teacher = mc_kl.teacher_of(baked, teacher_model)  # a separate teacher it learned from
+    if teacher is not None:
+        name = baked.manifest["teacher_model"]["name"]
+        record["teacher_model"] = baked.manifest["teacher_model"]
+        say(f"note: this bake learned from the teacher model {name}: \"prompted\" below is "
+            f"{name} with the prompt, not the base model with it")
     off = baked.manifest.get("kl_off_distribution")
     if off is None:  # a bake from before the probe set: measure it now
         say("off-distribution KL on the probe set")
@@ -129,7 +139,8 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
 
     names = shipped() if tasks is None else list(tasks)
     if names:
-        suite = check_suite(baked, [load_task(name, limit=limit) for name in names], say=say)
+        suite = check_suite(baked, [load_task(name, limit=limit) for name in names], say=say,
+                            teacher=teacher)
         record.update(suite.to_dict())
         gate, beyond, damaged = suite.gate, suite.beyond, suite.damaged
         plot_heatmap({short(prompt_text(baked.prompt)): gate}, path / "report-forgetting.png")
@@ -152,7 +163,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
     chosen, semantic = (Persona.load(persona) if persona else None), None
     if persona is None:  # the built-in persona whose prompt was baked, else one derived from it
         try:
-            chosen = persona_of(baked, max_new_tokens=drift_tokens)
+            chosen = persona_of(baked, max_new_tokens=drift_tokens, teacher=teacher)
             semantic = SemanticScorer(chosen)
         except MissingExtraError:
             raise
@@ -165,13 +176,14 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
         k = min(3, turns)  # drift = adherence over the first k turns minus at turn N
         runs = drift_mod.drift_modes(baked, chosen, modes=("prompted", "baked"), turns=turns,
                                      conversations=conversations, max_new_tokens=drift_tokens,
-                                     semantic=semantic)
+                                     semantic=semantic, teacher=teacher)
         prompted, baked_run = runs["prompted"], runs["baked"]
         difference = drift_mod.drift_difference(baked_run, prompted, k=k)
         record["drift"] = {"persona": chosen.name, "scorer": chosen.describe(),
                            "prompted": prompted.to_dict(k=k),
                            "baked": baked_run.to_dict(k=k), "baked_minus_prompted": difference}
-        drift_mod.plot_drift({"prompted (base + u)": prompted, "baked (no prompt)": baked_run},
+        reader = "base" if teacher is None else "teacher"
+        drift_mod.plot_drift({f"prompted ({reader} + u)": prompted, "baked (no prompt)": baked_run},
                              path / "report-drift.png")
         wrote.append("report-drift.png")
         b, p = baked_run.drift(k=k), prompted.drift(k=k)
@@ -245,9 +257,14 @@ def _relative(change: dict) -> str:
 def _markdown(record: dict, gates: list[Gate], wrote: list[str]) -> str:
     kl = record["manifest_kl"]
     stacked = record.get("stacked")
+    teacher = (record.get("teacher_model") or {}).get("name")
     lines = [f"# Bake report: {record['directory']}", "",
              f"Prompt: {record['prompt']!r}", "",
              *([f"**Note**: {stacked}.", ""] if stacked else []),
+             *([(f"**Note**: this bake learned the prompted behaviour of the teacher model "
+                 f"{teacher}: \"prompted\" here (the KL's reference, the re-prompt matrix's "
+                 f"base + u cells, drift) is {teacher} with the prompt."), ""]
+               if teacher else []),
              f"Made by `{record['command']}` on {record['created']} ({record['seconds']:.0f} s).",
              "", "## Gates", "", "| target | measured | result | reproduce |", "|---|---|---|---|"]
     for g in gates:
@@ -331,8 +348,11 @@ def _markdown(record: dict, gates: list[Gate], wrote: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _command(path, tasks, limit, persona, turns, conversations, strengths) -> str:
+def _command(path, tasks, limit, persona, turns, conversations, strengths,
+             teacher_model=None) -> str:
     parts = [f"promptbake report {path}"]
+    if teacher_model is not None:
+        parts.append(f"--teacher-model {teacher_model}")
     if tasks is not None:
         parts.append(f"--tasks {','.join(tasks) or 'none'}")
     parts.append(f"--limit {limit if limit is not None else 0}")

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from typing import Callable, Iterable
 
-from promptbake import formatting, modeling, plotting
+from promptbake import formatting, mc_kl, modeling, plotting
 from promptbake.artifact import snapshot_steps
 from promptbake.modeling import BAKED, BASE, VARIANTS, Variant
 from promptbake.stats import SIGNIFICANCE, paired_test
@@ -39,9 +39,14 @@ def saved_cell(cells: dict, name: str):
     return cells[old]
 
 
-def score(baked, evaluator: Callable, variant: Variant):
+def score(baked, evaluator: Callable, variant: Variant, teacher: tuple | None = None):
     """``evaluator``'s score of ``baked`` as ``variant``: the LoRA delta on (at the variant's
-    strength) or off, the prompt u in the system turn or not (the bake's student framing)."""
+    strength) or off, the prompt u in the system turn or not (the bake's student framing).
+    ``teacher`` (``mc_kl.teacher_of``): for a bake that learned another model's prompted
+    behaviour, the prompted variant is that model with u, the reference the bake was after."""
+    if teacher is not None and variant.prompted and not variant.baked:
+        with mc_kl.prompted_model(baked, teacher) as (lm, framing):
+            return evaluator(lm, baked.tokenizer, baked.prompt, framing=framing.student)
     with variant.active(baked.model):
         return evaluator(baked.model, baked.tokenizer, baked.prompt if variant.prompted else None,
                          framing=baked.framing.student)
@@ -143,14 +148,16 @@ class RepromptMatrix:
         return "\n".join(lines)
 
 
-def reprompt_matrix(baked, evaluator: Callable, *, strength: float | None = None) -> RepromptMatrix:
+def reprompt_matrix(baked, evaluator: Callable, *, strength: float | None = None,
+                    teacher: tuple | None = None) -> RepromptMatrix:
     """Scores the four variants base, prompted, baked and baked + prompt with ``evaluator`` (the
     2 x 2 re-prompt matrix).
 
-    ``strength``: the baked cells' strength (default: the baked model's own).
+    ``strength``: the baked cells' strength (default: the baked model's own). ``teacher``: a
+    separate teacher the bake learned from (``mc_kl.teacher_of``), which the prompted cell is.
     """
     strength = baked.strength if strength is None else strength
-    cells = {name: score(baked, evaluator, variant.at(strength))
+    cells = {name: score(baked, evaluator, variant.at(strength), teacher)
              for name, variant in VARIANTS.items()}
     effect = prompt_effect(cells["base"], cells["prompted"])
     ratio, se = recovery(cells["base"], cells["prompted"], cells["baked"]) \

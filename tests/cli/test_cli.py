@@ -67,7 +67,7 @@ def test_prompt_from_a_file(tiny_dir, tmp_path, prompt):
 def test_bad_input_exits_with_one_clear_line(tiny_dir, tmp_path, capsys, prompt, small_bake):
     cases = [
         (["kl", str(small_bake), "--teacher-model", str(tiny_dir)],
-         "baked from its own base model with the prompt, not from a separate teacher"),
+         "learned its own base model's prompted distributions, not a separate teacher"),
         (["bake", "--prompt", " ", "--model", str(tiny_dir), "--out", str(tmp_path / "x")],
          "prompt is empty"),
         (["bake", "--prompt-file", str(tmp_path / "none.txt"), "--out", str(tmp_path / "x")],

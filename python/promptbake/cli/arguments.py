@@ -33,6 +33,25 @@ def score_line(result) -> str:
     return f"{pm(result.value, result.se, '.3f')}{chance}"
 
 
+def add_teacher_model(p, measured: str) -> None:
+    """``--teacher-model``, for commands that measure a bake against its prompted model."""
+    p.add_argument("--teacher-model", default=None,
+                   help=f"for a bake made with --teacher-model: that teacher's directory, if it "
+                        f"moved ({measured} against the teacher the bake learned from, with "
+                        f"the prompt; its weights must match the manifest's sha256)")
+
+
+def teacher_for(args, baked):
+    """``mc_kl.teacher_of`` for a command's bake and its ``--teacher-model``, said when loaded."""
+    from promptbake.mc_kl import teacher_of
+
+    teacher = teacher_of(baked, args.teacher_model)
+    if teacher is not None:
+        print(f"teacher: {baked.manifest['teacher_model']['name']} with the prompt (the model "
+              f"this bake learned from)", flush=True)
+    return teacher
+
+
 def split_list(text: str) -> list[str]:
     """The items of a comma-separated option, stripped, empty ones dropped."""
     return [item.strip() for item in text.split(",") if item.strip()]

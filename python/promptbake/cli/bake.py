@@ -8,13 +8,13 @@ from pathlib import Path
 from promptbake import files, tools
 from promptbake.artifact import SNAPSHOTS, load_baked
 from promptbake.bake import bake
-from promptbake.cli.arguments import Help, read_prompt, split_list
+from promptbake.cli.arguments import Help, add_teacher_model, read_prompt, split_list, teacher_for
 from promptbake.config import (LOGGERS, LOSSES, PRECISIONS, SCHEDULES, TEACHER_CACHES, TEACHERS,
                                BakeConfig)
 from promptbake.distributed import World
 from promptbake.formatting import pct, pm
 from promptbake.framing import STUDENT_FRAMINGS
-from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve, teacher_of
+from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve
 from promptbake.modeling import variant
 from promptbake.orchestrate.tools import TOOL_DEFAULTS, bake_tools, tool_config, tool_specs
 
@@ -287,23 +287,14 @@ def _add_kl(commands) -> None:
     p.add_argument("--snapshots", action="store_true",
                    help="also measure every snapshot (--snapshot-every) against its step")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
-    p.add_argument("--teacher-model", default=None,
-                   help="for a bake made with --teacher-model: that teacher's directory, if it "
-                        "moved (the KL is measured against the teacher the bake learned from, "
-                        "with the prompt; its weights must match the manifest's sha256)")
+    add_teacher_model(p, "the KL is measured")
     p.set_defaults(run=_kl)
 
 
 def _kl(args) -> int:
     strengths = [float(x) for x in split_list(args.strength)]
     baked = load_baked(args.dir, model=args.model)
-    if args.teacher_model is not None and "teacher_model" not in baked.manifest:
-        raise ValueError(f"--teacher-model: {args.dir} was baked from its own base model with "
-                         f"the prompt, not from a separate teacher; drop --teacher-model")
-    teacher = teacher_of(baked, args.teacher_model)
-    if teacher is not None:
-        print(f"teacher: {baked.manifest['teacher_model']['name']} with the prompt (the model "
-              f"this bake learned from)")
+    teacher = teacher_for(args, baked)
     sampling = dict(samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed,
                     teacher=teacher)
     found = mc_kl(baked, args.contexts, strengths=strengths, **sampling)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from promptbake import drift as drift_mod, files, models, tools
 from promptbake.artifact import MANIFEST, load_baked
-from promptbake.cli.arguments import Help, score_line, split_list
+from promptbake.cli.arguments import Help, add_teacher_model, score_line, split_list, teacher_for
 from promptbake.forgetting import check_suite
 from promptbake.formatting import pm
 from promptbake.framing import STUDENT_FRAMINGS
@@ -44,6 +44,7 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--strength", type=float, default=1.0, help="scale of the baked LoRA delta")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
     p.add_argument("--json", default=None, help="also write every score, item by item, here")
+    add_teacher_model(p, "the prompted cells are scored")
     p.set_defaults(run=_evaluate)
 
 
@@ -76,7 +77,8 @@ def _evaluate(args) -> int:
         record = {name: r.to_dict(items=True) for name, r in scores.items()}
     else:
         suite = check_suite(baked, (_tool_use(args.limit, baked) if name == TOOL_USE else
-                                    load_task(name, limit=args.limit) for name in names))
+                                    load_task(name, limit=args.limit) for name in names),
+                            teacher=teacher_for(args, baked))
         for matrix in suite.matrices.values():
             print(matrix.table())
             print(matrix.describe_recovery() + "\n")
@@ -135,6 +137,7 @@ def _add_report(commands) -> None:
     p.add_argument("--strength", default="0,0.25,0.5,0.75,1,1.25",
                    help="strengths of the half-baking curve")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
+    add_teacher_model(p, "everything \"prompted\" is measured")
     p.set_defaults(run=_report)
 
 
@@ -146,7 +149,8 @@ def _report(args) -> int:
     strengths = [float(x) for x in split_list(args.strength)]
     record = report(args.dir, tasks=tasks, limit=args.limit or None, persona=persona,
                     turns=args.turns, conversations=args.conversations, strengths=strengths,
-                    model=args.model, say=lambda line: print(f"... {line}", flush=True))
+                    model=args.model, teacher_model=args.teacher_model,
+                    say=lambda line: print(f"... {line}", flush=True))
     print()
     for gate in record["gates"]:
         print(f"{'pass' if gate['passed'] else 'FAIL'}  {gate['target']}: {gate['measured']}")
@@ -188,6 +192,7 @@ def _add_drift(commands) -> None:
     p.add_argument("--out", default=None, help="directory for drift.json and drift.png "
                                                "(default: the baked directory)")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
+    add_teacher_model(p, "the prompted mode runs")
     p.add_argument("--quiet", action="store_true", help="no per-turn progress")
     p.set_defaults(run=_drift)
 
@@ -197,7 +202,8 @@ def _drift(args) -> int:
     drift_mod.check_modes(modes)  # before the model loads
     persona = Persona.load(args.persona) if args.persona else None
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
-    persona = persona or persona_of(baked, max_new_tokens=args.max_new_tokens)
+    teacher = teacher_for(args, baked) if "prompted" in modes else None
+    persona = persona or persona_of(baked, max_new_tokens=args.max_new_tokens, teacher=teacher)
     semantic = SemanticScorer(persona)
     print(f"adherence scorer: {persona.describe()}", flush=True)
 
@@ -212,7 +218,7 @@ def _drift(args) -> int:
         results.update(drift_mod.drift_modes(
             baked, persona, modes=[mode], turns=args.turns, conversations=args.conversations,
             user=args.user, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            seed=args.seed, semantic=semantic, progress=progress))
+            seed=args.seed, semantic=semantic, progress=progress, teacher=teacher))
     k = min(3, args.turns)
     print(f"\n{'model':<10} {'first ' + str(k) + ' turns':>16} {'turn ' + str(args.turns):>16} "
           f"{'drift':>16}")
