@@ -268,8 +268,11 @@ def test_cli_exports_a_bake_as_int4(baked_dir, tmp_path, capsys, monkeypatch):
      "int4 is the ONNX export's: use --format onnx (4 bits in the GGUF export: --quantize q4_0)"),
     (["--format", "onnx", "--quantize", "q4_0"], "--quantize int4"),
     (["--int4-lora", "beside"], "--int4-lora applies to --quantize int4"),
-    (["--quantize", "int4", "--recover-steps", "5"],
-     "--recover-steps and --recover-lr apply to --prune, or to --quantize int4 --int4-lora beside"),
+    (["--quantize", "int4", "--recover-steps", "5"], "--recover-steps, --recover-lr and "
+     "--recover-contexts apply to --prune, or to --quantize int4 --int4-lora beside"),
+    (["--quantize", "int8", "--recover-contexts", "96"], "--recover-contexts apply to --prune"),
+    (["--quantize", "int4", "--int4-lora", "beside", "--recover-contexts", "0"],
+     "recover_contexts=0 must be a whole number >= 1"),
     (["--quantize", "int4", "--int4-lora", "beside", "--prune", "0.5"], "choose one"),
     (["--quantize", "int4", "--int4-lora", "beside", "--recover-steps", "-1"],
      "recover_steps=-1 must be a whole number >= 0"),
@@ -409,13 +412,15 @@ def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tm
     before = file_hashes(baked_dir)
     out = tmp_path / "int4"
     assert cli.main(["export", str(baked_dir), "--out", str(out), "--quantize", "int4",
-                     "--int4-lora", "beside", "--recover-steps", "3", "--quiet"]) == 0
+                     "--int4-lora", "beside", "--recover-steps", "3", "--recover-contexts",
+                     "3", "--quiet"]) == 0
     assert "keeps" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     record = manifest["int4"]
     assert record["lora"] == "beside" and record["recover_steps"] == 3
     recovery = record["beside"]["recovery"]
     assert [s for s, _ in recovery["train_kl_per_token"]] == [1, 2, 3]
+    assert record["recover_contexts"] == 3 and recovery["trajectories"]["count"] == 3 * 2
     model = onnx.load(str(out / "model.onnx"))
     blocks = quantize.blocks_4bit(model)
     assert record["beside"]["scales_learned"] == len(blocks)  # every 4-bit weight, head included

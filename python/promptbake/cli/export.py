@@ -85,8 +85,9 @@ def _add_export(commands) -> None:
     p.add_argument("--recover-lr", type=float, default=None,
                    help="recovery learning rate (default 1e-4 after pruning, 1e-3 for the LoRA "
                         "beside a 4-bit base)")
-    p.add_argument("--recover-contexts", type=int, default=48,
-                   help="training contexts for calibration and recovery")
+    p.add_argument("--recover-contexts", type=int, default=None,
+                   help="built-in training contexts for pruning's calibration and recovery, or "
+                        "for the recovery of the LoRA beside a 4-bit base (default 48)")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,9 +106,10 @@ def _export(args) -> int:
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
     prune = None
     if args.prune:
-        given = {"recover_steps": args.recover_steps, "lr": args.recover_lr}  # else pruner's
+        given = {"recover_steps": args.recover_steps, "lr": args.recover_lr,
+                 "contexts": args.recover_contexts}  # else the pruner's defaults
         prune = compress.pruner(baked, args.prune, method=args.prune_method,
-                                contexts=args.recover_contexts, progress=not args.quiet,
+                                progress=not args.quiet,
                                 **{k: v for k, v in given.items() if v is not None})
     try:
         done = export_baked(baked, args.out, format=args.format, strength=args.strength,
@@ -169,10 +171,10 @@ def _options(args):
         raise ValueError(f"--int4-lora applies to --quantize int4, not "
                          f"{args.quantize or 'an unquantized export'}: add --quantize int4")
     beside = args.int4_lora == "beside"
-    if (args.recover_steps is not None or args.recover_lr is not None) and not args.prune \
-            and not beside:
-        raise ValueError("--recover-steps and --recover-lr apply to --prune, or to --quantize "
-                         "int4 --int4-lora beside")
+    if (args.recover_steps is not None or args.recover_lr is not None or
+            args.recover_contexts is not None) and not args.prune and not beside:
+        raise ValueError("--recover-steps, --recover-lr and --recover-contexts apply to --prune, "
+                         "or to --quantize int4 --int4-lora beside")
     if beside and args.prune:
         raise ValueError("--int4-lora beside and --prune: pruning works on the merged weights; "
                          "choose one")
@@ -180,7 +182,8 @@ def _options(args):
     if args.quantize == "int4":
         chosen = {"method": args.int4_method, "lora": args.int4_lora}
         if beside:
-            chosen.update(recover_steps=args.recover_steps, recover_lr=args.recover_lr)
+            chosen.update(recover_steps=args.recover_steps, recover_lr=args.recover_lr,
+                          recover_contexts=args.recover_contexts)
         options = Int4Options(**size, **{k: v for k, v in chosen.items() if v is not None})
         options.validate()
         return None, options

@@ -155,6 +155,7 @@ class Beside:
     recover_steps: int = 0
     recover_lr: float = 1e-3
     recover_scales: bool = True
+    recover_contexts: int = 48
     progress: bool = False
 
     def attach(self, graph_path: Path, teacher) -> dict:
@@ -178,7 +179,8 @@ class Beside:
                 adapter, teacher, self.baked.tokenizer,
                 train="adapter+scales" if self.recover_scales else "adapter",
                 held_out=self.baked.held_out, framing=self.baked.framing,
-                steps=self.recover_steps, lr=self.recover_lr, progress=self.progress)
+                steps=self.recover_steps, lr=self.recover_lr,
+                train_contexts=self.recover_contexts, progress=self.progress)
             for name, scales in learned.items():
                 quantize_mod.set_scales_4bit(model, name, blocks[name], *scales.scales())
             record["scales_learned"] = len(learned)

@@ -148,7 +148,8 @@ class Int4Options:
     ``lora``: ``merge`` quantises the merged bake; ``beside`` quantises the base weights alone
     and keeps the bake's LoRA beside them in fp32 (``beside.py``; a bake's export only).
     ``recover_steps`` (with ``beside``): that many steps of recovery distillation of the LoRA on
-    the 4-bit base toward the fp32 bake, at ``recover_lr``; with ``recover_scales`` (the
+    the 4-bit base toward the fp32 bake, at ``recover_lr``, on ``recover_contexts`` built-in
+    training contexts (two responses of the bake each); with ``recover_scales`` (the
     default) the 4-bit blocks' scales and (HQQ's float) zero points are trained with it
     (``beside.py``), which
     costs nothing in size or latency and kept more of the pirate bake (85% against 80% in 60
@@ -166,6 +167,7 @@ class Int4Options:
     recover_steps: int = 0
     recover_lr: float = 1e-3
     recover_scales: bool = True
+    recover_contexts: int = 48
 
     def validate(self) -> None:
         if self.method not in INT4_METHODS:
@@ -180,6 +182,9 @@ class Int4Options:
                              "set lora='beside' (--int4-lora beside) too")
         if not self.recover_lr > 0:
             raise ValueError(f"recover_lr={self.recover_lr} must be > 0")
+        if not isinstance(self.recover_contexts, int) or self.recover_contexts < 1:
+            raise ValueError(f"recover_contexts={self.recover_contexts} must be a whole number "
+                             f">= 1")
         if self.method == "gptq" and (self.exclude or self.keep_head_fp32):
             # onnxruntime's GPTQ quantises every MatMul whatever nodes_to_exclude says
             raise ValueError("int4 method 'gptq' quantises every MatMul: exclude and "
