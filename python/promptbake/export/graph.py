@@ -72,6 +72,20 @@ def past_names(layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
+def prefill_feed(ids, past: dict[str, tuple[int, int]]) -> dict:
+    """What a generic consumer feeds on its first pass over one sequence: ``ids``, a mask of
+    ones, positions 0.. and an empty KV cache (``past``: each past input's name -> (key/value
+    heads, head dim)); ``logits_to_keep`` stays at its default, the last position."""
+    import numpy as np
+
+    ids = np.asarray([list(ids)], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+    feed.update({name: np.zeros((1, heads, 0, dim), np.float32)
+                 for name, (heads, dim) in past.items()})
+    return feed
+
+
 def present_names(layers: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 

@@ -92,7 +92,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from promptbake.export import INT4_LORA, INT4_METHODS
-from promptbake.export.graph import TIED_HEAD, save
+from promptbake.export.graph import TIED_HEAD, prefill_feed, save
 
 log = logging.getLogger("promptbake")
 
@@ -397,17 +397,9 @@ GPTQ_COLUMNS = 128  # input rows GPTQ quantises before it spreads their error to
 def _feeds(model: onnx.ModelProto, prompts: list[list[int]]) -> list[dict[str, np.ndarray]]:
     """One onnxruntime feed per prompt, as a generic consumer's prefill sends it: the ids, a
     mask of ones, positions 0.. and an empty KV cache (what GPTQ's calibration runs)."""
-    past = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+    past = {i.name: tuple(i.type.tensor_type.shape.dim[k].dim_value for k in (1, 3))
             for i in model.graph.input if i.name.startswith("past_key_values.")}
-    feeds = []
-    for ids in prompts:
-        feed = {"input_ids": np.array([ids], np.int64),
-                "attention_mask": np.ones((1, len(ids)), np.int64),
-                "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
-        feed.update({name: np.zeros((1, shape[1], 0, shape[3]), np.float32)
-                     for name, shape in past.items()})
-        feeds.append(feed)
-    return feeds
+    return [prefill_feed(ids, past) for ids in prompts]
 
 
 GPTQ_MAX_BYTES = 2**31  # onnxruntime's GPTQ holds the graph as one protobuf, capped at 2 GiB

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptbake.export.graph import INPUTS
+from promptbake.export.graph import INPUTS, prefill_feed
 
 log = logging.getLogger("promptbake")
 
@@ -153,12 +153,11 @@ class OnnxLM:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [len(ids), vocab] fp32 at every position of one sequence (one prefill)."""
-        ids = np.asarray([list(ids)], dtype=np.int64)
-        if ids.shape[1] == 0:
+        if len(ids) == 0:
             raise ValueError("logits() needs at least one token id")
-        mask = np.ones_like(ids)
-        positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-        return self._run(ids, mask, positions, self._empty_past(1), ids.shape[1])[0][0]
+        feed = prefill_feed(ids, dict.fromkeys(self.past_names, (self.kv_heads, self.head_dim)))
+        feed["logits_to_keep"] = np.array(len(ids), dtype=np.int64)
+        return self.session.run(self.output_names[:1], feed)[0][0]
 
     # -- generation ---------------------------------------------------------------------------
 
