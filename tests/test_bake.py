@@ -491,7 +491,7 @@ def test_a_student_learns_another_models_prompted_distributions(tiny_dir, tmp_pa
 
 
 def test_a_teacher_bake_is_evaluated_against_its_teacher(tiny_dir, tmp_path, plain_prompt,
-                                                         derived_answers, monkeypatch):
+                                                         derived_answers, monkeypatch, capsys):
     # Every "prompted" reference of a bake from a separate teacher is that teacher with u: the
     # re-prompt matrix's prompted cell, the derived persona's prompted exemplars, drift's
     # prompted mode; the report says so. The student's base model is the "base" side.
@@ -546,6 +546,19 @@ def test_a_teacher_bake_is_evaluated_against_its_teacher(tiny_dir, tmp_path, pla
         "base": 0.0, "prompted": 1.0, "baked": 0.0, "baked+prompt": 0.0}
     with pytest.raises(ValueError, match="use scripted user turns"):
         drift_mod.drift_modes(baked, teacher=teacher_of(baked), user="self")
+    # without the teacher, "prompted" is refused rather than quietly the wrong model
+    for refused in (lambda: check_suite(baked, [evaluator]),
+                    lambda: drift_mod.drift_modes(baked, modes=("prompted",)),
+                    lambda: persona_mod.persona_of(baked)):
+        with pytest.raises(ValueError, match="compare it with that teacher"):
+            refused()
+    from promptbake import cli
+
+    assert cli.main(["drift", str(out), "--user", "self"]) == 2
+    assert "use --user scripted" in capsys.readouterr().err
+    assert cli.main(["chat", str(out), "--question", "Hi", "--max-new-tokens", "2"]) == 0
+    assert "prompted (the base model with the prompt, not the teacher teacher)" in \
+        capsys.readouterr().out
 
 
 def test_a_teacher_model_is_refused_when_it_cannot_teach(tiny_dir, tmp_path, prompt):

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from promptbake import modeling, plotting
+from promptbake import mc_kl, modeling, plotting
 from promptbake.decoding import Conversations, response_text, stop_token_ids
 from promptbake.framing import STUDENT_FRAMINGS, Framing
 from promptbake.persona import SCORERS, Persona, SemanticScorer, persona_of, score
@@ -388,6 +388,8 @@ def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MO
     the other arguments of ``drift``.
     """
     check_modes(modes)
+    if teacher is None and "prompted" in modes:
+        mc_kl.check_own_teacher(baked)
     if teacher is not None and "prompted" in modes and options.get("user") == "self":
         raise ValueError("this bake learned from a separate teacher model, whose prompted "
                          "conversations cannot share a self-play user with the baked model: "

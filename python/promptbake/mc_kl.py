@@ -192,7 +192,7 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
     the samples are drawn from; without it, a bake that had one is refused.
     """
     if teacher is None:
-        _check_own_teacher(baked)
+        check_own_teacher(baked)
     config = baked.manifest.get("config", {})
     own_seed = config.get("seed", 0) + 1  # what bake() sampled its held-out contexts with
     defaults = (samples, max_new_tokens, seed) == (1, None, None)
@@ -218,7 +218,7 @@ def probe_samples(baked, teacher: tuple | None = None):
     (or with ``probe_contexts=0``) gets the first 24 probes. ``teacher``: as in
     ``held_out_samples``."""
     if teacher is None:
-        _check_own_teacher(baked)
+        check_own_teacher(baked)
     config = baked.manifest.get("config", {})
     probes = contexts_mod.probe(config.get("probe_contexts") or 24)
     saved = baked.path / PROBE_SAMPLES if baked.path else None
@@ -227,19 +227,19 @@ def probe_samples(baked, teacher: tuple | None = None):
     return probes, _sample_prompted(baked, probes, 1, None, config.get("seed", 0) + 2, teacher)
 
 
-def _check_own_teacher(baked) -> None:
+def check_own_teacher(baked) -> None:
     """Measuring against the bake's own base model prompted is refused for a bake that learned
     another model's prompted distributions (``bake(teacher_model=...)``): not what it learned."""
-    teacher = _separate_teacher(baked)
+    teacher = separate_teacher(baked)
     if teacher:
         raise ValueError(f"this bake learned the prompted distributions of another model "
                          f"({teacher['name']}, {teacher['path']}), not of its own base model "
-                         f"with the prompt: measure it against that teacher (promptbake kl "
-                         f"DIR, or mc_kl(baked), which load it; teacher=teacher_of(baked) "
-                         f"where a function takes one)")
+                         f"with the prompt: compare it with that teacher (promptbake kl, "
+                         f"report, evaluate and drift, or mc_kl(baked), load it; pass "
+                         f"teacher=teacher_of(baked) where a function takes one)")
 
 
-def _separate_teacher(baked) -> dict | None:
+def separate_teacher(baked) -> dict | None:
     """The manifest's record of the teacher a bake learned from, when it is another model than
     its own base model (a teacher with the base model's weights, as the engine's ``teacher =
     "base"`` gives its first bake, is the base model: None)."""
@@ -254,7 +254,7 @@ def teacher_of(baked, model=None) -> tuple | None:
     that model with the bake's prompt, as (model, framing). ``model``: the teacher's directory
     if it moved (default: where the manifest says it was); its weights must be the ones the
     bake learned from (the manifest's sha256)."""
-    record = _separate_teacher(baked)
+    record = separate_teacher(baked)
     if not record:
         if model is not None:
             raise ValueError(f"--teacher-model {model}: {baked.path or 'this bake'} learned its "

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from promptbake import files, modeling, models
+from promptbake import files, mc_kl, modeling, models
 from promptbake.contexts import builtin
 from promptbake.decoding import greedy, stop_token_ids
 from promptbake.framing import Framing, prompt_text
@@ -310,7 +310,7 @@ def from_prompt(model, tokenizer, prompt, contexts: Sequence | None = None, *, n
         return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in out]
 
     with modeling.BASE.active(model):
-        prompted = answers(teacher or model, framer.teacher_ids)
+        prompted = answers(model if teacher is None else teacher, framer.teacher_ids)
         base = answers(model, framer.student_ids)
     empty = sum(not (p and b) for p, b in zip(prompted, base))
     same = sum(bool(p) and p == b for p, b in zip(prompted, base))
@@ -342,14 +342,16 @@ def persona_of(baked, *, n: int = 16, max_new_tokens: int = 48,
     found = find_persona(baked.prompt)
     if found is not None:
         return found
+    if teacher is None:
+        mc_kl.check_own_teacher(baked)
     fingerprint = (baked.manifest.get("base_model") or {}).get("sha256")
     derive = functools.partial(from_prompt, baked.model, baked.tokenizer, baked.prompt, n=n,
                                max_new_tokens=max_new_tokens, framing=baked.framing.student,
                                teacher=None if teacher is None else teacher[0])
-    if not fingerprint:  # a bake kept in memory: no hash to key a cache on
+    taught_by = [] if teacher is None else \
+        [(baked.manifest.get("teacher_model") or {}).get("sha256")]
+    if not fingerprint or None in taught_by:  # a bake kept in memory: no hash to key a cache on
         return derive()
-    taught_by = [] if teacher is None else [(baked.manifest.get("teacher_model") or {}).get(
-        "sha256") or id(teacher[0])]  # a teacher with no record: this process only
     key = hashlib.sha256(json.dumps([fingerprint, prompt_text(baked.prompt), baked.framing.student,
                                      default_contexts(n), max_new_tokens, *taught_by]
                                     ).encode()).hexdigest()

@@ -79,6 +79,8 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
     baked = load_baked(path, model=model)
     command = _command(path, tasks, limit, persona, turns, conversations, strengths,
                        teacher_model)
+    # the gates' commands, each reproducing one part: with the teacher's directory if given
+    where = f"{path}" + ("" if teacher_model is None else f" --teacher-model {teacher_model}")
     record: dict = {"directory": str(path.resolve()), "prompt": prompt_text(baked.prompt),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "command": command, "manifest_kl": baked.manifest["kl"]}
@@ -99,7 +101,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
     if kl.get("reduction") is not None and own_kl:
         gates.append(Gate(f"held-out KL reduction >= {MIN_REDUCTION:.0%}",
                           pct(kl["reduction"], kl.get("reduction_se")),
-                          kl["reduction"] >= MIN_REDUCTION, f"promptbake kl {path}"))
+                          kl["reduction"] >= MIN_REDUCTION, f"promptbake kl {where}"))
     teacher = mc_kl.teacher_of(baked, teacher_model)  # a separate teacher it learned from
     if teacher is not None:
         name = baked.manifest["teacher_model"]["name"]
@@ -114,7 +116,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
                                       len(contexts_mod.probe(PROBES)))
     record["kl_off_distribution"] = off
     if off.get("reduction") is not None and kl.get("reduction") is not None and own_kl:
-        gates.append(off_distribution_gate(kl, off, f"promptbake kl {path}"))
+        gates.append(off_distribution_gate(kl, off, f"promptbake kl {where}"))
 
     say("half-baking curve: MC-KL at each strength")
     found = mc_kl.mc_kl(baked, strengths=strengths, teacher=teacher)
@@ -150,7 +152,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
                           "no task dropped" if worst is None or worst.relative >= 0 else
                           f"worst {worst.task} {100 * worst.relative:+.1f}% (p = "
                           f"{worst.p_value:.2g})", gate.passed,
-                          f"promptbake evaluate {path} --tasks {','.join(suite.matrices)}"
+                          f"promptbake evaluate {where} --tasks {','.join(suite.matrices)}"
                           + (f" --limit {limit}" if limit else "")))
         # Against the prompted model too: what fails both was done by baking (beyond_prompt).
         gates.append(Gate("forgetting beyond the prompt's own effect: no task fails the gate "
@@ -192,7 +194,7 @@ def report(path: str | Path, *, tasks: list[str] | None = None, limit: int | Non
                           f"baked {b['drift']:+.3f}, prompted {p['drift']:+.3f} "
                           f"(difference {pm(difference['drift'], difference['drift_se'])})",
                           b["drift"] <= p["drift"],
-                          f"promptbake report {path}{again} --turns {turns} "
+                          f"promptbake report {where}{again} --turns {turns} "
                           f"--conversations {conversations}"))
 
     pursuit_file = path / "pursuit.json"

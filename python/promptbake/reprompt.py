@@ -44,9 +44,12 @@ def score(baked, evaluator: Callable, variant: Variant, teacher: tuple | None = 
     strength) or off, the prompt u in the system turn or not (the bake's student framing).
     ``teacher`` (``mc_kl.teacher_of``): for a bake that learned another model's prompted
     behaviour, the prompted variant is that model with u, the reference the bake was after."""
-    if teacher is not None and variant.prompted and not variant.baked:
-        with mc_kl.prompted_model(baked, teacher) as (lm, framing):
-            return evaluator(lm, baked.tokenizer, baked.prompt, framing=framing.student)
+    if variant.prompted and not variant.baked:
+        if teacher is None:
+            mc_kl.check_own_teacher(baked)
+        else:
+            with mc_kl.prompted_model(baked, teacher) as (lm, framing):
+                return evaluator(lm, baked.tokenizer, baked.prompt, framing=framing.student)
     with variant.active(baked.model):
         return evaluator(baked.model, baked.tokenizer, baked.prompt if variant.prompted else None,
                          framing=baked.framing.student)

@@ -271,8 +271,11 @@ def test_cli_exports_a_bake_as_int4(baked_dir, tmp_path, capsys, monkeypatch):
     (["--quantize", "int4", "--recover-steps", "5"], "--recover-steps, --recover-lr and "
      "--recover-contexts apply to --prune, or to --quantize int4 --int4-lora beside"),
     (["--quantize", "int8", "--recover-contexts", "96"], "--recover-contexts apply to --prune"),
-    (["--quantize", "int4", "--int4-lora", "beside", "--recover-contexts", "0"],
-     "recover_contexts=0 must be a whole number >= 1"),
+    (["--quantize", "int4", "--int4-lora", "beside", "--recover-steps", "2",
+      "--recover-contexts", "0"], "--recover-contexts 0: give at least 1"),
+    (["--quantize", "int4", "--int4-lora", "beside", "--recover-contexts", "8"],
+     "which runs with --recover-steps N (N > 0)"),
+    (["--prune", "0.5", "--recover-contexts", "0"], "--recover-contexts 0: give at least 1"),
     (["--quantize", "int4", "--int4-lora", "beside", "--prune", "0.5"], "choose one"),
     (["--quantize", "int4", "--int4-lora", "beside", "--recover-steps", "-1"],
      "recover_steps=-1 must be a whole number >= 0"),
@@ -348,6 +351,8 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path, mon
         Int4Options(recover_steps=3).validate()
     with pytest.raises(ValueError, match="choose 'merge'"):
         Int4Options(lora="sideways").validate()
+    with pytest.raises(ValueError, match="recover_contexts=0 must be a whole number >= 1"):
+        Int4Options(lora="beside", recover_steps=2, recover_contexts=0).validate()
     assert list(tmp_path.iterdir()) == []
 
 

@@ -14,7 +14,7 @@ from promptbake.config import (LOGGERS, LOSSES, PRECISIONS, SCHEDULES, TEACHER_C
 from promptbake.distributed import World
 from promptbake.formatting import pct, pm
 from promptbake.framing import STUDENT_FRAMINGS
-from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve
+from promptbake.mc_kl import mc_kl, plot_curve, reduction, separate_teacher, snapshot_curve
 from promptbake.modeling import variant
 from promptbake.orchestrate.tools import TOOL_DEFAULTS, bake_tools, tool_config, tool_specs
 
@@ -227,6 +227,7 @@ def _add_chat(commands) -> None:
 
 def _chat(args) -> int:
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
+    taught_by = (separate_teacher(baked) or {}).get("name")
     variants = ("base", "prompted", "baked")
     width = max(len(v) for v in variants)
     if "tools" in baked.manifest:
@@ -237,6 +238,8 @@ def _chat(args) -> int:
                                 seed=args.seed)
         label = name + (f" (strength {args.strength:g})"
                         if name == "baked" and args.strength != 1 else "")
+        if name == "prompted" and taught_by:  # not the model this bake learned from: say so
+            label += f" (the base model with the prompt, not the teacher {taught_by})"
         print(f"--- {label:<{width}} ---\n{answer}\n")
     return 0
 

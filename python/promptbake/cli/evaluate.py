@@ -62,6 +62,9 @@ def _tool_use(limit: int | None, baked=None):
 def _evaluate(args) -> int:
     baked = load_baked(args.target, strength=args.strength, model=args.model) \
         if args.target is not None and (Path(args.target) / MANIFEST).is_file() else None
+    if baked is None and args.teacher_model is not None:
+        raise ValueError(f"--teacher-model applies to a baked directory, and {args.target} is "
+                         f"a model: drop --teacher-model")
     names = shipped() if args.tasks in (None, "all") else split_list(args.tasks)
     if args.tasks in (None, "all") and baked is not None and "tools" in baked.manifest:
         names.append(TOOL_USE)  # a tool bake: its tools' use too
@@ -202,7 +205,11 @@ def _drift(args) -> int:
     drift_mod.check_modes(modes)  # before the model loads
     persona = Persona.load(args.persona) if args.persona else None
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
-    teacher = teacher_for(args, baked) if "prompted" in modes else None
+    teacher = teacher_for(args, baked)  # the prompted mode, and a persona derived from the prompt
+    if teacher is not None and args.user == "self":
+        raise ValueError("this bake learned from a separate teacher model, whose prompted "
+                         "conversations cannot share a self-play user with the baked model: "
+                         "use --user scripted")
     persona = persona or persona_of(baked, max_new_tokens=args.max_new_tokens, teacher=teacher)
     semantic = SemanticScorer(persona)
     print(f"adherence scorer: {persona.describe()}", flush=True)

@@ -178,6 +178,12 @@ def _options(args):
     if beside and args.prune:
         raise ValueError("--int4-lora beside and --prune: pruning works on the merged weights; "
                          "choose one")
+    if beside and not args.recover_steps and (args.recover_lr is not None or
+                                              args.recover_contexts is not None):
+        raise ValueError("--recover-lr and --recover-contexts set the recovery of the LoRA "
+                         "beside the 4-bit base, which runs with --recover-steps N (N > 0)")
+    if args.recover_contexts is not None and args.recover_contexts < 1:
+        raise ValueError(f"--recover-contexts {args.recover_contexts}: give at least 1")
     size = {} if args.block_size is None else {"block_size": args.block_size}
     if args.quantize == "int4":
         chosen = {"method": args.int4_method, "lora": args.int4_lora}
