@@ -94,3 +94,18 @@ def test_common_start_leaves_each_prefix_a_token_of_its_own():
     assert modeling.common_start([[1, 2, 3], [1, 2, 3]]) == 2  # the same prefix twice
     assert modeling.common_start([[7, 8], [1, 2]]) == 0
     assert modeling.common_start([[1, 2, 3]]) == 0  # nothing to share with
+
+
+def test_a_shared_start_serves_a_prefix_with_one_token_of_its_own(tiny_dir, monkeypatch):
+    # The shortest prefix keeps one token after the shared start; single-token responses only.
+    lm, _, _ = models.load(tiny_dir)
+    monkeypatch.setattr(modeling, "SHARED_START", 2)
+    start = [5, 6, 7, 8]
+    prefixes = [start + [9], start + [10, 11, 12]]
+    responses = [[[13], [14]], [[15]]]
+    shared = modeling.response_logits(lm, prefixes, responses, pad_id=0)
+    with torch.no_grad():
+        full = torch.cat([lm(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1]
+                          for p, group in zip(prefixes, responses) for r in group])
+    assert modeling.common_start(prefixes) == 4
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)

@@ -140,8 +140,8 @@ def response_hidden(model, prefixes: list[list[int]], responses: list[list[list[
             shared.batch_select_indices(torch.zeros(len(prefixes), dtype=torch.long,
                                                     device=device))
             mask = torch.cat([mask.new_ones(len(prefixes), start), mask], dim=1)
-            own = dict(cache=shared, position_ids=start + torch.arange(ids.shape[1],
-                                                                       device=device)[None])
+            positions = start + torch.arange(ids.shape[1], device=device)
+            own = dict(cache=shared, position_ids=positions.expand(len(prefixes), -1))
         out = body(input_ids=ids, attention_mask=mask, use_cache=r_ids.shape[1] > 0, **own)
         first = out.last_hidden_state[owner, ends[owner] - 1]  # the prompt's end predicts y_0
         if r_ids.shape[1] > 0:
