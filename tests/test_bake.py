@@ -557,7 +557,7 @@ def test_a_teacher_bake_is_evaluated_against_its_teacher(tiny_dir, tmp_path, pla
     assert cli.main(["drift", str(out), "--user", "self"]) == 2
     assert "use --user scripted" in capsys.readouterr().err
     assert cli.main(["chat", str(out), "--question", "Hi", "--max-new-tokens", "2"]) == 0
-    assert "prompted (the base model with the prompt, not the teacher teacher)" in \
+    assert "prompted (the teacher teacher)" in \
         capsys.readouterr().out
 
 

@@ -107,15 +107,22 @@ class Baked:
             variant = mode
         chosen = modeling.variant(variant, self._strength)
         ids = chosen.input_ids(self.framing, [{"role": "user", "content": question}])
-        torch.manual_seed(seed)
         with chosen.active(self.model):
-            out = self.model.generate(
-                input_ids=torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+            return answer(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens,
+                          temperature=temperature, seed=seed)
+
+
+def answer(model, tokenizer, ids: list[int], *, max_new_tokens: int = 128,
+           temperature: float = 0.0, seed: int = 0) -> str:
+    """``model``'s answer after the token ids ``ids`` (a framed question), greedy unless
+    ``temperature`` > 0 (then sampled with ``seed``), decoded without special tokens."""
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=torch.tensor([ids]),
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                         temperature=temperature if temperature > 0 else None, top_p=None,
+                         top_k=None, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
 
 
 class DamagedBake(ValueError):

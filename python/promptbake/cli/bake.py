@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from promptbake import files, tools
+from promptbake import artifact, files, tools
 from promptbake.artifact import SNAPSHOTS, load_baked
 from promptbake.bake import bake
 from promptbake.cli.arguments import Help, add_teacher_model, read_prompt, split_list, teacher_for
@@ -14,7 +14,7 @@ from promptbake.config import (LOGGERS, LOSSES, PRECISIONS, SCHEDULES, TEACHER_C
 from promptbake.distributed import World
 from promptbake.formatting import pct, pm
 from promptbake.framing import STUDENT_FRAMINGS
-from promptbake.mc_kl import mc_kl, plot_curve, reduction, separate_teacher, snapshot_curve
+from promptbake.mc_kl import mc_kl, plot_curve, reduction, snapshot_curve
 from promptbake.modeling import variant
 from promptbake.orchestrate.tools import TOOL_DEFAULTS, bake_tools, tool_config, tool_specs
 
@@ -213,8 +213,9 @@ def _add_chat(commands) -> None:
     p = commands.add_parser("chat",
                             help="answers of the base, prompted and baked model, side by side",
                             description="Answer one question three ways: the base model without "
-                                        "the prompt, the base model with it, the baked model "
-                                        "without it.")
+                                        "the prompt, the base model with it (for a bake from "
+                                        "a separate --teacher-model: that teacher with it), "
+                                        "the baked model without it.")
     p.add_argument("dir", help="a baked directory")
     p.add_argument("--question", required=True, help="the user message to answer")
     p.add_argument("--max-new-tokens", type=int, default=96, help="length of each answer")
@@ -222,24 +223,29 @@ def _add_chat(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     p.add_argument("--strength", type=float, default=1.0, help="scale of the baked LoRA delta")
     p.add_argument("--model", default=None, help="base model directory, if it moved")
+    add_teacher_model(p, "the prompted answer is")
     p.set_defaults(run=_chat)
 
 
 def _chat(args) -> int:
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
-    taught_by = (separate_teacher(baked) or {}).get("name")
     variants = ("base", "prompted", "baked")
     width = max(len(v) for v in variants)
     if "tools" in baked.manifest:
         return _tool_chat(baked, args, variants, width)
+    teacher = teacher_for(args, baked)  # for a bake that learned another model's prompted answers
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   seed=args.seed)
     for name in variants:
-        answer = baked.generate(args.question, variant=name,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                seed=args.seed)
         label = name + (f" (strength {args.strength:g})"
                         if name == "baked" and args.strength != 1 else "")
-        if name == "prompted" and taught_by:  # not the model this bake learned from: say so
-            label += f" (the base model with the prompt, not the teacher {taught_by})"
+        if name == "prompted" and teacher is not None:
+            lm, framing = teacher
+            label += f" (the teacher {baked.manifest['teacher_model']['name']})"
+            answer = artifact.answer(lm, baked.tokenizer, framing.teacher_ids(
+                [{"role": "user", "content": args.question}]), **options)
+        else:
+            answer = baked.generate(args.question, variant=name, **options)
         print(f"--- {label:<{width}} ---\n{answer}\n")
     return 0
 
