@@ -94,6 +94,9 @@ def test_common_start_leaves_each_prefix_a_token_of_its_own():
     assert modeling.common_start([[1, 2, 3], [1, 2, 3]]) == 2  # the same prefix twice
     assert modeling.common_start([[7, 8], [1, 2]]) == 0
     assert modeling.common_start([[1, 2, 3]]) == 0  # nothing to share with
+    from promptbake import decoding
+
+    assert decoding.shared_prefix(None, []) is None  # no prefixes: nothing run
 
 
 def test_a_shared_start_serves_a_prefix_with_one_token_of_its_own(tiny_dir, monkeypatch):

@@ -170,9 +170,9 @@ def shared_prefix(model, prefixes: list[list[int]]):
     """(length, KV cache) of the start every prefix shares, or None when it is short. At least
     one token of each prefix is left out of it, so every row has tokens of its own to feed."""
     length = modeling.common_start(prefixes)
-    first = prefixes[0]
     if length < SHARED_PREFIX:
         return None
+    first = prefixes[0]
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True,
                 logits_to_keep=1)

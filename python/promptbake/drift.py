@@ -372,6 +372,15 @@ def check_modes(modes: Sequence[str]) -> None:
 
 
 
+def check_self_play(teacher, user) -> None:
+    """A self-play user must be one model in every mode: refused beside a separate teacher
+    (``mc_kl.teacher_of``), whose prompted conversations could not share it."""
+    if teacher is not None and user == "self":
+        raise ValueError("this bake learned from a separate teacher model, whose prompted "
+                         "conversations cannot share a self-play user with the baked model: "
+                         "use scripted user turns (promptbake drift: use --user scripted)")
+
+
 def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MODES,
                 teacher: tuple | None = None, **options) -> dict[str, DriftResult]:
     """``drift`` of a ``promptbake.Baked`` model as each variant in ``modes`` (names of
@@ -388,12 +397,10 @@ def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MO
     the other arguments of ``drift``.
     """
     check_modes(modes)
-    if teacher is None and "prompted" in modes:
-        mc_kl.check_own_teacher(baked)
-    if teacher is not None and "prompted" in modes and options.get("user") == "self":
-        raise ValueError("this bake learned from a separate teacher model, whose prompted "
-                         "conversations cannot share a self-play user with the baked model: "
-                         "use scripted user turns (--user scripted)")
+    if "prompted" in modes:
+        if teacher is None:
+            mc_kl.check_own_teacher(baked)
+        check_self_play(teacher, options.get("user"))
     persona = persona or persona_of(baked, max_new_tokens=options.get("max_new_tokens", 48),
                                     teacher=teacher)
     options.setdefault("framing", baked.framing.student)

@@ -205,11 +205,10 @@ def _drift(args) -> int:
     drift_mod.check_modes(modes)  # before the model loads
     persona = Persona.load(args.persona) if args.persona else None
     baked = load_baked(args.dir, strength=args.strength, model=args.model)
-    teacher = teacher_for(args, baked)  # the prompted mode, and a persona derived from the prompt
-    if teacher is not None and args.user == "self":
-        raise ValueError("this bake learned from a separate teacher model, whose prompted "
-                         "conversations cannot share a self-play user with the baked model: "
-                         "use --user scripted")
+    # the teacher answers the prompted mode, and a persona derived from the prompt
+    teacher = teacher_for(args, baked) if "prompted" in modes or persona is None else None
+    if "prompted" in modes:  # before any conversation of another mode
+        drift_mod.check_self_play(teacher, args.user)
     persona = persona or persona_of(baked, max_new_tokens=args.max_new_tokens, teacher=teacher)
     semantic = SemanticScorer(persona)
     print(f"adherence scorer: {persona.describe()}", flush=True)

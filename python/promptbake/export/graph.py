@@ -26,6 +26,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.onnx import operators as onnx_operators
 
@@ -76,8 +77,6 @@ def prefill_feed(ids, past: dict[str, tuple[int, int]]) -> dict:
     """What a generic consumer feeds on its first pass over one sequence: ``ids``, a mask of
     ones, positions 0.. and an empty KV cache (``past``: each past input's name -> (key/value
     heads, head dim)); ``logits_to_keep`` stays at its default, the last position."""
-    import numpy as np
-
     ids = np.asarray([list(ids)], dtype=np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
