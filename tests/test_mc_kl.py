@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from promptbake import mc_kl, models
+from promptbake import mc_kl, modeling, models
 from promptbake.framing import Framing
 from promptbake.mc_kl import KL, reduction
 from promptbake.modeling import BASE
@@ -65,3 +65,36 @@ def test_kl_on_does_not_depend_on_batching(tiny_dir):
             student = lm(input_ids=torch.tensor([s + response])).logits[0, len(s) - 1:-1]
         assert float(divergence(student, teacher, reduction="sum")) == pytest.approx(
             found[0].values[k], rel=1e-4)
+
+
+def test_kept_teacher_states_give_the_same_kl_without_the_teacher_pass(tiny_dir):
+    # A bake measures the same held-out samples before and after training: the teacher's
+    # hidden states from the first call serve the second, which runs only its student.
+    from peft import LoraConfig, get_peft_model
+
+    lm, tok, _ = models.load(tiny_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False))
+    framing = Framing(tok, "You are a pirate.")
+    contexts = [[{"role": "user", "content": q}] for q in ("Hi!", "Why is the sky blue?", "2+2?")]
+    traj = Trajectories([0, 0, 1, 2], [[5, 6, 7], [8], [9, 10], [11, 12]])
+    other = Trajectories([0, 1, 2], [[5, 6], [9, 10], [11, 12, 13]])
+    passes = []
+    lm.model.register_forward_hook(lambda module, args, kwargs, out: passes.append(
+        kwargs["input_ids"].shape), with_kwargs=True)
+
+    def kl(samples, variant, states=None):
+        passes.clear()
+        found = mc_kl.kl_on(model, framing, contexts, samples, {"s": variant},
+                            pad_id=tok.pad_token_id, batch_size=2, teacher_states=states)["s"]
+        return found, len(passes)
+
+    states: dict = {}
+    before, first = kl(traj, BASE, states)
+    after, second = kl(traj, modeling.BAKED, states)
+    assert second < first and after.values != before.values
+    fresh, again = kl(traj, modeling.BAKED)
+    assert after.values == fresh.values and again == first  # the same numbers, bit for bit
+    # Other samples never meet a kept state that is not theirs.
+    assert kl(other, modeling.BAKED, states)[0].values == kl(other, modeling.BAKED)[0].values

@@ -167,10 +167,13 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         if probes:
             run.save_whole("probe_trajectories", gather(probe_traj, world))
 
+    teacher_states: dict = {}  # the teacher's pass, run before training, serves after it too
+
     def measured(variant, contexts, samples):  # measured in fp32, pooled over the ranks
         return KL.merged(gather(kl_on(peft_model, framing, contexts, samples,
                                       {"kl": variant}, pad_id=pad_id, world=world,
-                                      teacher=teacher.pair())["kl"], world))
+                                      teacher=teacher.pair(),
+                                      teacher_states=teacher_states)["kl"], world))
 
     with clock("measure_before"):
         before = measured(BASE, held_out, held_out_traj)

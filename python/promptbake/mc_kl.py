@@ -149,12 +149,16 @@ def sequence_kls(trajectories: Trajectories, teacher: Callable, students: dict[s
 def kl_on(model, framing: Framing, contexts, trajectories: Trajectories,
           students: dict[str, Variant], *, pad_id: int = 0, batch_size: int = 8,
           dtype: torch.dtype | None = None, world: World = SINGLE,
-          teacher: tuple | None = None) -> dict[str, KL]:
+          teacher: tuple | None = None, teacher_states: dict | None = None) -> dict[str, KL]:
     """MC-KL (Eq. 3) of several variants of ``model`` (a PeftModel) on the same trajectories.
 
     The teacher is the prompted base model (``modeling.PROMPTED``), or ``teacher`` = (another
     model, its framing) with the prompt; ``students`` maps a name to a variant without the
-    prompt (base, or baked at some strength).
+    prompt (base, or baked at some strength). ``teacher_states``: a dict that keeps the
+    teacher's final hidden states, keyed by the exact inputs of each batch; a later call given
+    the same dict (the same teacher, another student: a bake's KL after training, a snapshot)
+    reuses them instead of running the teacher again, with the same logits (not on a sharded
+    model, whose ranks must run the same passes).
     """
     prompted = [name for name, v in students.items() if v.prompted]
     if prompted:
@@ -169,12 +173,24 @@ def kl_on(model, framing: Framing, contexts, trajectories: Trajectories,
                     pad_id, dtype)
         return run
 
-    def other(chunk, responses):
-        lm, their_framing = teacher
-        return modeling.response_logits(lm, [their_framing.teacher_ids(contexts[c])
-                                             for c in chunk], responses, pad_id, dtype)
+    lm, their_framing = teacher or (model, framing)
+    if world.sharded:  # each forward pass is a collective: every rank must run the same ones
+        teacher_states = None
 
-    return sequence_kls(trajectories, logits(modeling.PROMPTED) if teacher is None else other,
+    def prompted_teacher(chunk, responses):
+        prefixes = [their_framing.teacher_ids(contexts[c]) for c in chunk]
+        key = (tuple(map(tuple, prefixes)), tuple(tuple(map(tuple, g)) for g in responses))
+        rows = None if teacher_states is None else teacher_states.get(key)
+        with contextlib.ExitStack() as stack:
+            if teacher is None:  # the adapter off for the head too (it may be adapted)
+                stack.enter_context(modeling.PROMPTED.active(model))
+            if rows is None:
+                rows = modeling.response_hidden(lm, prefixes, responses, pad_id, dtype)
+                if teacher_states is not None:
+                    teacher_states[key] = rows
+            return modeling.head_logits(lm, rows, dtype)
+
+    return sequence_kls(trajectories, prompted_teacher,
                         {name: logits(v) for name, v in students.items()},
                         batch_size=batch_size, world=world)
 
@@ -329,10 +345,12 @@ def snapshot_curve(baked, snapshots: list, contexts=None, *, teacher: tuple | No
     teacher = teacher or teacher_of(baked)
     held_out, trajectories = held_out_samples(baked, contexts, teacher=teacher, **sampling)
     model = baked.model
+    teacher_states: dict = {}  # the teacher does not change from snapshot to snapshot
 
     def measure() -> KL:
         return kl_on(model, baked.framing, held_out, trajectories, {"s": modeling.BAKED},
-                     pad_id=baked.tokenizer.pad_token_id, teacher=teacher)["s"]
+                     pad_id=baked.tokenizer.pad_token_id, teacher=teacher,
+                     teacher_states=teacher_states)["s"]
 
     steps = {}
     for path in snapshots:

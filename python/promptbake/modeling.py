@@ -98,10 +98,14 @@ def response_logits(model, prefixes: list[list[int]], responses: list[list[list[
     samples follow them (the same logits and gradients as whole sequences: tested). Only
     response positions reach the LM head. ``dtype``: autocast dtype for the matmuls (None: fp32).
     """
+    return head_logits(model, response_hidden(model, prefixes, responses, pad_id, dtype), dtype)
+
+
+def head_logits(model, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The model's logits ``[tokens, V]`` (fp32, or fp64 for a fp64 model) from final hidden
+    states ``rows`` (``response_hidden``): its LM head and what the architecture does after."""
     lm = inner(model)
-    rows = response_hidden(model, prefixes, responses, pad_id, dtype)
-    device = rows.device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(rows.device.type, dtype=dtype, enabled=dtype is not None):
         logits = finish_logits(lm.config, lm.get_output_embeddings()(rows))
     return logits if logits.dtype == torch.float64 else logits.float()
 
