@@ -97,18 +97,18 @@ def whole_bake(config: BakeConfig, out: str) -> tuple[float, int | None]:
     sampling 29% slower) and nothing else resident. Returns the child's wall seconds (start-up
     included; the manifest's clock has the bake call's) and its peak resident set in bytes, from
     the kernel's accounting of that child (None off Linux)."""
-    code = ("import json, sys, promptbake; promptbake.bake(sys.argv[1], config=promptbake."
-            "BakeConfig(**json.loads(sys.argv[2])), out=sys.argv[3])")
+    script = ("import json, sys, promptbake; promptbake.bake(sys.argv[1], config=promptbake."
+              "BakeConfig(**json.loads(sys.argv[2])), out=sys.argv[3])")
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", code, PROMPT,
+    child = subprocess.Popen([sys.executable, "-c", script, PROMPT,
                               json.dumps(dataclasses.asdict(config)), out])
     if hasattr(os, "wait4"):
         _, status, usage = os.wait4(child.pid, 0)
-        code, peak = os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024  # KiB on Linux
+        exit_code, peak = os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024  # KiB
     else:
-        code, peak = child.wait(), None
-    if code != 0:
-        raise RuntimeError(f"the bake's process exited with status {code}")
+        exit_code, peak = child.wait(), None
+    if exit_code != 0:
+        raise RuntimeError(f"the bake's process exited with status {exit_code}")
     return time.perf_counter() - start, peak
 
 
