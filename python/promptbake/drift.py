@@ -398,8 +398,7 @@ def drift_modes(baked, persona: Persona | None = None, modes: Sequence[str] = MO
     """
     check_modes(modes)
     if "prompted" in modes:
-        if teacher is None:
-            mc_kl.check_own_teacher(baked)
+        mc_kl.check_own_teacher(baked, teacher)
         check_self_play(teacher, options.get("user"))
     persona = persona or persona_of(baked, max_new_tokens=options.get("max_new_tokens", 48),
                                     teacher=teacher)

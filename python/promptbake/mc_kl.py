@@ -179,14 +179,15 @@ def kl_on(model, framing: Framing, contexts, trajectories: Trajectories,
 
     def prompted_teacher(chunk, responses):
         prefixes = [their_framing.teacher_ids(contexts[c]) for c in chunk]
-        key = (tuple(map(tuple, prefixes)), tuple(tuple(map(tuple, g)) for g in responses))
-        rows = None if teacher_states is None else teacher_states.get(key)
-        with contextlib.ExitStack() as stack:
-            if teacher is None:  # the adapter off for the head too (it may be adapted)
-                stack.enter_context(modeling.PROMPTED.active(model))
+        key = rows = None
+        if teacher_states is not None:
+            key = (tuple(map(tuple, prefixes)), tuple(tuple(map(tuple, g)) for g in responses))
+            rows = teacher_states.get(key)
+        # the adapter off for the head too (it may be adapted)
+        with contextlib.nullcontext() if teacher else modeling.PROMPTED.active(model):
             if rows is None:
                 rows = modeling.response_hidden(lm, prefixes, responses, pad_id, dtype)
-                if teacher_states is not None:
+                if key is not None:
                     teacher_states[key] = rows
             return modeling.head_logits(lm, rows, dtype)
 
@@ -207,8 +208,7 @@ def held_out_samples(baked, contexts=None, *, samples: int = 1,
     the bake's held-out seed. ``teacher``: a bake's separate teacher (``teacher_of``), which
     the samples are drawn from; without it, a bake that had one is refused.
     """
-    if teacher is None:
-        check_own_teacher(baked)
+    check_own_teacher(baked, teacher)
     config = baked.manifest.get("config", {})
     own_seed = config.get("seed", 0) + 1  # what bake() sampled its held-out contexts with
     defaults = (samples, max_new_tokens, seed) == (1, None, None)
@@ -233,8 +233,7 @@ def probe_samples(baked, teacher: tuple | None = None):
     directory, or drawn again with its settings (seed + 2); a bake from before the probe set
     (or with ``probe_contexts=0``) gets the first 24 probes. ``teacher``: as in
     ``held_out_samples``."""
-    if teacher is None:
-        check_own_teacher(baked)
+    check_own_teacher(baked, teacher)
     config = baked.manifest.get("config", {})
     probes = contexts_mod.probe(config.get("probe_contexts") or 24)
     saved = baked.path / PROBE_SAMPLES if baked.path else None
@@ -243,13 +242,14 @@ def probe_samples(baked, teacher: tuple | None = None):
     return probes, _sample_prompted(baked, probes, 1, None, config.get("seed", 0) + 2, teacher)
 
 
-def check_own_teacher(baked) -> None:
-    """Measuring against the bake's own base model prompted is refused for a bake that learned
-    another model's prompted distributions (``bake(teacher_model=...)``): not what it learned."""
-    teacher = separate_teacher(baked)
-    if teacher:
+def check_own_teacher(baked, teacher: tuple | None = None) -> None:
+    """Measuring against the bake's own base model prompted (``teacher`` None) is refused for a
+    bake that learned another model's prompted distributions (``bake(teacher_model=...)``): not
+    what it learned. With that ``teacher`` (``teacher_of``) given, nothing to refuse."""
+    record = None if teacher is not None else separate_teacher(baked)
+    if record:
         raise ValueError(f"this bake learned the prompted distributions of another model "
-                         f"({teacher['name']}, {teacher['path']}), not of its own base model "
+                         f"({record['name']}, {record['path']}), not of its own base model "
                          f"with the prompt: compare it with that teacher (promptbake kl, "
                          f"report, evaluate and drift, or mc_kl(baked), load it; pass "
                          f"teacher=teacher_of(baked) where a function takes one)")

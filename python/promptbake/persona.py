@@ -342,8 +342,7 @@ def persona_of(baked, *, n: int = 16, max_new_tokens: int = 48,
     found = find_persona(baked.prompt)
     if found is not None:
         return found
-    if teacher is None:
-        mc_kl.check_own_teacher(baked)
+    mc_kl.check_own_teacher(baked, teacher)
     fingerprint = (baked.manifest.get("base_model") or {}).get("sha256")
     derive = functools.partial(from_prompt, baked.model, baked.tokenizer, baked.prompt, n=n,
                                max_new_tokens=max_new_tokens, framing=baked.framing.student,

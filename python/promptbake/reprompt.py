@@ -45,9 +45,8 @@ def score(baked, evaluator: Callable, variant: Variant, teacher: tuple | None = 
     ``teacher`` (``mc_kl.teacher_of``): for a bake that learned another model's prompted
     behaviour, the prompted variant is that model with u, the reference the bake was after."""
     if variant.prompted and not variant.baked:
-        if teacher is None:
-            mc_kl.check_own_teacher(baked)
-        else:
+        mc_kl.check_own_teacher(baked, teacher)
+        if teacher is not None:
             with mc_kl.prompted_model(baked, teacher) as (lm, framing):
                 return evaluator(lm, baked.tokenizer, baked.prompt, framing=framing.student)
     with variant.active(baked.model):
