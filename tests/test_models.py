@@ -24,6 +24,52 @@ def test_bad_model_directories_are_named(tmp_path, tiny_dir):
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(ModelError, match="no weights"):
         models.load(no_weights)
+    onnx_export = tmp_path / "onnx_export"
+    shutil.copytree(no_weights, onnx_export)
+    (onnx_export / "model.onnx").write_bytes(b"graph")
+    with pytest.raises(ModelError, match="an ONNX export .* the model directory it was exported"):
+        models.load(onnx_export)
+
+
+def test_make_portable_writes_what_transformers_4_reads(tmp_path):
+    from transformers import AutoConfig, LlamaConfig
+
+    rope = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                rope_parameters=rope).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "TokenizersBackend", "eos_token": "<|im_end|>"}))
+    before = AutoConfig.from_pretrained(tmp_path).rope_parameters
+    models.make_portable(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_theta"] == 500000.0  # transformers 4 would take 10,000 without it
+    assert written["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == before  # read as before
+    tokenizer = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tokenizer == {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>"}
+    again = (tmp_path / "config.json").read_text()
+    models.make_portable(tmp_path)  # idempotent
+    assert (tmp_path / "config.json").read_text() == again
+
+
+def test_a_merged_model_directory_loads_its_tokenizer_the_same(tmp_path, tiny_dir, tokenizer,
+                                                               prompt):
+    from transformers import AutoTokenizer
+
+    baked = bake(prompt, model=tiny_dir, config=BakeConfig(train_contexts=2, eval_contexts=2,
+                                                           probe_contexts=0, steps=1,
+                                                           max_new_tokens=4),
+                 out=tmp_path / "bake")
+    out = save_merged(baked, tmp_path / "merged")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"
+    messages = [{"role": "user", "content": "Name a large river."}]
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(messages) == \
+        tokenizer.apply_chat_template(messages)
 
 
 def test_corrupt_weights_are_reported(tmp_path, tiny_dir):

@@ -559,6 +559,7 @@ def write_merged(baked, out: Path, strength: float, *, in_place: bool = False) -
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         baked.tokenizer.save_pretrained(tmp)
+        models.make_portable(tmp)
         (tmp / MANIFEST).write_text(files.to_json(manifest, indent=2))
 
     files.replace_dir(out, write, kind="merged")

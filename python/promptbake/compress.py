@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from promptbake import contexts as contexts_mod, files, mc_kl, modeling, versions
+from promptbake import contexts as contexts_mod, files, mc_kl, modeling, models, versions
 from promptbake.config import BakeConfig
 from promptbake.decoding import stop_token_ids
 from promptbake.framing import Framing
@@ -705,6 +705,7 @@ def save_pruned(model, tokenizer, out_dir: str | Path, report: PruneReport, *,
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        models.make_portable(tmp)
         save_file(packed, str(tmp / MASKS), metadata={"shapes": json.dumps(shapes)})
         (tmp / MANIFEST).write_text(files.to_json(manifest, indent=2), encoding="utf-8")
 

@@ -125,12 +125,43 @@ def _convert(gguf: Path, target: Path) -> None:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         listed = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
                   for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / _CACHE_MANIFEST).write_text(json.dumps(
             {"source": str(gguf), "source_size": gguf.stat().st_size, "files": listed}, indent=2))
 
     files.replace_dir(target, write)
+
+
+# transformers 5 names the fast tokenizer class TokenizersBackend; earlier releases (which
+# Optimum's onnxruntime models and other serving stacks still pin) know only its old name,
+# which transformers 5 loads as the same class.
+_PORTABLE_TOKENIZER = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def make_portable(path: Path) -> None:
+    """Makes the ``config.json`` and ``tokenizer_config.json`` that transformers 5 wrote into
+    ``path`` read the same in transformers 4: the tokenizer class by its old name, and RoPE's
+    ``rope_parameters`` also as the ``rope_theta`` (and ``rope_scaling``) keys transformers 4
+    reads (without them it takes the default theta, 10,000, and the model is silently another;
+    SmolLM2's is 100,000). transformers 5 reads both files as before."""
+    path = Path(path)
+    config_file, tokenizer_file = path / "config.json", path / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        rope = config.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+            config["rope_theta"] = rope["rope_theta"]
+            if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+                config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+            config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if tokenizer_file.is_file():
+        tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        old = tokenizer.get("tokenizer_class")
+        if old in _PORTABLE_TOKENIZER:
+            tokenizer["tokenizer_class"] = _PORTABLE_TOKENIZER[old]
+            tokenizer_file.write_text(json.dumps(tokenizer, indent=2) + "\n", encoding="utf-8")
 
 
 def resolve(model: str | os.PathLike | None) -> Path:
@@ -150,6 +181,9 @@ def check_dir(path: Path) -> str | None:
         return f"model directory not found: {path} (pass --model DIR with a Hugging Face model)"
     if not path.is_dir():
         return f"--model must be a directory with config.json and weights, got the file {path}"
+    if (path / "model.onnx").is_file():
+        return (f"{path} is an ONNX export (model.onnx), which promptbake does not bake or "
+                f"evaluate: pass the model directory it was exported from")
     if not (path / "config.json").is_file():
         return f"{path} has no config.json: it is not a Hugging Face model directory"
     weights = [p for p in path.iterdir() if p.suffix == ".safetensors"

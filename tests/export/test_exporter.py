@@ -158,6 +158,75 @@ def test_onnxruntime_genai_runs_the_export(llama, tokenizer, llama_export):
         assert tokens == hf_greedy(llama, ids, 12)
 
 
+OPTIMUM_GREEDY = """
+import json, sys
+from optimum.onnxruntime import ORTModelForCausalLM
+import torch
+path, prompts, steps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model = ORTModelForCausalLM.from_pretrained(path, use_cache=True, use_io_binding=False)
+out = []
+for ids in prompts:
+    found = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                           dtype=torch.long), max_new_tokens=steps, eos_token_id=None,
+                           do_sample=False, pad_token_id=0)
+    out.append(found[0, len(ids):].tolist())
+print(json.dumps(out))
+"""
+
+
+def optimum_python():
+    """An interpreter with Optimum's onnxruntime models: this one, or the one named by
+    PROMPTBAKE_OPTIMUM_PYTHON (optimum-onnx 0.1 requires transformers < 4.58, so it lives in
+    a virtual environment of its own; README, "Serving")."""
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.onnxruntime"):
+        return sys.executable
+    return os.environ.get("PROMPTBAKE_OPTIMUM_PYTHON")
+
+
+def test_the_export_holds_what_generic_consumers_read(llama, tokenizer, llama_export):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(llama_export.path)
+    assert config.use_cache and config.num_key_value_heads == llama.config.num_key_value_heads
+    written = json.loads((llama_export.path / "config.json").read_text())
+    assert written["rope_theta"] == llama.config.rope_parameters["rope_theta"]
+    assert json.loads((llama_export.path / "tokenizer_config.json").read_text())[
+        "tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4 knows this name
+    messages = [{"role": "user", "content": "How do I boil an egg?"}]
+    assert AutoTokenizer.from_pretrained(llama_export.path).apply_chat_template(messages) == \
+        tokenizer.apply_chat_template(messages)
+    assert (llama_export.path / "generation_config.json").is_file()
+
+
+def optimum_greedy(path, chosen, steps):
+    """Greedy tokens of Optimum's ``ORTModelForCausalLM`` on the export at ``path``, one prompt
+    at a time (skips the test where no interpreter has Optimum)."""
+    python = optimum_python()
+    if python is None:
+        pytest.skip("Optimum's onnxruntime models are not installed here (optimum-onnx needs "
+                    "transformers < 4.58: set PROMPTBAKE_OPTIMUM_PYTHON to a Python that has it)")
+    found = subprocess.run([python, "-c", OPTIMUM_GREEDY, str(path), json.dumps(chosen),
+                            str(steps)], capture_output=True, text=True, cwd=path.parent)
+    assert found.returncode == 0, found.stderr[-2000:]
+    return json.loads(found.stdout.strip().splitlines()[-1])
+
+
+def test_optimum_runs_the_export(llama, tokenizer, llama_export):
+    chosen = prompts(tokenizer, 2)
+    assert optimum_greedy(llama_export.path, chosen, 12) == \
+        [hf_greedy(llama, ids, 12) for ids in chosen]
+
+
+def test_optimum_runs_the_int8_export(int8_export, tokenizer):
+    chosen = prompts(tokenizer, 2)
+    assert optimum_greedy(int8_export.path, chosen, 8) == \
+        [plain_onnxruntime_greedy(int8_export.path, ids, 8) for ids in chosen]
+
+
 def test_a_plain_onnxruntime_loop_runs_the_int8_export(int8_export, tokenizer):
     ids = prompts(tokenizer, 1)[0]
     assert len(plain_onnxruntime_greedy(int8_export.path, ids, 4)) == 4

@@ -10,6 +10,7 @@ behind (an earlier export at that path is kept as it was).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from promptbake import contexts, files, models, versions
+from promptbake import contexts, files, modeling, models, versions
 from promptbake.artifact import MANIFEST, Baked, load_baked, source_record, sources
 from promptbake.decoding import stop_token_ids
 from promptbake.export import (FORMATS, GGUF_QUANTIZATIONS, QUANTIZATIONS, gguf, graph,
@@ -193,10 +194,7 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
         if baked is not None:
             manifest["held_out_kl"] = timed("held_out_kl", lambda: parity.kl_record(lm, baked))
         manifest["wall_seconds"] = dict(seconds)
-        tokenizer.save_pretrained(tmp)
-        genai = graph.genai_config(model.config, tokenizer)
-        if genai is not None:  # so onnxruntime-genai's og.Model(out) loads the directory
-            (tmp / "genai_config.json").write_text(files.to_json(genai, indent=2))
+        _consumer_files(model, tokenizer, tmp)
         (tmp / "manifest.json").write_text(files.to_json(manifest, indent=2))
         result["manifest"] = manifest
 
@@ -206,6 +204,25 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
     log.info("exported %s to %s (%s, %.1f MB): %s", model.config.model_type, out,
              manifest["precision"], manifest["bytes"] / 1e6, parity.summary(manifest["parity"]))
     return Export(out, manifest)
+
+
+def _consumer_files(model, tokenizer, tmp: Path) -> None:
+    """What generic consumers read beside the graph: the tokenizer, the model's
+    ``config.json`` and ``generation_config.json`` (Optimum's ``ORTModelForCausalLM`` reads the
+    cache layout from the config; the graph always takes a KV cache, so ``use_cache`` is true),
+    both readable by transformers 4 too (``models.make_portable``), and ``genai_config.json``
+    for onnxruntime-genai (``og.Model(out)``) on the architectures it is tested on."""
+    tokenizer.save_pretrained(tmp)
+    config = copy.deepcopy(modeling.inner(model).config)
+    config.use_cache = True
+    config.save_pretrained(tmp)
+    generation = getattr(modeling.inner(model), "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(tmp)
+    models.make_portable(tmp)
+    genai = graph.genai_config(model.config, tokenizer)
+    if genai is not None:
+        (tmp / "genai_config.json").write_text(files.to_json(genai, indent=2))
 
 
 def _smoothed(model, tokenizer, framing,
