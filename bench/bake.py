@@ -13,8 +13,11 @@
    the original authors' code (a live teacher forward every step, full logits, eager
    ``log_softmax`` + ``kl_div``, fp32). Held-out KL is measured every few steps (outside the
    training clocks); the ratio is of the training wall time each needs to reach the same
-   held-out KL. Each loop's peak resident memory while training, above what was resident before
-   it, is measured too (which needs glibc to return freed memory at once: every loop runs so).
+   held-out KL. The loops are timed in a process of their own with the C allocator's
+   defaults, as a user's bake runs. Each loop's peak resident memory while training, above what
+   was resident before it, is measured in another process, untimed, over the steps with the
+   most response tokens: it needs glibc to return freed memory at once, which slows what it
+   runs (sampling by 29%, the loop ratio by ~2.5%).
 3. The baked adapter measured again on every held-out context (58, fresh samples, another
    seed): the bake's own figure uses its first 24, and close calls need the smaller
    error.
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,7 @@ from promptbake.modeling import BAKED, BASE
 from promptbake.persona import pirate
 from promptbake.train import (Divergence, attach_lora, batch_plan, for_training, make_optimizer,
                               optimizer_step, sample_trajectories)
+from promptbake.trajectories import Trajectories
 
 PROMPT = pirate().prompt
 QUESTIONS = ["What is the capital of France?", "How do I boil an egg?",
@@ -85,8 +90,8 @@ def run(args, log) -> dict:
                                   "reduction": reduction, "reduction_se": se}
         del baked
 
-    log("  side by side: promptbake's loop vs the reference loop")
-    result["loops"] = side_by_side(config, log)
+    log("  side by side: promptbake's loop vs the reference loop (a process of their own)")
+    result["loops"] = side_by_side_process(config)
     result["checks"] = checks(result)
     return result
 
@@ -112,26 +117,81 @@ def whole_bake(config: BakeConfig, out: str) -> tuple[float, int | None]:
     return time.perf_counter() - start, peak
 
 
-def side_by_side(config: BakeConfig, log) -> dict:
-    lm, tokenizer, _ = models.load(None)
-    framing = Framing(tokenizer, PROMPT, config.framing)
-    train = contexts_mod.for_bake(None, "train", config.train_contexts, config.seed)
-    held_out = contexts_mod.for_bake(None, "held_out", config.eval_contexts)
-    prefixes = [(framing.teacher_ids(c), framing.student_ids(c)) for c in train]
-    pad = tokenizer.pad_token_id
-    trajectories = sample_trajectories(lm, tokenizer, [p[0] for p in prefixes], config, "full",
-                                       seed=config.seed, samples=config.samples_per_context)
-    held_traj = sample_trajectories(lm, tokenizer, [framing.teacher_ids(c) for c in held_out],
-                                    config, "none", seed=config.seed + 1, samples=1)
-    before = mc_kl.kl_on(lm, framing, held_out, held_traj, {"base": BASE}, pad_id=pad)["base"]
-    total = config.total_steps(trajectories)
-    every = max(1, total // 12)  # held-out checks: the time-to-KL resolution
+def side_by_side_process(config: BakeConfig) -> dict:
+    """``side_by_side`` in a process of its own with the C allocator's defaults (whatever this
+    process did before, another suite's memory measurement switching the allocator for good,
+    does not slow its clocks), then ``loop_memory`` in another, on the same trajectories."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        traj, out = os.path.join(tmp, "trajectories.safetensors"), os.path.join(tmp, "out.json")
 
-    def reference_step(model, optimizer, schedule, step):
+        def child(call: str) -> dict:
+            script = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bake; "
+                      "from promptbake import BakeConfig; "
+                      "config = BakeConfig(**json.loads(sys.argv[2])); "
+                      "log = lambda text: print(text, flush=True); "
+                      f"open(sys.argv[3], 'w').write(json.dumps({call}))")
+            subprocess.run([sys.executable, "-c", script, here,
+                            json.dumps(dataclasses.asdict(config)), out, traj], check=True)
+            with open(out) as f:
+                return json.load(f)
+
+        result = child("bake.side_by_side(config, log, sys.argv[4])")
+        for name, memory in child("bake.loop_memory(config, log, sys.argv[4])").items():
+            result["loops"][name].update(memory)
+        return result
+
+
+class Loops:
+    """What every loop trains on: the default model, the README persona's training contexts
+    and their trajectories (sampled, or those another process saved), and the training steps
+    of each loop."""
+
+    def __init__(self, config: BakeConfig, trajectories: Trajectories | None = None):
+        self.config, self.fp32 = config, dataclasses.replace(config, precision="fp32")
+        self.lm, self.tokenizer, _ = models.load(None)
+        self.framing = Framing(self.tokenizer, PROMPT, config.framing)
+        train = contexts_mod.for_bake(None, "train", config.train_contexts, config.seed)
+        self.prefixes = [(self.framing.teacher_ids(c), self.framing.student_ids(c))
+                         for c in train]
+        self.pad = self.tokenizer.pad_token_id
+        self.trajectories = trajectories or sample_trajectories(
+            self.lm, self.tokenizer, [p[0] for p in self.prefixes], config, "full",
+            seed=config.seed, samples=config.samples_per_context)
+        self.total = config.total_steps(self.trajectories)
+        self.every = max(1, self.total // 12)  # held-out checks: the time-to-KL resolution
+
+    def fresh(self, name: str):
+        """A new adapter on a copy of the model, its optimizer and schedule, and a training
+        function ``train(segment, step_seconds)`` for the loop ``name``."""
+        torch.manual_seed(self.config.seed)
+        model = attach_lora(copy.deepcopy(self.lm), self.config)
+        optimizer, schedule = make_optimizer(model, self.config, self.total)
+        setting = self.fp32 if name == "promptbake-fp32" else self.config
+        objective = Divergence(self.trajectories, self.prefixes, setting, self.pad)
+        dtype = setting.autocast_dtype(torch.device("cpu"))
+
+        def train(segment, step_seconds: list[float]) -> None:
+            with contextlib.nullcontext() if name == "reference" else \
+                    for_training(model, dtype), unfused(name == "promptbake-unfused"):
+                for step in segment:
+                    begin = time.perf_counter()
+                    if name == "reference":
+                        self.reference_step(model, optimizer, schedule, step)
+                    else:
+                        optimizer_step(model, objective,
+                                       batch_plan(step, self.trajectories, setting),
+                                       optimizer, schedule, setting.max_grad_norm)
+                    step_seconds.append(time.perf_counter() - begin)
+
+        return model, train
+
+    def reference_step(self, model, optimizer, schedule, step):
         # The original code's shape: whole sequences through the model, a live teacher forward
         # with the adapter off, full-vocabulary log_softmax + kl_div, fp32, default attention.
+        trajectories, prefixes, pad = self.trajectories, self.prefixes, self.pad
         optimizer.zero_grad(set_to_none=True)
-        batches = batch_plan(step, trajectories, config)
+        batches = batch_plan(step, trajectories, self.config)
         sequences = sum(len(b) for b in batches)
         for batch in batches:
             teacher_seqs, student_seqs, spans = [], [], []
@@ -150,52 +210,40 @@ def side_by_side(config: BakeConfig, log) -> dict:
                           reduction="sum")
             (kl / sequences).backward()
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         optimizer.step()
         schedule.step()
 
-    def train_segment(name, model, objective, optimizer, schedule, setting, dtype, segment,
-                      step_seconds):
-        with contextlib.nullcontext() if name == "reference" else \
-                for_training(model, dtype), unfused(name == "promptbake-unfused"):
-            for step in segment:
-                begin = time.perf_counter()
-                if name == "reference":
-                    reference_step(model, optimizer, schedule, step)
-                else:
-                    optimizer_step(model, objective, batch_plan(step, trajectories, setting),
-                                   optimizer, schedule, setting.max_grad_norm)
-                step_seconds.append(time.perf_counter() - begin)
 
-    fp32 = dataclasses.replace(config, precision="fp32")
+def side_by_side(config: BakeConfig, log, keep: str) -> dict:
+    """The loops timed side by side (run with the allocator's defaults: no memory measured);
+    the trajectories are saved to ``keep`` for ``loop_memory``."""
+    setup = Loops(config)
+    setup.trajectories.save(Path(keep))
+    framing, pad, total, every = setup.framing, setup.pad, setup.total, setup.every
+    held_out = contexts_mod.for_bake(None, "held_out", config.eval_contexts)
+    held_traj = sample_trajectories(setup.lm, setup.tokenizer,
+                                    [framing.teacher_ids(c) for c in held_out],
+                                    config, "none", seed=config.seed + 1, samples=1)
+    before = mc_kl.kl_on(setup.lm, framing, held_out, held_traj, {"base": BASE},
+                         pad_id=pad)["base"]
     loops = {}
     for name in LOOPS:
         log(f"    {name}: {total} steps")
-        torch.manual_seed(config.seed)
-        model = attach_lora(copy.deepcopy(lm), config)
-        optimizer, schedule = make_optimizer(model, config, total)
-        setting = fp32 if name == "promptbake-fp32" else config
-        objective = Divergence(trajectories, prefixes, setting, pad)
-        dtype = setting.autocast_dtype(torch.device("cpu"))
-        done, clock, curve, step_seconds, peak = 0, 0.0, [], [], 0
+        model, train = setup.fresh(name)
+        done, clock, curve, step_seconds = 0, 0.0, [], []
         while done < total:  # timed segments of training, each followed by an untimed check
             segment = range(done, min(done + every, total))
             model.train()
-
-            run = functools.partial(train_segment, name, model, objective, optimizer, schedule,
-                                    setting, dtype, segment, step_seconds)
             start = time.perf_counter()  # promptbake's set-up (for_training) counts too
-            if harness.can_measure_memory():  # the peak while training, above what was before
-                peak = max(peak, harness.peak_extra_bytes(run))
-            else:
-                run()
+            train(segment, step_seconds)
             clock += time.perf_counter() - start
             done = segment.stop
             model.eval()
             kl = mc_kl.kl_on(model, framing, held_out, held_traj, {"b": BAKED}, pad_id=pad)["b"]
             curve.append({"step": done, "train_seconds": clock, "kl": kl.to_dict(),
                           "reduction": mc_kl.reduction(before, kl)[0]})
-        loops[name] = {"curve": curve, "train_peak_extra_bytes": peak,
+        loops[name] = {"curve": curve,
                        "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2]}
         del model
     # The same KL for all: the worst of the final ones, which every loop reaches.
@@ -210,6 +258,39 @@ def side_by_side(config: BakeConfig, log) -> dict:
             "speedup_unfused": reference / loops["promptbake-unfused"]["seconds_to_target"],
             "speedup_fp32": reference / loops["promptbake-fp32"]["seconds_to_target"],
             "loops": loops}
+
+
+def loop_memory(config: BakeConfig, log, trajectories: str) -> dict:
+    """Each loop's peak resident memory while training, above what was resident before it,
+    untimed, on the trajectories ``side_by_side`` saved: in a process whose allocator returns
+    freed memory from the start (``harness.can_measure_memory``), over the steps whose batches
+    hold the most response tokens (a fresh adapter and optimizer per loop: Adam's state is made
+    in the first step, as in the timed run). As in a bake, the teacher's cached targets are in
+    the process's own memory, and every loop has run a step before (the libraries' one-off
+    buffers are not a loop's)."""
+    if not harness.can_measure_memory():
+        return {}
+    setup = Loops(config, Trajectories.load(Path(trajectories)))
+    plan = setup.trajectories
+    if plan.full_logprobs is not None:  # resident, not pages of the file read as they are used
+        plan.full_logprobs = plan.full_logprobs.clone()
+    heavy = sorted(sorted(range(setup.total), key=lambda step: -sum(
+        len(plan.responses[k]) for batch in batch_plan(step, plan, config) for k in batch))
+        [:setup.every])
+    for name in LOOPS:
+        model, train = setup.fresh(name)
+        model.train()
+        train(heavy[:1], [])
+        del model
+    out = {}
+    for name in LOOPS:
+        log(f"    {name}: peak memory over {len(heavy)} steps")
+        model, train = setup.fresh(name)
+        model.train()
+        out[name] = {"train_peak_extra_bytes": harness.peak_extra_bytes(
+            functools.partial(train, heavy, [])), "memory_steps": heavy}
+        del model
+    return out
 
 
 @contextlib.contextmanager
