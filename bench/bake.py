@@ -17,7 +17,8 @@
    defaults, as a user's bake runs. Each loop's peak resident memory while training, above what
    was resident before it, is measured in another process, untimed, over the steps with the
    most response tokens: it needs glibc to return freed memory at once, which slows what it
-   runs (sampling by 29%, the loop ratio by ~2.5%).
+   runs, the reference loop most (timed under it, the ratio read 5.00x; timed so, 3.75x and
+   4.33x in two runs).
 3. The baked adapter measured again on every held-out context (58, fresh samples, another
    seed): the bake's own figure uses its first 24, and close calls need the smaller
    error.

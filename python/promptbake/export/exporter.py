@@ -213,14 +213,14 @@ def _consumer_files(model, tokenizer, tmp: Path) -> None:
     both readable by transformers 4 too (``models.make_portable``), and ``genai_config.json``
     for onnxruntime-genai (``og.Model(out)``) on the architectures it is tested on."""
     tokenizer.save_pretrained(tmp)
-    config = copy.deepcopy(modeling.inner(model).config)
+    inner = modeling.inner(model)
+    config = copy.deepcopy(inner.config)
     config.use_cache = True
     config.save_pretrained(tmp)
-    generation = getattr(modeling.inner(model), "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(tmp)
+    if getattr(inner, "generation_config", None) is not None:
+        inner.generation_config.save_pretrained(tmp)
     models.make_portable(tmp)
-    genai = graph.genai_config(model.config, tokenizer)
+    genai = graph.genai_config(config, tokenizer)
     if genai is not None:
         (tmp / "genai_config.json").write_text(files.to_json(genai, indent=2))
 
