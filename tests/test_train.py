@@ -148,6 +148,33 @@ def test_fused_head_gives_the_loss_and_gradients_of_the_logits(setup, tokenizer,
         torch.testing.assert_close(a, b, rtol=rtol * 10, atol=rtol * float(b.abs().max()))
 
 
+def test_the_head_held_in_bf16_gives_what_autocast_casts_each_step(setup, monkeypatch):
+    model, prefixes, trajectories, pad = setup
+    cfg = config(precision="bf16")
+    batch = batch_plan(0, trajectories, cfg)[0]
+    moved(model)
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    objective = Divergence(trajectories, prefixes, cfg, pad)
+
+    def loss_and_grads():
+        loss, _ = objective(model, batch)
+        return loss.detach(), torch.autograd.grad(loss, lora)
+
+    held = loss_and_grads()
+    copy = objective._head(model, torch.bfloat16)
+    assert copy.dtype == torch.bfloat16 and copy is objective._head(model, torch.bfloat16)
+    assert modeling.fused_head(model).dtype == torch.float32  # the model's own head untouched
+    with monkeypatch.context() as m:  # autocast casting the fp32 head inside the step
+        m.setattr(Divergence, "_head", lambda self, model, dtype: modeling.fused_head(model))
+        cast = loss_and_grads()
+    assert torch.equal(held[0], cast[0])
+    assert all(torch.equal(a, b) for a, b in zip(held[1], cast[1]))
+    with torch.no_grad():  # a changed head is cast again
+        modeling.fused_head(model).mul_(1.0)
+    assert objective._head(model, torch.bfloat16) is not copy
+    assert objective._head(model, None).dtype == torch.float32  # fp32 matmuls: as it is
+
+
 def test_first_token_weights_mark_each_responses_first_row():
     assert first_token_weights([[[1, 2, 3]], [[4], [5, 6]]], 1.0) is None
     assert first_token_weights([[[1, 2, 3]], [[4], [5, 6]]], 8.0).tolist() == \
