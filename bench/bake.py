@@ -13,7 +13,8 @@
    the original authors' code (a live teacher forward every step, full logits, eager
    ``log_softmax`` + ``kl_div``, fp32). Held-out KL is measured every few steps (outside the
    training clocks); the ratio is of the training wall time each needs to reach the same
-   held-out KL. The loops are timed in a process of their own with the C allocator's
+   held-out KL. The loops take turns, a dozen steps each, so that a slow spell of a shared
+   machine falls on all of them alike, in a process of their own with the C allocator's
    defaults, as a user's bake runs. Each loop's peak resident memory while training, above what
    was resident before it, is measured in another process, untimed, over the steps with the
    most response tokens: it needs glibc to return freed memory at once, which slows what it
@@ -35,6 +36,7 @@ import dataclasses
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,27 +121,18 @@ def whole_bake(config: BakeConfig, out: str) -> tuple[float, int | None]:
 
 
 def side_by_side_process(config: BakeConfig) -> dict:
-    """``side_by_side`` in a process of its own with the C allocator's defaults (whatever this
-    process did before, another suite's memory measurement switching the allocator for good,
-    does not slow its clocks), then ``loop_memory`` in another, on the same trajectories."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """``side_by_side`` in a process of its own with the C allocator's defaults
+    (``harness.in_child``), then ``loop_memory`` in another, on the same trajectories."""
     with tempfile.TemporaryDirectory() as tmp:
-        traj, out = os.path.join(tmp, "trajectories.safetensors"), os.path.join(tmp, "out.json")
-
-        def child(call: str) -> dict:
-            script = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bake; "
-                      "from promptbake import BakeConfig; "
-                      "config = BakeConfig(**json.loads(sys.argv[2])); "
-                      "log = lambda text: print(text, flush=True); "
-                      f"open(sys.argv[3], 'w').write(json.dumps({call}))")
-            subprocess.run([sys.executable, "-c", script, here,
-                            json.dumps(dataclasses.asdict(config)), out, traj], check=True)
-            with open(out) as f:
-                return json.load(f)
-
-        result = child("bake.side_by_side(config, log, sys.argv[4])")
-        for name, memory in child("bake.loop_memory(config, log, sys.argv[4])").items():
-            result["loops"][name].update(memory)
+        args = {"config": dataclasses.asdict(config),
+                "trajectories": os.path.join(tmp, "trajectories.safetensors")}
+        config_of = "bake.BakeConfig(**args['config'])"
+        result = harness.in_child(
+            "bake", f"bake.side_by_side({config_of}, log, args['trajectories'])", args)
+        memory = harness.in_child(
+            "bake", f"bake.loop_memory({config_of}, log, args['trajectories'])", args)
+        for name, found in memory.items():
+            result["loops"][name].update(found)
         return result
 
 
@@ -228,25 +221,29 @@ def side_by_side(config: BakeConfig, log, keep: str) -> dict:
                                     config, "none", seed=config.seed + 1, samples=1)
     before = mc_kl.kl_on(setup.lm, framing, held_out, held_traj, {"base": BASE},
                          pad_id=pad)["base"]
-    loops = {}
-    for name in LOOPS:
-        log(f"    {name}: {total} steps")
-        model, train = setup.fresh(name)
-        done, clock, curve, step_seconds = 0, 0.0, [], []
-        while done < total:  # timed segments of training, each followed by an untimed check
-            segment = range(done, min(done + every, total))
+    # The loops take turns, a segment of steps each between two checks: a slow spell of a
+    # shared machine falls on all of them alike. (Run one after another, on 2026-12-07, every
+    # bf16 step of the first loops took ~1.5x its usual time while the fp32 ones did not.)
+    log(f"    {', '.join(LOOPS)}: {total} steps each, {every} at a time in turns")
+    runs = {name: setup.fresh(name) for name in LOOPS}
+    clocks = {name: 0.0 for name in LOOPS}
+    curves, step_seconds = {name: [] for name in LOOPS}, {name: [] for name in LOOPS}
+    for done in range(0, total, every):  # timed segments, each followed by an untimed check
+        segment = range(done, min(done + every, total))
+        for name, (model, train) in runs.items():
             model.train()
             start = time.perf_counter()  # promptbake's set-up (for_training) counts too
-            train(segment, step_seconds)
-            clock += time.perf_counter() - start
-            done = segment.stop
+            train(segment, step_seconds[name])
+            clocks[name] += time.perf_counter() - start
             model.eval()
             kl = mc_kl.kl_on(model, framing, held_out, held_traj, {"b": BAKED}, pad_id=pad)["b"]
-            curve.append({"step": done, "train_seconds": clock, "kl": kl.to_dict(),
-                          "reduction": mc_kl.reduction(before, kl)[0]})
-        loops[name] = {"curve": curve,
-                       "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2]}
-        del model
+            curves[name].append({"step": segment.stop, "train_seconds": clocks[name],
+                                 "kl": kl.to_dict(), "reduction": mc_kl.reduction(before, kl)[0]})
+        log(f"      step {segment.stop}: " + ", ".join(
+            f"{name} {clocks[name]:.0f} s" for name in LOOPS))
+    del runs
+    loops = {name: {"curve": curves[name], "step_seconds_median": statistics.median(xs)}
+             for name, xs in step_seconds.items()}
     # The same KL for all: the worst of the final ones, which every loop reaches.
     target = max(loops[n]["curve"][-1]["kl"]["per_sequence"] for n in loops)
     for info in loops.values():

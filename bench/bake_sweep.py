@@ -86,15 +86,18 @@ def variant(lm, tokenizer, framing, drawn: list, config: BakeConfig, cache: dict
                    "kl_after": after.to_dict(), "reduction": reduction, "reduction_se": se}
 
 
-def train(lm, config: BakeConfig, objective, trajectories):
+def train(lm, config: BakeConfig, objective, trajectories, init=None):
     """(a LoRA-adapted copy of ``lm`` trained on ``objective`` as ``bake`` trains, in eval mode;
-    the training's wall seconds)."""
+    the training's wall seconds, ``init(model)`` included: another initialisation of the
+    adapter, before the optimizer takes its parameters)."""
     total = config.total_steps(trajectories)
     torch.manual_seed(config.seed)
     model = attach_lora(copy.deepcopy(lm), config)
+    start = time.perf_counter()
+    if init is not None:
+        init(model)
     optimizer, schedule = make_optimizer(model, config, total)
     model.train()
-    start = time.perf_counter()
     with for_training(model, config.autocast_dtype(torch.device("cpu"))):
         for step in range(total):
             optimizer_step(model, objective, batch_plan(step, trajectories, config), optimizer,

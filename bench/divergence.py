@@ -1,8 +1,9 @@
 """Divergence suite: forward + backward of KL(teacher || student) from raw logits.
 
-Contenders, on the same inputs in the same process: eager torch (log_softmax + kl_div +
-backward), torch.compile of the same function, and every promptbake backend that runs on CPU
-tensors. Targets: cpp >= 3x eager and >= 1.5x torch.compile at every shape, peak
+Contenders, on the same inputs, timed in turns in a process of their own (the C allocator's
+defaults; ``harness.in_child``), their memory measured in this one: eager torch (log_softmax +
+kl_div + backward), torch.compile of the same function, and every promptbake backend that runs
+on CPU tensors. Targets: cpp >= 3x eager and >= 1.5x torch.compile at every shape, peak
 extra memory no more than the one N x V gradient buffer.
 
 On a CUDA machine, GPU rows besides: promptbake[triton] against eager, torch.compile and
@@ -66,30 +67,51 @@ def against(reference, loss, grad):
             float((grad.float() - reference[1]).abs().max()))
 
 
-def measure_shape(n, vocab, dtype, repeats, log):
+def logits(n: int, vocab: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's (requiring grad) and the teacher's random logits, seeded."""
     gen = torch.Generator().manual_seed(0)
     student = (torch.randn(n, vocab, generator=gen) * 2).to(dtype).requires_grad_(True)
-    teacher = (torch.randn(n, vocab, generator=gen) * 2).to(dtype)
-    grad_bytes = n * vocab * student.element_size()
-    must_move = n * vocab * (2 * student.element_size() + teacher.element_size())
-    log(f"  N={n} V={vocab} {str(dtype).replace('torch.', '')}")
+    return student, (torch.randn(n, vocab, generator=gen) * 2).to(dtype)
 
+
+def contenders() -> dict:
     torch._dynamo.reset()  # compile afresh for this shape (it specialises on it)
-    compiled = torch.compile(eager_kl, dynamic=False)
-    compile_seconds = harness.timeit(lambda: fwd_bwd(compiled, student, teacher),
+    return {"eager": eager_kl, "torch.compile": torch.compile(eager_kl, dynamic=False),
+            **promptbake_contenders()}
+
+
+def time_shape(n: int, vocab: int, dtype: str, repeats: int) -> dict:
+    """The contenders' times, taken in turns, and torch.compile's first call. ``measure_shape``
+    runs this in a process of its own (``harness.in_child``), so the clocks run under the C
+    allocator's defaults, not the switch the memory measurement needs."""
+    student, teacher = logits(n, vocab, getattr(torch, dtype))
+    fns = contenders()
+    compile_seconds = harness.timeit(lambda: fwd_bwd(fns["torch.compile"], student, teacher),
                                      repeats=1, warmup=0)["median"]
     student.grad = None
-    fns = {"eager": eager_kl, "torch.compile": compiled, **promptbake_contenders()}
 
     def step(fn):
         fwd_bwd(fn, student, teacher)
         student.grad = None
 
-    timings = harness.timeit_side_by_side(
-        {name: (lambda fn=fn: step(fn)) for name, fn in fns.items()}, repeats, warmup=2)
+    return {"compile_seconds": compile_seconds, "timings": harness.timeit_side_by_side(
+        {name: (lambda fn=fn: step(fn)) for name, fn in fns.items()}, repeats, warmup=2)}
 
+
+def measure_shape(n, vocab, dtype, repeats, log):
+    dtype_name = str(dtype).replace("torch.", "")
+    log(f"  N={n} V={vocab} {dtype_name}")
+    timed = harness.in_child("divergence", "divergence.time_shape(*args)",
+                             [n, vocab, dtype_name, repeats])
+    compile_seconds, timings = timed["compile_seconds"], timed["timings"]
+    student, teacher = logits(n, vocab, dtype)
+    grad_bytes = n * vocab * student.element_size()
+    must_move = n * vocab * (2 * student.element_size() + teacher.element_size())
+    fns = contenders()
     rows, reference = [], None
     for name, fn in fns.items():
+        fwd_bwd(fn, student, teacher)  # once before measuring: compiles, warms the backend
+        student.grad = None
         gc.collect()
         promptbake.ops.empty_cache()  # pooled buffers count as new memory, as they are at first
         loss = None
@@ -103,7 +125,7 @@ def measure_shape(n, vocab, dtype, repeats, log):
         student.grad = None
         timing = timings[name]
         rows.append({"contender": name, "n": n, "vocab": vocab,
-                     "dtype": str(dtype).replace("torch.", ""), "seconds": timing,
+                     "dtype": dtype_name, "seconds": timing,
                      "compile_seconds": compile_seconds if name == "torch.compile" else None,
                      "peak_extra_bytes": peak,
                      "peak_extra_over_grad": None if peak is None else peak / grad_bytes,
@@ -192,6 +214,8 @@ def measure_gpu_shape(n, vocab, kind, dtype, repeats, log, device="cuda", timeit
     timings = timeit({name: (lambda fn=fn: step(fn)) for name, fn in fns.items()}, repeats)
     rows, reference = [], None
     for name, fn in fns.items():
+        fwd_bwd(fn, student, teacher)  # once before measuring: compiles, warms the backend
+        student.grad = None
         gc.collect()
         peak = None
         if device == "cuda":
@@ -267,6 +291,7 @@ def run(args, log) -> dict:
     repeats = args.repeats or (3 if args.quick else 7)
     largest = max(n * v for n, v in shapes) * 4
     copy = harness.copy_bandwidth(min(largest, 1 << 30), repeats=max(repeats, 5))
+    harness.can_measure_memory()  # for good in this process: the clocks run in children
     rows = []
     for dtype in dtypes:
         for n, vocab in shapes:

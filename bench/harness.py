@@ -15,6 +15,9 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -63,6 +66,26 @@ def timeit_side_by_side(fns: dict[str, Callable[[], object]], repeats: int,
             samples[name].append(time.perf_counter() - start)
     return {name: {"median": statistics.median(x), "min": min(x), "max": max(x), "samples": x}
             for name, x in samples.items()}
+
+
+def in_child(module: str, call: str, args) -> object:
+    """The JSON value of ``call``, a Python expression over ``args`` (any JSON value) and ``log``,
+    evaluated in a new process that has imported the bench module ``module``.
+
+    Timings run there: ``can_measure_memory`` switches the C allocator for the rest of the
+    process, and under that switch freeing and touching memory again costs page faults (the
+    bake suite's loops ran 13-25% slower, unevenly). A child starts with glibc's defaults, as a
+    user's process does, whatever suite ran before."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        script = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
+                  f"import {module}; args = json.loads(sys.argv[2]); "
+                  "log = lambda text: print(text, flush=True); "
+                  f"open(sys.argv[3], 'w').write(json.dumps({call}))")
+        subprocess.run([sys.executable, "-c", script, here, json.dumps(args), out], check=True)
+        with open(out) as f:
+            return json.load(f)
 
 
 def _status_bytes(field: str) -> int:

@@ -5,7 +5,9 @@ the teacher as cached log-probabilities, the bake's case. Contenders, on the sam
 same process: eager torch (F.linear, log_softmax, kl_div, backward), torch.compile of the same
 function, the unfused cpp path (F.linear, then ``promptbake.ops.divergence`` on the cpp
 backend), and ``promptbake.ops.linear_divergence`` (blocks of rows under its default memory
-budget; never N x V). Random weights: the op's cost does not depend on them.
+budget; never N x V). Random weights: the op's cost does not depend on them. On the CPU the
+times are taken in a process of their own with the C allocator's defaults, the memory in this
+one (``harness.in_child``).
 
 Targets: peak extra memory >= 5x below eager and >= 3x below the unfused cpp path; time at most
 1.1x the unfused cpp path. On a CUDA machine the same rows run on the GPU (Triton backend,
@@ -59,34 +61,59 @@ def inputs(n, vocab, width, dtype, device):
     return hidden, weight, teacher
 
 
+def step(fn, hidden, weight, teacher):
+    """One forward + backward of ``fn``; the loss, detached (the gradient stays in hidden.grad)."""
+    loss = fn(hidden, weight, teacher)
+    loss.backward()
+    return loss.detach()
+
+
+def timed_runs(hidden, weight, teacher, backend: str) -> tuple[float, dict]:
+    """The seconds of torch.compile's first call, and each contender as a function for the
+    clocks (forward + backward, the gradient dropped)."""
+    fns = contenders(backend)
+    compile_seconds = harness.timeit(lambda: step(fns["torch.compile"], hidden, weight, teacher),
+                                     1, warmup=0)["median"]
+    hidden.grad = None
+    return compile_seconds, {k: (lambda fn=fn: (step(fn, hidden, weight, teacher),
+                                                setattr(hidden, "grad", None)))
+                             for k, fn in fns.items()}
+
+
+def time_shape(n: int, vocab: int, width: int, dtype: str, repeats: int) -> dict:
+    """The contenders' times on the CPU, taken in turns, and torch.compile's first call.
+    ``measure_shape`` runs this in a process of its own (``harness.in_child``), so the clocks
+    run under the allocator's defaults, not the switch the memory measurement needs."""
+    compile_seconds, runs = timed_runs(*inputs(n, vocab, width, getattr(torch, dtype), "cpu"),
+                                       "cpp")
+    return {"compile_seconds": compile_seconds,
+            "timings": harness.timeit_side_by_side(runs, repeats, warmup=1)}
+
+
 def measure_shape(n, vocab, width, dtype, repeats, log, device="cpu"):
     backend = "cpp" if device == "cpu" else "triton"
     name = str(dtype).replace("torch.", "")
     log(f"  {device} N={n} V={vocab} H={width} {name}")
+    if device == "cpu":
+        timed = harness.in_child("memory", "memory.time_shape(*args)",
+                                 [n, vocab, width, name, repeats])
+        compile_seconds, timings = timed["compile_seconds"], timed["timings"]
+    else:
+        compile_seconds, runs = timed_runs(*inputs(n, vocab, width, dtype, device), backend)
+        timings = gpu_timeit(runs, repeats)
     hidden, weight, teacher = inputs(n, vocab, width, dtype, device)
     fns = contenders(backend)
-
-    def step(fn):
-        loss = fn(hidden, weight, teacher)
-        loss.backward()
-        return loss.detach()
-
-    compile_seconds = harness.timeit(lambda: step(fns["torch.compile"]), 1, warmup=0)["median"]
-    hidden.grad = None
-    runs = {k: (lambda fn=fn: (step(fn), setattr(hidden, "grad", None))) for k, fn in fns.items()}
-    if device == "cpu":
-        timings = harness.timeit_side_by_side(runs, repeats, warmup=1)
-    else:
-        timings = gpu_timeit(runs, repeats)
     rows, reference = [], None
     for contender, fn in fns.items():
+        step(fn, hidden, weight, teacher)  # once before measuring: compiles, warms the backend
+        hidden.grad = None
         gc.collect()
         promptbake.ops.empty_cache()
         loss = None
 
         def keep_grad(fn=fn):
             nonlocal loss
-            loss = step(fn)
+            loss = step(fn, hidden, weight, teacher)
 
         peak = peak_extra(keep_grad, device)
         got = (float(loss), hidden.grad.float().clone())
@@ -116,6 +143,7 @@ def peak_extra(fn, device) -> int | None:
 def run(args, log) -> dict:
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 7)
+    harness.can_measure_memory()  # for good in this process: the clocks run in children
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for n, vocab, width in shapes:

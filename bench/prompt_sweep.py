@@ -28,7 +28,7 @@ from bake_sweep import train
 from prompts import PANEL, pct
 from promptbake import BakeConfig, contexts as contexts_mod, mc_kl, models
 from promptbake.framing import Framing
-from promptbake.modeling import BAKED, BASE
+from promptbake.modeling import BAKED, BASE, right_padded
 from promptbake.train import Divergence, sample_trajectories
 
 PROMPTS = ["cat (persona)", "terse (style)"]  # a persona, and the style furthest below target
@@ -41,6 +41,12 @@ VARIANTS = {
     "8 epochs (twice the steps)": {"config": {"epochs": 8.0}},
     "288 contexts (twice the steps)": {"config": {"train_contexts": 288}},
     "288 contexts, 8 epochs (4x the steps)": {"config": {"train_contexts": 288, "epochs": 8.0}},
+    # The default budget on more contexts: as many trajectories and steps, one sample a context.
+    "288 contexts, 1 sample each (same steps)": {"config": {"train_contexts": 288,
+                                                            "samples_per_context": 1}},
+    "354 contexts (all), 1 sample each (same steps)": {"config": {"train_contexts": 354,
+                                                                  "samples_per_context": 1,
+                                                                  "steps": 144}},
     # The default budget spent otherwise: twice the optimizer steps of half the size (the same
     # sequences and compute), or the learning rate doubled or halved.
     "batch 4 (twice the steps, same compute)": {"config": {"batch_size": 4}},
@@ -56,6 +62,10 @@ VARIANTS = {
     "rank 32 (alpha 64), lr 7.5e-4": {"config": {"rank": 32, "alpha": 64.0, "lr": 7.5e-4}},
     "every linear layer, lr 1.5e-3": {"config": {"lr": 1.5e-3, "target_modules": [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}},
+    # The adapter's A factors started from the principal directions of each layer's inputs on
+    # the student's training sequences (EVA), not at random; B = 0 still, so the student starts
+    # as the base. Rank 8 in every layer (rho = 1).
+    "EVA init (rho 1)": {"init": "eva"},
     # The teacher sampling the training trajectories (and its recorded targets) in fp32 or bf16:
     # held-out and probe samples, and every measurement, stay fp32.
     "fp32 teacher sampling": {"config": {"sample_precision": "fp32"}},
@@ -131,7 +141,8 @@ def run(args, log) -> dict:
             log(f"    {variant}: {len(contexts)} contexts")
             start = time.perf_counter()
             dtype = config.sampling_dtype(torch.device("cpu"))
-            key = (config.temperature, len(contexts), dtype)  # L2 trains on the defaults'
+            key = (config.temperature, len(contexts), config.samples_per_context,
+                   dtype)  # L2 trains on the defaults'
             if key not in sampled:
                 sampled.clear()  # 1.5 GB each: keep one
                 sampled[key] = sample_trajectories(lm, tokenizer, [p[0] for p in prefixes],
@@ -143,7 +154,8 @@ def run(args, log) -> dict:
             objective = Divergence(trajectories, prefixes, config, pad)
             if "l2" in change:  # in the loss's own units: a share of Eq. 3 at the defaults' end
                 objective = WithL2(objective, change["l2"] * scale)
-            model, train_seconds = train(lm, config, objective, trajectories)
+            init = eva_init(prefixes, trajectories, pad) if change.get("init") == "eva" else None
+            model, train_seconds = train(lm, config, objective, trajectories, init)
             if variant == "defaults":
                 default_steps = config.total_steps(trajectories)
                 with torch.no_grad():
@@ -170,6 +182,29 @@ def run(args, log) -> dict:
     return {"suite": "prompt-sweep", "machine": harness.machine(),
             "defaults": dataclasses.asdict(base), "variants": {v: VARIANTS[v] for v in variants},
             "panel": panel}
+
+
+def eva_init(prefixes: list, trajectories, pad: int):
+    """An initialiser for ``bake_sweep.train``: EVA (Paischer et al., 2024; PEFT's
+    ``initialize_lora_eva_weights``) sets each LoRA A to the top right-singular vectors of its
+    layer's inputs, from incremental PCA over the student's training sequences (prompt and
+    response), B staying 0; rho = 1 keeps rank 8 in every layer."""
+
+    def init(model) -> None:
+        from peft import EvaConfig, initialize_lora_eva_weights
+
+        lora = model.peft_config["default"]
+        lora.init_lora_weights, lora.eva_config = "eva", EvaConfig(rho=1.0)
+        sequences = [prefixes[c][1] + response for c, response
+                     in zip(trajectories.context_index, trajectories.responses)]
+        batches = []
+        for at in range(0, len(sequences), 8):
+            ids, mask = right_padded(sequences[at:at + 8], pad, "cpu")
+            batches.append({"input_ids": ids, "attention_mask": mask})
+        initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+        lora.init_lora_weights = True
+
+    return init
 
 
 def _refuse_unknown(given: list[str], known: dict, what: str) -> None:
