@@ -11,7 +11,9 @@ update stays small where the data do not ask for it) — those three measured an
 twice the training, spent two ways: the same contexts for 8 epochs, or 288 contexts for 4; and
 the default budget spent otherwise: twice the steps of half the batch, the learning rate
 doubled, halved or cut to a third, or LoRA+ (the B factors at 4 or 16 times the learning rate
-of the A factors; Hayou et al., 2024) (``SWEEP`` names the variants a run measures,
+of the A factors; Hayou et al., 2024), or one sample each of more contexts; and the adapter
+started otherwise (EVA: each A from the principal directions of its layer's inputs)
+(``SWEEP`` names the variants a run measures,
 ``PROMPTS`` the prompts; ``--variant`` and ``--prompt`` pick others).
 Run on demand (``python bench/ --only prompt-sweep``): about an hour on a 2-core CPU.
 """
