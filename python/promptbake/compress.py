@@ -46,6 +46,9 @@ METHODS = ("magnitude", "wanda")
 LAYER_TYPES = ("attention", "mlp", "lm_head")
 COMPARE = ("layer", "row")
 TRAIN = ("pruned", "all", "adapter", "adapter+scales")
+# The child module name of export.correction's fp16 branches beside 4-bit weights: trained with
+# the adapter (train="adapter" or "adapter+scales") where a student has them.
+CORRECTION = "int4_correction"
 MANIFEST = "pruning.json"
 MASKS = "masks.safetensors"
 # A linear layer's type is read off the names of the modules that hold it: Llama's
@@ -508,8 +511,9 @@ def recover(student, teacher, tokenizer, *, masks=None, trajectories=None, conte
             or ``(Trajectories, prefixes)`` sampled from the teacher on them, to reuse.
         train: ``pruned`` trains only the masked layers' weights, ``all`` every parameter,
             ``adapter`` only the LoRA parameters of a PEFT ``student`` (the export that keeps
-            the LoRA beside 4-bit base weights recovers the bake this way), ``adapter+scales``
-            those and the 4-bit blocks' scales and float zero points
+            the LoRA beside 4-bit base weights recovers the bake this way) and the fp16
+            corrections beside its 4-bit weights if it has them (``export.correction``),
+            ``adapter+scales`` those and the 4-bit blocks' scales and float zero points
             (``export.beside.learn_scales``).
         progress: True for a progress bar, or ``progress(step, steps, kl_per_token)``.
 
@@ -539,7 +543,8 @@ def recover(student, teacher, tokenizer, *, masks=None, trajectories=None, conte
     if train == "pruned":
         trainable = [m.weight for m, _ in masked.values()]
     elif train in ("adapter", "adapter+scales"):
-        kinds = ("lora_",) if train == "adapter" else ("lora_", "scale_change", "zero_change")
+        kinds = ("lora_", CORRECTION + ".") + (("scale_change", "zero_change")
+                                                 if train == "adapter+scales" else ())
         trainable = [p for name, p in student.named_parameters()
                      if any(kind in name for kind in kinds)]
         if not trainable:

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from transformers import AutoModelForCausalLM
 
 from promptbake import cli, load_baked
+from promptbake.artifact import merged_model
 from promptbake.export import (
     Int4Options,
     OnnxLM,
@@ -21,6 +22,7 @@ from promptbake.export import (
     Tolerances,
     beside,
     check_quantize,
+    correction,
     export_baked,
     export_onnx,
     graph,
@@ -279,6 +281,10 @@ def test_cli_exports_a_bake_as_int4(baked_dir, tmp_path, capsys, monkeypatch):
     (["--quantize", "int4", "--int4-lora", "beside", "--prune", "0.5"], "choose one"),
     (["--quantize", "int4", "--int4-lora", "beside", "--recover-steps", "-1"],
      "recover_steps=-1 must be a whole number >= 0"),
+    (["--quantize", "int4", "--int4-correction", "4"], ("--int4-correction puts a correction "
+     "beside the 4-bit base: add --quantize int4 --int4-lora beside")),
+    (["--quantize", "int4", "--int4-lora", "beside", "--int4-correction", "-2"],
+     "correction_rank=-2 must be a whole number >= 0"),
 ])
 def test_cli_refuses_bad_int4_options(args, message, tmp_path, capsys):
     out = tmp_path / "out"
@@ -353,6 +359,10 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path, mon
         Int4Options(lora="sideways").validate()
     with pytest.raises(ValueError, match="recover_contexts=0 must be a whole number >= 1"):
         Int4Options(lora="beside", recover_steps=2, recover_contexts=0).validate()
+    with pytest.raises(ValueError, match="correction_rank puts a correction beside the 4-bit "
+                                         "base, trained with the LoRA kept there: set "
+                                         "lora='beside'"):
+        Int4Options(correction_rank=4).validate()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -480,3 +490,77 @@ def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokeni
     # the graph with the learned scales computes what torch trained (fp32 compute)
     np.testing.assert_allclose(plain_logits(found.path, ids[0].tolist()), moved[0].numpy(),
                                atol=2e-4, rtol=1e-4)
+
+
+def test_a_full_rank_correction_gives_back_the_fp32_weights(baked_dir, tokenizer, tmp_path):
+    # Rank 64 is every direction of the tiny model's 64-wide matrices: the SVD of the rounding
+    # error then is the whole error, and the graph computes the unquantised bake (to the fp16
+    # the correction is stored in). Checks the branches' orientation, wiring and storage.
+    options = Int4Options(method="rtn", lora="beside", accuracy_level=0, correction_rank=64)
+    found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", int4=options,
+                         tolerances=TINY_INT4)
+    model = onnx.load(str(found.path / "model.onnx"))
+    blocks = quantize.blocks_4bit(model)
+    record = found.manifest["int4"]["beside"]["correction"]
+    assert record["rank"] == 64 and record["branches"] == len(blocks) == 15  # 2 x 7 + head
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+              if ".correction_" in i.name}
+    assert len(stored) == 2 * 15 and all(v.dtype == np.float16 for v in stored.values())
+    assert record["parameters"] == sum(v.size for v in stored.values())
+    baked = load_baked(baked_dir)
+    fp32 = beside.base_weights(baked.model, blocks)
+    for name, block in blocks.items():
+        error = fp32[name] - block.weight()
+        c, d = stored[f"{name}.correction_A"], stored[f"{name}.correction_B"]
+        left = error - (c.astype(np.float32) @ d.astype(np.float32)).T
+        assert np.abs(left).max() < 0.02 * np.abs(error).max(), name
+    merged = merged_model(load_baked(baked_dir), 1.0)
+    ids = parity.default_prompts(tokenizer, count=1)[0]
+    with torch.no_grad():
+        want = merged(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = plain_logits(found.path, ids)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    # ... where the 4-bit base with the LoRA alone is much further from it
+    plain = export_baked(baked_dir, tmp_path / "plain", quantize="int4", tolerances=TINY_INT4,
+                         int4=Int4Options(method="rtn", lora="beside", accuracy_level=0))
+    assert np.abs(plain_logits(plain.path, ids) - want).max() > 5 * np.abs(got - want).max()
+
+
+def test_a_correction_trains_with_the_recovery_and_torch_computes_the_graph(baked_dir, tokenizer,
+                                                                            tmp_path, monkeypatch):
+    monkeypatch.setattr(parity, "Tolerances", functools.partial(
+        parity.Tolerances, int4_top1=0.0, contexts=2, steps=8))
+    options = Int4Options(method="hqq", lora="beside", accuracy_level=0, correction_rank=2,
+                          recover_steps=3, recover_contexts=3, recover_scales=False)
+    found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", int4=options,
+                         tolerances=TINY_INT4)
+    record = found.manifest["int4"]["beside"]
+    model = onnx.load(str(found.path / "model.onnx"))
+    blocks = quantize.blocks_4bit(model)
+    # 2 x (inputs + outputs) per 4-bit matrix, trained with the LoRA (the scales stayed)
+    assert record["correction"]["parameters"] == sum(2 * (b.k + b.codes.shape[0])
+                                                     for b in blocks.values())
+    assert record["recovery"]["trainable_parameters"] == \
+        record["parameters"] + record["correction"]["parameters"]
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    baked = load_baked(baked_dir)
+    start = correction.initial(beside.base_weights(baked.model, blocks), blocks, 2)
+    trained = {name: (stored[f"{name}.correction_A"], stored[f"{name}.correction_B"])
+               for name in blocks}
+    assert any(not np.array_equal(trained[n][1], start[n][1]) for n in blocks)
+    # torch with the stored LoRA and corrections on the 4-bit base computes what the graph does
+    lora = {name: (stored[f"{name}.lora_A"], stored[f"{name}.lora_B"])
+            for name in beside.factors(baked.model, 1.0)}
+    student = beside.on_quantized_base(baked.model, {n: b.weight() for n, b in blocks.items()},
+                                       1.0)
+    layers = dict(student.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in lora.items():
+            layer = layers["base_model.model." + name]
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(a).T)
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(b).T / layer.scaling["default"])
+    correction.attach(student, trained, tied=True)  # the tiny model ties its head
+    ids = parity.default_prompts(tokenizer, count=1)[0]
+    with torch.no_grad():
+        want = student(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(plain_logits(found.path, ids), want, atol=2e-4, rtol=1e-4)

@@ -65,6 +65,11 @@ def _add_export(commands) -> None:
                         "them in fp32, so 4-bit rounding cannot erase it; with --recover-steps "
                         "the LoRA and the 4-bit scales are then trained on the 4-bit base toward "
                         "the fp32 bake)")
+    p.add_argument("--int4-correction", type=int, default=None, metavar="RANK",
+                   help="with --int4-lora beside: a rank-RANK correction in fp16 beside every "
+                        "4-bit matrix (the MLP's and the tied head's too), started from the SVD "
+                        "of its rounding error and trained with --recover-steps; costs RANK x "
+                        "(inputs + outputs) x 2 bytes per matrix (default: none)")
     p.add_argument("--block-size", type=int, default=None,
                    help="with --quantize int8 or int4: weights per scale (a power of 2, at "
                         "least 16; default 32). Smaller blocks are more accurate and store more "
@@ -175,6 +180,9 @@ def _options(args):
             args.recover_contexts is not None) and not args.prune and not beside:
         raise ValueError("--recover-steps, --recover-lr and --recover-contexts apply to --prune, "
                          "or to --quantize int4 --int4-lora beside")
+    if args.int4_correction is not None and not beside:
+        raise ValueError("--int4-correction puts a correction beside the 4-bit base: add "
+                         "--quantize int4 --int4-lora beside")
     if beside and args.prune:
         raise ValueError("--int4-lora beside and --prune: pruning works on the merged weights; "
                          "choose one")
@@ -189,7 +197,8 @@ def _options(args):
         chosen = {"method": args.int4_method, "lora": args.int4_lora}
         if beside:
             chosen.update(recover_steps=args.recover_steps, recover_lr=args.recover_lr,
-                          recover_contexts=args.recover_contexts)
+                          recover_contexts=args.recover_contexts,
+                          correction_rank=args.int4_correction)
         options = Int4Options(**size, **{k: v for k, v in chosen.items() if v is not None})
         options.validate()
         return None, options

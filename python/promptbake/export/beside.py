@@ -15,6 +15,8 @@ bit (``quantize.blocks_4bit``), toward the fp32 baked model with the bake's own 
 the 4-bit codes stay, the grid they sit on moves), and are written back into the graph, so the
 export's size and speed do not change. On the pirate bake (hqq, block 32, 60 steps): the LoRA
 beside alone keeps 70% of the bake, recovered 80% (82% after 200 steps), with the scales 85%.
+``correction_rank`` adds a small fp16 correction beside every 4-bit matrix, trained with them
+(``correction.py``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import onnx
 import torch
 
 from promptbake import compress, modeling
-from promptbake.export import quantize as quantize_mod
+from promptbake.export import correction, quantize as quantize_mod
 from promptbake.export.graph import save
 
-_PREFIX = "base_model.model."  # a PeftModel's name for the transformers model's modules
+_PREFIX = correction.PREFIX
 
 
 def factors(peft_model, strength: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -51,6 +53,20 @@ def factors(peft_model, strength: float) -> dict[str, tuple[np.ndarray, np.ndarr
             a = layer.lora_A[adapter].weight.detach().float()  # [r, K]
             b = layer.lora_B[adapter].weight.detach().float() * layer.scaling[adapter]  # [N, r]
             out[name.removeprefix(_PREFIX)] = (a.T.numpy(), b.T.numpy())
+    return out
+
+
+def base_weights(peft_model, names) -> dict[str, np.ndarray]:
+    """``{name: [N, K] fp32}``: the base model's weights of the named modules (under the LoRA
+    where there is one), in torch's ``Linear.weight`` layout (GPT-2's Conv1D transposed)."""
+    modules = dict(peft_model.named_modules())
+    out = {}
+    for name in names:
+        target = getattr(modules[_PREFIX + name], "base_layer", modules[_PREFIX + name])
+        weight = target.weight.detach().float()
+        if not isinstance(target, (torch.nn.Linear, torch.nn.Embedding)):
+            weight = weight.T  # GPT-2's Conv1D holds [in, out]
+        out[name] = weight.numpy().copy()
     return out
 
 
@@ -156,6 +172,7 @@ class Beside:
     recover_lr: float = 1e-3
     recover_scales: bool = True
     recover_contexts: int = 48
+    correction_rank: int = 0
     progress: bool = False
 
     def attach(self, graph_path: Path, teacher) -> dict:
@@ -171,10 +188,14 @@ class Beside:
             raise ValueError(f"lora='beside' puts the LoRA beside 4-bit weights, but {missing[0]}"
                              f" (and {len(missing) - 1} more) stayed in fp32: do not exclude "
                              f"adapted layers from int4, or use lora='merge'")
+        corrections = correction.initial(base_weights(adapter, blocks), blocks,
+                                         self.correction_rank) if self.correction_rank else {}
         if self.recover_steps:
             adapter = on_quantized_base(adapter, {n: b.weight() for n, b in blocks.items()},
                                         self.strength)
             learned = learn_scales(adapter, blocks) if self.recover_scales else {}
+            attached = correction.attach(adapter, corrections,
+                                         tied=bool(correction.tied_lookups(model)))
             record["recovery"] = compress.recover(
                 adapter, teacher, self.baked.tokenizer,
                 train="adapter+scales" if self.recover_scales else "adapter",
@@ -185,6 +206,12 @@ class Beside:
                 quantize_mod.set_scales_4bit(model, name, blocks[name], *scales.scales())
             record["scales_learned"] = len(learned)
             found = factors(adapter, self.strength)  # the recovered LoRA
+            corrections = correction.factors(attached)  # and corrections
+        if corrections:
+            record["correction"] = {
+                "rank": self.correction_rank,
+                "branches": correction.add(model, corrections),
+                "parameters": int(sum(c.size + d.size for c, d in corrections.values()))}
         record["branches"] = quantize_mod.add_adapters(model, found)
         record["parameters"] = int(sum(a.size + b.size for a, b in found.values()))
         save(model, graph_path)

@@ -359,7 +359,7 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
             int4.validate()
             beside = Beside(merge_mod.merge(baked, 0.0), baked, float(strength),
                             int4.recover_steps, int4.recover_lr, int4.recover_scales,
-                            int4.recover_contexts, progress=progress)
+                            int4.recover_contexts, int4.correction_rank, progress=progress)
         return export_onnx(model, baked.tokenizer, out, quantize=quantize, sparse=sparse,
                            int8=int8, int4=int4, framing=baked.framing, baked=baked,
                            tolerances=tolerances, overwrite=overwrite, source=source,

@@ -153,7 +153,9 @@ class Int4Options:
     default) the 4-bit blocks' scales and (HQQ's float) zero points are trained with it
     (``beside.py``), which
     costs nothing in size or latency and kept more of the pirate bake (85% against 80% in 60
-    steps).
+    steps). ``correction_rank`` (with ``beside``): a rank-r fp16 branch beside every 4-bit
+    matrix, started from the SVD of its rounding error and trained with the recovery
+    (``correction.py``); 0, the default, adds none.
     """
 
     method: str = "hqq"
@@ -168,6 +170,7 @@ class Int4Options:
     recover_lr: float = 1e-3
     recover_scales: bool = True
     recover_contexts: int = 48
+    correction_rank: int = 0
 
     def validate(self) -> None:
         if self.method not in INT4_METHODS:
@@ -182,6 +185,11 @@ class Int4Options:
                              "set lora='beside' (--int4-lora beside) too")
         if not self.recover_lr > 0:
             raise ValueError(f"recover_lr={self.recover_lr} must be > 0")
+        if not isinstance(self.correction_rank, int) or self.correction_rank < 0:
+            raise ValueError(f"correction_rank={self.correction_rank} must be a whole number >= 0")
+        if self.correction_rank and self.lora != "beside":
+            raise ValueError("correction_rank puts a correction beside the 4-bit base, trained "
+                             "with the LoRA kept there: set lora='beside' (--int4-lora beside) too")
         if not isinstance(self.recover_contexts, int) or self.recover_contexts < 1:
             raise ValueError(f"recover_contexts={self.recover_contexts} must be a whole number "
                              f">= 1")
@@ -722,9 +730,12 @@ def _share_4bit_head(model: onnx.ModelProto) -> bool:
                                        last], [out]),
         ]
         for node in nodes:
-            node.name = node.output[0] if node.output[0] != out else t + "row"
+            node.name = node.output[0] if node.output[0] != out else t + LOOKUP_ROW
         _replace(graph, [lookup, transpose], nodes)
     return True
+
+
+LOOKUP_ROW = "row"  # a 4-bit lookup's last node: named "{lookup}_q4/row", its embedding rows
 
 
 def _nibbles(packed: str, ids: str, t: str, shape: str) -> list[onnx.NodeProto]:
@@ -864,10 +875,14 @@ def set_scales_4bit(model: onnx.ModelProto, name: str, blocks: Blocks4, scales: 
         old.CopyFrom(numpy_helper.from_array(value, init_name))
 
 
-def add_adapters(model: onnx.ModelProto, factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+def add_adapters(model: onnx.ModelProto, factors: dict[str, tuple[np.ndarray, np.ndarray]],
+                 kind: str = "lora") -> int:
     """Puts a low-rank branch beside each named module's quantised MatMul: y = MatMulNBits(x) +
     (x @ A) @ B, with ``factors[name] = (A [K, r], B [r, N])`` (the LoRA's scaling folded into
-    B) stored in fp32. Returns how many branches were added; every name must be found."""
+    B), stored in fp32, or in fp16 when given in fp16 (cast to fp32 in the graph). ``kind``
+    names the branch's nodes and initializers (``{name}.{kind}_A``): a module may have several
+    (the bake's LoRA and a ``correction``). Returns how many branches were added; every name
+    must be found."""
     graph = model.graph
     found = {}
     for node in graph.node:
@@ -875,23 +890,32 @@ def add_adapters(model: onnx.ModelProto, factors: dict[str, tuple[np.ndarray, np
             found[_module_name(node)] = node
     missing = sorted(set(factors) - set(found))
     if missing:
-        raise AssertionError(f"no 4-bit MatMul for the adapted modules {missing[:3]}")
+        raise AssertionError(f"no 4-bit MatMul for the modules {missing[:3]}")
     nodes = list(graph.node)
     for name, node in found.items():
-        a, b = factors[name]
-        prefix = f"{name}.lora"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.ascontiguousarray(a, dtype=np.float32), prefix + "_A"),
-            numpy_helper.from_array(np.ascontiguousarray(b, dtype=np.float32), prefix + "_B")])
+        prefix = f"{name}.{kind}"
+        branch = []
+        inputs = []
+        for factor, suffix in zip(factors[name], ("_A", "_B")):
+            dtype = np.float16 if factor.dtype == np.float16 else np.float32
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(factor, dtype=dtype), prefix + suffix))
+            inputs.append(prefix + suffix)
+            if dtype == np.float16:
+                branch.append(helper.make_node("Cast", [prefix + suffix], [prefix + suffix + "_32"],
+                                               name=prefix + suffix + "/cast",
+                                               to=onnx.TensorProto.FLOAT))
+                inputs[-1] += "_32"
         out = node.output[0]
         at = next(i for i, n in enumerate(nodes) if n.name == node.name)
-        nodes[at].output[0] = out + "_base"
-        nodes[at + 1:at + 1] = [
-            helper.make_node("MatMul", [node.input[0], prefix + "_A"], [prefix + "_down"],
+        nodes[at].output[0] = out + f"_{kind}_base"
+        nodes[at + 1:at + 1] = branch + [
+            helper.make_node("MatMul", [node.input[0], inputs[0]], [prefix + "_down"],
                              name=prefix + "/down"),
-            helper.make_node("MatMul", [prefix + "_down", prefix + "_B"], [prefix + "_up"],
+            helper.make_node("MatMul", [prefix + "_down", inputs[1]], [prefix + "_up"],
                              name=prefix + "/up"),
-            helper.make_node("Add", [out + "_base", prefix + "_up"], [out], name=prefix + "/add"),
+            helper.make_node("Add", [out + f"_{kind}_base", prefix + "_up"], [out],
+                             name=prefix + "/add"),
         ]
     del graph.node[:]
     graph.node.extend(nodes)
