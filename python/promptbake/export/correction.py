@@ -1,13 +1,13 @@
 """A small fp16 correction beside each 4-bit matrix: the third way to keep a bake in 4 bits.
 
-Learned scales move the grid the 4-bit codes sit on; the LoRA kept beside the base
-(``beside.py``) keeps the bake exactly. Neither touches the MLP's rounding error, nor the tied
-head's. ``Int4Options(correction_rank=r)`` adds, beside every 4-bit ``MatMulNBits`` (the MLP's,
-the attention's and the tied head's; not the embedding lookup, which gathers the head's codes),
-a rank-r branch ``(x @ C) @ D`` stored in fp16: ``y = MatMulNBits(x) + (x @ C) @ D`` (+ the
-bake's LoRA branch where there is one). The tied embedding, whose rows the graph unpacks from the
-head's 4-bit codes, is corrected by the head's branch too, at no further size: row v of the
-error is column v of ``C @ D``, ``D[:, v] @ C^T``, gathered from the same initializers.
+Learned scales move the grid the 4-bit codes sit on but keep the codes; the LoRA kept beside
+the base (``beside.py``) keeps the bake exactly but sits on the attention only.
+``Int4Options(correction_rank=r)`` adds, beside every 4-bit ``MatMulNBits`` (the MLP's, the
+attention's and the tied head's), a rank-r branch ``(x @ C) @ D`` stored in fp16: ``y =
+MatMulNBits(x) + (x @ C) @ D`` (+ the bake's LoRA branch where there is one). The tied
+embedding, whose rows the graph unpacks from the head's 4-bit codes, is corrected by the head's
+branch too, at no further size: row v of the error is column v of ``C @ D``, ``D[:, v] @
+C^T``, gathered from the same initializers.
 
 The branch starts as the best rank-r approximation of the matrix's rounding error, ``W -
 Q(W)`` (its truncated SVD, as LoftQ starts a LoRA on a quantised base), and with
