@@ -544,7 +544,8 @@ def test_a_correction_trains_with_the_recovery_and_torch_computes_the_graph(bake
         record["parameters"] + record["correction"]["parameters"]
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     baked = load_baked(baked_dir)
-    start = correction.initial(beside.base_weights(baked.model, blocks), blocks, 2)
+    start = correction.initial(beside.base_weights(baked.model, blocks),
+                               {n: b.weight() for n, b in blocks.items()}, 2)
     trained = {name: (stored[f"{name}.correction_A"], stored[f"{name}.correction_B"])
                for name in blocks}
     assert any(not np.array_equal(trained[n][1], start[n][1]) for n in blocks)

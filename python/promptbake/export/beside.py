@@ -56,17 +56,22 @@ def factors(peft_model, strength: float) -> dict[str, tuple[np.ndarray, np.ndarr
     return out
 
 
+def _base_layer(module) -> tuple[torch.nn.Module, bool]:
+    """The layer holding a module's base weight (under the LoRA where there is one), and whether
+    that weight is stored transposed against ``Linear.weight`` (GPT-2's Conv1D holds [in, out])."""
+    target = getattr(module, "base_layer", module)
+    return target, not isinstance(target, (torch.nn.Linear, torch.nn.Embedding))
+
+
 def base_weights(peft_model, names) -> dict[str, np.ndarray]:
-    """``{name: [N, K] fp32}``: the base model's weights of the named modules (under the LoRA
-    where there is one), in torch's ``Linear.weight`` layout (GPT-2's Conv1D transposed)."""
+    """``{name: [N, K] fp32}``: the base model's weights of the named modules, in torch's
+    ``Linear.weight`` layout."""
     modules = dict(peft_model.named_modules())
     out = {}
     for name in names:
-        target = getattr(modules[_PREFIX + name], "base_layer", modules[_PREFIX + name])
+        target, transposed = _base_layer(modules[_PREFIX + name])
         weight = target.weight.detach().float()
-        if not isinstance(target, (torch.nn.Linear, torch.nn.Embedding)):
-            weight = weight.T  # GPT-2's Conv1D holds [in, out]
-        out[name] = weight.numpy().copy()
+        out[name] = (weight.T if transposed else weight).numpy().copy()
     return out
 
 
@@ -82,10 +87,10 @@ def on_quantized_base(peft_model, weights: dict[str, np.ndarray], strength: floa
         module = modules.get(_PREFIX + name)
         if module is None:
             raise AssertionError(f"the 4-bit graph quantised {name}, which the bake's model lacks")
-        target = getattr(module, "base_layer", module)
+        target, transposed = _base_layer(module)
         value = torch.from_numpy(weight)
-        if not isinstance(target, (torch.nn.Linear, torch.nn.Embedding)):
-            value = value.T  # GPT-2's Conv1D holds [in, out]
+        if transposed:
+            value = value.T
         if tuple(target.weight.shape) != tuple(value.shape):
             raise AssertionError(f"{name}: the graph's weight is {tuple(value.shape)}, torch's "
                                  f"{tuple(target.weight.shape)}")
@@ -151,8 +156,7 @@ def learn_scales(student, blocks: dict[str, quantize_mod.Blocks4]) -> dict[str, 
     learned = {}
     for name, block in blocks.items():
         module = modules[_PREFIX + name]
-        target = getattr(module, "base_layer", module)
-        transposed = not isinstance(target, (torch.nn.Linear, torch.nn.Embedding))
+        target, transposed = _base_layer(module)
         learned[name] = LearnedScales(block, transposed)
         tied = [m for m in student.modules() if m._parameters.get("weight") is target.weight]
         for layer in tied:  # the tied head's weight is the embedding's: both read the same grid
@@ -188,11 +192,11 @@ class Beside:
             raise ValueError(f"lora='beside' puts the LoRA beside 4-bit weights, but {missing[0]}"
                              f" (and {len(missing) - 1} more) stayed in fp32: do not exclude "
                              f"adapted layers from int4, or use lora='merge'")
-        corrections = correction.initial(base_weights(adapter, blocks), blocks,
+        quantized = {n: b.weight() for n, b in blocks.items()}  # what the graph computes with
+        corrections = correction.initial(base_weights(adapter, blocks), quantized,
                                          self.correction_rank) if self.correction_rank else {}
         if self.recover_steps:
-            adapter = on_quantized_base(adapter, {n: b.weight() for n, b in blocks.items()},
-                                        self.strength)
+            adapter = on_quantized_base(adapter, quantized, self.strength)
             learned = learn_scales(adapter, blocks) if self.recover_scales else {}
             attached = correction.attach(adapter, corrections,
                                          tied=bool(correction.tied_lookups(model)))

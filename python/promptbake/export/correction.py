@@ -29,15 +29,16 @@ from promptbake.export import quantize as quantize_mod
 PREFIX = "base_model.model."  # a PeftModel's name for the transformers model's modules
 
 
-def initial(fp32: dict[str, np.ndarray], blocks: dict[str, quantize_mod.Blocks4],
+def initial(fp32: dict[str, np.ndarray], quantized: dict[str, np.ndarray],
             rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{module name: (C [K, r], D [r, N])}``: for each 4-bit weight, the rank-``rank``
-    truncated SVD of its rounding error ``fp32[name] - blocks[name].weight()`` (both [N, K],
-    torch's ``Linear.weight`` layout), split evenly (``C = U sqrt(S)``, ``D = sqrt(S) V^T``) so
-    that ``x @ C @ D`` is x times the approximated error; rounded to fp16, as stored."""
+    truncated SVD of its rounding error ``fp32[name] - quantized[name]`` (both [N, K], torch's
+    ``Linear.weight`` layout; ``quantized`` as ``quantize.weights_4bit`` gives it), split evenly
+    (``C = U sqrt(S)``, ``D = sqrt(S) V^T``) so that ``x @ C @ D`` is x times the approximated
+    error; rounded to fp16, as stored."""
     out = {}
-    for name, block in blocks.items():
-        error = torch.from_numpy(fp32[name] - block.weight()).double().T  # [K, N]
+    for name, weight in quantized.items():
+        error = torch.from_numpy(fp32[name] - weight).double().T  # [K, N]
         u, s, vt = torch.linalg.svd(error, full_matrices=False)
         r = min(rank, s.numel())
         root = s[:r].sqrt()
