@@ -35,7 +35,8 @@ SUITES = {
     "evaluate": "what a bake did: re-prompt matrices, forgetting across the task suite, persona "
                 "drift over 30 turns, an arithmetic recipe's recovered gain, prompt pursuit",
     "infer": "the baked persona served every way promptbake exports it: torch with the prompt, "
-             "torch baked, ONNX Runtime fp32, int8, int4 (merged, LoRA beside, recovered), "
+             "torch baked, ONNX Runtime fp32, int8, int4 (LoRA beside, 8- or 4-bit head, "
+             "int8 or fp32 compute; merged), "
              "pruned + int8 at three settings, GGUF q8_0 / q4_0; latency, size, retention",
     "coverage": "the persona bake off its contexts: arithmetic answered like the prompt? baked "
                 "on the general contexts alone against the shipped ones (general + short)",

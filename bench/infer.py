@@ -5,12 +5,11 @@ contexts. Contenders:
 
 * torch eager fp32 *with the system prompt*: what a user runs without baking;
 * torch eager fp32 baked (merged, no prompt);
-* ONNX Runtime fp32 baked, int8 baked, int4 baked (``MatMulNBits``, HQQ, block 32: the merged
-  bake quantised), int4 with the bake's LoRA beside the 4-bit base (fp32 factors), the same with
-  the LoRA recovered on the 4-bit base, the same with HQQ's zero points rounded to integers
-  (``hqq-int``, which onnxruntime runs on its int8 compute path), the same with onnxruntime's
-  GPTQ (calibrated, integer zero points, int8 compute), and pruned + int8 at each
-  pruning setting the README shows (Wanda 25%, 50% and 2:4, each recovered);
+* ONNX Runtime fp32 baked, int8 baked, int4 as exported by default (``MatMulNBits``, HQQ,
+  block 32, the base's weights in 4 bits with the bake's LoRA beside them in fp32, the head and
+  tied embedding in 8 bits, int8 compute), the same with fp32 compute, the same with a 4-bit
+  head, the merged bake in 4 bits (head too: what int4 was before the LoRA beside), and pruned +
+  int8 at each pruning setting the README shows (Wanda 25%, 50% and 2:4, each recovered);
 * GGUF q8_0 and q4_0 (llama.cpp's formats): size, parity and retention, measured on the file as
   transformers' GGUF loader reads it back; decode latency with llama.cpp where
   ``llama-cpp-python`` is installed (not a dependency: it compiles llama.cpp on install,
@@ -58,12 +57,15 @@ TARGET_RETENTION_PRUNED = 0.95
 PRUNINGS = {"onnx pruned 25% + int8": ("pruned25-int8", 0.25),  # the settings the README shows
             "onnx pruned 50% + int8": ("pruned-int8", 0.5),
             "onnx pruned 2:4 + int8": ("pruned24-int8", "2:4")}
-INT4_RECOVER_STEPS = 60
+# int4 contenders: Int4Options by export key (the default first)
+INT4 = {"onnx-int4": Int4Options(),
+        "int4-fp32": Int4Options(accuracy_level=1),
+        "int4-head4": Int4Options(head_bits=4),
+        "int4-merged": Int4Options(lora="merge", head_bits=4)}
 ONNX = {"onnx fp32 baked": "onnx-fp32", "onnx int8 baked": "onnx-int8",
-        "onnx int4 baked": "onnx-int4", "onnx int4 + LoRA beside": "int4-beside",
-        "onnx int4 + LoRA recovered": "int4-recovered",
-        "onnx int4 hqq-int + LoRA recovered": "int4-int-recovered",
-        "onnx int4 gptq + LoRA recovered": "int4-gptq-recovered",
+        "onnx int4 (default: LoRA beside, 8-bit head)": "onnx-int4",
+        "onnx int4, fp32 compute": "int4-fp32", "onnx int4, 4-bit head": "int4-head4",
+        "onnx int4 merged, 4-bit head": "int4-merged",
         **{name: key for name, (key, _) in PRUNINGS.items()}}
 GGUF = {"gguf q8_0": "q8_0", "gguf q4_0": "q4_0"}  # size and accuracy only: no runtime here
 
@@ -123,7 +125,6 @@ def run(args, log) -> dict:
     quick = args.quick
     prompts_n, new_tokens = (3, 24) if quick else (6, 48)
     recover_steps = 4 if quick else 60
-    recover_steps_int4 = 4 if quick else INT4_RECOVER_STEPS
     config = pirate_config(quick)
     result = {"suite": "infer", "machine": harness.machine(), "quick": quick,
               "threads": torch.get_num_threads(), "new_tokens": new_tokens,
@@ -134,22 +135,12 @@ def run(args, log) -> dict:
     exports = CACHE / ("infer-quick" if quick else "infer")
     exports.mkdir(parents=True, exist_ok=True)
 
-    log("  exports: ONNX fp32, int8, int4 (5 ways), pruned + int8 (3 settings); GGUF q8_0, "
-        "q4_0 (each checked "
-        "against torch, each measured on the bake's held-out samples)")
+    log(f"  exports: ONNX fp32, int8, int4 ({len(INT4)} ways), pruned + int8 (3 settings); GGUF "
+        f"q8_0, q4_0 (each checked against torch, each measured on the bake's held-out samples)")
     built, failed = {}, {}
     for name, options in (("onnx-fp32", {}), ("onnx-int8", {"quantize": "int8"}),
-                          ("onnx-int4", {"quantize": "int4"}),
-                          ("int4-beside", {"quantize": "int4",
-                                           "int4": Int4Options(lora="beside")}),
-                          ("int4-recovered", {"quantize": "int4", "int4": Int4Options(
-                              lora="beside", recover_steps=recover_steps_int4)}),
-                          ("int4-int-recovered", {"quantize": "int4", "int4": Int4Options(
-                              method="hqq-int", lora="beside",
-                              recover_steps=recover_steps_int4)}),
-                          ("int4-gptq-recovered", {"quantize": "int4", "int4": Int4Options(
-                              method="gptq", lora="beside",
-                              recover_steps=recover_steps_int4)}),
+                          *((key, {"quantize": "int4", "int4": int4})
+                            for key, int4 in INT4.items()),
                           *((key, {"quantize": "int8",
                                    "prune": compress.pruner(baked, amount,
                                                             recover_steps=recover_steps)})

@@ -227,6 +227,17 @@ def test_optimum_runs_the_int8_export(int8_export, tokenizer):
         [plain_onnxruntime_greedy(int8_export.path, ids, 8) for ids in chosen]
 
 
+def test_optimum_and_a_plain_loop_run_a_bakes_default_int4_export(baked_dir, tokenizer,
+                                                                   tmp_path):
+    # the LoRA beside the 4-bit base, the 8-bit head, HQQ's zero points folded: standard ops only
+    found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", tolerances=Tolerances(
+        int4_top1=0.0, contexts=2, steps=8))
+    chosen = prompts(tokenizer, 2)
+    plain = [plain_onnxruntime_greedy(found.path, ids, 8) for ids in chosen]
+    assert all(len(tokens) == 8 for tokens in plain)
+    assert optimum_greedy(found.path, chosen, 8) == plain
+
+
 def test_a_plain_onnxruntime_loop_runs_the_int8_export(int8_export, tokenizer):
     ids = prompts(tokenizer, 1)[0]
     assert len(plain_onnxruntime_greedy(int8_export.path, ids, 4)) == 4

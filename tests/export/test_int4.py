@@ -86,7 +86,7 @@ def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, monkeypatch, meth
     vocab = 40
     weight = tied_graph(tmp_path / "fp32.onnx", hidden, vocab)
     # accuracy level 0: MatMulNBits multiplies in fp32, so one-hot rows read its matrix exactly
-    options = Int4Options(method=method, block_size=block, accuracy_level=0)
+    options = Int4Options(method=method, block_size=block, accuracy_level=0, head_bits=4)
     if method == "gptq" and -(-hidden // block) % 2:
         with pytest.raises(ValueError, match=r"even number of blocks per column: /lm_head/MatMul "
                                              r"has 96 input rows, 3 blocks of 32; use another "
@@ -96,6 +96,8 @@ def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, monkeypatch, meth
         return
     record = int4_of_tied(tmp_path, monkeypatch, hidden, options)
     assert record["tied_head_shared"] and record["quantized_matmuls"] == 1
+    # float zero points go to a term of their own, but where K is padded to whole blocks
+    assert record["zero_points_folded"] == int(method == "hqq" and hidden % block == 0)
     model = onnx.load(str(tmp_path / "int4.onnx"))
     onnx.checker.check_model(model)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -114,7 +116,10 @@ def test_4bit_lookup_is_the_heads_dequantised_matrix(tmp_path, monkeypatch, meth
     ids = np.array([[0, 3, 39, 3], [7, 1, 2, 20]], dtype=np.int64)
     logits, embeds = session.run(["logits", "embeds"],
                                  {"x": np.eye(hidden, dtype=np.float32), "input_ids": ids})
-    assert np.array_equal(logits, want)  # numpy reads the codes as MatMulNBits does
+    if method == "hqq":  # float zero points: folded into a term of their own (fold_zero_points)
+        np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert np.array_equal(logits, want)  # numpy reads the codes as MatMulNBits does
     assert np.array_equal(embeds, want.T[ids])  # and the lookup dequantises the same numbers
 
 
@@ -125,7 +130,8 @@ def test_integer_zero_points_fit_the_weights_as_well_as_hqqs_float_ones(tmp_path
     errors = {}
     for method in ("hqq", "hqq-int", "rtn"):
         quantize.int4(tmp_path / "fp32.onnx", tmp_path / f"{method}.onnx",
-                      Int4Options(method=method, block_size=block, accuracy_level=0))
+                      Int4Options(method=method, block_size=block, accuracy_level=0,
+                                  head_bits=4))
         inits = {i.name: numpy_helper.to_array(i)
                  for i in onnx.load(str(tmp_path / f"{method}.onnx")).graph.initializer}
         zeros = inits.get(graph.TIED_HEAD + "_zero_points")
@@ -166,6 +172,69 @@ def test_unpacked_integer_zero_points_round_trip():
     assert np.array_equal(blocks.weight(), -np.repeat(zeros, 16, axis=1))
     packed = np.array([0xF3, 0x00, 0x17, 0x09], np.uint8)
     assert np.array_equal(quantize.unpack_zeros(packed, 2, 3), zeros)
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_folded_zero_points_leave_the_product_and_the_stored_grid_as_they_were(tmp_path, level):
+    # HQQ's float zero points put MatMulNBits on onnxruntime's slow path; fold_zero_points
+    # moves them to x's block sums times (8 - z) s, beside the node run without them
+    weight = tied_graph(tmp_path / "fp32.onnx", 64, 40, seed=4)
+    options = Int4Options(method="hqq", block_size=16, accuracy_level=level, head_bits=4)
+    assert quantize.int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx",
+                         options)["zero_points_folded"] == 1
+    model = onnx.load(str(tmp_path / "int4.onnx"))
+    onnx.checker.check_model(model)
+    (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(node.input) == 3  # no zero points on the node: its default, 8
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zeros = inits[graph.TIED_HEAD + "_zero_points"]  # kept under its name, read by the lookup
+    assert zeros.dtype == np.float32 and zeros.shape == (40, 4)
+    blocks = quantize.blocks_4bit(model)["lm_head"]
+    assert blocks.zeros_name == graph.TIED_HEAD + "_zero_points"
+    np.testing.assert_array_equal(blocks.zeros, zeros)
+    want = quantize.dequantize_4bit(inits[graph.TIED_HEAD + "_Q4"],
+                                    inits[graph.TIED_HEAD + "_scales"], zeros.reshape(-1))
+    assert np.abs(want - weight).max() < np.abs(weight).max() / 7
+    x = np.random.default_rng(5).standard_normal((6, 64)).astype(np.float32)
+    x[:, 7] *= 30  # an outlier input channel
+    logits = ort.InferenceSession(str(tmp_path / "int4.onnx")).run(
+        ["logits"], {"x": x, "input_ids": np.zeros((1, 1), np.int64)})[0]
+    if level == 0:  # fp32 compute: the same product as the dequantised matrix's
+        # (summed in another order: within fp32 rounding of the largest output)
+        np.testing.assert_allclose(logits, x @ want, atol=1e-5 * np.abs(x @ want).max())
+    else:  # int8 activations, per block of 16: within their rounding
+        assert np.abs(logits - x @ want).max() < 0.02 * np.abs(x @ want).max()
+    # learned scales and zero points written back move the folded term with them
+    quantize.set_scales_4bit(model, "lm_head", blocks, blocks.scales * 1.5, blocks.zeros + 0.25)
+    moved = quantize.blocks_4bit(model)["lm_head"]
+    np.testing.assert_array_equal(moved.zeros, blocks.zeros + 0.25)
+    onnx.save(model, str(tmp_path / "moved.onnx"))
+    logits = ort.InferenceSession(str(tmp_path / "moved.onnx")).run(
+        ["logits"], {"x": x, "input_ids": np.zeros((1, 1), np.int64)})[0]
+    if level == 0:
+        np.testing.assert_allclose(logits, x @ moved.weight().T,
+                                   atol=1e-5 * np.abs(logits).max())
+
+
+def test_an_8bit_head_is_stored_once_and_read_back_as_the_graph_computes(tmp_path):
+    hidden, vocab = 64, 40
+    weight = tied_graph(tmp_path / "fp32.onnx", hidden, vocab, seed=6)
+    record = quantize.int4(tmp_path / "fp32.onnx", tmp_path / "int4.onnx",
+                           Int4Options(method="hqq", accuracy_level=0))  # head_bits: 8
+    assert record["head_bits"] == 8 and record["tied_head_shared"]
+    assert record["weight_bytes"]["codes"] == vocab * hidden  # a byte per weight
+    model = onnx.load(str(tmp_path / "int4.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert graph.TIED_HEAD not in inits and graph.TIED_HEAD + "_Q4" not in inits
+    assert quantize.blocks_4bit(model) == {}
+    head = quantize.weights_8bit(model)["lm_head"]  # [vocab, hidden]
+    assert head.shape == (vocab, hidden)
+    assert np.abs(head - weight.T).max() < np.abs(weight).max() / 100  # an 8-bit copy
+    ids = np.array([[0, 3, 39]], dtype=np.int64)
+    logits, embeds = ort.InferenceSession(str(tmp_path / "int4.onnx")).run(
+        ["logits", "embeds"], {"x": np.eye(hidden, dtype=np.float32), "input_ids": ids})
+    np.testing.assert_allclose(logits, head.T, rtol=1e-6, atol=1e-6)  # level 0: fp32 compute
+    assert np.array_equal(embeds, head[ids])  # the lookup reads the same 8-bit rows
 
 
 def test_nibble_order_is_low_first():
@@ -212,6 +281,9 @@ def test_int4_export_passes_parity_and_runs_in_plain_onnxruntime(int4_export, to
     # gptq) zero point
     kept = {"rtn": 5 / 32, "hqq": 6 / 32, "hqq-int": (5 + 1 / 8) / 32,
             "gptq": (5 + 1 / 8) / 32}[method]
+    # the head (most of the tiny model) in 8 bits and a 32-bit scale per 32, but with gptq
+    assert record["head_bits"] == (4 if method == "gptq" else 8)
+    kept = max(kept, 9 / 32) if record["head_bits"] == 8 else kept
     assert manifest["bytes"] < (kept + 0.01) * record["fp32_bytes"]
     assert record["weight_bytes"]["zero_points"] > 0 if method != "rtn" else \
         record["weight_bytes"]["zero_points"] == 0
@@ -270,8 +342,9 @@ def test_cli_exports_a_bake_as_int4(baked_dir, tmp_path, capsys, monkeypatch):
      "int4 is the ONNX export's: use --format onnx (4 bits in the GGUF export: --quantize q4_0)"),
     (["--format", "onnx", "--quantize", "q4_0"], "--quantize int4"),
     (["--int4-lora", "beside"], "--int4-lora applies to --quantize int4"),
-    (["--quantize", "int4", "--recover-steps", "5"], "--recover-steps, --recover-lr and "
-     "--recover-contexts apply to --prune, or to --quantize int4 --int4-lora beside"),
+    (["--quantize", "int4", "--int4-lora", "merge", "--recover-steps", "5"], (
+        "--recover-steps, --recover-lr and --recover-contexts apply to --prune, or to --quantize "
+        "int4 with the LoRA beside (its default)")),
     (["--quantize", "int8", "--recover-contexts", "96"], "--recover-contexts apply to --prune"),
     (["--quantize", "int4", "--int4-lora", "beside", "--recover-steps", "2",
       "--recover-contexts", "0"], "--recover-contexts 0: give at least 1"),
@@ -281,8 +354,11 @@ def test_cli_exports_a_bake_as_int4(baked_dir, tmp_path, capsys, monkeypatch):
     (["--quantize", "int4", "--int4-lora", "beside", "--prune", "0.5"], "choose one"),
     (["--quantize", "int4", "--int4-lora", "beside", "--recover-steps", "-1"],
      "recover_steps=-1 must be a whole number >= 0"),
-    (["--quantize", "int4", "--int4-correction", "4"], ("--int4-correction puts a correction "
-     "beside the 4-bit base: add --quantize int4 --int4-lora beside")),
+    (["--quantize", "int4", "--int4-lora", "merge", "--int4-correction", "4"],
+     ("--int4-correction puts a correction beside the 4-bit base: add --quantize int4, "
+      "without --int4-lora merge")),
+    (["--quantize", "int8", "--int4-head", "8"], "--int4-head applies to --quantize int4"),
+    (["--int4-compute", "fp32"], "--int4-compute applies to --quantize int4"),
     (["--quantize", "int4", "--int4-lora", "beside", "--int4-correction", "-2"],
      "correction_rank=-2 must be a whole number >= 0"),
 ])
@@ -331,8 +407,8 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path, mon
     with pytest.raises(ValueError, match="int4 method 'awq': choose hqq, hqq-int, rtn, gptq"):
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
                     int4=Int4Options(method="awq"))
-    with pytest.raises(ValueError, match="'gptq' quantises every MatMul: exclude and "
-                                         "keep_head_fp32 apply to hqq, hqq-int and rtn"):
+    with pytest.raises(ValueError, match="'gptq' quantises every MatMul: exclude, head_bits=8 "
+                                         "and keep_head_fp32 apply to hqq, hqq-int and rtn"):
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
                     int4=Int4Options(method="gptq", keep_head_fp32=True))
     with monkeypatch.context() as patch:  # refused before the trace
@@ -354,7 +430,13 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path, mon
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
                     int4=Int4Options(lora="beside"))
     with pytest.raises(ValueError, match="set lora='beside'"):
-        Int4Options(recover_steps=3).validate()
+        Int4Options(lora="merge", recover_steps=3).validate()
+    with pytest.raises(ValueError, match="head_bits=6: choose 4 or 8"):
+        Int4Options(head_bits=6).validate()
+    with pytest.raises(ValueError, match="head_bits=8 and keep_head_fp32 both choose"):
+        Int4Options(head_bits=8, keep_head_fp32=True).validate()
+    with pytest.raises(ValueError, match="exclude, head_bits=8 and keep_head_fp32 apply to hqq"):
+        Int4Options(method="gptq", head_bits=8).validate()
     with pytest.raises(ValueError, match="choose 'merge'"):
         Int4Options(lora="sideways").validate()
     with pytest.raises(ValueError, match="recover_contexts=0 must be a whole number >= 1"):
@@ -362,7 +444,7 @@ def test_bad_options_are_refused_before_any_work(llama, tokenizer, tmp_path, mon
     with pytest.raises(ValueError, match="correction_rank puts a correction beside the 4-bit "
                                          "base, trained with the LoRA kept there: set "
                                          "lora='beside'"):
-        Int4Options(correction_rank=4).validate()
+        Int4Options(lora="merge", correction_rank=4).validate()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -376,17 +458,19 @@ def test_gptq_refuses_what_onnxruntimes_gptq_cannot_quantise():
     assert "no block size of 16-128 fits" in quantize.gptq_problem({"x": 16}, 16, 10**9)
     big = quantize.gptq_problem(rows, 32, 7 * 2**30)  # SmolLM2-1.7B's fp32 weights
     assert "under 2 GiB of fp32 weights" in big and "7.0 GiB" in big and "hqq" in big
-    with pytest.raises(ValueError, match="exclude and keep_head_fp32 apply to hqq"):
+    with pytest.raises(ValueError, match="exclude, head_bits=8 and keep_head_fp32 apply to hqq"):
         Int4Options(method="gptq", exclude=("down_proj",)).validate()
 
 
 # -- the LoRA kept beside a 4-bit base ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["rtn", "hqq", "hqq-int", "gptq"])
-def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, tmp_path, method):
+@pytest.mark.parametrize("method, head", [("rtn", 4), ("hqq", 4), ("hqq-int", 4), ("gptq", 4),
+                                          ("hqq", 8)])
+def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, tmp_path, method,
+                                                          head):
     # accuracy level 0: fp32 compute, so the graph must equal torch on the same weights
-    options = Int4Options(method=method, lora="beside", accuracy_level=0)
+    options = Int4Options(method=method, lora="beside", accuracy_level=0, head_bits=head)
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", int4=options,
                          tolerances=TINY_INT4)
     record = found.manifest["int4"]["beside"]
@@ -397,6 +481,8 @@ def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, 
     adds = [n for n in model.graph.node if n.op_type == "Add" and n.name.endswith("lora/add")]
     assert len(adds) == 8
     weights = quantize.weights_4bit(model)
+    assert ("lm_head" in weights) == (head == 4)
+    weights.update(quantize.weights_8bit(model))  # an 8-bit head: read back as the graph has it
     assert {"lm_head", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"} \
         <= weights.keys()
     baked = load_baked(baked_dir)
@@ -449,11 +535,29 @@ def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tm
     assert file_hashes(baked_dir) == before
 
 
+def test_int4_keeps_the_lora_beside_a_4bit_base_and_the_head_in_8_bits_by_default(baked_dir,
+                                                                                  tmp_path):
+    found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", tolerances=TINY_INT4)
+    record = found.manifest["int4"]
+    assert record["lora"] == "beside" and record["head_bits"] == 8 and record["method"] == "hqq"
+    assert record["beside"]["branches"] == 8 and record["zero_points_folded"] == 2 * 7
+    model = onnx.load(str(found.path / "model.onnx"))
+    assert set(quantize.weights_8bit(model)) == {"lm_head"}
+    # every 4-bit node on onnxruntime's fast path: no float zero points on a node
+    assert all(len(n.input) == 3 for n in model.graph.node if n.op_type == "MatMulNBits")
+    # pruning works on the merged weights: a pruned bake's int4 merges
+    with pytest.raises(ValueError, match=r"lora='beside'\) applies to quantize='int4' "
+                                         r"without pruning"):
+        export_baked(baked_dir, tmp_path / "pruned", quantize="int4", prune=lambda m: None,
+                     int4=Int4Options(lora="beside"))
+
+
 @pytest.mark.parametrize("method", ["hqq", "hqq-int", "gptq"])
 def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokenizer, tmp_path,
                                                                method):
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", tolerances=TINY_INT4,
-                         int4=Int4Options(method=method, lora="beside", accuracy_level=0))
+                         int4=Int4Options(method=method, lora="beside", accuracy_level=0,
+                                          head_bits=4))
     model = onnx.load(str(found.path / "model.onnx"))
     blocks = quantize.blocks_4bit(model)
     baked = load_baked(baked_dir)
@@ -496,7 +600,8 @@ def test_a_full_rank_correction_gives_back_the_fp32_weights(baked_dir, tokenizer
     # Rank 64 is every direction of the tiny model's 64-wide matrices: the SVD of the rounding
     # error then is the whole error, and the graph computes the unquantised bake (to the fp16
     # the correction is stored in). Checks the branches' orientation, wiring and storage.
-    options = Int4Options(method="rtn", lora="beside", accuracy_level=0, correction_rank=64)
+    options = Int4Options(method="rtn", lora="beside", accuracy_level=0, head_bits=4,
+                          correction_rank=64)
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", int4=options,
                          tolerances=TINY_INT4)
     model = onnx.load(str(found.path / "model.onnx"))
@@ -522,7 +627,8 @@ def test_a_full_rank_correction_gives_back_the_fp32_weights(baked_dir, tokenizer
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     # ... where the 4-bit base with the LoRA alone is much further from it
     plain = export_baked(baked_dir, tmp_path / "plain", quantize="int4", tolerances=TINY_INT4,
-                         int4=Int4Options(method="rtn", lora="beside", accuracy_level=0))
+                         int4=Int4Options(method="rtn", lora="beside", accuracy_level=0,
+                                          head_bits=4))
     assert np.abs(plain_logits(plain.path, ids) - want).max() > 5 * np.abs(got - want).max()
 
 
@@ -530,8 +636,9 @@ def test_a_correction_trains_with_the_recovery_and_torch_computes_the_graph(bake
                                                                             tmp_path, monkeypatch):
     monkeypatch.setattr(parity, "Tolerances", functools.partial(
         parity.Tolerances, int4_top1=0.0, contexts=2, steps=8))
-    options = Int4Options(method="hqq", lora="beside", accuracy_level=0, correction_rank=2,
-                          recover_steps=3, recover_contexts=3, recover_scales=False)
+    options = Int4Options(method="hqq", lora="beside", accuracy_level=0, head_bits=4,
+                          correction_rank=2, recover_steps=3, recover_contexts=3,
+                          recover_scales=False)
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", int4=options,
                          tolerances=TINY_INT4)
     record = found.manifest["int4"]["beside"]

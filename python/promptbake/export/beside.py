@@ -196,7 +196,10 @@ class Beside:
         corrections = correction.initial(base_weights(adapter, blocks), quantized,
                                          self.correction_rank) if self.correction_rank else {}
         if self.recover_steps:
-            adapter = on_quantized_base(adapter, quantized, self.strength)
+            # an 8-bit head (Int4Options(head_bits=8)) is read back too: the student computes
+            # with every weight as the graph does
+            adapter = on_quantized_base(adapter, {**quantized, **quantize_mod.weights_8bit(model)},
+                                        self.strength)
             learned = learn_scales(adapter, blocks) if self.recover_scales else {}
             attached = correction.attach(adapter, corrections,
                                          tied=bool(correction.tied_lookups(model)))

@@ -327,6 +327,10 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
     for that recovery.
     """
     check_quantize(format, quantize, prune)
+    if quantize == "int4" and (int4 is None or int4.lora is None):  # a bake's int4 keeps its
+        # LoRA beside the 4-bit base unless pruning works on the merged weights
+        int4 = dataclasses.replace(int4 or quantize_mod.Int4Options(),
+                                   lora="merge" if prune is not None else "beside")
     if int4 is not None and int4.lora == "beside" and (quantize != "int4" or prune is not None):
         raise ValueError("Int4Options(lora='beside') applies to quantize='int4' without pruning "
                          "(pruning works on the merged weights)")

