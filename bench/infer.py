@@ -7,7 +7,7 @@ contexts. Contenders:
 * torch eager fp32 baked (merged, no prompt);
 * ONNX Runtime fp32 baked, int8 baked, int4 as exported by default (``MatMulNBits``, HQQ,
   block 32, the base's weights in 4 bits with the bake's LoRA beside them in fp32, the head and
-  tied embedding in 8 bits, int8 compute), the same with fp32 compute, the same with a 4-bit
+  tied embedding in 8 bits, fp32 compute), the same with int8 compute, the same with a 4-bit
   head, the merged bake in 4 bits (head too: what int4 was before the LoRA beside), and pruned +
   int8 at each pruning setting the README shows (Wanda 25%, 50% and 2:4, each recovered);
 * GGUF q8_0 and q4_0 (llama.cpp's formats): size, parity and retention, measured on the file as
@@ -59,12 +59,12 @@ PRUNINGS = {"onnx pruned 25% + int8": ("pruned25-int8", 0.25),  # the settings t
             "onnx pruned 2:4 + int8": ("pruned24-int8", "2:4")}
 # int4 contenders: Int4Options by export key (the default first)
 INT4 = {"onnx-int4": Int4Options(),
-        "int4-fp32": Int4Options(accuracy_level=1),
+        "int4-int8": Int4Options(accuracy_level=4),
         "int4-head4": Int4Options(head_bits=4),
         "int4-merged": Int4Options(lora="merge", head_bits=4)}
 ONNX = {"onnx fp32 baked": "onnx-fp32", "onnx int8 baked": "onnx-int8",
         "onnx int4 (default: LoRA beside, 8-bit head)": "onnx-int4",
-        "onnx int4, fp32 compute": "int4-fp32", "onnx int4, 4-bit head": "int4-head4",
+        "onnx int4, int8 compute": "int4-int8", "onnx int4, 4-bit head": "int4-head4",
         "onnx int4 merged, 4-bit head": "int4-merged",
         **{name: key for name, (key, _) in PRUNINGS.items()}}
 GGUF = {"gguf q8_0": "q8_0", "gguf q4_0": "q4_0"}  # size and accuracy only: no runtime here
