@@ -7,7 +7,8 @@ contexts. Contenders:
 * torch eager fp32 baked (merged, no prompt);
 * ONNX Runtime fp32 baked, int8 baked, int4 as exported by default (``MatMulNBits``, HQQ,
   block 32, the base's weights in 4 bits with the bake's LoRA beside them in fp32, the head and
-  tied embedding in 8 bits, fp32 compute), the same with int8 compute, the same with a 4-bit
+  tied embedding in 8 bits, fp32 compute), the same with 60 steps of recovery (the LoRA and
+  the 4-bit scales trained on the 4-bit base), the same with int8 compute, the same with a 4-bit
   head, the merged bake in 4 bits (head too: what int4 was before the LoRA beside), and pruned +
   int8 at each pruning setting the README shows (Wanda 25%, 50% and 2:4, each recovered);
 * GGUF q8_0 and q4_0 (llama.cpp's formats): size, parity and retention, measured on the file as
@@ -32,6 +33,7 @@ retention (or off the documented serving path); every export passes its parity c
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import statistics
 import time
@@ -58,12 +60,15 @@ PRUNINGS = {"onnx pruned 25% + int8": ("pruned25-int8", 0.25),  # the settings t
             "onnx pruned 50% + int8": ("pruned-int8", 0.5),
             "onnx pruned 2:4 + int8": ("pruned24-int8", "2:4")}
 # int4 contenders: Int4Options by export key (the default first)
+INT4_RECOVER_STEPS = 60
 INT4 = {"onnx-int4": Int4Options(),
+        "int4-recovered": Int4Options(recover_steps=INT4_RECOVER_STEPS),
         "int4-int8": Int4Options(accuracy_level=4),
         "int4-head4": Int4Options(head_bits=4),
         "int4-merged": Int4Options(lora="merge", head_bits=4)}
 ONNX = {"onnx fp32 baked": "onnx-fp32", "onnx int8 baked": "onnx-int8",
         "onnx int4 (default: LoRA beside, 8-bit head)": "onnx-int4",
+        f"onnx int4 + recovery ({INT4_RECOVER_STEPS} steps)": "int4-recovered",
         "onnx int4, int8 compute": "int4-int8", "onnx int4, 4-bit head": "int4-head4",
         "onnx int4 merged, 4-bit head": "int4-merged",
         **{name: key for name, (key, _) in PRUNINGS.items()}}
@@ -125,6 +130,7 @@ def run(args, log) -> dict:
     quick = args.quick
     prompts_n, new_tokens = (3, 24) if quick else (6, 48)
     recover_steps = 4 if quick else 60
+    recover_steps_int4 = 4 if quick else INT4_RECOVER_STEPS
     config = pirate_config(quick)
     result = {"suite": "infer", "machine": harness.machine(), "quick": quick,
               "threads": torch.get_num_threads(), "new_tokens": new_tokens,
@@ -139,7 +145,8 @@ def run(args, log) -> dict:
         f"q8_0, q4_0 (each checked against torch, each measured on the bake's held-out samples)")
     built, failed = {}, {}
     for name, options in (("onnx-fp32", {}), ("onnx-int8", {"quantize": "int8"}),
-                          *((key, {"quantize": "int4", "int4": int4})
+                          *((key, {"quantize": "int4", "int4": dataclasses.replace(
+                              int4, recover_steps=int4.recover_steps and recover_steps_int4)})
                             for key, int4 in INT4.items()),
                           *((key, {"quantize": "int8",
                                    "prune": compress.pruner(baked, amount,
