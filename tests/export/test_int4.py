@@ -310,6 +310,34 @@ def test_gpt2_exports_in_int4(tokenizer, tmp_path):
     assert found.manifest["int4"]["tied_head_shared"] and found.manifest["parity"]["passed"]
 
 
+def test_an_untied_head_goes_to_8_bits_alone(tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, initializer_range=0.2)).eval()
+    found = export_onnx(model, tokenizer, tmp_path / "untied", quantize="int4",
+                        int4=Int4Options(accuracy_level=0), tolerances=TINY_INT4)
+    record = found.manifest["int4"]
+    assert record["head_bits"] == 8 and not record["tied_head_shared"]
+    assert record["quantized_matmuls"] == 7 + 1 and record["zero_points_folded"] == 7
+    onnx_model = onnx.load(str(found.path / "model.onnx"))
+    head = quantize.weights_8bit(onnx_model)["lm_head"]
+    want = model.lm_head.weight.detach().numpy()
+    assert np.abs(head - want).max() < np.abs(want).max() / 100  # an 8-bit copy of it
+    # torch with the graph's weights (the input embedding, its own matrix, stays fp32) computes
+    # what the graph does at accuracy level 0
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, weight in {**quantize.weights_4bit(onnx_model), "lm_head": head}.items():
+            modules[name].weight.copy_(torch.from_numpy(weight))
+        ids = parity.default_prompts(tokenizer, count=1)[0]
+        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(plain_logits(found.path, ids), want, atol=2e-4, rtol=1e-4)
+
+
 def test_a_failed_int4_parity_check_writes_nothing(llama, tokenizer, tmp_path):
     with pytest.raises(ParityError, match=r">= 1.01"):
         export_onnx(llama, tokenizer, tmp_path / "out", quantize="int4",
