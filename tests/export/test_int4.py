@@ -541,8 +541,8 @@ def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tm
     before = file_hashes(baked_dir)
     out = tmp_path / "int4"
     assert cli.main(["export", str(baked_dir), "--out", str(out), "--quantize", "int4",
-                     "--int4-lora", "beside", "--recover-steps", "3", "--recover-contexts",
-                     "3", "--quiet"]) == 0
+                     "--int4-lora", "beside", "--int4-head", "4", "--recover-steps", "3",
+                     "--recover-contexts", "3", "--quiet"]) == 0
     assert "keeps" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     record = manifest["int4"]
@@ -552,15 +552,45 @@ def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tm
     assert record["recover_contexts"] == 3 and recovery["trajectories"]["count"] == 3 * 2
     model = onnx.load(str(out / "model.onnx"))
     blocks = quantize.blocks_4bit(model)
-    assert record["beside"]["scales_learned"] == len(blocks)  # every 4-bit weight, head included
-    # the LoRA and each block's scale and (HQQ's) zero point were trained
+    # the LoRA and each block's scale and (HQQ's) zero point were trained, the head's included
     assert recovery["trainable_parameters"] == record["beside"]["parameters"] + sum(
         2 * b.scales.size for b in blocks.values())
+    # and written to the graph if they lowered the held-out KL (else the start stays)
+    assert recovery["kept"] == (recovery["kl_after"]["per_token"]
+                                < recovery["kl_before"]["per_token"])
+    assert record["beside"]["scales_learned"] == (len(blocks) if recovery["kept"] else 0)
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    trained = beside.factors(load_baked(baked_dir).model, 1.0)
+    start = beside.factors(load_baked(baked_dir).model, 1.0)
     assert any(not np.array_equal(stored[f"{name}.lora_B"], b)
-               for name, (_, b) in trained.items())  # the factors were trained
+               for name, (_, b) in start.items()) == recovery["kept"]
     assert file_hashes(baked_dir) == before
+
+
+@pytest.mark.parametrize("better", [True, False])
+def test_a_recovery_that_raises_the_held_out_kl_is_dropped(baked_dir, tmp_path, monkeypatch,
+                                                           better):
+    def recover(student, teacher, tokenizer, **kwargs):  # moves what recovery trains
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "lora_" in name or name.endswith(("scale_change", "zero_change")):
+                    p.add_(0.5)
+        return {"kl_before": {"per_token": 0.2}, "kl_after": {"per_token": 0.1 if better else 0.3}}
+
+    monkeypatch.setattr(beside.compress, "recover", recover)
+    found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", tolerances=TINY_INT4,
+                         int4=Int4Options(recover_steps=1, head_bits=4))
+    record = found.manifest["int4"]["beside"]
+    assert record["recovery"]["kept"] == better
+    model = onnx.load(str(found.path / "model.onnx"))
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    start = beside.factors(load_baked(baked_dir).model, 1.0)
+    for name, (a, b) in start.items():
+        assert np.array_equal(stored[f"{name}.lora_B"], b) != better
+    fresh = export_baked(baked_dir, tmp_path / "none", quantize="int4", tolerances=TINY_INT4,
+                         int4=Int4Options(head_bits=4))
+    untrained = quantize.blocks_4bit(onnx.load(str(fresh.path / "model.onnx")))
+    for name, blocks in quantize.blocks_4bit(model).items():
+        assert np.array_equal(blocks.scales, untrained[name].scales) != better
 
 
 def test_int4_keeps_the_lora_beside_a_4bit_base_and_the_head_in_8_bits_by_default(baked_dir,

@@ -203,17 +203,23 @@ class Beside:
             learned = learn_scales(adapter, blocks) if self.recover_scales else {}
             attached = correction.attach(adapter, corrections,
                                          tied=bool(correction.tied_lookups(model)))
-            record["recovery"] = compress.recover(
+            recovery = record["recovery"] = compress.recover(
                 adapter, teacher, self.baked.tokenizer,
                 train="adapter+scales" if self.recover_scales else "adapter",
                 held_out=self.baked.held_out, framing=self.baked.framing,
                 steps=self.recover_steps, lr=self.recover_lr,
                 train_contexts=self.recover_contexts, progress=self.progress)
-            for name, scales in learned.items():
-                quantize_mod.set_scales_4bit(model, name, blocks[name], *scales.scales())
-            record["scales_learned"] = len(learned)
-            found = factors(adapter, self.strength)  # the recovered LoRA
-            corrections = correction.factors(attached)  # and corrections
+            # what recovery made worse on its held-out samples is dropped: started near the fp32
+            # bake (the default model's 8-bit head: KL 0.0005/token), bf16 training chases its
+            # own rounding (the pirate bake's KL to fp32 rose 3.9x in 60 steps)
+            recovery["kept"] = recovery["kl_after"]["per_token"] < \
+                recovery["kl_before"]["per_token"]
+            record["scales_learned"] = len(learned) if recovery["kept"] else 0
+            if recovery["kept"]:
+                for name, scales in learned.items():
+                    quantize_mod.set_scales_4bit(model, name, blocks[name], *scales.scales())
+                found = factors(adapter, self.strength)  # the recovered LoRA
+                corrections = correction.factors(attached)  # and corrections
         if corrections:
             record["correction"] = {
                 "rank": self.correction_rank,
