@@ -607,7 +607,7 @@ def fold_zero_points(model: onnx.ModelProto) -> int:
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         zeros = node.input[3] if node.op_type == "MatMulNBits" and len(node.input) > 3 else ""
-        if not zeros or inits[zeros].data_type != onnx.TensorProto.FLOAT \
+        if not zeros or zeros not in inits or inits[zeros].data_type != onnx.TensorProto.FLOAT \
                 or attrs["K"] % attrs["block_size"] or len(node.input) > 4:
             out.append(node)
             continue
