@@ -216,8 +216,9 @@ class Beside:
             # own rounding (the pirate bake's KL to fp32 rose 3.9x in 60 steps)
             recovery["kept"] = recovery["kl_after"]["per_token"] < \
                 recovery["kl_before"]["per_token"]
-            record["scales_learned"] = len(learned) if recovery["kept"] else 0
+            record["scales_learned"] = 0
             if recovery["kept"]:
+                record["scales_learned"] = len(learned)
                 for name, scales in learned.items():
                     quantize_mod.set_scales_4bit(model, name, blocks[name], *scales.scales())
                 found = factors(adapter, self.strength)  # the recovered LoRA

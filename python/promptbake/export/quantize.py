@@ -602,19 +602,19 @@ def fold_zero_points(model: onnx.ModelProto) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     eight = "zero_point_default" + ZERO_TERM
-    graph.initializer.append(numpy_helper.from_array(np.array(8, np.float32), eight))
     done, sums, out, folded = set(), {}, [], 0
     for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        zeros = node.input[3] if node.op_type == "MatMulNBits" and len(node.input) > 3 else ""
+        zeros = node.input[3] if node.op_type == "MatMulNBits" and len(node.input) == 4 else ""
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if zeros else {}
         if not zeros or zeros not in inits or inits[zeros].data_type != onnx.TensorProto.FLOAT \
-                or attrs["K"] % attrs["block_size"] or len(node.input) > 4:
+                or attrs["K"] % attrs["block_size"]:
             out.append(node)
             continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
         blocks = k // block
         ones, shape = f"block_ones_{k}_{block}{ZERO_TERM}", f"shape_{n}_{blocks}{ZERO_TERM}"
-        for name, value in ((ones, np.kron(np.eye(blocks, dtype=np.float32),
+        for name, value in ((eight, np.array(8, np.float32)),
+                            (ones, np.kron(np.eye(blocks, dtype=np.float32),
                                            np.ones((block, 1), np.float32))),
                             (shape, np.array([n, blocks], np.int64))):
             if name not in done:
@@ -643,8 +643,6 @@ def fold_zero_points(model: onnx.ModelProto) -> int:
         folded += 1
     del graph.node[:]
     graph.node.extend(out)
-    if not folded:
-        graph.initializer.remove(next(i for i in graph.initializer if i.name == eight))
     return folded
 
 
