@@ -11,8 +11,10 @@ contexts. Contenders:
   the 4-bit scales trained on the 4-bit base), the same with int8 compute, the same with a 4-bit
   head, the merged bake in 4 bits (head too: what int4 was before the LoRA beside), and pruned +
   int8 at each pruning setting the README shows (Wanda 25%, 50% and 2:4, each recovered);
-* GGUF q8_0 and q4_0 (llama.cpp's formats): size, parity and retention, measured on the file as
-  transformers' GGUF loader reads it back; decode latency with llama.cpp where
+* GGUF (llama.cpp's formats) q8_0 merged, q4_1 with the LoRA beside the base in a llama.cpp
+  adapter (the export's default at 4 bits; the default model's own format) and q4_0 merged:
+  size (the adapter included), parity and retention, measured on the file as transformers' GGUF
+  loader reads it back (with the adapter's delta added); decode latency with llama.cpp where
   ``llama-cpp-python`` is installed (not a dependency: it compiles llama.cpp on install,
   ``pip install llama-cpp-python``, ~8 minutes on 2 cores), otherwise none.
 
@@ -33,6 +35,7 @@ retention (or off the documented serving path); every export passes its parity c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import statistics
@@ -72,18 +75,51 @@ ONNX = {"onnx fp32 baked": "onnx-fp32", "onnx int8 baked": "onnx-int8",
         "onnx int4, int8 compute": "int4-int8", "onnx int4, 4-bit head": "int4-head4",
         "onnx int4 merged, 4-bit head": "int4-merged",
         **{name: key for name, (key, _) in PRUNINGS.items()}}
-GGUF = {"gguf q8_0": "q8_0", "gguf q4_0": "q4_0"}  # size and accuracy only: no runtime here
+# GGUF contenders: (quantize, lora) by row; the export's default at 4 bits keeps the LoRA in a
+# llama.cpp adapter beside the base
+GGUF = {"gguf q8_0": ("q8_0", "merge"),
+        "gguf q4_1 + LoRA adapter (default at 4 bits)": ("q4_1", "adapter"),
+        "gguf q4_0 merged": ("q4_0", "merge")}
 
 
-def llama_cpp_decoder(path: Path, threads: int, new_tokens: int):
-    """``decode(ids) -> (time to first token, decode step times)`` of greedy decoding of the GGUF
-    file at ``path`` with llama.cpp (``llama-cpp-python``), or None when it is not installed."""
+def _gguf_key(name: str) -> str:
+    return "gguf-{}-{}".format(*GGUF[name])
+
+
+@contextlib.contextmanager
+def _no_repack(llama_cpp):
+    """llama.cpp's weight repacking off (``llama-cli --no-repack``) for the models loaded in the
+    block. llama-cpp-python's ``Llama`` has no argument for it, so its default model parameters
+    are wrapped. With a LoRA adapter on a CPU with AMX, the llama.cpp of llama-cpp-python 0.3.36
+    crashes on the first decode when the quantised weights are repacked for AMX (q8_0, q4_1 and
+    q4_0 alike; measured 2026-12-07)."""
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        chosen = default()
+        chosen.use_extra_bufts = False
+        return chosen
+
+    llama_cpp.llama_model_default_params = params
     try:
+        yield
+    finally:
+        llama_cpp.llama_model_default_params = default
+
+
+def llama_cpp_decoder(path: Path, threads: int, new_tokens: int, lora: Path | None = None):
+    """``decode(ids) -> (time to first token, decode step times)`` of greedy decoding of the GGUF
+    file at ``path`` (with the LoRA adapter file ``lora``, repacking off) with llama.cpp
+    (``llama-cpp-python``), or None when it is not installed."""
+    try:
+        import llama_cpp.llama_cpp as llama_cpp
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                verbose=False)
+    with _no_repack(llama_cpp) if lora is not None else contextlib.nullcontext():
+        llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads,
+                    n_threads_batch=threads, verbose=False,
+                    **({"lora_path": str(lora)} if lora is not None else {}))
 
     def decode(ids: list[int]) -> tuple[float, list[float]]:
         llm.reset()  # no prefix reuse from the previous prompt: every prompt is a cold prefill
@@ -142,7 +178,8 @@ def run(args, log) -> dict:
     exports.mkdir(parents=True, exist_ok=True)
 
     log(f"  exports: ONNX fp32, int8, int4 ({len(INT4)} ways), pruned + int8 (3 settings); GGUF "
-        f"q8_0, q4_0 (each checked against torch, each measured on the bake's held-out samples)")
+        f"q8_0, q4_1 with the LoRA as an adapter, q4_0 merged (each checked against torch, each "
+        f"measured on the bake's held-out samples)")
     built, failed = {}, {}
     for name, options in (("onnx-fp32", {}), ("onnx-int8", {"quantize": "int8"}),
                           *((key, {"quantize": "int4", "int4": dataclasses.replace(
@@ -152,8 +189,8 @@ def run(args, log) -> dict:
                                    "prune": compress.pruner(baked, amount,
                                                             recover_steps=recover_steps)})
                             for key, amount in PRUNINGS.values()),
-                          *((f"gguf-{q}", {"format": "gguf", "quantize": q})
-                            for q in GGUF.values())):
+                          *((_gguf_key(name), {"format": "gguf", "quantize": q, "gguf_lora": lora})
+                            for name, (q, lora) in GGUF.items())):
         start = time.perf_counter()
         try:
             done = export_baked(baked, exports / name, overwrite=True, **options)
@@ -192,10 +229,12 @@ def run(args, log) -> dict:
            for name, key in ONNX.items() if key != "onnx-fp32" and key in built},
     }
     decoders = []
-    for name, q in GGUF.items():  # llama.cpp, where llama-cpp-python is installed
-        if f"gguf-{q}" in built:
-            decode = llama_cpp_decoder(built[f"gguf-{q}"]["path"] / "model.gguf", threads,
-                                       new_tokens)
+    for name in GGUF:  # llama.cpp, where llama-cpp-python is installed
+        if _gguf_key(name) in built:
+            path = built[_gguf_key(name)]["path"]
+            adapter = path / "adapter.gguf"
+            decode = llama_cpp_decoder(path / "model.gguf", threads, new_tokens,
+                                       adapter if adapter.exists() else None)
             if decode is not None:
                 decoders.append(decode)
                 contenders[name] = lambda k, decode=decode: decode(student_ids[k])
@@ -217,8 +256,7 @@ def run(args, log) -> dict:
     bake_kl = accuracy["onnx-fp32"]
     fp32_bytes = built["onnx-fp32"]["manifest"]["bytes"]
     rows = {}
-    for name in [*timings, *(n for n, q in GGUF.items() if f"gguf-{q}" in built
-                             and n not in timings)]:
+    for name in [*timings, *(n for n in GGUF if _gguf_key(n) in built and n not in timings)]:
         t = timings.get(name)
         row = {"ttft_ms": None, "decode_p50_ms": None, "decode_p95_ms": None, "decode_steps": 0}
         if t is not None:
@@ -226,7 +264,7 @@ def run(args, log) -> dict:
                    "decode_p50_ms": 1e3 * _percentile(t["steps"], 50),
                    "decode_p95_ms": 1e3 * _percentile(t["steps"], 95),
                    "decode_steps": len(t["steps"])}
-        key = ONNX.get(name) or (f"gguf-{GGUF[name]}" if name in GGUF else None)
+        key = ONNX.get(name) or (_gguf_key(name) if name in GGUF else None)
         if key is not None:
             kl = accuracy[key]
             own = kl["gguf" if key.startswith("gguf") else "onnx"]

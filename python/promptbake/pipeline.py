@@ -60,7 +60,7 @@ TOP = ("model", "out", "bake", "engine", "cycles", "report", "export")
 CYCLE = ("name", "tools", "persona", "task", "prompt", "prompt_file", "dev", "held_out",
          "contexts", "demonstrations", "metric")
 REPORT = ()
-EXPORT = ("format", "quantize", "strength")
+EXPORT = ("format", "quantize", "strength", "gguf_lora")
 STAGES = ("engine", "report", "export")
 STAGE_FILE = "stage.json"
 TOOL_CONTEXTS = "tool-contexts"  # in the engine stage's directory: see build_cycles
@@ -179,10 +179,12 @@ def load(path: str | Path) -> Pipeline:
         raise PipelineError(f"{path}: cycle names repeat ({', '.join(names)}): give each its own")
     if pipeline.export is not None:
         from promptbake.export import check_quantize
+        from promptbake.export.exporter import check_gguf_lora
 
         fmt = pipeline.export.setdefault("format", "safetensors")
         try:
             check_quantize(fmt, pipeline.export.get("quantize"))
+            check_gguf_lora(fmt, pipeline.export.get("quantize"), pipeline.export.get("gguf_lora"))
         except ValueError as err:
             raise PipelineError(f"{path}: [export] {err}") from err
     return pipeline
@@ -498,7 +500,7 @@ def _export(pipeline: Pipeline, engine_dir: Path, directory: Path, say) -> dict:
     options = pipeline.export
     export_baked(final, directory / "model", format=options["format"],
                  strength=options.get("strength", 1.0), quantize=options.get("quantize"),
-                 overwrite=True)
+                 gguf_lora=options.get("gguf_lora"), overwrite=True)
     return {"exported": str(directory / "model")}
 
 

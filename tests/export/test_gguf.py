@@ -219,3 +219,180 @@ def test_the_default_model_comes_back_as_llama_cpp_wrote_it(smollm2_dir):
         mine = gguf._stored(planned[name], state[planned[name].key], model.config)
         theirs = gguf_py.dequantize(original[name].data, original[name].tensor_type)
         assert np.array_equal(mine, theirs), name
+
+
+# -- q4_1, and the LoRA beside the base as a llama.cpp adapter -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_adapter(baked_dir, tmp_path_factory):
+    """The tiny bake at q4_1 with the export's default for 4 bits: the LoRA in adapter.gguf."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(gguf.TOP1_FLOOR, "q4_1", 0.0)  # near-ties everywhere on a random model
+        return export_baked(baked_dir, tmp_path_factory.mktemp("gguf") / "q4_1",
+                            format="gguf", quantize="q4_1")
+
+
+@pytest.fixture(scope="module")
+def f32_with_adapter(baked_dir, tmp_path_factory):
+    return export_baked(baked_dir, tmp_path_factory.mktemp("gguf") / "f32-adapter",
+                        format="gguf", gguf_lora="adapter")
+
+
+def test_q4_1_stores_4_bit_blocks_with_a_minimum(with_adapter, baked_dir):
+    from promptbake import load_baked
+    from promptbake.export import merge
+
+    manifest = with_adapter.manifest
+    assert manifest["precision"] == "q4_1" and manifest["parity"]["passed"]
+    assert manifest["tensor_types"] == {"Q8_0": 1, "Q4_1": 14, "F32": 5}
+    stored = tensors(with_adapter.file)["blk.0.ffn_up.weight"]
+    weights = gguf_py.dequantize(stored.data, stored.tensor_type)
+    base = merge(load_baked(baked_dir), 0.0)
+    original = base.model.layers[0].mlp.up_proj.weight.detach().numpy().reshape(-1, 32)
+    spread = original.max(-1, keepdims=True) - original.min(-1, keepdims=True)
+    # a step of a fifteenth of each block's range, starting at its minimum: half a step at most
+    assert (np.abs(weights.reshape(-1, 32) - original) <= spread / 30 + 1e-3).all()
+
+
+def test_at_4_bits_the_lora_is_a_llama_cpp_adapter_beside_the_base(with_adapter, baked_dir):
+    from promptbake import load_baked
+    from promptbake.export import merge, merging
+
+    manifest = with_adapter.manifest
+    assert manifest["lora"] == "adapter"
+    assert sorted(p.name for p in with_adapter.path.iterdir()) == [
+        files.MARKER, "Modelfile", "adapter.gguf", "manifest.json", "model.gguf"]
+    assert (with_adapter.path / "Modelfile").read_text().splitlines()[:2] == [
+        "FROM ./model.gguf", "ADAPTER ./adapter.gguf"]
+    sizes = manifest["file_bytes"]
+    assert manifest["bytes"] == sizes["model.gguf"] + sizes["adapter.gguf"]
+    assert manifest["adapter"]["layers"] == 8 and manifest["adapter"]["ranks"] == [4]
+
+    baked = load_baked(baked_dir)
+    # model.gguf holds the base weights, unmerged: quantised exactly as the base would be
+    base = merge(baked, 0.0)
+    stored = tensors(with_adapter.file)["blk.1.attn_v.weight"]
+    want = gguf_py.quants.quantize(base.model.layers[1].self_attn.v_proj.weight.detach().numpy(),
+                                   gguf_py.GGMLQuantizationType.Q4_1)
+    assert np.array_equal(np.asarray(stored.data).reshape(want.shape), want)
+
+    # adapter.gguf: llama.cpp's names and shapes, alpha 0 (the scaling is in lora_b), and B's
+    # rows of the query and key in llama.cpp's rotary order
+    reader = gguf_py.GGUFReader(with_adapter.adapter)
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == 0.0
+    found = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert len(found) == 16 and "blk.0.attn_output.weight.lora_a" in found
+    factors = merging.lora_factors(baked.model, 1.0)
+    a, b = factors["model.layers.1.self_attn.q_proj"]
+    assert found["blk.1.attn_q.weight.lora_a"].shape == (4, 64)
+    np.testing.assert_array_equal(found["blk.1.attn_q.weight.lora_a"], a.T)
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    lora_b = found["blk.1.attn_q.weight.lora_b"]
+    assert not np.array_equal(lora_b, b.T)
+    np.testing.assert_array_equal(
+        LlamaTensorProcessor(config).process(lora_b, "blk.1.attn_q.weight").weights, b.T)
+
+
+def test_the_adapter_read_back_gives_the_merged_bake(f32_with_adapter, baked_dir):
+    from promptbake import load_baked
+    from promptbake.export import merge
+
+    manifest = f32_with_adapter.manifest
+    assert manifest["lora"] == "adapter" and manifest["tensor_types"] == {"F32": 20}
+    assert manifest["parity"]["max_abs_logit_diff"] <= 1e-3  # the fp32 criterion
+    model, _ = f32_with_adapter.load()
+    merged = merge(load_baked(baked_dir))
+    ids = torch.tensor([[1, 50, 700, 9000, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits,
+                                   atol=1e-4, rtol=0)
+    bare, _ = gguf.load(f32_with_adapter.file)  # the base alone: the adapter carries the bake
+    with torch.no_grad():
+        assert (bare(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() > 0.1
+    kept = manifest["held_out_kl"]
+    assert kept["retention"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_llama_cpp_applies_the_adapter_as_the_merged_bake(f32_with_adapter, baked_dir):
+    """The generic consumer itself: llama.cpp (llama-cpp-python) loads model.gguf with
+    adapter.gguf and computes the merged bake's logits; without the adapter it does not."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from promptbake import load_baked
+    from promptbake.export import merge
+
+    ids = [1, 50, 700, 9000, 4, 321, 17]
+    with torch.no_grad():
+        want = merge(load_baked(baked_dir))(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+    def logits(**lora):
+        f32 = llama_cpp.GGML_TYPE_F32  # an f16 KV cache would move the logits by ~1e-2
+        llm = llama_cpp.Llama(model_path=str(f32_with_adapter.file), n_ctx=64, n_threads=1,
+                              type_k=f32, type_v=f32, logits_all=True, verbose=False, **lora)
+        try:
+            llm.eval(ids)
+            return np.array(llm.scores[:len(ids)], dtype=np.float32)
+        finally:
+            llm.close()
+
+    assert np.abs(logits(lora_path=str(f32_with_adapter.adapter)) - want).max() < 2e-3
+    assert np.abs(logits() - want).max() > 0.1
+
+
+def test_cli_exports_q4_1_with_the_adapter_or_merged(baked_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(gguf.TOP1_FLOOR, "q4_1", 0.0)
+    out = tmp_path / "adapter"
+    assert cli.main(["export", str(baked_dir), "--out", str(out), "--format", "gguf",
+                     "--quantize", "q4_1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "adapter.gguf (the LoRA, a llama.cpp adapter)" in printed
+    assert f"--lora {out / 'adapter.gguf'}" in printed and "with the adapter" in printed
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(baked_dir), "--out", str(merged), "--format", "gguf",
+                     "--quantize", "q4_1", "--gguf-lora", "merge", "--quiet"]) == 0
+    assert "--lora" not in capsys.readouterr().out
+    assert json.loads((merged / "manifest.json").read_text())["lora"] == "merge"
+    assert not (merged / "adapter.gguf").exists()
+    assert "ADAPTER" not in (merged / "Modelfile").read_text()
+
+
+def test_gguf_lora_is_refused_for_another_format(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["export", str(tmp_path / "no-bake"), "--out", str(out), "--format", "onnx",
+                     "--gguf-lora", "adapter"]) == 2
+    assert "--gguf-lora applies to --format gguf" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ValueError, match="gguf_lora='beside': choose one of merge, adapter"):
+        export_baked(tmp_path / "no-bake", out, format="gguf", gguf_lora="beside")
+
+
+def test_a_layer_an_adapter_cannot_hold_is_named_before_writing(tiny, tokenizer, tmp_path):
+    head = (np.zeros((64, 2), np.float32), np.zeros((2, tiny.config.vocab_size), np.float32))
+    with pytest.raises(ValueError, match="adapts lm_head.*--gguf-lora merge"):
+        export_gguf(tiny, tokenizer, tmp_path / "out",
+                    adapter=gguf.Adapter(tiny, {"lm_head": head}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_file_is_no_adapter(f32, tiny):
+    with pytest.raises(ValueError, match="no llama.cpp LoRA adapter"):
+        gguf.adapter_deltas(f32.file, tiny)
+
+
+def test_q4_1_is_the_default_model_s_own_file(smollm2_dir):
+    """The default model ships as llama.cpp's Q4_1 (its embedding Q8_0): written at q4_1, every
+    quantised tensor is that file's, byte for byte, so the 4-bit base loses nothing and the
+    bake, beside it in adapter.gguf, is kept whole."""
+    from promptbake import models
+
+    model, _, _ = models.load(smollm2_dir)
+    original = tensors(models.default_gguf())
+    state = model.state_dict()
+    planned = gguf._plan(model, "q4_1")
+    assert {t.name: t.qtype for t in planned} == {n: t.tensor_type for n, t in original.items()}
+    for tensor in planned:
+        if tensor.qtype != gguf_py.GGMLQuantizationType.F32:
+            mine = gguf._stored(tensor, state[tensor.key], model.config)
+            assert np.array_equal(mine, np.asarray(original[tensor.name].data).reshape(
+                mine.shape)), tensor.name

@@ -26,6 +26,7 @@ from promptbake.export import (
     export_baked,
     export_onnx,
     graph,
+    merging,
     parity,
     quantize,
 )
@@ -529,7 +530,7 @@ def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, 
     # the LoRA factors stored are the bake's own, unchanged
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
               if i.name.endswith(("lora_A", "lora_B"))}
-    for name, (a, b) in beside.factors(baked.model, 1.0).items():
+    for name, (a, b) in merging.lora_factors(baked.model, 1.0).items():
         np.testing.assert_array_equal(stored[f"{name}.lora_A"], a)
         np.testing.assert_array_equal(stored[f"{name}.lora_B"], b)
 
@@ -560,7 +561,7 @@ def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tm
                                 < recovery["kl_before"]["per_token"])
     assert record["beside"]["scales_learned"] == (len(blocks) if recovery["kept"] else 0)
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    start = beside.factors(load_baked(baked_dir).model, 1.0)
+    start = merging.lora_factors(load_baked(baked_dir).model, 1.0)
     assert any(not np.array_equal(stored[f"{name}.lora_B"], b)
                for name, (_, b) in start.items()) == recovery["kept"]
     assert file_hashes(baked_dir) == before
@@ -583,7 +584,7 @@ def test_a_recovery_that_raises_the_held_out_kl_is_dropped(baked_dir, tmp_path, 
     assert record["recovery"]["kept"] == better
     model = onnx.load(str(found.path / "model.onnx"))
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    start = beside.factors(load_baked(baked_dir).model, 1.0)
+    start = merging.lora_factors(load_baked(baked_dir).model, 1.0)
     for name, (a, b) in start.items():
         assert np.array_equal(stored[f"{name}.lora_B"], b) != better
     fresh = export_baked(baked_dir, tmp_path / "none", quantize="int4", tolerances=TINY_INT4,
@@ -716,7 +717,7 @@ def test_a_correction_trains_with_the_recovery_and_torch_computes_the_graph(bake
     assert any(not np.array_equal(trained[n][1], start[n][1]) for n in blocks)
     # torch with the stored LoRA and corrections on the 4-bit base computes what the graph does
     lora = {name: (stored[f"{name}.lora_A"], stored[f"{name}.lora_B"])
-            for name in beside.factors(baked.model, 1.0)}
+            for name in merging.lora_factors(baked.model, 1.0)}
     student = beside.on_quantized_base(baked.model, {n: b.weight() for n, b in blocks.items()},
                                        1.0)
     layers = dict(student.named_modules())

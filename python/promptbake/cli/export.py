@@ -8,7 +8,8 @@ from pathlib import Path
 from promptbake import compress, files
 from promptbake.artifact import load_baked, sources
 from promptbake.cli.arguments import Help
-from promptbake.export import FORMATS, GGUF_QUANTIZATIONS, INT4_LORA, INT4_METHODS, QUANTIZATIONS
+from promptbake.export import (FORMATS, GGUF_LORA, GGUF_QUANTIZATIONS, INT4_LORA, INT4_METHODS,
+                               QUANTIZATIONS)
 
 LOW_RETENTION = 0.9  # an export that keeps less of the bake's KL reduction gets a warning
 
@@ -26,8 +27,9 @@ def _add_export(commands) -> None:
                     "KV cache for ONNX Runtime (--format onnx), optionally int8- or "
                     "int4-quantized and pruned (with recovery distillation from the dense model), "
                     "or one GGUF file for llama.cpp and Ollama (--format gguf, Llama-architecture "
-                    "models such as SmolLM2; f32, f16, q8_0 or q4_0), with a Modelfile for "
-                    "`ollama create`. "
+                    "models such as SmolLM2; f32, f16, q8_0, q4_1 or q4_0; at 4 bits the "
+                    "bake's LoRA is kept beside the base as a llama.cpp adapter, adapter.gguf), "
+                    "with a Modelfile for `ollama create`. "
                     "Every ONNX and GGUF export is checked against torch (logits, top-1 "
                     "agreement, greedy tokens; a GGUF is read back by transformers' GGUF loader, "
                     "tokenizer included) and written only if it passes; a failed check exits "
@@ -35,8 +37,8 @@ def _add_export(commands) -> None:
         formatter_class=Help)
     p.add_argument("dir", help="a baked directory")
     p.add_argument("--out", required=True,
-                   help="output directory (for gguf: it holds model.gguf, manifest.json and an "
-                        "Ollama Modelfile)")
+                   help="output directory (for gguf: it holds model.gguf, manifest.json, an "
+                        "Ollama Modelfile and, with the LoRA as an adapter, adapter.gguf)")
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="what to write")
     p.add_argument("--strength", type=float, default=1.0, help="scale of the LoRA delta merged")
@@ -45,7 +47,9 @@ def _add_export(commands) -> None:
                    help="onnx: int8 weights (blockwise, with SmoothQuant on Llama-like models) "
                         "or int4 (onnxruntime's 4-bit MatMulNBits, embedding and tied head "
                         "included; see --int4-method); gguf: f32 (exact; the default), f16, "
-                        "q8_0 or q4_0 (llama.cpp's 8- and 4-bit blocks of 32; q4_0 keeps the "
+                        "q8_0, q4_1 or q4_0 (llama.cpp's blocks of 32: 8 bits; 4 bits with a "
+                        "scale and a minimum, the default model's own format, which holds its "
+                        "weights exactly; 4 bits with a scale alone; both 4-bit ones keep the "
                         "embedding at q8_0)")
     p.add_argument("--int4-method", choices=INT4_METHODS, default=None,
                    help="with --quantize int4: hqq (Half-Quadratic Quantization: a step and a "
@@ -64,6 +68,13 @@ def _add_export(commands) -> None:
                         "the default; with --recover-steps the LoRA and the 4-bit scales are "
                         "then trained on the 4-bit base toward the fp32 bake) or merge (quantise "
                         "the merged bake: kept 42%% of the pirate bake, against 99%%)")
+    p.add_argument("--gguf-lora", choices=GGUF_LORA, default=None,
+                   help="with --format gguf: adapter (the base weights in model.gguf and the "
+                        "bake's LoRA beside them in adapter.gguf, f32, which llama.cpp applies "
+                        "with --lora and Ollama with the Modelfile's ADAPTER: rounding cannot "
+                        "erase the bake; the default for q4_1 and q4_0) or merge (one file "
+                        "with the bake merged in; the default for f32, f16 and q8_0, which keep "
+                        "it: q4_0 merged kept -32%% of the pirate bake)")
     p.add_argument("--int4-correction", type=int, default=None, metavar="RANK",
                    help="with --quantize int4 and the LoRA beside: a rank-RANK correction in "
                         "fp16 beside every 4-bit matrix (the MLP's and a 4-bit head's too), "
@@ -116,8 +127,10 @@ def _add_export(commands) -> None:
 def _export(args) -> int:
     # The ONNX side needs the optional onnx packages: imported when an export runs.
     from promptbake.export import ParityError, check_quantize, export_baked, gguf
+    from promptbake.export.exporter import check_gguf_lora
 
     check_quantize(args.format, args.quantize, args.prune)  # before the bake is loaded
+    check_gguf_lora(args.format, args.quantize, args.gguf_lora)
     int8, int4 = _options(args)
     files.check_output(Path(args.out), overwrite=args.overwrite,
                        kinds=gguf.KINDS if args.format == "gguf" else files.MODEL_DIRS,
@@ -133,7 +146,8 @@ def _export(args) -> int:
     try:
         done = export_baked(baked, args.out, format=args.format, strength=args.strength,
                             quantize=args.quantize, prune=prune, overwrite=args.overwrite,
-                            int8=int8, int4=int4, progress=not args.quiet)
+                            int8=int8, int4=int4, progress=not args.quiet,
+                            gguf_lora=args.gguf_lora)
     except ParityError as err:
         print(f"promptbake: the export failed its parity check and was not written:\n{err}",
               file=sys.stderr)
@@ -142,11 +156,16 @@ def _export(args) -> int:
     from promptbake.export.parity import summary
 
     if manifest.get("kind") == "gguf":
-        print(f"wrote {done.path / manifest['file']}: GGUF {manifest['precision']}, "
+        adapter = manifest.get("adapter")
+        kept = f" and {done.path / adapter['file']} (the LoRA, a llama.cpp adapter)" \
+            if adapter else ""
+        print(f"wrote {done.path / manifest['file']}{kept}: GGUF {manifest['precision']}, "
               f"{manifest['bytes'] / 1e6:.1f} MB")
-        print(f"parity   {summary(manifest['parity'])} (read back by transformers)")
+        print(f"parity   {summary(manifest['parity'])} (read back by transformers"
+              f"{', with the adapter' if adapter else ''})")
         _print_retention(manifest, "gguf")
-        print(f"run it   llama-cli -m {done.path / manifest['file']}   or   "
+        lora = f" --lora {done.path / adapter['file']}" if adapter else ""
+        print(f"run it   llama-cli -m {done.path / manifest['file']}{lora}   or   "
               f"ollama create NAME -f {done.path / 'Modelfile'}")
         return 0
     if manifest.get("kind") != "onnx":

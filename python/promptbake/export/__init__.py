@@ -7,7 +7,8 @@ GGUF.
   (``graph.py``), optionally int8 or int4 (``quantize.py``) and with pruned weights packed
   (``sparse.py``), written only after it passed the parity check against torch (``parity.py``).
 * ``export_gguf(model, tokenizer, out, quantize=...)``: one GGUF file for llama.cpp and Ollama
-  (f32, f16, q8_0 or q4_0), written only after transformers' GGUF loader read it back and it
+  (f32, f16, q8_0, q4_1 or q4_0; at 4 bits the LoRA beside it in a llama.cpp adapter), written
+  only after transformers' GGUF loader read it back and it
   passed the parity check (``gguf.py``).
 * ``export_baked(dir, out, format=..., strength=..., quantize=..., prune=...)``: any of these,
   from a bake's directory (what ``promptbake export`` runs).
@@ -21,7 +22,8 @@ FORMATS = ("onnx", "safetensors", "gguf")  # what ``export_baked`` writes
 QUANTIZATIONS = ("int8", "int4")  # weight quantizations of the ONNX export
 INT4_METHODS = ("hqq", "hqq-int", "rtn", "gptq")  # how int4 chooses its codes (``quantize.Int4Options``)
 INT4_LORA = ("merge", "beside")  # int4 of the merged bake, or of the base with the LoRA beside
-GGUF_QUANTIZATIONS = ("f32", "f16", "q8_0", "q4_0")  # precisions of the GGUF export
+GGUF_QUANTIZATIONS = ("f32", "f16", "q8_0", "q4_1", "q4_0")  # precisions of the GGUF export
+GGUF_LORA = ("merge", "adapter")  # the bake merged into the GGUF, or beside it: adapter.gguf
 
 # Where each public name lives. Loaded on first use: merging needs only torch and peft, while the
 # ONNX side needs the optional onnx and onnxruntime packages (pip install "promptbake[onnx]").
@@ -37,6 +39,7 @@ _NAMES = {
 }
 __all__ = [
     "FORMATS",
+    "GGUF_LORA",
     "GGUF_QUANTIZATIONS",
     "INT4_LORA",
     "INT4_METHODS",

@@ -34,28 +34,7 @@ import torch
 from promptbake import compress, modeling
 from promptbake.export import correction, quantize as quantize_mod
 from promptbake.export.graph import save
-
-_PREFIX = correction.PREFIX
-
-
-def factors(peft_model, strength: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{module name: (A [K, r], B [r, N])}`` of every LoRA layer at ``strength``, so that
-    x @ A @ B is the layer's delta (the scaling, strength * alpha / r, folded into B); names
-    as in the transformers model (``model.layers.0.self_attn.q_proj``)."""
-    out = {}
-    layers = set(map(id, modeling.lora_layers(peft_model)))
-    with modeling.adapter(peft_model, strength=strength):
-        for name, layer in peft_model.named_modules():
-            if id(layer) not in layers:
-                continue
-            (adapter,) = layer.active_adapters
-            if layer.use_dora.get(adapter):
-                raise ValueError(f"{name} is a DoRA layer: the 4-bit export keeps plain LoRA "
-                                 f"beside the base only; use lora='merge'")
-            a = layer.lora_A[adapter].weight.detach().float()  # [r, K]
-            b = layer.lora_B[adapter].weight.detach().float() * layer.scaling[adapter]  # [N, r]
-            out[name.removeprefix(_PREFIX)] = (a.T.numpy(), b.T.numpy())
-    return out
+from promptbake.export.merging import PREFIX, lora_factors
 
 
 def _base_layer(module) -> tuple[torch.nn.Module, bool]:
@@ -71,7 +50,7 @@ def base_weights(peft_model, names) -> dict[str, np.ndarray]:
     modules = dict(peft_model.named_modules())
     out = {}
     for name in names:
-        target, transposed = _base_layer(modules[_PREFIX + name])
+        target, transposed = _base_layer(modules[PREFIX + name])
         weight = target.weight.detach().float()
         out[name] = (weight.T if transposed else weight).numpy().copy()
     return out
@@ -86,7 +65,7 @@ def on_quantized_base(peft_model, weights: dict[str, np.ndarray], strength: floa
             layer.set_scale(name, float(strength))
     modules = dict(student.named_modules())
     for name, weight in weights.items():
-        module = modules.get(_PREFIX + name)
+        module = modules.get(PREFIX + name)
         if module is None:
             raise AssertionError(f"the 4-bit graph quantised {name}, which the bake's model lacks")
         target, transposed = _base_layer(module)
@@ -157,7 +136,7 @@ def learn_scales(student, blocks: dict[str, quantize_mod.Blocks4]) -> dict[str, 
     modules = dict(student.named_modules())
     learned = {}
     for name, block in blocks.items():
-        module = modules[_PREFIX + name]
+        module = modules[PREFIX + name]
         target, transposed = _base_layer(module)
         learned[name] = LearnedScales(block, transposed)
         tied = [m for m in student.modules() if m._parameters.get("weight") is target.weight]
@@ -188,7 +167,7 @@ class Beside:
         record: dict = {"strength": self.strength, "recover_steps": self.recover_steps}
         adapter = self.baked.model
         blocks = quantize_mod.blocks_4bit(model)
-        found = factors(adapter, self.strength)
+        found = lora_factors(adapter, self.strength)
         missing = sorted(set(found) - set(blocks))
         if missing:  # before the minutes of recovery
             raise ValueError(f"lora='beside' puts the LoRA beside 4-bit weights, but {missing[0]}"
@@ -221,7 +200,7 @@ class Beside:
                 record["scales_learned"] = len(learned)
                 for name, scales in learned.items():
                     quantize_mod.set_scales_4bit(model, name, blocks[name], *scales.scales())
-                found = factors(adapter, self.strength)  # the recovered LoRA
+                found = lora_factors(adapter, self.strength)  # the recovered LoRA
                 corrections = correction.factors(attached)  # and corrections
         if corrections:
             record["correction"] = {

@@ -25,8 +25,7 @@ from onnx import helper
 
 from promptbake.compress import CORRECTION
 from promptbake.export import quantize as quantize_mod
-
-PREFIX = "base_model.model."  # a PeftModel's name for the transformers model's modules
+from promptbake.export.merging import PREFIX  # a PeftModel's name for the model's modules
 
 
 def initial(fp32: dict[str, np.ndarray], quantized: dict[str, np.ndarray],

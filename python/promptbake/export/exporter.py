@@ -27,7 +27,7 @@ import torch
 from promptbake import contexts, files, modeling, models, versions
 from promptbake.artifact import MANIFEST, Baked, load_baked, source_record, sources
 from promptbake.decoding import stop_token_ids
-from promptbake.export import (FORMATS, GGUF_QUANTIZATIONS, QUANTIZATIONS, gguf, graph,
+from promptbake.export import (FORMATS, GGUF_LORA, GGUF_QUANTIZATIONS, QUANTIZATIONS, gguf, graph,
                                merging as merge_mod, parity, quantize as quantize_mod, smooth,
                                sparse as packing)
 from promptbake.export.beside import Beside
@@ -313,13 +313,16 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
                  int8: quantize_mod.Int8Options | None = None,
                  int4: quantize_mod.Int4Options | None = None,
                  tolerances: parity.Tolerances | None = None,
-                 progress: bool = False) -> Export | gguf.GgufExport:
+                 progress: bool = False, gguf_lora: str | None = None
+                 ) -> Export | gguf.GgufExport:
     """What ``promptbake export DIR`` does: merge the bake at ``strength`` and write it as a
     safetensors model directory, an ONNX export or a GGUF file.
 
     ``baked``: a ``Baked`` or a bake's directory. ``quantize``: the ONNX export's "int8" or
-    "int4" (options in ``int8`` / ``int4``), or the GGUF export's "f32", "f16", "q8_0" or
-    "q4_0". ``prune``: called with the merged model
+    "int4" (options in ``int8`` / ``int4``), or the GGUF export's "f32", "f16", "q8_0", "q4_1"
+    or "q4_0"; ``gguf_lora``: "merge" the bake into the GGUF, or keep it beside the base as a
+    llama.cpp LoRA "adapter" (``adapter.gguf``; the default for q4_1 and q4_0, where 4-bit
+    rounding of the merged weights erases most of the bake). ``prune``: called with the merged model
     before the ONNX export (e.g. ``lambda m: compress.prune(m, 0.5)``); what it returns is
     recorded when it has ``to_dict()``; the pruned weights are then stored packed unless
     ``sparse=False``. ``int4=Int4Options(lora="beside", recover_steps=N)`` quantises the base
@@ -327,6 +330,7 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
     for that recovery.
     """
     check_quantize(format, quantize, prune)
+    gguf_lora = check_gguf_lora(format, quantize, gguf_lora)
     if quantize == "int4" and (int4 is None or int4.lora is None):  # a bake's int4 keeps its
         # LoRA beside the 4-bit base unless pruning works on the merged weights
         int4 = dataclasses.replace(int4 or quantize_mod.Int4Options(),
@@ -348,11 +352,14 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
     baked.strength = strength  # held_out_kl compares with the bake at this strength
     try:
         if format == "gguf":
+            adapter = gguf.Adapter(merge_mod.merge(baked, 0.0),
+                                   merge_mod.lora_factors(baked.model, float(strength))) \
+                if gguf_lora == "adapter" else None
             return gguf.export_gguf(model, baked.tokenizer, out, quantize=quantize,
                                     framing=baked.framing, overwrite=overwrite, source=source,
                                     name=Path(baked.path).name if baked.path else None,
                                     tolerances=tolerances, source_dirs=sources(baked),
-                                    baked=baked)
+                                    baked=baked, adapter=adapter)
         if prune is not None:
             report = prune(model)
             source["pruning"] = report.to_dict() if hasattr(report, "to_dict") else None
@@ -398,6 +405,20 @@ def check_quantize(format: str, quantize: str | None, prune=None) -> None:
                 f"{'q4_0' if format == 'gguf' else 'int4'})"
     raise ValueError(f"--quantize {quantize} does not apply to --format {format}, which takes "
                      f"{', '.join(accepted)}{hint}")
+
+
+def check_gguf_lora(format: str, quantize: str | None, lora: str | None) -> str | None:
+    """The GGUF export's ``lora`` for ``quantize`` ("adapter" by default at 4 bits, else
+    "merge"); a ValueError for an unknown value, or one given to another format."""
+    if lora is not None and format != "gguf":
+        raise ValueError(f"--gguf-lora applies to --format gguf, not --format {format}")
+    if format != "gguf":
+        return None
+    if lora is None:
+        return "adapter" if quantize in ("q4_1", "q4_0") else "merge"
+    if lora not in GGUF_LORA:
+        raise ValueError(f"gguf_lora={lora!r}: choose one of {', '.join(GGUF_LORA)}")
+    return lora
 
 
 def export_model(model_dir: str | Path, out: str | Path, *, quantize: str | None = None,

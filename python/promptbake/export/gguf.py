@@ -1,34 +1,43 @@
-"""Exporting a (baked, merged) Llama-architecture model to one GGUF file, for llama.cpp and Ollama.
+"""Exporting a (baked) Llama-architecture model to GGUF, for llama.cpp and Ollama.
 
 ``export_gguf`` writes into a temporary directory: ``model.gguf`` (llama metadata, the tokenizer,
-the tensors under gguf's names, in f32, f16, q8_0 or q4_0), then loads that file back with
+the tensors under gguf's names, in f32, f16, q8_0, q4_1 or q4_0), then loads that file back with
 transformers' GGUF loader alone (model and tokenizer, no other file) and compares it with the
 merged model: the tokenizer must encode a fixed set of texts to the same ids, and the logits must
 pass ``parity.check`` (max |logit difference|, top-1 agreement, greedy tokens). Only then are
 ``manifest.json`` and an Ollama ``Modelfile`` written and the directory renamed to its name; a
 failed check raises ``ParityError`` and leaves nothing behind.
 
+With ``adapter`` (``export_baked``'s default at 4 bits), ``model.gguf`` holds the *base* weights
+and the bake's LoRA goes beside them into ``adapter.gguf``, llama.cpp's LoRA adapter format
+(``llama-cli -m model.gguf --lora adapter.gguf``; the Modelfile's ``ADAPTER``), in f32: the
+rounding of the base cannot erase the bake, as it does when the merged weights are rounded to 4
+bits (q4_0 merged kept -32% of the pirate bake). The check reads the adapter back too and adds
+its delta to the model transformers rebuilt, as llama.cpp applies it.
+
 Pass criteria (16 greedy steps from each of 8 held-out contexts, 128 positions):
 
 * f32: the weights are stored exactly, so the fp32 criterion of the ONNX export applies (max
   |logit difference| <= 1e-3, identical greedy tokens). SmolLM2-135M: 7e-5, from rms_norm_eps,
   which GGUF stores as a float32.
-* f16, q8_0, q4_0 change the weights by design: top-1 agreement with the fp32 model at the
-  positions of its own greedy continuation must reach ``TOP1_FLOOR``. Measured on SmolLM2-135M:
-  f16 99.2% (one near-tie of 128 flips: f16 moves logits by up to 0.04), q8_0 99.2%, q4_0
-  77.3% (KL 0.28 nats/token: 4 bits are coarse for a 135M model). A broken export (f32 with
-  the rope rows left in transformers' order) agrees on 29.7%. Floors: f16 0.98 and q8_0 0.95 (rounding
-  may flip a near-tie, nothing more), q4_0 0.6 (halfway between a working and a broken file).
-  The numbers are recorded in the manifest either way.
+* f16, q8_0, q4_1, q4_0 change the weights by design: top-1 agreement with the fp32 model at
+  the positions of its own greedy continuation must reach ``TOP1_FLOOR``. Measured on
+  SmolLM2-135M: f16 99.2% (one near-tie of 128 flips: f16 moves logits by up to 0.04), q8_0
+  99.2%, q4_0 77.3% (KL 0.28 nats/token), q4_1 100% and a max |logit difference| of 5e-5: the
+  default model is llama.cpp's Q4_1 file, and q4_1 writes its blocks back byte for byte. A
+  broken export (f32 with the rope rows left in transformers' order) agrees on 29.7%. Floors:
+  f16 0.98 and q8_0 0.95 (rounding may flip a near-tie, nothing more), q4_1 and q4_0 0.6
+  (halfway between a working and a broken file). The numbers are recorded in the manifest
+  either way.
 
 llama.cpp stores the query and key projections with the rows of each head reordered for its
 rotary embedding (the two halves of a head interleaved); transformers' loader undoes exactly that
 (``LlamaTensorProcessor``), so the round trip is exact. A tied output head is written once, as
-``token_embd``: without an ``output`` tensor both llama.cpp and transformers tie it. In q4_0 the
-embedding (which is also the output head of a tied model) is stored as q8_0, as llama.cpp keeps
-its output head at 6 bits: on SmolLM2-135M a 4-bit embedding costs 5 points of top-1 agreement
-(71.9%, KL 0.36) to save 14 of 92 MB. A weight whose rows are not a multiple of the 32-element
-block is stored as f16.
+``token_embd``: without an ``output`` tensor both llama.cpp and transformers tie it. In q4_0 and
+q4_1 the embedding (which is also the output head of a tied model) is stored as q8_0, as
+llama.cpp keeps its output head at 6 bits: on SmolLM2-135M a 4-bit embedding costs q4_0 5 points
+of top-1 agreement (71.9%, KL 0.36) to save 14 of 92 MB. A weight whose rows are not a multiple
+of the 32-element block is stored as f16.
 """
 
 from __future__ import annotations
@@ -55,12 +64,13 @@ ParityError = parity.ParityError
 
 SUPPORTED = ("llama",)  # model_type values the GGUF export writes
 FILE = "model.gguf"
+ADAPTER_FILE = "adapter.gguf"  # the LoRA beside the base, with lora="adapter"
 KIND = "gguf"
 # What a GGUF export may replace with overwrite: any whole-directory export promptbake wrote.
 KINDS = files.MODEL_DIRS
 
 # Minimum top-1 agreement with the fp32 model (see the module docstring for why these).
-TOP1_FLOOR = {"f16": 0.98, "q8_0": 0.95, "q4_0": 0.6}
+TOP1_FLOOR = {"f16": 0.98, "q8_0": 0.95, "q4_1": 0.6, "q4_0": 0.6}
 STEPS = 16  # greedy steps compared per context
 CONTEXTS = 8  # built-in held-out contexts the parity check runs
 
@@ -79,7 +89,8 @@ TOKENIZER_TEXTS = (
 
 @dataclasses.dataclass
 class GgufExport:
-    """A GGUF export directory (``model.gguf``, ``manifest.json``, ``Modelfile``)."""
+    """A GGUF export directory (``model.gguf``, ``manifest.json``, ``Modelfile``, and
+    ``adapter.gguf`` when the bake's LoRA is kept beside the base)."""
 
     path: Path
     manifest: dict
@@ -88,18 +99,28 @@ class GgufExport:
     def file(self) -> Path:
         return self.path / self.manifest["file"]
 
+    @property
+    def adapter(self) -> Path | None:
+        """The LoRA adapter file beside ``file``, if the export keeps one."""
+        kept = self.manifest.get("adapter")
+        return self.path / kept["file"] if kept else None
+
     def load(self, dtype: torch.dtype = torch.float32):
-        """(model, tokenizer) read back from the file by transformers' GGUF loader."""
-        return load(self.file, dtype=dtype)
+        """(model, tokenizer) read back from the file by transformers' GGUF loader, with the
+        adapter's delta added as llama.cpp adds it at its default scale, if there is one."""
+        return load(self.file, dtype=dtype, adapter=self.adapter)
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a GGUF file alone, dequantised to ``dtype``, model in eval mode."""
+def load(path: str | Path, dtype: torch.dtype = torch.float32, adapter: str | Path | None = None):
+    """(model, tokenizer) from a GGUF file alone, dequantised to ``dtype``, model in eval mode;
+    with ``adapter``, a llama.cpp LoRA adapter's delta added to the weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    if adapter is not None:
+        _add_deltas(model, adapter_deltas(adapter, model))
     return model.eval(), tokenizer
 
 
@@ -140,6 +161,13 @@ def _rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def _unrope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of ``_rope_rows``: transformers' row order back."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
 def _storage(name: str, shape: tuple[int, ...], precision: str):
     """The GGML type a tensor is stored as in an export of ``precision``."""
     types = gguf.GGMLQuantizationType
@@ -147,8 +175,9 @@ def _storage(name: str, shape: tuple[int, ...], precision: str):
         return types.F32
     if precision == "f16":
         return types.F16
+    four = {"q4_0": types.Q4_0, "q4_1": types.Q4_1}
     qtype = types.Q8_0 if precision == "q8_0" or name in ("token_embd.weight",
-                                                          "output.weight") else types.Q4_0
+                                                          "output.weight") else four[precision]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     return qtype if shape[-1] % block == 0 else types.F16
 
@@ -190,14 +219,116 @@ def _plan(model, precision: str) -> list[_Planned]:
     return planned
 
 
+def _rope_heads(kind: gguf.MODEL_TENSOR, config) -> int | None:
+    """The heads whose rows llama.cpp reorders in a weight of ``kind`` (None: no reordering)."""
+    return {gguf.MODEL_TENSOR.ATTN_Q: config.num_attention_heads,
+            gguf.MODEL_TENSOR.ATTN_K: config.num_key_value_heads}.get(kind)
+
+
 def _stored(tensor: _Planned, value: torch.Tensor, config) -> np.ndarray:
     """The bytes (or f32 / f16 values) of one weight as the file holds them."""
     weight = value.detach().to(torch.float32, copy=True).cpu().numpy()
-    if tensor.kind == gguf.MODEL_TENSOR.ATTN_Q:
-        weight = _rope_rows(weight, config.num_attention_heads)
-    elif tensor.kind == gguf.MODEL_TENSOR.ATTN_K:
-        weight = _rope_rows(weight, config.num_key_value_heads)
+    heads = _rope_heads(tensor.kind, config)
+    if heads:
+        weight = _rope_rows(weight, heads)
     return gguf.quants.quantize(weight, tensor.qtype)
+
+
+# -- the LoRA beside the base: a llama.cpp adapter ------------------------------------------------
+
+_ADAPTABLE = {gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K, gguf.MODEL_TENSOR.ATTN_V,
+              gguf.MODEL_TENSOR.ATTN_OUT, gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP,
+              gguf.MODEL_TENSOR.FFN_DOWN}
+
+
+@dataclasses.dataclass
+class Adapter:
+    """What ``export_gguf`` keeps beside the base weights with the LoRA as an adapter: the base
+    model, whose weights ``model.gguf`` holds, and the bake's LoRA factors
+    (``merging.lora_factors``: ``{module: (A [K, r], B [r, N])}``, the scaling folded into B),
+    which ``adapter.gguf`` holds."""
+
+    base: torch.nn.Module
+    factors: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _adapted(planned: list[_Planned], factors: dict) -> list[tuple[_Planned, np.ndarray,
+                                                                     np.ndarray]]:
+    """(the adapted weight's tensor, A, B) for every LoRA layer; a ValueError for a layer a
+    llama.cpp adapter cannot hold, before anything is written."""
+    by_key = {tensor.key: tensor for tensor in planned}
+    adapted = []
+    for module, (a, b) in sorted(factors.items()):
+        tensor = by_key.get(module + ".weight")
+        if tensor is None or tensor.kind not in _ADAPTABLE:
+            raise ValueError(f"the bake adapts {module}, which a llama.cpp LoRA adapter does not "
+                             f"hold (it holds the attention and MLP projections): export with "
+                             f"--gguf-lora merge (lora='merge')")
+        adapted.append((tensor, a, b))
+    return adapted
+
+
+def _write_adapter(path: Path, config, adapted: list, name: str) -> dict:
+    """Writes the LoRA as llama.cpp's adapter GGUF (what ``llama-cli --lora`` and Ollama's
+    ``ADAPTER`` read): ``<weight>.lora_a`` [r, K] and ``<weight>.lora_b`` [N, r] in f32, B's
+    rows in the order of the weight they adapt. ``adapter.lora.alpha`` is 0, so llama.cpp
+    scales ``lora_b @ lora_a`` by the user's ``--lora-scaled`` factor alone (1 by default;
+    a non-zero alpha would scale it by alpha / rank): the bake's scaling, strength *
+    lora_alpha / r, is in lora_b already."""
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_name(name)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+    for tensor, a, b in adapted:
+        lora_b = b.T
+        heads = _rope_heads(tensor.kind, config)
+        if heads:
+            lora_b = _rope_rows(lora_b, heads)
+        writer.add_tensor(tensor.name + ".lora_a", np.ascontiguousarray(a.T, dtype=np.float32))
+        writer.add_tensor(tensor.name + ".lora_b", np.ascontiguousarray(lora_b, dtype=np.float32))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return {"file": ADAPTER_FILE, "layers": len(adapted), "type": "F32",
+            "ranks": sorted({int(a.shape[1]) for _, a, _ in adapted}),
+            "alpha": 0.0, "scaling": "in lora_b (strength * lora_alpha / r)"}
+
+
+def adapter_deltas(path: str | Path, model) -> dict[str, torch.Tensor]:
+    """``{weight key: delta [N, K]}`` that the llama.cpp LoRA adapter at ``path`` adds to
+    ``model``'s weights at llama.cpp's default scale, in transformers' layout (B's rows back
+    in transformers' order): how the export reads its own adapter back to check it."""
+    reader = gguf.GGUFReader(path)
+    kind = reader.fields.get(gguf.Keys.Adapter.TYPE)
+    if kind is None or kind.contents() != "lora":
+        raise ValueError(f"{path} is no llama.cpp LoRA adapter (adapter.type is not 'lora')")
+    alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    stored = {tensor.name: np.array(tensor.data, dtype=np.float32) for tensor in reader.tensors}
+    deltas = {}
+    for tensor in _plan(model, "f32"):
+        if tensor.name + ".lora_a" not in stored:
+            continue
+        lora_a, lora_b = stored.pop(tensor.name + ".lora_a"), stored.pop(tensor.name + ".lora_b")
+        heads = _rope_heads(tensor.kind, model.config)
+        if heads:
+            lora_b = _unrope_rows(lora_b, heads)
+        scale = alpha / lora_a.shape[0] if alpha else 1.0  # llama.cpp's rule
+        deltas[tensor.key] = torch.from_numpy(lora_b @ lora_a) * scale
+    if stored:
+        raise ValueError(f"{path} adapts tensors this model does not have: "
+                         f"{', '.join(sorted(stored)[:3])}")
+    return deltas
+
+
+def _add_deltas(model, deltas: dict[str, torch.Tensor]) -> None:
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, delta in deltas.items():
+            parameters[key].add_(delta.to(parameters[key].dtype))
 
 
 def _vocabulary(tokenizer, vocab_size: int) -> dict:
@@ -266,6 +397,7 @@ def _write(path: Path, model, tokenizer, vocab: dict, planned: list[_Planned], p
     rope = dict(getattr(config, "rope_parameters", None) or {})
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[precision]
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.MODEL)
@@ -370,12 +502,18 @@ def export_gguf(model, tokenizer, out: str | Path, *, quantize: str | None = Non
                 overwrite: bool = False, source: dict | None = None, framing=None,
                 name: str | None = None, tolerances: parity.Tolerances | None = None,
                 top1_floor: float | None = None, source_dirs: tuple = (),
-                baked=None) -> GgufExport:
+                baked=None, adapter: Adapter | None = None) -> GgufExport:
     """Writes ``model`` (a transformers Llama causal LM) and ``tokenizer`` as ``out/model.gguf``,
     checked by loading it back with transformers, with ``manifest.json`` and a ``Modelfile``.
 
     Args:
-        quantize: None or "f32" (exact), "f16", "q8_0" or "q4_0" (llama.cpp's block formats).
+        quantize: None or "f32" (exact), "f16", "q8_0", "q4_1" or "q4_0" (llama.cpp's block
+            formats).
+        adapter: the bake's LoRA kept beside the base instead of merged: ``model.gguf`` holds
+            ``adapter.base``'s weights and ``adapter.gguf`` the factors, a llama.cpp LoRA
+            adapter (``llama-cli -m model.gguf --lora adapter.gguf``; the Modelfile's
+            ``ADAPTER``); the check then compares ``model`` (the merged bake) with the file
+            read back plus the adapter read back. 4-bit rounding then cannot erase the bake.
         framing: the bake's ``Framing``, so the parity contexts are templated as the baked
             model sees them.
         name: the file's ``general.name`` (default: the model's directory name).
@@ -399,7 +537,9 @@ def export_gguf(model, tokenizer, out: str | Path, *, quantize: str | None = Non
                          f"{', '.join(GGUF_QUANTIZATIONS)}{hint}")
     check_supported(model)
     vocab = _vocabulary(tokenizer, model.config.vocab_size)
-    planned = _plan(model, precision)
+    written_model = adapter.base if adapter is not None else model
+    planned = _plan(written_model, precision)
+    adapted = _adapted(planned, adapter.factors) if adapter is not None else None
     out = Path(out)
     files.check_output(out, overwrite=overwrite, kinds=KINDS, sources=tuple(source_dirs))
     tolerances = tolerances or parity.Tolerances(steps=STEPS, contexts=CONTEXTS)
@@ -415,10 +555,13 @@ def export_gguf(model, tokenizer, out: str | Path, *, quantize: str | None = Non
 
     def write(tmp: Path) -> None:
         start = time.perf_counter()
-        written = _write(tmp / FILE, model, tokenizer, vocab, planned, precision, name)
+        written = _write(tmp / FILE, written_model, tokenizer, vocab, planned, precision, name)
+        if adapted is not None:
+            written["adapter"] = _write_adapter(tmp / ADAPTER_FILE, model.config, adapted, name)
         seconds["write"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
-        reloaded, reloaded_tokenizer = load(tmp / FILE)
+        reloaded, reloaded_tokenizer = load(tmp / FILE, adapter=tmp / ADAPTER_FILE
+                                            if adapted is not None else None)
         seconds["load"] = round(time.perf_counter() - start, 2)
         words = _tokenizer_report(tokenizer, reloaded_tokenizer, prompts)
         if not words["passed"]:
@@ -444,11 +587,16 @@ def export_gguf(model, tokenizer, out: str | Path, *, quantize: str | None = Non
             kept["held_out_kl"] = parity.kl_record(_Reloaded(reloaded), baked, name="gguf")
             seconds["held_out_kl"] = round(time.perf_counter() - start, 2)
         del reloaded
-        size = (tmp / FILE).stat().st_size
+        sizes = {path.name: path.stat().st_size for path in (tmp / FILE, tmp / ADAPTER_FILE)
+                 if path.exists()}
+        if adapted is not None:
+            written["adapter"]["bytes"] = sizes[ADAPTER_FILE]
         manifest = {
             "format": 1, "kind": KIND, "promptbake": versions.promptbake_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "precision": precision, "file": FILE, "bytes": size, **written,
+            "precision": precision, "file": FILE, "bytes": sum(sizes.values()),
+            "file_bytes": sizes, "lora": "adapter" if adapted is not None else "merge",
+            **written,
             "architecture": {"model_type": model.config.model_type,
                              "layers": model.config.num_hidden_layers,
                              "vocab": model.config.vocab_size,
@@ -462,20 +610,22 @@ def export_gguf(model, tokenizer, out: str | Path, *, quantize: str | None = Non
             "versions": versions.libraries("torch", "transformers", "gguf"),
         }
         (tmp / "manifest.json").write_text(files.to_json(manifest, indent=2))
-        (tmp / "Modelfile").write_text(_modelfile(tokenizer))
+        (tmp / "Modelfile").write_text(_modelfile(tokenizer, adapted is not None))
         result["manifest"] = manifest
 
     files.replace_dir(out, write, kind=KIND)
     manifest = result["manifest"]
-    log.info("exported %s to %s (GGUF %s, %.1f MB): %s", model.config.model_type, out / FILE,
-             precision, manifest["bytes"] / 1e6, parity.summary(manifest["parity"]))
+    log.info("exported %s to %s (GGUF %s%s, %.1f MB): %s", model.config.model_type, out / FILE,
+             precision, ", the LoRA in " + ADAPTER_FILE if adapted is not None else "",
+             manifest["bytes"] / 1e6, parity.summary(manifest["parity"]))
     return GgufExport(out, manifest)
 
 
-def _modelfile(tokenizer) -> str:
-    """An Ollama Modelfile (``ollama create NAME -f Modelfile``): the file, and the end-of-turn
-    token as a stop sequence (the chat template is read from the GGUF)."""
-    lines = [f"FROM ./{FILE}"]
+def _modelfile(tokenizer, adapter: bool = False) -> str:
+    """An Ollama Modelfile (``ollama create NAME -f Modelfile``): the file, the LoRA adapter if
+    there is one, and the end-of-turn token as a stop sequence (the chat template is read from
+    the GGUF)."""
+    lines = [f"FROM ./{FILE}"] + ([f"ADAPTER ./{ADAPTER_FILE}"] if adapter else [])
     if tokenizer.eos_token:
         lines.append(f"PARAMETER stop {json.dumps(tokenizer.eos_token)}")
     return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 W' = W + strength * (lora_alpha / r) * B A for every adapted layer: strength 0 is the base model, 1
 the bake, values between are half-baked (the same scaling ``load_baked(dir, strength=...)``
-applies to the unmerged adapter).
+applies to the unmerged adapter). ``lora_factors`` gives the delta as its two factors instead, for
+the exports that keep it beside the base weights.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from promptbake import files
+import numpy as np
+
+from promptbake import files, modeling
 from promptbake.artifact import Baked, load_baked, merged_model, sources, write_merged
 
 log = logging.getLogger("promptbake")
+
+PREFIX = "base_model.model."  # a PeftModel's name for the transformers model's modules
 
 
 def _as_baked(baked, strength: float):
@@ -50,3 +55,26 @@ def save_merged(baked, out: str | Path, strength: float = 1.0, *,
     baked, owned = _as_baked(baked, strength)
     return write_merged(baked, out, strength, in_place=owned)
 
+
+
+def lora_factors(peft_model, strength: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{module name: (A [K, r], B [r, N])}`` of every LoRA layer at ``strength``, so that
+    x @ A @ B is the layer's delta (the scaling, strength * alpha / r, folded into B); names
+    as in the transformers model (``model.layers.0.self_attn.q_proj``). What the exports that
+    keep the LoRA beside the base weights write: ONNX int4 (``beside.py``) and the GGUF
+    adapter (``gguf.py``)."""
+    out = {}
+    layers = set(map(id, modeling.lora_layers(peft_model)))
+    with modeling.adapter(peft_model, strength=strength):
+        for name, layer in peft_model.named_modules():
+            if id(layer) not in layers:
+                continue
+            (adapter,) = layer.active_adapters
+            if layer.use_dora.get(adapter):
+                raise ValueError(f"{name} is a DoRA layer: only plain LoRA can be kept beside "
+                                 f"the base weights; merge it (ONNX int4: lora='merge', GGUF: "
+                                 f"--gguf-lora merge)")
+            a = layer.lora_A[adapter].weight.detach().float()  # [r, K]
+            b = layer.lora_B[adapter].weight.detach().float() * layer.scaling[adapter]  # [N, r]
+            out[name.removeprefix(PREFIX)] = (a.T.numpy(), b.T.numpy())
+    return out
