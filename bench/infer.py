@@ -86,13 +86,20 @@ def _gguf_key(name: str) -> str:
     return "gguf-{}-{}".format(*GGUF[name])
 
 
+def _has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _no_repack(llama_cpp):
     """llama.cpp's weight repacking off (``llama-cli --no-repack``) for the models loaded in the
     block. llama-cpp-python's ``Llama`` has no argument for it, so its default model parameters
-    are wrapped. With a LoRA adapter on a CPU with AMX, the llama.cpp of llama-cpp-python 0.3.36
-    crashes on the first decode when the quantised weights are repacked for AMX (q8_0, q4_1 and
-    q4_0 alike; measured 2026-12-07)."""
+    are wrapped. On a CPU with AMX, the llama.cpp of llama-cpp-python 0.3.36 crashes on the
+    first decode of every quantised model whose weights it repacked for AMX (q8_0, q4_1, q4_0,
+    with or without a LoRA adapter; measured 2026-12-07), as llama.cpp issue 20824 reports."""
     default = llama_cpp.llama_model_default_params
 
     def params():
@@ -109,14 +116,15 @@ def _no_repack(llama_cpp):
 
 def llama_cpp_decoder(path: Path, threads: int, new_tokens: int, lora: Path | None = None):
     """``decode(ids) -> (time to first token, decode step times)`` of greedy decoding of the GGUF
-    file at ``path`` (with the LoRA adapter file ``lora``, repacking off) with llama.cpp
-    (``llama-cpp-python``), or None when it is not installed."""
+    file at ``path`` (with the LoRA adapter file ``lora``) with llama.cpp
+    (``llama-cpp-python``; weight repacking off on a CPU with AMX), or None when it is not
+    installed."""
     try:
         import llama_cpp.llama_cpp as llama_cpp
         from llama_cpp import Llama
     except ImportError:
         return None
-    with _no_repack(llama_cpp) if lora is not None else contextlib.nullcontext():
+    with _no_repack(llama_cpp) if _has_amx() else contextlib.nullcontext():
         llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads,
                     n_threads_batch=threads, verbose=False,
                     **({"lora_path": str(lora)} if lora is not None else {}))
@@ -287,6 +295,7 @@ def run(args, log) -> dict:
                          for name, info in built.items()}
     result["exports"].update({name: {"parity": report, "failed": True}
                               for name, report in failed.items()})
+    result["llama_cpp_repack"] = not _has_amx()  # repacking off where AMX would crash it
     result["ttft_ratio_baked_vs_prompted"] = \
         rows["torch fp32 baked"]["ttft_ms"] / rows["torch fp32 + prompt"]["ttft_ms"]
     result["checks"] = checks(result)

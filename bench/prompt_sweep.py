@@ -56,6 +56,10 @@ VARIANTS = {
     "lr 1.5e-3 (half the default)": {"config": {"lr": 1.5e-3}},
     "lr 1e-3 (a third of the default)": {"config": {"lr": 1e-3}},
     "LoRA+ (B at 4x the lr)": {"config": {"lr_b_ratio": 4.0}},
+    # AdamW's second moment over ~20 steps, not ~1000: with beta2 0.999 over a 144-step bake its
+    # estimate stays near the large gradients of the first steps, which shrinks the late steps
+    # on top of the cosine schedule.
+    "Adam beta2 0.95": {"config": {"adam_beta2": 0.95}},
     "LoRA+ (B at 16x the lr)": {"config": {"lr_b_ratio": 16.0}},
     # More adapter: four times the rank at the default's alpha / rank, or every linear layer
     # (the MLP too) at half the lr (rank 32 on every layer diverged at the default lr on tools).

@@ -101,6 +101,16 @@ def test_lora_plus_gives_the_b_factors_their_own_learning_rate(setup):
         config(lr_b_ratio=0.0).validate()
 
 
+def test_adam_beta2_is_the_optimizers_second_moment_decay(setup):
+    model = setup[0]
+    assert make_optimizer(model, config(), 4)[0].param_groups[0]["betas"] == (0.9, 0.999)
+    optimizer, _ = make_optimizer(model, config(adam_beta2=0.95), 4)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    for wrong in (0.0, 1.0):
+        with pytest.raises(ValueError, match=f"adam_beta2={wrong} must be in"):
+            config(adam_beta2=wrong).validate()
+
+
 def test_cached_and_live_teachers_give_the_same_loss(setup):
     model, prefixes, trajectories, pad = setup
     batch = batch_plan(0, trajectories, config())[0]

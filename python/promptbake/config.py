@@ -62,6 +62,7 @@ class BakeConfig:
     # LoRA+ (Hayou et al., 2024): the B factors learn at this multiple of lr, the A factors at lr
     lr_b_ratio: float = 1.0
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (its first stays 0.9)
     schedule: str = "cosine"
     warmup: float = 0.1  # fraction of steps
     max_grad_norm: float = 1.0
@@ -105,6 +106,7 @@ class BakeConfig:
              "batch_size and grad_accum must be >= 1"),
             (self.lr > 0, f"lr={self.lr} must be > 0"),
             (self.lr_b_ratio > 0, f"lr_b_ratio={self.lr_b_ratio} must be > 0"),
+            (0 < self.adam_beta2 < 1, f"adam_beta2={self.adam_beta2} must be in (0, 1)"),
             (0 <= self.warmup < 1, f"warmup={self.warmup} must be a fraction in [0, 1)"),
             (0 <= self.beta <= 1, f"beta={self.beta} must be in [0, 1]"),
             (self.first_token_weight is None or self.first_token_weight > 0,

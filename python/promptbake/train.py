@@ -93,7 +93,8 @@ def make_optimizer(model, config: BakeConfig, total: int):
         groups = [{"params": [p for n, p in named if "lora_B" not in n]},
                   {"params": [p for n, p in named if "lora_B" in n],
                    "lr": config.lr * config.lr_b_ratio}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.adam_beta2),
+                                  weight_decay=config.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
 
 

@@ -135,6 +135,10 @@ def _add_bake(commands) -> None:
                         "(default 1: the same as the A factors)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW weight decay on the LoRA parameters")
+    g.add_argument("--adam-beta2", type=float, default=d.adam_beta2,
+                   help="AdamW's second-moment decay: how far back its step-size estimate "
+                        "remembers the gradients (0.999: about 1000 steps, longer than a "
+                        "default bake; 0.95: about 20)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning-rate schedule after the warm-up")
     g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps")

@@ -310,9 +310,12 @@ def adapter_deltas(path: str | Path, model) -> dict[str, torch.Tensor]:
     stored = {tensor.name: np.array(tensor.data, dtype=np.float32) for tensor in reader.tensors}
     deltas = {}
     for tensor in _plan(model, "f32"):
-        if tensor.name + ".lora_a" not in stored:
+        pair = (tensor.name + ".lora_a", tensor.name + ".lora_b")
+        if not any(name in stored for name in pair):
             continue
-        lora_a, lora_b = stored.pop(tensor.name + ".lora_a"), stored.pop(tensor.name + ".lora_b")
+        if not all(name in stored for name in pair):
+            raise ValueError(f"{path} holds one of {pair[0]} and {pair[1]}, not both")
+        lora_a, lora_b = stored.pop(pair[0]), stored.pop(pair[1])
         heads = _rope_heads(tensor.kind, model.config)
         if heads:
             lora_b = _unrope_rows(lora_b, heads)
