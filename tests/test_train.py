@@ -109,6 +109,14 @@ def test_adam_beta2_is_the_optimizers_second_moment_decay(setup):
     for wrong in (0.0, 1.0):
         with pytest.raises(ValueError, match=f"adam_beta2={wrong} must be in"):
             config(adam_beta2=wrong).validate()
+    # added after bakes and engine runs were made: at its default it is left out of what a
+    # resumed bake or engine run must share, so those still resume
+    from promptbake.config import resume_identity
+    from promptbake.engine import outcome_settings
+
+    assert "adam_beta2" not in resume_identity(config()) | outcome_settings(config())
+    assert resume_identity(config(adam_beta2=0.95))["adam_beta2"] == 0.95
+    assert outcome_settings(config(adam_beta2=0.95))["adam_beta2"] == 0.95
 
 
 def test_cached_and_live_teachers_give_the_same_loss(setup):

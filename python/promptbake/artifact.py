@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from promptbake import files, modeling, models
+from promptbake.config import resume_identity
 from promptbake.distributed import SINGLE, World, full, full_lora_state, like
 from promptbake.framing import Framing
 from promptbake.trajectories import Trajectories
@@ -295,7 +296,7 @@ class RunDir:
                 resume: bool, world: World = SINGLE, teacher_model=None,
                 rehearse=()) -> "RunDir":
         """Checks that the bake may use ``out``; writes nothing (see ``create``)."""
-        inputs = [prompt, dataclasses.asdict(config), contexts_key(contexts),
+        inputs = [prompt, resume_identity(config), contexts_key(contexts),
                   str(Path(model).expanduser().resolve()) if model is not None else models.DEFAULT]
         if teacher_model is not None:  # by its weights: one retrained in place is another
             inputs.append(models.fingerprint(models.resolve(teacher_model)))

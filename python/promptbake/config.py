@@ -19,6 +19,17 @@ TEACHERS = ("cached", "live")
 TEACHER_CACHES = ("full", "topk")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOGGERS = ("tensorboard", "wandb")
+# Settings added after bakes were written: at these defaults they are left out of the identity a
+# resumed bake must share (``resume_identity``), so a bake interrupted before they existed still
+# resumes. (``engine.LATER_BAKE_SETTINGS`` does the same for an engine run's bakes.)
+LATER_DEFAULTS = {"adam_beta2": 0.999}
+
+
+def resume_identity(config) -> dict:
+    """A BakeConfig's settings as a resumed bake must share them: every field but those added
+    later and left at their defaults (``LATER_DEFAULTS``)."""
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 @dataclasses.dataclass

@@ -49,7 +49,7 @@ import torch
 from promptbake import files, modeling, models
 from promptbake.artifact import Baked, contexts_key, load_baked
 from promptbake.bake import Rehearsal, bake
-from promptbake.config import BakeConfig
+from promptbake.config import LATER_DEFAULTS, BakeConfig
 from promptbake.decoding import stop_token_ids
 from promptbake.framing import Framing, prompt_messages
 from promptbake.orchestrate.plateau import gains
@@ -423,7 +423,8 @@ INERT = ("log_to", "checkpoint_every", "snapshot_every")  # bake settings that c
 # Settings added after runs were made with the engine: at these defaults they are left out of
 # the identity, so those runs (and their pipelines' stages) still resume.
 LATER_SETTINGS = {"teacher": "current", "rehearse": 0.0}
-LATER_BAKE_SETTINGS = {"sample_precision": "fp32"}  # the same, for bake settings
+LATER_BAKE_SETTINGS = {"sample_precision": "fp32", **LATER_DEFAULTS}  # the same, for bake
+# settings (``config.LATER_DEFAULTS``: those a resumed bake leaves out too)
 
 
 def resume_settings(config: EngineConfig) -> dict:

@@ -178,8 +178,7 @@ def load(path: str | Path) -> Pipeline:
     if len(set(names)) != len(names):
         raise PipelineError(f"{path}: cycle names repeat ({', '.join(names)}): give each its own")
     if pipeline.export is not None:
-        from promptbake.export import check_quantize
-        from promptbake.export.exporter import check_gguf_lora
+        from promptbake.export import check_gguf_lora, check_quantize
 
         fmt = pipeline.export.setdefault("format", "safetensors")
         try:

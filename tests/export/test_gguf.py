@@ -20,7 +20,7 @@ from transformers import (
 )
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from promptbake import cli, files
+from promptbake import cli, export, files
 from promptbake.export import ParityError, UnsupportedArchitecture, export_baked, export_gguf, gguf
 
 TEXTS = ["Ahoy! How many 12345 doubloons, matey?", "naïve café 東京 🙂\n\n  spaced  out",
@@ -286,14 +286,18 @@ def test_at_4_bits_the_lora_is_a_llama_cpp_adapter_beside_the_base(with_adapter,
     found = {t.name: np.asarray(t.data) for t in reader.tensors}
     assert len(found) == 16 and "blk.0.attn_output.weight.lora_a" in found
     factors = merging.lora_factors(baked.model, 1.0)
-    a, b = factors["model.layers.1.self_attn.q_proj"]
+    a = factors["model.layers.1.self_attn.q_proj"][0]
     assert found["blk.1.attn_q.weight.lora_a"].shape == (4, 64)
     np.testing.assert_array_equal(found["blk.1.attn_q.weight.lora_a"], a.T)
     config = {"num_attention_heads": 4, "num_key_value_heads": 2}
-    lora_b = found["blk.1.attn_q.weight.lora_b"]
-    assert not np.array_equal(lora_b, b.T)
-    np.testing.assert_array_equal(
-        LlamaTensorProcessor(config).process(lora_b, "blk.1.attn_q.weight").weights, b.T)
+    for name, module in (("attn_q", "q_proj"), ("attn_k", "k_proj")):  # 4 heads, 2 KV heads
+        b = factors[f"model.layers.1.self_attn.{module}"][1]
+        lora_b = found[f"blk.1.{name}.weight.lora_b"]
+        assert not np.array_equal(lora_b, b.T)
+        np.testing.assert_array_equal(
+            LlamaTensorProcessor(config).process(lora_b, f"blk.1.{name}.weight").weights, b.T)
+    np.testing.assert_array_equal(found["blk.1.attn_v.weight.lora_b"],  # no rotary: as it is
+                                  factors["model.layers.1.self_attn.v_proj"][1].T)
 
 
 def test_the_adapter_read_back_gives_the_merged_bake(f32_with_adapter, baked_dir):
@@ -356,6 +360,8 @@ def test_cli_exports_q4_1_with_the_adapter_or_merged(baked_dir, tmp_path, capsys
     assert json.loads((merged / "manifest.json").read_text())["lora"] == "merge"
     assert not (merged / "adapter.gguf").exists()
     assert "ADAPTER" not in (merged / "Modelfile").read_text()
+    assert export.check_gguf_lora("gguf", "q4_0", None) == "merge"  # as before the adapter
+    assert export.check_gguf_lora("gguf", "q4_1", None) == "adapter"
 
 
 def test_gguf_lora_is_refused_for_another_format(tmp_path, capsys):

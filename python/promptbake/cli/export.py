@@ -27,7 +27,7 @@ def _add_export(commands) -> None:
                     "KV cache for ONNX Runtime (--format onnx), optionally int8- or "
                     "int4-quantized and pruned (with recovery distillation from the dense model), "
                     "or one GGUF file for llama.cpp and Ollama (--format gguf, Llama-architecture "
-                    "models such as SmolLM2; f32, f16, q8_0, q4_1 or q4_0; at 4 bits the "
+                    "models such as SmolLM2; f32, f16, q8_0, q4_1 or q4_0; with q4_1 the "
                     "bake's LoRA is kept beside the base as a llama.cpp adapter, adapter.gguf), "
                     "with a Modelfile for `ollama create`. "
                     "Every ONNX and GGUF export is checked against torch (logits, top-1 "
@@ -72,9 +72,10 @@ def _add_export(commands) -> None:
                    help="with --format gguf: adapter (the base weights in model.gguf and the "
                         "bake's LoRA beside them in adapter.gguf, f32, which llama.cpp applies "
                         "with --lora and Ollama with the Modelfile's ADAPTER: rounding cannot "
-                        "erase the bake; the default for q4_1 and q4_0) or merge (one file "
-                        "with the bake merged in; the default for f32, f16 and q8_0, which keep "
-                        "it: q4_0 merged kept -32%% of the pirate bake)")
+                        "erase the bake; the default for q4_1) or merge (one file with the bake "
+                        "merged in, for tools without LoRA adapters; the default for the other "
+                        "precisions: f32, f16 and q8_0 keep the bake merged, q4_0 merged kept "
+                        "-32%% of the pirate bake)")
     p.add_argument("--int4-correction", type=int, default=None, metavar="RANK",
                    help="with --quantize int4 and the LoRA beside: a rank-RANK correction in "
                         "fp16 beside every 4-bit matrix (the MLP's and a 4-bit head's too), "
@@ -126,8 +127,8 @@ def _add_export(commands) -> None:
 
 def _export(args) -> int:
     # The ONNX side needs the optional onnx packages: imported when an export runs.
-    from promptbake.export import ParityError, check_quantize, export_baked, gguf
-    from promptbake.export.exporter import check_gguf_lora
+    from promptbake.export import (ParityError, check_gguf_lora, check_quantize, export_baked,
+                                   gguf)
 
     check_quantize(args.format, args.quantize, args.prune)  # before the bake is loaded
     check_gguf_lora(args.format, args.quantize, args.gguf_lora)

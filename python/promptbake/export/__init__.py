@@ -6,10 +6,10 @@ GGUF.
 * ``export_onnx(model, tokenizer, out)``: one ONNX graph for prefill and cached decode
   (``graph.py``), optionally int8 or int4 (``quantize.py``) and with pruned weights packed
   (``sparse.py``), written only after it passed the parity check against torch (``parity.py``).
-* ``export_gguf(model, tokenizer, out, quantize=...)``: one GGUF file for llama.cpp and Ollama
-  (f32, f16, q8_0, q4_1 or q4_0; at 4 bits the LoRA beside it in a llama.cpp adapter), written
-  only after transformers' GGUF loader read it back and it
-  passed the parity check (``gguf.py``).
+* ``export_gguf(model, tokenizer, out, quantize=..., adapter=...)``: a GGUF file for llama.cpp
+  and Ollama (f32, f16, q8_0, q4_1 or q4_0; with ``adapter``, the base in it and the LoRA beside
+  it in a llama.cpp adapter file, as ``export_baked`` does for q4_1), written only after
+  transformers' GGUF loader read it back and it passed the parity check (``gguf.py``).
 * ``export_baked(dir, out, format=..., strength=..., quantize=..., prune=...)``: any of these,
   from a bake's directory (what ``promptbake export`` runs).
 * ``OnnxLM(path)``: onnxruntime generation (greedy, sampling, batches) with timings
@@ -31,6 +31,7 @@ _NAMES = {
     "Export": "exporter", "check_quantize": "exporter", "export_baked": "exporter",
     "export_model": "exporter",
     "export_onnx": "exporter", "GgufExport": "gguf", "export_gguf": "gguf",
+    "check_gguf_lora": "exporter",
     "model_bytes": "exporter", "SUPPORTED": "graph", "UnsupportedArchitecture": "graph",
     "merge": "merging", "save_merged": "merging", "ParityError": "parity",
     "Tolerances": "parity", "held_out_kl": "parity", "Int8Options": "quantize",
@@ -55,6 +56,7 @@ __all__ = [
     "ParityError",
     "Tolerances",
     "UnsupportedArchitecture",
+    "check_gguf_lora",
     "check_quantize",
     "export_baked",
     "export_gguf",

@@ -321,8 +321,8 @@ def export_baked(baked, out: str | Path, *, format: str = "onnx", strength: floa
     ``baked``: a ``Baked`` or a bake's directory. ``quantize``: the ONNX export's "int8" or
     "int4" (options in ``int8`` / ``int4``), or the GGUF export's "f32", "f16", "q8_0", "q4_1"
     or "q4_0"; ``gguf_lora``: "merge" the bake into the GGUF, or keep it beside the base as a
-    llama.cpp LoRA "adapter" (``adapter.gguf``; the default for q4_1 and q4_0, where 4-bit
-    rounding of the merged weights erases most of the bake). ``prune``: called with the merged model
+    llama.cpp LoRA "adapter" (``adapter.gguf``; the default for q4_1, where 4-bit rounding of
+    the merged weights would erase most of the bake). ``prune``: called with the merged model
     before the ONNX export (e.g. ``lambda m: compress.prune(m, 0.5)``); what it returns is
     recorded when it has ``to_dict()``; the pruned weights are then stored packed unless
     ``sparse=False``. ``int4=Int4Options(lora="beside", recover_steps=N)`` quantises the base
@@ -400,7 +400,7 @@ def check_quantize(format: str, quantize: str | None, prune=None) -> None:
     other = "gguf" if quantize in GGUF_QUANTIZATIONS else "onnx" if quantize in QUANTIZATIONS \
         else None
     hint = f"; {quantize} is the {other.upper()} export's: use --format {other}" if other else ""
-    if quantize in ("int4", "q4_0"):  # the other format's 4-bit precision
+    if quantize in ("int4", "q4_1", "q4_0"):  # the other format's 4-bit precision
         hint += f" (4 bits in the {format.upper()} export: --quantize " \
                 f"{'q4_0' if format == 'gguf' else 'int4'})"
     raise ValueError(f"--quantize {quantize} does not apply to --format {format}, which takes "
@@ -408,14 +408,15 @@ def check_quantize(format: str, quantize: str | None, prune=None) -> None:
 
 
 def check_gguf_lora(format: str, quantize: str | None, lora: str | None) -> str | None:
-    """The GGUF export's ``lora`` for ``quantize`` ("adapter" by default at 4 bits, else
-    "merge"); a ValueError for an unknown value, or one given to another format."""
+    """The GGUF export's ``lora`` for ``quantize`` ("adapter" by default for q4_1, else
+    "merge": q4_0 exported merged before the adapter existed, and on the default model it loses
+    the base either way); a ValueError for an unknown value, or one given to another format."""
     if lora is not None and format != "gguf":
         raise ValueError(f"--gguf-lora applies to --format gguf, not --format {format}")
     if format != "gguf":
         return None
     if lora is None:
-        return "adapter" if quantize in ("q4_1", "q4_0") else "merge"
+        return "adapter" if quantize == "q4_1" else "merge"
     if lora not in GGUF_LORA:
         raise ValueError(f"gguf_lora={lora!r}: choose one of {', '.join(GGUF_LORA)}")
     return lora

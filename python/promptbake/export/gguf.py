@@ -8,7 +8,7 @@ pass ``parity.check`` (max |logit difference|, top-1 agreement, greedy tokens). 
 ``manifest.json`` and an Ollama ``Modelfile`` written and the directory renamed to its name; a
 failed check raises ``ParityError`` and leaves nothing behind.
 
-With ``adapter`` (``export_baked``'s default at 4 bits), ``model.gguf`` holds the *base* weights
+With ``adapter`` (``export_baked``'s default for q4_1), ``model.gguf`` holds the *base* weights
 and the bake's LoRA goes beside them into ``adapter.gguf``, llama.cpp's LoRA adapter format
 (``llama-cli -m model.gguf --lora adapter.gguf``; the Modelfile's ``ADAPTER``), in f32: the
 rounding of the base cannot erase the bake, as it does when the merged weights are rounded to 4
@@ -23,7 +23,7 @@ Pass criteria (16 greedy steps from each of 8 held-out contexts, 128 positions):
 * f16, q8_0, q4_1, q4_0 change the weights by design: top-1 agreement with the fp32 model at
   the positions of its own greedy continuation must reach ``TOP1_FLOOR``. Measured on
   SmolLM2-135M: f16 99.2% (one near-tie of 128 flips: f16 moves logits by up to 0.04), q8_0
-  99.2%, q4_0 77.3% (KL 0.28 nats/token), q4_1 100% and a max |logit difference| of 5e-5: the
+  99.2%, q4_0 77.3% (KL 0.28 nats/token), q4_1 100% and a max |logit difference| of 6e-5: the
   default model is llama.cpp's Q4_1 file, and q4_1 writes its blocks back byte for byte. A
   broken export (f32 with the rope rows left in transformers' order) agrees on 29.7%. Floors:
   f16 0.98 and q8_0 0.95 (rounding may flip a near-tie, nothing more), q4_1 and q4_0 0.6
@@ -304,9 +304,10 @@ def adapter_deltas(path: str | Path, model) -> dict[str, torch.Tensor]:
     in transformers' order): how the export reads its own adapter back to check it."""
     reader = gguf.GGUFReader(path)
     kind = reader.fields.get(gguf.Keys.Adapter.TYPE)
-    if kind is None or kind.contents() != "lora":
+    if kind is None or _scalar(kind) != "lora":
         raise ValueError(f"{path} is no llama.cpp LoRA adapter (adapter.type is not 'lora')")
-    alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    found = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
+    alpha = float(_scalar(found)) if found is not None else 0.0  # llama.cpp's default
     stored = {tensor.name: np.array(tensor.data, dtype=np.float32) for tensor in reader.tensors}
     deltas = {}
     for tensor in _plan(model, "f32"):
@@ -325,6 +326,15 @@ def adapter_deltas(path: str | Path, model) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} adapts tensors this model does not have: "
                          f"{', '.join(sorted(stored)[:3])}")
     return deltas
+
+
+def _scalar(field):
+    """A string or number metadata field's value, read as every gguf version since 0.10 can
+    (``ReaderField.contents`` came later)."""
+    value = field.parts[field.data[0]]
+    if field.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(value).decode()
+    return value[0].item()
 
 
 def _add_deltas(model, deltas: dict[str, torch.Tensor]) -> None:

@@ -56,7 +56,6 @@ def save_merged(baked, out: str | Path, strength: float = 1.0, *,
     return write_merged(baked, out, strength, in_place=owned)
 
 
-
 def lora_factors(peft_model, strength: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{module name: (A [K, r], B [r, N])}`` of every LoRA layer at ``strength``, so that
     x @ A @ B is the layer's delta (the scaling, strength * alpha / r, folded into B); names
