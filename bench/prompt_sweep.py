@@ -60,6 +60,8 @@ VARIANTS = {
     # estimate stays near the large gradients of the first steps, which shrinks the late steps
     # on top of the cosine schedule.
     "Adam beta2 0.95": {"config": {"adam_beta2": 0.95}},
+    # The learning rate held after the warm-up instead of decayed to 0 over the last steps.
+    "constant lr after warm-up": {"config": {"schedule": "constant"}},
     "LoRA+ (B at 16x the lr)": {"config": {"lr_b_ratio": 16.0}},
     # More adapter: four times the rank at the default's alpha / rank, or every linear layer
     # (the MLP too) at half the lr (rank 32 on every layer diverged at the default lr on tools).
