@@ -3,6 +3,7 @@ it resumes exactly, and it never loses or half-writes files."""
 
 import errno
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -183,6 +184,9 @@ def test_output_directory_is_never_clobbered(tiny_dir, tmp_path, prompt):
         bake(prompt, model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True)
     with pytest.raises(ValueError, match="another prompt, configuration"):
         bake("Another prompt.", model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True)
+    with pytest.raises(ValueError, match="--overwrite replaces it: choose one"):
+        bake(prompt, model=tiny_dir, config=tiny_config(steps=1), out=out, resume=True,
+             overwrite=True)
     bake(prompt, model=tiny_dir, config=tiny_config(steps=2), out=out, overwrite=True)
     assert (out / "notes.txt").read_text() == "added by the user"  # overwrite kept it
     assert len(json.loads((out / "manifest.json").read_text())["train_kl_per_token"]) == 2
@@ -284,6 +288,17 @@ def test_contexts_from_a_list_are_measured_again_from_the_directory(tiny_dir, tm
         manifest["kl"]["after"]["per_sequence"], rel=1e-4)
     # Another set, named explicitly, is measured whole.
     assert mc_kl(again, questions[:4])["base"].sequences == 4
+
+
+def test_asking_for_more_contexts_than_there_are_says_so(tiny_dir, prompt, caplog):
+    questions = [f"Question number {i}: what is {i} plus {i}?" for i in range(30)]
+    with caplog.at_level(logging.WARNING, logger="promptbake"):
+        baked = bake(prompt, model=tiny_dir, contexts=questions,
+                     config=tiny_config(steps=1, train_contexts=100, probe_contexts=2))
+    used = baked.manifest["contexts"]["train"]
+    assert used < 100
+    assert f"--train-contexts asks for 100 training contexts; there are {used}" in caplog.text
+    assert "--eval-contexts" not in caplog.text and "--probe-contexts" not in caplog.text
 
 
 def test_bad_input(tiny_dir, tmp_path, prompt):

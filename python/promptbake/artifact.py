@@ -296,6 +296,9 @@ class RunDir:
                 resume: bool, world: World = SINGLE, teacher_model=None,
                 rehearse=()) -> "RunDir":
         """Checks that the bake may use ``out``; writes nothing (see ``create``)."""
+        if resume and overwrite:
+            raise ValueError("--resume continues the bake in --out and --overwrite replaces it: "
+                             "choose one")
         inputs = [prompt, resume_identity(config), contexts_key(contexts),
                   str(Path(model).expanduser().resolve()) if model is not None else models.DEFAULT]
         if teacher_model is not None:  # by its weights: one retrained in place is another

@@ -114,6 +114,16 @@ def bake(prompt: str, model: str | Path | None = None, contexts=None,
         train = contexts_mod.for_bake(drawn, "train", config.train_contexts, config.seed)
         held_out = contexts_mod.for_bake(drawn, "held_out", config.eval_contexts)
         probes = contexts_mod.probe(config.probe_contexts) if config.probe_contexts else []
+        for what, found, asked, flag in (("training", train, config.train_contexts,
+                                          "--train-contexts"),
+                                         ("held-out", held_out, config.eval_contexts,
+                                          "--eval-contexts"),
+                                         ("probe", probes, config.probe_contexts,
+                                          "--probe-contexts")):
+            if len(found) < asked and world.writes:
+                log.warning("%s asks for %d %s contexts; there are %d, so the bake uses %d "
+                            "(the manifest's contexts record what was used)", flag, asked, what,
+                            len(found), len(found))
         _check_contexts(framing, train + held_out + probes, lm, config)
         if teacher.lm is not None:
             _check_contexts(teacher.framing, train + held_out + probes, teacher.lm, config)

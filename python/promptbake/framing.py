@@ -49,7 +49,10 @@ def prompt_messages(prompt) -> list[dict]:
             raise FramingError("prompt is empty: pass the text to bake with --prompt or "
                                "--prompt-file")
         return [{"role": "system", "content": prompt}]
-    if not isinstance(prompt, (list, tuple)) or not prompt:
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        raise FramingError("the prompt is an empty list of chat messages: give at least a "
+                           "system message, {\"role\": \"system\", \"content\": text}")
+    if not isinstance(prompt, (list, tuple)):
         raise FramingError(f"a prompt is a text or a non-empty list of chat messages, not "
                            f"{type(prompt).__name__}")
     out = []
@@ -58,6 +61,10 @@ def prompt_messages(prompt) -> list[dict]:
                 not isinstance(message.get("content"), str):
             raise FramingError(f"prompt message {i} must be {{\"role\": one of "
                                f"{', '.join(PROMPT_ROLES)}, \"content\": text}}, got {message!r}")
+        if message["role"] == "system" and out and out[-1]["role"] != "system":
+            raise FramingError(f"prompt message {i} is a system message after a "
+                               f"{out[-1]['role']} turn: put the system message(s) first, then "
+                               f"the demonstration turns")
         out.append(dict(message))
     if not any(m["content"].strip() for m in out):
         raise FramingError("every message of the prompt is empty: give the prompt some text")

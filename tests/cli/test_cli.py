@@ -260,6 +260,8 @@ def test_a_missing_sandbox_stops_evaluate_before_any_scoring(bake_copy, monkeypa
 def test_non_finite_strengths_are_refused(bake_copy, capsys):
     assert cli.main(["kl", str(bake_copy), "--strength", "0,nan"]) == 2
     assert "strength=nan must be a finite number" in capsys.readouterr().err
+    assert cli.main(["kl", str(bake_copy), "--strength", "0,abc"]) == 2
+    assert "--strength 0,abc: 'abc' is not a number" in capsys.readouterr().err
 
 
 def test_a_json_prompt_file_is_a_conversation(tiny_dir, tmp_path, capsys):

@@ -55,3 +55,18 @@ def teacher_for(args, baked):
 def split_list(text: str) -> list[str]:
     """The items of a comma-separated option, stripped, empty ones dropped."""
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def float_list(text: str, flag: str) -> list[float]:
+    """The numbers of a comma-separated option such as ``--strength 0,0.5,1``; an item that is
+    no number is an error that names ``flag``."""
+    out = []
+    for item in split_list(text):
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise ValueError(f"{flag} {text}: {item!r} is not a number (give numbers separated "
+                             f"by commas, e.g. 0,0.5,1)") from None
+    if not out:
+        raise ValueError(f"{flag} {text!r}: give at least one number")
+    return out

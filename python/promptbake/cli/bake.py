@@ -8,7 +8,8 @@ from pathlib import Path
 from promptbake import artifact, files, tools
 from promptbake.artifact import SNAPSHOTS, load_baked
 from promptbake.bake import bake
-from promptbake.cli.arguments import Help, add_teacher_model, read_prompt, split_list, teacher_for
+from promptbake.cli.arguments import (Help, add_teacher_model, float_list, read_prompt, split_list,
+                                     teacher_for)
 from promptbake.config import (LOGGERS, LOSSES, PRECISIONS, SCHEDULES, TEACHER_CACHES, TEACHERS,
                                BakeConfig)
 from promptbake.distributed import World
@@ -305,7 +306,7 @@ def _add_kl(commands) -> None:
 
 
 def _kl(args) -> int:
-    strengths = [float(x) for x in split_list(args.strength)]
+    strengths = float_list(args.strength, "--strength")
     baked = load_baked(args.dir, model=args.model)
     teacher = teacher_for(args, baked)
     sampling = dict(samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed,

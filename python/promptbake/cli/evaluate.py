@@ -7,7 +7,8 @@ from pathlib import Path
 
 from promptbake import drift as drift_mod, files, models, tools
 from promptbake.artifact import MANIFEST, load_baked
-from promptbake.cli.arguments import Help, add_teacher_model, score_line, split_list, teacher_for
+from promptbake.cli.arguments import (Help, add_teacher_model, float_list, score_line, split_list,
+                                     teacher_for)
 from promptbake.forgetting import check_suite
 from promptbake.formatting import pm
 from promptbake.framing import STUDENT_FRAMINGS
@@ -149,7 +150,7 @@ def _report(args) -> int:
         return _engine_report(args.dir)
     tasks = None if args.tasks == "all" else [t for t in split_list(args.tasks) if t != "none"]
     persona = "" if args.persona == "none" else args.persona
-    strengths = [float(x) for x in split_list(args.strength)]
+    strengths = float_list(args.strength, "--strength")
     record = report(args.dir, tasks=tasks, limit=args.limit or None, persona=persona,
                     turns=args.turns, conversations=args.conversations, strengths=strengths,
                     model=args.model, teacher_model=args.teacher_model,
