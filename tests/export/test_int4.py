@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from promptbake import cli, load_baked
 from promptbake.artifact import merged_model
+from promptbake.export.exporter import model_bytes
 from promptbake.export import (
     Int4Options,
     OnnxLM,
@@ -498,8 +499,10 @@ def test_gptq_refuses_what_onnxruntimes_gptq_cannot_quantise():
                                           ("hqq", 8)])
 def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, tmp_path, method,
                                                           head):
-    # accuracy level 0: fp32 compute, so the graph must equal torch on the same weights
-    options = Int4Options(method=method, lora="beside", accuracy_level=0, head_bits=head)
+    # accuracy level 0: fp32 compute, so the graph must equal torch on the same weights; fp32
+    # storage, so the factors are the bake's own (fp16 storage: test_fp16_storage)
+    options = Int4Options(method=method, lora="beside", accuracy_level=0, head_bits=head,
+                          scale_storage="fp32")
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", int4=options,
                          tolerances=TINY_INT4)
     record = found.manifest["int4"]["beside"]
@@ -535,6 +538,62 @@ def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, 
         np.testing.assert_array_equal(stored[f"{name}.lora_B"], b)
 
 
+def test_fp16_storage_halves_the_numbers_beside_the_codes_and_computes_as_fp32(
+        baked_dir, tokenizer, tmp_path):
+    # the default: scales, HQQ's zero points and the LoRA factors stored in fp16, cast back
+    options = dict(method="hqq", lora="beside", accuracy_level=0, head_bits=4)
+    half = export_baked(baked_dir, tmp_path / "fp16", quantize="int4", tolerances=TINY_INT4,
+                        int4=Int4Options(**options))
+    full = export_baked(baked_dir, tmp_path / "fp32", quantize="int4", tolerances=TINY_INT4,
+                        int4=Int4Options(**options, scale_storage="fp32"))
+    record = half.manifest["int4"]["fp16_storage"]
+    assert "fp16_storage" not in full.manifest["int4"]
+    model, exact = (onnx.load(str(e.path / "model.onnx")) for e in (half, full))
+    stored = {i.name: i for i in model.graph.initializer}
+    casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    # every 4-bit node's scales and folded zero points, and every LoRA factor, read via a Cast
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    zeros = [n.input[1] for n in model.graph.node if n.name.endswith("_zero_term/centred")]
+    lora = [n.removesuffix(quantize.HALF) for n in stored if ".lora_" in n]
+    beside_names = [n.input[2] for n in nbits] + zeros + lora
+    assert len(nbits) == 15 and len(zeros) == 15 and len(lora) == 16
+    for name in beside_names:
+        assert stored[casts[name]].data_type == TensorProto.FLOAT16, name
+    assert record["tensors"] == len(beside_names)
+    # the file is smaller by what fp16 saves, less the Cast nodes' ~100 bytes each
+    saved = model_bytes(full.path) - model_bytes(half.path)
+    assert 0.95 * record["bytes_saved"] < saved <= record["bytes_saved"]
+    # read back: the same grid to fp16's rounding
+    for name, blocks in quantize.blocks_4bit(model).items():
+        want = quantize.blocks_4bit(exact)[name]
+        assert np.array_equal(blocks.codes, want.codes)
+        np.testing.assert_allclose(blocks.scales, want.scales, rtol=2 ** -10)
+        np.testing.assert_allclose(blocks.zeros, want.zeros, rtol=2 ** -10, atol=2 ** -10)
+    # a LoRA pair rebalanced, its product kept
+    exact_inits = {i.name: numpy_helper.to_array(i) for i in exact.graph.initializer}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
+        a, b = (numpy_helper.to_array(stored[f"{name}.lora_{f}{quantize.HALF}"]).astype(np.float32)
+                for f in "AB")
+        want = exact_inits[f"{name}.lora_A"] @ exact_inits[f"{name}.lora_B"]
+        np.testing.assert_allclose(a @ b, want, atol=2e-3 * np.abs(want).max())
+        assert np.isclose(np.abs(a).max(), np.abs(b).max(), rtol=2e-3)
+    # and a plain onnxruntime session computes nearly what the fp32-stored graph does
+    ids = parity.default_prompts(tokenizer, count=1)[0]
+    got, want = plain_logits(half.path, ids), plain_logits(full.path, ids)
+    assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
+    assert half.manifest["parity"]["passed"]
+
+
+def test_scale_storage_is_checked_before_any_work(baked_dir, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert cli.main(["export", str(baked_dir), "--out", str(out), "--scale-storage",
+                     "fp32"]) == 2
+    assert "--scale-storage applies to --quantize int8 or int4" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="scale_storage='bf16': choose fp16"):
+        Int4Options(scale_storage="bf16").validate()
+    assert not out.exists()
+
+
 def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tmp_path, capsys,
                                                                   monkeypatch, file_hashes):
     monkeypatch.setattr(parity, "Tolerances", functools.partial(
@@ -543,7 +602,7 @@ def test_lora_beside_recovers_on_the_4bit_base_and_leaves_the_bake(baked_dir, tm
     out = tmp_path / "int4"
     assert cli.main(["export", str(baked_dir), "--out", str(out), "--quantize", "int4",
                      "--int4-lora", "beside", "--int4-head", "4", "--recover-steps", "3",
-                     "--recover-contexts", "3", "--quiet"]) == 0
+                     "--recover-contexts", "3", "--scale-storage", "fp32", "--quiet"]) == 0
     assert "keeps" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     record = manifest["int4"]
@@ -579,7 +638,7 @@ def test_a_recovery_that_raises_the_held_out_kl_is_dropped(baked_dir, tmp_path, 
 
     monkeypatch.setattr(beside.compress, "recover", recover)
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", tolerances=TINY_INT4,
-                         int4=Int4Options(recover_steps=1, head_bits=4))
+                         int4=Int4Options(recover_steps=1, head_bits=4, scale_storage="fp32"))
     record = found.manifest["int4"]["beside"]
     assert record["recovery"]["kept"] == better
     model = onnx.load(str(found.path / "model.onnx"))
@@ -588,7 +647,7 @@ def test_a_recovery_that_raises_the_held_out_kl_is_dropped(baked_dir, tmp_path, 
     for name, (a, b) in start.items():
         assert np.array_equal(stored[f"{name}.lora_B"], b) != better
     fresh = export_baked(baked_dir, tmp_path / "none", quantize="int4", tolerances=TINY_INT4,
-                         int4=Int4Options(head_bits=4))
+                         int4=Int4Options(head_bits=4, scale_storage="fp32"))
     untrained = quantize.blocks_4bit(onnx.load(str(fresh.path / "model.onnx")))
     for name, blocks in quantize.blocks_4bit(model).items():
         assert np.array_equal(blocks.scales, untrained[name].scales) != better
@@ -616,7 +675,7 @@ def test_learned_scales_move_the_graphs_grid_and_torch_follows(baked_dir, tokeni
                                                                method):
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", tolerances=TINY_INT4,
                          int4=Int4Options(method=method, lora="beside", accuracy_level=0,
-                                          head_bits=4))
+                                          head_bits=4, scale_storage="fp32"))
     model = onnx.load(str(found.path / "model.onnx"))
     blocks = quantize.blocks_4bit(model)
     baked = load_baked(baked_dir)
@@ -697,7 +756,7 @@ def test_a_correction_trains_with_the_recovery_and_torch_computes_the_graph(bake
         parity.Tolerances, int4_top1=0.0, contexts=2, steps=8))
     options = Int4Options(method="hqq", lora="beside", accuracy_level=0, head_bits=4,
                           correction_rank=2, recover_steps=3, recover_contexts=3,
-                          recover_scales=False)
+                          recover_scales=False, scale_storage="fp32")
     found = export_baked(baked_dir, tmp_path / "int4", quantize="int4", int4=options,
                          tolerances=TINY_INT4)
     record = found.manifest["int4"]["beside"]

@@ -96,11 +96,16 @@ def _add_export(commands) -> None:
     p.add_argument("--block-size", type=int, default=None,
                    help="with --quantize int8 or int4: weights per scale (a power of 2, at "
                         "least 16; default 32). Smaller blocks are more accurate and store more "
-                        "scales: int4 at 32 is 78%% smaller than fp32 with hqq and the 8-bit "
-                        "head; with --int4-head 4, 81%% with hqq and 84%% with rtn, at 64 84%% "
-                        "and 86%%. The default model's own 4-bit grid is in blocks of 32 "
+                        "scales: int4 at 32 is 81%% smaller than fp32 with hqq and the 8-bit "
+                        "head (78%% with --scale-storage fp32); with --int4-head 4 and fp32 "
+                        "scales, 81%% with hqq and 84%% with rtn, at 64 84%% and 86%%. The default model's own 4-bit grid is in blocks of 32 "
                         "(README). gptq takes only sizes that cut every layer's "
                         "inputs into an even number of blocks (SmolLM2: 16 or 32)")
+    p.add_argument("--scale-storage", choices=("fp16", "fp32"), default=None,
+                   help="with --quantize int8 or int4: how the numbers beside the codes are "
+                        "stored (the blocks' scales, int4's zero points, the LoRA kept beside "
+                        "the 4-bit base): fp16 (the default; cast to fp32 when the graph loads, "
+                        "5 bits per 4-bit weight instead of 6) or fp32 (exactly as computed)")
     p.add_argument("--prune", default=None,
                    help="sparsity of the decoder's linear layers: a ratio in (0, 1) or an N:M "
                         "pattern such as 2:4. Experimental, not a serving option: on the default "
@@ -210,6 +215,9 @@ def _options(args):
         if value is not None and args.quantize != "int4":
             raise ValueError(f"{flag} applies to --quantize int4, not "
                              f"{args.quantize or 'an unquantized export'}: add --quantize int4")
+    if args.scale_storage is not None and args.quantize not in ("int8", "int4"):
+        raise ValueError(f"--scale-storage applies to --quantize int8 or int4, not "
+                         f"{args.quantize or 'an unquantized export'}")
     if args.int4_lora is not None and args.quantize != "int4":
         raise ValueError(f"--int4-lora applies to --quantize int4, not "
                          f"{args.quantize or 'an unquantized export'}: add --quantize int4")
@@ -232,6 +240,8 @@ def _options(args):
     if args.recover_contexts is not None and args.recover_contexts < 1:
         raise ValueError(f"--recover-contexts {args.recover_contexts}: give at least 1")
     size = {} if args.block_size is None else {"block_size": args.block_size}
+    if args.scale_storage is not None:
+        size["scale_storage"] = args.scale_storage
     if args.quantize == "int4":
         chosen = {"method": args.int4_method, "lora": args.int4_lora, "head_bits": args.int4_head,
                   "accuracy_level": {"int8": 4, "fp32": 1, None: None}[args.int4_compute]}

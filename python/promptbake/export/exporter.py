@@ -177,6 +177,8 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
             shutil.rmtree(scratch)
             if beside is not None:
                 details[quantize]["beside"] = timed("lora", lambda: beside.attach(target, model))
+            if options.scale_storage == "fp16":
+                details[quantize]["fp16_storage"] = timed("fp16", lambda: _store_half(target))
         if sparse:
             details["sparse"] = timed("pack", lambda: _pack(target))
         timed("check", lambda: _checker(target))
@@ -240,6 +242,16 @@ def _calibration(tokenizer, framing,
     what SmoothQuant's ranges and GPTQ's Hessians are measured on (never the held-out contexts
     the export is measured on)."""
     return parity.framed(tokenizer, contexts.builtin("train")[:options.calibration], framing)
+
+
+def _store_half(path: Path) -> dict:
+    """``quantize.store_half`` on the graph at ``path``, rewritten in place."""
+    import onnx
+
+    model = onnx.load(str(path))
+    record = quantize_mod.store_half(model)
+    graph.save(model, path)
+    return record
 
 
 def _remove_stale(out: Path) -> None:

@@ -3,8 +3,8 @@
 Two methods, both from ``onnxruntime.quantization``:
 
 * ``blockwise`` (the default): ``MatMulNBitsQuantizer`` with 8 bits. Each MatMul weight becomes a
-  ``MatMulNBits`` node: symmetric 8-bit codes with one fp32 scale per block of ``block_size``
-  input rows of each output column; at ``accuracy_level`` 4 the activations are quantised to
+  ``MatMulNBits`` node: symmetric 8-bit codes with one scale (fp16 on disk) per block of
+  ``block_size`` input rows of each output column; at ``accuracy_level`` 4 the activations are quantised to
   int8 on the fly per block of the same size, so an outlier only coarsens its own block. On
   Llama models SmoothQuant (``smooth.py``) first moves activation outliers into the weights.
 * ``dynamic``: ``quantize_dynamic`` (MatMulInteger): int8 weights per output channel, uint8
@@ -19,8 +19,9 @@ the bake's KL reduction kept; the export report has the commands): blockwise wit
 keeps 99.1%, blockwise alone 97.8%, dynamic -169% (worse than the unbaked model).
 
 int4 (``Int4Options``) is ``MatMulNBitsQuantizer`` with 4 bits, every MatMul weight a
-``MatMulNBits`` node with two codes per byte (element 2i in the low nibble), one fp32 scale per
-block of ``block_size`` input rows, by one of four methods; the LM head (and a tied embedding)
+``MatMulNBits`` node with two codes per byte (element 2i in the low nibble), one scale per
+block of ``block_size`` input rows (stored in fp16 by default, ``store_half``), by one of four
+methods; the LM head (and a tied embedding)
 in 8 bits by default (``head_bits``), blockwise and symmetric as int8's:
 
 * ``rtn``: symmetric round to nearest (onnxruntime's default 4-bit quantizer): code =
@@ -133,7 +134,8 @@ class Int8Options:
     ``/model/layers.11/mlp/down_proj/MatMul``); ``keep_head_fp32`` keeps the LM head (and with a
     tied head, the embedding) in fp32. ``smooth``: SmoothQuant's migration strength
     (``smooth.py``; applied to Llama models), None to skip it; ``calibration``: how many
-    built-in training contexts measure the activation ranges it needs.
+    built-in training contexts measure the activation ranges it needs. ``scale_storage``:
+    ``blockwise``'s scales stored in fp16 (the default; ``store_half``) or fp32.
     """
 
     method: str = "blockwise"
@@ -145,11 +147,13 @@ class Int8Options:
     reduce_range: bool = True
     exclude: tuple[str, ...] = ()
     keep_head_fp32: bool = False
+    scale_storage: str = "fp16"
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"int8 method {self.method!r}: choose blockwise or dynamic")
         _check_blockwise(self)
+        _check_storage(self)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON reads it
@@ -160,8 +164,8 @@ class Int4Options:
     """How the weights are quantised to 4 bits (see the module docstring for the methods).
 
     ``block_size``: input rows per scale (a power of 2, at least 16); smaller blocks follow the
-    weights more closely and store more scales (32 bits each, and for ``hqq`` as many zero
-    points). ``accuracy_level`` 1 (the default): fp32 compute with dequantised weights for the
+    weights more closely and store more scales (16 bits each with ``scale_storage`` fp16, and
+    for ``hqq`` as many zero points). ``accuracy_level`` 1 (the default): fp32 compute with dequantised weights for the
     4-bit matrices, an 8-bit head's in int8; 4: activations quantised to int8 per block on the
     fly (int8 compute: ~10% faster decoding here, and 95.5-98.6% of three bakes kept, against
     99.0-99.6%); 0: fp32 for every matrix (exact with the weights, for checking: onnxruntime's
@@ -185,7 +189,9 @@ class Int4Options:
     costs nothing in size or latency and kept more of the pirate bake (85% against 80% in 60
     steps). ``correction_rank`` (with ``beside``): a rank-r fp16 branch beside every 4-bit
     matrix, started from the SVD of its rounding error and trained with the recovery
-    (``correction.py``); 0, the default, adds none.
+    (``correction.py``); 0, the default, adds none. ``scale_storage``: the scales, HQQ's float
+    zero points and the LoRA kept beside stored in fp16 (the default; cast to fp32 when the
+    graph loads, ``store_half``: 5 bits per 4-bit weight instead of 6) or fp32.
     """
 
     method: str = "hqq"
@@ -202,6 +208,7 @@ class Int4Options:
     recover_contexts: int = 48
     correction_rank: int = 0
     head_bits: int | None = None  # None: 8, or 4 with gptq (which quantises every MatMul alike)
+    scale_storage: str = "fp16"
 
     def validate(self) -> None:
         if self.method not in INT4_METHODS:
@@ -235,6 +242,7 @@ class Int4Options:
             raise ValueError("int4 method 'gptq' quantises every MatMul: exclude, head_bits=8 "
                              "and keep_head_fp32 apply to hqq, hqq-int and rtn")
         _check_blockwise(self)
+        _check_storage(self)
 
     def head(self) -> int:
         """The head's bits: ``head_bits``, or by default 8 (4 with gptq, which cannot leave a
@@ -245,6 +253,15 @@ class Int4Options:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON reads it
+
+
+SCALE_STORAGE = ("fp16", "fp32")
+
+
+def _check_storage(options: Int8Options | Int4Options) -> None:
+    if options.scale_storage not in SCALE_STORAGE:
+        raise ValueError(f"scale_storage={options.scale_storage!r}: choose fp16 (the default) or "
+                         f"fp32")
 
 
 def _check_blockwise(options: Int8Options | Int4Options) -> None:
@@ -646,6 +663,71 @@ def fold_zero_points(model: onnx.ModelProto) -> int:
     return folded
 
 
+HALF = "_fp16"  # an initializer stored in fp16 is named so; a Cast gives the graph its fp32 name
+
+
+def store_half(model: onnx.ModelProto) -> dict:
+    """The fp32 numbers that sit beside the codes stored in fp16, in place: every
+    ``MatMulNBits`` node's scales and float zero points (those ``fold_zero_points`` moved off
+    the node too) and the LoRA factors ``add_adapters`` put beside the 4-bit weights. Each is
+    stored as ``NAME_fp16`` and read through a ``Cast`` to fp32 under its old name, which
+    onnxruntime folds into a constant when it loads the graph: the session computes as before,
+    with the stored values rounded to fp16 (relative error 2^-11), and the file loses 16 bits
+    per block and per LoRA number: for a 4-bit matrix with HQQ's zero points, 5 bits per weight
+    instead of 6. A LoRA pair is rebalanced first (A times c, B divided by c, c the square root
+    of the ratio of their largest magnitudes): the same product, neither factor near fp16's
+    smallest normal numbers. Returns how many tensors and bytes were stored so."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    fp32 = onnx.TensorProto.FLOAT
+    names = []
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            names += [n for n in node.input[2:4] if n]
+        elif node.op_type == "Sub" and node.name.endswith(ZERO_TERM + "/centred"):
+            names.append(node.input[1])  # a folded node's float zero points
+    pairs = [(n, n.removesuffix("_A") + "_B") for n in inits if n.endswith(".lora_A")]
+    pairs = [(a, b) for a, b in pairs if b in inits]
+    for a, b in pairs:
+        _rebalance(inits[a], inits[b])
+        names += [a, b]
+    names = list(dict.fromkeys(n for n in names if n in inits and inits[n].data_type == fp32))
+    casts, saved = [], 0
+    for name in names:
+        value = numpy_helper.to_array(inits[name])
+        if not np.all(np.abs(value) < np.finfo(np.float16).max):
+            continue  # out of fp16's range: stays fp32
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float16), name + HALF))
+        casts.append(helper.make_node("Cast", [name + HALF], [name], name=name + HALF + "/cast",
+                                      to=fp32))
+        saved += 2 * value.size
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return {"tensors": len(casts), "bytes_saved": saved}
+
+
+def _rebalance(a: onnx.TensorProto, b: onnx.TensorProto) -> None:
+    """A LoRA pair (A [K, r], B [r, N]) as A c, B / c with both factors' largest magnitudes
+    equal: the same product, in place."""
+    left, right = numpy_helper.to_array(a), numpy_helper.to_array(b)
+    big_a, big_b = float(np.abs(left).max()), float(np.abs(right).max())
+    if big_a > 0 and big_b > 0:
+        c = np.float32(np.sqrt(big_b / big_a))
+        a.CopyFrom(numpy_helper.from_array(left * c, a.name))
+        b.CopyFrom(numpy_helper.from_array(right / c, b.name))
+
+
+def _constant(model: onnx.ModelProto, name: str, graph_dir: Path | None = None) -> np.ndarray:
+    """The value of constant ``name``: an initializer, or one ``store_half`` stored in fp16
+    and casts back (as fp32)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    if name in inits:
+        return numpy_helper.to_array(inits[name], base_dir=str(graph_dir or ""))
+    half = numpy_helper.to_array(inits[name + HALF], base_dir=str(graph_dir or ""))
+    return half.astype(np.float32)
+
+
 def _gemm_to_matmul(model: onnx.ModelProto) -> None:
     """Gemm(A, B, C) with a constant B as MatMul(A, B) + C, which the blockwise quantizer
     handles (GPT-2's Conv1D layers trace to Gemm; quantize_dynamic does this itself)."""
@@ -969,10 +1051,8 @@ def _nbits_nodes(model: onnx.ModelProto, bits: int):
 def blocks_4bit(model: onnx.ModelProto, graph_dir: Path | None = None) -> dict[str, Blocks4]:
     """``{module name: Blocks4}`` of every 4-bit ``MatMulNBits`` node of ``model``.
     ``graph_dir``: where external data lives, when ``model`` was loaded without it."""
-    inits = {i.name: i for i in model.graph.initializer}
-
     def array(name: str) -> np.ndarray:
-        return numpy_helper.to_array(inits[name], base_dir=str(graph_dir or ""))
+        return _constant(model, name, graph_dir)
 
     # zero points that fold_zero_points moved off their node: the input of its term's Sub
     folded = {n.name.removesuffix("/centred"): n.input[1] for n in model.graph.node
@@ -1012,7 +1092,7 @@ def weights_8bit(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     for node, attrs in _nbits_nodes(model, 8):
         n, k = attrs["N"], attrs["K"]
         codes = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1, attrs["block_size"])
-        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, codes.shape[1], 1)
+        scales = _constant(model, node.input[2]).reshape(n, codes.shape[1], 1)
         weight = (codes.astype(np.float32) - np.float32(128)) * scales
         out[_module_name(node)] = np.ascontiguousarray(weight.reshape(n, -1)[:, :k])
     return out
@@ -1027,9 +1107,11 @@ def set_scales_4bit(model: onnx.ModelProto, name: str, blocks: Blocks4, scales: 
     for init_name, value in ((blocks.scales_name, scales), (blocks.zeros_name, zeros)):
         if init_name is None or (init_name == blocks.zeros_name and blocks.integer_zeros):
             continue
-        old = inits[init_name]
-        value = np.ascontiguousarray(value, dtype=np.float32).reshape(tuple(old.dims))
-        old.CopyFrom(numpy_helper.from_array(value, init_name))
+        stored = init_name if init_name in inits else init_name + HALF  # store_half's
+        old = inits[stored]
+        dtype = np.float16 if stored != init_name else np.float32
+        value = np.ascontiguousarray(value, dtype=dtype).reshape(tuple(old.dims))
+        old.CopyFrom(numpy_helper.from_array(value, stored))
 
 
 def add_adapters(model: onnx.ModelProto, factors: dict[str, tuple[np.ndarray, np.ndarray]],
