@@ -61,10 +61,6 @@ def prompt_messages(prompt) -> list[dict]:
                 not isinstance(message.get("content"), str):
             raise FramingError(f"prompt message {i} must be {{\"role\": one of "
                                f"{', '.join(PROMPT_ROLES)}, \"content\": text}}, got {message!r}")
-        if message["role"] == "system" and out and out[-1]["role"] != "system":
-            raise FramingError(f"prompt message {i} is a system message after a "
-                               f"{out[-1]['role']} turn: put the system message(s) first, then "
-                               f"the demonstration turns")
         out.append(dict(message))
     if not any(m["content"].strip() for m in out):
         raise FramingError("every message of the prompt is empty: give the prompt some text")

@@ -559,7 +559,12 @@ def test_fp16_storage_halves_the_numbers_beside_the_codes_and_computes_as_fp32(
     assert len(nbits) == 15 and len(zeros) == 15 and len(lora) == 16
     for name in beside_names:
         assert stored[casts[name]].data_type == TensorProto.FLOAT16, name
-    assert record["tensors"] == len(beside_names)
+    assert record["tensors"] == len(beside_names) and record["kept_fp32"] == 0
+    # the manifest's bytes by kind are the stored ones: scales and zero points at half
+    stored_bytes, exact_bytes = (e.manifest["int4"]["weight_bytes"] for e in (half, full))
+    assert stored_bytes["codes"] == exact_bytes["codes"]
+    for kind in ("scales", "zero_points"):
+        assert 2 * stored_bytes[kind] == exact_bytes[kind] > 0
     # the file is smaller by what fp16 saves, less the Cast nodes' ~100 bytes each
     saved = model_bytes(full.path) - model_bytes(half.path)
     assert 0.95 * record["bytes_saved"] < saved <= record["bytes_saved"]

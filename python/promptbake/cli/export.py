@@ -64,7 +64,8 @@ def _add_export(commands) -> None:
                         "blocks per column and under 2 GiB of fp32 weights)")
     p.add_argument("--int4-lora", choices=INT4_LORA, default=None,
                    help="with --quantize int4: beside (quantise the base weights alone and keep "
-                        "the bake's LoRA beside them in fp32, so 4-bit rounding cannot erase it; "
+                        "the bake's LoRA beside them, computed in fp32, so 4-bit rounding cannot "
+                        "erase it; "
                         "the default; with --recover-steps the LoRA and the 4-bit scales are "
                         "then trained on the 4-bit base toward the fp32 bake) or merge (quantise "
                         "the merged bake: kept 42%% of the pirate bake, against 99%%)")

@@ -4,9 +4,10 @@ Merging first and quantising the merged weights rounds W + s B A to 4 bits; the 
 a block (a sixteenth of its range) is larger than most entries of the low-rank delta, so most of
 the bake is rounded away (the pirate bake keeps 21% of its KL reduction at 4 bits). With
 ``Int4Options(lora="beside")`` the base weights W are quantised alone, and each adapted layer
-computes ``MatMulNBits(x, W) + (x @ A) @ B`` with the LoRA factors in fp32 (the scaling folded
-into B; rank 8 on q/k/v/o of SmolLM2 is 0.9 M numbers, 3.7 MB): the bake is kept exactly and only
-the base's own rounding remains.
+computes ``MatMulNBits(x, W) + (x @ A) @ B`` with the LoRA factors computed in fp32 (the
+scaling folded into B; rank 8 on q/k/v/o of SmolLM2 is 0.9 M numbers, 1.8 MB stored in fp16 by
+default, ``quantize.store_half``, 3.7 MB in fp32): the bake is kept and only the base's own
+rounding remains.
 
 ``recover_steps`` then trains those factors on the 4-bit base, read back from the graph to the
 bit (``quantize.blocks_4bit``), toward the fp32 baked model with the bake's own loss

@@ -178,7 +178,11 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
             if beside is not None:
                 details[quantize]["beside"] = timed("lora", lambda: beside.attach(target, model))
             if options.scale_storage == "fp16":
-                details[quantize]["fp16_storage"] = timed("fp16", lambda: _store_half(target))
+                record = timed("fp16", lambda: _store_half(target))
+                stored = record.pop("weight_bytes")
+                if "weight_bytes" in details[quantize]:  # int4's: as stored now
+                    details[quantize]["weight_bytes"] = stored
+                details[quantize]["fp16_storage"] = record
         if sparse:
             details["sparse"] = timed("pack", lambda: _pack(target))
         timed("check", lambda: _checker(target))
@@ -251,7 +255,7 @@ def _store_half(path: Path) -> dict:
     model = onnx.load(str(path))
     record = quantize_mod.store_half(model)
     graph.save(model, path)
-    return record
+    return {**record, "weight_bytes": quantize_mod.weight_bytes(model)}
 
 
 def _remove_stale(out: Path) -> None:

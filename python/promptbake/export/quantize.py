@@ -478,7 +478,7 @@ def int4(source: Path, target: Path, options: Int4Options | None = None,
     return {"excluded_nodes": excluded, "tied_head_shared": shared, "head_bits": options.head(),
             "zero_points_folded": folded,
             "quantized_matmuls": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
-            "weight_bytes": _weight_bytes(model)}
+            "weight_bytes": weight_bytes(model)}
 
 
 GPTQ_COLUMNS = 128  # input rows GPTQ quantises before it spreads their error to the next ones
@@ -672,18 +672,22 @@ def store_half(model: onnx.ModelProto) -> dict:
     the node too) and the LoRA factors ``add_adapters`` put beside the 4-bit weights. Each is
     stored as ``NAME_fp16`` and read through a ``Cast`` to fp32 under its old name, which
     onnxruntime folds into a constant when it loads the graph: the session computes as before,
-    with the stored values rounded to fp16 (relative error 2^-11), and the file loses 16 bits
-    per block and per LoRA number: for a 4-bit matrix with HQQ's zero points, 5 bits per weight
-    instead of 6. A LoRA pair is rebalanced first (A times c, B divided by c, c the square root
-    of the ratio of their largest magnitudes): the same product, neither factor near fp16's
-    smallest normal numbers. Returns how many tensors and bytes were stored so."""
+    with the stored values rounded to fp16 (relative error 2^-11 above fp16's smallest normal
+    number, 6.1e-5), and the file loses 16 bits per block and per LoRA number: for a 4-bit
+    matrix with HQQ's zero points, 5 bits per weight instead of 6. A tensor out of fp16's range,
+    or scales with one below its normal numbers (fp16 would blur or zero that block), stays
+    fp32. A LoRA pair is rebalanced first (A times c, B divided by c, c the square root of the
+    ratio of their largest magnitudes): the same product, both factors' largest entries alike,
+    so that only entries negligible beside them fall below fp16's normal numbers. Returns how
+    many tensors were stored so and the bytes saved, and how many stayed fp32."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     fp32 = onnx.TensorProto.FLOAT
-    names = []
+    names, scales = [], set()
     for node in graph.node:
         if node.op_type == "MatMulNBits":
             names += [n for n in node.input[2:4] if n]
+            scales.add(node.input[2])
         elif node.op_type == "Sub" and node.name.endswith(ZERO_TERM + "/centred"):
             names.append(node.input[1])  # a folded node's float zero points
     pairs = [(n, n.removesuffix("_A") + "_B") for n in inits if n.endswith(".lora_A")]
@@ -692,11 +696,14 @@ def store_half(model: onnx.ModelProto) -> dict:
         _rebalance(inits[a], inits[b])
         names += [a, b]
     names = list(dict.fromkeys(n for n in names if n in inits and inits[n].data_type == fp32))
-    casts, saved = [], 0
+    casts, saved, kept = [], 0, 0
     for name in names:
         value = numpy_helper.to_array(inits[name])
-        if not np.all(np.abs(value) < np.finfo(np.float16).max):
-            continue  # out of fp16's range: stays fp32
+        size = np.abs(value)
+        if not np.all(size < np.finfo(np.float16).max) or (
+                name in scales and np.any((size > 0) & (size < np.finfo(np.float16).tiny))):
+            kept += 1  # out of fp16's range, or a scale fp16 would blur or zero: stays fp32
+            continue
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float16), name + HALF))
         casts.append(helper.make_node("Cast", [name + HALF], [name], name=name + HALF + "/cast",
                                       to=fp32))
@@ -704,7 +711,7 @@ def store_half(model: onnx.ModelProto) -> dict:
     nodes = casts + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    return {"tensors": len(casts), "bytes_saved": saved}
+    return {"tensors": len(casts), "bytes_saved": saved, "kept_fp32": kept}
 
 
 def _rebalance(a: onnx.TensorProto, b: onnx.TensorProto) -> None:
@@ -856,13 +863,14 @@ def _share_dynamic_head(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _weight_bytes(model: onnx.ModelProto) -> dict:
+def weight_bytes(model: onnx.ModelProto) -> dict:
     """Bytes of the stored weights by kind: 4-bit codes, scales, zero points, and the rest."""
     kinds = {"codes": 0, "scales": 0, "zero_points": 0, "other": 0}
     for init in model.graph.initializer:
         size = len(init.raw_data) or numpy_helper.to_array(init).nbytes
+        name = init.name.removesuffix(HALF)  # stored in fp16 by store_half
         kind = next((k for k, end in (("codes", "_Q4"), ("codes", "_Q8"), ("scales", "_scales"),
-                                      ("zero_points", "_zero_points")) if init.name.endswith(end)),
+                                      ("zero_points", "_zero_points")) if name.endswith(end)),
                     "other")
         kinds[kind] += size
     return kinds
