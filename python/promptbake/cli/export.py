@@ -99,9 +99,10 @@ def _add_export(commands) -> None:
                         "least 16; default 32). Smaller blocks are more accurate and store more "
                         "scales: int4 at 32 is 81%% smaller than fp32 with hqq and the 8-bit "
                         "head (78%% with --scale-storage fp32); with --int4-head 4 and fp32 "
-                        "scales, 81%% with hqq and 84%% with rtn, at 64 84%% and 86%%. The default model's own 4-bit grid is in blocks of 32 "
-                        "(README). gptq takes only sizes that cut every layer's "
-                        "inputs into an even number of blocks (SmolLM2: 16 or 32)")
+                        "scales, 81%% with hqq and 84%% with rtn, at 64 84%% and 86%%. The "
+                        "default model's own 4-bit grid is in blocks of 32 (README). gptq takes "
+                        "only sizes that cut every layer's inputs into an even number of blocks "
+                        "(SmolLM2: 16 or 32)")
     p.add_argument("--scale-storage", choices=("fp16", "fp32"), default=None,
                    help="with --quantize int8 or int4: how the numbers beside the codes are "
                         "stored (the blocks' scales, int4's zero points, the LoRA kept beside "

@@ -4,9 +4,10 @@ Two methods, both from ``onnxruntime.quantization``:
 
 * ``blockwise`` (the default): ``MatMulNBitsQuantizer`` with 8 bits. Each MatMul weight becomes a
   ``MatMulNBits`` node: symmetric 8-bit codes with one scale (fp16 on disk) per block of
-  ``block_size`` input rows of each output column; at ``accuracy_level`` 4 the activations are quantised to
-  int8 on the fly per block of the same size, so an outlier only coarsens its own block. On
-  Llama models SmoothQuant (``smooth.py``) first moves activation outliers into the weights.
+  ``block_size`` input rows of each output column; at ``accuracy_level`` 4 the activations are
+  quantised to int8 on the fly per block of the same size, so an outlier only coarsens its own
+  block. On Llama models SmoothQuant (``smooth.py``) first moves activation outliers into the
+  weights.
 * ``dynamic``: ``quantize_dynamic`` (MatMulInteger): int8 weights per output channel, uint8
   activations with one scale per tensor per call. On SmolLM2 it loses the bake and more: its
   MLP inputs carry "massive activations" (|x| ~ 3000 at the first token, ~5 elsewhere), so a
@@ -165,11 +166,12 @@ class Int4Options:
 
     ``block_size``: input rows per scale (a power of 2, at least 16); smaller blocks follow the
     weights more closely and store more scales (16 bits each with ``scale_storage`` fp16, and
-    for ``hqq`` as many zero points). ``accuracy_level`` 1 (the default): fp32 compute with dequantised weights for the
-    4-bit matrices, an 8-bit head's in int8; 4: activations quantised to int8 per block on the
-    fly (int8 compute: ~10% faster decoding here, and 95.5-98.6% of three bakes kept, against
-    99.0-99.6%); 0: fp32 for every matrix (exact with the weights, for checking: onnxruntime's
-    8-bit head then decodes several times slower). ``head_bits``: the LM head (and a tied
+    for ``hqq`` as many zero points). ``accuracy_level`` 1 (the default): fp32 compute with
+    dequantised weights for the 4-bit matrices, an 8-bit head's in int8; 4: activations
+    quantised to int8 per block on the fly (int8 compute: ~10% faster decoding here, and
+    95.5-98.6% of three bakes kept, against 99.0-99.6%); 0: fp32 for every matrix (exact with
+    the weights, for checking: onnxruntime's 8-bit head then decodes several times slower).
+    ``head_bits``: the LM head (and a tied
     embedding) in 8 bits (the default: blockwise and symmetric, as the int8 export, on the int8
     compute path) or 4 like the rest; on the default model a 4-bit head is nearly all of the
     export's error (module docstring). ``smooth``, ``calibration``,
