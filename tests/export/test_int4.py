@@ -589,6 +589,37 @@ def test_fp16_storage_halves_the_numbers_beside_the_codes_and_computes_as_fp32(
     assert half.manifest["parity"]["passed"]
 
 
+def test_store_half_keeps_what_fp16_cannot_hold_in_fp32():
+    # store_half reads the graph's wiring only: a MatMulNBits node's scales (tiny: stay fp32)
+    # and zero points, a scale too large for fp16, and a LoRA pair (rebalanced, product kept)
+    rng = np.random.default_rng(0)
+    inits = {"w_scales": np.array([1e-6, 0.5], np.float32),  # 1e-6: below fp16's normals
+             "w_zero_points": np.array([7.3, 8.1], np.float32),
+             "v_scales": np.array([1e5, 1.0], np.float32),  # beyond fp16's range
+             "m.lora_A": rng.normal(size=(4, 2)).astype(np.float32),
+             "m.lora_B": 1e-4 * rng.normal(size=(2, 3)).astype(np.float32)}
+    nodes = [helper.make_node("MatMulNBits", ["x", "w_Q4", "w_scales", "w_zero_points"], ["y"],
+                              domain="com.microsoft"),
+             helper.make_node("MatMulNBits", ["x", "v_Q4", "v_scales"], ["z"],
+                              domain="com.microsoft")]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [], [], [numpy_helper.from_array(v, k) for k, v in inits.items()]))
+    record = quantize.store_half(model)
+    assert record == {"tensors": 3, "bytes_saved": 2 * (2 + 8 + 6), "kept_fp32": 2}
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert stored["w_scales"].dtype == stored["v_scales"].dtype == np.float32
+    assert stored["w_zero_points" + quantize.HALF].dtype == np.float16
+    a, b = (stored[f"m.lora_{f}{quantize.HALF}"].astype(np.float32) for f in "AB")
+    want = inits["m.lora_A"] @ inits["m.lora_B"]
+    np.testing.assert_allclose(a @ b, want, atol=2e-3 * np.abs(want).max())
+    assert np.isclose(np.abs(a).max(), np.abs(b).max(), rtol=2e-3)
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert [n.output[0] for n in casts] == ["w_zero_points", "m.lora_A", "m.lora_B"]
+    assert model.graph.node[len(casts)].op_type == "MatMulNBits"  # the Casts come first
+    np.testing.assert_array_equal(quantize._constant(model, "w_zero_points"),
+                                  inits["w_zero_points"].astype(np.float16).astype(np.float32))
+
+
 def test_scale_storage_is_checked_before_any_work(baked_dir, tmp_path, capsys):
     out = tmp_path / "x"
     assert cli.main(["export", str(baked_dir), "--out", str(out), "--scale-storage",
