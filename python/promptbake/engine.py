@@ -423,8 +423,8 @@ INERT = ("log_to", "checkpoint_every", "snapshot_every")  # bake settings that c
 # Settings added after runs were made with the engine: at these defaults they are left out of
 # the identity, so those runs (and their pipelines' stages) still resume.
 LATER_SETTINGS = {"teacher": "current", "rehearse": 0.0}
-LATER_BAKE_SETTINGS = {"sample_precision": "fp32", **LATER_DEFAULTS}  # the same, for bake
-# settings (``config.LATER_DEFAULTS``: those a resumed bake leaves out too)
+# The same for bake settings (with ``config.LATER_DEFAULTS``, those a resumed bake leaves out).
+LATER_BAKE_SETTINGS = {"sample_precision": "fp32", **LATER_DEFAULTS}
 
 
 def resume_settings(config: EngineConfig) -> dict:

@@ -178,11 +178,10 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
             if beside is not None:
                 details[quantize]["beside"] = timed("lora", lambda: beside.attach(target, model))
             if options.scale_storage == "fp16":
-                record = timed("fp16", lambda: _store_half(target))
-                stored = record.pop("weight_bytes")
+                record, stored = timed("fp16", lambda: _store_half(target))
+                details[quantize]["fp16_storage"] = record
                 if "weight_bytes" in details[quantize]:  # int4's: as stored now
                     details[quantize]["weight_bytes"] = stored
-                details[quantize]["fp16_storage"] = record
         if sparse:
             details["sparse"] = timed("pack", lambda: _pack(target))
         timed("check", lambda: _checker(target))
@@ -248,14 +247,15 @@ def _calibration(tokenizer, framing,
     return parity.framed(tokenizer, contexts.builtin("train")[:options.calibration], framing)
 
 
-def _store_half(path: Path) -> dict:
-    """``quantize.store_half`` on the graph at ``path``, rewritten in place."""
+def _store_half(path: Path) -> tuple[dict, dict]:
+    """``quantize.store_half`` on the graph at ``path``, rewritten in place: its record, and the
+    bytes of the weights by kind as they are stored now (``quantize.weight_bytes``)."""
     import onnx
 
     model = onnx.load(str(path))
     record = quantize_mod.store_half(model)
     graph.save(model, path)
-    return {**record, "weight_bytes": quantize_mod.weight_bytes(model)}
+    return record, quantize_mod.weight_bytes(model)
 
 
 def _remove_stale(out: Path) -> None:

@@ -727,10 +727,9 @@ def _rebalance(a: onnx.TensorProto, b: onnx.TensorProto) -> None:
         b.CopyFrom(numpy_helper.from_array(right / c, b.name))
 
 
-def _constant(model: onnx.ModelProto, name: str, graph_dir: Path | None = None) -> np.ndarray:
-    """The value of constant ``name``: an initializer, or one ``store_half`` stored in fp16
-    and casts back (as fp32)."""
-    inits = {i.name: i for i in model.graph.initializer}
+def _constant(inits: dict, name: str, graph_dir: Path | None = None) -> np.ndarray:
+    """The value of constant ``name`` among ``inits`` (a graph's initializers by name): an
+    initializer, or one ``store_half`` stored in fp16 and casts back (as fp32)."""
     if name in inits:
         return numpy_helper.to_array(inits[name], base_dir=str(graph_dir or ""))
     half = numpy_helper.to_array(inits[name + HALF], base_dir=str(graph_dir or ""))
@@ -1061,8 +1060,10 @@ def _nbits_nodes(model: onnx.ModelProto, bits: int):
 def blocks_4bit(model: onnx.ModelProto, graph_dir: Path | None = None) -> dict[str, Blocks4]:
     """``{module name: Blocks4}`` of every 4-bit ``MatMulNBits`` node of ``model``.
     ``graph_dir``: where external data lives, when ``model`` was loaded without it."""
+    inits = {i.name: i for i in model.graph.initializer}
+
     def array(name: str) -> np.ndarray:
-        return _constant(model, name, graph_dir)
+        return _constant(inits, name, graph_dir)
 
     # zero points that fold_zero_points moved off their node: the input of its term's Sub
     folded = {n.name.removesuffix("/centred"): n.input[1] for n in model.graph.node
@@ -1102,7 +1103,7 @@ def weights_8bit(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     for node, attrs in _nbits_nodes(model, 8):
         n, k = attrs["N"], attrs["K"]
         codes = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1, attrs["block_size"])
-        scales = _constant(model, node.input[2]).reshape(n, codes.shape[1], 1)
+        scales = _constant(inits, node.input[2]).reshape(n, codes.shape[1], 1)
         weight = (codes.astype(np.float32) - np.float32(128)) * scales
         out[_module_name(node)] = np.ascontiguousarray(weight.reshape(n, -1)[:, :k])
     return out
