@@ -369,7 +369,8 @@ def test_cli_exports_a_bake_as_int4(baked_dir, tmp_path, capsys, monkeypatch):
     (["--format", "gguf", "--quantize", "q4_0", "--block-size", "64"],
      "--block-size applies to --quantize int8 or int4"),
     (["--format", "gguf", "--quantize", "int4"],
-     "int4 is the ONNX export's: use --format onnx (4 bits in the GGUF export: --quantize q4_0)"),
+     "int4 is the ONNX export's: use --format onnx (4 bits in the GGUF export: --quantize q4_1, "
+     "which keeps the bake beside the base)"),
     (["--format", "onnx", "--quantize", "q4_0"], "--quantize int4"),
     (["--int4-lora", "beside"], "--int4-lora applies to --quantize int4"),
     (["--quantize", "int4", "--int4-lora", "merge", "--recover-steps", "5"], (
@@ -510,8 +511,11 @@ def test_lora_beside_is_the_4bit_base_plus_the_exact_lora(baked_dir, tokenizer, 
     # outputs per layer
     assert record["branches"] == 8 and record["parameters"] == 2 * 4 * (128 + 96 + 96 + 128)
     model = onnx.load(str(found.path / "model.onnx"))
-    adds = [n for n in model.graph.node if n.op_type == "Add" and n.name.endswith("lora/add")]
-    assert len(adds) == 8
+    # each branch, and each folded zero-point term, computed with the others of its input
+    # (branches.fuse): none is added on its own
+    assert not [n for n in model.graph.node if n.name.endswith(("lora/add", "zero_term/add"))]
+    folded = [n for n in model.graph.node if n.name.endswith("_zero_term/centred")]
+    assert found.manifest["int4"]["fused_side_terms"] == 8 + len(folded)
     weights = quantize.weights_4bit(model)
     assert ("lm_head" in weights) == (head == 4)
     weights.update(quantize.weights_8bit(model))  # an 8-bit head: read back as the graph has it

@@ -4,8 +4,10 @@ GGUF.
 * ``merge(baked, strength)`` / ``save_merged(baked, out, strength)``: the LoRA delta merged into
   plain transformers weights (``merging.py``).
 * ``export_onnx(model, tokenizer, out)``: one ONNX graph for prefill and cached decode
-  (``graph.py``), optionally int8 or int4 (``quantize.py``) and with pruned weights packed
-  (``sparse.py``), written only after it passed the parity check against torch (``parity.py``).
+  (``graph.py``, each size computed once: ``shapes.py``), optionally int8 or int4
+  (``quantize.py``; int4's terms beside each MatMul computed per input: ``branches.py``) and
+  with pruned weights packed (``sparse.py``), written only after it passed the parity check
+  against torch (``parity.py``).
 * ``export_gguf(model, tokenizer, out, quantize=..., adapter=...)``: a GGUF file for llama.cpp
   and Ollama (f32, f16, q8_0, q4_1 or q4_0; with ``adapter``, the base in it and the LoRA beside
   it in a llama.cpp adapter file, as ``export_baked`` does for q4_1), written only after

@@ -27,9 +27,9 @@ import torch
 from promptbake import contexts, files, modeling, models, versions
 from promptbake.artifact import MANIFEST, Baked, load_baked, source_record, sources
 from promptbake.decoding import stop_token_ids
-from promptbake.export import (FORMATS, GGUF_LORA, GGUF_QUANTIZATIONS, QUANTIZATIONS, gguf, graph,
-                               merging as merge_mod, parity, quantize as quantize_mod, smooth,
-                               sparse as packing)
+from promptbake.export import (FORMATS, GGUF_LORA, GGUF_QUANTIZATIONS, QUANTIZATIONS, branches,
+                               gguf, graph, merging as merge_mod, parity, quantize as quantize_mod,
+                               smooth, sparse as packing)
 from promptbake.export.beside import Beside
 from promptbake.export.runtime import OnnxLM
 
@@ -182,6 +182,8 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
                 details[quantize]["fp16_storage"] = record
                 if "weight_bytes" in details[quantize]:  # int4's: as stored now
                     details[quantize]["weight_bytes"] = stored
+            if quantize == "int4":
+                details[quantize]["fused_side_terms"] = timed("fuse", lambda: _fuse(target))
         if sparse:
             details["sparse"] = timed("pack", lambda: _pack(target))
         timed("check", lambda: _checker(target))
@@ -256,6 +258,17 @@ def _store_half(path: Path) -> tuple[dict, dict]:
     record = quantize_mod.store_half(model)
     graph.save(model, path)
     return record, quantize_mod.weight_bytes(model)
+
+
+def _fuse(path: Path) -> int:
+    """``branches.fuse`` on the int4 graph at ``path``, rewritten in place when it fused any."""
+    import onnx
+
+    model = onnx.load(str(path))
+    fused = branches.fuse(model)
+    if fused:
+        graph.save(model, path)
+    return fused
 
 
 def _remove_stale(out: Path) -> None:
@@ -418,7 +431,7 @@ def check_quantize(format: str, quantize: str | None, prune=None) -> None:
     hint = f"; {quantize} is the {other.upper()} export's: use --format {other}" if other else ""
     if quantize in ("int4", "q4_1", "q4_0"):  # the other format's 4-bit precision
         hint += f" (4 bits in the {format.upper()} export: --quantize " \
-                f"{'q4_0' if format == 'gguf' else 'int4'})"
+                f"{'q4_1, which keeps the bake beside the base' if format == 'gguf' else 'int4'})"
     raise ValueError(f"--quantize {quantize} does not apply to --format {format}, which takes "
                      f"{', '.join(accepted)}{hint}")
 

@@ -15,7 +15,9 @@ for SmolLM2-135M on a busy 2-core CPU. The dynamo exporter (torch 2.13) was trie
 rejects the data-dependent slice ``logits_to_keep`` needs, and even without it took ~45 s for
 the tiny model (same logits). Tracing records one path through Python branches, so the parity
 check of every export runs the graph on the shapes it must serve (a prefill without a past,
-decode steps with one) against torch.
+decode steps with one) against torch. The tracer's per-layer size arithmetic is then replaced by
+one shared computation of each size (``shapes.share``: a fifth faster int8 decoding on
+SmolLM2-135M, the same results to the bit).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from torch.onnx import operators as onnx_operators
 
 from promptbake import modeling
+from promptbake.export import shapes
 
 try:
     import onnx
@@ -192,6 +195,7 @@ def trace(model, path: Path, *, opset: int = OPSET, attention: str = "sdpa") -> 
         shutil.rmtree(scratch, ignore_errors=True)
     if step.tied:
         _name_tied_head(graph)
+    shapes.share(graph, past_names(layers)[0])  # before _default_keep: the probes vary it
     _default_keep(graph)
     save(graph, path)
     log.info("traced %s (%d layers) to %s", model.config.model_type, layers, path)

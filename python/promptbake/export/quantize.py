@@ -617,7 +617,8 @@ def fold_zero_points(model: onnx.ModelProto) -> int:
     the graph from the scales and zero points, which stay under their names (onnxruntime folds
     the constant when it loads the graph), so ``blocks_4bit`` and ``set_scales_4bit`` still
     read and write them. A node whose K is padded to a whole number of blocks keeps its zero
-    points (and the slow path)."""
+    points (and the slow path). ``branches.fuse`` later computes these terms together with the
+    LoRA's beside the same input."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     eight = "zero_point_default" + ZERO_TERM
