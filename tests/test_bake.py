@@ -165,6 +165,12 @@ def test_killed_process_resumes_to_the_same_adapter(tiny_dir, tmp_path, prompt):
     expected, got = adapter_tensors(whole), adapter_tensors(cut)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+    # the same files to the byte, though three processes wrote them (PEFT keeps the module names
+    # in a set, safetensors its metadata in a map: both ordered differently in each process)
+    records = [json.loads((d / "manifest.json").read_text())["files"] for d in (whole, cut)]
+    assert {"adapter_config.json", "adapter_model.safetensors",
+            "eval_trajectories.safetensors"} <= records[0].keys()
+    assert records[0] == records[1]
 
 
 def test_output_directory_is_never_clobbered(tiny_dir, tmp_path, prompt):

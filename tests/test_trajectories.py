@@ -103,6 +103,21 @@ def test_save_and_load_round_trip(tiny, tmp_path):
             assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_samples_saved_before_the_one_entry_metadata_still_load(tiny, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    traj = run(tiny, "topk")
+    meta = {"context_index": json.dumps(traj.context_index),
+            "responses": json.dumps(traj.responses), "cache": traj.cache}  # three entries
+    save_file({"topk_ids": traj.topk_ids, "topk_logprobs": traj.topk_logprobs},
+              str(tmp_path / "old.safetensors"), metadata=meta)
+    back = Trajectories.load(tmp_path / "old.safetensors")
+    assert back.responses == traj.responses and back.context_index == traj.context_index
+    assert back.cache == "topk" and torch.equal(back.topk_ids, traj.topk_ids)
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     torch.testing.assert_close(top_p_filter(probs, 0.7), torch.tensor([[0.5, 0.3, 0.0, 0.0]]))

@@ -464,8 +464,7 @@ class RunDir:
             return
         name = f"{SNAPSHOTS}/step-{step:06d}"
         self.wrote(SNAPSHOTS)
-        files.replace_dir(self.path / name, lambda tmp: model.save_pretrained(
-            tmp, **({} if state is None else {"state_dict": state})))
+        files.replace_dir(self.path / name, lambda tmp: write_adapter(model, tmp, state))
 
     def finish(self, baked: Baked, merge: bool) -> None:
         """The adapter (and with ``merge`` a merged model in ``merged/``), before the manifest."""
@@ -520,8 +519,25 @@ def save_adapter(model, path: Path, record, state: dict | None = None) -> None:
     """The PEFT adapter files at the top of ``path`` (peft.PeftModel.from_pretrained loads it);
     ``record(*names)`` hears of them before they appear. ``state``: the LoRA tensors to write
     in place of the model's own (a sharded model's, gathered whole)."""
-    files.write_into(path, lambda tmp: model.save_pretrained(
-        tmp, **({} if state is None else {"state_dict": state})), lambda names: record(*names))
+    files.write_into(path, lambda tmp: write_adapter(model, tmp, state),
+                     lambda names: record(*names))
+
+
+SET_FIELDS = ("target_modules", "exclude_modules")  # sets in PEFT's config, lists in its file
+
+
+def write_adapter(model, directory: Path, state: dict | None = None) -> None:
+    """``model.save_pretrained(directory)`` (a PEFT model; ``state`` as in ``save_adapter``),
+    with the module names PEFT keeps in sets written sorted: PEFT writes a set in its iteration
+    order, which differs between processes, so the same adapter saved twice (a bake and the
+    same bake resumed) would give two ``adapter_config.json`` files and two sha256 values."""
+    model.save_pretrained(directory, **({} if state is None else {"state_dict": state}))
+    for config in Path(directory).rglob("adapter_config.json"):
+        fields = json.loads(config.read_text())
+        for name in SET_FIELDS:
+            if isinstance(fields.get(name), list):
+                fields[name] = sorted(fields[name])
+        config.write_text(json.dumps(fields, indent=2, sort_keys=True))
 
 
 def snapshot_steps(path) -> list[tuple[int, Path]]:

@@ -127,8 +127,10 @@ class Trajectories:
                                                   ("topk_ids", self.topk_ids),
                                                   ("topk_logprobs", self.topk_logprobs))
                    if v is not None}
-        meta = {"context_index": json.dumps(self.context_index),
-                "responses": json.dumps(self.responses), "cache": self.cache}
+        # One metadata entry: safetensors writes several in an order that differs between
+        # processes, which would give the same samples saved twice two sha256 values.
+        meta = {"trajectories": json.dumps({"context_index": self.context_index,
+                                            "responses": self.responses, "cache": self.cache})}
         if not tensors:  # safetensors needs at least one tensor
             tensors = {"empty": torch.zeros(0)}
         files.write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -139,9 +141,14 @@ class Trajectories:
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
+        if "trajectories" in meta:  # written since 2026-12-07; earlier files hold three entries
+            meta = json.loads(meta["trajectories"])
+        else:
+            meta = {"context_index": json.loads(meta["context_index"]),
+                    "responses": json.loads(meta["responses"]), "cache": meta["cache"]}
         tensors = load_file(str(path))
-        return cls(context_index=json.loads(meta["context_index"]),
-                   responses=json.loads(meta["responses"]), cache=meta["cache"],
+        return cls(context_index=meta["context_index"], responses=meta["responses"],
+                   cache=meta["cache"],
                    full_logprobs=tensors.get("full_logprobs"), topk_ids=tensors.get("topk_ids"),
                    topk_logprobs=tensors.get("topk_logprobs"))
 

@@ -1,6 +1,6 @@
 """Shared shape arithmetic in the traced graph (``export.shapes``): the same results at every
 size a caller feeds, the layers' copies gone, a size no fit explains left in place, and the
-merging of duplicates that keeps what must not be merged."""
+graph rewrites it uses (``export.rewrite``): merging duplicates keeps what must not be merged."""
 
 import numpy as np
 import onnx
@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from promptbake.export import graph, shapes
+from promptbake.export import graph, rewrite, shapes
 
 
 def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
@@ -18,7 +18,7 @@ def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
+    names = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
     return session.run(None, {k: v for k, v in feed.items() if k in names})
 
 
@@ -124,7 +124,7 @@ def test_merging_keeps_random_operators_and_graph_outputs():
     outputs = [helper.make_tensor_value_info(n, f, None) for n in ("out1", "out2", "total")]
     model = helper.make_model(helper.make_graph(
         nodes, "merge", [helper.make_tensor_value_info("x", f, [3])], outputs))
-    assert shapes.merge_duplicates(model.graph) == 1  # the second Abs only
+    assert rewrite.merge_duplicates(model.graph) == 1  # the second Abs only
     kinds = [n.op_type for n in model.graph.node]
     assert kinds.count("RandomUniformLike") == 2 and kinds.count("Neg") == 2
     assert kinds.count("Abs") == 1
@@ -134,7 +134,7 @@ def test_merging_keeps_random_operators_and_graph_outputs():
 def test_a_large_graph_is_probed_through_a_file_and_comes_back_whole(monkeypatch):
     # above the limit the probe writes the graph with its weights beside it, which moves them
     # out of the model in memory: they must be back, and the probe's outputs gone, after
-    monkeypatch.setattr(shapes, "INLINE_LIMIT", 0)
+    monkeypatch.setattr(rewrite, "INLINE_LIMIT", 0)
     model = _toy()
     before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     assert shapes.share(model, "past_key_values.0.key")["shape_nodes_replaced"] == 1
@@ -145,3 +145,31 @@ def test_a_large_graph_is_probed_through_a_file_and_comes_back_whole(monkeypatch
             np.testing.assert_array_equal(numpy_helper.to_array(init), before[init.name])
     feed = next(feeds(1, 2, 4))
     run(model, feed)
+
+
+def test_a_size_that_follows_logits_to_keep_is_probed_with_it_even_as_an_initializer():
+    # logits_to_keep as an exported graph has it: an input with a default (an initializer of the
+    # same name), which onnxruntime lists apart from the inputs; a size read from it must vary
+    # in the probes, or it would be fitted as the default's constant
+    i64 = TensorProto.INT64
+    nodes = [helper.make_node("Shape", ["input_ids"], ["batch"], start=0, end=1),
+             helper.make_node("Reshape", ["logits_to_keep", "one"], ["keep"]),
+             helper.make_node("Concat", ["batch", "keep"], ["size"], axis=0),
+             helper.make_node("ConstantOfShape", ["size"], ["kept"]),
+             helper.make_node("Shape", ["kept"], ["kept_shape"]),
+             helper.make_node("Identity", ["kept_shape"], ["out"])]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array(0, np.int64), "logits_to_keep")]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["b", "s"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["b", "t"]),
+              helper.make_tensor_value_info("position_ids", i64, ["b", "s"]),
+              helper.make_tensor_value_info("logits_to_keep", i64, []),
+              helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT,
+                                            ["b", 2, "p", 4])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "keep", inputs, [helper.make_tensor_value_info("out", i64, None)], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    shapes.share(model, "past_key_values.0.key")
+    feed = next(feeds(1, 2, 4))
+    feed["logits_to_keep"] = np.array(3, np.int64)
+    assert run(model, feed)[0].tolist() == [1, 3]

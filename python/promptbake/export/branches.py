@@ -9,25 +9,40 @@ small nodes a layer, each a few microseconds of onnxruntime's dispatch at every 
 ...]`` and gives each MatMul one ``side @ [R rows for its own L, zeros for the others']`` and
 one Add: 18 nodes a layer, and the same sums (up to float rounding: the terms are added inside
 one MatMul). The concatenations and zeros are computed from the stored factors when onnxruntime
-loads the graph (constant folding), so the file stores nothing more and every reader of the
-factors by name (``quantize.store_half``, ``blocks_4bit``) finds them as before.
+loads the graph with its graph optimisations on (constant folding; on by default, and in
+``OnnxLM``), so the file stores nothing more than each block of zeros' shape, and every reader
+of the factors by name (``quantize.store_half``, ``blocks_4bit``) finds them as before.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from promptbake.export import shapes
+from promptbake.export import rewrite
 
 FUSED = "side_terms/"  # the names of the nodes ``fuse`` adds
+
+
+class Term(NamedTuple):
+    """One ``(x @ left) @ right`` added to a MatMul's output: the factors' names, and the Add and
+    the MatMul by ``right`` that ``fuse`` replaces."""
+
+    left: str
+    right: str
+    add: onnx.NodeProto
+    up: onnx.NodeProto
 
 
 def fuse(model: onnx.ModelProto) -> int:
     """The low-rank terms added to each ``MatMulNBits`` output fused by input, in place
     (module docstring); returns how many terms were fused (0 when the graph has none)."""
     graph = model.graph
+    if rewrite.has_subgraphs(graph):
+        return 0
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -44,8 +59,8 @@ def fuse(model: onnx.ModelProto) -> int:
             name = node.input[0]
         return list(inits[name].dims) if name in inits else None
 
-    def term(add: onnx.NodeProto, out: str, x: str):
-        """(L, R, the Add, the MatMul by R) when ``add`` adds ``(x @ L) @ R`` to ``out``."""
+    def term(add: onnx.NodeProto, out: str, x: str) -> Term | None:
+        """The term ``add`` adds to ``out``, when it is ``(x @ L) @ R``."""
         if add.op_type != "Add" or len(add.input) != 2 or out not in add.input:
             return None
         other = add.input[1] if add.input[0] == out else add.input[0]
@@ -57,7 +72,7 @@ def fuse(model: onnx.ModelProto) -> int:
         if down is None or down.op_type != "MatMul" or down.input[0] != x \
                 or down.input[1] not in constant or dims(down.input[1]) is None:
             return None
-        return down.input[1], up.input[1], add, up
+        return Term(down.input[1], up.input[1], add, up)
 
     groups: dict[str, list] = {}  # x -> [(node, [(L, R)], the chain's last output)]
     removed: set[int] = set()
@@ -69,9 +84,9 @@ def fuse(model: onnx.ModelProto) -> int:
             hit = term(readers[out][0], out, x)
             if hit is None:
                 break
-            found.append(hit[:2])
-            removed.update(id(n) for n in hit[2:])
-            out = hit[2].output[0]
+            found.append((hit.left, hit.right))
+            removed.update((id(hit.add), id(hit.up)))
+            out = hit.add.output[0]
         if found:
             groups.setdefault(x, []).append((node, found, out))
     added, made = [], set()
@@ -106,7 +121,7 @@ def fuse(model: onnx.ModelProto) -> int:
                     added.append(helper.make_node("Add", mine[:2], [total], name=total))
                     mine = [total, *mine[2:]]
                 rows.append(mine[0])
-            name = f"{key}/{node.name.strip('/')}"
+            name = f"{key}/{(node.name or node.output[0]).strip('/')}"
             right = rows[0] if len(rows) == 1 else name + "/R"
             if len(rows) > 1:
                 added.append(helper.make_node("Concat", rows, [right], name=right, axis=0))
@@ -118,8 +133,8 @@ def fuse(model: onnx.ModelProto) -> int:
     if fused:
         kept = [n for n in graph.node if id(n) not in removed] + added
         del graph.node[:]
-        graph.node.extend(_sorted(kept, graph))
-        shapes.drop_dead(graph)  # the MatMuls by L that only the fused terms read
+        graph.node.extend(rewrite.in_order(kept, graph))
+        rewrite.drop_dead(graph)  # the MatMuls by L that only the fused terms read
     return fused
 
 
@@ -132,22 +147,3 @@ def _constants(graph: onnx.GraphProto) -> set[str]:
         if all(name in found for name in node.input if name):
             found.update(node.output)
     return found
-
-
-def _sorted(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """``nodes`` in an order where each comes after what it reads, otherwise as given."""
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    out, waiting = [], list(nodes)
-    while waiting:
-        later = []
-        for node in waiting:
-            if all(name in ready for name in node.input):
-                out.append(node)
-                ready.update(node.output)
-            else:
-                later.append(node)
-        if len(later) == len(waiting):
-            raise AssertionError(f"{len(later)} nodes read names nothing computes, e.g. "
-                                 f"{later[0].name}")
-        waiting = later
-    return out

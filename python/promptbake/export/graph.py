@@ -33,7 +33,7 @@ import torch
 from torch.onnx import operators as onnx_operators
 
 from promptbake import modeling
-from promptbake.export import shapes
+from promptbake.export import rewrite, shapes
 
 try:
     import onnx
@@ -271,5 +271,5 @@ def save(graph: onnx.ModelProto, path: Path) -> None:
     for stale in path.parent.glob(path.name + ".data"):
         stale.unlink()
     weights = sum(len(t.raw_data) for t in graph.graph.initializer)
-    onnx.save_model(graph, str(path), save_as_external_data=weights > 1_800_000_000,
+    onnx.save_model(graph, str(path), save_as_external_data=weights > rewrite.INLINE_LIMIT,
                     all_tensors_to_one_file=True, location=path.name + ".data")

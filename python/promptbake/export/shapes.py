@@ -10,13 +10,17 @@ the head dim.
 
 ``share`` finds what each ``Shape`` node computes by running the graph at several sizes
 (``PROBES``) and fitting each of its output's entries as a whole-number combination of 1, b, s,
-p and b s; a fit must also hold at the sizes it was not fitted on. Each node so explained is
-replaced by one shared computation of that shape from the inputs' shapes (a constant when every
-entry is one), and ``merge_duplicates`` then merges the nodes that compute the same thing from
-the same inputs, which folds the layers' copies of the arithmetic into one. A ``Shape`` node that
-no fit explains keeps its place. The graph's inputs, outputs and results are unchanged (tested
-to the bit on the test models); the sizes assume what every caller of a KV-cache graph feeds: an
-``attention_mask`` as long as the cached and the new tokens together.
+p and b s; a fit must also hold at the sizes it was not fitted on, one of them 519 tokens long
+(a size that is such a combination only up to a bound, a sliding window of more tokens say,
+would pass: the architectures exported have none). Each node so explained is replaced by one
+shared computation of that shape from the inputs' shapes (a constant when no entry depends on
+the sizes), and ``rewrite.merge_duplicates`` then merges the nodes that compute the same thing
+from the same inputs, which folds the layers' copies of the arithmetic into one. A ``Shape``
+node that no fit explains keeps its place. The graph's inputs and outputs are unchanged, and so
+are its results (to the bit on the default model's exports, within 1e-5 on the tiny test
+models: tested); the sizes assume what every caller of a KV-cache graph feeds, an
+``attention_mask`` as long as the cached and the new tokens together. A graph with control
+flow, or below opset 15 (``Shape``'s start and end), is left as it is.
 """
 
 from __future__ import annotations
@@ -29,17 +33,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from promptbake.export import rewrite
+
 log = logging.getLogger("promptbake")
 
 # (batch, new tokens, cached tokens, logits_to_keep) the graph is run at; the first FIT fit each
-# Shape node's entries, every one of them must agree. Unlike each other and any model size.
+# Shape node's entries, every one of them must agree (the last a long sequence).
 PROBES = ((1, 1, 6, 0), (2, 3, 0, 1), (3, 2, 5, 0), (2, 5, 9, 2), (4, 7, 3, 1), (5, 1, 2, 0),
-          (3, 4, 11, 3), (1, 6, 1, 2), (2, 2, 4, 0))
+          (3, 4, 11, 3), (1, 6, 1, 2), (2, 2, 4, 0), (1, 2, 517, 1))
 FIT = 6
 TERMS = ("1", "b", "s", "p", "bs")  # what a size may combine
-# Operators whose result is not a function of their inputs, or that hold a graph: never merged.
-UNMERGED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-            "Multinomial", "Bernoulli", "Dropout", "If", "Loop", "Scan"}
 PREFIX = "shared_shape/"  # the names of the nodes and constants ``share`` adds
 
 
@@ -48,24 +51,24 @@ def share(model: onnx.ModelProto, past: str) -> dict:
     merged, in place (module docstring). ``past``: the name of one past key/value input, whose
     third dimension is the cached length. Returns the counts before and after.
 
-    Measured on the README's pirate bake exported in int8 (decode p50, a session script timing
-    60 greedy steps after a 30-token prefill, two threads, alternating, 2026-12-07): 19.8 and
-    20.4 ms a token before, 16.4 and 16.1 after, with the same logits and caches to the bit.
+    What it does to decoding is measured in ``bench/results/infer-graph`` (the default model's
+    int8 export: 16.8 against 13.9 ms a token) and in the infer suite.
     """
     graph = model.graph
     before = {"nodes": len(graph.node), "shape_nodes": _count(graph, "Shape")}
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                default=0)
+    if rewrite.has_subgraphs(graph) or opset < 15:
+        log.info("the graph's shapes stay as traced (control flow, or opset %d < 15)", opset)
+        return {"before": before, "after": before, "shape_nodes_replaced": 0}
     shapes = [n.output[0] for n in graph.node if n.op_type == "Shape"]
-    try:
-        sizes = _fit(_probe(model, shapes, past)) if shapes else {}
-    except Exception as err:  # onnxruntime's own types; the graph is right as it is, only slower
-        log.warning("could not run the traced graph to share its shapes (%s); it keeps them", err)
-        sizes = {}
-    replaced = _replace(graph, sizes, past)
-    merged = merge_duplicates(graph)
-    dropped = drop_dead(graph)
+    values = _probe(model, shapes, past) if shapes else None
+    replaced = _replace(graph, _fit(values) if values else {}, past)
+    merged = rewrite.merge_duplicates(graph)
+    dropped = rewrite.drop_dead(graph)
     after = {"nodes": len(graph.node), "shape_nodes": _count(graph, "Shape")}
-    log.info("shared the graph's shapes: %d nodes -> %d (%d Shape nodes replaced, %d merged)",
-             before["nodes"], after["nodes"], replaced, merged + dropped)
+    log.info("shared the graph's shapes: %d nodes -> %d (%d Shape nodes replaced, %d merged, "
+             "%d no longer read)", before["nodes"], after["nodes"], replaced, merged, dropped)
     return {"before": before, "after": after, "shape_nodes_replaced": replaced}
 
 
@@ -73,13 +76,12 @@ def _count(graph: onnx.GraphProto, op: str) -> int:
     return sum(n.op_type == op for n in graph.node)
 
 
-INLINE_LIMIT = 1_800_000_000  # weights' bytes above which the probe goes through a file
-
-
-def _probe(model: onnx.ModelProto, names: list[str], past: str) -> list[dict[str, np.ndarray]]:
+def _probe(model: onnx.ModelProto, names: list[str],
+           past: str) -> list[dict[str, np.ndarray]] | None:
     """The values of ``names`` (Shape outputs) at each of ``PROBES``, computed by onnxruntime
-    with its graph optimisations off, so that every node runs as written. The names are made
-    graph outputs for the while (the model is not copied: it may be large)."""
+    with its graph optimisations off, so that every node runs as written; None, with a warning,
+    when onnxruntime cannot run the graph (it is right as it is, only slower). The names are
+    made graph outputs for the while (the model is not copied: it may be large)."""
     import onnxruntime as ort
 
     graph = model.graph
@@ -92,18 +94,26 @@ def _probe(model: onnx.ModelProto, names: list[str], past: str) -> list[dict[str
     options.log_severity_level = 3
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            if sum(len(t.raw_data) for t in graph.initializer) < INLINE_LIMIT:
-                source = model.SerializeToString()  # protobuf's limit is 2 GB
+            if sum(len(t.raw_data) for t in graph.initializer) < rewrite.INLINE_LIMIT:
+                source = model.SerializeToString()
             else:
                 source = str(Path(scratch) / "probe.onnx")
-                onnx.save_model(model, source, save_as_external_data=True,
-                                all_tensors_to_one_file=True, location="probe.onnx.data")
-                # saving moved the weights out of the model: back in
-                onnx.external_data_helper.load_external_data_for_model(model, scratch)
-            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-            inputs = {i.name: i for i in session.get_inputs()}
-            return [dict(zip(names, session.run(names, _feed(inputs, past, *sizes))))
-                    for sizes in PROBES]
+                try:
+                    onnx.save_model(model, source, save_as_external_data=True,
+                                    all_tensors_to_one_file=True, location="probe.onnx.data")
+                finally:  # saving moves the weights out of the model: back in, or fail loudly
+                    onnx.external_data_helper.load_external_data_for_model(model, scratch)
+            try:
+                session = ort.InferenceSession(source, options,
+                                               providers=["CPUExecutionProvider"])
+                inputs = {i.name: i for i in (*session.get_inputs(),
+                                              *session.get_overridable_initializers())}
+                return [dict(zip(names, session.run(names, _feed(inputs, past, *sizes))))
+                        for sizes in PROBES]
+            except Exception as err:  # onnxruntime's own exception types
+                log.warning("onnxruntime could not run the traced graph to share its shapes "
+                            "(%s); it keeps them", err)
+                return None
     finally:
         del graph.output[count:]
 
@@ -201,47 +211,3 @@ def _replace(graph: onnx.GraphProto, sizes: dict, past: str) -> int:
     del graph.node[:]
     graph.node.extend(added + kept)
     return len(renamed)
-
-
-def merge_duplicates(graph: onnx.GraphProto) -> int:
-    """Nodes that compute the same thing as an earlier node (the same operator, attributes and
-    inputs; small constants compared by value) removed, their readers reading the earlier
-    node's outputs, in place; returns how many. The graph's own outputs and the operators in
-    ``UNMERGED`` are left."""
-    fed = {i.name for i in graph.input}  # an initializer a caller may override is no constant
-    values = {i.name: ("value", i.data_type, tuple(i.dims), numpy_helper.to_array(i).tobytes())
-              for i in graph.initializer if np.prod(i.dims) <= 64 and i.name not in fed}
-    graph_outputs = {o.name for o in graph.output}
-    first: dict = {}
-    renamed: dict[str, str] = {}
-    kept, merged = [], 0
-    for n in graph.node:
-        for i, name in enumerate(n.input):
-            n.input[i] = renamed.get(name, name)
-        key = (n.domain, n.op_type, len(n.output),
-               tuple(sorted(a.SerializeToString() for a in n.attribute)),
-               tuple(values.get(name, name) for name in n.input))
-        if key in first and n.op_type not in UNMERGED and not set(n.output) & graph_outputs:
-            renamed.update(zip(n.output, first[key].output))
-            merged += 1
-            continue
-        first.setdefault(key, n)
-        kept.append(n)
-    del graph.node[:]
-    graph.node.extend(kept)
-    return merged
-
-
-def drop_dead(graph: onnx.GraphProto) -> int:
-    """Nodes none of whose outputs is read (by a node or as a graph output) removed, in place,
-    until none is left; returns how many."""
-    dropped = 0
-    while True:
-        read = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
-        dead = [n for n in graph.node if not any(o in read for o in n.output)]
-        if not dead:
-            return dropped
-        keep = [n for n in graph.node if any(o in read for o in n.output)]
-        del graph.node[:]
-        graph.node.extend(keep)
-        dropped += len(dead)

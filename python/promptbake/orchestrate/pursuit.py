@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from promptbake import files, models
-from promptbake.artifact import HELD_OUT_SAMPLES, Baked, RunDir, save_adapter
+from promptbake.artifact import HELD_OUT_SAMPLES, Baked, RunDir, save_adapter, write_adapter
 from promptbake.bake import bake
 from promptbake.config import BakeConfig
 from promptbake.framing import prompt_messages
@@ -130,7 +130,7 @@ def pursue(baked: Baked, prompt: str | None = None, rounds: int = 3,
         if run is not None:
             run.wrote("rounds")
             files.replace_dir(run.path / "rounds" / f"round-{number}",
-                              lambda tmp: layers.current.model.save_pretrained(tmp))
+                              lambda tmp: write_adapter(layers.current.model, tmp))
         _, best, stopped = stopping([r.metric for r in records], threshold, patience)
         if stopped == "plateau":
             break
