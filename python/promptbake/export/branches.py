@@ -43,10 +43,11 @@ def fuse(model: onnx.ModelProto) -> int:
     graph = model.graph
     if rewrite.has_subgraphs(graph):
         return 0
+    nodes = list(graph.node)  # held, so that each node keeps its identity (``removed``)
     inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = {o: n for n in nodes for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
+    for n in nodes:
         for name in n.input:
             readers.setdefault(name, []).append(n)
     constant = _constants(graph)
@@ -76,7 +77,7 @@ def fuse(model: onnx.ModelProto) -> int:
 
     groups: dict[str, list] = {}  # x -> [(node, [(L, R)], the chain's last output)]
     removed: set[int] = set()
-    for node in graph.node:
+    for node in nodes:
         if node.op_type != "MatMulNBits":
             continue
         x, out, found = node.input[0], node.output[0], []
@@ -131,7 +132,7 @@ def fuse(model: onnx.ModelProto) -> int:
                                        name=name + "/add")]
     fused = sum(len(found) for members in groups.values() for _, found, _ in members)
     if fused:
-        kept = [n for n in graph.node if id(n) not in removed] + added
+        kept = [n for n in nodes if id(n) not in removed] + added
         del graph.node[:]
         graph.node.extend(rewrite.in_order(kept, graph))
         rewrite.drop_dead(graph)  # the MatMuls by L that only the fused terms read
