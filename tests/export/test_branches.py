@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from promptbake.export import Int4Options, Tolerances, branches, export_baked, exporter, graph
+from promptbake.export import Int4Options, Tolerances, branches, export_baked, graph
 
 
 def outputs(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
@@ -23,7 +23,7 @@ def test_fused_terms_compute_what_the_separate_terms_did(baked_dir, tmp_path, mo
     # HQQ's folded zero points, the bake's LoRA and a rank-2 correction: three kinds of term
     options = Int4Options(method="hqq", lora="beside", correction_rank=2, accuracy_level=0)
     with monkeypatch.context() as patch:
-        patch.setattr(exporter, "_fuse", lambda path: 0)
+        patch.setattr(branches, "fuse", lambda model: 0)
         found = export_baked(baked_dir, tmp_path / "separate", quantize="int4", int4=options,
                              tolerances=Tolerances(int4_top1=0.0, contexts=2, steps=4))
     separate = onnx.load(str(found.path / "model.onnx"))

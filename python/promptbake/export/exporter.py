@@ -177,13 +177,15 @@ def export_onnx(model, tokenizer, out_dir: str | Path, *, quantize: str | None =
             shutil.rmtree(scratch)
             if beside is not None:
                 details[quantize]["beside"] = timed("lora", lambda: beside.attach(target, model))
-            if options.scale_storage == "fp16":
-                record, stored = timed("fp16", lambda: _store_half(target))
-                details[quantize]["fp16_storage"] = record
-                if "weight_bytes" in details[quantize]:  # int4's: as stored now
-                    details[quantize]["weight_bytes"] = stored
-            if quantize == "int4":
-                details[quantize]["fused_side_terms"] = timed("fuse", lambda: _fuse(target))
+            half, fuse = options.scale_storage == "fp16", quantize == "int4"
+            if half or fuse:
+                done = timed("finish", lambda: _finish(target, half=half, fuse=fuse))
+                if half:
+                    details[quantize]["fp16_storage"] = done["fp16_storage"]
+                    if "weight_bytes" in details[quantize]:  # int4's: as stored now
+                        details[quantize]["weight_bytes"] = done["weight_bytes"]
+                if fuse:
+                    details[quantize]["fused_side_terms"] = done["fused_side_terms"]
         if sparse:
             details["sparse"] = timed("pack", lambda: _pack(target))
         timed("check", lambda: _checker(target))
@@ -249,26 +251,21 @@ def _calibration(tokenizer, framing,
     return parity.framed(tokenizer, contexts.builtin("train")[:options.calibration], framing)
 
 
-def _store_half(path: Path) -> tuple[dict, dict]:
-    """``quantize.store_half`` on the graph at ``path``, rewritten in place: its record, and the
-    bytes of the weights by kind as they are stored now (``quantize.weight_bytes``)."""
+def _finish(path: Path, *, half: bool, fuse: bool) -> dict:
+    """The last rewrites of a quantised graph at ``path``, in one load and save: with ``half``
+    ``quantize.store_half`` (its record as ``fp16_storage``, and the weights' bytes by kind as
+    now stored, ``weight_bytes``), with ``fuse`` ``branches.fuse`` (``fused_side_terms``)."""
     import onnx
 
     model = onnx.load(str(path))
-    record = quantize_mod.store_half(model)
+    done = {}
+    if half:
+        done["fp16_storage"] = quantize_mod.store_half(model)
+        done["weight_bytes"] = quantize_mod.weight_bytes(model)
+    if fuse:
+        done["fused_side_terms"] = branches.fuse(model)
     graph.save(model, path)
-    return record, quantize_mod.weight_bytes(model)
-
-
-def _fuse(path: Path) -> int:
-    """``branches.fuse`` on the int4 graph at ``path``, rewritten in place when it fused any."""
-    import onnx
-
-    model = onnx.load(str(path))
-    fused = branches.fuse(model)
-    if fused:
-        graph.save(model, path)
-    return fused
+    return done
 
 
 def _remove_stale(out: Path) -> None:
