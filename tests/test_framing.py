@@ -114,6 +114,23 @@ def test_prompt_text_is_canonical_and_conversations_are_checked(tokenizer):
             Framing(tokenizer, bad)
 
 
+def test_a_conversation_in_an_order_no_chat_holds_is_refused(tokenizer):
+    user, assistant = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Arr."}
+    system, tool = {"role": "system", "content": "Be a pirate."}, {"role": "tool", "content": "42"}
+    for bad, match in (([user], "ends with a user message"),
+                       ([system, user, assistant, user], "ends with a user message"),
+                       ([system, tool], "message 1 is a tool result that follows no assistant"),
+                       ([assistant, system], "message 1 is a system message after the first"),
+                       ([system, user, user, assistant], "messages 1 and 2 are both user turns"),
+                       ([system, user, assistant, assistant], "2 and 3 are both assistant")):
+        with pytest.raises(FramingError, match=match):
+            Framing(tokenizer, bad)
+    # what chats hold: an opening assistant greeting, calls answered by one or more results
+    for good in ([system], [assistant], [system, user, assistant, tool, tool, assistant],
+                 DEMO):
+        Framing(tokenizer, good).check(CTX)
+
+
 def test_a_template_that_drops_a_demonstration_turn_is_refused(tokenizer):
     odd = copy.deepcopy(tokenizer)
     # renders system and user turns but drops assistant turns that come before the last user turn

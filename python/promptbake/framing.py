@@ -64,7 +64,29 @@ def prompt_messages(prompt) -> list[dict]:
         out.append(dict(message))
     if not any(m["content"].strip() for m in out):
         raise FramingError("every message of the prompt is empty: give the prompt some text")
+    _check_order([m["role"] for m in out])
     return out
+
+
+def _check_order(roles: list[str]) -> None:
+    """Refuses a conversation prompt whose turns no chat would hold, each context's user turn
+    coming after it: a system message after the first, a tool result after no assistant turn,
+    two user or two assistant turns in a row, or a last turn that is not the assistant's (or a
+    lone system message) -- templates render these without a word, or refuse them later."""
+    for i, (before, role) in enumerate(zip([None, *roles], roles)):
+        if role == "system" and i > 0:
+            raise FramingError(f"prompt message {i} is a system message after the first "
+                               f"message: put the system text first, once")
+        if role == "tool" and before not in ("assistant", "tool"):
+            raise FramingError(f"prompt message {i} is a tool result that follows no assistant "
+                               f"turn: put the assistant's call before it")
+        if role == before and role in ("user", "assistant"):
+            raise FramingError(f"prompt messages {i - 1} and {i} are both {role} turns: join "
+                               f"them into one message")
+    if roles[-1] not in ("system", "assistant"):
+        raise FramingError(f"the prompt ends with a {roles[-1]} message, so each context's user "
+                           f"turn would follow it unanswered: end the demonstrations with the "
+                           f"assistant's reply, or put an instruction in the system message")
 
 
 def read_prompt_file(path) -> str | list:

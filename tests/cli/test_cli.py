@@ -65,7 +65,12 @@ def test_prompt_from_a_file(tiny_dir, tmp_path, prompt):
 
 
 def test_bad_input_exits_with_one_clear_line(tiny_dir, tmp_path, capsys, prompt, small_bake):
+    backwards = tmp_path / "backwards.json"
+    backwards.write_text('[{"role": "assistant", "content": "Arr."}, {"role": "user", '
+                         '"content": "Talk like a pirate."}]')
     cases = [
+        (["bake", "--prompt-file", str(backwards), "--model", str(tiny_dir), "--out",
+          str(tmp_path / "x")], "the prompt ends with a user message"),
         (["kl", str(small_bake), "--teacher-model", str(tiny_dir)],
          "learned its own base model's prompted distributions, not a separate teacher"),
         (["bake", "--prompt", " ", "--model", str(tiny_dir), "--out", str(tmp_path / "x")],
