@@ -57,7 +57,7 @@ def test_shared_shapes_give_the_same_results_with_one_copy_of_the_arithmetic(kin
         graph.trace(model, tmp_path / "traced.onnx")
     shared, traced = (onnx.load(str(tmp_path / f"{n}.onnx")) for n in ("shared", "traced"))
     count = lambda m, op: sum(n.op_type == op for n in m.graph.node)  # noqa: E731
-    assert count(traced, "Shape") > 3 * 10  # a chain per view, per layer
+    assert count(traced, "Shape") > 3 * 5  # chains per view, per layer
     assert count(shared, "Shape") <= 3  # batch, new tokens, cached tokens: once each
     assert len(shared.graph.node) < 0.6 * len(traced.graph.node)
     assert [i.name for i in shared.graph.input] == [i.name for i in traced.graph.input]
