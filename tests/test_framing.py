@@ -115,20 +115,32 @@ def test_prompt_text_is_canonical_and_conversations_are_checked(tokenizer):
 
 
 def test_a_conversation_in_an_order_no_chat_holds_is_refused(tokenizer):
+    from promptbake.engine import demonstrations_in
+    from promptbake.framing import prompt_messages
+
     user, assistant = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Arr."}
     system, tool = {"role": "system", "content": "Be a pirate."}, {"role": "tool", "content": "42"}
     for bad, match in (([user], "ends with a user message"),
                        ([system, user, assistant, user], "ends with a user message"),
                        ([system, tool], "message 1 is a tool result that follows no assistant"),
-                       ([assistant, system], "message 1 is a system message after the first"),
+                       ([assistant, system], r"message 1 is a system message after message 0 "
+                                             r"\(assistant\)"),
                        ([system, user, user, assistant], "messages 1 and 2 are both user turns"),
-                       ([system, user, assistant, assistant], "2 and 3 are both assistant")):
+                       ([system, user, assistant, assistant], "2 and 3 are both assistant"),
+                       ([system, user, assistant, tool, user, assistant],
+                        "message 4 is a user turn right after a tool result")):
         with pytest.raises(FramingError, match=match):
-            Framing(tokenizer, bad)
-    # what chats hold: an opening assistant greeting, calls answered by one or more results
-    for good in ([system], [assistant], [system, user, assistant, tool, tool, assistant],
-                 DEMO):
+            prompt_messages(bad)
+        Framing(tokenizer, bad)  # a bake made before the rule still loads
+    # what chats hold: system texts first, an opening assistant greeting, calls answered after
+    # one or more results; and the engine's edits (demonstrations reordered or dropped) keep it
+    calls = [system, system, user, assistant, tool, tool, assistant, user, assistant]
+    for good in ([system], [assistant], calls, DEMO):
+        prompt_messages(good)
         Framing(tokenizer, good).check(CTX)
+    head, demos = demonstrations_in(calls)
+    for edited in (head + demos[1] + demos[0], head + demos[1], head + demos[0]):
+        prompt_messages(edited)
 
 
 def test_a_template_that_drops_a_demonstration_turn_is_refused(tokenizer):

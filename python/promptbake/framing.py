@@ -41,9 +41,12 @@ class FramingError(ValueError):
     """Teacher and student inputs cannot be framed consistently; the message says why."""
 
 
-def prompt_messages(prompt) -> list[dict]:
+def prompt_messages(prompt, *, order: bool = True) -> list[dict]:
     """The prompt u as the chat messages the teacher reads before a context: a system text is one
-    system message; a conversation (a list of ``{"role", "content"}``) is checked and copied."""
+    system message; a conversation (a list of ``{"role", "content"}``) is checked and copied.
+    ``order``: also refuse a conversation whose turns no chat would hold (``_check_order``), as
+    the entry points do (bake, pursuit, the engine, ``--prompt-file``); ``Framing`` does not,
+    so that bakes made before that rule still load."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise FramingError("prompt is empty: pass the text to bake with --prompt or "
@@ -64,22 +67,28 @@ def prompt_messages(prompt) -> list[dict]:
         out.append(dict(message))
     if not any(m["content"].strip() for m in out):
         raise FramingError("every message of the prompt is empty: give the prompt some text")
-    _check_order([m["role"] for m in out])
+    if order:
+        _check_order([m["role"] for m in out])
     return out
 
 
 def _check_order(roles: list[str]) -> None:
-    """Refuses a conversation prompt whose turns no chat would hold, each context's user turn
-    coming after it: a system message after the first, a tool result after no assistant turn,
-    two user or two assistant turns in a row, or a last turn that is not the assistant's (or a
-    lone system message) -- templates render these without a word, or refuse them later."""
+    """Refuses a conversation prompt whose turns no chat would hold, each context coming after
+    it: a system message after another turn, a tool result after no assistant call or followed
+    by no assistant answer, two user or two assistant turns in a row, or a last turn that is not
+    the assistant's (or a system message) -- templates render these without a word, or refuse
+    them later. Every demonstration (a user turn and what follows it) then ends with the
+    assistant, so the engine's reordered or dropped demonstrations stay in order."""
     for i, (before, role) in enumerate(zip([None, *roles], roles)):
-        if role == "system" and i > 0:
-            raise FramingError(f"prompt message {i} is a system message after the first "
-                               f"message: put the system text first, once")
+        if role == "system" and before not in (None, "system"):
+            raise FramingError(f"prompt message {i} is a system message after message {i - 1} "
+                               f"({before}): put the system text first")
         if role == "tool" and before not in ("assistant", "tool"):
             raise FramingError(f"prompt message {i} is a tool result that follows no assistant "
                                f"turn: put the assistant's call before it")
+        if before == "tool" and role not in ("assistant", "tool"):
+            raise FramingError(f"prompt message {i} is a {role} turn right after a tool result: "
+                               f"put the assistant's answer to the result between them")
         if role == before and role in ("user", "assistant"):
             raise FramingError(f"prompt messages {i - 1} and {i} are both {role} turns: join "
                                f"them into one message")
@@ -130,7 +139,7 @@ class Framing:
     templated: bool = dataclasses.field(init=False, default=True)
 
     def __post_init__(self):
-        self.messages = prompt_messages(self.prompt)
+        self.messages = prompt_messages(self.prompt, order=False)
         if self.student not in STUDENT_FRAMINGS:
             raise FramingError(f"unknown student framing {self.student!r}: choose one of "
                                f"{', '.join(STUDENT_FRAMINGS)}")
