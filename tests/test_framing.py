@@ -143,6 +143,14 @@ def test_a_conversation_in_an_order_no_chat_holds_is_refused(tokenizer):
         prompt_messages(edited)
 
 
+def test_a_context_given_as_text_is_one_user_message(tokenizer, prompt):
+    f = Framing(tokenizer, prompt)
+    as_messages = [{"role": "user", "content": "What is 2+2?"}]
+    assert f.teacher_ids("What is 2+2?") == f.teacher_ids(as_messages)
+    assert f.student_ids("What is 2+2?") == f.student_ids(as_messages)
+    f.check("What is 2+2?")
+
+
 def test_a_template_that_drops_a_demonstration_turn_is_refused(tokenizer):
     odd = copy.deepcopy(tokenizer)
     # renders system and user turns but drops assistant turns that come before the last user turn

@@ -178,13 +178,13 @@ class Framing:
             return candidate
         return None
 
-    def teacher_messages(self, context: Context) -> list[dict]:
-        return [dict(m) for m in self.messages] + list(context)
+    def teacher_messages(self, context: Context | str) -> list[dict]:
+        return [dict(m) for m in self.messages] + _messages(context)
 
-    def student_messages(self, context: Context) -> list[dict]:
+    def student_messages(self, context: Context | str) -> list[dict]:
         if self.student == "empty":
-            return [{"role": "system", "content": ""}] + list(context)
-        return list(context)
+            return [{"role": "system", "content": ""}] + _messages(context)
+        return _messages(context)
 
     def teacher_text(self, context: Context, generation_prompt: bool = True) -> str:
         if not self.templated:
@@ -263,8 +263,16 @@ class Framing:
                                "student side; the response tokens would not align")
 
 
-def _plain(context: Context) -> str:
-    return "".join(m["content"] + "\n" for m in context)
+def _messages(context: Context | str) -> list[dict]:
+    """A context's chat messages: a text is one user message (a context is otherwise a list of
+    ``{"role", "content"}``, as ``contexts`` reads them)."""
+    if isinstance(context, str):
+        return [{"role": "user", "content": context}]
+    return list(context)
+
+
+def _plain(context: Context | str) -> str:
+    return "".join(m["content"] + "\n" for m in _messages(context))
 
 
 def align(teacher_prefix: list[int], student_prefix: list[int], response: list[int]):
