@@ -436,7 +436,7 @@ def check_masks(model, masks) -> None:
 def _contexts(spec, part: str, count: int, seed: int) -> list:
     if spec is None or isinstance(spec, str):
         return contexts_mod.for_bake(spec, part, count, seed)
-    found = [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in spec]
+    found = [contexts_mod.as_context(c) for c in spec]
     if not found:
         raise ValueError(f"the list of {part} contexts is empty")
     return found

@@ -34,6 +34,14 @@ class ContextError(ValueError):
     """A contexts file cannot be used; the message names the file, the line and the fix."""
 
 
+def as_context(context: Context | str) -> Context:
+    """A context's chat messages: a text is one user message; a list of ``{"role",
+    "content"}`` messages is copied."""
+    if isinstance(context, str):
+        return [{"role": "user", "content": context}]
+    return list(context)
+
+
 def split(contexts: list[Context], part: str, held_out_fraction: float = 0.2) -> list[Context]:
     """The ``train`` or ``held_out`` part of ``contexts``, chosen by a hash of each context, so the
     two parts never share a context and the split does not depend on order. With two or more
@@ -362,7 +370,7 @@ def _every_of(spec) -> list[Context]:
     if isinstance(spec, list):
         if not spec:
             raise ContextError("the list of contexts is empty")
-        return [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in spec]
+        return [as_context(c) for c in spec]
     return load(spec)
 
 

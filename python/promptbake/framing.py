@@ -27,7 +27,7 @@ import json
 import logging
 from pathlib import Path
 
-from promptbake.contexts import Context
+from promptbake.contexts import Context, as_context
 
 log = logging.getLogger("promptbake")
 
@@ -179,12 +179,12 @@ class Framing:
         return None
 
     def teacher_messages(self, context: Context | str) -> list[dict]:
-        return [dict(m) for m in self.messages] + _messages(context)
+        return [dict(m) for m in self.messages] + as_context(context)
 
     def student_messages(self, context: Context | str) -> list[dict]:
         if self.student == "empty":
-            return [{"role": "system", "content": ""}] + _messages(context)
-        return _messages(context)
+            return [{"role": "system", "content": ""}] + as_context(context)
+        return as_context(context)
 
     def teacher_text(self, context: Context, generation_prompt: bool = True) -> str:
         if not self.templated:
@@ -263,16 +263,8 @@ class Framing:
                                "student side; the response tokens would not align")
 
 
-def _messages(context: Context | str) -> list[dict]:
-    """A context's chat messages: a text is one user message (a context is otherwise a list of
-    ``{"role", "content"}``, as ``contexts`` reads them)."""
-    if isinstance(context, str):
-        return [{"role": "user", "content": context}]
-    return list(context)
-
-
 def _plain(context: Context | str) -> str:
-    return "".join(m["content"] + "\n" for m in _messages(context))
+    return "".join(m["content"] + "\n" for m in as_context(context))
 
 
 def align(teacher_prefix: list[int], student_prefix: list[int], response: list[int]):

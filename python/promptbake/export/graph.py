@@ -184,23 +184,18 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.reshape(batch, heads, -1, dim).transpose(1, 2).contiguous(), None
 
 
-_TURNS: dict = {}  # head dim -> (index, sign): one constant each, read by every layer
-
-
 def grouped_rotary(q, k, cos, sin, unsqueeze_dim=1):
     """Rotary position embedding as transformers' Llama ``apply_rotary_pos_emb`` computes it,
     ``x * cos + rotate_half(x) * sin``, written for the graph: ``rotate_half(x)`` (the halves
     swapped, the first negated) is one ``Gather`` of the swapped halves, and the negation goes
     into ``sin`` once for every layer: 4 nodes per rotation where the tracer writes 7 (two
     Slices, a Neg and a Concat), the same products and sums."""
-    dim = int(q.shape[-1])
-    if dim not in _TURNS:
-        half = dim // 2
-        _TURNS[dim] = (torch.cat([torch.arange(half, dim), torch.arange(half)]),
-                       torch.cat([-torch.ones(half), torch.ones(half)]))
-    index, sign = (t.to(q.device) for t in _TURNS[dim])
+    dim = int(q.shape[-1])  # constants in the graph, each layer's copies (and of ``signed``)
+    half = dim // 2  # merged into one by ``rewrite.merge_duplicates`` after the trace
+    index = torch.cat([torch.arange(half, dim), torch.arange(half)]).to(q.device)
+    sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(q.device, sin.dtype)
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    signed = sin * sign.to(sin.dtype)
+    signed = sin * sign
     return (q * cos + q.index_select(-1, index) * signed,
             k * cos + k.index_select(-1, index) * signed)
 
