@@ -6,14 +6,15 @@
    after.
 2. Side by side on the same trajectories, LoRA initialisation, batches and hyperparameters:
    promptbake's training loop (teacher distributions cached while sampling, the fused divergence,
-   each context's prompt run once for its samples, the LM head on response positions only, eager
-   attention on CPU, bf16 matmuls where the CPU has them, the LM head fused with the loss; the
-   same with the head unfused (``PROMPTBAKE_FUSED_HEAD=0``: the student's N x V logits held, as
-   before ``ops.linear_divergence``); and the same in fp32) and a reference loop in the style of
-   the original authors' code (a live teacher forward every step, full logits, eager
-   ``log_softmax`` + ``kl_div``, fp32). Held-out KL is measured every few steps (outside the
-   training clocks); the ratio is of the training wall time each needs to reach the same
-   held-out KL. The loops take turns, a dozen steps each, so that a slow spell of a shared
+   each context's prompt run once for its samples, the LM head on response positions only, on
+   CPU the sequences packed without padding and attention with no copy per query head
+   (``train.for_training``), bf16 matmuls where the CPU has them, the LM head fused with the
+   loss; the same with the head unfused (``PROMPTBAKE_FUSED_HEAD=0``: the student's N x V
+   logits held, as before ``ops.linear_divergence``); and the same in fp32) and a reference
+   loop in the style of the original authors' code (a live teacher forward every step, full
+   logits, eager ``log_softmax`` + ``kl_div``, fp32). Held-out KL is measured every few steps
+   (outside the training clocks); the ratio is of the training wall time each needs to reach
+   the same held-out KL. The loops take turns, a dozen steps each, so that a slow spell of a shared
    machine falls on all of them alike, in a process of their own with the C allocator's
    defaults, as a user's bake runs. Each loop's peak resident memory while training, above what
    was resident before it, is measured in another process, untimed, over the steps with the

@@ -14,17 +14,23 @@ def tiny(tiny_framed):
     return tiny_framed
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", modeling.GROUPED])
 @pytest.mark.parametrize("shared_start", [False, True])
 def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tiny, attention,
                                                                    shared_start, monkeypatch):
     # Several responses after one prompt: the prompt runs once, its cache (with its autograd
     # history) serves them all; logits and gradients equal separate whole-sequence forwards.
     # With shared_start the prompts' common start (the template's system turn) also runs once.
+    # With GROUPED attention the prompts and the responses are packed into one row, one pass.
     # (Llama's RMSNorm computes in fp32 even in a fp64 model: agreement is to fp32 rounding.)
     lm, tok, _ = models.load(tiny_dir)
-    lm.set_attn_implementation(attention)
-    f = tiny[2]
+    with modeling.use_attention(lm, attention):
+        _check_response_logits(lm, tok, tiny[2], attention == modeling.GROUPED, shared_start,
+                               monkeypatch)
+    assert lm.config._attn_implementation != modeling.GROUPED
+
+
+def _check_response_logits(lm, tok, f, packed, shared_start, monkeypatch):
     prefixes = [f.student_ids(c) for c in CONTEXTS]  # of different lengths
     start = modeling.common_start(prefixes)
     assert 4 <= start < min(len(p) for p in prefixes)
@@ -37,6 +43,7 @@ def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tin
     probe = torch.randn(11, len(tok), generator=torch.Generator().manual_seed(0))
 
     shared = modeling.response_logits(lm, prefixes, responses, tok.pad_token_id)
+    ours = len(passes)
     (shared * probe).sum().backward()
     grad_shared, weight.grad = weight.grad, None
     full = []
@@ -47,7 +54,11 @@ def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tin
     full = torch.cat(full)
     (full * probe).sum().backward()
 
-    assert passes[0] == ((1, start) if shared_start else (3, max(len(p) for p in prefixes)))
+    lengths = [len(p) - (start if shared_start else 0) for p in prefixes]
+    inputs = sum(len(r) - 1 for group in responses for r in group)
+    assert passes[0] == ((1, start) if shared_start else
+                         (1, sum(lengths) + inputs) if packed else (3, max(lengths)))
+    assert ours == (1 if packed else 2) + shared_start  # packed: one pass for all
     assert shared.shape == (4 + 1 + 2 + 1 + 3, len(tok)) and torch.isfinite(shared).all()
     torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
     assert float((grad_shared - weight.grad).norm() / weight.grad.norm()) < 1e-5

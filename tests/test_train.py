@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from promptbake import BakeConfig, modeling
+from promptbake import BakeConfig, modeling, train
 from promptbake.framing import Framing
 from promptbake.trajectories import Trajectories
 from promptbake.train import (Clock, Divergence, attach_lora, batch_plan, first_token_weights,
@@ -312,3 +312,51 @@ def test_bf16_sampling_records_the_bf16_teachers_targets(setup, tokenizer):
 
     to_bf16, to_fp32 = kl(recomputed[torch.bfloat16]), kl(recomputed[None])
     assert to_bf16 < to_fp32 / 4, (to_bf16, to_fp32)
+
+
+@pytest.mark.parametrize("kind", ["Llama", "Mistral", "Qwen2", "Qwen3"])
+def test_for_training_packs_with_grouped_attention_and_computes_what_eager_does(kind):
+    # On CPU, for_training runs these architectures with GROUPED attention, under which
+    # response_hidden packs a batch into one row: the same hidden states and LoRA gradients as
+    # eager attention on padded rows (fp32; different prompt and response lengths).
+    import transformers
+
+    torch.manual_seed(0)
+    extra = {"sliding_window": None} if kind in ("Mistral", "Qwen2", "Qwen3") else {}
+    lm = getattr(transformers, f"{kind}ForCausalLM")(getattr(transformers, f"{kind}Config")(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, **extra))
+    model = attach_lora(lm, config(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    moved(model)
+    prefixes = [[1, 2, 3, 4, 5], [1, 2, 3, 6], [7, 8]]
+    responses = [[[9, 10, 11], [12]], [[13, 14]], [[15, 16, 17, 18], [19, 20]]]
+    probe = torch.randn(12, 64, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for name in ("eager", modeling.GROUPED):
+        model.zero_grad()
+        with modeling.use_attention(model, "eager") if name == "eager" else \
+                train.for_training(model, None):
+            assert modeling.inner(model).config._attn_implementation == name
+            hidden = modeling.response_hidden(model, prefixes, responses, pad_id=0)
+            (hidden * probe).sum().backward()
+        runs[name] = hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None}
+    assert modeling.inner(model).config._attn_implementation != modeling.GROUPED
+    (eager, eager_grads), (grouped, grouped_grads) = runs.values()
+    torch.testing.assert_close(grouped, eager, atol=1e-5, rtol=1e-5)
+    assert eager_grads.keys() == grouped_grads.keys() and len(eager_grads) == 16
+    for name, grad in eager_grads.items():
+        assert float((grouped_grads[name] - grad).norm() / grad.norm()) < 1e-4, name
+
+
+def test_grouped_attention_is_chosen_only_where_it_computes_what_eager_does():
+    import transformers
+
+    def fits(kind, **extra):
+        return modeling.grouped_fits(getattr(transformers, f"{kind}Config")(**extra))
+
+    assert fits("Llama") and fits("Qwen2", sliding_window=None) and fits("Qwen3")
+    assert fits("Qwen2", use_sliding_window=False, sliding_window=8)  # configured but off
+    assert not fits("Mistral", sliding_window=8)
+    assert not fits("Llama", attention_dropout=0.1)
+    assert not fits("Gemma2") and not fits("GPT2")

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from promptbake.ops import attention
+
 
 def left_padded(prefixes: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """(ids, attention mask, position ids), each ``[len(prefixes), longest]``: every prefix ends
@@ -44,6 +46,42 @@ def right_padded(sequences: list[list[int]], pad_id: int, device) -> tuple[torch
 def inner(model):
     """The transformers model under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+GROUPED = "promptbake_grouped"  # ops.attention.grouped_attention, as transformers names it
+# Architectures on which GROUPED computes what their eager attention does (tested), when no
+# sliding window, logit softcap or attention dropout is configured.
+GROUPED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def grouped_fits(config) -> bool:
+    """Whether ``GROUPED`` attention computes what eager attention does for this model."""
+    sliding = getattr(config, "sliding_window", None) is not None and \
+        getattr(config, "use_sliding_window", True)
+    return config.model_type in GROUPED_TYPES and not sliding and \
+        not getattr(config, "attention_dropout", 0.0) and \
+        getattr(config, "attn_logit_softcapping", None) is None
+
+
+@contextlib.contextmanager
+def use_attention(model, implementation: str):
+    """``model`` (a transformers model, or PEFT's around one) with attention
+    ``implementation`` (``GROUPED``, or a transformers name) for the duration."""
+    lm = inner(model)
+    if implementation == GROUPED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        AttentionInterface.register(GROUPED, attention.grouped_attention)
+        AttentionMaskInterface.register(GROUPED, eager_mask)  # the additive float mask
+    before = lm.config._attn_implementation
+    if before != implementation:
+        lm.set_attn_implementation(implementation)
+    try:
+        yield model
+    finally:
+        if lm.config._attn_implementation != before:
+            lm.set_attn_implementation(before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +155,10 @@ def response_hidden(model, prefixes: list[list[int]], responses: list[list[list[
 
     When the prefixes start alike for ``SHARED_START`` tokens or more (a prompt u and the chat
     template around it), that start goes through the model once for all of them, its cache
-    (autograd history included) copied to each: one forward and one backward of it per call."""
+    (autograd history included) copied to each: one forward and one backward of it per call.
+    With ``GROUPED`` attention (``for_training`` chooses it) the prompts and the responses go
+    through the model in one pass, packed into one row without padding
+    (``ops.attention.Packed``)."""
     if len(prefixes) != len(responses) or not all(prefixes) or \
             not all(group and all(group) for group in responses):
         raise ValueError("every prefix needs at least one token and one or more non-empty "
@@ -128,19 +169,25 @@ def response_hidden(model, prefixes: list[list[int]], responses: list[list[list[
     start = common_start(prefixes)
     if start < SHARED_START or _sharded(lm):  # a sharded model's passes must pair up across ranks
         start = 0
-    # Right padding throughout (prompts, then responses): every query row, padding included, sees
-    # at least one real token, so no attention row is fully masked (NaN-prone in eager attention).
-    ids, mask = right_padded([p[start:] for p in prefixes], pad_id, device)
-    ends = torch.tensor([len(p) - start for p in prefixes], device=device)
-    owner = torch.tensor([i for i, group in enumerate(responses) for _ in group], device=device)
+    owners = [i for i, group in enumerate(responses) for _ in group]
     flat = [r for group in responses for r in group]
-    # y_t is predicted from y_<t: the inputs after the prompt are y_0 .. y_{n-2}.
-    r_ids, r_mask = right_padded([r[:-1] for r in flat], pad_id, device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        own = {}
+        shared = None
         if start:
             shared = body(input_ids=torch.tensor([prefixes[0][:start]], device=device),
                           use_cache=True).cache
+        if lm.config._attn_implementation == GROUPED:
+            return _packed_hidden(lm, prefixes, flat, owners, start, shared)
+        # Right padding throughout (prompts, then responses): every query row, padding
+        # included, sees at least one real token, so no attention row is fully masked
+        # (NaN-prone in eager attention).
+        ids, mask = right_padded([p[start:] for p in prefixes], pad_id, device)
+        ends = torch.tensor([len(p) - start for p in prefixes], device=device)
+        owner = torch.tensor(owners, device=device)
+        # y_t is predicted from y_<t: the inputs after the prompt are y_0 .. y_{n-2}.
+        r_ids, r_mask = right_padded([r[:-1] for r in flat], pad_id, device)
+        own = {}
+        if start:
             shared.batch_select_indices(torch.zeros(len(prefixes), dtype=torch.long,
                                                     device=device))
             mask = torch.cat([mask.new_ones(len(prefixes), start), mask], dim=1)
@@ -156,6 +203,40 @@ def response_hidden(model, prefixes: list[list[int]], responses: list[list[list[
                         position_ids=positions, cache=cache).last_hidden_state
         return torch.cat([torch.cat([first[k:k + 1], rest[k, :len(r) - 1]]) if len(r) > 1
                           else first[k:k + 1] for k, r in enumerate(flat)])
+
+
+def _packed_hidden(lm, prefixes, flat, owners, start, shared) -> torch.Tensor:
+    """``response_hidden`` in one pass without padding: the prompts after their ``start``
+    shared tokens (in the cache ``shared``) and then the responses, laid end to end in one row;
+    each prompt attends to the start and itself, each response to the start, its prompt and
+    itself (``ops.attention.pack``)."""
+    body, device = lm.base_model, lm.get_output_embeddings().weight.device
+    # y_t is predicted from y_<t: the inputs after the prompt are y_0 .. y_{n-2}.
+    inputs = [(k, r[:-1]) for k, r in enumerate(flat) if len(r) > 1]
+    sequences = [p[start:] for p in prefixes] + [r for _, r in inputs]
+    lengths = [len(s) for s in sequences]
+    offsets = torch.tensor([0] + lengths[:-1], device=device).cumsum(0).tolist()
+    before = torch.arange(start, device=device)
+    prompt_keys = [start + torch.arange(offsets[c], offsets[c] + lengths[c], device=device)
+                   for c in range(len(prefixes))]
+    seen = [before] * len(prefixes) + [torch.cat([before, prompt_keys[owners[k]]])
+                                       for k, _ in inputs]
+    positions = [start] * len(prefixes) + [len(prefixes[owners[k]]) for k, _ in inputs]
+    packed = attention.pack(seen, lengths, start, lm.get_input_embeddings().weight.dtype)
+    ids = torch.tensor([[t for s in sequences for t in s]], device=device)
+    positions = torch.cat([torch.arange(p, p + n, device=device)
+                           for p, n in zip(positions, lengths)])[None]
+    hidden = body(input_ids=ids, position_ids=positions, attention_mask=packed.mask,
+                  cache=shared, use_cache=shared is not None, packed=packed).last_hidden_state[0]
+    # Rows in response order: the last row of its prompt predicts y_0, then its own rows.
+    index = []
+    rows = dict(zip((k for k, _ in inputs), offsets[len(prefixes):]))
+    for k, r in enumerate(flat):
+        owner = owners[k]
+        index.append(offsets[owner] + lengths[owner] - 1)
+        if k in rows:
+            index.extend(range(rows[k], rows[k] + len(r) - 1))
+    return hidden[torch.tensor(index, device=device)]
 
 
 # Tokens all prefixes must share before response_hidden encodes that start once: a separate

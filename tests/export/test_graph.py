@@ -1,6 +1,6 @@
-"""The traced graph's attention (``graph.grouped_attention``, ``graph.grouped_rotary``):
-transformers' eager attention's and rotary embedding's results, and a graph with no copy of
-the cache per query head and fewer nodes per layer."""
+"""The traced graph's attention (``ops.attention.grouped_attention``, ``graph.grouped_rotary``):
+transformers' rotary embedding's results, and a graph with no copy of the cache per query head
+and fewer nodes per layer."""
 
 import numpy as np
 import onnx
@@ -8,44 +8,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.models.llama.modeling_llama import (apply_rotary_pos_emb,
-                                                      eager_attention_forward)
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from promptbake.export import graph
-
-
-class Heads(torch.nn.Module):
-    """What an attention function reads of its module: the config and ``num_key_value_groups``
-    (eager's ``repeat_kv``)."""
-
-    def __init__(self, heads, groups):
-        super().__init__()
-        self.config = type("Config", (), {"num_attention_heads": heads,
-                                          "num_key_value_heads": groups})()
-        self.num_key_value_groups = heads // groups
-
-
-@pytest.mark.parametrize("heads,groups", [(6, 2), (4, 4), (3, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_attention_computes_what_eager_attention_does(heads, groups, dtype):
-    gen = torch.Generator().manual_seed(0)
-    batch, seq, past, dim = 2, 3, 5, 8
-    query = torch.randn(batch, heads, seq, dim, generator=gen).to(dtype)
-    key, value = (torch.randn(batch, groups, past + seq, dim, generator=gen).to(dtype)
-                  for _ in range(2))
-    mask = torch.zeros(batch, 1, seq, past + seq)
-    mask[0, :, :, :2] = torch.finfo(torch.float32).min  # the first row's left padding
-    mask[:, :, 0, past + 1:] = torch.finfo(torch.float32).min  # causal, for the first query
-    module = Heads(heads, groups).eval()
-    for scaling in (dim ** -0.5, 0.3):
-        want, _ = eager_attention_forward(module, query, key, value, mask.to(dtype), scaling)
-        got, weights = graph.grouped_attention(module, query, key, value, mask.to(dtype),
-                                               scaling=scaling)
-        assert got.shape == want.shape == (batch, seq, heads, dim) and weights is None
-        tol = 1e-6 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    with pytest.raises(ValueError, match="not \\['sliding_window'\\]"):
-        graph.grouped_attention(module, query, key, value, None, sliding_window=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,10 +17,10 @@ the tiny model (same logits). Tracing records one path through Python branches, 
 check of every export runs the graph on the shapes it must serve (a prefill without a past,
 decode steps with one) against torch. The tracer's per-layer size arithmetic is then replaced by
 one shared computation of each size (``shapes.share``: a fifth faster int8 decoding on
-SmolLM2-135M, the same results to the bit). The attention traced is written for the graph
-(``grouped_attention``, ``grouped_rotary``): the same results as transformers' eager attention,
-without a copy of the whole cache per query head at every step (grouped-query models) and with
-fewer nodes per layer.
+SmolLM2-135M, the same results to the bit). The attention traced is ``ops.attention``'s, with
+a rotary embedding written for the graph (``grouped_rotary``): the same results as
+transformers' eager attention, without a copy of the whole cache per query head at every step
+(grouped-query models) and with fewer nodes per layer.
 """
 
 from __future__ import annotations
@@ -147,41 +147,7 @@ class _Step(torch.nn.Module):
         return (logits, *present)
 
 
-GROUPED = "promptbake_grouped"  # the attention traced by default (``grouped_attention``)
-
-
-def grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      **kwargs):
-    """Attention as transformers' eager implementation computes it, written for the graph:
-    with grouped keys and values (GQA), each key/value head's query heads are stacked along
-    the sequence, ``[batch, kv_heads, heads / kv_heads * seq, head_dim]``, and attend to that
-    head's cache as it is. The eager and sdpa implementations first copy every cache head
-    ``heads / kv_heads`` times (``repeat_kv``, an ONNX ``Expand`` per key and value per layer),
-    which a decoding step pays in proportion to the whole past: on SmolLM2-135M's int8 graph
-    (3 key/value heads for 9 query heads), 8 of 56 ms of kernel time per step after 500 tokens
-    (onnxruntime's profiler). The scaling is applied to the queries, before the product."""
-    unsupported = {k: v for k, v in kwargs.items()
-                   if k in ("sliding_window", "softcap", "s_aux", "sinks") and v is not None}
-    if unsupported or (dropout and module.training):
-        raise ValueError(f"grouped_attention computes plain softmax attention for the export, "
-                         f"not {sorted(unsupported) or 'dropout'}: trace with attention='eager'")
-    config = module.config  # head counts from the config: the tracer records no op for them
-    heads = config.num_attention_heads
-    groups = getattr(config, "num_key_value_heads", None) or heads
-    batch, dim = query.shape[0], query.shape[-1]
-    scale = dim ** -0.5 if scaling is None else scaling
-    stacked = (query * scale).reshape(batch, groups, -1, dim)
-    scores = torch.matmul(stacked, key.transpose(2, 3))  # [b, groups, rep * seq, total]
-    total = scores.shape[-1]
-    scores = scores.reshape(batch, groups, heads // groups, -1, total)  # [.., rep, seq, total]
-    if attention_mask is not None:  # [b, 1, seq, total], additive
-        scores = scores + attention_mask.unsqueeze(2)
-    if query.dtype == torch.float32:  # the traced graph: no Cast around the Softmax
-        probs = torch.softmax(scores, dim=-1)
-    else:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs.reshape(batch, groups, -1, total), value)  # [.., rep * seq, dim]
-    return out.reshape(batch, heads, -1, dim).transpose(1, 2).contiguous(), None
+GROUPED = modeling.GROUPED  # the attention traced by default (ops.attention)
 
 
 def grouped_rotary(q, k, cos, sin, unsqueeze_dim=1):
@@ -200,46 +166,32 @@ def grouped_rotary(q, k, cos, sin, unsqueeze_dim=1):
             k * cos + k.index_select(-1, index) * signed)
 
 
-def _register_grouped() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(GROUPED, grouped_attention)
-    AttentionMaskInterface.register(GROUPED, eager_mask)  # the additive float mask
-
-
 @contextlib.contextmanager
 def _attention(model, implementation: str):
     """``model`` traced with ``implementation``; with ``GROUPED``, a Llama model's rotary
     embedding is ``grouped_rotary`` too (its attention calls the module's function by name)."""
     rotary = None
-    if implementation == GROUPED:
-        _register_grouped()
-        layers = getattr(model.base_model, "layers", None)
-        if model.config.model_type == "llama" and layers:
-            module = sys.modules[type(layers[0].self_attn).__module__]
-            rotary = module if hasattr(module, "apply_rotary_pos_emb") else None
-    before = model.config._attn_implementation
-    if before != implementation:
-        model.set_attn_implementation(implementation)
+    layers = getattr(model.base_model, "layers", None)
+    if implementation == GROUPED and model.config.model_type == "llama" and layers:
+        module = sys.modules[type(layers[0].self_attn).__module__]
+        rotary = module if hasattr(module, "apply_rotary_pos_emb") else None
     if rotary is not None:
         original, rotary.apply_rotary_pos_emb = rotary.apply_rotary_pos_emb, grouped_rotary
     try:
-        yield
+        with modeling.use_attention(model, implementation):
+            yield
     finally:
         if rotary is not None:
             rotary.apply_rotary_pos_emb = original
-        if model.config._attn_implementation != before:
-            model.set_attn_implementation(before)
 
 
 @torch.no_grad()
 def trace(model, path: Path, *, opset: int = OPSET, attention: str = GROUPED) -> None:
     """Writes the fp32 graph of ``model`` (a transformers causal LM on CPU) to ``path``.
 
-    ``attention``: the attention traced: ``GROUPED`` (``grouped_attention``: no copy of the
-    cache per query head) or a transformers implementation (``sdpa``, ``eager``); each becomes
-    plain ONNX MatMul/Softmax attention.
+    ``attention``: the attention traced: ``GROUPED`` (``ops.attention.grouped_attention``: no
+    copy of the cache per query head) or a transformers implementation (``sdpa``, ``eager``);
+    each becomes plain ONNX MatMul/Softmax attention.
     """
     check_supported(model)
     path = Path(path)
