@@ -24,10 +24,12 @@ def test_response_logits_share_each_prompt_and_match_full_forwards(tiny_dir, tin
     # With GROUPED attention the prompts and the responses are packed into one row, one pass.
     # (Llama's RMSNorm computes in fp32 even in a fp64 model: agreement is to fp32 rounding.)
     lm, tok, _ = models.load(tiny_dir)
+    before = lm.config._attn_implementation
     with modeling.use_attention(lm, attention):
+        assert lm.config._attn_implementation == attention
         _check_response_logits(lm, tok, tiny[2], attention == modeling.GROUPED, shared_start,
                                monkeypatch)
-    assert lm.config._attn_implementation != modeling.GROUPED
+    assert lm.config._attn_implementation == before
 
 
 def _check_response_logits(lm, tok, f, packed, shared_start, monkeypatch):

@@ -2,7 +2,9 @@
 function of (seed, step), the schedule, Eq. 3's objective from cached or live teacher targets,
 and an optimizer step that takes any objective."""
 
+import contextlib
 import math
+import types
 
 import pytest
 import torch
@@ -356,7 +358,45 @@ def test_grouped_attention_is_chosen_only_where_it_computes_what_eager_does():
         return modeling.grouped_fits(getattr(transformers, f"{kind}Config")(**extra))
 
     assert fits("Llama") and fits("Qwen2", sliding_window=None) and fits("Qwen3")
-    assert fits("Qwen2", use_sliding_window=False, sliding_window=8)  # configured but off
+    for on in (False, True):  # a sliding window configured, and switched off or on
+        window = types.SimpleNamespace(model_type="qwen2", sliding_window=8,
+                                       use_sliding_window=on)
+        assert modeling.grouped_fits(window) is not on
     assert not fits("Mistral", sliding_window=8)
     assert not fits("Llama", attention_dropout=0.1)
     assert not fits("Gemma2") and not fits("GPT2")
+
+
+def test_for_training_casts_each_norm_once_with_the_same_forward_and_undoes_everything(tiny_dir):
+    # Under bf16 autocast the norms give bf16 (a hook) and PEFT does not cast LoRA inputs back
+    # to fp32: the same forward pass to the bit as autocast casting for every reader. On an
+    # error inside, the hooks, PEFT's casting, the fp32 weights and the attention come back.
+    import peft.helpers
+
+    torch.manual_seed(0)
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), config())
+    moved(model)
+    lm = modeling.inner(model)
+    prefixes, responses = [[1, 2, 3, 4], [5, 6]], [[[7, 8, 9], [10]], [[11, 12]]]
+    outs = []
+    for plain in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            if plain:
+                patch.setattr(train, "_norms_in", lambda lm, dtype: [])
+                patch.setattr(peft.helpers, "disable_input_dtype_casting",
+                              lambda model, active=True: contextlib.nullcontext())
+            with train.for_training(model, torch.bfloat16):
+                hooks = sum(len(layer.input_layernorm._forward_hooks) for layer in lm.model.layers)
+                assert hooks == (0 if plain else len(lm.model.layers))
+                outs.append(modeling.response_hidden(model, prefixes, responses, 0,
+                                                     torch.bfloat16))
+    assert torch.equal(outs[0], outs[1])
+    attention = lm.config._attn_implementation
+    weight = lm.model.layers[0].mlp.up_proj.weight
+    with pytest.raises(RuntimeError, match="inside"):
+        with train.for_training(model, torch.bfloat16):
+            assert weight.dtype == torch.bfloat16
+            raise RuntimeError("inside")
+    assert weight.dtype == torch.float32 and lm.config._attn_implementation == attention
+    assert not any(m._forward_hooks for m in lm.modules())
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Callable
@@ -131,10 +132,11 @@ def response_logits(model, prefixes: list[list[int]], responses: list[list[list[
 
     ``responses[i]`` are the responses that follow ``prefixes[i]`` (the samples of one context);
     rows come out response by response: prefix 0's responses in order, then prefix 1's, ... Each
-    prefix goes through the model once and its KV cache, autograd history included, serves all of
-    its responses, so a context's prompt tokens cost one forward and one backward however many
-    samples follow them (the same logits and gradients as whole sequences: tested). Only
-    response positions reach the LM head. ``dtype``: autocast dtype for the matmuls (None: fp32).
+    prefix goes through the model once and its keys and values (a KV cache, or the same packed
+    pass: ``response_hidden``), autograd history included, serve all of its responses, so a
+    context's prompt tokens cost one forward and one backward however many samples follow
+    them (the same logits and gradients as whole sequences: tested). Only response positions
+    reach the LM head. ``dtype``: autocast dtype for the matmuls (None: fp32).
     """
     return head_logits(model, response_hidden(model, prefixes, responses, pad_id, dtype), dtype)
 
@@ -176,7 +178,7 @@ def response_hidden(model, prefixes: list[list[int]], responses: list[list[list[
         if start:
             shared = body(input_ids=torch.tensor([prefixes[0][:start]], device=device),
                           use_cache=True).cache
-        if lm.config._attn_implementation == GROUPED:
+        if lm.config._attn_implementation == GROUPED and grouped_fits(lm.config):
             return _packed_hidden(lm, prefixes, flat, owners, start, shared)
         # Right padding throughout (prompts, then responses): every query row, padding
         # included, sees at least one real token, so no attention row is fully masked
@@ -209,33 +211,42 @@ def _packed_hidden(lm, prefixes, flat, owners, start, shared) -> torch.Tensor:
     """``response_hidden`` in one pass without padding: the prompts after their ``start``
     shared tokens (in the cache ``shared``) and then the responses, laid end to end in one row;
     each prompt attends to the start and itself, each response to the start, its prompt and
-    itself (``ops.attention.pack``)."""
+    itself (``ops.attention.pack``: the prompts and the responses are padded for attention as
+    two groups, so a long prompt does not widen the responses' layout)."""
     body, device = lm.base_model, lm.get_output_embeddings().weight.device
+    mask_dtype = lm.get_input_embeddings().weight.dtype  # as transformers' eager masks
     # y_t is predicted from y_<t: the inputs after the prompt are y_0 .. y_{n-2}.
     inputs = [(k, r[:-1]) for k, r in enumerate(flat) if len(r) > 1]
-    sequences = [p[start:] for p in prefixes] + [r for _, r in inputs]
-    lengths = [len(s) for s in sequences]
-    offsets = torch.tensor([0] + lengths[:-1], device=device).cumsum(0).tolist()
+    prompts = [p[start:] for p in prefixes]
+    ends = list(itertools.accumulate(len(p) for p in prompts))  # each prompt's end in the row
     before = torch.arange(start, device=device)
-    prompt_keys = [start + torch.arange(offsets[c], offsets[c] + lengths[c], device=device)
-                   for c in range(len(prefixes))]
-    seen = [before] * len(prefixes) + [torch.cat([before, prompt_keys[owners[k]]])
-                                       for k, _ in inputs]
-    positions = [start] * len(prefixes) + [len(prefixes[owners[k]]) for k, _ in inputs]
-    packed = attention.pack(seen, lengths, start, lm.get_input_embeddings().weight.dtype)
+    groups = [attention.pack([before] * len(prompts), [len(p) for p in prompts], start,
+                             mask_dtype)]
+    if inputs:
+        seen = [torch.cat([before, start + torch.arange(ends[owners[k]] - len(prompts[owners[k]]),
+                                                         ends[owners[k]], device=device)])
+                for k, _ in inputs]
+        groups.append(attention.pack(seen, [len(r) for _, r in inputs], start, mask_dtype,
+                                     at=ends[-1]))
+    sequences = prompts + [r for _, r in inputs]
+    positions = [start] * len(prompts) + [len(prefixes[owners[k]]) for k, _ in inputs]
     ids = torch.tensor([[t for s in sequences for t in s]], device=device)
-    positions = torch.cat([torch.arange(p, p + n, device=device)
-                           for p, n in zip(positions, lengths)])[None]
-    hidden = body(input_ids=ids, position_ids=positions, attention_mask=packed.mask,
-                  cache=shared, use_cache=shared is not None, packed=packed).last_hidden_state[0]
+    positions = torch.cat([torch.arange(p, p + len(s), device=device)
+                           for p, s in zip(positions, sequences)])[None]
+    # A 4D mask is passed through as it is (transformers builds none); the attention reads
+    # each group's own.
+    hidden = body(input_ids=ids, position_ids=positions, attention_mask=groups[0].mask,
+                  cache=shared, use_cache=shared is not None,
+                  packed=tuple(groups)).last_hidden_state[0]
     # Rows in response order: the last row of its prompt predicts y_0, then its own rows.
-    index = []
-    rows = dict(zip((k for k, _ in inputs), offsets[len(prefixes):]))
+    index, at = [], ends[-1]
+    starts = {}
+    for k, r in inputs:
+        starts[k], at = at, at + len(r)
     for k, r in enumerate(flat):
-        owner = owners[k]
-        index.append(offsets[owner] + lengths[owner] - 1)
-        if k in rows:
-            index.extend(range(rows[k], rows[k] + len(r) - 1))
+        index.append(ends[owners[k]] - 1)
+        if k in starts:
+            index.extend(range(starts[k], starts[k] + len(r) - 1))
     return hidden[torch.tensor(index, device=device)]
 
 

@@ -285,25 +285,31 @@ def optimizer_step(model, objective: Objective, batches: list[list[int]], optimi
     return total / tokens
 
 
+# Architectures whose decoder layers' two norms are read by linear layers only (q/k/v, gate/up).
+NORMS_READ_BY_LINEARS = ("llama", "mistral", "qwen2", "qwen3")
+
+
 @contextlib.contextmanager
 def for_training(model, dtype: torch.dtype | None):
-    """The fastest way to run the training forward and backward here, with the same results
-    (to bf16 rounding in the backward pass, below).
+    """The fastest way to run the training forward and backward here, with the same results up
+    to rounding.
 
     * On CPU, ``modeling.GROUPED`` attention where it fits the architecture (Llama, and Mistral
       and Qwen without sliding windows), else eager (its backward is ~1.4x faster than SDPA's
       flash kernel at bake lengths, a hundred-odd tokens per sequence): no copy of the keys
-      and values per query head, and ``modeling.response_hidden`` packs the sequences of a
-      batch into one row without padding (``python bench/ --only bake`` times the step).
+      and values per query head, and ``modeling.response_hidden`` runs a batch's prompts and
+      responses in one pass, packed into one row without padding.
     * With bf16 matmuls, the frozen linear weights are held in bf16 for the duration, so autocast
       does not cast each of them again in every step: the same bf16 values it would make. The
       output embedding (often tied to the input one) stays fp32, and the fp32 originals come
-      back afterwards. Likewise each decoder layer's two norms (on the architectures of
-      ``modeling.GROUPED_TYPES``, where only linear layers read them) give their output in
-      bf16 once, not cast by autocast for each of the q/k/v projections and LoRA factors (or
-      gate and up) that read it, and PEFT does not cast a LoRA factor's input back to fp32
-      for autocast to cast again: the same forward pass to the bit, ~11% less time per step on
-      the default bake; in the backward pass the gradients of those readers are summed in bf16.
+      back afterwards. Likewise each decoder layer's two norms (``NORMS_READ_BY_LINEARS``) give
+      their output in bf16 once, not cast by autocast for each of the q/k/v projections and
+      LoRA factors (or gate and up) that read it, and PEFT does not cast a LoRA factor's input
+      back to fp32 for autocast to cast again: the same forward pass to the bit (with LoRA
+      dropout 0, the default; tested); in the backward pass the gradients of those readers are
+      summed in bf16.
+
+    ``python bench/ --only bake`` times the step against the loop without these.
     """
     from peft.helpers import disable_input_dtype_casting
 
@@ -311,26 +317,22 @@ def for_training(model, dtype: torch.dtype | None):
     attention = inner.config._attn_implementation
     if inner.device.type == "cpu":
         attention = modeling.GROUPED if modeling.grouped_fits(inner.config) else "eager"
-    saved, hooks = [], []
-    if dtype is not None:
-        head = inner.get_output_embeddings()
-        for module in inner.modules():
-            if isinstance(module, torch.nn.Linear) and module is not head \
-                    and not module.weight.requires_grad and module.weight.dtype == torch.float32 \
-                    and type(module.weight.data) is torch.Tensor:  # FSDP2's shards stay fp32
-                saved.append((module.weight, module.weight.data))
-                module.weight.data = module.weight.data.to(dtype)
-        if inner.config.model_type in modeling.GROUPED_TYPES:
-            hooks = _norms_in(inner, dtype)
-    try:
-        with modeling.use_attention(model, attention), \
-                disable_input_dtype_casting(model, active=dtype is not None):
-            yield model
-    finally:
-        for weight, data in saved:
-            weight.data = data
-        for hook in hooks:
-            hook.remove()
+    with contextlib.ExitStack() as undo:
+        if dtype is not None:
+            head = inner.get_output_embeddings()
+            for module in inner.modules():
+                if isinstance(module, torch.nn.Linear) and module is not head \
+                        and not module.weight.requires_grad \
+                        and module.weight.dtype == torch.float32 \
+                        and type(module.weight.data) is torch.Tensor:  # FSDP2's shards stay fp32
+                    undo.callback(setattr, module.weight, "data", module.weight.data)
+                    module.weight.data = module.weight.data.to(dtype)
+            if inner.config.model_type in NORMS_READ_BY_LINEARS:
+                for hook in _norms_in(inner, dtype):
+                    undo.callback(hook.remove)
+        undo.enter_context(modeling.use_attention(model, attention))
+        undo.enter_context(disable_input_dtype_casting(model, active=dtype is not None))
+        yield model
 
 
 def _norms_in(lm, dtype: torch.dtype) -> list:
