@@ -179,7 +179,7 @@ def response_hidden(model, prefixes: list[list[int]], responses: list[list[list[
             shared = body(input_ids=torch.tensor([prefixes[0][:start]], device=device),
                           use_cache=True).cache
         if lm.config._attn_implementation == GROUPED and grouped_fits(lm.config):
-            return _packed_hidden(lm, prefixes, flat, owners, start, shared)
+            return _packed_hidden(lm, prefixes, flat, owners, start, shared, device)
         # Right padding throughout (prompts, then responses): every query row, padding
         # included, sees at least one real token, so no attention row is fully masked
         # (NaN-prone in eager attention).
@@ -207,13 +207,13 @@ def response_hidden(model, prefixes: list[list[int]], responses: list[list[list[
                           else first[k:k + 1] for k, r in enumerate(flat)])
 
 
-def _packed_hidden(lm, prefixes, flat, owners, start, shared) -> torch.Tensor:
+def _packed_hidden(lm, prefixes, flat, owners, start, shared, device) -> torch.Tensor:
     """``response_hidden`` in one pass without padding: the prompts after their ``start``
     shared tokens (in the cache ``shared``) and then the responses, laid end to end in one row;
     each prompt attends to the start and itself, each response to the start, its prompt and
     itself (``ops.attention.pack``: the prompts and the responses are padded for attention as
     two groups, so a long prompt does not widen the responses' layout)."""
-    body, device = lm.base_model, lm.get_output_embeddings().weight.device
+    body = lm.base_model
     mask_dtype = lm.get_input_embeddings().weight.dtype  # as transformers' eager masks
     # y_t is predicted from y_<t: the inputs after the prompt are y_0 .. y_{n-2}.
     inputs = [(k, r[:-1]) for k, r in enumerate(flat) if len(r) > 1]
@@ -222,31 +222,29 @@ def _packed_hidden(lm, prefixes, flat, owners, start, shared) -> torch.Tensor:
     before = torch.arange(start, device=device)
     groups = [attention.pack([before] * len(prompts), [len(p) for p in prompts], start,
                              mask_dtype)]
-    if inputs:
-        seen = [torch.cat([before, start + torch.arange(ends[owners[k]] - len(prompts[owners[k]]),
-                                                         ends[owners[k]], device=device)])
-                for k, _ in inputs]
-        groups.append(attention.pack(seen, [len(r) for _, r in inputs], start, mask_dtype,
+    if inputs:  # each prompt's keys, seen by its responses after the shared start
+        seen_by = [torch.cat([before, start + torch.arange(end - len(p), end, device=device)])
+                   for p, end in zip(prompts, ends)]
+        groups.append(attention.pack([seen_by[owners[k]] for k, _ in inputs],
+                                     [len(r) for _, r in inputs], start, mask_dtype,
                                      at=ends[-1]))
     sequences = prompts + [r for _, r in inputs]
-    positions = [start] * len(prompts) + [len(prefixes[owners[k]]) for k, _ in inputs]
+    firsts = [start] * len(prompts) + [len(prefixes[owners[k]]) for k, _ in inputs]
     ids = torch.tensor([[t for s in sequences for t in s]], device=device)
     positions = torch.cat([torch.arange(p, p + len(s), device=device)
-                           for p, s in zip(positions, sequences)])[None]
+                           for p, s in zip(firsts, sequences)])[None]
     # A 4D mask is passed through as it is (transformers builds none); the attention reads
     # each group's own.
     hidden = body(input_ids=ids, position_ids=positions, attention_mask=groups[0].mask,
                   cache=shared, use_cache=shared is not None,
                   packed=tuple(groups)).last_hidden_state[0]
-    # Rows in response order: the last row of its prompt predicts y_0, then its own rows.
+    # Rows in response order: the last row of its prompt predicts y_0, then its own rows (the
+    # responses' inputs follow the prompts in the row, in order).
     index, at = [], ends[-1]
-    starts = {}
-    for k, r in inputs:
-        starts[k], at = at, at + len(r)
     for k, r in enumerate(flat):
         index.append(ends[owners[k]] - 1)
-        if k in starts:
-            index.extend(range(starts[k], starts[k] + len(r) - 1))
+        index.extend(range(at, at + len(r) - 1))
+        at += len(r) - 1
     return hidden[torch.tensor(index, device=device)]
 
 
